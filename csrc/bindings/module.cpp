@@ -1,0 +1,15 @@
+// The _core extension: one init function per area.
+#include <nanobind/nanobind.h>
+
+namespace nb = nanobind;
+
+namespace mlx_harmony_core {
+void init_sampling(nb::module_ &m);
+} // namespace mlx_harmony_core
+
+NB_MODULE(_core, m) {
+  // mx.array must be registered before our signatures mention it.
+  nb::module_::import_("mlx.core");
+  m.doc() = "C++ core of mlx-harmony-core: sampler, KV caches, stop matching.";
+  mlx_harmony_core::init_sampling(m);
+}

@@ -1,0 +1,40 @@
+"""mlx-harmony-core: a fast, correct inference core for GPT-OSS and other mlx-lm models on MLX.
+
+Import order matters: ``mlx.core`` registers ``mx.array`` with nanobind before ``_core``
+loads, and the shipped o200k vocabulary is put in place before ``openai_harmony`` needs it.
+"""
+
+from __future__ import annotations
+
+from ._vocab import ensure_vocab_env
+
+ensure_vocab_env()
+
+import mlx.core  # noqa: E402,F401  (must precede _core)
+
+from . import _core  # noqa: E402,F401
+from .config import SamplingParams  # noqa: E402
+from .engine import Completion, Engine, StreamEvent, Timings, Usage  # noqa: E402
+from .harmony import HarmonyStream, ToolCall, load_encoding, render_prompt  # noqa: E402
+from .loading import ModelLoadError, load, load_model, make_test_model  # noqa: E402
+from .sampling import Sampler  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Completion",
+    "Engine",
+    "HarmonyStream",
+    "ModelLoadError",
+    "Sampler",
+    "SamplingParams",
+    "StreamEvent",
+    "Timings",
+    "ToolCall",
+    "Usage",
+    "load",
+    "load_encoding",
+    "load_model",
+    "make_test_model",
+    "render_prompt",
+]

@@ -1,0 +1,152 @@
+"""Command line: ``mlx-harmony-core generate | make-test-model``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+DIM = "\033[2m"
+RESET = "\033[0m"
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument(
+        "--temperature", "--temp", type=float, default=None, help="0 = greedy (default 1.0)"
+    )
+    g.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+
+
+def _sampling_params(args: argparse.Namespace):  # -> SamplingParams
+    from .config import SamplingParams
+
+    fields = {
+        k: getattr(args, k)
+        for k in SamplingParams.model_fields
+        if getattr(args, k, None) is not None
+    }
+    return SamplingParams(**fields)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import mlx_harmony_core as mhc
+
+    params = _sampling_params(args)
+    engine = mhc.load(args.model)
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    show_reasoning = args.show_reasoning and not args.json
+    color = sys.stdout.isatty()
+    completion = None
+    in_reasoning = False
+    for event in engine.stream(
+        prompt, params, max_tokens=args.max_tokens, reasoning_effort=args.reasoning_effort
+    ):
+        if event.completion is not None:
+            completion = event.completion
+            break
+        if args.json or event.recipient:
+            continue
+        if event.channel == "final":
+            if in_reasoning:
+                sys.stdout.write((RESET if color else "") + "\n\n")
+                in_reasoning = False
+            sys.stdout.write(event.delta)
+        elif event.channel == "analysis" and show_reasoning:
+            if not in_reasoning:
+                sys.stdout.write(DIM if color else "[reasoning] ")
+                in_reasoning = True
+            sys.stdout.write(event.delta)
+        sys.stdout.flush()
+    assert completion is not None
+    if args.json:
+        json.dump(completion.to_dict(), sys.stdout, ensure_ascii=False, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    if in_reasoning:
+        sys.stdout.write(RESET if color else "")
+    t, u = completion.timings, completion.usage
+    sys.stdout.write("\n")
+    sys.stderr.write(
+        f"\n[{u.prompt_tokens} prompt tokens, {t.prefill_tokens_per_s:.1f} tok/s | "
+        f"{u.completion_tokens} generated, {t.decode_tokens_per_s:.1f} tok/s | "
+        f"finish: {completion.finish_reason} | peak memory {t.peak_memory_bytes / 2**20:.0f} MiB]\n"
+    )
+    return 0
+
+
+def _cmd_make_test_model(args: argparse.Namespace) -> int:
+    from .loading import make_test_model
+
+    shape = {
+        "layers": args.layers,
+        "hidden_size": args.hidden_size,
+        "intermediate_size": args.intermediate_size,
+        "heads": args.heads,
+        "kv_heads": args.kv_heads,
+        "head_dim": args.head_dim,
+        "experts": args.experts,
+        "experts_per_token": args.experts_per_token,
+    }
+    path = make_test_model(
+        args.dir, preset=args.preset, seed=args.seed, overwrite=args.force, **shape
+    )
+    print(f"wrote a random-weight GPT-OSS model to {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mlx-harmony-core", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="one-shot generation (Harmony formatted for GPT-OSS)")
+    g.add_argument("--model", "-m", default="demo", help="model directory, HF repo id, or 'demo'")
+    g.add_argument("--prompt", "-p", default=None, help="user message (default: read stdin)")
+    g.add_argument("--max-tokens", type=int, default=256)
+    g.add_argument("--reasoning-effort", choices=["low", "medium", "high"], default="medium")
+    g.add_argument(
+        "--show-reasoning", action="store_true", help="print the analysis channel (dimmed)"
+    )
+    g.add_argument("--json", action="store_true", help="print the whole completion as JSON")
+    _add_sampling_flags(g)
+    g.set_defaults(func=_cmd_generate)
+
+    t = sub.add_parser("make-test-model", help="write a random-weight GPT-OSS model directory")
+    t.add_argument("dir")
+    t.add_argument("--preset", choices=["demo", "small", "mid"], default="demo")
+    t.add_argument("--layers", type=int)
+    t.add_argument("--hidden-size", type=int)
+    t.add_argument("--intermediate-size", type=int)
+    t.add_argument("--heads", type=int)
+    t.add_argument("--kv-heads", type=int)
+    t.add_argument("--head-dim", type=int)
+    t.add_argument("--experts", type=int)
+    t.add_argument("--experts-per-token", type=int)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--force", action="store_true", help="replace an existing directory")
+    t.set_defaults(func=_cmd_make_test_model)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``mlx-harmony-core`` command."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileExistsError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""The generation engine: one decode loop behind ``generate`` and ``stream``."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import mlx.core as mx
+
+from .config import SamplingParams
+from .harmony import CALL, STOP_TOKENS, Delta, HarmonyStream, MessagesLike, ToolCall, render_prompt
+from .sampling import Sampler, check_ids
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class Usage:
+    """Token counts of one request."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_prompt_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class Timings:
+    """Wall-clock measurements of one request (seconds, tokens/s, bytes)."""
+
+    ttft_s: float = 0.0
+    prefill_tokens_per_s: float = 0.0
+    decode_s: float = 0.0
+    decode_tokens_per_s: float = 0.0
+    total_s: float = 0.0
+    peak_memory_bytes: int = 0
+
+
+@dataclass
+class Completion:
+    """The result of :meth:`Engine.generate`."""
+
+    text: str
+    reasoning: str
+    tool_calls: list[ToolCall]
+    finish_reason: str
+    usage: Usage
+    timings: Timings
+    tokens: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["usage"]["total_tokens"] = self.usage.total_tokens
+        return out
+
+
+@dataclass
+class StreamEvent:
+    """One step of :meth:`Engine.stream`: a text delta, or (last) the finish."""
+
+    channel: str = "final"
+    delta: str = ""
+    recipient: str | None = None
+    finish_reason: str | None = None
+    completion: Completion | None = None
+
+
+class Engine:
+    """Generates from any model with mlx-lm's calling convention ``model(tokens, cache=...)``.
+
+    With a Harmony ``encoding`` (GPT-OSS) prompts are rendered and replies parsed as Harmony;
+    with an mlx-lm ``tokenizer`` the model's own chat template is used and the reply is plain
+    text on the ``final`` channel.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        encoding: Any = None,
+        tokenizer: Any = None,
+        config: dict[str, Any] | None = None,
+        context_length: int | None = None,
+        prefill_step_size: int = 512,
+    ) -> None:
+        if encoding is None and tokenizer is None:
+            raise ValueError("Engine needs a Harmony encoding (GPT-OSS) or an mlx-lm tokenizer")
+        if prefill_step_size < 1:
+            raise ValueError("prefill_step_size must be >= 1")
+        self.model = model
+        self.encoding = encoding
+        self.tokenizer = tokenizer
+        self.config = dict(config or {})
+        self.context_length = context_length or self.config.get("max_position_embeddings")
+        self.prefill_step_size = prefill_step_size
+
+    # -- prompts ---------------------------------------------------------------------------
+    def render(self, messages: MessagesLike | Sequence[int], **options: Any) -> list[int]:
+        """Prompt token ids for ``messages`` (token ids pass through unchanged)."""
+        if (
+            isinstance(messages, Sequence)
+            and not isinstance(messages, str)
+            and messages
+            and all(isinstance(t, int) for t in messages)
+        ):
+            return list(messages)
+        if self.encoding is not None:
+            return render_prompt(messages, **options)
+        from .harmony import normalize_messages
+
+        chat = [m for m in normalize_messages(messages) if isinstance(m, dict)]
+        return list(
+            self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
+        )
+
+    def _stop_ids(self) -> set[int]:
+        if self.encoding is not None:
+            return set(STOP_TOKENS)
+        return set(getattr(self.tokenizer, "eos_token_ids", None) or [self.tokenizer.eos_token_id])
+
+    # -- the decode loop -------------------------------------------------------------------
+    def _make_cache(self) -> list[Any]:
+        from mlx_lm.models.cache import make_prompt_cache
+
+        return make_prompt_cache(self.model)
+
+    def _prefill(self, prompt: mx.array, cache: list[Any], progress: Progress | None) -> mx.array:
+        """Run all but the last prompt token through the model in chunks; return the rest."""
+        total = prompt.size
+        done = 0
+        while prompt.size - done > 1:
+            n = min(self.prefill_step_size, prompt.size - done - 1)
+            self.model(prompt[None, done : done + n], cache=cache)
+            mx.eval([c.state for c in cache])
+            done += n
+            if progress is not None:
+                progress(done, total)
+        return prompt[done:]
+
+    def _tokens(
+        self, prompt_ids: list[int], sampler: Sampler, max_tokens: int, progress: Progress | None
+    ) -> Iterator[int]:
+        """Yield sampled ids; step n+1 is built and queued while step n evaluates."""
+        cache = self._make_cache()
+        rest = self._prefill(mx.array(prompt_ids, dtype=mx.int32), cache, progress)
+
+        def step(tokens: mx.array) -> mx.array:
+            logits = self.model(tokens[None], cache=cache)[:, -1, :]
+            return sampler.lazy(logits)
+
+        y = step(rest)
+        mx.async_eval(y)
+        for n in range(max_tokens):
+            nxt = step(y) if n + 1 < max_tokens else None
+            if nxt is not None:
+                mx.async_eval(nxt)
+            yield int(check_ids(y).item())
+            y = nxt
+
+    # -- public API ------------------------------------------------------------------------
+    def stream(
+        self,
+        messages: MessagesLike | Sequence[int],
+        params: SamplingParams | None = None,
+        *,
+        max_tokens: int = 512,
+        progress: Progress | None = None,
+        **render_options: Any,
+    ) -> Iterator[StreamEvent]:
+        """Generate a reply, yielding text deltas per channel as they are decoded.
+
+        The last event has ``finish_reason`` (``stop``, ``length`` or ``tool_calls``) and the
+        full :class:`Completion`. ``render_options`` go to the Harmony renderer
+        (``reasoning_effort``, ``model_identity``, ...).
+        """
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError("params must be a SamplingParams")
+        t0 = time.perf_counter()
+        prompt_ids = self.render(messages, **render_options)
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        if self.context_length:
+            room = self.context_length - len(prompt_ids)
+            if room < 1:
+                raise ValueError(
+                    f"the prompt has {len(prompt_ids)} tokens, more than the model's context "
+                    f"window of {self.context_length}; shorten the conversation"
+                )
+            max_tokens = min(max_tokens, room)
+        mx.reset_peak_memory()
+        sampler = Sampler(params)
+        stops = self._stop_ids()
+        harmony = HarmonyStream(self.encoding) if self.encoding is not None else None
+        detok = self.tokenizer.detokenizer if harmony is None else None
+        if detok is not None:
+            detok.reset()
+
+        generated: list[int] = []
+        finish = "length"
+        t_first = t0
+        for tok in self._tokens(prompt_ids, sampler, max_tokens, progress):
+            if not generated:
+                t_first = time.perf_counter()
+            generated.append(tok)
+            if tok in stops:
+                finish = "tool_calls" if tok == CALL else "stop"
+                if harmony is not None:
+                    yield from _events(harmony.push(tok))
+                break
+            if harmony is not None:
+                yield from _events(harmony.push(tok))
+            else:
+                detok.add_token(tok)
+                if detok.last_segment:
+                    yield StreamEvent("final", detok.last_segment)
+        if harmony is not None:
+            yield from _events(harmony.finish())
+            text, reasoning, calls = (
+                harmony.text("final"),
+                harmony.text("analysis"),
+                harmony.tool_calls(),
+            )
+        else:
+            detok.finalize()
+            if detok.last_segment:
+                yield StreamEvent("final", detok.last_segment)
+            text, reasoning, calls = detok.text, "", []
+        if finish == "tool_calls" and not calls:
+            finish = "stop"
+
+        t_end = time.perf_counter()
+        n = len(generated)
+        ttft = t_first - t0
+        decode_s = t_end - t_first
+        timings = Timings(
+            ttft_s=ttft,
+            prefill_tokens_per_s=len(prompt_ids) / ttft if ttft > 0 else 0.0,
+            decode_s=decode_s,
+            decode_tokens_per_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
+            total_s=t_end - t0,
+            peak_memory_bytes=int(mx.get_peak_memory()),
+        )
+        completion = Completion(
+            text=text,
+            reasoning=reasoning,
+            tool_calls=calls,
+            finish_reason=finish,
+            usage=Usage(prompt_tokens=len(prompt_ids), completion_tokens=n),
+            timings=timings,
+            tokens=generated,
+        )
+        yield StreamEvent(finish_reason=finish, completion=completion)
+
+    def generate(
+        self,
+        messages: MessagesLike | Sequence[int],
+        params: SamplingParams | None = None,
+        *,
+        max_tokens: int = 512,
+        progress: Progress | None = None,
+        **render_options: Any,
+    ) -> Completion:
+        """Generate a whole reply; same arguments as :meth:`stream`."""
+        completion = None
+        for event in self.stream(
+            messages, params, max_tokens=max_tokens, progress=progress, **render_options
+        ):
+            completion = event.completion or completion
+        assert completion is not None
+        return completion
+
+
+def _events(deltas: list[Delta]) -> Iterator[StreamEvent]:
+    for d in deltas:
+        yield StreamEvent(d.channel, d.text, d.recipient)

@@ -1,0 +1,330 @@
+"""Loading mlx-lm model directories, and writing random-weight GPT-OSS models for tests."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import mlx.core as mx
+
+from ._paths import atomic_write_text, home, public_mode
+
+if TYPE_CHECKING:
+    import mlx.nn as nn
+
+    from .engine import Engine
+
+logger = logging.getLogger(__name__)
+
+VOCAB_SIZE = 201088  # o200k_harmony, as in the released GPT-OSS checkpoints
+DEMO_NAME = "demo"
+# Bumped whenever a preset or the weight recipe changes, so cached demo models are rebuilt.
+TEST_MODEL_VERSION = 1
+
+# Random-weight GPT-OSS shapes: "demo" is overhead-bound (tiny), "small" ~0.24B and
+# "mid" ~0.84B parameters are bandwidth-bound, like a real checkpoint on this machine.
+PRESETS: dict[str, dict[str, int]] = {
+    "demo": dict(
+        layers=2,
+        hidden_size=64,
+        intermediate_size=64,
+        heads=4,
+        kv_heads=2,
+        head_dim=16,
+        experts=4,
+        experts_per_token=2,
+    ),
+    "small": dict(
+        layers=4,
+        hidden_size=512,
+        intermediate_size=512,
+        heads=8,
+        kv_heads=2,
+        head_dim=64,
+        experts=8,
+        experts_per_token=2,
+    ),
+    "mid": dict(
+        layers=8,
+        hidden_size=1024,
+        intermediate_size=1024,
+        heads=16,
+        kv_heads=4,
+        head_dim=64,
+        experts=16,
+        experts_per_token=4,
+    ),
+}
+
+
+class ModelLoadError(ValueError):
+    """A model directory is missing, malformed or not supported."""
+
+
+def gpt_oss_config(
+    *,
+    layers: int = 2,
+    hidden_size: int = 64,
+    intermediate_size: int | None = None,
+    heads: int = 4,
+    kv_heads: int = 2,
+    head_dim: int = 16,
+    experts: int = 4,
+    experts_per_token: int = 2,
+    vocab_size: int = VOCAB_SIZE,
+    sliding_window: int = 128,
+) -> dict[str, Any]:
+    """A GPT-OSS ``config.json`` with the released models' layer pattern, RoPE and window."""
+    checks = {
+        "layers": layers,
+        "hidden_size": hidden_size,
+        "heads": heads,
+        "kv_heads": kv_heads,
+        "head_dim": head_dim,
+        "experts": experts,
+        "experts_per_token": experts_per_token,
+        "vocab_size": vocab_size,
+        "sliding_window": sliding_window,
+    }
+    for name, value in checks.items():
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if layers < 2:
+        raise ValueError("GPT-OSS needs at least 2 layers (one sliding, one full attention)")
+    if heads % kv_heads:
+        raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
+    if experts_per_token > experts:
+        raise ValueError(f"experts_per_token ({experts_per_token}) exceeds experts ({experts})")
+    return {
+        "model_type": "gpt_oss",
+        "architectures": ["GptOssForCausalLM"],
+        "num_hidden_layers": layers,
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size or hidden_size,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "num_local_experts": experts,
+        "num_experts_per_tok": experts_per_token,
+        "experts_per_token": experts_per_token,
+        "vocab_size": vocab_size,
+        "sliding_window": sliding_window,
+        "layer_types": [
+            "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)
+        ],
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 150000,
+        "rope_scaling": {
+            "rope_type": "yarn",
+            "factor": 32.0,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "original_max_position_embeddings": 4096,
+            "truncate": False,
+        },
+        "max_position_embeddings": 131072,
+        "initial_context_length": 4096,
+        "eos_token_id": 200002,
+        "pad_token_id": 199999,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+    }
+
+
+def _random_gpt_oss_weights(config: dict[str, Any], seed: int) -> dict[str, mx.array]:
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import gpt_oss
+
+    mx.random.seed(seed)
+    model = gpt_oss.Model(gpt_oss.ModelArgs.from_dict(config))
+    # Random sinks and a sharper head than the default init make the logits look more like a
+    # trained model's (a peaked distribution), which is what the samplers are tuned for.
+    for layer in model.layers:
+        layer.self_attn.sinks = mx.random.normal(layer.self_attn.sinks.shape)
+    model.lm_head.weight = model.lm_head.weight * 4.0
+    weights = dict(tree_flatten(model.parameters()))
+    mx.eval(weights)
+    return weights
+
+
+def make_test_model(
+    path: str | os.PathLike[str],
+    *,
+    preset: str | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+    **shape: int,
+) -> Path:
+    """Write a random-weight GPT-OSS model directory (``config.json`` + safetensors).
+
+    ``preset`` is one of :data:`PRESETS` ("demo", "small", "mid"); keyword arguments override
+    its shape (``layers``, ``hidden_size``, ``experts``, ...). The same seed gives the same
+    weights. The directory appears atomically: a crash never leaves half a model behind.
+    """
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    base = dict(PRESETS[preset]) if preset else {}
+    base.update({k: v for k, v in shape.items() if v is not None})
+    config = gpt_oss_config(**base)
+    config["mlx_harmony_core"] = {"test_model": TEST_MODEL_VERSION, "seed": seed, "preset": preset}
+
+    target = Path(path)
+    occupied = target.is_file() or (target.is_dir() and any(target.iterdir()))
+    if occupied and not overwrite:
+        raise FileExistsError(
+            f"{target} exists and is not empty; pass overwrite=True (--force) to replace it"
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        public_mode(tmp, directory=True)
+        weights = _random_gpt_oss_weights(config, seed)
+        mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
+        atomic_write_text(tmp / "config.json", json.dumps(config, indent=2) + "\n")
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def demo_model_path() -> Path:
+    """The built-in demo model's directory, built on first use (seeded, so identical everywhere)."""
+    path = home() / "models" / f"demo-v{TEST_MODEL_VERSION}"
+    if not (path / "config.json").exists():
+        logger.info("building the demo model in %s (once)", path)
+        with contextlib.suppress(FileExistsError):  # another process built it meanwhile
+            make_test_model(path, preset="demo", seed=0)
+    return path
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """``config.json`` of a model directory, with errors that say what is wrong."""
+    if not path.exists():
+        raise ModelLoadError(f"model directory {path} does not exist")
+    if not path.is_dir():
+        raise ModelLoadError(f"{path} is a file; pass the model's directory (with config.json)")
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise ModelLoadError(f"{path} has no config.json: it is not an mlx-lm model directory")
+    try:
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(
+            f"{cfg_path} is not valid JSON ({exc}); fix or re-download it"
+        ) from exc
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{cfg_path} must hold a JSON object")
+    if not isinstance(config.get("model_type"), str):
+        raise ModelLoadError(f"{cfg_path} has no 'model_type'; it is not an mlx-lm model config")
+    return config
+
+
+def resolve_path(path_or_name: str | os.PathLike[str]) -> Path:
+    """A local model directory for ``path_or_name``: "demo", a path, or a Hugging Face repo id."""
+    if str(path_or_name) == DEMO_NAME:
+        return demo_model_path()
+    path = Path(path_or_name).expanduser()
+    if path.exists():
+        return path
+    name = str(path_or_name)
+    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        try:
+            from mlx_lm.utils import hf_repo_to_path
+
+            return Path(hf_repo_to_path(name))
+        except Exception as exc:
+            raise ModelLoadError(
+                f"{name!r} is not a local directory and could not be fetched from the "
+                f"Hugging Face Hub ({type(exc).__name__}: {exc}). Pass a local model directory "
+                "or 'demo'."
+            ) from exc
+    raise ModelLoadError(f"model directory {path} does not exist (or pass 'demo')")
+
+
+def load_model(
+    path: str | os.PathLike[str], *, dtype: str = "auto"
+) -> tuple[nn.Module, dict[str, Any], Path]:
+    """Load an mlx-lm model through mlx-lm's own classes. Returns (model, config, directory).
+
+    ``dtype="auto"`` keeps the checkpoint's dtype except where MLX's CPU backend cannot run it:
+    GPT-OSS's expert gather-matmul rejects bfloat16 on the CPU, so those weights become float32.
+    """
+    from mlx_lm.utils import load_model as mlx_lm_load_model
+
+    directory = resolve_path(path)
+    config = read_config(directory)
+    if not any(directory.glob("model*.safetensors")):
+        raise ModelLoadError(f"{directory} has no model*.safetensors weights")
+    try:
+        model, config = mlx_lm_load_model(directory)
+    except ValueError as exc:
+        raise ModelLoadError(f"cannot load {directory}: {exc}") from exc
+    except (ImportError, ModuleNotFoundError) as exc:
+        raise ModelLoadError(
+            f"model_type {config['model_type']!r} in {directory} is not supported by mlx-lm ({exc})"
+        ) from exc
+    _cast(model, config, dtype)
+    return model, config, directory
+
+
+def _cast(model: nn.Module, config: dict[str, Any], dtype: str) -> None:
+    from mlx.utils import tree_flatten
+
+    if dtype == "auto":
+        if mx.default_device() != mx.cpu or config.get("model_type") != "gpt_oss":
+            return
+        target = mx.float32
+    else:
+        try:
+            target = getattr(mx, dtype)
+        except AttributeError:
+            raise ValueError(
+                f"unknown dtype {dtype!r}; use 'auto', 'float32', 'float16' or 'bfloat16'"
+            ) from None
+    params = tree_flatten(model.parameters())
+    cast = {
+        k: v.astype(target)
+        for k, v in params
+        if mx.issubdtype(v.dtype, mx.floating) and v.dtype != target
+    }
+    if cast:
+        logger.info("casting %d weight arrays to %s", len(cast), target)
+        model.load_weights(list(cast.items()), strict=False)
+        mx.eval(model.parameters())
+
+
+def load(
+    path_or_name: str | os.PathLike[str] = DEMO_NAME, *, dtype: str = "auto", **engine_options: Any
+) -> Engine:
+    """Load a model directory (or "demo") and return an :class:`Engine` for it.
+
+    GPT-OSS models (``model_type == "gpt_oss"``) use the Harmony encoding; other models use
+    their own tokenizer and chat template, loaded with mlx-lm.
+    """
+    from .engine import Engine
+
+    model, config, directory = load_model(path_or_name, dtype=dtype)
+    if config.get("model_type") == "gpt_oss":
+        from .harmony import load_encoding
+
+        return Engine(model, encoding=load_encoding(), config=config, **engine_options)
+    from mlx_lm.utils import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(directory)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load the tokenizer of {directory}: {exc}") from exc
+    return Engine(model, tokenizer=tokenizer, config=config, **engine_options)

@@ -1,0 +1,33 @@
+import os
+import tempfile
+
+# Tests never touch the user's cache: the vocabulary and demo model go to a temp home.
+os.environ.setdefault("MLX_HARMONY_CORE_HOME", tempfile.mkdtemp(prefix="mhc-test-home-"))
+
+import mlx.core as mx  # noqa: E402
+import pytest  # noqa: E402
+
+import mlx_harmony_core as mhc  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def demo_engine() -> mhc.Engine:
+    return mhc.load("demo")
+
+
+@pytest.fixture(scope="session")
+def encoding():
+    return mhc.load_encoding()
+
+
+@pytest.fixture
+def rng():
+    import numpy as np
+
+    return np.random.default_rng(1234)
+
+
+@pytest.fixture(autouse=True)
+def _cpu():
+    mx.set_default_device(mx.cpu)
+    yield

@@ -1,0 +1,64 @@
+"""The command line, run as users run it."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args, check=True):
+    cmd = [sys.executable, "-m", "mlx_harmony_core.cli", *args]
+    return subprocess.run(
+        cmd, capture_output=True, text=True, check=check, env=os.environ, timeout=300
+    )
+
+
+def test_generate_on_demo_prints_text_and_speed():
+    out = run(
+        "generate", "--model", "demo", "--prompt", "Hello", "--max-tokens", "8", "--seed", "1"
+    )
+    assert "tok/s" in out.stderr
+    assert out.stdout.strip()
+
+
+def test_generate_json():
+    out = run("generate", "--prompt", "Hello", "--max-tokens", "5", "--temperature", "0", "--json")
+    data = json.loads(out.stdout)
+    assert data["finish_reason"] == "length"
+    assert data["usage"]["completion_tokens"] == 5
+
+
+def test_make_test_model(tmp_path):
+    out = run(
+        "make-test-model",
+        str(tmp_path / "m"),
+        "--layers",
+        "2",
+        "--hidden-size",
+        "32",
+        "--experts",
+        "2",
+        "--experts-per-token",
+        "1",
+        "--head-dim",
+        "8",
+    )
+    assert "wrote" in out.stdout
+    assert (tmp_path / "m" / "config.json").exists()
+    again = run("make-test-model", str(tmp_path / "m"), check=False)
+    assert again.returncode == 2 and "not empty" in again.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["generate", "--model", "/no/such/dir", "--prompt", "x"], "does not exist"),
+        (["generate", "--prompt", "x", "--temperature", "-1"], "temperature"),
+    ],
+)
+def test_cli_errors_are_clear(args, message):
+    out = run(*args, check=False)
+    assert out.returncode == 2
+    assert message in out.stderr and "Traceback" not in out.stderr
