@@ -1,4 +1,8 @@
-// The fused sampler: one pass over the vocabulary per row, seeded draws.
+// The fused sampler: logits processors, filters and a seeded draw in one op.
+//
+// Order (HF / vLLM, temperature first): logit bias -> repetition, presence and
+// frequency penalties over the history window -> temperature (0 = greedy
+// argmax of the processed logits) -> top-k -> top-p -> min-p -> XTC -> draw.
 #pragma once
 
 #include "mlx/array.h"
@@ -6,46 +10,67 @@
 #include "mlx/utils.h"
 
 #include <cstdint>
+#include <optional>
+#include <vector>
 
 namespace mlx_harmony_core {
 
 namespace mx = mlx::core;
 
-// Error codes written in place of a token id; the Python layer turns them
-// into ValueError (a kernel running on MLX's scheduler must not throw).
+// Written in place of a token id; the Python layer raises ValueError for them
+// (a kernel running on MLX's scheduler thread must not throw).
 constexpr int32_t kErrorNonFinite = -1;   // NaN or +inf in a row
 constexpr int32_t kErrorNoCandidate = -2; // every logit is -inf
 
 struct SamplingOptions {
   float temperature = 1.0f; // 0: greedy argmax
+  int32_t top_k = 0;        // 0 or >= V: off; ties at the k-th value are kept
+  float top_p = 1.0f;       // 1: off; ties at the boundary are kept
+  float min_p = 0.0f;       // 0: off; relative to the top probability
+  int32_t min_tokens_to_keep = 1;
+  float xtc_probability = 0.0f;
+  float xtc_threshold = 0.1f;
+  float repetition_penalty = 1.0f;
+  float presence_penalty = 0.0f;
+  float frequency_penalty = 0.0f;
   uint64_t seed = 0;
-  uint64_t counter = 0; // draw index: (seed, counter, row) keys the RNG
+  uint64_t counter = 0;  // draw index: (seed, counter, row) keys the RNG
+  int32_t logprobs = -1; // -1: none; n >= 0: chosen + top-n (raw logits)
 };
 
 // Counter-based RNG: a uniform double in [0, 1) for (seed, counter, row,
-// lane), the same in any process or thread.
+// lane); the same in any process or thread.
 double uniform01(uint64_t seed, uint64_t counter, uint64_t row, uint64_t lane);
 
-// Draws one token per row of `logits` ((V,) or (B, V), float32, float16 or
-// bfloat16). Returns int32 ids of shape () or (B,).
-mx::array sample(const mx::array &logits,
-                 const SamplingOptions &options,
-                 mx::StreamOrDevice s = {});
+// Throws std::invalid_argument with a message saying what to fix.
+void validate(const SamplingOptions &o);
 
-class Sample : public mx::UnaryPrimitive {
+// logits: (V,) or (B, V) float32/float16/bfloat16. history: (B, W) int32
+// padded with -1 (or empty). bias_ids/bias_values: (N,) int32 / float32.
+// Returns {ids} or, with logprobs >= 0, {ids, logprob, top_ids, top_logprobs}.
+// `kernel`: true = the CPU primitive, false = MLX ops (the GPU path),
+// unset = by the stream's device.
+std::vector<mx::array> sample(const mx::array &logits,
+                              const mx::array &history,
+                              const mx::array &bias_ids,
+                              const mx::array &bias_values,
+                              const SamplingOptions &options,
+                              std::optional<bool> kernel,
+                              mx::StreamOrDevice s = {});
+
+class Sample : public mx::Primitive {
 public:
   Sample(mx::Stream stream, SamplingOptions options)
-      : mx::UnaryPrimitive(stream), options_(options) {}
+      : mx::Primitive(stream), options_(options) {}
 
-  void eval_cpu(const std::vector<mx::array> &inputs, mx::array &out) override;
-  void eval_gpu(const std::vector<mx::array> &inputs, mx::array &out) override;
+  void eval_cpu(const std::vector<mx::array> &inputs,
+                std::vector<mx::array> &outputs) override;
+  void eval_gpu(const std::vector<mx::array> &inputs,
+                std::vector<mx::array> &outputs) override;
 
   const char *name() const override {
     return "MhcSample";
   }
-  bool is_equivalent(const mx::Primitive &other) const override;
-  std::vector<mx::Shape>
-  output_shapes(const std::vector<mx::array> &inputs) override;
 
 private:
   SamplingOptions options_;

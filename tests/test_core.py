@@ -20,7 +20,7 @@ def softmax64(x: np.ndarray, t: float) -> np.ndarray:
 
 
 def test_extension_takes_and_returns_mx_arrays():
-    out = _core.sample(mx.array([0.0, 3.0, 1.0]), temperature=0.0)
+    (out,) = _core.sample(mx.array([0.0, 3.0, 1.0]), temperature=0.0)
     assert isinstance(out, mx.array)
     assert out.dtype == mx.int32 and out.shape == ()
     assert out.item() == 1
@@ -28,7 +28,7 @@ def test_extension_takes_and_returns_mx_arrays():
 
 def test_core_importable_before_mlx_core_in_fresh_process():
     # _core imports mlx.core itself, so even a direct import of the extension works.
-    code = "import mlx_harmony_core._core as c; import mlx.core as mx; print(c.sample(mx.array([1.0, 2.0]), temperature=0).item())"
+    code = "import mlx_harmony_core._core as c; import mlx.core as mx; print(c.sample(mx.array([1.0, 2.0]), temperature=0)[0].item())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "1"
 
@@ -37,14 +37,14 @@ def test_core_importable_before_mlx_core_in_fresh_process():
 @pytest.mark.parametrize("vocab", [1, 7, 201088])
 def test_greedy_equals_argmax(rng, dtype, vocab):
     x = mx.array(rng.normal(size=(4, vocab)).astype(np.float32)).astype(dtype)
-    ids = _core.sample(x, temperature=0.0)
+    ids = _core.sample(x, temperature=0.0)[0]
     assert ids.shape == (4,)
     assert np.array_equal(np.array(ids), np.array(mx.argmax(x, axis=-1)).astype(np.int32))
 
 
 def test_greedy_ties_take_the_first_index():
     x = mx.array([[1.0, 5.0, 5.0, 2.0], [-np.inf, 0.0, 0.0, -np.inf]])
-    assert _core.sample(x, temperature=0.0).tolist() == [1, 1]
+    assert _core.sample(x, temperature=0.0)[0].tolist() == [1, 1]
 
 
 @pytest.mark.parametrize("temperature", [0.05, 0.7, 1.0, 2.5])
@@ -53,7 +53,7 @@ def test_temperature_matches_float64_softmax(rng, temperature):
     logits[3] = -np.inf
     rows = 40000
     x = mx.broadcast_to(mx.array(logits), (rows, logits.size))
-    ids = np.array(_core.sample(x, temperature=temperature, seed=7, counter=0))
+    ids = np.array(_core.sample(x, temperature=temperature, seed=7, counter=0)[0])
     assert_distribution(ids, softmax64(logits, temperature))
 
 
@@ -61,16 +61,16 @@ def test_a_wrong_temperature_is_detected(rng):
     # The test's power: draws at T=1 must fail the check against T=0.7.
     logits = rng.normal(scale=2.0, size=12).astype(np.float32)
     x = mx.broadcast_to(mx.array(logits), (40000, logits.size))
-    ids = np.array(_core.sample(x, temperature=1.0, seed=7))
+    ids = np.array(_core.sample(x, temperature=1.0, seed=7)[0])
     with pytest.raises(AssertionError):
         assert_distribution(ids, softmax64(logits, 0.7))
 
 
 def test_seeded_draws_reproduce_and_counters_differ(rng):
     x = mx.array(rng.normal(size=(8, 1000)).astype(np.float32))
-    a = _core.sample(x, temperature=1.0, seed=5, counter=3)
-    b = _core.sample(x, temperature=1.0, seed=5, counter=3)
-    c = _core.sample(x, temperature=1.0, seed=5, counter=4)
+    a = _core.sample(x, temperature=1.0, seed=5, counter=3)[0]
+    b = _core.sample(x, temperature=1.0, seed=5, counter=3)[0]
+    c = _core.sample(x, temperature=1.0, seed=5, counter=4)[0]
     assert a.tolist() == b.tolist()
     assert a.tolist() != c.tolist()
 
@@ -99,7 +99,7 @@ def test_uniform01_is_uniform():
 )
 def test_bad_logits_raise_value_error(logits, message):
     with pytest.raises(ValueError, match=message):
-        _core.sample(logits)
+        _core.sample(logits)[0]
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])

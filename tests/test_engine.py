@@ -1,5 +1,6 @@
 """The engine: generation on the demo model and on scripted token sequences."""
 
+import mlx.core as mx
 import pytest
 
 import mlx_harmony_core as mhc
@@ -94,3 +95,48 @@ def test_prompt_longer_than_context(encoding):
     engine = mhc.Engine(ScriptedModel([], 0), encoding=encoding, context_length=10)
     with pytest.raises(ValueError, match="context window"):
         engine.generate("a fairly long prompt " * 5)
+
+
+def _mlx_lm_tokens(model, prompt, n, **processors):
+    from mlx_lm.generate import generate_step
+    from mlx_lm.sample_utils import make_logits_processors
+
+    procs = make_logits_processors(**processors) if processors else None
+    out = []
+    for tok, _ in generate_step(mx.array(prompt), model, max_tokens=n, logits_processors=procs):
+        out.append(int(tok))
+    return out
+
+
+def test_greedy_tokens_equal_mlx_lm_generate_step(demo_engine):
+    prompt = mhc.render_prompt("Tell me a story")
+    ours = demo_engine.generate(prompt, mhc.SamplingParams(temperature=0.0), max_tokens=24).tokens
+    assert ours == _mlx_lm_tokens(demo_engine.model, prompt, 24)[: len(ours)]
+
+
+def test_penalties_in_the_pipelined_loop_equal_mlx_lm(demo_engine):
+    prompt = mhc.render_prompt("Repeat after me")
+    p = mhc.SamplingParams(
+        temperature=0.0, repetition_penalty=1.8, presence_penalty=0.7, repetition_context_size=16
+    )
+    ours = demo_engine.generate(prompt, p, max_tokens=40).tokens
+    theirs = _mlx_lm_tokens(
+        demo_engine.model,
+        prompt,
+        40,
+        repetition_penalty=1.8,
+        repetition_context_size=16,
+        presence_penalty=0.7,
+        presence_context_size=16,
+    )
+    assert ours == theirs[: len(ours)]
+    plain = demo_engine.generate(prompt, mhc.SamplingParams(temperature=0.0), max_tokens=40).tokens
+    assert plain != ours  # the penalty changed the output
+
+
+def test_logprobs_recorded_per_token(demo_engine):
+    c = demo_engine.generate("Hi", mhc.SamplingParams(temperature=0.0), max_tokens=5, logprobs=3)
+    assert [lp.token for lp in c.logprobs] == c.tokens
+    for lp in c.logprobs:
+        assert lp.top[0][0] == lp.token  # greedy picks the most likely token
+        assert abs(lp.top[0][1] - lp.logprob) < 1e-5 and len(lp.top) == 3

@@ -45,6 +45,15 @@ class Timings:
 
 
 @dataclass
+class TokenLogprob:
+    """Log-probability of a generated token under the model, and the top alternatives."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
 class Completion:
     """The result of :meth:`Engine.generate`."""
 
@@ -55,6 +64,7 @@ class Completion:
     usage: Usage
     timings: Timings
     tokens: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -146,24 +156,42 @@ class Engine:
         return prompt[done:]
 
     def _tokens(
-        self, prompt_ids: list[int], sampler: Sampler, max_tokens: int, progress: Progress | None
-    ) -> Iterator[int]:
+        self,
+        prompt_ids: list[int],
+        sampler: Sampler,
+        max_tokens: int,
+        progress: Progress | None,
+        logprobs: int | None = None,
+    ) -> Iterator[tuple[int, TokenLogprob | None]]:
         """Yield sampled ids; step n+1 is built and queued while step n evaluates."""
         cache = self._make_cache()
         rest = self._prefill(mx.array(prompt_ids, dtype=mx.int32), cache, progress)
+        window = sampler.window(prompt_ids)
 
-        def step(tokens: mx.array) -> mx.array:
+        def step(tokens: mx.array) -> tuple[mx.array, Any]:
+            nonlocal window
             logits = self.model(tokens[None], cache=cache)[:, -1, :]
-            return sampler.lazy(logits)
+            if logprobs is None:
+                ids, lp = sampler.lazy(logits, window), None
+            else:
+                ids, lp = sampler.lazy(logits, window, logprobs=logprobs)
+            window = sampler.advance(window, ids)
+            return ids, lp
 
-        y = step(rest)
-        mx.async_eval(y)
+        y, lp = step(rest)
+        mx.async_eval(y, *([] if lp is None else vars(lp).values()))
         for n in range(max_tokens):
-            nxt = step(y) if n + 1 < max_tokens else None
-            if nxt is not None:
-                mx.async_eval(nxt)
-            yield int(check_ids(y).item())
-            y = nxt
+            if n + 1 < max_tokens:
+                nxt, nlp = step(y)
+                mx.async_eval(nxt, *([] if nlp is None else vars(nlp).values()))
+            token = int(check_ids(y).item())
+            info = None
+            if lp is not None:
+                top = zip(lp.top_ids.reshape(-1).tolist(), lp.top_logprobs.reshape(-1).tolist(), strict=False)
+                info = TokenLogprob(token, float(lp.logprob.item()), list(top))
+            yield token, info
+            if n + 1 < max_tokens:
+                y, lp = nxt, nlp
 
     # -- public API ------------------------------------------------------------------------
     def stream(
@@ -173,12 +201,14 @@ class Engine:
         *,
         max_tokens: int = 512,
         progress: Progress | None = None,
+        logprobs: int | None = None,
         **render_options: Any,
     ) -> Iterator[StreamEvent]:
         """Generate a reply, yielding text deltas per channel as they are decoded.
 
         The last event has ``finish_reason`` (``stop``, ``length`` or ``tool_calls``) and the
-        full :class:`Completion`. ``render_options`` go to the Harmony renderer
+        full :class:`Completion`. ``logprobs=n`` records each token's log-probability and
+        the top ``n`` alternatives. ``render_options`` go to the Harmony renderer
         (``reasoning_effort``, ``model_identity``, ...).
         """
         if not isinstance(max_tokens, int) or max_tokens < 1:
@@ -207,12 +237,15 @@ class Engine:
             detok.reset()
 
         generated: list[int] = []
+        token_logprobs: list[TokenLogprob] | None = [] if logprobs is not None else None
         finish = "length"
         t_first = t0
-        for tok in self._tokens(prompt_ids, sampler, max_tokens, progress):
+        for tok, info in self._tokens(prompt_ids, sampler, max_tokens, progress, logprobs):
             if not generated:
                 t_first = time.perf_counter()
             generated.append(tok)
+            if token_logprobs is not None and info is not None:
+                token_logprobs.append(info)
             if tok in stops:
                 finish = "tool_calls" if tok == CALL else "stop"
                 if harmony is not None:
@@ -259,6 +292,7 @@ class Engine:
             usage=Usage(prompt_tokens=len(prompt_ids), completion_tokens=n),
             timings=timings,
             tokens=generated,
+            logprobs=token_logprobs,
         )
         yield StreamEvent(finish_reason=finish, completion=completion)
 

@@ -1,15 +1,33 @@
-"""The Python face of the C++ sampler."""
+"""The Python face of the C++ fused sampler."""
 
 from __future__ import annotations
 
 import secrets
 import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
 
 from . import _core
 from .config import SamplingParams
+
+History = Sequence[int] | Sequence[Sequence[int]] | np.ndarray | mx.array | None
+
+
+@dataclass
+class LogProbs:
+    """Log-probabilities of the model's raw distribution for the sampled tokens.
+
+    ``logprob`` has shape () or (B,); ``top_ids`` and ``top_logprobs`` (n,) or (B, n),
+    most likely first.
+    """
+
+    logprob: mx.array
+    top_ids: mx.array
+    top_logprobs: mx.array
 
 
 def check_ids(ids: mx.array) -> mx.array:
@@ -27,18 +45,40 @@ def check_ids(ids: mx.array) -> mx.array:
 
 
 class Sampler:
-    """Draws token ids from logits with the C++ fused sampler.
+    """Draws token ids from logits with the C++ fused sampler (see :class:`SamplingParams`).
 
-    ``Sampler(params)(logits)`` accepts logits of shape ``(V,)`` or ``(B, V)`` in float32,
-    float16 or bfloat16 and returns int32 ids of shape ``()`` or ``(B,)``. Each call advances
-    the draw counter, so a seeded sampler reproduces the same sequence of draws.
+    ``Sampler(params)(logits, history)`` accepts logits of shape ``(V,)`` or ``(B, V)`` in
+    float32, float16 or bfloat16 and returns int32 ids of shape ``()`` or ``(B,)``. ``history``
+    holds the previous token ids the penalties look at: one sequence, or one per row. Each call
+    advances a draw counter, so a seeded sampler reproduces the same sequence of draws in any
+    process. On a GPU stream the same distribution is computed with MLX ops.
     """
 
-    def __init__(self, params: SamplingParams | None = None) -> None:
+    def __init__(self, params: SamplingParams | None = None, *, kernel: bool | None = None) -> None:
         self.params = params if params is not None else SamplingParams()
+        if not isinstance(self.params, SamplingParams):
+            raise TypeError("params must be a SamplingParams")
         self.seed = self.params.seed if self.params.seed is not None else secrets.randbits(63)
+        self.kernel = kernel
         self._counter = 0
         self._lock = threading.Lock()
+        bias = self.params.logit_bias or {}
+        self._bias_ids = mx.array(list(bias.keys()), dtype=mx.int32) if bias else None
+        self._bias_values = mx.array(list(bias.values()), dtype=mx.float32) if bias else None
+        self._max_bias_id = max(bias) if bias else -1
+        p = self.params
+        self._options: dict[str, Any] = dict(
+            temperature=p.temperature,
+            top_k=p.top_k,
+            top_p=p.top_p,
+            min_p=p.min_p,
+            min_tokens_to_keep=p.min_tokens_to_keep,
+            xtc_probability=p.xtc_probability,
+            xtc_threshold=p.xtc_threshold,
+            repetition_penalty=p.repetition_penalty,
+            presence_penalty=p.presence_penalty,
+            frequency_penalty=p.frequency_penalty,
+        )
 
     def _next_counter(self) -> int:
         with self._lock:
@@ -46,23 +86,98 @@ class Sampler:
             self._counter += 1
         return counter
 
-    def lazy(self, logits: mx.array) -> mx.array:
+    def _history(self, history: History, rows: int, batched: bool, vocab: int) -> mx.array | None:
+        if history is None or not self.params.uses_history:
+            return None
+        window = self.params.repetition_context_size
+        if (
+            isinstance(history, mx.array)
+            and history.dtype == mx.int32
+            and history.shape == (rows, window)
+        ):
+            return history  # a prepared window (see window()): stays lazy, no sync
+        if isinstance(history, mx.array):
+            history = np.asarray(history)
+        if isinstance(history, np.ndarray):
+            seqs = [history] if history.ndim == 1 else list(history)
+        elif batched and len(history) and not isinstance(history[0], int | np.integer):
+            seqs = [np.asarray(h, dtype=np.int64) for h in history]
+        else:
+            seqs = [np.asarray(history, dtype=np.int64)]
+        if len(seqs) == 1 and rows > 1:
+            seqs = seqs * rows
+        if len(seqs) != rows:
+            raise ValueError(f"history has {len(seqs)} rows but logits have {rows}")
+        out = np.full((rows, window), -1, dtype=np.int32)
+        for r, seq in enumerate(seqs):
+            tail = np.asarray(seq, dtype=np.int64).reshape(-1)[-window:]
+            if tail.size and (tail.min() < 0 or tail.max() >= vocab):
+                raise ValueError(f"history row {r} has token ids outside [0, {vocab})")
+            if tail.size:
+                out[r, window - tail.size :] = tail
+        return mx.array(out)
+
+    def window(self, tokens: Sequence[int], rows: int = 1) -> mx.array | None:
+        """The penalty window for ``tokens`` as a (rows, W) int32 array padded with -1.
+
+        Pass it as ``history`` and advance it with :meth:`advance`; it stays a lazy MLX array,
+        so a pipelined decode loop never waits for the token it just sampled.
+        """
+        if not self.params.uses_history:
+            return None
+        w = self.params.repetition_context_size
+        tail = list(tokens)[-w:]
+        row = [-1] * (w - len(tail)) + tail
+        return mx.array([row] * rows, dtype=mx.int32)
+
+    @staticmethod
+    def advance(window: mx.array | None, ids: mx.array) -> mx.array | None:
+        """Slide ``window`` by the ids just sampled (lazy)."""
+        if window is None:
+            return None
+        return mx.concatenate([window[:, 1:], ids.reshape(-1, 1).astype(mx.int32)], axis=1)
+
+    def lazy(
+        self, logits: mx.array, history: History = None, *, logprobs: int | None = None
+    ) -> mx.array | tuple[mx.array, LogProbs]:
         """Build the sampling op without evaluating it (for pipelined decoding).
 
-        Negative ids in the result flag bad rows; pass the evaluated ids to
-        :func:`check_ids`.
+        Negative ids in the result flag bad rows: pass the evaluated ids to :func:`check_ids`.
+        With ``logprobs=n`` returns ``(ids, LogProbs)`` with the top ``n`` alternatives.
         """
         if not isinstance(logits, mx.array):
             raise TypeError(f"logits must be an mx.array, got {type(logits).__name__}")
-        return _core.sample(
+        if logits.ndim not in (1, 2):
+            raise ValueError(f"logits must have shape (V,) or (B, V), got {logits.shape}")
+        vocab = logits.shape[-1]
+        if self._max_bias_id >= vocab:
+            raise ValueError(
+                f"logit_bias has token id {self._max_bias_id}, outside the vocabulary of {vocab}"
+            )
+        if logprobs is not None and not (0 <= logprobs <= vocab):
+            raise ValueError(f"logprobs must be in [0, {vocab}], got {logprobs}")
+        rows = logits.shape[0] if logits.ndim == 2 else 1
+        hist = self._history(history, rows, logits.ndim == 2, vocab)
+        outs = _core.sample(
             logits,
-            temperature=self.params.temperature,
+            hist,
+            self._bias_ids,
+            self._bias_values,
             seed=self.seed,
             counter=self._next_counter(),
+            logprobs=-1 if logprobs is None else logprobs,
+            kernel=self.kernel,
+            **self._options,
         )
+        if logprobs is None:
+            return outs[0]
+        return outs[0], LogProbs(outs[1], outs[2], outs[3])
 
-    def __call__(self, logits: mx.array) -> mx.array:
+    def __call__(
+        self, logits: mx.array, history: History = None, *, logprobs: int | None = None
+    ) -> mx.array | tuple[mx.array, LogProbs]:
         """Sample and evaluate; raises ``ValueError`` on NaN/inf or all -inf rows."""
-        ids = self.lazy(logits)
-        mx.eval(ids)
-        return check_ids(ids)
+        out = self.lazy(logits, history, logprobs=logprobs)
+        mx.eval(out if isinstance(out, mx.array) else [out[0], *vars(out[1]).values()])
+        check_ids(out if isinstance(out, mx.array) else out[0])
+        return out
