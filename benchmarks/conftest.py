@@ -1,8 +1,8 @@
 """Shared benchmark setup: CPU device, a private home, and an ours-vs-mlx-lm ratio table.
 
 Every benchmark sets ``benchmark.group`` to its case and ``benchmark.extra_info["engine"]`` to
-"ours" or "mlx_lm"; at the end we print median(mlx_lm) / median(ours) per case (> 1: we are
-faster). With ``--benchmark-disable`` each benchmark runs once, as a test.
+"ours" or a baseline ("mlx_lm", ...); at the end we print median(baseline) / median(ours) per
+case (> 1: we are faster). With ``--benchmark-disable`` each benchmark runs once, as a test.
 """
 
 import os
@@ -33,16 +33,20 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                 bench.stats.data
             )
     rows = [
-        (case, v["ours"], v["mlx_lm"])
+        (case, v["ours"], other, t)
         for case, v in sorted(cases.items())
-        if {"ours", "mlx_lm"} <= v.keys()
+        if "ours" in v
+        for other, t in sorted(v.items())
+        if other != "ours"
     ]
     if not rows:
         return
     tr = terminalreporter
-    tr.section("ours vs mlx-lm (median per call; speed-up = mlx-lm / ours)")
-    tr.write_line(f"{'case':58s} {'ours':>12s} {'mlx-lm':>12s} {'speed-up':>9s}")
-    for case, ours, theirs in rows:
-        tr.write_line(
-            f"{case:58s} {ours * 1e3:10.3f}ms {theirs * 1e3:10.3f}ms {theirs / ours:8.1f}x"
-        )
+    tr.section("ours vs baselines (median per call; speed-up = baseline / ours)")
+    tr.write_line(f"{'case':48s} {'ours':>11s} {'baseline':>14s} {'time':>11s} {'speed-up':>9s}")
+    for case, ours, other, theirs in rows:
+        tr.write_line(f"{case:48s} {_fmt(ours)} {other:>14s} {_fmt(theirs)} {theirs / ours:8.1f}x")
+
+
+def _fmt(seconds: float) -> str:
+    return f"{seconds * 1e6:9.2f}us" if seconds < 1e-3 else f"{seconds * 1e3:9.3f}ms"

@@ -42,7 +42,7 @@ inline uint64_t mix64(uint64_t z) {
 typedef float f8 __attribute__((vector_size(32)));
 typedef int32_t i8 __attribute__((vector_size(32)));
 
-inline f8 load8(const float *p) {
+inline f8 load8(const float* p) {
   f8 v;
   std::memcpy(&v, p, sizeof(v));
   return v;
@@ -107,11 +107,11 @@ struct Cand {
   double w; // exp((x - max) / T), filled when needed
 };
 
-inline bool higher(const Cand &a, const Cand &b) {
+inline bool higher(const Cand& a, const Cand& b) {
   return a.x > b.x || (a.x == b.x && a.id < b.id);
 }
 
-MHC_VECTOR void scan_max(const float *x, int64_t n, float *m_out, bool *bad) {
+MHC_VECTOR void scan_max(const float* x, int64_t n, float* m_out, bool* bad) {
   f8 m = splat(-kInf);
   i8 nonfinite{};
   const f8 inf = splat(kInf);
@@ -137,7 +137,7 @@ MHC_VECTOR void scan_max(const float *x, int64_t n, float *m_out, bool *bad) {
 
 // Per-block sums of exp((x - m) * s); returns their total.
 MHC_VECTOR double
-sum_exp_blocks(const float *x, int64_t n, float m, float s, float *blocks) {
+sum_exp_blocks(const float* x, int64_t n, float m, float s, float* blocks) {
   double total = 0.0;
   for (int64_t b = 0, bi = 0; b < n; b += kBlock, ++bi) {
     const int64_t e = std::min(n, b + kBlock);
@@ -162,7 +162,7 @@ sum_exp_blocks(const float *x, int64_t n, float m, float s, float *blocks) {
 // Appends every id with x >= cut (and x > -inf); skips 16-wide blocks whose
 // max is below the cut, which is almost all of them.
 MHC_VECTOR void
-collect(const float *x, int64_t n, float cut, std::vector<Cand> &out) {
+collect(const float* x, int64_t n, float cut, std::vector<Cand>& out) {
   out.clear();
   cut = cut > kLowest ? cut : kLowest;
   int64_t i = 0;
@@ -192,7 +192,7 @@ constexpr float kLevelDeltas[kLevels] = {
 
 // How many ids lie at or above each cut level (no exp: for top-k).
 MHC_VECTOR void profile_counts(
-    const float *x, int64_t n, float m, float unit, int64_t *counts) {
+    const float* x, int64_t n, float m, float unit, int64_t* counts) {
   f8 cut[kLevels];
   i8 cacc[kLevels];
   for (int l = 0; l < kLevels; ++l) {
@@ -221,7 +221,7 @@ MHC_VECTOR void profile_counts(
 
 // Mass exp((x - m) * s) at or above each cut level, and in total (top-p).
 MHC_VECTOR double profile_mass(
-    const float *x, int64_t n, float m, float s, float unit, double *mass) {
+    const float* x, int64_t n, float m, float s, float unit, double* mass) {
   f8 cut[kLevels];
   f8 macc[kLevels];
   f8 total{};
@@ -259,13 +259,13 @@ MHC_VECTOR double profile_mass(
 }
 
 template <typename T>
-void convert(const T *src, float *dst, int64_t n) {
+void convert(const T* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     dst[i] = static_cast<float>(src[i]);
   }
 }
 
-MHC_VECTOR int32_t first_index_of(const float *x, int64_t n, float v) {
+MHC_VECTOR int32_t first_index_of(const float* x, int64_t n, float v) {
   const f8 vv = splat(v);
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
@@ -286,9 +286,9 @@ MHC_VECTOR int32_t first_index_of(const float *x, int64_t n, float v) {
   return 0;
 }
 
-void fill_weights(std::vector<Cand> &c, float m, double s, double *total) {
+void fill_weights(std::vector<Cand>& c, float m, double s, double* total) {
   double z = 0.0;
-  for (auto &e : c) {
+  for (auto& e : c) {
     e.w = fast_exp((e.x - m) * static_cast<float>(s));
     z += e.w;
   }
@@ -297,7 +297,7 @@ void fill_weights(std::vector<Cand> &c, float m, double s, double *total) {
 
 // The top `k` ids by value (ties at the k-th value kept), any order.
 void top_set(
-    const float *x, int64_t n, float m, int64_t k, std::vector<Cand> &out) {
+    const float* x, int64_t n, float m, int64_t k, std::vector<Cand>& out) {
   int64_t counts[kLevels];
   profile_counts(x, n, m, 1.0f, counts);
   float cut = kLowest;
@@ -318,13 +318,13 @@ void top_set(
   const float vk = out[k - 1].x;
   out.erase(std::remove_if(out.begin(),
                            out.end(),
-                           [vk](const Cand &c) { return c.x < vk; }),
+                           [vk](const Cand& c) { return c.x < vk; }),
             out.end());
 }
 
 // Keeps the smallest top set whose mass reaches `need` (ties at the boundary
 // kept), by weighted quickselect: linear on average, no full sort.
-void nucleus(std::vector<Cand> &c, double need) {
+void nucleus(std::vector<Cand>& c, double need) {
   size_t lo = 0, hi = c.size();
   while (hi - lo > 48) {
     // Median of three as pivot value; 3-way partition of [lo, hi).
@@ -332,9 +332,9 @@ void nucleus(std::vector<Cand> &c, double need) {
     const float pivot = std::max(std::min(a, b), std::min(std::max(a, b), d));
     auto mid1 = std::partition(c.begin() + lo,
                                c.begin() + hi,
-                               [pivot](const Cand &e) { return e.x > pivot; });
+                               [pivot](const Cand& e) { return e.x > pivot; });
     auto mid2 = std::partition(
-        mid1, c.begin() + hi, [pivot](const Cand &e) { return e.x == pivot; });
+        mid1, c.begin() + hi, [pivot](const Cand& e) { return e.x == pivot; });
     double above = 0.0, equal = 0.0;
     for (auto it = c.begin() + lo; it != mid1; ++it) {
       above += it->w;
@@ -371,11 +371,11 @@ void nucleus(std::vector<Cand> &c, double need) {
 
 // Keeps at least the top `k` of `c` in addition to those passing `keep`.
 template <typename Keep>
-void filter_keep_top(std::vector<Cand> &c, int64_t k, Keep keep) {
+void filter_keep_top(std::vector<Cand>& c, int64_t k, Keep keep) {
   const auto passing = std::count_if(c.begin(), c.end(), keep);
   if (passing >= k || passing == static_cast<int64_t>(c.size())) {
     c.erase(std::remove_if(
-                c.begin(), c.end(), [&](const Cand &e) { return !keep(e); }),
+                c.begin(), c.end(), [&](const Cand& e) { return !keep(e); }),
             c.end());
     return;
   }
@@ -383,7 +383,7 @@ void filter_keep_top(std::vector<Cand> &c, int64_t k, Keep keep) {
     std::nth_element(c.begin(), c.begin() + (k - 1), c.end(), higher);
     const float vk = c[k - 1].x;
     c.erase(std::remove_if(
-                c.begin(), c.end(), [vk](const Cand &e) { return e.x < vk; }),
+                c.begin(), c.end(), [vk](const Cand& e) { return e.x < vk; }),
             c.end());
   }
 }
@@ -398,25 +398,25 @@ struct Scratch {
 struct RowOut {
   int32_t id = 0;
   float logprob = 0.0f;
-  int32_t *top_ids = nullptr;
-  float *top_logprobs = nullptr;
+  int32_t* top_ids = nullptr;
+  float* top_logprobs = nullptr;
 };
 
-bool has_penalties(const SamplingOptions &o) {
+bool has_penalties(const SamplingOptions& o) {
   return o.repetition_penalty != 1.0f || o.presence_penalty != 0.0f ||
          o.frequency_penalty != 0.0f;
 }
 
 // Bias and penalties touch few ids: compute their new values only.
 template <typename T>
-void build_overrides(const T *raw,
-                     const int32_t *hist,
+void build_overrides(const T* raw,
+                     const int32_t* hist,
                      int64_t w,
-                     const int32_t *bias_ids,
-                     const float *bias_vals,
+                     const int32_t* bias_ids,
+                     const float* bias_vals,
                      int64_t nb,
-                     const SamplingOptions &o,
-                     Scratch &sc) {
+                     const SamplingOptions& o,
+                     Scratch& sc) {
   sc.overrides.clear();
   sc.hist.clear();
   if (has_penalties(o)) {
@@ -444,7 +444,7 @@ void build_overrides(const T *raw,
   // Merge entries per id: bias first, then the penalties on the biased value.
   std::stable_sort(sc.overrides.begin(),
                    sc.overrides.end(),
-                   [](auto &a, auto &b) { return a.first < b.first; });
+                   [](auto& a, auto& b) { return a.first < b.first; });
   std::vector<std::pair<int32_t, float>> merged;
   for (size_t i = 0; i < sc.overrides.size();) {
     const int32_t id = sc.overrides[i].first;
@@ -473,16 +473,16 @@ void build_overrides(const T *raw,
 }
 
 // Inverse-CDF draw over the whole row, skipping `removed` (sorted ids).
-int32_t draw_full(const float *x,
+int32_t draw_full(const float* x,
                   int64_t n,
                   float m,
                   float s,
-                  const float *blocks,
+                  const float* blocks,
                   double total,
-                  const std::vector<Cand> &removed,
+                  const std::vector<Cand>& removed,
                   double u) {
   double removed_mass = 0.0;
-  for (auto &r : removed) {
+  for (auto& r : removed) {
     removed_mass += r.w;
   }
   const double target = u * (total - removed_mass);
@@ -527,10 +527,10 @@ int32_t draw_full(const float *x,
   return first_index_of(x, n, m);
 }
 
-int32_t draw_list(const std::vector<Cand> &c, double total, double u) {
+int32_t draw_list(const std::vector<Cand>& c, double total, double u) {
   const double target = u * total;
   double acc = 0.0;
-  for (auto &e : c) {
+  for (auto& e : c) {
     acc += e.w;
     if (acc > target) {
       return e.id;
@@ -540,26 +540,26 @@ int32_t draw_list(const std::vector<Cand> &c, double total, double u) {
 }
 
 template <typename T>
-void sample_row(const T *raw,
+void sample_row(const T* raw,
                 int64_t n,
-                const int32_t *hist,
+                const int32_t* hist,
                 int64_t w,
-                const int32_t *bias_ids,
-                const float *bias_vals,
+                const int32_t* bias_ids,
+                const float* bias_vals,
                 int64_t nb,
-                const SamplingOptions &o,
+                const SamplingOptions& o,
                 int64_t row,
-                Scratch &sc,
-                RowOut &out) {
+                Scratch& sc,
+                RowOut& out) {
   build_overrides(raw, hist, w, bias_ids, bias_vals, nb, o, sc);
-  const float *x;
+  const float* x;
   if constexpr (std::is_same_v<T, float>) {
     x = raw;
   }
   if (!std::is_same_v<T, float> || !sc.overrides.empty()) {
     sc.buf.resize(n);
     convert(raw, sc.buf.data(), n);
-    for (auto &[id, v] : sc.overrides) {
+    for (auto& [id, v] : sc.overrides) {
       sc.buf[id] = v;
     }
     x = sc.buf.data();
@@ -589,7 +589,7 @@ void sample_row(const T *raw,
     const bool xtc_on =
         o.xtc_probability > 0.0f &&
         uniform01(o.seed, o.counter, row, 1) < o.xtc_probability;
-    auto &c = sc.cand;
+    auto& c = sc.cand;
     bool full = true; // the kept set is the whole row (minus `removed`)
     double z_full = -1.0;
     auto full_mass = [&]() {
@@ -651,11 +651,11 @@ void sample_row(const T *raw,
         full = false;
       } else {
         filter_keep_top(
-            c, keep_min, [cut](const Cand &e) { return e.x >= cut; });
+            c, keep_min, [cut](const Cand& e) { return e.x >= cut; });
       }
       fill_weights(c, m, s, &z_list);
     }
-    auto &removed = sc.extra;
+    auto& removed = sc.extra;
     removed.clear();
     if (xtc_on) {
       // Drop every token above the threshold except the least likely one.
@@ -668,7 +668,7 @@ void sample_row(const T *raw,
       if (full) {
         collect(x, n, cut, removed);
       } else {
-        for (auto &e : c) {
+        for (auto& e : c) {
           if (e.x >= cut) {
             removed.push_back(e);
           }
@@ -677,40 +677,40 @@ void sample_row(const T *raw,
       // Exact check in double: p > threshold.
       removed.erase(std::remove_if(removed.begin(),
                                    removed.end(),
-                                   [&](const Cand &e) {
+                                   [&](const Cand& e) {
                                      return std::exp((double(e.x) - m) * s) <=
                                             lim;
                                    }),
                     removed.end());
       if (removed.size() >= 2) {
         float least = removed[0].x;
-        for (auto &e : removed) {
+        for (auto& e : removed) {
           least = std::min(least, e.x);
         }
         removed.erase(
             std::remove_if(removed.begin(),
                            removed.end(),
-                           [least](const Cand &e) { return e.x <= least; }),
+                           [least](const Cand& e) { return e.x <= least; }),
             removed.end());
       } else {
         removed.clear();
       }
       std::sort(removed.begin(),
                 removed.end(),
-                [](const Cand &a, const Cand &b) { return a.id < b.id; });
+                [](const Cand& a, const Cand& b) { return a.id < b.id; });
       if (!full && !removed.empty()) {
-        auto dropped = [&removed](const Cand &e) {
+        auto dropped = [&removed](const Cand& e) {
           return std::binary_search(
               removed.begin(),
               removed.end(),
               e,
-              [](const Cand &a, const Cand &b) { return a.id < b.id; });
+              [](const Cand& a, const Cand& b) { return a.id < b.id; });
         };
         c.erase(std::remove_if(c.begin(), c.end(), dropped), c.end());
         fill_weights(c, m, s, &z_list);
         removed.clear();
       }
-      for (auto &r : removed) {
+      for (auto& r : removed) {
         r.w = std::exp((double(r.x) - m) * s);
       }
     }
@@ -724,7 +724,7 @@ void sample_row(const T *raw,
 
   if (o.logprobs >= 0) {
     // Log-probabilities of the model's own distribution (before processing).
-    const float *r = x;
+    const float* r = x;
     float rm = m;
     if (!sc.overrides.empty()) {
       sc.raw.resize(n);
@@ -737,7 +737,7 @@ void sample_row(const T *raw,
         rm + std::log(sum_exp_blocks(r, n, rm, 1.0f, sc.blocks.data()));
     out.logprob = static_cast<float>(r[out.id] - lse);
     if (o.logprobs > 0) {
-      auto &top = sc.extra;
+      auto& top = sc.extra;
       top_set(r, n, rm, o.logprobs, top);
       std::sort(top.begin(), top.end(), higher);
       for (int64_t i = 0; i < o.logprobs; ++i) {
@@ -750,19 +750,19 @@ void sample_row(const T *raw,
 }
 
 template <typename T>
-void sample_rows(const T *logits,
+void sample_rows(const T* logits,
                  int64_t rows,
                  int64_t n,
-                 const int32_t *hist,
+                 const int32_t* hist,
                  int64_t w,
-                 const int32_t *bias_ids,
-                 const float *bias_vals,
+                 const int32_t* bias_ids,
+                 const float* bias_vals,
                  int64_t nb,
-                 const SamplingOptions &o,
-                 int32_t *ids,
-                 float *logprob,
-                 int32_t *top_ids,
-                 float *top_logprobs) {
+                 const SamplingOptions& o,
+                 int32_t* ids,
+                 float* logprob,
+                 int32_t* top_ids,
+                 float* top_logprobs) {
   thread_local Scratch sc;
   const int64_t k = std::max(0, o.logprobs);
   for (int64_t r = 0; r < rows; ++r) {
@@ -795,11 +795,11 @@ void sample_rows(const T *logits,
 // The MLX-ops path (GPU, or on request): same semantics, no full sort.
 // ---------------------------------------------------------------------------
 
-std::vector<mx::array> sample_ops(const mx::array &logits,
-                                  const mx::array &history,
-                                  const mx::array &bias_ids,
-                                  const mx::array &bias_values,
-                                  const SamplingOptions &o,
+std::vector<mx::array> sample_ops(const mx::array& logits,
+                                  const mx::array& history,
+                                  const mx::array& bias_ids,
+                                  const mx::array& bias_values,
+                                  const SamplingOptions& o,
                                   mx::Stream s) {
   using namespace mx;
   const int B = logits.shape(0), V = logits.shape(1);
@@ -850,13 +850,16 @@ std::vector<mx::array> sample_ops(const mx::array &logits,
     auto zmax = max(z, -1, true, s);
     auto keep = greater(z, ninf, s);
     const int keep_min = std::max(1, o.min_tokens_to_keep);
-    auto kth_value = [&](int k) { // the k-th largest value of each row
-      return min(topk(z, std::min(k, V), -1, s), -1, true, s);
+    // Top-k and min-p compare logits, not logits / T: the same order, and no
+    // float32 underflow merging distinct logits.
+    auto xmax = max(x, -1, true, s);
+    auto kth_value = [&](int k) { // the k-th largest logit of each row
+      return min(topk(x, std::min(k, V), -1, s), -1, true, s);
     };
-    auto top_min = keep_min > 1 ? kth_value(keep_min) : zmax;
+    auto top_min = keep_min > 1 ? kth_value(keep_min) : xmax;
     if (o.top_k > 0 && std::max(o.top_k, keep_min) < V) {
       keep = logical_and(
-          keep, greater_equal(z, kth_value(std::max(o.top_k, keep_min)), s), s);
+          keep, greater_equal(x, kth_value(std::max(o.top_k, keep_min)), s), s);
     }
     if (o.top_p < 1.0f) {
       // Bisection on the value threshold: the largest t whose top set
@@ -873,12 +876,14 @@ std::vector<mx::array> sample_ops(const mx::array &logits,
         lo = where(ok, mid, lo, s);
         hi = where(ok, hi, mid, s);
       }
-      keep = logical_and(keep, greater_equal(z, minimum(lo, top_min, s), s), s);
+      auto nucleus =
+          logical_or(greater_equal(z, lo, s), greater_equal(x, top_min, s), s);
+      keep = logical_and(keep, nucleus, s);
     }
     if (o.min_p > 0.0f) {
-      auto cut = add(zmax, array(std::log(o.min_p)), s);
+      auto cut = add(xmax, array(std::log(o.min_p) * T), s);
       keep =
-          logical_and(keep, greater_equal(z, minimum(cut, top_min, s), s), s);
+          logical_and(keep, greater_equal(x, minimum(cut, top_min, s), s), s);
     }
     if (o.xtc_probability > 0.0f) {
       auto zk = where(keep, z, ninf, s);
@@ -941,8 +946,8 @@ double uniform01(uint64_t seed, uint64_t counter, uint64_t row, uint64_t lane) {
   return static_cast<double>(h >> 11) * 0x1.0p-53;
 }
 
-void validate(const SamplingOptions &o) {
-  auto fail = [](const std::string &m) { throw std::invalid_argument(m); };
+void validate(const SamplingOptions& o) {
+  auto fail = [](const std::string& m) { throw std::invalid_argument(m); };
   if (!(o.temperature >= 0.0f) || std::isinf(o.temperature)) {
     fail("temperature must be a finite number >= 0 (0 = greedy)");
   }
@@ -976,11 +981,11 @@ void validate(const SamplingOptions &o) {
   }
 }
 
-std::vector<mx::array> sample(const mx::array &logits,
-                              const mx::array &history,
-                              const mx::array &bias_ids,
-                              const mx::array &bias_values,
-                              const SamplingOptions &options,
+std::vector<mx::array> sample(const mx::array& logits,
+                              const mx::array& history,
+                              const mx::array& bias_ids,
+                              const mx::array& bias_values,
+                              const SamplingOptions& options,
                               std::optional<bool> kernel,
                               mx::StreamOrDevice s) {
   validate(options);
@@ -1069,37 +1074,37 @@ std::vector<mx::array> sample(const mx::array &logits,
   return outs;
 }
 
-void Sample::eval_cpu(const std::vector<mx::array> &inputs,
-                      std::vector<mx::array> &outputs) {
-  for (auto &out : outputs) {
+void Sample::eval_cpu(const std::vector<mx::array>& inputs,
+                      std::vector<mx::array>& outputs) {
+  for (auto& out : outputs) {
     out.set_data(mx::allocator::malloc(out.nbytes()));
   }
-  auto &encoder = mx::cpu::get_command_encoder(stream());
-  for (auto &in : inputs) {
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  for (auto& in : inputs) {
     encoder.set_input_array(in);
   }
-  for (auto &out : outputs) {
+  for (auto& out : outputs) {
     encoder.set_output_array(out);
   }
   std::vector<mx::array> ins, outs;
-  for (auto &in : inputs) {
+  for (auto& in : inputs) {
     ins.push_back(mx::array::unsafe_weak_copy(in));
   }
-  for (auto &out : outputs) {
+  for (auto& out : outputs) {
     outs.push_back(mx::array::unsafe_weak_copy(out));
   }
   encoder.dispatch(
       [ins = std::move(ins), outs = std::move(outs), o = options_]() mutable {
-        const auto &logits = ins[0];
+        const auto& logits = ins[0];
         const int64_t rows = logits.shape(0), n = logits.shape(1);
         const int64_t w = ins[1].shape(1), nb = ins[2].size();
-        const int32_t *hist = ins[1].data<int32_t>();
-        const int32_t *bids = nb ? ins[2].data<int32_t>() : nullptr;
-        const float *bvals = nb ? ins[3].data<float>() : nullptr;
-        int32_t *ids = outs[0].data<int32_t>();
-        float *lp = outs.size() > 1 ? outs[1].data<float>() : nullptr;
-        int32_t *tid = outs.size() > 1 ? outs[2].data<int32_t>() : nullptr;
-        float *tlp = outs.size() > 1 ? outs[3].data<float>() : nullptr;
+        const int32_t* hist = ins[1].data<int32_t>();
+        const int32_t* bids = nb ? ins[2].data<int32_t>() : nullptr;
+        const float* bvals = nb ? ins[3].data<float>() : nullptr;
+        int32_t* ids = outs[0].data<int32_t>();
+        float* lp = outs.size() > 1 ? outs[1].data<float>() : nullptr;
+        int32_t* tid = outs.size() > 1 ? outs[2].data<int32_t>() : nullptr;
+        float* tlp = outs.size() > 1 ? outs[3].data<float>() : nullptr;
         switch (logits.dtype()) {
         case mx::float32:
           sample_rows(logits.data<float>(),
@@ -1152,8 +1157,7 @@ void Sample::eval_cpu(const std::vector<mx::array> &inputs,
       });
 }
 
-void Sample::eval_gpu(const std::vector<mx::array> &,
-                      std::vector<mx::array> &) {
+void Sample::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
   throw std::runtime_error(
       "MhcSample runs on the CPU; on a GPU stream sample() builds MLX ops");
 }

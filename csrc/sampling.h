@@ -43,18 +43,18 @@ struct SamplingOptions {
 double uniform01(uint64_t seed, uint64_t counter, uint64_t row, uint64_t lane);
 
 // Throws std::invalid_argument with a message saying what to fix.
-void validate(const SamplingOptions &o);
+void validate(const SamplingOptions& o);
 
 // logits: (V,) or (B, V) float32/float16/bfloat16. history: (B, W) int32
 // padded with -1 (or empty). bias_ids/bias_values: (N,) int32 / float32.
 // Returns {ids} or, with logprobs >= 0, {ids, logprob, top_ids, top_logprobs}.
 // `kernel`: true = the CPU primitive, false = MLX ops (the GPU path),
 // unset = by the stream's device.
-std::vector<mx::array> sample(const mx::array &logits,
-                              const mx::array &history,
-                              const mx::array &bias_ids,
-                              const mx::array &bias_values,
-                              const SamplingOptions &options,
+std::vector<mx::array> sample(const mx::array& logits,
+                              const mx::array& history,
+                              const mx::array& bias_ids,
+                              const mx::array& bias_values,
+                              const SamplingOptions& options,
                               std::optional<bool> kernel,
                               mx::StreamOrDevice s = {});
 
@@ -63,12 +63,12 @@ public:
   Sample(mx::Stream stream, SamplingOptions options)
       : mx::Primitive(stream), options_(options) {}
 
-  void eval_cpu(const std::vector<mx::array> &inputs,
-                std::vector<mx::array> &outputs) override;
-  void eval_gpu(const std::vector<mx::array> &inputs,
-                std::vector<mx::array> &outputs) override;
+  void eval_cpu(const std::vector<mx::array>& inputs,
+                std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>& inputs,
+                std::vector<mx::array>& outputs) override;
 
-  const char *name() const override {
+  const char* name() const override {
     return "MhcSample";
   }
 

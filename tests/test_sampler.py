@@ -374,7 +374,8 @@ def test_check_ids_passes_good_ids():
 
 
 # -- properties ----------------------------------------------------------------------------------
-finite = st.floats(-30, 30, allow_nan=False, width=32)
+# Subnormal logits are excluded: logits / T underflows in float32 on any implementation.
+finite = st.floats(-30, 30, allow_nan=False, allow_subnormal=False, width=32)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -4,7 +4,8 @@
 namespace nb = nanobind;
 
 namespace mlx_harmony_core {
-void init_sampling(nb::module_ &m);
+void init_sampling(nb::module_& m);
+void init_stop(nb::module_& m);
 } // namespace mlx_harmony_core
 
 NB_MODULE(_core, m) {
@@ -12,4 +13,5 @@ NB_MODULE(_core, m) {
   nb::module_::import_("mlx.core");
   m.doc() = "C++ core of mlx-harmony-core: sampler, KV caches, stop matching.";
   mlx_harmony_core::init_sampling(m);
+  mlx_harmony_core::init_stop(m);
 }

@@ -12,13 +12,13 @@ using namespace nb::literals;
 
 namespace mlx_harmony_core {
 
-void init_sampling(nb::module_ &m) {
+void init_sampling(nb::module_& m) {
   m.attr("ERROR_NON_FINITE") = kErrorNonFinite;
   m.attr("ERROR_NO_CANDIDATE") = kErrorNoCandidate;
 
   m.def(
       "sample",
-      [](const mx::array &logits,
+      [](const mx::array& logits,
          std::optional<mx::array> history,
          std::optional<mx::array> bias_ids,
          std::optional<mx::array> bias_values,

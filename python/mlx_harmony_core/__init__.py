@@ -17,12 +17,17 @@ from .config import SamplingParams  # noqa: E402
 from .engine import Completion, Engine, StreamEvent, Timings, Usage  # noqa: E402
 from .harmony import HarmonyStream, ToolCall, load_encoding, render_prompt  # noqa: E402
 from .loading import ModelLoadError, load, load_model, make_test_model  # noqa: E402
-from .sampling import Sampler  # noqa: E402
+from .sampling import LogProbs, Sampler  # noqa: E402
+from .stopping import Detokenizer, StopStrings, TokenStops  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Completion",
+    "Detokenizer",
+    "LogProbs",
+    "StopStrings",
+    "TokenStops",
     "Engine",
     "HarmonyStream",
     "ModelLoadError",

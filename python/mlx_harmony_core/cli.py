@@ -42,7 +42,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     completion = None
     in_reasoning = False
     for event in engine.stream(
-        prompt, params, max_tokens=args.max_tokens, reasoning_effort=args.reasoning_effort
+        prompt,
+        params,
+        max_tokens=args.max_tokens,
+        reasoning_effort=args.reasoning_effort,
+        stop=args.stop,
     ):
         if event.completion is not None:
             completion = event.completion
@@ -111,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--show-reasoning", action="store_true", help="print the analysis channel (dimmed)"
     )
     g.add_argument("--json", action="store_true", help="print the whole completion as JSON")
+    g.add_argument(
+        "--stop", action="append", default=None, help="stop string for the answer (repeatable)"
+    )
     _add_sampling_flags(g)
     g.set_defaults(func=_cmd_generate)
 

@@ -13,6 +13,7 @@ import mlx.core as mx
 from .config import SamplingParams
 from .harmony import CALL, STOP_TOKENS, Delta, HarmonyStream, MessagesLike, ToolCall, render_prompt
 from .sampling import Sampler, check_ids
+from .stopping import Detokenizer, StopStrings, TokenStops, token_sequences, tokenizer_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class Completion:
     timings: Timings
     tokens: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
+    stop_sequence: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -111,6 +113,7 @@ class Engine:
         self.config = dict(config or {})
         self.context_length = context_length or self.config.get("max_position_embeddings")
         self.prefill_step_size = prefill_step_size
+        self._detok: Detokenizer | None = None
 
     # -- prompts ---------------------------------------------------------------------------
     def render(self, messages: MessagesLike | Sequence[int], **options: Any) -> list[int]:
@@ -131,10 +134,17 @@ class Engine:
             self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
         )
 
-    def _stop_ids(self) -> set[int]:
+    def _stop_ids(self) -> list[int]:
         if self.encoding is not None:
-            return set(STOP_TOKENS)
-        return set(getattr(self.tokenizer, "eos_token_ids", None) or [self.tokenizer.eos_token_id])
+            return list(STOP_TOKENS)
+        return sorted(
+            getattr(self.tokenizer, "eos_token_ids", None) or [self.tokenizer.eos_token_id]
+        )
+
+    def _detokenizer(self) -> Detokenizer:
+        if self._detok is None:
+            self._detok = Detokenizer(tokenizer_bytes(self.tokenizer))
+        return self._detok.fresh()
 
     # -- the decode loop -------------------------------------------------------------------
     def _make_cache(self) -> list[Any]:
@@ -187,7 +197,11 @@ class Engine:
             token = int(check_ids(y).item())
             info = None
             if lp is not None:
-                top = zip(lp.top_ids.reshape(-1).tolist(), lp.top_logprobs.reshape(-1).tolist(), strict=False)
+                top = zip(
+                    lp.top_ids.reshape(-1).tolist(),
+                    lp.top_logprobs.reshape(-1).tolist(),
+                    strict=False,
+                )
                 info = TokenLogprob(token, float(lp.logprob.item()), list(top))
             yield token, info
             if n + 1 < max_tokens:
@@ -202,13 +216,19 @@ class Engine:
         max_tokens: int = 512,
         progress: Progress | None = None,
         logprobs: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        stop_tokens: Sequence[int | Sequence[int]] | None = None,
+        include_stop: bool = False,
         **render_options: Any,
     ) -> Iterator[StreamEvent]:
         """Generate a reply, yielding text deltas per channel as they are decoded.
 
         The last event has ``finish_reason`` (``stop``, ``length`` or ``tool_calls``) and the
         full :class:`Completion`. ``logprobs=n`` records each token's log-probability and
-        the top ``n`` alternatives. ``render_options`` go to the Harmony renderer
+        the top ``n`` alternatives. ``stop`` strings act on the final channel's text (never
+        on reasoning): nothing that belongs to a stop string is streamed, generation stops
+        when one completes, and the text before it is kept. ``stop_tokens`` adds token ids
+        or id sequences to the model's own stop tokens. ``render_options`` go to the Harmony renderer
         (``reasoning_effort``, ``model_identity``, ...).
         """
         if not isinstance(max_tokens, int) or max_tokens < 1:
@@ -230,11 +250,15 @@ class Engine:
             max_tokens = min(max_tokens, room)
         mx.reset_peak_memory()
         sampler = Sampler(params)
-        stops = self._stop_ids()
+        token_stops = TokenStops(token_sequences([*self._stop_ids(), *(stop_tokens or [])]))
+        out = _Output(StopStrings(stop, include_stop=include_stop) if stop else None)
         harmony = HarmonyStream(self.encoding) if self.encoding is not None else None
-        detok = self.tokenizer.detokenizer if harmony is None else None
-        if detok is not None:
-            detok.reset()
+        detok = self._detokenizer() if harmony is None else None
+
+        def decode(tok: int) -> list[Delta]:
+            if harmony is not None:
+                return harmony.push(tok)
+            return [Delta("final", detok.push(tok))]
 
         generated: list[int] = []
         token_logprobs: list[TokenLogprob] | None = [] if logprobs is not None else None
@@ -246,31 +270,24 @@ class Engine:
             generated.append(tok)
             if token_logprobs is not None and info is not None:
                 token_logprobs.append(info)
-            if tok in stops:
-                finish = "tool_calls" if tok == CALL else "stop"
-                if harmony is not None:
-                    yield from _events(harmony.push(tok))
+            hit = token_stops.push(tok)
+            yield from out.feed(decode(tok))
+            if out.matched is not None:
+                finish = "stop"
                 break
-            if harmony is not None:
-                yield from _events(harmony.push(tok))
-            else:
-                detok.add_token(tok)
-                if detok.last_segment:
-                    yield StreamEvent("final", detok.last_segment)
-        if harmony is not None:
-            yield from _events(harmony.finish())
-            text, reasoning, calls = (
-                harmony.text("final"),
-                harmony.text("analysis"),
-                harmony.tool_calls(),
-            )
-        else:
-            detok.finalize()
-            if detok.last_segment:
-                yield StreamEvent("final", detok.last_segment)
-            text, reasoning, calls = detok.text, "", []
+            if hit is not None:
+                finish = "tool_calls" if tok == CALL else "stop"
+                break
+        if out.matched is None:
+            tail = harmony.finish() if harmony is not None else [Delta("final", detok.flush())]
+            yield from out.feed(tail)
+            if out.matched is not None:
+                finish = "stop"
+            yield from out.flush()
+        calls = harmony.tool_calls() if harmony is not None else []
         if finish == "tool_calls" and not calls:
             finish = "stop"
+        text, reasoning = out.text("final"), out.text("analysis")
 
         t_end = time.perf_counter()
         n = len(generated)
@@ -293,6 +310,7 @@ class Engine:
             timings=timings,
             tokens=generated,
             logprobs=token_logprobs,
+            stop_sequence=out.matched,
         )
         yield StreamEvent(finish_reason=finish, completion=completion)
 
@@ -315,6 +333,34 @@ class Engine:
         return completion
 
 
-def _events(deltas: list[Delta]) -> Iterator[StreamEvent]:
-    for d in deltas:
-        yield StreamEvent(d.channel, d.text, d.recipient)
+class _Output:
+    """Turns parsed deltas into events; user stop strings act on the final channel only."""
+
+    def __init__(self, stops: StopStrings | None) -> None:
+        self.stops = stops
+        self.matched: str | None = None
+        self._texts: dict[str, list[str]] = {}
+
+    def _event(self, channel: str, text: str, recipient: str | None = None) -> StreamEvent:
+        if recipient is None:
+            self._texts.setdefault(channel, []).append(text)
+        return StreamEvent(channel, text, recipient)
+
+    def feed(self, deltas: list[Delta]) -> Iterator[StreamEvent]:
+        for d in deltas:
+            if self.matched is not None or not d.text:
+                continue
+            if self.stops is None or d.channel != "final" or d.recipient is not None:
+                yield self._event(d.channel, d.text, d.recipient)
+                continue
+            safe, self.matched = self.stops.push(d.text)
+            if safe:
+                yield self._event("final", safe)
+
+    def flush(self) -> Iterator[StreamEvent]:
+        held = self.stops.flush() if self.stops is not None and self.matched is None else ""
+        if held:
+            yield self._event("final", held)
+
+    def text(self, channel: str) -> str:
+        return "".join(self._texts.get(channel, []))

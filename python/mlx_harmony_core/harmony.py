@@ -180,7 +180,7 @@ class HarmonyStream:
         self._parser: StreamableParser | None = StreamableParser(self.encoding, Role.ASSISTANT)
         self._max_header = max_header_tokens
         self._header: list[int] = []
-        self._pending: list[int] = []
+        self._detok: Any = None  # made on first use: the fallback is rare
         self.messages: list[_Parsed] = []
 
     @property
@@ -235,25 +235,16 @@ class HarmonyStream:
         return self._raw_push(tokens)
 
     def _raw_push(self, tokens: Iterable[int]) -> list[Delta]:
+        if self._detok is None:
+            from .stopping import harmony_detokenizer
+
+            self._detok = harmony_detokenizer()
         enc = self.encoding
-        self._pending.extend(t for t in tokens if not enc.is_special_token(t))
-        if not self._pending:
-            return []
-        try:
-            text = enc.decode_utf8(self._pending)
-        except Exception:  # an incomplete UTF-8 character: wait for more tokens
-            if len(self._pending) < 8:
-                return []
-            text = enc.decode(self._pending)
-        self._pending = []
+        text = "".join(self._detok.push(t) for t in tokens if not enc.is_special_token(t))
         return self._emit_raw(text)
 
     def _raw_flush(self) -> list[Delta]:
-        if not self._pending:
-            return []
-        text = self.encoding.decode(self._pending)
-        self._pending = []
-        return self._emit_raw(text)
+        return self._emit_raw(self._detok.flush()) if self._detok is not None else []
 
     def _emit_raw(self, text: str) -> list[Delta]:
         if not text:
