@@ -14,6 +14,8 @@ os.environ.setdefault("MLX_HARMONY_CORE_HOME", tempfile.mkdtemp(prefix="mhc-benc
 import mlx.core as mx  # noqa: E402
 import pytest  # noqa: E402
 
+import mlx_harmony_core  # noqa: E402,F401  (before mlx.core: it routes MLX's BLAS)
+
 
 @pytest.fixture(autouse=True)
 def _cpu():
@@ -50,3 +52,19 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 
 def _fmt(seconds: float) -> str:
     return f"{seconds * 1e6:9.2f}us" if seconds < 1e-3 else f"{seconds * 1e3:9.3f}ms"
+
+
+# Rows printed by benchmarks that measure in subprocesses (bench_blas.py).
+SUBPROCESS_ROWS: list[tuple[str, str, float, float]] = []
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not SUBPROCESS_ROWS:
+        return
+    tr = session.config.pluginmanager.get_plugin("terminalreporter")
+    if tr is None:
+        return
+    tr.section("OpenBLAS shim on vs off (MLX reference BLAS), same machine, same run")
+    tr.write_line(f"{'case':44s} {'unit':>8s} {'shim on':>10s} {'off':>10s} {'ratio':>7s}")
+    for case, unit, on, off in SUBPROCESS_ROWS:
+        tr.write_line(f"{case:44s} {unit:>8s} {on:10.2f} {off:10.2f} {on / off:6.1f}x")

@@ -7,6 +7,7 @@ os.environ.setdefault("MLX_HARMONY_CORE_HOME", tempfile.mkdtemp(prefix="mhc-test
 import mlx.core as mx  # noqa: E402
 import pytest  # noqa: E402
 
+import mlx_harmony_core  # noqa: E402,F401  (before mlx.core: it routes MLX's BLAS)
 import mlx_harmony_core as mhc  # noqa: E402
 
 

@@ -1,13 +1,16 @@
 """mlx-harmony-core: a fast, correct inference core for GPT-OSS and other mlx-lm models on MLX.
 
-Import order matters: ``mlx.core`` registers ``mx.array`` with nanobind before ``_core``
-loads, and the shipped o200k vocabulary is put in place before ``openai_harmony`` needs it.
+Import order matters: on Linux OpenBLAS is loaded before ``mlx.core`` so MLX's matrix
+products reach it, ``mlx.core`` registers ``mx.array`` with nanobind before ``_core`` loads,
+and the shipped o200k vocabulary is put in place before ``openai_harmony`` needs it.
 """
 
 from __future__ import annotations
 
+from . import _blas
 from ._vocab import ensure_vocab_env
 
+_blas.enable()
 ensure_vocab_env()
 
 import mlx.core  # noqa: E402,F401  (must precede _core)
@@ -20,10 +23,19 @@ from .loading import ModelLoadError, load, load_model, make_test_model  # noqa: 
 from .sampling import LogProbs, Sampler  # noqa: E402
 from .stopping import Detokenizer, StopStrings, TokenStops  # noqa: E402
 
+
+def backend_info() -> dict[str, object]:
+    """MLX version and device, which BLAS MLX's CPU calls reach, and its threads."""
+    import mlx.core as mx
+
+    return {"mlx": mx.__version__, "device": str(mx.default_device()), **_blas.info()}
+
+
 __version__ = "0.1.0"
 
 __all__ = [
     "Completion",
+    "backend_info",
     "Detokenizer",
     "LogProbs",
     "StopStrings",

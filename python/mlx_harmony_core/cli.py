@@ -101,6 +101,14 @@ def _cmd_make_test_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_info(args: argparse.Namespace) -> int:
+    import mlx_harmony_core as mhc
+
+    for key, value in mhc.backend_info().items():
+        print(f"{key}: {value}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlx-harmony-core", description=__doc__)
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
@@ -135,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--force", action="store_true", help="replace an existing directory")
     t.set_defaults(func=_cmd_make_test_model)
+
+    i = sub.add_parser("info", help="MLX version, device and the BLAS MLX's CPU calls reach")
+    i.set_defaults(func=_cmd_info)
     return parser
 
 
