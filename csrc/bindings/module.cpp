@@ -6,6 +6,7 @@ namespace nb = nanobind;
 namespace mlx_harmony_core {
 void init_sampling(nb::module_& m);
 void init_stop(nb::module_& m);
+void init_kv_cache(nb::module_& m);
 } // namespace mlx_harmony_core
 
 NB_MODULE(_core, m) {
@@ -14,4 +15,5 @@ NB_MODULE(_core, m) {
   m.doc() = "C++ core of mlx-harmony-core: sampler, KV caches, stop matching.";
   mlx_harmony_core::init_sampling(m);
   mlx_harmony_core::init_stop(m);
+  mlx_harmony_core::init_kv_cache(m);
 }

@@ -19,6 +19,14 @@ from . import _core  # noqa: E402,F401
 from .config import SamplingParams  # noqa: E402
 from .engine import Completion, Engine, StreamEvent, Timings, Usage  # noqa: E402
 from .harmony import HarmonyStream, ToolCall, load_encoding, render_prompt  # noqa: E402
+from .kv_cache import (  # noqa: E402
+    KVCache,
+    QuantizedKVCache,
+    RotatingKVCache,
+    load_cache,
+    make_cache,
+    save_cache,
+)
 from .loading import ModelLoadError, load, load_model, make_test_model  # noqa: E402
 from .sampling import LogProbs, Sampler  # noqa: E402
 from .stopping import Detokenizer, StopStrings, TokenStops  # noqa: E402
@@ -35,6 +43,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Completion",
+    "KVCache",
+    "QuantizedKVCache",
+    "RotatingKVCache",
+    "load_cache",
+    "make_cache",
+    "save_cache",
     "backend_info",
     "Detokenizer",
     "LogProbs",

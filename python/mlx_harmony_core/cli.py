@@ -35,7 +35,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     import mlx_harmony_core as mhc
 
     params = _sampling_params(args)
-    engine = mhc.load(args.model)
+    history = int(args.kv_history) if args.kv_history.isdigit() else args.kv_history
+    engine = mhc.load(args.model, cache_options={"kv_bits": args.kv_bits, "history": history})
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     show_reasoning = args.show_reasoning and not args.json
     color = sys.stdout.isatty()
@@ -125,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print the whole completion as JSON")
     g.add_argument(
         "--stop", action="append", default=None, help="stop string for the answer (repeatable)"
+    )
+    g.add_argument(
+        "--kv-bits", type=int, choices=[4, 8], default=None, help="quantize full-attention KV"
+    )
+    g.add_argument(
+        "--kv-history", default="4096", help="extra sliding-window history: 'window', 'all' or N"
     )
     _add_sampling_flags(g)
     g.set_defaults(func=_cmd_generate)

@@ -12,6 +12,7 @@ import mlx.core as mx
 
 from .config import SamplingParams
 from .harmony import CALL, STOP_TOKENS, Delta, HarmonyStream, MessagesLike, ToolCall, render_prompt
+from .kv_cache import make_cache
 from .sampling import Sampler, check_ids
 from .stopping import Detokenizer, StopStrings, TokenStops, token_sequences, tokenizer_bytes
 
@@ -102,6 +103,8 @@ class Engine:
         config: dict[str, Any] | None = None,
         context_length: int | None = None,
         prefill_step_size: int = 512,
+        reuse_cache: bool = True,
+        cache_options: dict[str, Any] | None = None,
     ) -> None:
         if encoding is None and tokenizer is None:
             raise ValueError("Engine needs a Harmony encoding (GPT-OSS) or an mlx-lm tokenizer")
@@ -113,7 +116,12 @@ class Engine:
         self.config = dict(config or {})
         self.context_length = context_length or self.config.get("max_position_embeddings")
         self.prefill_step_size = prefill_step_size
+        self.reuse_cache = reuse_cache
+        self.cache_options = dict(cache_options or {})
         self._detok: Detokenizer | None = None
+        # The previous request's cache and the tokens it holds, for prefix reuse.
+        self._cache: list[Any] | None = None
+        self._cache_tokens: list[int] = []
 
     # -- prompts ---------------------------------------------------------------------------
     def render(self, messages: MessagesLike | Sequence[int], **options: Any) -> list[int]:
@@ -148,9 +156,38 @@ class Engine:
 
     # -- the decode loop -------------------------------------------------------------------
     def _make_cache(self) -> list[Any]:
-        from mlx_lm.models.cache import make_prompt_cache
+        return make_cache(self.model, **self.cache_options)
 
-        return make_prompt_cache(self.model)
+    def _reuse(self, prompt_ids: list[int]) -> tuple[list[Any], int]:
+        """A cache holding the longest reusable prefix of ``prompt_ids``, and its length.
+
+        The previous request's cache is rewound to the common prefix (at least one prompt
+        token is always left to run, for the first logits); if a layer cannot rewind that
+        far, or reuse is off, a fresh cache is made.
+        """
+        cache, self._cache = self._cache, None
+        if not self.reuse_cache or cache is None:
+            return self._make_cache(), 0
+        old = self._cache_tokens
+        common = 0
+        for a, b in zip(old, prompt_ids, strict=False):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(prompt_ids) - 1)
+        extra = len(old) - common
+        if common == 0 or any(c.offset != len(old) for c in cache if hasattr(c, "trimmable")):
+            return self._make_cache(), 0
+        if any(not hasattr(c, "trimmable") or c.trimmable() < extra for c in cache):
+            logger.info("cache cannot rewind %d tokens; prefilling from scratch", extra)
+            return self._make_cache(), 0
+        for c in cache:
+            c.trim(extra)
+        return cache, common
+
+    def reset_cache(self) -> None:
+        """Forget the previous request's cache (the next prompt is prefilled in full)."""
+        self._cache, self._cache_tokens = None, []
 
     def _prefill(self, prompt: mx.array, cache: list[Any], progress: Progress | None) -> mx.array:
         """Run all but the last prompt token through the model in chunks; return the rest."""
@@ -173,10 +210,17 @@ class Engine:
         progress: Progress | None,
         logprobs: int | None = None,
     ) -> Iterator[tuple[int, TokenLogprob | None]]:
-        """Yield sampled ids; step n+1 is built and queued while step n evaluates."""
-        cache = self._make_cache()
-        rest = self._prefill(mx.array(prompt_ids, dtype=mx.int32), cache, progress)
+        """Yield sampled ids; step n+1 is built and queued while step n evaluates.
+
+        On the way out the cache is kept, with the tokens it holds, for the next request.
+        """
+        cache, cached = self._reuse(prompt_ids)
+        self.last_cached_tokens = cached
+        rest = self._prefill(mx.array(prompt_ids[cached:], dtype=mx.int32), cache, progress)
         window = sampler.window(prompt_ids)
+        generated: list[int] = []
+        fed = 0  # generated tokens already run through the model (so in the cache)
+        ok = False
 
         def step(tokens: mx.array) -> tuple[mx.array, Any]:
             nonlocal window
@@ -188,24 +232,34 @@ class Engine:
             window = sampler.advance(window, ids)
             return ids, lp
 
-        y, lp = step(rest)
-        mx.async_eval(y, *([] if lp is None else vars(lp).values()))
-        for n in range(max_tokens):
-            if n + 1 < max_tokens:
-                nxt, nlp = step(y)
-                mx.async_eval(nxt, *([] if nlp is None else vars(nlp).values()))
-            token = int(check_ids(y).item())
-            info = None
-            if lp is not None:
-                top = zip(
-                    lp.top_ids.reshape(-1).tolist(),
-                    lp.top_logprobs.reshape(-1).tolist(),
-                    strict=False,
-                )
-                info = TokenLogprob(token, float(lp.logprob.item()), list(top))
-            yield token, info
-            if n + 1 < max_tokens:
-                y, lp = nxt, nlp
+        try:
+            y, lp = step(rest)
+            mx.async_eval(y, *([] if lp is None else vars(lp).values()))
+            for n in range(max_tokens):
+                if n + 1 < max_tokens:
+                    nxt, nlp = step(y)
+                    fed += 1
+                    mx.async_eval(nxt, *([] if nlp is None else vars(nlp).values()))
+                token = int(check_ids(y).item())
+                generated.append(token)
+                info = None
+                if lp is not None:
+                    top = zip(
+                        lp.top_ids.reshape(-1).tolist(),
+                        lp.top_logprobs.reshape(-1).tolist(),
+                        strict=True,
+                    )
+                    info = TokenLogprob(token, float(lp.logprob.item()), list(top))
+                ok = True
+                yield token, info
+                ok = False
+                if n + 1 < max_tokens:
+                    y, lp = nxt, nlp
+            ok = True
+        finally:
+            # A consumer that stops early (GeneratorExit) leaves a valid cache; an error does not.
+            if ok and self.reuse_cache:
+                self._cache, self._cache_tokens = cache, prompt_ids + generated[:fed]
 
     # -- public API ------------------------------------------------------------------------
     def stream(
@@ -306,7 +360,11 @@ class Engine:
             reasoning=reasoning,
             tool_calls=calls,
             finish_reason=finish,
-            usage=Usage(prompt_tokens=len(prompt_ids), completion_tokens=n),
+            usage=Usage(
+                prompt_tokens=len(prompt_ids),
+                completion_tokens=n,
+                cached_prompt_tokens=self.last_cached_tokens,
+            ),
             timings=timings,
             tokens=generated,
             logprobs=token_logprobs,

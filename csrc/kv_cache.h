@@ -1,0 +1,165 @@
+// KV caches for mlx-lm models: full, sliding-window with rewindable history,
+// and quantized. Keys/values are [B, kv_heads, T, head_dim].
+#pragma once
+
+#include "mlx/array.h"
+
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <variant>
+#include <vector>
+
+namespace mlx_harmony_core {
+
+namespace mx = mlx::core;
+
+// What make_mask returns, with mlx-lm's meaning: none, "causal", or a
+// boolean [N, K] array (true = attend).
+using Mask = std::variant<std::monostate, std::string, mx::array>;
+
+class Cache {
+public:
+  virtual ~Cache() = default;
+
+  // Appends k, v (L tokens) and returns the keys/values the L queries attend.
+  virtual std::pair<mx::array, mx::array>
+  update_and_fetch(const mx::array& k, const mx::array& v) = 0;
+  // The mask for N queries before the next update (mlx-lm's contract).
+  virtual Mask
+  make_mask(int n, std::optional<int> window, bool return_array) const = 0;
+  // How many tokens trim() can remove while keeping the cache exact.
+  virtual int trimmable() const;
+  // Removes min(n, trimmable()) tokens; returns how many it removed.
+  virtual int trim(int n);
+  virtual std::vector<mx::array> state() const = 0;
+  virtual int64_t nbytes() const;
+  virtual std::unique_ptr<Cache> copy() const = 0;
+  virtual std::string kind() const = 0;
+  // Integer settings that, with state(), rebuild the cache (save/load).
+  virtual std::map<std::string, int64_t> meta() const;
+  virtual void restore(const std::vector<mx::array>& arrays,
+                       const std::map<std::string, int64_t>& meta) = 0;
+
+  int offset() const {
+    return offset_;
+  }
+  bool empty() const {
+    return !keys_.has_value();
+  }
+
+protected:
+  // Writes x at [start, start + L) of buf, growing it (doubling) as needed.
+  static mx::array
+  write(std::optional<mx::array>& buf, const mx::array& x, int start);
+  // Validates an update's shapes against the cache; records head_dim.
+  void check(const mx::array& k, const mx::array& v);
+
+  int offset_ = 0;
+  int head_dim_ = -1; // of the keys, once known (packed buffers hide it)
+  std::optional<mx::array> keys_, values_;
+};
+
+// Full attention: every token is kept.
+class KVCache : public Cache {
+public:
+  std::pair<mx::array, mx::array> update_and_fetch(const mx::array& k,
+                                                   const mx::array& v) override;
+  Mask
+  make_mask(int n, std::optional<int> window, bool return_array) const override;
+  std::vector<mx::array> state() const override;
+  std::unique_ptr<Cache> copy() const override {
+    return std::make_unique<KVCache>(*this);
+  }
+  std::string kind() const override {
+    return "KVCache";
+  }
+  void restore(const std::vector<mx::array>& arrays,
+               const std::map<std::string, int64_t>& meta) override;
+};
+
+// Sliding window of `max_size` tokens (the first `keep` always attended),
+// keeping `history` extra tokens (-1: all) so it can rewind after wrapping.
+class RotatingKVCache : public Cache {
+public:
+  RotatingKVCache(int max_size, int keep, int history);
+
+  std::pair<mx::array, mx::array> update_and_fetch(const mx::array& k,
+                                                   const mx::array& v) override;
+  Mask
+  make_mask(int n, std::optional<int> window, bool return_array) const override;
+  int trimmable() const override;
+  int trim(int n) override;
+  std::vector<mx::array> state() const override;
+  std::unique_ptr<Cache> copy() const override {
+    return std::make_unique<RotatingKVCache>(*this);
+  }
+  std::string kind() const override {
+    return "RotatingKVCache";
+  }
+  std::map<std::string, int64_t> meta() const override;
+  void restore(const std::vector<mx::array>& arrays,
+               const std::map<std::string, int64_t>& meta) override;
+
+  int max_size() const {
+    return max_size_;
+  }
+  int keep() const {
+    return keep_;
+  }
+  int history() const {
+    return history_;
+  }
+  int start() const {
+    return start_;
+  }
+
+private:
+  // First position the queries at `pos` and later can attend (besides keep).
+  int window_start(int pos) const;
+
+  int max_size_, keep_, history_;
+  int start_ = 0; // position of buffer row `keep_`
+};
+
+// Quantized full-attention cache: stores mx.quantize'd K/V and returns them
+// dequantized, so attention (with sinks) stays the model's own.
+class QuantizedKVCache : public Cache {
+public:
+  QuantizedKVCache(int bits, int group_size);
+
+  std::pair<mx::array, mx::array> update_and_fetch(const mx::array& k,
+                                                   const mx::array& v) override;
+  Mask
+  make_mask(int n, std::optional<int> window, bool return_array) const override;
+  std::vector<mx::array> state() const override;
+  int64_t nbytes() const override;
+  std::unique_ptr<Cache> copy() const override {
+    return std::make_unique<QuantizedKVCache>(*this);
+  }
+  std::string kind() const override {
+    return "QuantizedKVCache";
+  }
+  std::map<std::string, int64_t> meta() const override;
+  void restore(const std::vector<mx::array>& arrays,
+               const std::map<std::string, int64_t>& meta) override;
+
+  int bits() const {
+    return bits_;
+  }
+  int group_size() const {
+    return group_size_;
+  }
+
+private:
+  int bits_, group_size_;
+  mx::Dtype dtype_ = mx::float32;
+  // keys_/values_ hold the packed data; these the scales and biases.
+  std::optional<mx::array> kscales_, kbiases_, vscales_, vbiases_;
+};
+
+// mlx-lm's causal mask: [N, offset + N], optionally windowed.
+mx::array causal_mask(int n, int offset, std::optional<int> window);
+
+} // namespace mlx_harmony_core

@@ -1,0 +1,194 @@
+"""KV caches (C++) for mlx-lm models: choosing them per layer, saving and loading them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from . import _core
+from ._paths import public_mode
+
+Cache = _core.Cache
+KVCache = _core.KVCache
+RotatingKVCache = _core.RotatingKVCache
+QuantizedKVCache = _core.QuantizedKVCache
+
+FORMAT = "mlx-harmony-core-cache"
+VERSION = "1"
+History = int | str
+
+
+def _gpt_oss_layers(model: Any) -> tuple[list[str], int] | None:
+    inner = getattr(model, "model", None)
+    types = getattr(inner, "layer_types", None)
+    if getattr(model, "model_type", None) == "gpt_oss" and types:
+        return list(types), int(inner.window_size)
+    return None
+
+
+def make_cache(
+    model: Any,
+    *,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
+    history: History = 4096,
+) -> list[Any]:
+    """One cache per layer of ``model``.
+
+    GPT-OSS: full-attention layers get a :class:`KVCache` (a :class:`QuantizedKVCache` with
+    ``kv_bits``), sliding layers a :class:`RotatingKVCache` of the model's window that keeps
+    ``history`` extra tokens ('window', 'all' or a number) so multi-turn reuse can rewind.
+    Other models: their own ``make_cache()`` with mlx-lm's caches replaced by ours (layers
+    with other state, such as SSMs, keep mlx-lm's), else a full cache per layer.
+    """
+    full = (lambda: QuantizedKVCache(kv_bits, kv_group_size)) if kv_bits else KVCache
+    layout = _gpt_oss_layers(model)
+    if layout is not None:
+        types, window = layout
+        return [
+            full() if t == "full_attention" else RotatingKVCache(window, 0, history) for t in types
+        ]
+    if hasattr(model, "make_cache"):
+        out = []
+        for c in model.make_cache():
+            name = type(c).__name__
+            if name == "KVCache":
+                out.append(full())
+            elif name == "RotatingKVCache":
+                out.append(RotatingKVCache(c.max_size, c.keep, history))
+            elif name == "QuantizedKVCache":
+                out.append(QuantizedKVCache(c.bits, c.group_size))
+            else:
+                out.append(c)
+        return out
+    return [full() for _ in model.layers]
+
+
+def model_fingerprint(model: Any) -> dict[str, Any]:
+    """What a cache depends on: architecture and attention shapes, not the weights' values."""
+    args = getattr(model, "args", None)
+    fields = (
+        "model_type",
+        "num_hidden_layers",
+        "hidden_size",
+        "num_key_value_heads",
+        "head_dim",
+        "sliding_window",
+        "vocab_size",
+        "num_attention_heads",
+    )
+    fp = {f: getattr(args, f, None) for f in fields} if args is not None else {}
+    fp["layers"] = len(getattr(model, "layers", []))
+    return fp
+
+
+def save_cache(
+    path: str | os.PathLike[str],
+    caches: Sequence[Any],
+    metadata: Mapping[str, Any] | None = None,
+    *,
+    model: Any = None,
+) -> None:
+    """Save caches (and JSON-able ``metadata``) to a safetensors file, atomically.
+
+    Pass ``model`` to record its fingerprint, so :func:`load_cache` can refuse the file for
+    another model. A checksum over the arrays catches corruption.
+    """
+    arrays: dict[str, mx.array] = {}
+    layers = []
+    for i, c in enumerate(caches):
+        if not isinstance(c, Cache):
+            raise TypeError(
+                f"cache {i} is a {type(c).__name__}; only mlx-harmony-core caches can be saved"
+            )
+        state = c.state
+        for j, a in enumerate(state):
+            arrays[f"{i}.{j}"] = a
+        layers.append({"kind": c.kind, "meta": c.meta(), "arrays": len(state)})
+    mx.eval(list(arrays.values()))
+    header = {
+        "format": FORMAT,
+        "version": VERSION,
+        "layers": json.dumps(layers),
+        "metadata": json.dumps(dict(metadata or {})),
+        "model": json.dumps(model_fingerprint(model) if model is not None else None),
+        "checksum": _checksum(arrays),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".safetensors", dir=path.parent)
+    os.close(fd)
+    try:
+        mx.save_safetensors(tmp, arrays, metadata=header)
+        public_mode(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_cache(
+    path: str | os.PathLike[str], *, model: Any = None
+) -> tuple[list[Any], dict[str, Any]]:
+    """Load caches saved by :func:`save_cache`; returns ``(caches, metadata)``.
+
+    Raises ``ValueError`` for a missing, corrupted or foreign file, or (with ``model``) a
+    cache made for another model.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"cache file {path} does not exist")
+    try:
+        arrays, header = mx.load(str(path), return_metadata=True)
+    except Exception as exc:
+        raise ValueError(
+            f"{path} is not a readable safetensors cache file ({exc}); it may be corrupted"
+        ) from exc
+    if header.get("format") != FORMAT:
+        raise ValueError(f"{path} is not an mlx-harmony-core cache file")
+    if header.get("version") != VERSION:
+        raise ValueError(
+            f"{path} has cache format version {header.get('version')}; expected {VERSION}"
+        )
+    if _checksum(arrays) != header.get("checksum"):
+        raise ValueError(f"{path} is corrupted: its arrays do not match the saved checksum")
+    saved_model = json.loads(header.get("model", "null"))
+    if model is not None and saved_model is not None and saved_model != model_fingerprint(model):
+        raise ValueError(
+            f"{path} was saved for another model ({saved_model}); it cannot be used with this one"
+        )
+    caches = []
+    for i, layer in enumerate(json.loads(header["layers"])):
+        kind = layer["kind"]
+        meta = {k: int(v) for k, v in layer["meta"].items()}
+        if kind == "KVCache":
+            c = KVCache()
+        elif kind == "RotatingKVCache":
+            c = RotatingKVCache(meta["max_size"], meta["keep"], 0)
+        elif kind == "QuantizedKVCache":
+            c = QuantizedKVCache(meta["bits"], meta["group_size"])
+        else:
+            raise ValueError(f"{path}: unknown cache kind {kind!r}")
+        c.restore([arrays[f"{i}.{j}"] for j in range(layer["arrays"])], meta)
+        caches.append(c)
+    if model is not None and len(caches) != len(getattr(model, "layers", caches)):
+        raise ValueError(f"{path} has {len(caches)} layers; the model has {len(model.layers)}")
+    return caches, json.loads(header.get("metadata", "{}"))
+
+
+def _checksum(arrays: Mapping[str, mx.array]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(arrays):
+        a = arrays[key]
+        h.update(key.encode())
+        h.update(str(a.dtype).encode())
+        h.update(np.array(a.astype(mx.float32) if a.dtype == mx.bfloat16 else a).tobytes())
+    return h.hexdigest()
