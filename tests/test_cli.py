@@ -62,3 +62,15 @@ def test_cli_errors_are_clear(args, message):
     out = run(*args, check=False)
     assert out.returncode == 2
     assert message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_bench_command_compares_with_mlx_lm():
+    out = run(
+        "bench", "--model", "demo", "--prompt-tokens", "16", "--gen-tokens", "4", "--runs", "1"
+    )
+    assert "speed-up decode" in out.stdout and "mlx-lm" in out.stdout
+    assert "outside the forward pass" in out.stdout
+
+
+def test_info_and_help_work():
+    assert "bench" in run("--help").stdout

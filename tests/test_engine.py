@@ -140,3 +140,9 @@ def test_logprobs_recorded_per_token(demo_engine):
     for lp in c.logprobs:
         assert lp.top[0][0] == lp.token  # greedy picks the most likely token
         assert abs(lp.top[0][1] - lp.logprob) < 1e-5 and len(lp.top) == 3
+
+
+def test_ignore_eos_generates_exactly_max_tokens(encoding):
+    engine = scripted_engine(encoding, "<|channel|>final<|message|>Hi<|return|>")
+    c = engine.generate("Hi", mhc.SamplingParams(temperature=0.0), max_tokens=12, ignore_eos=True)
+    assert c.finish_reason == "length" and len(c.tokens) == 12

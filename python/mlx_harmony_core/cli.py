@@ -102,6 +102,30 @@ def _cmd_make_test_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import mlx_harmony_core as mhc
+    from mlx_harmony_core.bench import compare, format_report
+
+    params = _sampling_params(args)
+    if args.temperature is None:
+        params = params.model_copy(update={"temperature": 0.0})
+    engine = mhc.load(args.model)
+    print(
+        f"model {args.model}: {args.prompt_tokens} prompt tokens, {args.gen_tokens} generated, "
+        f"{args.runs} alternating runs, sampling {params.model_dump(exclude_defaults=True) or 'greedy'}"
+    )
+    report = compare(
+        engine,
+        prompt_tokens=args.prompt_tokens,
+        gen_tokens=args.gen_tokens,
+        runs=args.runs,
+        params=params,
+        mlx_lm=args.compare == "mlx-lm",
+    )
+    print(format_report(report))
+    return 0
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     import mlx_harmony_core as mhc
 
@@ -150,6 +174,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--force", action="store_true", help="replace an existing directory")
     t.set_defaults(func=_cmd_make_test_model)
+
+    b = sub.add_parser("bench", help="prefill/decode speed, ours vs mlx-lm's stream_generate")
+    b.add_argument("--model", "-m", default="demo")
+    b.add_argument("--prompt-tokens", type=int, default=512)
+    b.add_argument("--gen-tokens", type=int, default=128)
+    b.add_argument("--runs", type=int, default=3)
+    b.add_argument("--compare", choices=["mlx-lm", "none"], default="mlx-lm")
+    _add_sampling_flags(b)
+    b.set_defaults(func=_cmd_bench)
 
     i = sub.add_parser("info", help="MLX version, device and the BLAS MLX's CPU calls reach")
     i.set_defaults(func=_cmd_info)

@@ -273,6 +273,7 @@ class Engine:
         stop: str | Sequence[str] | None = None,
         stop_tokens: Sequence[int | Sequence[int]] | None = None,
         include_stop: bool = False,
+        ignore_eos: bool = False,
         **render_options: Any,
     ) -> Iterator[StreamEvent]:
         """Generate a reply, yielding text deltas per channel as they are decoded.
@@ -282,7 +283,8 @@ class Engine:
         the top ``n`` alternatives. ``stop`` strings act on the final channel's text (never
         on reasoning): nothing that belongs to a stop string is streamed, generation stops
         when one completes, and the text before it is kept. ``stop_tokens`` adds token ids
-        or id sequences to the model's own stop tokens. ``render_options`` go to the Harmony renderer
+        or id sequences to the model's own stop tokens; ``ignore_eos`` drops the model's own
+        (for benchmarks that need exactly ``max_tokens``). ``render_options`` go to the Harmony renderer
         (``reasoning_effort``, ``model_identity``, ...).
         """
         if not isinstance(max_tokens, int) or max_tokens < 1:
@@ -304,7 +306,10 @@ class Engine:
             max_tokens = min(max_tokens, room)
         mx.reset_peak_memory()
         sampler = Sampler(params)
-        token_stops = TokenStops(token_sequences([*self._stop_ids(), *(stop_tokens or [])]))
+        stop_seqs = token_sequences(
+            [*([] if ignore_eos else self._stop_ids()), *(stop_tokens or [])]
+        )
+        token_stops = TokenStops(stop_seqs) if stop_seqs else None
         out = _Output(StopStrings(stop, include_stop=include_stop) if stop else None)
         harmony = HarmonyStream(self.encoding) if self.encoding is not None else None
         detok = self._detokenizer() if harmony is None else None
@@ -324,7 +329,7 @@ class Engine:
             generated.append(tok)
             if token_logprobs is not None and info is not None:
                 token_logprobs.append(info)
-            hit = token_stops.push(tok)
+            hit = token_stops.push(tok) if token_stops is not None else None
             yield from out.feed(decode(tok))
             if out.matched is not None:
                 finish = "stop"

@@ -1,0 +1,260 @@
+"""End-to-end comparison with mlx-lm: same weights, prompt tokens and sampling, alternating runs.
+
+Used by ``mlx-harmony-core bench`` and ``benchmarks/bench_e2e.py``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from .config import SamplingParams
+from .engine import Engine
+
+
+@dataclass
+class Run:
+    """One generation's measurements."""
+
+    prefill_tps: float
+    decode_tps: float
+    ttft_s: float
+    peak_memory_bytes: int
+    tokens: int
+
+
+@dataclass
+class Report:
+    """Runs per engine, plus what the model itself costs."""
+
+    runs: dict[str, list[Run]] = field(default_factory=dict)
+    forward_tps: float = 0.0  # the model's decode forward pass alone (no sampling, no Python loop)
+    weight_bytes_per_token: int = 0
+    copy_gbps: float = 0.0
+
+
+def synthetic_prompt(n: int, seed: int = 0) -> list[int]:
+    """Deterministic prompt ids (ordinary, non-special tokens)."""
+    return [int(t) for t in np.random.default_rng(seed).integers(0, 199990, size=n)]
+
+
+def run_ours(engine: Engine, prompt: list[int], gen: int, params: SamplingParams) -> Run:
+    engine.reset_cache()  # every run prefills the whole prompt
+    c = engine.generate(prompt, params, max_tokens=gen, ignore_eos=True)
+    t = c.timings
+    return Run(
+        t.prefill_tokens_per_s,
+        t.decode_tokens_per_s,
+        t.ttft_s,
+        t.peak_memory_bytes,
+        c.usage.completion_tokens,
+    )
+
+
+class _Detok:
+    """mlx-lm's StreamingDetokenizer interface over our C++ detokenizer."""
+
+    def __init__(self) -> None:
+        from .stopping import harmony_detokenizer
+
+        self._d = harmony_detokenizer()
+        self.reset()
+
+    def reset(self) -> None:
+        self._d.reset()
+        self.text, self.last_segment, self.tokens = "", "", []
+
+    def add_token(self, token: int) -> None:
+        self.last_segment = self._d.push(token)
+        self.text += self.last_segment
+
+    def finalize(self) -> None:
+        self.last_segment = self._d.flush()
+        self.text += self.last_segment
+
+
+def _mlx_lm_tokenizer() -> Any:
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+    class HarmonyTokenizer(TokenizerWrapper):  # GPT-OSS dirs carry no HF tokenizer
+        def __init__(self) -> None:  # noqa: D107 - deliberately skips the HF setup
+            self._detok = _Detok()
+
+        @property
+        def detokenizer(self) -> _Detok:
+            self._detok.reset()
+            return self._detok
+
+        eos_token_ids: set[int] = set()  # like ignore_eos: exactly max_tokens
+        bos_token = None
+
+    return HarmonyTokenizer()
+
+
+def run_mlx_lm(model: Any, prompt: list[int], gen: int, params: SamplingParams) -> Run:
+    from mlx_lm.generate import stream_generate
+    from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+    p = params
+    sampler = make_sampler(
+        temp=p.temperature,
+        top_p=p.top_p if p.top_p < 1 else 0.0,
+        min_p=p.min_p,
+        min_tokens_to_keep=p.min_tokens_to_keep,
+        top_k=p.top_k,
+        xtc_probability=p.xtc_probability,
+        xtc_threshold=p.xtc_threshold,
+    )
+    procs = make_logits_processors(
+        p.logit_bias,
+        p.repetition_penalty if p.repetition_penalty != 1 else None,
+        p.repetition_context_size,
+        p.presence_penalty or None,
+        p.repetition_context_size,
+        p.frequency_penalty or None,
+        p.repetition_context_size,
+    )
+    mx.reset_peak_memory()
+    t0 = time.perf_counter()
+    first, n = 0.0, 0
+    for _ in stream_generate(
+        model,
+        _mlx_lm_tokenizer(),
+        mx.array(prompt),
+        max_tokens=gen,
+        sampler=sampler,
+        logits_processors=procs,
+    ):
+        n += 1
+        if n == 1:
+            first = time.perf_counter()
+    end = time.perf_counter()
+    ttft = first - t0
+    return Run(
+        len(prompt) / ttft,
+        (n - 1) / (end - first) if n > 1 else 0.0,
+        ttft,
+        int(mx.get_peak_memory()),
+        n,
+    )
+
+
+def forward_tokens_per_s(model: Any, prompt: list[int], steps: int = 16) -> float:
+    """Decode forward passes alone (cache after the prompt), evaluated one by one."""
+    from .kv_cache import make_cache
+
+    cache = make_cache(model)
+    mx.eval(model(mx.array(prompt)[None], cache=cache))
+    y = mx.array([[prompt[-1]]])
+    mx.eval(model(y, cache=cache))
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        mx.eval(model(y, cache=cache))
+    return steps / (time.perf_counter() - t0)
+
+
+def weight_bytes_per_token(model: Any, config: dict[str, Any]) -> int:
+    """Bytes of weights one decode token reads: dense weights but the embedding table, plus the
+    active share of the experts."""
+    from mlx.utils import tree_flatten
+
+    dense = experts = 0
+    for name, a in tree_flatten(model.parameters()):
+        if "embed_tokens" in name:
+            continue
+        if ".experts." in name:
+            experts += a.nbytes
+        else:
+            dense += a.nbytes
+    n_exp = config.get("num_local_experts") or 1
+    return int(dense + experts * (config.get("num_experts_per_tok") or n_exp) / n_exp)
+
+
+def copy_bandwidth_gbps(megabytes: int = 256) -> float:
+    """This machine's memory copy bandwidth (read + write), numpy."""
+    src = np.ones(megabytes * 2**20 // 4, np.float32)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    t0 = time.perf_counter()
+    for _ in range(3):
+        np.copyto(dst, src)
+    return 3 * 2 * src.nbytes / (time.perf_counter() - t0) / 1e9
+
+
+def compare(
+    engine: Engine,
+    *,
+    prompt_tokens: int = 512,
+    gen_tokens: int = 128,
+    runs: int = 3,
+    params: SamplingParams | None = None,
+    mlx_lm: bool = True,
+) -> Report:
+    """Alternate our engine and mlx-lm's ``stream_generate`` on the same model and prompt."""
+    params = params or SamplingParams(temperature=0.0)
+    prompt = synthetic_prompt(prompt_tokens)
+    report = Report()
+    run_ours(engine, prompt[:16], 4, params)  # warm up both paths
+    if mlx_lm:
+        run_mlx_lm(engine.model, prompt[:16], 4, params)
+    for _ in range(runs):
+        report.runs.setdefault("ours", []).append(run_ours(engine, prompt, gen_tokens, params))
+        if mlx_lm:
+            report.runs.setdefault("mlx-lm", []).append(
+                run_mlx_lm(engine.model, prompt, gen_tokens, params)
+            )
+    report.forward_tps = forward_tokens_per_s(engine.model, prompt)
+    report.weight_bytes_per_token = weight_bytes_per_token(engine.model, engine.config)
+    report.copy_gbps = copy_bandwidth_gbps()
+    return report
+
+
+def _mmm(values: list[float]) -> str:
+    return f"{min(values):8.2f} {statistics.median(values):8.2f} {max(values):8.2f}"
+
+
+def format_report(report: Report) -> str:
+    """A plain-text table: per engine min/median/max, ratios, bandwidth and overhead."""
+    lines = [f"{'metric':22s} {'engine':8s} {'min':>8s} {'median':>8s} {'max':>8s}"]
+    metrics = [
+        ("prefill tok/s", "prefill_tps", 1),
+        ("decode tok/s", "decode_tps", 1),
+        ("TTFT s", "ttft_s", 1),
+        ("peak memory MiB", "peak_memory_bytes", 2**-20),
+    ]
+    for label, attr, scale in metrics:
+        for name, runs in report.runs.items():
+            lines.append(f"{label:22s} {name:8s} {_mmm([getattr(r, attr) * scale for r in runs])}")
+    ours, theirs = report.runs.get("ours"), report.runs.get("mlx-lm")
+    if ours and theirs:
+        lines.append("")
+        for label, attr, higher in [
+            ("prefill", "prefill_tps", True),
+            ("decode", "decode_tps", True),
+            ("TTFT", "ttft_s", False),
+        ]:
+            ratios = [
+                (getattr(a, attr) / getattr(b, attr))
+                if higher
+                else (getattr(b, attr) / getattr(a, attr))
+                for a, b in zip(ours, theirs, strict=True)
+            ]
+            lines.append(f"{'speed-up ' + label:22s} {'ours/mlx':8s} {_mmm(ratios)}")
+    lines.append("")
+    gbps = report.weight_bytes_per_token * report.forward_tps / 1e9
+    lines.append(
+        f"forward pass alone: {report.forward_tps:.2f} tok/s, reads {report.weight_bytes_per_token / 1e6:.1f} MB "
+        f"of weights per token = {gbps:.2f} GB/s (machine copy bandwidth {report.copy_gbps:.1f} GB/s)"
+    )
+    for name, runs in report.runs.items():
+        step = 1 / statistics.median(r.decode_tps for r in runs)
+        overhead = max(0.0, 1 - (1 / report.forward_tps) / step)
+        lines.append(
+            f"{name}: decode step {step * 1e3:.2f} ms, outside the forward pass {overhead * 100:.1f}%"
+        )
+    return "\n".join(lines)
