@@ -1093,68 +1093,36 @@ void Sample::eval_cpu(const std::vector<mx::array>& inputs,
   for (auto& out : outputs) {
     outs.push_back(mx::array::unsafe_weak_copy(out));
   }
-  encoder.dispatch(
-      [ins = std::move(ins), outs = std::move(outs), o = options_]() mutable {
-        const auto& logits = ins[0];
-        const int64_t rows = logits.shape(0), n = logits.shape(1);
-        const int64_t w = ins[1].shape(1), nb = ins[2].size();
-        const int32_t* hist = ins[1].data<int32_t>();
-        const int32_t* bids = nb ? ins[2].data<int32_t>() : nullptr;
-        const float* bvals = nb ? ins[3].data<float>() : nullptr;
-        int32_t* ids = outs[0].data<int32_t>();
-        float* lp = outs.size() > 1 ? outs[1].data<float>() : nullptr;
-        int32_t* tid = outs.size() > 1 ? outs[2].data<int32_t>() : nullptr;
-        float* tlp = outs.size() > 1 ? outs[3].data<float>() : nullptr;
-        switch (logits.dtype()) {
-        case mx::float32:
-          sample_rows(logits.data<float>(),
-                      rows,
-                      n,
-                      hist,
-                      w,
-                      bids,
-                      bvals,
-                      nb,
-                      o,
-                      ids,
-                      lp,
-                      tid,
-                      tlp);
-          break;
-        case mx::float16:
-          sample_rows(logits.data<mx::float16_t>(),
-                      rows,
-                      n,
-                      hist,
-                      w,
-                      bids,
-                      bvals,
-                      nb,
-                      o,
-                      ids,
-                      lp,
-                      tid,
-                      tlp);
-          break;
-        case mx::bfloat16:
-          sample_rows(logits.data<mx::bfloat16_t>(),
-                      rows,
-                      n,
-                      hist,
-                      w,
-                      bids,
-                      bvals,
-                      nb,
-                      o,
-                      ids,
-                      lp,
-                      tid,
-                      tlp);
-          break;
-        default:
-          std::fill(ids, ids + rows, kErrorNonFinite);
-        }
-      });
+  encoder.dispatch([ins = std::move(ins),
+                    outs = std::move(outs),
+                    o = options_]() mutable {
+    const auto& logits = ins[0];
+    const int64_t rows = logits.shape(0), n = logits.shape(1);
+    const int64_t w = ins[1].shape(1), nb = ins[2].size();
+    const int32_t* hist = ins[1].data<int32_t>();
+    const int32_t* bids = nb ? ins[2].data<int32_t>() : nullptr;
+    const float* bvals = nb ? ins[3].data<float>() : nullptr;
+    int32_t* ids = outs[0].data<int32_t>();
+    float* lp = outs.size() > 1 ? outs[1].data<float>() : nullptr;
+    int32_t* tid = outs.size() > 1 ? outs[2].data<int32_t>() : nullptr;
+    float* tlp = outs.size() > 1 ? outs[3].data<float>() : nullptr;
+    auto run = [&](const auto* x) {
+      sample_rows(x, rows, n, hist, w, bids, bvals, nb, o, ids, lp, tid, tlp);
+    };
+    switch (logits.dtype()) {
+    case mx::float32:
+      run(logits.data<float>());
+      break;
+    case mx::float16:
+      run(logits.data<mx::float16_t>());
+      break;
+    case mx::bfloat16:
+      run(logits.data<mx::bfloat16_t>());
+      break;
+    default:
+      std::fill(ids, ids + rows, kErrorNonFinite);
+    }
+  });
 }
 
 void Sample::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
