@@ -74,3 +74,61 @@ def test_bench_command_compares_with_mlx_lm():
 
 def test_info_and_help_work():
     assert "bench" in run("--help").stdout
+
+
+def test_every_sampling_control_is_a_flag():
+    from mlx_harmony_core.cli import build_parser
+    from mlx_harmony_core.config import SamplingParams
+
+    args = build_parser().parse_args(
+        [
+            "generate",
+            "--logit-bias",
+            "5:-100,7:2.5",
+            "--top-k",
+            "40",
+            "--top-p",
+            "0.9",
+            "--min-p",
+            "0.05",
+            "--min-tokens-to-keep",
+            "2",
+            "--xtc-probability",
+            "0.5",
+            "--xtc-threshold",
+            "0.2",
+            "--repetition-penalty",
+            "1.1",
+            "--repetition-context-size",
+            "32",
+            "--presence-penalty",
+            "0.5",
+            "--frequency-penalty",
+            "0.2",
+            "--temperature",
+            "0.8",
+            "--seed",
+            "3",
+        ]
+    )
+    fields = set(SamplingParams.model_fields)
+    assert fields <= set(vars(args))
+    out = run(
+        "generate",
+        "--prompt",
+        "Hi",
+        "--max-tokens",
+        "3",
+        "--top-k",
+        "40",
+        "--top-p",
+        "0.9",
+        "--repetition-penalty",
+        "1.1",
+        "--logit-bias",
+        '{"13": 1.5}',
+        "--json",
+    )
+    assert json.loads(out.stdout)["usage"]["completion_tokens"] == 3
+    bad = run("generate", "--prompt", "Hi", "--logit-bias", "x:y", check=False)
+    assert bad.returncode == 2 and "ID:BIAS" in bad.stderr

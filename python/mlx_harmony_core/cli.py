@@ -12,11 +12,35 @@ DIM = "\033[2m"
 RESET = "\033[0m"
 
 
+def _logit_bias(text: str) -> dict[int, float]:
+    """``'{"123": -100}'`` (JSON) or ``123:-100,456:2.5``."""
+    text = text.strip()
+    try:
+        if text.startswith("{"):
+            return {int(k): float(v) for k, v in json.loads(text).items()}
+        return {int(k): float(v) for k, v in (item.split(":") for item in text.split(",") if item)}
+    except (ValueError, AttributeError) as exc:
+        raise argparse.ArgumentTypeError(f"use 'ID:BIAS,...' or a JSON object ({exc})") from exc
+
+
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("sampling")
+    g = p.add_argument_group("sampling (applied in this order; see SamplingParams)")
+    g.add_argument(
+        "--logit-bias", type=_logit_bias, default=None, help="ID:BIAS,... or a JSON object"
+    )
+    g.add_argument("--repetition-penalty", type=float, default=None, help="1 = off")
+    g.add_argument("--repetition-context-size", type=int, default=None, help="penalty window (64)")
+    g.add_argument("--presence-penalty", type=float, default=None, help="[-2, 2]")
+    g.add_argument("--frequency-penalty", type=float, default=None, help="[-2, 2]")
     g.add_argument(
         "--temperature", "--temp", type=float, default=None, help="0 = greedy (default 1.0)"
     )
+    g.add_argument("--top-k", type=int, default=None, help="0 = off")
+    g.add_argument("--top-p", type=float, default=None, help="1 = off")
+    g.add_argument("--min-p", type=float, default=None, help="0 = off")
+    g.add_argument("--min-tokens-to-keep", type=int, default=None)
+    g.add_argument("--xtc-probability", type=float, default=None)
+    g.add_argument("--xtc-threshold", type=float, default=None)
     g.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
 
 
