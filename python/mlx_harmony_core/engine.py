@@ -119,6 +119,8 @@ class Engine:
         self.reuse_cache = reuse_cache
         self.cache_options = dict(cache_options or {})
         self._detok: Detokenizer | None = None
+        # Generation runs on its own stream (as in mlx-lm): measurably faster first tokens.
+        self._stream = mx.new_stream(mx.default_device())
         # The previous request's cache and the tokens it holds, for prefix reuse.
         self._cache: list[Any] | None = None
         self._cache_tokens: list[int] = []
@@ -195,7 +197,8 @@ class Engine:
         done = 0
         while prompt.size - done > 1:
             n = min(self.prefill_step_size, prompt.size - done - 1)
-            self.model(prompt[None, done : done + n], cache=cache)
+            with mx.stream(self._stream):
+                self.model(prompt[None, done : done + n], cache=cache)
             mx.eval([c.state for c in cache])
             done += n
             if progress is not None:
@@ -224,12 +227,13 @@ class Engine:
 
         def step(tokens: mx.array) -> tuple[mx.array, Any]:
             nonlocal window
-            logits = self.model(tokens[None], cache=cache)[:, -1, :]
-            if logprobs is None:
-                ids, lp = sampler.lazy(logits, window), None
-            else:
-                ids, lp = sampler.lazy(logits, window, logprobs=logprobs)
-            window = sampler.advance(window, ids)
+            with mx.stream(self._stream):  # only while building: the caller's stream is untouched
+                logits = self.model(tokens[None], cache=cache)[:, -1, :]
+                if logprobs is None:
+                    ids, lp = sampler.lazy(logits, window), None
+                else:
+                    ids, lp = sampler.lazy(logits, window, logprobs=logprobs)
+                window = sampler.advance(window, ids)
             return ids, lp
 
         try:
