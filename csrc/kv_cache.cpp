@@ -259,10 +259,6 @@ int RotatingKVCache::trimmable() const {
   return std::max(0, offset_ - (start_ + (max_size_ - keep_) - 1));
 }
 
-int RotatingKVCache::trim(int n) {
-  return Cache::trim(n);
-}
-
 std::vector<mx::array> RotatingKVCache::state() const {
   if (!keys_) {
     return {};

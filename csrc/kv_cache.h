@@ -90,7 +90,6 @@ public:
   Mask
   make_mask(int n, std::optional<int> window, bool return_array) const override;
   int trimmable() const override;
-  int trim(int n) override;
   std::vector<mx::array> state() const override;
   std::unique_ptr<Cache> copy() const override {
     return std::make_unique<RotatingKVCache>(*this);
