@@ -244,7 +244,9 @@ class Engine:
                     nxt, nlp = step(y)
                     fed += 1
                     mx.async_eval(nxt, *([] if nlp is None else vars(nlp).values()))
-                token = int(check_ids(y).item())
+                token = int(y.item())
+                if token < 0:  # the kernel flagged the row: raise its error
+                    check_ids(y)
                 generated.append(token)
                 info = None
                 if lp is not None:
