@@ -1,15 +1,14 @@
-"""Command line: ``mlx-harmony-core generate | make-test-model``."""
+"""Command line: ``mlx-harmony-core generate | chat | serve | make-test-model | bench | info``."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
 from collections.abc import Sequence
-
-DIM = "\033[2m"
-RESET = "\033[0m"
+from typing import Any
 
 
 def _logit_bias(text: str) -> dict[int, float]:
@@ -55,23 +54,103 @@ def _sampling_params(args: argparse.Namespace):  # -> SamplingParams
     return SamplingParams(**fields)
 
 
-def _cmd_generate(args: argparse.Namespace) -> int:
+def _add_prompt_flags(p: argparse.ArgumentParser, *, chat: bool = False) -> None:
+    g = p.add_argument_group("model and prompt (precedence: flags > chat file > prompt config)")
+    g.add_argument("--model", "-m", default=None, help="model directory, HF repo id, or 'demo'")
+    g.add_argument("--profile", default=None, help="a profile: model + prompt config")
+    g.add_argument("--profiles", default=None, help="profiles file (JSON or TOML)")
+    g.add_argument("--prompt-config", default=None, help="prompt config file (JSON or TOML)")
+    g.add_argument(
+        "--instructions", "--system", default=None, help="developer instructions ({user}, <|DATE|>)"
+    )
+    g.add_argument("--model-identity", default=None)
+    g.add_argument("--max-tokens", type=int, default=None, help="reply length limit (512)")
+    g.add_argument("--reasoning-effort", choices=["low", "medium", "high"], default=None)
+    g.add_argument("--context-length", type=int, default=None, help="override the model's window")
+    g.add_argument(
+        "--truncate",
+        action="store_true",
+        default=None,
+        help="drop the oldest turns when the conversation outgrows the context",
+    )
+    show = g.add_mutually_exclusive_group()
+    show.add_argument(
+        "--show-reasoning",
+        dest="show_reasoning",
+        action="store_true",
+        default=None,
+        help="print the analysis channel (dimmed)" + (" (default)" if chat else ""),
+    )
+    show.add_argument("--hide-reasoning", dest="show_reasoning", action="store_false")
+    g.add_argument(
+        "--kv-bits", type=int, choices=[4, 8], default=None, help="quantize full-attention KV"
+    )
+    g.add_argument(
+        "--kv-history", default="4096", help="extra sliding-window history: 'window', 'all' or N"
+    )
+
+
+_PROMPT_FLAGS = (
+    "instructions",
+    "model_identity",
+    "max_tokens",
+    "reasoning_effort",
+    "context_length",
+    "truncate",
+    "show_reasoning",
+)
+
+
+def _cli_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings the flags name (unset flags are left out so lower layers show through)."""
+    from .config import SamplingParams
+
+    keys = (*_PROMPT_FLAGS, *SamplingParams.model_fields)
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+
+
+def _model_and_config(args: argparse.Namespace, chat_model: str | None = None):
+    """Model name and prompt config from --profile / --prompt-config (flags win)."""
+    from .config import PromptConfig, load_profile, load_prompt_config
+
+    model, config = None, PromptConfig()
+    if args.profile:
+        model, config = load_profile(args.profile, args.profiles)
+    if args.prompt_config:
+        config = load_prompt_config(args.prompt_config)
+    return args.model or chat_model or model or "demo", config
+
+
+def _load_engine(model: str, args: argparse.Namespace) -> Any:
     import mlx_harmony_core as mhc
 
-    params = _sampling_params(args)
     history = int(args.kv_history) if args.kv_history.isdigit() else args.kv_history
-    engine = mhc.load(args.model, cache_options={"kv_bits": args.kv_bits, "history": history})
+    return mhc.load(model, cache_options={"kv_bits": args.kv_bits, "history": history})
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .chat import DIM, RESET
+    from .config import resolve_settings
+
+    model, config = _model_and_config(args)
+    settings = resolve_settings(prompt_config=config, cli=_cli_settings(args))
+    params = settings.sampling()
+    engine = _load_engine(model, args)
+    if settings.context_length:
+        engine.context_length = settings.context_length
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
-    show_reasoning = args.show_reasoning and not args.json
+    show_reasoning = bool(settings.show_reasoning) and not args.json
     color = sys.stdout.isatty()
     completion = None
     in_reasoning = False
+    messages = [*settings.prefix_messages(), {"role": "user", "content": prompt}]
     for event in engine.stream(
-        prompt,
+        messages,
         params,
-        max_tokens=args.max_tokens,
-        reasoning_effort=args.reasoning_effort,
+        max_tokens=settings.max_tokens,
         stop=args.stop,
+        truncate=bool(settings.truncate),
+        **settings.render_options(),
     ):
         if event.completion is not None:
             completion = event.completion
@@ -104,6 +183,29 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         f"finish: {completion.finish_reason} | peak memory {t.peak_memory_bytes / 2**20:.0f} MiB]\n"
     )
     return 0
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from .chat import ChatSession, repl
+    from .chat_log import ChatLog, chat_path
+
+    path = chat_path(args.chat) if args.chat else None
+    log = ChatLog.load(path) if path is not None and path.exists() else ChatLog()
+    model, config = _model_and_config(args, chat_model=log.model)
+    if args.profile:
+        log.profile = args.profile
+    session = ChatSession(
+        engine=_load_engine(model, args),
+        model_name=model,
+        prompt_config=config,
+        log=log,
+        cli=_cli_settings(args),
+        path=path,
+        color=sys.stdout.isatty(),
+    )
+    with contextlib.suppress(ImportError):
+        import readline  # noqa: F401  (line editing and history for input())
+    return repl(session)
 
 
 def _cmd_make_test_model(args: argparse.Namespace) -> int:
@@ -164,25 +266,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="one-shot generation (Harmony formatted for GPT-OSS)")
-    g.add_argument("--model", "-m", default="demo", help="model directory, HF repo id, or 'demo'")
     g.add_argument("--prompt", "-p", default=None, help="user message (default: read stdin)")
-    g.add_argument("--max-tokens", type=int, default=256)
-    g.add_argument("--reasoning-effort", choices=["low", "medium", "high"], default="medium")
-    g.add_argument(
-        "--show-reasoning", action="store_true", help="print the analysis channel (dimmed)"
-    )
     g.add_argument("--json", action="store_true", help="print the whole completion as JSON")
     g.add_argument(
         "--stop", action="append", default=None, help="stop string for the answer (repeatable)"
     )
-    g.add_argument(
-        "--kv-bits", type=int, choices=[4, 8], default=None, help="quantize full-attention KV"
-    )
-    g.add_argument(
-        "--kv-history", default="4096", help="extra sliding-window history: 'window', 'all' or N"
-    )
+    _add_prompt_flags(g)
     _add_sampling_flags(g)
     g.set_defaults(func=_cmd_generate)
+
+    c = sub.add_parser("chat", help="interactive chat with streaming, commands and chat logs")
+    c.add_argument(
+        "--chat",
+        default=None,
+        help="chat log NAME (or path): resumed if it exists, saved each turn",
+    )
+    _add_prompt_flags(c, chat=True)
+    _add_sampling_flags(c)
+    c.set_defaults(func=_cmd_chat)
 
     t = sub.add_parser("make-test-model", help="write a random-weight GPT-OSS model directory")
     t.add_argument("dir")

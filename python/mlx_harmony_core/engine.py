@@ -11,10 +11,27 @@ from typing import Any
 import mlx.core as mx
 
 from .config import SamplingParams
-from .harmony import CALL, STOP_TOKENS, Delta, HarmonyStream, MessagesLike, ToolCall, render_prompt
+from .harmony import (
+    CALL,
+    STOP_TOKENS,
+    Delta,
+    HarmonyStream,
+    MessagesLike,
+    ToolCall,
+    normalize_messages,
+    render_prompt,
+    reply_primer,
+)
 from .kv_cache import make_cache
 from .sampling import Sampler, check_ids
-from .stopping import Detokenizer, StopStrings, TokenStops, token_sequences, tokenizer_bytes
+from .stopping import (
+    Detokenizer,
+    StopStrings,
+    TokenStops,
+    harmony_detokenizer,
+    token_sequences,
+    tokenizer_bytes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -128,21 +145,46 @@ class Engine:
     # -- prompts ---------------------------------------------------------------------------
     def render(self, messages: MessagesLike | Sequence[int], **options: Any) -> list[int]:
         """Prompt token ids for ``messages`` (token ids pass through unchanged)."""
-        if (
-            isinstance(messages, Sequence)
-            and not isinstance(messages, str)
-            and messages
-            and all(isinstance(t, int) for t in messages)
-        ):
-            return list(messages)
+        if _is_token_ids(messages):
+            return list(messages)  # type: ignore[arg-type]
         if self.encoding is not None:
-            return render_prompt(messages, **options)
-        from .harmony import normalize_messages
-
-        chat = [m for m in normalize_messages(messages) if isinstance(m, dict)]
+            return render_prompt(messages, **options)  # type: ignore[arg-type]
+        chat = [m for m in normalize_messages(messages) if isinstance(m, dict)]  # type: ignore[arg-type]
+        tools = options.get("tools")
+        extra = {"tools": tools} if tools and options.get("tool_choice") != "none" else {}
         return list(
-            self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
+            self.tokenizer.apply_chat_template(
+                chat, add_generation_prompt=True, tokenize=True, **extra
+            )
         )
+
+    def _truncate(
+        self,
+        messages: MessagesLike | Sequence[int],
+        prompt_ids: list[int],
+        max_tokens: int,
+        options: dict[str, Any],
+    ) -> list[int]:
+        """Drop the oldest turns until the reply has room (see :meth:`stream`)."""
+        limit = self.context_length
+        if not limit or isinstance(messages, str) or _is_token_ids(messages):
+            return prompt_ids
+        need = min(max_tokens, limit // 2)
+        items = normalize_messages(messages)
+        dropped = 0
+        while len(prompt_ids) + need > limit:
+            users = [i for i, m in enumerate(items) if _role(m) == "user"]
+            if len(users) < 2:
+                break  # only the current turn is left: it is never cut
+            first = next(i for i, m in enumerate(items) if _role(m) not in ("system", "developer"))
+            # Remove one whole turn: everything up to (not including) the next user message.
+            nxt = next(i for i in users if i > first)
+            dropped += nxt - first
+            items = items[:first] + items[nxt:]
+            prompt_ids = self.render(items, **options)
+        if dropped:
+            logger.info("dropped the %d oldest messages to fit the context window", dropped)
+        return prompt_ids
 
     def _stop_ids(self) -> list[int]:
         if self.encoding is not None:
@@ -152,6 +194,8 @@ class Engine:
         )
 
     def _detokenizer(self) -> Detokenizer:
+        if self.encoding is not None:
+            return harmony_detokenizer()
         if self._detok is None:
             self._detok = Detokenizer(tokenizer_bytes(self.tokenizer))
         return self._detok.fresh()
@@ -280,6 +324,9 @@ class Engine:
         stop_tokens: Sequence[int | Sequence[int]] | None = None,
         include_stop: bool = False,
         ignore_eos: bool = False,
+        truncate: bool = False,
+        raw: bool = False,
+        should_stop: Callable[[], bool] | None = None,
         **render_options: Any,
     ) -> Iterator[StreamEvent]:
         """Generate a reply, yielding text deltas per channel as they are decoded.
@@ -291,7 +338,15 @@ class Engine:
         when one completes, and the text before it is kept. ``stop_tokens`` adds token ids
         or id sequences to the model's own stop tokens; ``ignore_eos`` drops the model's own
         (for benchmarks that need exactly ``max_tokens``). ``render_options`` go to the Harmony renderer
-        (``reasoning_effort``, ``model_identity``, ...).
+        (``reasoning_effort``, ``model_identity``, ``tools``, ``tool_choice``, ...); a
+        forced ``tool_choice`` opens the reply with the call's header.
+
+        A prompt longer than the context window is an error, or with ``truncate=True`` the
+        oldest turns (never system/developer messages or the last user turn) are dropped
+        until the reply has room for ``max_tokens`` (at most half the window). ``raw=True``
+        decodes the reply as plain text (no Harmony parsing; for raw completions).
+        ``should_stop`` is polled after each token; when it returns True the reply ends
+        with ``finish_reason="cancelled"``.
         """
         if not isinstance(max_tokens, int) or max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
@@ -300,6 +355,14 @@ class Engine:
             raise TypeError("params must be a SamplingParams")
         t0 = time.perf_counter()
         prompt_ids = self.render(messages, **render_options)
+        if truncate:
+            prompt_ids = self._truncate(messages, prompt_ids, max_tokens, render_options)
+        harmony = HarmonyStream(self.encoding) if self.encoding is not None and not raw else None
+        if harmony is not None:
+            primer = reply_primer(render_options.get("tool_choice"), render_options.get("tools"))
+            for tok in primer:
+                harmony.push(tok)
+            prompt_ids = prompt_ids + primer
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         if self.context_length:
@@ -316,8 +379,8 @@ class Engine:
             [*([] if ignore_eos else self._stop_ids()), *(stop_tokens or [])]
         )
         token_stops = TokenStops(stop_seqs) if stop_seqs else None
+        own_stops = set() if ignore_eos else set(self._stop_ids())
         out = _Output(StopStrings(stop, include_stop=include_stop) if stop else None)
-        harmony = HarmonyStream(self.encoding) if self.encoding is not None else None
         detok = self._detokenizer() if harmony is None else None
 
         def decode(tok: int) -> list[Delta]:
@@ -336,12 +399,16 @@ class Engine:
             if token_logprobs is not None and info is not None:
                 token_logprobs.append(info)
             hit = token_stops.push(tok) if token_stops is not None else None
-            yield from out.feed(decode(tok))
+            if hit is None or tok not in own_stops:  # the model's end token is not text
+                yield from out.feed(decode(tok))
             if out.matched is not None:
                 finish = "stop"
                 break
             if hit is not None:
                 finish = "tool_calls" if tok == CALL else "stop"
+                break
+            if should_stop is not None and should_stop():
+                finish = "cancelled"
                 break
         if out.matched is None:
             tail = harmony.finish() if harmony is not None else [Delta("final", detok.flush())]
@@ -400,6 +467,19 @@ class Engine:
             completion = event.completion or completion
         assert completion is not None
         return completion
+
+
+def _is_token_ids(messages: Any) -> bool:
+    return (
+        isinstance(messages, Sequence)
+        and not isinstance(messages, str)
+        and bool(messages)
+        and all(isinstance(t, int) for t in messages)
+    )
+
+
+def _role(m: Any) -> str:
+    return m["role"] if isinstance(m, dict) else str(m.author.role.value)
 
 
 class _Output:

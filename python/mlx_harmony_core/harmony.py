@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -18,10 +20,12 @@ from openai_harmony import (
     HarmonyError,
     Message,
     ReasoningEffort,
+    RenderConversationConfig,
     Role,
     StreamableParser,
     StreamState,
     SystemContent,
+    ToolDescription,
     load_harmony_encoding,
 )
 
@@ -52,10 +56,17 @@ def load_encoding() -> HarmonyEncoding:
 
 
 MessagesLike = str | Sequence[Mapping[str, Any] | Message]
+ToolChoice = str | Mapping[str, Any] | None
+
+_TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 def normalize_messages(messages: MessagesLike) -> list[dict[str, Any] | Message]:
-    """Accept a prompt string, OpenAI-style dicts or Harmony ``Message`` objects."""
+    """Accept a prompt string, OpenAI-style dicts or Harmony ``Message`` objects.
+
+    Assistant dicts may carry ``reasoning`` (or ``reasoning_content``) and OpenAI-style
+    ``tool_calls``; tool dicts a ``tool_call_id`` and/or ``name``.
+    """
     if isinstance(messages, str):
         return [{"role": "user", "content": messages}]
     if not isinstance(messages, Sequence) or isinstance(messages, bytes):
@@ -71,29 +82,115 @@ def normalize_messages(messages: MessagesLike) -> list[dict[str, Any] | Message]
         if role not in _ROLES:
             raise ValueError(f"messages[{i}] has role {role!r}; expected one of {sorted(_ROLES)}")
         content = m.get("content")
-        if content is None and not m.get("tool_calls"):
+        if content is None and not (role == "assistant" and m.get("tool_calls")):
             raise ValueError(f"messages[{i}] ({role}) has no 'content'")
+        if isinstance(content, list):  # OpenAI content parts: only text can be honoured
+            content = _text_parts(content, i)
         if content is not None and not isinstance(content, str):
             raise TypeError(f"messages[{i}].content must be a string")
-        out.append(dict(m))
+        item = {**m, "content": content}
+        if role == "assistant" and item.get("tool_calls") is not None:
+            item["tool_calls"] = [_tool_call_dict(c, i) for c in item["tool_calls"]]
+        out.append(item)
     return out
 
 
-def build_conversation(
-    messages: MessagesLike,
-    *,
-    reasoning_effort: Effort = "medium",
-    model_identity: str | None = None,
-    knowledge_cutoff: str | None = None,
-    conversation_start_date: str | None = None,
-) -> Conversation:
-    """Turn chat messages into a Harmony ``Conversation``.
+def _text_parts(parts: list[Any], i: int) -> str:
+    texts = []
+    for part in parts:
+        if not isinstance(part, Mapping) or part.get("type") != "text":
+            kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
+            raise ValueError(f"messages[{i}].content has a {kind!r} part; only text is supported")
+        if not isinstance(part.get("text"), str):
+            raise TypeError(f"messages[{i}].content text parts need a string 'text'")
+        texts.append(part["text"])
+    return "".join(texts)
 
-    OpenAI-style ``system`` and ``developer`` messages become the developer instructions
-    (Harmony's own system message carries identity, dates and reasoning effort). Earlier
-    assistant turns keep only their final answer; their reasoning is dropped as Harmony
-    expects after a final message.
+
+def _tool_call_dict(call: Any, i: int) -> dict[str, str]:
+    """An OpenAI tool call (or a :class:`ToolCall`) as ``{id, name, arguments}``."""
+    if isinstance(call, ToolCall):
+        return {"id": call.id, "name": call.name, "arguments": call.arguments}
+    if not isinstance(call, Mapping):
+        raise TypeError(f"messages[{i}].tool_calls entries must be objects")
+    fn = call.get("function", call)
+    name, args = fn.get("name"), fn.get("arguments", "{}")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"messages[{i}].tool_calls needs a function name")
+    if not isinstance(args, str):
+        args = json.dumps(args, ensure_ascii=False)
+    return {"id": str(call.get("id") or ""), "name": name, "arguments": args}
+
+
+def tool_descriptions(tools: Sequence[Any] | None) -> list[ToolDescription]:
+    """Function tools from OpenAI-style ``{"type": "function", "function": {...}}`` dicts,
+    flat ``{name, description, parameters}`` dicts or objects with those attributes."""
+    out: list[ToolDescription] = []
+    seen: set[str] = set()
+    for i, tool in enumerate(tools or []):
+        if isinstance(tool, Mapping):
+            if tool.get("type", "function") != "function":
+                raise ValueError(f"tools[{i}] has type {tool.get('type')!r}; only 'function'")
+            fn = tool.get("function", tool)
+            if not isinstance(fn, Mapping):
+                raise TypeError(f"tools[{i}].function must be an object")
+            name, desc, params = fn.get("name"), fn.get("description"), fn.get("parameters")
+        else:
+            name = getattr(tool, "name", None)
+            desc = getattr(tool, "description", None)
+            params = getattr(tool, "parameters", None)
+        if not isinstance(name, str) or not _TOOL_NAME.match(name):
+            raise ValueError(f"tools[{i}] name {name!r} must match [A-Za-z0-9_-]{{1,64}}")
+        if name in seen:
+            raise ValueError(f"tools[{i}]: two tools are named {name!r}")
+        seen.add(name)
+        if params is not None and not isinstance(params, Mapping):
+            raise TypeError(f"tools[{i}].parameters must be a JSON schema object")
+        if desc is not None and not isinstance(desc, str):
+            raise TypeError(f"tools[{i}].description must be a string")
+        out.append(ToolDescription.new(name, desc or "", dict(params) if params else None))
+    return out
+
+
+def _choice_name(tool_choice: ToolChoice, names: set[str]) -> str | None:
+    """The forced function's name, '' for 'required', None for 'auto' / 'none'."""
+    if tool_choice in (None, "auto", "none"):
+        return None
+    if tool_choice == "required":
+        if not names:
+            raise ValueError("tool_choice 'required' needs at least one tool")
+        return ""
+    if isinstance(tool_choice, Mapping):
+        fn = tool_choice.get("function", tool_choice)
+        name = fn.get("name") if isinstance(fn, Mapping) else None
+        if name not in names:
+            raise ValueError(f"tool_choice names {name!r}, which is not among the tools")
+        return name
+    raise ValueError("tool_choice must be 'auto', 'none', 'required' or {'function': {'name'}}")
+
+
+def reply_primer(tool_choice: ToolChoice = None, tools: Sequence[Any] | None = None) -> list[int]:
+    """Tokens that open the assistant's reply to force a tool call (empty when not forced).
+
+    A named function gets the whole header up to ``<|message|>``; 'required' stops after
+    ``to=functions.`` so the model picks which function.
     """
+    names = {t.name for t in tool_descriptions(tools)}
+    name = _choice_name(tool_choice, names)
+    if name is None:
+        return []
+    header = "<|channel|>commentary to=functions."
+    if name:
+        header += f"{name} <|constrain|>json<|message|>"
+    return list(load_encoding().encode(header, allowed_special="all"))
+
+
+def _system_content(
+    reasoning_effort: Effort,
+    model_identity: str | None,
+    knowledge_cutoff: str | None,
+    conversation_start_date: str | None,
+) -> SystemContent:
     if reasoning_effort not in _EFFORTS:
         raise ValueError(
             f"reasoning_effort must be one of {sorted(_EFFORTS)}, got {reasoning_effort!r}"
@@ -105,26 +202,64 @@ def build_conversation(
         system = system.with_knowledge_cutoff(knowledge_cutoff)
     if conversation_start_date:
         system = system.with_conversation_start_date(conversation_start_date)
+    return system
 
+
+def build_conversation(
+    messages: MessagesLike,
+    *,
+    reasoning_effort: Effort = "medium",
+    model_identity: str | None = None,
+    knowledge_cutoff: str | None = None,
+    conversation_start_date: str | None = None,
+    tools: Sequence[Any] | None = None,
+    tool_choice: ToolChoice = None,
+) -> Conversation:
+    """Turn chat messages into a Harmony ``Conversation``.
+
+    OpenAI-style ``system`` and ``developer`` messages become the developer instructions
+    (Harmony's own system message carries identity, dates and reasoning effort); ``tools``
+    are declared there as function tools (``tool_choice='none'`` leaves them out).
+    Assistant reasoning of turns that ended before the last user message is dropped, as
+    Harmony expects; reasoning of the current turn (tool calls pending) is kept.
+    """
+    system = _system_content(
+        reasoning_effort, model_identity, knowledge_cutoff, conversation_start_date
+    )
+    described = tool_descriptions(tools)
+    _choice_name(tool_choice, {t.name for t in described})  # validate before rendering
     items = normalize_messages(messages)
     instructions = [
-        m["content"] for m in items if isinstance(m, dict) and m["role"] in ("system", "developer")
+        m["content"]
+        for m in items
+        if isinstance(m, dict) and m["role"] in ("system", "developer") and m["content"]
     ]
     out: list[Message] = [Message.from_role_and_content(Role.SYSTEM, system)]
+    dev = DeveloperContent.new()
     if instructions:
-        dev = DeveloperContent.new().with_instructions("\n\n".join(instructions))
+        dev = dev.with_instructions("\n\n".join(instructions))
+    if described and tool_choice != "none":
+        dev = dev.with_function_tools(described)
+    if instructions or (described and tool_choice != "none"):
         out.append(Message.from_role_and_content(Role.DEVELOPER, dev))
-    for m in items:
+    last_user = max(
+        (i for i, m in enumerate(items) if isinstance(m, dict) and m["role"] == "user"),
+        default=-1,
+    )
+    call_names: dict[str, str] = {}
+    for i, m in enumerate(items):
         if isinstance(m, Message):
             out.append(m)
         elif m["role"] == "user":
             out.append(Message.from_role_and_content(Role.USER, m["content"]))
-        elif m["role"] == "assistant" and m.get("content"):
-            out.append(
-                Message.from_role_and_content(Role.ASSISTANT, m["content"]).with_channel("final")
-            )
+        elif m["role"] == "assistant":
+            out.extend(_assistant_messages(m, keep_reasoning=i > last_user, names=call_names))
         elif m["role"] == "tool":
-            name = m.get("name") or "tool"
+            name = m.get("name") or call_names.get(str(m.get("tool_call_id") or ""))
+            if not name:
+                raise ValueError(
+                    f"messages[{i}] (tool) needs a 'name' or the 'tool_call_id' of an earlier call"
+                )
             author_name = name if "." in name else f"functions.{name}"
             author = Author.new(Role.TOOL, author_name)
             msg = Message.from_author_and_content(author, m["content"])
@@ -132,10 +267,38 @@ def build_conversation(
     return Conversation.from_messages(out)
 
 
+def _assistant_messages(
+    m: dict[str, Any], *, keep_reasoning: bool, names: dict[str, str]
+) -> list[Message]:
+    out = []
+    reasoning = m.get("reasoning") or m.get("reasoning_content")
+    if reasoning and keep_reasoning:
+        out.append(
+            Message.from_role_and_content(Role.ASSISTANT, reasoning).with_channel("analysis")
+        )
+    calls = m.get("tool_calls") or []
+    if m.get("content"):
+        # Text next to tool calls is a preamble on the commentary channel.
+        channel = "commentary" if calls else "final"
+        out.append(
+            Message.from_role_and_content(Role.ASSISTANT, m["content"]).with_channel(channel)
+        )
+    for call in calls:
+        names[call["id"]] = call["name"]
+        msg = Message.from_role_and_content(Role.ASSISTANT, call["arguments"])
+        out.append(
+            msg.with_channel("commentary")
+            .with_recipient(f"functions.{call['name']}")
+            .with_content_type("<|constrain|>json")
+        )
+    return out
+
+
 def render_prompt(messages: MessagesLike, **options: Any) -> list[int]:
     """Token ids of the conversation, ready for the assistant's next reply."""
     conv = build_conversation(messages, **options)
-    return list(load_encoding().render_conversation_for_completion(conv, Role.ASSISTANT))
+    config = RenderConversationConfig(auto_drop_analysis=False)  # done in build_conversation
+    return list(load_encoding().render_conversation_for_completion(conv, Role.ASSISTANT, config))
 
 
 @dataclass
@@ -182,6 +345,7 @@ class HarmonyStream:
         self._header: list[int] = []
         self._detok: Any = None  # made on first use: the fallback is rare
         self.messages: list[_Parsed] = []
+        self._ids: list[str] = []
 
     @property
     def raw(self) -> bool:
@@ -258,14 +422,17 @@ class HarmonyStream:
             "".join(m.text) for m in self.messages if m.channel == channel and not m.recipient
         )
 
+    def _call_id(self, i: int) -> str:
+        # Ids must be unique across a conversation (clients key tool results by them).
+        while len(self._ids) <= i:
+            self._ids.append(f"call_{uuid.uuid4().hex[:24]}")
+        return self._ids[i]
+
     def tool_calls(self) -> list[ToolCall]:
         """Calls addressed to ``functions.*`` (Harmony's function-tool namespace)."""
         calls = []
         for i, m in enumerate(self.messages):
             if m.recipient and m.recipient.startswith("functions."):
-                calls.append(
-                    ToolCall(
-                        f"call_{i}", m.recipient.removeprefix("functions."), "".join(m.text).strip()
-                    )
-                )
+                name = m.recipient.removeprefix("functions.")
+                calls.append(ToolCall(self._call_id(i), name, "".join(m.text).strip()))
         return calls
