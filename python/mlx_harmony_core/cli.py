@@ -6,8 +6,10 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 
@@ -208,6 +210,35 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     return repl(session)
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import mlx_harmony_core as mhc
+
+    from .server import ServerOptions, serve
+
+    key = args.api_key or os.environ.get("MLX_HARMONY_CORE_API_KEY") or None
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not key:
+        logging.getLogger(__name__).warning(
+            "serving on %s without --api-key: anyone who can reach it can use it", args.host
+        )
+    engine = mhc.load(
+        args.model,
+        prefix_cache_entries=args.prefix_cache_entries,
+        prefix_cache_bytes=int(args.prefix_cache_mb * 2**20),
+    )
+    name = args.model_name or Path(args.model.rstrip("/")).name or args.model
+    options = ServerOptions(
+        model_name=name,
+        api_key=key,
+        max_queue=args.max_queue,
+        max_body_bytes=int(args.max_body_mb * 2**20),
+        default_max_tokens=args.max_tokens,
+        version=mhc.__version__,
+    )
+    print(f"serving {name} on http://{args.host}:{args.port}/v1", flush=True)
+    serve(engine, host=args.host, port=args.port, options=options)
+    return 0
+
+
 def _cmd_make_test_model(args: argparse.Namespace) -> int:
     from .loading import make_test_model
 
@@ -284,6 +315,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prompt_flags(c, chat=True)
     _add_sampling_flags(c)
     c.set_defaults(func=_cmd_chat)
+
+    v = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    v.add_argument("--model", "-m", default="demo", help="model directory, HF repo id, or 'demo'")
+    v.add_argument("--model-name", default=None, help="the id clients use (default: dir name)")
+    v.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument(
+        "--api-key", default=None, help="require 'Bearer KEY' (or MLX_HARMONY_CORE_API_KEY)"
+    )
+    v.add_argument("--max-queue", type=int, default=64, help="requests waiting before 503")
+    v.add_argument("--max-body-mb", type=float, default=4.0, help="request body limit")
+    v.add_argument("--max-tokens", type=int, default=4096, help="reply limit when not given")
+    v.add_argument("--prefix-cache-entries", type=int, default=64)
+    v.add_argument("--prefix-cache-mb", type=float, default=2048.0, help="prefix cache bound")
+    v.set_defaults(func=_cmd_serve)
 
     t = sub.add_parser("make-test-model", help="write a random-weight GPT-OSS model directory")
     t.add_argument("dir")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -23,12 +24,14 @@ from .harmony import (
     reply_primer,
 )
 from .kv_cache import make_cache
+from .prefix_cache import PrefixCache
 from .sampling import Sampler, check_ids
 from .stopping import (
     Detokenizer,
     StopStrings,
     TokenStops,
     harmony_detokenizer,
+    o200k_harmony_bytes,
     token_sequences,
     tokenizer_bytes,
 )
@@ -109,6 +112,10 @@ class Engine:
     With a Harmony ``encoding`` (GPT-OSS) prompts are rendered and replies parsed as Harmony;
     with an mlx-lm ``tokenizer`` the model's own chat template is used and the reply is plain
     text on the ``final`` channel.
+
+    Each finished request's KV cache is kept for prefix reuse: ``prefix_cache_entries``
+    caches (1: the last turn, as a chat needs; a server keeps more), at most
+    ``prefix_cache_bytes`` in all; ``reuse_cache=False`` turns it off.
     """
 
     def __init__(
@@ -122,6 +129,8 @@ class Engine:
         prefill_step_size: int = 512,
         reuse_cache: bool = True,
         cache_options: dict[str, Any] | None = None,
+        prefix_cache_entries: int = 1,
+        prefix_cache_bytes: int | None = None,
     ) -> None:
         if encoding is None and tokenizer is None:
             raise ValueError("Engine needs a Harmony encoding (GPT-OSS) or an mlx-lm tokenizer")
@@ -136,11 +145,15 @@ class Engine:
         self.reuse_cache = reuse_cache
         self.cache_options = dict(cache_options or {})
         self._detok: Detokenizer | None = None
+        self._token_bytes: list[bytes] | None = None
         # Generation runs on its own stream (as in mlx-lm): measurably faster first tokens.
-        self._stream = mx.new_stream(mx.default_device())
-        # The previous request's cache and the tokens it holds, for prefix reuse.
-        self._cache: list[Any] | None = None
-        self._cache_tokens: list[int] = []
+        _materialize(model)
+        # MLX streams belong to the thread that made them: one per generating thread.
+        self._local = threading.local()
+        # Earlier requests' caches, found again by common prefix (one entry: the last turn).
+        self.prefix_cache = PrefixCache(
+            prefix_cache_bytes, prefix_cache_entries if reuse_cache else 0
+        )
 
     # -- prompts ---------------------------------------------------------------------------
     def render(self, messages: MessagesLike | Sequence[int], **options: Any) -> list[int]:
@@ -193,6 +206,20 @@ class Engine:
             getattr(self.tokenizer, "eos_token_ids", None) or [self.tokenizer.eos_token_id]
         )
 
+    def token_bytes(self) -> Sequence[bytes]:
+        """The bytes of every token id (special tokens as their text)."""
+        if self.encoding is not None:
+            return o200k_harmony_bytes()
+        if self._token_bytes is None:
+            self._token_bytes = tokenizer_bytes(self.tokenizer)
+        return self._token_bytes
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of raw text (special-token text is allowed: raw prompts use it)."""
+        if self.encoding is not None:
+            return list(self.encoding.encode(text, allowed_special="all"))
+        return list(self.tokenizer.encode(text))
+
     def _detokenizer(self) -> Detokenizer:
         if self.encoding is not None:
             return harmony_detokenizer()
@@ -204,36 +231,23 @@ class Engine:
     def _make_cache(self) -> list[Any]:
         return make_cache(self.model, **self.cache_options)
 
-    def _reuse(self, prompt_ids: list[int]) -> tuple[list[Any], int]:
-        """A cache holding the longest reusable prefix of ``prompt_ids``, and its length.
+    def _gen_stream(self) -> Any:
+        stream = getattr(self._local, "stream", None)
+        if stream is None:
+            stream = self._local.stream = mx.new_stream(mx.default_device())
+        return stream
 
-        The previous request's cache is rewound to the common prefix (at least one prompt
-        token is always left to run, for the first logits); if a layer cannot rewind that
-        far, or reuse is off, a fresh cache is made.
-        """
-        cache, self._cache = self._cache, None
-        if not self.reuse_cache or cache is None:
+    def _reuse(self, prompt_ids: list[int]) -> tuple[list[Any], int]:
+        """A cache holding the longest reusable prefix of ``prompt_ids``, and its length
+        (a fresh cache and 0 when nothing can be reused)."""
+        cache, common = self.prefix_cache.take(prompt_ids)
+        if cache is None:
             return self._make_cache(), 0
-        old = self._cache_tokens
-        common = 0
-        for a, b in zip(old, prompt_ids, strict=False):
-            if a != b:
-                break
-            common += 1
-        common = min(common, len(prompt_ids) - 1)
-        extra = len(old) - common
-        if common == 0 or any(c.offset != len(old) for c in cache if hasattr(c, "trimmable")):
-            return self._make_cache(), 0
-        if any(not hasattr(c, "trimmable") or c.trimmable() < extra for c in cache):
-            logger.info("cache cannot rewind %d tokens; prefilling from scratch", extra)
-            return self._make_cache(), 0
-        for c in cache:
-            c.trim(extra)
         return cache, common
 
     def reset_cache(self) -> None:
-        """Forget the previous request's cache (the next prompt is prefilled in full)."""
-        self._cache, self._cache_tokens = None, []
+        """Forget earlier requests' caches (the next prompt is prefilled in full)."""
+        self.prefix_cache.clear()
 
     def _prefill(self, prompt: mx.array, cache: list[Any], progress: Progress | None) -> mx.array:
         """Run all but the last prompt token through the model in chunks; return the rest."""
@@ -241,7 +255,7 @@ class Engine:
         done = 0
         while prompt.size - done > 1:
             n = min(self.prefill_step_size, prompt.size - done - 1)
-            with mx.stream(self._stream):
+            with mx.stream(self._gen_stream()):
                 self.model(prompt[None, done : done + n], cache=cache)
             mx.eval([c.state for c in cache])
             done += n
@@ -271,7 +285,9 @@ class Engine:
 
         def step(tokens: mx.array) -> tuple[mx.array, Any]:
             nonlocal window
-            with mx.stream(self._stream):  # only while building: the caller's stream is untouched
+            with mx.stream(
+                self._gen_stream()
+            ):  # only while building: the caller's stream is untouched
                 logits = self.model(tokens[None], cache=cache)[:, -1, :]
                 if logprobs is None:
                     ids, lp = sampler.lazy(logits, window), None
@@ -309,7 +325,7 @@ class Engine:
         finally:
             # A consumer that stops early (GeneratorExit) leaves a valid cache; an error does not.
             if ok and self.reuse_cache:
-                self._cache, self._cache_tokens = cache, prompt_ids + generated[:fed]
+                self.prefix_cache.put(prompt_ids + generated[:fed], cache)
 
     # -- public API ------------------------------------------------------------------------
     def stream(
@@ -467,6 +483,21 @@ class Engine:
             completion = event.completion or completion
         assert completion is not None
         return completion
+
+
+def _materialize(model: Any) -> None:
+    """Evaluate every array the model holds, private ones too (RoPE tables and the like).
+
+    Since MLX 0.31.2 an unevaluated array can only be evaluated on the thread whose stream
+    built it; a model loaded on one thread and served from another would fail otherwise.
+    """
+    modules = model.modules() if hasattr(model, "modules") else []
+    arrays = []
+    for m in modules:
+        items = list(vars(m).values()) + (list(m.values()) if isinstance(m, dict) else [])
+        arrays += [v for v in items if isinstance(v, mx.array)]
+    if arrays:
+        mx.eval(arrays)
 
 
 def _is_token_ids(messages: Any) -> bool:
