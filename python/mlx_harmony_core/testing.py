@@ -73,3 +73,50 @@ class ScriptedModel:
     def _token_at(self, position: int) -> int:
         k = position - (self.prompt_length - 1)
         return self.script[k] if 0 <= k < len(self.script) else self.filler
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServerThread:
+    """The real server (uvicorn) for ``engine`` on a free loopback port, in this process.
+
+    ``with ServerThread(engine, options) as base_url: ...``; generation runs on the
+    package's generation thread, the event loop on this helper's thread.
+    """
+
+    def __init__(self, engine: Any, options: Any = None) -> None:
+        import uvicorn
+
+        from .server import create_app
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(
+            create_app(engine, options), host="127.0.0.1", port=self.port, log_level="warning"
+        )
+        self.server = uvicorn.Server(config)
+        self._thread: Any = None
+
+    def __enter__(self) -> str:
+        import threading
+        import time
+
+        self._thread = threading.Thread(target=self.server.run, daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+        return self.url
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout=30)
