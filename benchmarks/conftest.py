@@ -58,11 +58,20 @@ def _fmt(seconds: float) -> str:
 SUBPROCESS_ROWS: list[tuple[str, str, float, float]] = []
 
 
+# Rows of bench_server.py: (case, engine, requests/s, mean TTFT in seconds).
+SERVER_ROWS: list[tuple[str, str, float, float]] = []
+
+
 def pytest_sessionfinish(session, exitstatus):
-    if not SUBPROCESS_ROWS:
-        return
     tr = session.config.pluginmanager.get_plugin("terminalreporter")
     if tr is None:
+        return
+    if SERVER_ROWS:
+        tr.section("server: requests/s and mean time to first token")
+        tr.write_line(f"{'case':52s} {'engine':>9s} {'req/s':>8s} {'TTFT':>10s}")
+        for case, engine, rps, ttft in SERVER_ROWS:
+            tr.write_line(f"{case:52s} {engine:>9s} {rps:8.2f} {ttft * 1e3:8.1f}ms")
+    if not SUBPROCESS_ROWS:
         return
     tr.section("OpenBLAS shim on vs off (MLX reference BLAS), same machine, same run")
     tr.write_line(f"{'case':44s} {'unit':>8s} {'shim on':>10s} {'off':>10s} {'ratio':>7s}")
