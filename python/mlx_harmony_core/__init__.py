@@ -16,7 +16,15 @@ ensure_vocab_env()
 import mlx.core  # noqa: E402,F401  (must precede _core)
 
 from . import _core  # noqa: E402,F401
-from .config import SamplingParams  # noqa: E402
+from .chat_log import ChatLog, ChatLogError  # noqa: E402
+from .config import (  # noqa: E402
+    Example,
+    PromptConfig,
+    SamplingParams,
+    load_profile,
+    load_prompt_config,
+    resolve_settings,
+)
 from .engine import Completion, Engine, StreamEvent, Timings, Usage  # noqa: E402
 from .harmony import HarmonyStream, ToolCall, load_encoding, render_prompt  # noqa: E402
 from .kv_cache import (  # noqa: E402
@@ -30,6 +38,7 @@ from .kv_cache import (  # noqa: E402
 from .loading import ModelLoadError, load, load_model, make_test_model  # noqa: E402
 from .sampling import LogProbs, Sampler  # noqa: E402
 from .stopping import Detokenizer, StopStrings, TokenStops  # noqa: E402
+from .tools import Tool, ToolLoopResult, run_tool_loop  # noqa: E402
 
 
 def backend_info() -> dict[str, object]:
@@ -42,6 +51,16 @@ def backend_info() -> dict[str, object]:
 __version__ = "0.1.0"
 
 __all__ = [
+    "ChatLog",
+    "ChatLogError",
+    "Example",
+    "PromptConfig",
+    "load_profile",
+    "load_prompt_config",
+    "resolve_settings",
+    "Tool",
+    "ToolLoopResult",
+    "run_tool_loop",
     "Completion",
     "KVCache",
     "QuantizedKVCache",
