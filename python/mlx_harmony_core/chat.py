@@ -164,10 +164,7 @@ class ChatSession:
         state.reasoning = False
 
     def _progress(self, done: int, total: int) -> None:
-        if total > self.engine.prefill_step_size:
-            end = "\n" if done + 1 >= total else ""
-            self.err.write(f"\r[prefill {done}/{total} tokens]{end}")
-            self.err.flush()
+        prefill_progress(self.err, self.engine.prefill_step_size)(done, total)
 
     def _stats(self, c: Any) -> str:
         t, u = c.timings, c.usage
@@ -178,6 +175,18 @@ class ChatSession:
             f"peak {t.peak_memory_bytes / 2**20:.0f} MiB]\n"
         )
         return f"{DIM}{text}{RESET}" if self.color else text
+
+
+def prefill_progress(err: TextIO, step: int) -> Callable[[int, int], None]:
+    """A progress callback that shows long prefills (more than one chunk) on ``err``."""
+
+    def show(done: int, total: int) -> None:
+        if total > step:
+            end = "\n" if done + 1 >= total else ""
+            err.write(f"\r[prefill {done}/{total} tokens]{end}")
+            err.flush()
+
+    return show
 
 
 def _interrupted(text: str, reasoning: str) -> Any:

@@ -131,7 +131,7 @@ def _load_engine(model: str, args: argparse.Namespace) -> Any:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from .chat import DIM, RESET
+    from .chat import DIM, RESET, prefill_progress
     from .config import resolve_settings
 
     model, config = _model_and_config(args)
@@ -152,6 +152,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         max_tokens=settings.max_tokens,
         stop=args.stop,
         truncate=bool(settings.truncate),
+        progress=None if args.json else prefill_progress(sys.stderr, engine.prefill_step_size),
         **settings.render_options(),
     ):
         if event.completion is not None:

@@ -40,7 +40,6 @@ IGNORED_FIELDS = frozenset(
         "parallel_tool_calls",
         "prompt_cache_key",
         "safety_identifier",
-        "stream_options",
     }
 )
 
@@ -168,8 +167,7 @@ def _parse(model: type[BaseModel], body: bytes) -> Any:
     if not isinstance(data, dict):
         raise APIError(400, "the body must be a JSON object")
     for key in IGNORED_FIELDS & data.keys():
-        if key != "stream_options":
-            data.pop(key)
+        data.pop(key)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
