@@ -7,7 +7,6 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, TextIO
 
 from .chat_log import ChatLog, chat_path
@@ -111,10 +110,9 @@ class ChatSession:
         s = self.settings
         self.log.add_user(text)
         params = s.sampling()
-        show = s.show_reasoning is not False
+        printer = ReplyPrinter(self.out, self.color, show_reasoning=s.show_reasoning is not False)
         parts: dict[str, list[str]] = {"final": [], "analysis": []}
         completion = None
-        state = SimpleNamespace(reasoning=False)
         try:
             for event in self.engine.stream(
                 self.messages(),
@@ -130,43 +128,53 @@ class ChatSession:
                 if event.recipient:
                     continue
                 parts.setdefault(event.channel, []).append(event.delta)
-                self._show(event.channel, event.delta, show, state)
+                printer.show(event.channel, event.delta)
         except KeyboardInterrupt:
-            self._end_reasoning(state)
+            printer.end_reasoning()
             self.err.write("\n[stopped]\n")
             completion = _interrupted("".join(parts["final"]), "".join(parts["analysis"]))
-        self._end_reasoning(state)
+        printer.end_reasoning()
         self.out.write("\n")
+        self.out.flush()  # the stats line (stderr) comes after the answer
         self.log.add_assistant(completion, model=self.model_name, params=params)
         if completion.finish_reason != "interrupted":
-            self.err.write(self._stats(completion))
+            self.err.write(printer.stats(completion))
         if self.path is not None:
             self.log.save(self.path)
         self.out.flush()
         return completion
 
-    def _show(self, channel: str, delta: str, show: bool, state: SimpleNamespace) -> None:
+    def _progress(self, done: int, total: int) -> None:
+        prefill_progress(self.err, self.engine.prefill_step_size)(done, total)
+
+
+class ReplyPrinter:
+    """Writes a streamed reply: the answer as is, reasoning dimmed (or tagged) or hidden."""
+
+    def __init__(self, out: TextIO, color: bool, *, show_reasoning: bool) -> None:
+        self.out, self.color, self.show_reasoning = out, color, show_reasoning
+        self._in_reasoning = False
+
+    def show(self, channel: str, delta: str) -> None:
         if channel == "analysis":
-            if not show:
+            if not self.show_reasoning:
                 return
-            if not state.reasoning:
+            if not self._in_reasoning:
                 self.out.write(DIM if self.color else "[reasoning] ")
-                state.reasoning = True
-        elif state.reasoning:
-            self._end_reasoning(state)
+                self._in_reasoning = True
+        elif self._in_reasoning:
+            self.end_reasoning()
             self.out.write("\n\n")
         self.out.write(delta)
         self.out.flush()
 
-    def _end_reasoning(self, state: SimpleNamespace) -> None:
-        if state.reasoning and self.color:
+    def end_reasoning(self) -> None:
+        if self._in_reasoning and self.color:
             self.out.write(RESET)
-        state.reasoning = False
+        self._in_reasoning = False
 
-    def _progress(self, done: int, total: int) -> None:
-        prefill_progress(self.err, self.engine.prefill_step_size)(done, total)
-
-    def _stats(self, c: Any) -> str:
+    def stats(self, c: Any) -> str:
+        """The line after a reply: prompt (cached), speeds, finish reason, peak memory."""
         t, u = c.timings, c.usage
         text = (
             f"[{u.prompt_tokens} prompt ({u.cached_prompt_tokens} cached), "

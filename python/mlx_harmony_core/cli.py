@@ -131,24 +131,23 @@ def _load_engine(model: str, args: argparse.Namespace) -> Any:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from .chat import DIM, RESET, prefill_progress
+    from .chat import ReplyPrinter, prefill_progress
     from .config import resolve_settings
 
     model, config = _model_and_config(args)
     settings = resolve_settings(prompt_config=config, cli=_cli_settings(args))
-    params = settings.sampling()
     engine = _load_engine(model, args)
     if settings.context_length:
         engine.context_length = settings.context_length
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
-    show_reasoning = bool(settings.show_reasoning) and not args.json
-    color = sys.stdout.isatty()
+    printer = ReplyPrinter(
+        sys.stdout, sys.stdout.isatty(), show_reasoning=bool(settings.show_reasoning)
+    )
     completion = None
-    in_reasoning = False
     messages = [*settings.prefix_messages(), {"role": "user", "content": prompt}]
     for event in engine.stream(
         messages,
-        params,
+        settings.sampling(),
         max_tokens=settings.max_tokens,
         stop=args.stop,
         truncate=bool(settings.truncate),
@@ -157,34 +156,17 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     ):
         if event.completion is not None:
             completion = event.completion
-            break
-        if args.json or event.recipient:
-            continue
-        if event.channel == "final":
-            if in_reasoning:
-                sys.stdout.write((RESET if color else "") + "\n\n")
-                in_reasoning = False
-            sys.stdout.write(event.delta)
-        elif event.channel == "analysis" and show_reasoning:
-            if not in_reasoning:
-                sys.stdout.write(DIM if color else "[reasoning] ")
-                in_reasoning = True
-            sys.stdout.write(event.delta)
-        sys.stdout.flush()
+        elif not args.json and not event.recipient:
+            printer.show(event.channel, event.delta)
     assert completion is not None
     if args.json:
         json.dump(completion.to_dict(), sys.stdout, ensure_ascii=False, indent=2)
         sys.stdout.write("\n")
         return 0
-    if in_reasoning:
-        sys.stdout.write(RESET if color else "")
-    t, u = completion.timings, completion.usage
+    printer.end_reasoning()
     sys.stdout.write("\n")
-    sys.stderr.write(
-        f"\n[{u.prompt_tokens} prompt tokens, {t.prefill_tokens_per_s:.1f} tok/s | "
-        f"{u.completion_tokens} generated, {t.decode_tokens_per_s:.1f} tok/s | "
-        f"finish: {completion.finish_reason} | peak memory {t.peak_memory_bytes / 2**20:.0f} MiB]\n"
-    )
+    sys.stdout.flush()  # the stats line (stderr) comes after the answer
+    sys.stderr.write(printer.stats(completion))
     return 0
 
 

@@ -242,11 +242,9 @@ class Worker:
 
     def _run(self, job: Job) -> None:
         try:
-            if not job.cancel.is_set():
+            if not job.cancel.is_set():  # the engine polls the flag each token from here
                 for event in job.run(job.cancel.is_set):
                     job.emit(event)
-                    if job.cancel.is_set():
-                        break
         except Exception as exc:  # reported to that client; the thread keeps serving
             if not isinstance(exc, ValueError | TypeError):
                 logger.exception("generation failed")
