@@ -1,8 +1,11 @@
-// The fused sampler: logits processors, filters and a seeded draw in one op.
+// The fused sampler: token mask, logits processors, filters and a seeded draw
+// in one op.
 //
-// Order (HF / vLLM, temperature first): logit bias -> repetition, presence and
-// frequency penalties over the history window -> temperature (0 = greedy
-// argmax of the processed logits) -> top-k -> top-p -> min-p -> XTC -> draw.
+// Order (HF / vLLM, temperature first): token mask -> logit bias ->
+// repetition, presence and frequency penalties over the history window ->
+// temperature (0 = greedy argmax of the processed logits) -> top-k -> top-p
+// -> min-p -> XTC -> draw. The CPU kernel is sampling/kernel.cpp, the MLX-ops
+// path sampling/ops.cpp.
 #pragma once
 
 #include "mlx/array.h"
@@ -20,8 +23,10 @@ namespace mx = mlx::core;
 // Written in place of a token id; the Python layer raises ValueError for them
 // (a kernel running on MLX's scheduler thread must not throw).
 constexpr int32_t kErrorNonFinite = -1;   // NaN or +inf in a row
-constexpr int32_t kErrorNoCandidate = -2; // every logit is -inf
+constexpr int32_t kErrorNoCandidate = -2; // every logit is -inf (or masked)
 
+// The C++ side of SamplingParams (python/mlx_harmony_core/config.py holds the
+// names, defaults and limits; sampling.py converts).
 struct SamplingOptions {
   float temperature = 1.0f; // 0: greedy argmax
   int32_t top_k = 0;        // 0 or >= V: off; ties at the k-th value are kept
@@ -47,6 +52,7 @@ void validate(const SamplingOptions& o);
 
 // logits: (V,) or (B, V) float32/float16/bfloat16. history: (B, W) int32
 // padded with -1 (or empty). bias_ids/bias_values: (N,) int32 / float32.
+// mask: (B, ceil(V/32)) uint32, bit set = allowed (or empty).
 // Returns {ids} or, with logprobs >= 0, {ids, logprob, top_ids, top_logprobs}.
 // `kernel`: true = the CPU primitive, false = MLX ops (the GPU path),
 // unset = by the stream's device.
@@ -54,6 +60,7 @@ std::vector<mx::array> sample(const mx::array& logits,
                               const mx::array& history,
                               const mx::array& bias_ids,
                               const mx::array& bias_values,
+                              const mx::array& mask,
                               const SamplingOptions& options,
                               std::optional<bool> kernel,
                               mx::StreamOrDevice s = {});

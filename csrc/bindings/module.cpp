@@ -1,6 +1,8 @@
 // The _core extension: one init function per area.
 #include <nanobind/nanobind.h>
 
+#include <stdexcept>
+
 namespace nb = nanobind;
 
 namespace mlx_harmony_core {
@@ -13,6 +15,14 @@ NB_MODULE(_core, m) {
   // mx.array must be registered before our signatures mention it.
   nb::module_::import_("mlx.core");
   m.doc() = "C++ core of mlx-harmony-core: sampler, KV caches, stop matching.";
+  // Module-wide: an index out of range in any area is the caller's ValueError.
+  nb::register_exception_translator([](const std::exception_ptr& p, void*) {
+    try {
+      std::rethrow_exception(p);
+    } catch (const std::out_of_range& e) {
+      PyErr_SetString(PyExc_ValueError, e.what());
+    }
+  });
   mlx_harmony_core::init_sampling(m);
   mlx_harmony_core::init_stop(m);
   mlx_harmony_core::init_kv_cache(m);

@@ -4,6 +4,7 @@
 
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
 #include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
 
@@ -16,47 +17,61 @@ void init_sampling(nb::module_& m) {
   m.attr("ERROR_NON_FINITE") = kErrorNonFinite;
   m.attr("ERROR_NO_CANDIDATE") = kErrorNoCandidate;
 
+  // Fields are bound by name; SamplingParams (Python) is where their limits
+  // and help live, and sampling.py fills this struct from it.
+  nb::class_<SamplingOptions>(
+      m,
+      "SamplingOptions",
+      "The fused sampler's options (filled from SamplingParams by "
+      "mlx_harmony_core.sampling).")
+      .def(nb::init<>())
+      .def_rw("temperature", &SamplingOptions::temperature)
+      .def_rw("top_k", &SamplingOptions::top_k)
+      .def_rw("top_p", &SamplingOptions::top_p)
+      .def_rw("min_p", &SamplingOptions::min_p)
+      .def_rw("min_tokens_to_keep", &SamplingOptions::min_tokens_to_keep)
+      .def_rw("xtc_probability", &SamplingOptions::xtc_probability)
+      .def_rw("xtc_threshold", &SamplingOptions::xtc_threshold)
+      .def_rw("repetition_penalty", &SamplingOptions::repetition_penalty)
+      .def_rw("presence_penalty", &SamplingOptions::presence_penalty)
+      .def_rw("frequency_penalty", &SamplingOptions::frequency_penalty)
+      .def_rw("seed", &SamplingOptions::seed)
+      .def_rw("counter", &SamplingOptions::counter)
+      .def_rw("logprobs", &SamplingOptions::logprobs)
+      .def("__copy__", [](const SamplingOptions& o) { return o; });
+
   m.def(
       "sample",
       [](const mx::array& logits,
          std::optional<mx::array> history,
          std::optional<mx::array> bias_ids,
          std::optional<mx::array> bias_values,
-         float temperature,
-         int top_k,
-         float top_p,
-         float min_p,
-         int min_tokens_to_keep,
-         float xtc_probability,
-         float xtc_threshold,
-         float repetition_penalty,
-         float presence_penalty,
-         float frequency_penalty,
-         uint64_t seed,
-         uint64_t counter,
-         int logprobs,
+         std::optional<SamplingOptions> options,
+         std::optional<mx::array> mask,
          std::optional<bool> kernel,
-         mx::StreamOrDevice s) {
-        SamplingOptions o;
-        o.temperature = temperature;
-        o.top_k = top_k;
-        o.top_p = top_p;
-        o.min_p = min_p;
-        o.min_tokens_to_keep = min_tokens_to_keep;
-        o.xtc_probability = xtc_probability;
-        o.xtc_threshold = xtc_threshold;
-        o.repetition_penalty = repetition_penalty;
-        o.presence_penalty = presence_penalty;
-        o.frequency_penalty = frequency_penalty;
-        o.seed = seed;
-        o.counter = counter;
-        o.logprobs = logprobs;
+         mx::StreamOrDevice s,
+         nb::kwargs overrides) {
+        SamplingOptions o = options.value_or(SamplingOptions{});
+        if (overrides.size() > 0) {
+          // Keyword overrides go through the bound fields: one list of names.
+          nb::object view = nb::cast(&o, nb::rv_policy::reference);
+          for (auto [key, value] : overrides) {
+            if (!nb::hasattr(view, key)) {
+              throw nb::type_error(("sample() got an unknown option '" +
+                                    nb::cast<std::string>(key) + "'")
+                                       .c_str());
+            }
+            nb::setattr(view, key, value);
+          }
+        }
         auto none_i = mx::zeros({0}, mx::int32);
         auto none_f = mx::zeros({0}, mx::float32);
+        auto none_u = mx::zeros({0}, mx::uint32);
         return sample(logits,
                       history.value_or(none_i),
                       bias_ids.value_or(none_i),
                       bias_values.value_or(none_f),
+                      mask.value_or(none_u),
                       o,
                       kernel,
                       s);
@@ -65,42 +80,24 @@ void init_sampling(nb::module_& m) {
       "history"_a = nb::none(),
       "bias_ids"_a = nb::none(),
       "bias_values"_a = nb::none(),
+      "options"_a = nb::none(),
       nb::kw_only(),
-      "temperature"_a = 1.0f,
-      "top_k"_a = 0,
-      "top_p"_a = 1.0f,
-      "min_p"_a = 0.0f,
-      "min_tokens_to_keep"_a = 1,
-      "xtc_probability"_a = 0.0f,
-      "xtc_threshold"_a = 0.1f,
-      "repetition_penalty"_a = 1.0f,
-      "presence_penalty"_a = 0.0f,
-      "frequency_penalty"_a = 0.0f,
-      "seed"_a = 0,
-      "counter"_a = 0,
-      "logprobs"_a = -1,
+      "mask"_a = nb::none(),
       "kernel"_a = nb::none(),
       "stream"_a = nb::none(),
-      nb::sig(
-          "def sample(logits: mlx.core.array, history: mlx.core.array | None = "
-          "None, bias_ids: mlx.core.array | None = None, bias_values: "
-          "mlx.core.array | None = None, *, temperature: float = 1.0, top_k: "
-          "int = 0, top_p: float = 1.0, min_p: float = 0.0, "
-          "min_tokens_to_keep: int = 1, xtc_probability: float = 0.0, "
-          "xtc_threshold: float = 0.1, repetition_penalty: float = 1.0, "
-          "presence_penalty: float = 0.0, frequency_penalty: float = 0.0, "
-          "seed: int = 0, counter: int = 0, logprobs: int = -1, kernel: bool "
-          "| None = None, stream: mlx.core.Stream | mlx.core.Device | None = "
-          "None) -> list[mlx.core.array]"),
+      "overrides"_a,
       R"(Draw one token id per row of ``logits`` ((V,) or (B, V)).
 
-Order: logit bias -> repetition/presence/frequency penalties over ``history``
-((B, W) int32, -1 = padding) -> temperature (0 = greedy) -> top-k -> top-p ->
-min-p -> XTC -> draw, keyed by (seed, counter, row). Returns ``[ids]`` or,
-with ``logprobs >= 0``, ``[ids, logprob, top_ids, top_logprobs]`` computed on
-the raw logits. Rows with NaN/+inf get ERROR_NON_FINITE, all -inf rows
-ERROR_NO_CANDIDATE. ``kernel``: True = CPU kernel, False = MLX ops (the GPU
-path), None = by device.)");
+Order: token ``mask`` ((B, ceil(V/32)) uint32, bit set = allowed) -> logit
+bias -> repetition/presence/frequency penalties over ``history`` ((B, W)
+int32, -1 = padding) -> temperature (0 = greedy) -> top-k -> top-p -> min-p
+-> XTC -> draw, keyed by (seed, counter, row). ``options`` is a
+SamplingOptions; keyword arguments override its fields by name. Returns
+``[ids]`` or, with ``logprobs >= 0``, ``[ids, logprob, top_ids,
+top_logprobs]`` computed on the raw logits. Rows with NaN/+inf get
+ERROR_NON_FINITE, rows with no allowed finite logit ERROR_NO_CANDIDATE.
+``kernel``: True = CPU kernel, False = MLX ops (the GPU path), None = by
+device.)");
 
   m.def("uniform01",
         &uniform01,

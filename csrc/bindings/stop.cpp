@@ -20,14 +20,6 @@ std::optional<int64_t> hit(int64_t i) {
 } // namespace
 
 void init_stop(nb::module_& m) {
-  nb::register_exception_translator([](const std::exception_ptr& p, void*) {
-    try {
-      std::rethrow_exception(p);
-    } catch (const std::out_of_range& e) {
-      PyErr_SetString(PyExc_ValueError, e.what());
-    }
-  });
-
   nb::class_<Detokenizer>(
       m,
       "Detokenizer",
