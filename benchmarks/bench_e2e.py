@@ -39,11 +39,11 @@ def test_generate(benchmark, model, sampling, engine):
     params = (
         mhc.SamplingParams(**CHAIN) if sampling == "chain" else mhc.SamplingParams(temperature=0.0)
     )
-    prompt = synthetic_prompt(prompt_tokens)
+    prompt = synthetic_prompt(prompt_tokens, eng.vocab_size, avoid=eng.chat_format.stop_ids())
     benchmark.group = f"{name}: {prompt_tokens} prompt + {gen} generated, {sampling}"
     benchmark.extra_info["engine"] = engine
     fn = run_ours if engine == "ours" else run_mlx_lm
-    target = eng if engine == "ours" else eng.model
+    target = eng
     fn(target, prompt[:16], 4, params)  # warm-up
     run = benchmark.pedantic(
         fn, args=(target, prompt, gen, params), rounds=1 if benchmark.disabled else 3, iterations=1

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import mlx_harmony_core as mhc
 from mlx_harmony_core import _core
-from mlx_harmony_core.stopping import harmony_detokenizer, o200k_harmony_bytes
+from mlx_harmony_core.harmony import harmony_detokenizer, o200k_harmony_bytes
 from mlx_harmony_core.testing import ScriptedModel
 
 

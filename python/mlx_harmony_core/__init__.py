@@ -1,32 +1,35 @@
 """mlx-harmony-core: a fast, correct inference core for GPT-OSS and other mlx-lm models on MLX.
 
 Import order matters: on Linux OpenBLAS is loaded before ``mlx.core`` so MLX's matrix
-products reach it, ``mlx.core`` registers ``mx.array`` with nanobind before ``_core`` loads,
-and the shipped o200k vocabulary is put in place before ``openai_harmony`` needs it.
+products reach it, and ``mlx.core`` registers ``mx.array`` with nanobind before ``_core``
+loads. Importing writes no file: the shipped o200k vocabulary is unpacked on first use.
 """
 
-from __future__ import annotations
-
 from . import _blas
-from ._vocab import ensure_vocab_env
 
 _blas.enable()
-ensure_vocab_env()
 
-import mlx.core  # noqa: E402,F401  (must precede _core)
+import mlx.core as _mx  # noqa: E402  (must precede _core)
 
 from . import _core  # noqa: E402,F401
+from ._version import __version__  # noqa: E402
+from .chat_format import ChatFormat, ChatTemplateFormat  # noqa: E402
 from .chat_log import ChatLog, ChatLogError  # noqa: E402
 from .config import (  # noqa: E402
     Example,
     PromptConfig,
-    SamplingParams,
     load_profile,
     load_prompt_config,
     resolve_settings,
 )
-from .engine import Completion, Engine, StreamEvent, Timings, Usage  # noqa: E402
-from .harmony import HarmonyStream, ToolCall, load_encoding, render_prompt  # noqa: E402
+from .engine import Engine  # noqa: E402
+from .errors import (  # noqa: E402
+    ContextLengthError,
+    InvalidRequestError,
+    ModelLoadError,
+    RequestTypeError,
+)
+from .harmony import HarmonyFormat, HarmonyStream, load_encoding, render_prompt  # noqa: E402
 from .kv_cache import (  # noqa: E402
     KVCache,
     QuantizedKVCache,
@@ -35,56 +38,64 @@ from .kv_cache import (  # noqa: E402
     make_cache,
     save_cache,
 )
-from .loading import ModelLoadError, load, load_model, make_test_model  # noqa: E402
-from .sampling import LogProbs, Sampler  # noqa: E402
+from .loading import load, load_model, make_test_model  # noqa: E402
+from .messages import ToolCall  # noqa: E402
+from .params import SamplingParams  # noqa: E402
+from .request import Completion, Request, StreamEvent, Timings, Usage  # noqa: E402
+from .sampling import LogProbs, Sampler, pack_mask  # noqa: E402
 from .stopping import Detokenizer, StopStrings, TokenStops  # noqa: E402
 from .tools import Tool, ToolLoopResult, run_tool_loop  # noqa: E402
 
 
 def backend_info() -> dict[str, object]:
     """MLX version and device, which BLAS MLX's CPU calls reach, and its threads."""
-    import mlx.core as mx
+    return {"mlx": _mx.__version__, "device": str(_mx.default_device()), **_blas.info()}
 
-    return {"mlx": mx.__version__, "device": str(mx.default_device()), **_blas.info()}
-
-
-__version__ = "0.1.0"
 
 __all__ = [
+    "ChatFormat",
     "ChatLog",
     "ChatLogError",
-    "Example",
-    "PromptConfig",
-    "load_profile",
-    "load_prompt_config",
-    "resolve_settings",
-    "Tool",
-    "ToolLoopResult",
-    "run_tool_loop",
+    "ChatTemplateFormat",
     "Completion",
-    "KVCache",
-    "QuantizedKVCache",
-    "RotatingKVCache",
-    "load_cache",
-    "make_cache",
-    "save_cache",
-    "backend_info",
+    "ContextLengthError",
     "Detokenizer",
-    "LogProbs",
-    "StopStrings",
-    "TokenStops",
     "Engine",
+    "Example",
+    "HarmonyFormat",
     "HarmonyStream",
+    "InvalidRequestError",
+    "KVCache",
+    "LogProbs",
     "ModelLoadError",
+    "PromptConfig",
+    "QuantizedKVCache",
+    "Request",
+    "RequestTypeError",
+    "RotatingKVCache",
     "Sampler",
     "SamplingParams",
+    "StopStrings",
     "StreamEvent",
     "Timings",
+    "TokenStops",
+    "Tool",
     "ToolCall",
+    "ToolLoopResult",
     "Usage",
+    "__version__",
+    "backend_info",
     "load",
+    "load_cache",
     "load_encoding",
     "load_model",
+    "load_profile",
+    "load_prompt_config",
+    "make_cache",
     "make_test_model",
+    "pack_mask",
     "render_prompt",
+    "resolve_settings",
+    "run_tool_loop",
+    "save_cache",
 ]

@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
 
-from .config import SamplingParams
 from .engine import Engine
+from .errors import InvalidRequestError
+from .params import SamplingParams
+from .stopping import Detokenizer
 
 
 @dataclass
@@ -38,9 +41,13 @@ class Report:
     copy_gbps: float = 0.0
 
 
-def synthetic_prompt(n: int, seed: int = 0) -> list[int]:
-    """Deterministic prompt ids (ordinary, non-special tokens)."""
-    return [int(t) for t in np.random.default_rng(seed).integers(0, 199990, size=n)]
+def synthetic_prompt(n: int, vocab_size: int, seed: int = 0, avoid: Sequence[int] = ()) -> list[int]:
+    """Deterministic prompt ids drawn from the model's own vocabulary (``avoid``: its stop
+    ids, so nothing in the prompt looks like the end of a reply)."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab_size, size=n + len(avoid) + 8)
+    skip = set(avoid)
+    return [int(t) for t in ids if int(t) not in skip][:n]
 
 
 def run_ours(engine: Engine, prompt: list[int], gen: int, params: SamplingParams) -> Run:
@@ -59,10 +66,8 @@ def run_ours(engine: Engine, prompt: list[int], gen: int, params: SamplingParams
 class _Detok:
     """mlx-lm's StreamingDetokenizer interface over our C++ detokenizer."""
 
-    def __init__(self) -> None:
-        from .stopping import harmony_detokenizer
-
-        self._d = harmony_detokenizer()
+    def __init__(self, token_bytes: Sequence[bytes]) -> None:
+        self._d = Detokenizer(list(token_bytes))
         self.reset()
 
     def reset(self) -> None:
@@ -78,12 +83,12 @@ class _Detok:
         self.text += self.last_segment
 
 
-def _mlx_lm_tokenizer() -> Any:
+def _mlx_lm_tokenizer(token_bytes: Sequence[bytes]) -> Any:
     from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-    class HarmonyTokenizer(TokenizerWrapper):  # GPT-OSS dirs carry no HF tokenizer
+    class BenchTokenizer(TokenizerWrapper):  # GPT-OSS dirs carry no HF tokenizer
         def __init__(self) -> None:  # noqa: D107 - deliberately skips the HF setup
-            self._detok = _Detok()
+            self._detok = _Detok(token_bytes)
 
         @property
         def detokenizer(self) -> _Detok:
@@ -93,10 +98,10 @@ def _mlx_lm_tokenizer() -> Any:
         eos_token_ids: set[int] = set()  # like ignore_eos: exactly max_tokens
         bos_token = None
 
-    return HarmonyTokenizer()
+    return BenchTokenizer()
 
 
-def run_mlx_lm(model: Any, prompt: list[int], gen: int, params: SamplingParams) -> Run:
+def run_mlx_lm(engine: Engine, prompt: list[int], gen: int, params: SamplingParams) -> Run:
     from mlx_lm.generate import stream_generate
     from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
@@ -123,8 +128,8 @@ def run_mlx_lm(model: Any, prompt: list[int], gen: int, params: SamplingParams) 
     t0 = time.perf_counter()
     first, n = 0.0, 0
     for _ in stream_generate(
-        model,
-        _mlx_lm_tokenizer(),
+        engine.model,
+        _mlx_lm_tokenizer(engine.token_bytes()),
         mx.array(prompt),
         max_tokens=gen,
         sampler=sampler,
@@ -159,14 +164,14 @@ def forward_tokens_per_s(model: Any, prompt: list[int], steps: int = 16) -> floa
 
 
 def weight_bytes_per_token(model: Any, config: dict[str, Any]) -> int:
-    """Bytes of weights one decode token reads: dense weights but the embedding table, plus the
-    active share of the experts."""
+    """Bytes of weights one decode token reads: dense weights (the embedding table only when it
+    is tied to the output layer), plus the active share of the experts."""
     from mlx.utils import tree_flatten
 
     dense = experts = 0
     for name, a in tree_flatten(model.parameters()):
-        if "embed_tokens" in name:
-            continue
+        if "embed_tokens" in name and not config.get("tie_word_embeddings"):
+            continue  # a lookup reads one row; a tied table is also the output layer
         if ".experts." in name:
             experts += a.nbytes
         else:
@@ -196,17 +201,20 @@ def compare(
     mlx_lm: bool = True,
 ) -> Report:
     """Alternate our engine and mlx-lm's ``stream_generate`` on the same model and prompt."""
+    for name, value in (("prompt_tokens", prompt_tokens), ("gen_tokens", gen_tokens), ("runs", runs)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InvalidRequestError(f"{name} must be a positive integer, got {value!r}")
     params = params or SamplingParams(temperature=0.0)
-    prompt = synthetic_prompt(prompt_tokens)
+    prompt = synthetic_prompt(prompt_tokens, engine.vocab_size, avoid=engine.chat_format.stop_ids())
     report = Report()
     run_ours(engine, prompt[:16], 4, params)  # warm up both paths
     if mlx_lm:
-        run_mlx_lm(engine.model, prompt[:16], 4, params)
+        run_mlx_lm(engine, prompt[:16], 4, params)
     for _ in range(runs):
         report.runs.setdefault("ours", []).append(run_ours(engine, prompt, gen_tokens, params))
         if mlx_lm:
             report.runs.setdefault("mlx-lm", []).append(
-                run_mlx_lm(engine.model, prompt, gen_tokens, params)
+                run_mlx_lm(engine, prompt, gen_tokens, params)
             )
     report.forward_tps = forward_tokens_per_s(engine.model, prompt)
     report.weight_bytes_per_token = weight_bytes_per_token(engine.model, engine.config)

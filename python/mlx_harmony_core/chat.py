@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from .chat_format import ANSWER, REASONING
 from .chat_log import ChatLog, chat_path
 from .config import PromptConfig, resolve_settings
 
@@ -111,7 +112,7 @@ class ChatSession:
         self.log.add_user(text)
         params = s.sampling()
         printer = ReplyPrinter(self.out, self.color, show_reasoning=s.show_reasoning is not False)
-        parts: dict[str, list[str]] = {"final": [], "analysis": []}
+        parts: dict[str, list[str]] = {ANSWER: [], REASONING: []}
         completion = None
         try:
             for event in self.engine.stream(
@@ -127,12 +128,12 @@ class ChatSession:
                     break
                 if event.recipient:
                     continue
-                parts.setdefault(event.channel, []).append(event.delta)
-                printer.show(event.channel, event.delta)
+                parts.setdefault(event.kind, []).append(event.delta)
+                printer.show(event.kind, event.delta)
         except KeyboardInterrupt:
             printer.end_reasoning()
             self.err.write("\n[stopped]\n")
-            completion = _interrupted("".join(parts["final"]), "".join(parts["analysis"]))
+            completion = _interrupted("".join(parts[ANSWER]), "".join(parts[REASONING]))
         printer.end_reasoning()
         self.out.write("\n")
         self.out.flush()  # the stats line (stderr) comes after the answer
@@ -155,8 +156,8 @@ class ReplyPrinter:
         self.out, self.color, self.show_reasoning = out, color, show_reasoning
         self._in_reasoning = False
 
-    def show(self, channel: str, delta: str) -> None:
-        if channel == "analysis":
+    def show(self, kind: str, delta: str) -> None:
+        if kind == REASONING:
             if not self.show_reasoning:
                 return
             if not self._in_reasoning:
@@ -198,7 +199,7 @@ def prefill_progress(err: TextIO, step: int) -> Callable[[int, int], None]:
 
 
 def _interrupted(text: str, reasoning: str) -> Any:
-    from .engine import Completion, Timings, Usage
+    from .request import Completion, Timings, Usage
 
     return Completion(text, reasoning, [], "interrupted", Usage(), Timings())
 

@@ -6,7 +6,6 @@ import datetime
 import difflib
 import getpass
 import json
-import math
 import os
 import re
 from collections.abc import Mapping
@@ -19,72 +18,14 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
-    field_validator,
+    create_model,
     model_validator,
 )
 
 from ._paths import home
+from .params import SamplingParams, problems
 
 _M = TypeVar("_M", bound=BaseModel)
-
-
-class SamplingParams(BaseModel):
-    """How the next token is chosen from the model's logits.
-
-    Applied in this order (the HF / vLLM order: temperature first; mlx-lm instead filters
-    log-probabilities at temperature 1 and divides by the temperature last):
-
-    1. ``logit_bias`` is added to the logits;
-    2. ``repetition_penalty`` (logits > 0 divided, < 0 multiplied), ``presence_penalty``
-       (subtracted once) and ``frequency_penalty`` (subtracted per occurrence) for the ids in
-       the last ``repetition_context_size`` tokens of the history;
-    3. ``temperature``: ``0`` is greedy (argmax of the processed logits; filters are skipped);
-    4. ``top_k``: keep the k most likely tokens (ties with the k-th are kept);
-    5. ``top_p``: keep the smallest most-likely set whose probability reaches ``top_p``
-       (ties at the boundary are kept);
-    6. ``min_p``: keep tokens whose probability is at least ``min_p`` times the top one;
-       top-p and min-p always keep ``min_tokens_to_keep`` tokens;
-    7. XTC: with probability ``xtc_probability``, drop every token whose probability exceeds
-       ``xtc_threshold`` except the least likely of them;
-    8. draw from the renormalized distribution with a counter-based RNG keyed by ``seed``.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    temperature: float = Field(1.0, ge=0.0, le=100.0, allow_inf_nan=False)
-    top_k: int = Field(0, ge=0, description="0 = off")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="1 = off")
-    min_p: float = Field(0.0, ge=0.0, le=1.0, description="0 = off")
-    min_tokens_to_keep: int = Field(1, ge=1)
-    xtc_probability: float = Field(0.0, ge=0.0, le=1.0)
-    xtc_threshold: float = Field(0.1, ge=0.0, le=0.5)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=100.0, allow_inf_nan=False)
-    repetition_context_size: int = Field(64, ge=1, le=1_000_000)
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    logit_bias: dict[int, float] | None = None
-    seed: int | None = Field(None, ge=0, lt=2**64)
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _check_bias(cls, v: dict[int, float] | None) -> dict[int, float] | None:
-        if not v:
-            return None
-        for token, bias in v.items():
-            if token < 0:
-                raise ValueError(f"logit_bias token id {token} is negative")
-            if not math.isfinite(bias) or abs(bias) > 100:
-                raise ValueError(f"logit_bias[{token}] = {bias} must be finite and in [-100, 100]")
-        return v
-
-    @property
-    def uses_history(self) -> bool:
-        """True when a penalty needs the previous tokens."""
-        return (
-            self.repetition_penalty != 1.0
-            or self.presence_penalty != 0.0
-            or self.frequency_penalty != 0.0
-        )
 
 
 # -- prompt configs, profiles and the settings they resolve to ------------------------------
@@ -101,12 +42,8 @@ class Example(BaseModel):
     assistant: str
 
 
-class PromptConfig(BaseModel):
-    """What a conversation starts from; every field optional so configs can be layered.
-
-    Text fields may use placeholders (see :func:`fill_placeholders`). Sampling fields are
-    those of :class:`SamplingParams`, flat (``temperature = 0.7``).
-    """
+class _PromptFields(BaseModel):
+    """The fields of :class:`PromptConfig` that are not sampling fields."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -124,27 +61,12 @@ class PromptConfig(BaseModel):
     context_length: int | None = Field(None, ge=16, description="override the model's window")
     truncate: bool | None = Field(None, description="drop the oldest turns instead of failing")
     show_reasoning: bool | None = None
-    # Sampling (flat SamplingParams fields)
-    temperature: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
-    min_p: float | None = None
-    min_tokens_to_keep: int | None = None
-    xtc_probability: float | None = None
-    xtc_threshold: float | None = None
-    repetition_penalty: float | None = None
-    repetition_context_size: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[int, float] | None = None
-    seed: int | None = None
-
     @model_validator(mode="after")
-    def _check_sampling(self) -> PromptConfig:
+    def _check_sampling(self) -> Any:
         try:  # out-of-range sampling values fail here, where the file is named
             self.sampling()
         except ValidationError as exc:
-            raise ValueError(_problems(exc)) from None
+            raise ValueError("; ".join(m for _, m in problems(exc))) from None
         return self
 
     def sampling(self) -> SamplingParams:
@@ -152,7 +74,7 @@ class PromptConfig(BaseModel):
         fields = {k: getattr(self, k) for k in SamplingParams.model_fields}
         return SamplingParams(**{k: v for k, v in fields.items() if v is not None})
 
-    def layered(self, *over: PromptConfig | Mapping[str, Any]) -> PromptConfig:
+    def layered(self, *over: Any) -> Any:
         """This config with the fields set in each of ``over`` (later wins)."""
         data = self.model_dump(exclude_none=True)
         for layer in over:
@@ -183,6 +105,25 @@ class PromptConfig(BaseModel):
             out.append({"role": "user", "content": fill_placeholders(ex.user, values)})
             out.append({"role": "assistant", "content": fill_placeholders(ex.assistant, values)})
         return out
+
+
+
+# Every SamplingParams field, flat and optional (``temperature = 0.7``); its limits are
+# checked by SamplingParams itself, so they are stated once.
+PromptConfig = create_model(  # type: ignore[call-overload]
+    "PromptConfig",
+    __base__=_PromptFields,
+    __doc__="""What a conversation starts from; every field optional so configs can be layered.
+
+    Text fields may use placeholders (see :func:`fill_placeholders`). Sampling fields are
+    those of :class:`SamplingParams`, flat (``temperature = 0.7``).
+    """,
+    **{
+        name: (f.annotation | None, Field(None, description=f.description))
+        for name, f in SamplingParams.model_fields.items()
+    },
+)
+PromptConfig.__module__ = __name__
 
 
 def placeholder_values(
@@ -244,15 +185,11 @@ def _validated(cls: type[_M], data: Any, source: str) -> _M:
 
 def _problems(exc: ValidationError) -> str:
     out = []
-    for e in exc.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "(top)"
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden" and e["loc"]:
-            msg = f"unknown field {e['loc'][-1]!r}"
-            close = difflib.get_close_matches(str(e["loc"][-1]), PromptConfig.model_fields, 1)
-            if close and len(e["loc"]) == 1:
-                msg += f" (did you mean {close[0]!r}?)"
-        out.append(f"{where}: {msg}")
+    for (name, msg), e in zip(problems(exc), exc.errors(), strict=True):
+        if e["type"] == "extra_forbidden" and name and len(e["loc"]) == 1:
+            close = difflib.get_close_matches(name, PromptConfig.model_fields, 1)
+            msg += f" (did you mean {close[0]!r}?)" if close else ""
+        out.append(msg)
     return "; ".join(out)
 
 

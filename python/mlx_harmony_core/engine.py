@@ -1,4 +1,8 @@
-"""The generation engine: one decode loop behind ``generate`` and ``stream``."""
+"""The generation engine: one decode loop behind ``generate`` and ``stream``.
+
+The engine knows requests (:mod:`.request`) and a chat format (:mod:`.chat_format`), never a
+model family: rendering, stop tokens, token bytes and reply parsing come from the format.
+"""
 
 from __future__ import annotations
 
@@ -6,112 +10,41 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import mlx.core as mx
 
-from .config import SamplingParams
-from .harmony import (
-    CALL,
-    STOP_TOKENS,
-    Delta,
-    HarmonyStream,
-    MessagesLike,
-    ToolCall,
-    normalize_messages,
-    render_prompt,
-    reply_primer,
-)
+from .chat_format import ChatFormat
+from .errors import ContextLengthError, InvalidRequestError, RequestTypeError
 from .kv_cache import make_cache
+from .messages import MessagesLike, normalize_messages, role
+from .params import SamplingParams
 from .prefix_cache import PrefixCache
-from .sampling import Sampler, check_ids
-from .stopping import (
-    Detokenizer,
-    StopStrings,
-    TokenStops,
-    harmony_detokenizer,
-    o200k_harmony_bytes,
-    token_sequences,
-    tokenizer_bytes,
+from .request import (
+    Completion,
+    LogitsProcessor,
+    Request,
+    StreamEvent,
+    Timings,
+    TokenLogprob,
+    TokenMask,
+    Usage,
 )
+from .sampling import LogProbs
 
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
 
-
-@dataclass
-class Usage:
-    """Token counts of one request."""
-
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_prompt_tokens: int = 0
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-
-@dataclass
-class Timings:
-    """Wall-clock measurements of one request (seconds, tokens/s, bytes)."""
-
-    ttft_s: float = 0.0
-    prefill_tokens_per_s: float = 0.0
-    decode_s: float = 0.0
-    decode_tokens_per_s: float = 0.0
-    total_s: float = 0.0
-    peak_memory_bytes: int = 0
-
-
-@dataclass
-class TokenLogprob:
-    """Log-probability of a generated token under the model, and the top alternatives."""
-
-    token: int
-    logprob: float
-    top: list[tuple[int, float]] = field(default_factory=list)
-
-
-@dataclass
-class Completion:
-    """The result of :meth:`Engine.generate`."""
-
-    text: str
-    reasoning: str
-    tool_calls: list[ToolCall]
-    finish_reason: str
-    usage: Usage
-    timings: Timings
-    tokens: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] | None = None
-    stop_sequence: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["usage"]["total_tokens"] = self.usage.total_tokens
-        return out
-
-
-@dataclass
-class StreamEvent:
-    """One step of :meth:`Engine.stream`: a text delta, or (last) the finish."""
-
-    channel: str = "final"
-    delta: str = ""
-    recipient: str | None = None
-    finish_reason: str | None = None
-    completion: Completion | None = None
+__all__ = ["Completion", "Engine", "StreamEvent", "Timings", "TokenLogprob", "Usage"]
 
 
 class Engine:
     """Generates from any model with mlx-lm's calling convention ``model(tokens, cache=...)``.
 
-    With a Harmony ``encoding`` (GPT-OSS) prompts are rendered and replies parsed as Harmony;
-    with an mlx-lm ``tokenizer`` the model's own chat template is used and the reply is plain
-    text on the ``final`` channel.
+    ``chat_format`` renders prompts and parses replies (``load()`` picks Harmony for GPT-OSS
+    and the tokenizer's chat template for other models). ``encoding=`` (a Harmony encoding)
+    and ``tokenizer=`` (an mlx-lm tokenizer) still work and pick those formats.
 
     Each finished request's KV cache is kept for prefix reuse: ``prefix_cache_entries``
     caches (1: the last turn, as a chat needs; a server keeps more), at most
@@ -122,6 +55,7 @@ class Engine:
         self,
         model: Any,
         *,
+        chat_format: ChatFormat | None = None,
         encoding: Any = None,
         tokenizer: Any = None,
         config: dict[str, Any] | None = None,
@@ -132,21 +66,17 @@ class Engine:
         prefix_cache_entries: int = 1,
         prefix_cache_bytes: int | None = None,
     ) -> None:
-        if encoding is None and tokenizer is None:
-            raise ValueError("Engine needs a Harmony encoding (GPT-OSS) or an mlx-lm tokenizer")
+        self.chat_format = chat_format or _format_from(encoding, tokenizer)
         if prefill_step_size < 1:
             raise ValueError("prefill_step_size must be >= 1")
         self.model = model
-        self.encoding = encoding
-        self.tokenizer = tokenizer
         self.config = dict(config or {})
         self.context_length = context_length or self.config.get("max_position_embeddings")
+        self.vocab_size = int(self.config.get("vocab_size") or self.chat_format.vocab_size)
         self.prefill_step_size = prefill_step_size
         self.reuse_cache = reuse_cache
         self.cache_options = dict(cache_options or {})
-        self._detok: Detokenizer | None = None
-        self._token_bytes: list[bytes] | None = None
-        # Generation runs on its own stream (as in mlx-lm): measurably faster first tokens.
+        self.last_cached_tokens = 0
         _materialize(model)
         # MLX streams belong to the thread that made them: one per generating thread.
         self._local = threading.local()
@@ -155,21 +85,40 @@ class Engine:
             prefix_cache_bytes, prefix_cache_entries if reuse_cache else 0
         )
 
+    @property
+    def encoding(self) -> Any:
+        """The Harmony encoding when the format is Harmony (else ``None``)."""
+        return getattr(self.chat_format, "encoding", None)
+
+    @property
+    def tokenizer(self) -> Any:
+        """The mlx-lm tokenizer when the format is a chat template (else ``None``)."""
+        return getattr(self.chat_format, "tokenizer", None)
+
     # -- prompts ---------------------------------------------------------------------------
     def render(self, messages: MessagesLike | Sequence[int], **options: Any) -> list[int]:
-        """Prompt token ids for ``messages`` (token ids pass through unchanged)."""
+        """Prompt token ids for ``messages`` (token ids pass through, checked)."""
         if _is_token_ids(messages):
-            return list(messages)  # type: ignore[arg-type]
-        if self.encoding is not None:
-            return render_prompt(messages, **options)  # type: ignore[arg-type]
-        chat = [m for m in normalize_messages(messages) if isinstance(m, dict)]  # type: ignore[arg-type]
-        tools = options.get("tools")
-        extra = {"tools": tools} if tools and options.get("tool_choice") != "none" else {}
-        return list(
-            self.tokenizer.apply_chat_template(
-                chat, add_generation_prompt=True, tokenize=True, **extra
+            ids = list(messages)  # type: ignore[arg-type]
+            self.check_ids(ids)
+            return ids
+        return self.chat_format.render(messages, **options)
+
+    def check_ids(self, ids: Sequence[int], what: str = "prompt") -> None:
+        """Raise :class:`InvalidRequestError` for ids outside the model's vocabulary."""
+        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise InvalidRequestError(
+                f"{what} token id {bad} is outside this model's vocabulary [0, {self.vocab_size})"
             )
-        )
+
+    def token_bytes(self) -> Sequence[bytes]:
+        """The bytes of every token id (special tokens as their text)."""
+        return self.chat_format.token_bytes()
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of raw text (special-token text is allowed: raw prompts use it)."""
+        return self.chat_format.encode(text)
 
     def _truncate(
         self,
@@ -183,13 +132,13 @@ class Engine:
         if not limit or isinstance(messages, str) or _is_token_ids(messages):
             return prompt_ids
         need = min(max_tokens, limit // 2)
-        items = normalize_messages(messages)
+        items = normalize_messages(messages)  # type: ignore[arg-type]
         dropped = 0
         while len(prompt_ids) + need > limit:
-            users = [i for i, m in enumerate(items) if _role(m) == "user"]
+            users = [i for i, m in enumerate(items) if role(m) == "user"]
             if len(users) < 2:
                 break  # only the current turn is left: it is never cut
-            first = next(i for i, m in enumerate(items) if _role(m) not in ("system", "developer"))
+            first = next(i for i, m in enumerate(items) if role(m) not in ("system", "developer"))
             # Remove one whole turn: everything up to (not including) the next user message.
             nxt = next(i for i in users if i > first)
             dropped += nxt - first
@@ -199,39 +148,81 @@ class Engine:
             logger.info("dropped the %d oldest messages to fit the context window", dropped)
         return prompt_ids
 
-    def _stop_ids(self) -> list[int]:
-        if self.encoding is not None:
-            return list(STOP_TOKENS)
-        return sorted(
-            getattr(self.tokenizer, "eos_token_ids", None) or [self.tokenizer.eos_token_id]
+    # -- requests ----------------------------------------------------------------------------
+    def request(
+        self,
+        messages: MessagesLike | Sequence[int],
+        params: SamplingParams | None = None,
+        *,
+        max_tokens: int = 512,
+        logprobs: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        stop_tokens: Sequence[int | Sequence[int]] | None = None,
+        include_stop: bool = False,
+        ignore_eos: bool = False,
+        truncate: bool = False,
+        raw: bool = False,
+        should_stop: Callable[[], bool] | None = None,
+        logits_processors: Sequence[LogitsProcessor] | None = None,
+        token_mask: TokenMask | None = None,
+        **render_options: Any,
+    ) -> Request:
+        """A :class:`Request` for ``messages``, rendered and checked (see :meth:`stream`)."""
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise InvalidRequestError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise RequestTypeError("params must be a SamplingParams")
+        t0 = time.perf_counter()
+        prompt_ids = self.render(messages, **render_options)
+        if truncate:
+            prompt_ids = self._truncate(messages, prompt_ids, max_tokens, render_options)
+        primer: list[int] = []
+        if not raw:
+            primer = self.chat_format.primer(
+                render_options.get("tool_choice"), render_options.get("tools")
+            )
+            prompt_ids = prompt_ids + primer
+        if not prompt_ids:
+            raise InvalidRequestError("the prompt is empty")
+        if self.context_length:
+            room = self.context_length - len(prompt_ids)
+            if room < 1:
+                raise ContextLengthError(
+                    f"the prompt has {len(prompt_ids)} tokens, more than the model's context "
+                    f"window of {self.context_length}; shorten the conversation"
+                )
+            max_tokens = min(max_tokens, room)
+        return Request(
+            self.chat_format,
+            prompt_ids,
+            params,
+            max_tokens=max_tokens,
+            primer=primer,
+            logprobs=logprobs,
+            stop=stop,
+            stop_tokens=stop_tokens,
+            include_stop=include_stop,
+            ignore_eos=ignore_eos,
+            raw=raw,
+            should_stop=should_stop,
+            logits_processors=logits_processors,
+            token_mask=token_mask,
+            started=t0,
         )
 
-    def token_bytes(self) -> Sequence[bytes]:
-        """The bytes of every token id (special tokens as their text)."""
-        if self.encoding is not None:
-            return o200k_harmony_bytes()
-        if self._token_bytes is None:
-            self._token_bytes = tokenizer_bytes(self.tokenizer)
-        return self._token_bytes
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids of raw text (special-token text is allowed: raw prompts use it)."""
-        if self.encoding is not None:
-            return list(self.encoding.encode(text, allowed_special="all"))
-        return list(self.tokenizer.encode(text))
-
-    def _detokenizer(self) -> Detokenizer:
-        if self.encoding is not None:
-            return harmony_detokenizer()
-        if self._detok is None:
-            self._detok = Detokenizer(tokenizer_bytes(self.tokenizer))
-        return self._detok.fresh()
+    def run(self, req: Request, progress: Progress | None = None) -> Iterator[StreamEvent]:
+        """Drive ``req`` to its end, yielding its events (the last one has the completion)."""
+        mx.reset_peak_memory()
+        for token, lp in self._tokens(req, progress):
+            yield from req.push(token, lp)
+            if req.finish is not None:
+                break
+        yield from req.close(peak_memory=int(mx.get_peak_memory()))
 
     # -- the decode loop -------------------------------------------------------------------
-    def _make_cache(self) -> list[Any]:
-        return make_cache(self.model, **self.cache_options)
-
     def _gen_stream(self) -> Any:
+        # Generation runs on its own stream (as in mlx-lm): measurably faster first tokens.
         stream = getattr(self._local, "stream", None)
         if stream is None:
             stream = self._local.stream = mx.new_stream(mx.default_device())
@@ -242,7 +233,7 @@ class Engine:
         (a fresh cache and 0 when nothing can be reused)."""
         cache, common = self.prefix_cache.take(prompt_ids)
         if cache is None:
-            return self._make_cache(), 0
+            return make_cache(self.model, **self.cache_options), 0
         return cache, common
 
     def reset_cache(self) -> None:
@@ -264,63 +255,45 @@ class Engine:
         return prompt[done:]
 
     def _tokens(
-        self,
-        prompt_ids: list[int],
-        sampler: Sampler,
-        max_tokens: int,
-        progress: Progress | None,
-        logprobs: int | None = None,
-    ) -> Iterator[tuple[int, TokenLogprob | None]]:
-        """Yield sampled ids; step n+1 is built and queued while step n evaluates.
+        self, req: Request, progress: Progress | None
+    ) -> Iterator[tuple[int, LogProbs | None]]:
+        """Yield ``req``'s sampled ids; step n+1 is built and queued while step n evaluates
+        (unless the request needs each token first: a token mask).
 
         On the way out the cache is kept, with the tokens it holds, for the next request.
         """
+        prompt_ids = req.prompt_ids
         cache, cached = self._reuse(prompt_ids)
-        self.last_cached_tokens = cached
+        self.last_cached_tokens = req.cached_tokens = cached
         rest = self._prefill(mx.array(prompt_ids[cached:], dtype=mx.int32), cache, progress)
-        window = sampler.window(prompt_ids)
         generated: list[int] = []
         fed = 0  # generated tokens already run through the model (so in the cache)
         ok = False
 
-        def step(tokens: mx.array) -> tuple[mx.array, Any]:
-            nonlocal window
-            with mx.stream(
-                self._gen_stream()
-            ):  # only while building: the caller's stream is untouched
-                logits = self.model(tokens[None], cache=cache)[:, -1, :]
-                if logprobs is None:
-                    ids, lp = sampler.lazy(logits, window), None
-                else:
-                    ids, lp = sampler.lazy(logits, window, logprobs=logprobs)
-                window = sampler.advance(window, ids)
+        def step(tokens: mx.array) -> tuple[mx.array, LogProbs | None]:
+            with mx.stream(self._gen_stream()):  # only while building: the caller's is untouched
+                ids, lp = req.sample(self.model(tokens[None], cache=cache)[:, -1, :])
+            mx.async_eval(ids, *([] if lp is None else vars(lp).values()))
             return ids, lp
 
         try:
             y, lp = step(rest)
-            mx.async_eval(y, *([] if lp is None else vars(lp).values()))
-            for n in range(max_tokens):
-                if n + 1 < max_tokens:
+            for n in range(req.max_tokens):
+                last = n + 1 >= req.max_tokens
+                if not last and not req.sync:
                     nxt, nlp = step(y)
                     fed += 1
-                    mx.async_eval(nxt, *([] if nlp is None else vars(nlp).values()))
                 token = int(y.item())
-                if token < 0:  # the kernel flagged the row: raise its error
-                    check_ids(y)
                 generated.append(token)
-                info = None
-                if lp is not None:
-                    top = zip(
-                        lp.top_ids.reshape(-1).tolist(),
-                        lp.top_logprobs.reshape(-1).tolist(),
-                        strict=True,
-                    )
-                    info = TokenLogprob(token, float(lp.logprob.item()), list(top))
                 ok = True
-                yield token, info
+                yield token, lp
                 ok = False
-                if n + 1 < max_tokens:
-                    y, lp = nxt, nlp
+                if last:
+                    break
+                if req.sync:
+                    nxt, nlp = step(y)
+                    fed += 1
+                y, lp = nxt, nlp
             ok = True
         finally:
             # A consumer that stops early (GeneratorExit) leaves a valid cache; an error does not.
@@ -343,128 +316,53 @@ class Engine:
         truncate: bool = False,
         raw: bool = False,
         should_stop: Callable[[], bool] | None = None,
+        logits_processors: Sequence[LogitsProcessor] | None = None,
+        token_mask: TokenMask | None = None,
         **render_options: Any,
     ) -> Iterator[StreamEvent]:
-        """Generate a reply, yielding text deltas per channel as they are decoded.
+        """Generate a reply, yielding text deltas as they are decoded.
 
-        The last event has ``finish_reason`` (``stop``, ``length`` or ``tool_calls``) and the
+        Each event has a ``kind`` (``answer``, ``reasoning`` or ``tool_call``); the last one
+        has ``finish_reason`` (``stop``, ``length``, ``tool_calls`` or ``cancelled``) and the
         full :class:`Completion`. ``logprobs=n`` records each token's log-probability and
-        the top ``n`` alternatives. ``stop`` strings act on the final channel's text (never
-        on reasoning): nothing that belongs to a stop string is streamed, generation stops
+        the top ``n`` alternatives. ``stop`` strings act on the answer's text (never on
+        reasoning): nothing that belongs to a stop string is streamed, generation stops
         when one completes, and the text before it is kept. ``stop_tokens`` adds token ids
         or id sequences to the model's own stop tokens; ``ignore_eos`` drops the model's own
-        (for benchmarks that need exactly ``max_tokens``). ``render_options`` go to the Harmony renderer
-        (``reasoning_effort``, ``model_identity``, ``tools``, ``tool_choice``, ...); a
+        (for benchmarks that need exactly ``max_tokens``). ``render_options`` go to the chat
+        format (``reasoning_effort``, ``model_identity``, ``tools``, ``tool_choice``, ...); a
         forced ``tool_choice`` opens the reply with the call's header.
 
-        A prompt longer than the context window is an error, or with ``truncate=True`` the
-        oldest turns (never system/developer messages or the last user turn) are dropped
-        until the reply has room for ``max_tokens`` (at most half the window). ``raw=True``
-        decodes the reply as plain text (no Harmony parsing; for raw completions).
+        ``logits_processors`` are mlx-lm-style ``fn(tokens, logits) -> logits`` applied
+        before the fused sampler (``tokens``: prompt and reply so far). ``token_mask`` is
+        called with the reply's tokens so far and returns a packed bitmask of allowed
+        tokens (see :func:`~mlx_harmony_core.sampling.pack_mask`) or ``None``; masked
+        tokens are never drawn.
+
+        A prompt longer than the context window is a :class:`ContextLengthError`, or with
+        ``truncate=True`` the oldest turns (never system/developer messages or the last user
+        turn) are dropped until the reply has room for ``max_tokens`` (at most half the
+        window). ``raw=True`` decodes the reply as plain text (for raw completions).
         ``should_stop`` is polled after each token; when it returns True the reply ends
         with ``finish_reason="cancelled"``.
         """
-        if not isinstance(max_tokens, int) or max_tokens < 1:
-            raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
-        params = params if params is not None else SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise TypeError("params must be a SamplingParams")
-        t0 = time.perf_counter()
-        prompt_ids = self.render(messages, **render_options)
-        if truncate:
-            prompt_ids = self._truncate(messages, prompt_ids, max_tokens, render_options)
-        harmony = HarmonyStream(self.encoding) if self.encoding is not None and not raw else None
-        if harmony is not None:
-            primer = reply_primer(render_options.get("tool_choice"), render_options.get("tools"))
-            for tok in primer:
-                harmony.push(tok)
-            prompt_ids = prompt_ids + primer
-        if not prompt_ids:
-            raise ValueError("the prompt is empty")
-        if self.context_length:
-            room = self.context_length - len(prompt_ids)
-            if room < 1:
-                raise ValueError(
-                    f"the prompt has {len(prompt_ids)} tokens, more than the model's context "
-                    f"window of {self.context_length}; shorten the conversation"
-                )
-            max_tokens = min(max_tokens, room)
-        mx.reset_peak_memory()
-        sampler = Sampler(params)
-        stop_seqs = token_sequences(
-            [*([] if ignore_eos else self._stop_ids()), *(stop_tokens or [])]
+        req = self.request(
+            messages,
+            params,
+            max_tokens=max_tokens,
+            logprobs=logprobs,
+            stop=stop,
+            stop_tokens=stop_tokens,
+            include_stop=include_stop,
+            ignore_eos=ignore_eos,
+            truncate=truncate,
+            raw=raw,
+            should_stop=should_stop,
+            logits_processors=logits_processors,
+            token_mask=token_mask,
+            **render_options,
         )
-        token_stops = TokenStops(stop_seqs) if stop_seqs else None
-        own_stops = set() if ignore_eos else set(self._stop_ids())
-        out = _Output(StopStrings(stop, include_stop=include_stop) if stop else None)
-        detok = self._detokenizer() if harmony is None else None
-
-        def decode(tok: int) -> list[Delta]:
-            if harmony is not None:
-                return harmony.push(tok)
-            return [Delta("final", detok.push(tok))]
-
-        generated: list[int] = []
-        token_logprobs: list[TokenLogprob] | None = [] if logprobs is not None else None
-        finish = "length"
-        t_first = t0
-        for tok, info in self._tokens(prompt_ids, sampler, max_tokens, progress, logprobs):
-            if not generated:
-                t_first = time.perf_counter()
-            generated.append(tok)
-            if token_logprobs is not None and info is not None:
-                token_logprobs.append(info)
-            hit = token_stops.push(tok) if token_stops is not None else None
-            if hit is None or tok not in own_stops:  # the model's end token is not text
-                yield from out.feed(decode(tok))
-            if out.matched is not None:
-                finish = "stop"
-                break
-            if hit is not None:
-                finish = "tool_calls" if tok == CALL else "stop"
-                break
-            if should_stop is not None and should_stop():
-                finish = "cancelled"
-                break
-        if out.matched is None:
-            tail = harmony.finish() if harmony is not None else [Delta("final", detok.flush())]
-            yield from out.feed(tail)
-            if out.matched is not None:
-                finish = "stop"
-            yield from out.flush()
-        calls = harmony.tool_calls() if harmony is not None else []
-        if finish == "tool_calls" and not calls:
-            finish = "stop"
-        text, reasoning = out.text("final"), out.text("analysis")
-
-        t_end = time.perf_counter()
-        n = len(generated)
-        ttft = t_first - t0
-        decode_s = t_end - t_first
-        timings = Timings(
-            ttft_s=ttft,
-            prefill_tokens_per_s=len(prompt_ids) / ttft if ttft > 0 else 0.0,
-            decode_s=decode_s,
-            decode_tokens_per_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
-            total_s=t_end - t0,
-            peak_memory_bytes=int(mx.get_peak_memory()),
-        )
-        completion = Completion(
-            text=text,
-            reasoning=reasoning,
-            tool_calls=calls,
-            finish_reason=finish,
-            usage=Usage(
-                prompt_tokens=len(prompt_ids),
-                completion_tokens=n,
-                cached_prompt_tokens=self.last_cached_tokens,
-            ),
-            timings=timings,
-            tokens=generated,
-            logprobs=token_logprobs,
-            stop_sequence=out.matched,
-        )
-        yield StreamEvent(finish_reason=finish, completion=completion)
+        yield from self.run(req, progress)
 
     def generate(
         self,
@@ -473,16 +371,29 @@ class Engine:
         *,
         max_tokens: int = 512,
         progress: Progress | None = None,
-        **render_options: Any,
+        **options: Any,
     ) -> Completion:
         """Generate a whole reply; same arguments as :meth:`stream`."""
         completion = None
         for event in self.stream(
-            messages, params, max_tokens=max_tokens, progress=progress, **render_options
+            messages, params, max_tokens=max_tokens, progress=progress, **options
         ):
             completion = event.completion or completion
         assert completion is not None
         return completion
+
+
+def _format_from(encoding: Any, tokenizer: Any) -> ChatFormat:
+    """The format the older ``encoding=`` / ``tokenizer=`` arguments stand for."""
+    if encoding is not None:
+        from .harmony import HarmonyFormat
+
+        return HarmonyFormat(encoding)
+    if tokenizer is not None:
+        from .chat_format import ChatTemplateFormat
+
+        return ChatTemplateFormat(tokenizer)
+    raise RequestTypeError("Engine needs a chat_format (or a Harmony encoding, or a tokenizer)")
 
 
 def _materialize(model: Any) -> None:
@@ -505,42 +416,5 @@ def _is_token_ids(messages: Any) -> bool:
         isinstance(messages, Sequence)
         and not isinstance(messages, str)
         and bool(messages)
-        and all(isinstance(t, int) for t in messages)
+        and all(isinstance(t, int) and not isinstance(t, bool) for t in messages)
     )
-
-
-def _role(m: Any) -> str:
-    return m["role"] if isinstance(m, dict) else str(m.author.role.value)
-
-
-class _Output:
-    """Turns parsed deltas into events; user stop strings act on the final channel only."""
-
-    def __init__(self, stops: StopStrings | None) -> None:
-        self.stops = stops
-        self.matched: str | None = None
-        self._texts: dict[str, list[str]] = {}
-
-    def _event(self, channel: str, text: str, recipient: str | None = None) -> StreamEvent:
-        if recipient is None:
-            self._texts.setdefault(channel, []).append(text)
-        return StreamEvent(channel, text, recipient)
-
-    def feed(self, deltas: list[Delta]) -> Iterator[StreamEvent]:
-        for d in deltas:
-            if self.matched is not None or not d.text:
-                continue
-            if self.stops is None or d.channel != "final" or d.recipient is not None:
-                yield self._event(d.channel, d.text, d.recipient)
-                continue
-            safe, self.matched = self.stops.push(d.text)
-            if safe:
-                yield self._event("final", safe)
-
-    def flush(self) -> Iterator[StreamEvent]:
-        held = self.stops.flush() if self.stops is not None and self.matched is None else ""
-        if held:
-            yield self._event("final", held)
-
-    def text(self, channel: str) -> str:
-        return "".join(self._texts.get(channel, []))

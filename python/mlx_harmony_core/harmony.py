@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import functools
-import json
 import logging
-import re
+import os
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -29,6 +29,27 @@ from openai_harmony import (
     load_harmony_encoding,
 )
 
+from ._vocab import VOCAB_NAME, ensure_vocab_env
+from .chat_format import (
+    ANSWER,
+    REASONING,
+    TOOL_CALL,
+    ChatFormat,
+    Delta,
+    ReplyParser,
+    TextParser,
+)
+from .errors import InvalidRequestError
+from .messages import (
+    MessagesLike,
+    ToolCall,
+    ToolChoice,
+    choice_name,
+    normalize_messages,
+    tool_specs,
+)
+from .stopping import Detokenizer
+
 logger = logging.getLogger(__name__)
 
 # Special tokens of the o200k_harmony encoding.
@@ -39,6 +60,7 @@ RETURN = 200002
 CALL = 200012
 # Harmony's reply-ending tokens: <|return|> (done) and <|call|> (a tool call).
 STOP_TOKENS = (RETURN, CALL)
+VOCAB_SIZE = 201088  # o200k_harmony, as in the released GPT-OSS checkpoints
 
 Effort = Literal["low", "medium", "high"]
 _EFFORTS = {
@@ -46,127 +68,20 @@ _EFFORTS = {
     "medium": ReasoningEffort.MEDIUM,
     "high": ReasoningEffort.HIGH,
 }
-_ROLES = {"system", "developer", "user", "assistant", "tool"}
 
 
 @functools.lru_cache(maxsize=1)
 def load_encoding() -> HarmonyEncoding:
-    """The GPT-OSS Harmony encoding, loaded once (offline, from the shipped vocabulary)."""
+    """The GPT-OSS Harmony encoding, loaded once (offline, from the shipped vocabulary,
+    unpacked on this first use)."""
+    ensure_vocab_env()
     return load_harmony_encoding(HarmonyEncodingName.HARMONY_GPT_OSS)
 
 
-MessagesLike = str | Sequence[Mapping[str, Any] | Message]
-ToolChoice = str | Mapping[str, Any] | None
-
-_TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-
-
-def normalize_messages(messages: MessagesLike) -> list[dict[str, Any] | Message]:
-    """Accept a prompt string, OpenAI-style dicts or Harmony ``Message`` objects.
-
-    Assistant dicts may carry ``reasoning`` (or ``reasoning_content``) and OpenAI-style
-    ``tool_calls``; tool dicts a ``tool_call_id`` and/or ``name``.
-    """
-    if isinstance(messages, str):
-        return [{"role": "user", "content": messages}]
-    if not isinstance(messages, Sequence) or isinstance(messages, bytes):
-        raise TypeError("messages must be a string or a list of {'role', 'content'} dicts")
-    out: list[dict[str, Any] | Message] = []
-    for i, m in enumerate(messages):
-        if isinstance(m, Message):
-            out.append(m)
-            continue
-        if not isinstance(m, Mapping):
-            raise TypeError(f"messages[{i}] must be a dict with 'role' and 'content'")
-        role = m.get("role")
-        if role not in _ROLES:
-            raise ValueError(f"messages[{i}] has role {role!r}; expected one of {sorted(_ROLES)}")
-        content = m.get("content")
-        if content is None and not (role == "assistant" and m.get("tool_calls")):
-            raise ValueError(f"messages[{i}] ({role}) has no 'content'")
-        if isinstance(content, list):  # OpenAI content parts: only text can be honoured
-            content = _text_parts(content, i)
-        if content is not None and not isinstance(content, str):
-            raise TypeError(f"messages[{i}].content must be a string")
-        item = {**m, "content": content}
-        if role == "assistant" and item.get("tool_calls") is not None:
-            item["tool_calls"] = [_tool_call_dict(c, i) for c in item["tool_calls"]]
-        out.append(item)
-    return out
-
-
-def _text_parts(parts: list[Any], i: int) -> str:
-    texts = []
-    for part in parts:
-        if not isinstance(part, Mapping) or part.get("type") != "text":
-            kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
-            raise ValueError(f"messages[{i}].content has a {kind!r} part; only text is supported")
-        if not isinstance(part.get("text"), str):
-            raise TypeError(f"messages[{i}].content text parts need a string 'text'")
-        texts.append(part["text"])
-    return "".join(texts)
-
-
-def _tool_call_dict(call: Any, i: int) -> dict[str, str]:
-    """An OpenAI tool call (or a :class:`ToolCall`) as ``{id, name, arguments}``."""
-    if isinstance(call, ToolCall):
-        return {"id": call.id, "name": call.name, "arguments": call.arguments}
-    if not isinstance(call, Mapping):
-        raise TypeError(f"messages[{i}].tool_calls entries must be objects")
-    fn = call.get("function", call)
-    name, args = fn.get("name"), fn.get("arguments", "{}")
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"messages[{i}].tool_calls needs a function name")
-    if not isinstance(args, str):
-        args = json.dumps(args, ensure_ascii=False)
-    return {"id": str(call.get("id") or ""), "name": name, "arguments": args}
-
-
 def tool_descriptions(tools: Sequence[Any] | None) -> list[ToolDescription]:
-    """Function tools from OpenAI-style ``{"type": "function", "function": {...}}`` dicts,
-    flat ``{name, description, parameters}`` dicts or objects with those attributes."""
-    out: list[ToolDescription] = []
-    seen: set[str] = set()
-    for i, tool in enumerate(tools or []):
-        if isinstance(tool, Mapping):
-            if tool.get("type", "function") != "function":
-                raise ValueError(f"tools[{i}] has type {tool.get('type')!r}; only 'function'")
-            fn = tool.get("function", tool)
-            if not isinstance(fn, Mapping):
-                raise TypeError(f"tools[{i}].function must be an object")
-            name, desc, params = fn.get("name"), fn.get("description"), fn.get("parameters")
-        else:
-            name = getattr(tool, "name", None)
-            desc = getattr(tool, "description", None)
-            params = getattr(tool, "parameters", None)
-        if not isinstance(name, str) or not _TOOL_NAME.match(name):
-            raise ValueError(f"tools[{i}] name {name!r} must match [A-Za-z0-9_-]{{1,64}}")
-        if name in seen:
-            raise ValueError(f"tools[{i}]: two tools are named {name!r}")
-        seen.add(name)
-        if params is not None and not isinstance(params, Mapping):
-            raise TypeError(f"tools[{i}].parameters must be a JSON schema object")
-        if desc is not None and not isinstance(desc, str):
-            raise TypeError(f"tools[{i}].description must be a string")
-        out.append(ToolDescription.new(name, desc or "", dict(params) if params else None))
-    return out
-
-
-def _choice_name(tool_choice: ToolChoice, names: set[str]) -> str | None:
-    """The forced function's name, '' for 'required', None for 'auto' / 'none'."""
-    if tool_choice in (None, "auto", "none"):
-        return None
-    if tool_choice == "required":
-        if not names:
-            raise ValueError("tool_choice 'required' needs at least one tool")
-        return ""
-    if isinstance(tool_choice, Mapping):
-        fn = tool_choice.get("function", tool_choice)
-        name = fn.get("name") if isinstance(fn, Mapping) else None
-        if name not in names:
-            raise ValueError(f"tool_choice names {name!r}, which is not among the tools")
-        return name
-    raise ValueError("tool_choice must be 'auto', 'none', 'required' or {'function': {'name'}}")
+    """Validated function tools (see :func:`~mlx_harmony_core.messages.tool_specs`) as
+    Harmony tool descriptions."""
+    return [ToolDescription.new(t.name, t.description, t.parameters) for t in tool_specs(tools)]
 
 
 def reply_primer(tool_choice: ToolChoice = None, tools: Sequence[Any] | None = None) -> list[int]:
@@ -176,7 +91,7 @@ def reply_primer(tool_choice: ToolChoice = None, tools: Sequence[Any] | None = N
     ``to=functions.`` so the model picks which function.
     """
     names = {t.name for t in tool_descriptions(tools)}
-    name = _choice_name(tool_choice, names)
+    name = choice_name(tool_choice, names)
     if name is None:
         return []
     header = "<|channel|>commentary to=functions."
@@ -192,7 +107,7 @@ def _system_content(
     conversation_start_date: str | None,
 ) -> SystemContent:
     if reasoning_effort not in _EFFORTS:
-        raise ValueError(
+        raise InvalidRequestError(
             f"reasoning_effort must be one of {sorted(_EFFORTS)}, got {reasoning_effort!r}"
         )
     system = SystemContent.new().with_reasoning_effort(_EFFORTS[reasoning_effort])
@@ -227,7 +142,7 @@ def build_conversation(
         reasoning_effort, model_identity, knowledge_cutoff, conversation_start_date
     )
     described = tool_descriptions(tools)
-    _choice_name(tool_choice, {t.name for t in described})  # validate before rendering
+    choice_name(tool_choice, {t.name for t in described})  # validate before rendering
     items = normalize_messages(messages)
     instructions = [
         m["content"]
@@ -257,7 +172,7 @@ def build_conversation(
         elif m["role"] == "tool":
             name = m.get("name") or call_names.get(str(m.get("tool_call_id") or ""))
             if not name:
-                raise ValueError(
+                raise InvalidRequestError(
                     f"messages[{i}] (tool) needs a 'name' or the 'tool_call_id' of an earlier call"
                 )
             author_name = name if "." in name else f"functions.{name}"
@@ -299,28 +214,6 @@ def render_prompt(messages: MessagesLike, **options: Any) -> list[int]:
     conv = build_conversation(messages, **options)
     config = RenderConversationConfig(auto_drop_analysis=False)  # done in build_conversation
     return list(load_encoding().render_conversation_for_completion(conv, Role.ASSISTANT, config))
-
-
-@dataclass
-class ToolCall:
-    """A function call the model asked for."""
-
-    id: str
-    name: str
-    arguments: str
-
-    def parsed_arguments(self) -> Any:
-        """The arguments as JSON (raises ``ValueError`` if the model wrote invalid JSON)."""
-        return json.loads(self.arguments)
-
-
-@dataclass
-class Delta:
-    """A piece of text on one channel, as it is decoded."""
-
-    channel: str
-    text: str
-    recipient: str | None = None
 
 
 @dataclass
@@ -378,7 +271,7 @@ class HarmonyStream:
             if delta:
                 msg = self.messages[-1]
                 msg.text.append(delta)
-                return [Delta(msg.channel, delta, msg.recipient)]
+                return [Delta(msg.channel, delta, msg.recipient, _kind(msg.channel, msg.recipient))]
             return []
         self._header = []  # EXPECT_START: a message ended
         return []
@@ -400,8 +293,6 @@ class HarmonyStream:
 
     def _raw_push(self, tokens: Iterable[int]) -> list[Delta]:
         if self._detok is None:
-            from .stopping import harmony_detokenizer
-
             self._detok = harmony_detokenizer()
         enc = self.encoding
         text = "".join(self._detok.push(t) for t in tokens if not enc.is_special_token(t))
@@ -436,3 +327,88 @@ class HarmonyStream:
                 name = m.recipient.removeprefix("functions.")
                 calls.append(ToolCall(self._call_id(i), name, "".join(m.text).strip()))
         return calls
+
+
+def _kind(channel: str, recipient: str | None) -> str:
+    """Harmony's channels as the neutral kinds: analysis is reasoning, a message to a
+    recipient is a tool call, final and commentary (preambles) are the answer."""
+    if recipient:
+        return TOOL_CALL
+    return REASONING if channel == "analysis" else ANSWER
+
+
+# -- GPT-OSS token tables ---------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def o200k_harmony_bytes() -> tuple[bytes, ...]:
+    """Token bytes of GPT-OSS's o200k_harmony: the .tiktoken ranks plus Harmony's specials."""
+    enc = load_encoding()
+    path = os.path.join(os.environ["TIKTOKEN_ENCODINGS_BASE"], VOCAB_NAME)
+    table: list[bytes] = []
+    with open(path, "rb") as f:
+        for rank, line in enumerate(f):
+            token, r = line.split()
+            if int(r) != rank:
+                raise ValueError(f"{path} is not a rank-ordered .tiktoken file (line {rank})")
+            table.append(base64.b64decode(token))
+    for token in range(len(table), VOCAB_SIZE):
+        table.append(enc.decode([token]).encode("utf-8"))
+    return tuple(table)
+
+
+@functools.lru_cache(maxsize=1)
+def _harmony_prototype() -> Detokenizer:
+    return Detokenizer(list(o200k_harmony_bytes()))
+
+
+def harmony_detokenizer() -> Detokenizer:
+    """A fresh detokenizer for GPT-OSS's vocabulary (the table is built once and shared)."""
+    return _harmony_prototype().fresh()
+
+
+class HarmonyFormat(ChatFormat):
+    """GPT-OSS: Harmony prompts (``openai_harmony``), ``<|return|>`` / ``<|call|>`` stops,
+    replies parsed into analysis (reasoning), final and commentary (answer) and tool calls."""
+
+    name = "harmony"
+
+    def __init__(self, encoding: HarmonyEncoding | None = None) -> None:
+        self.encoding = encoding or load_encoding()
+
+    def render(
+        self,
+        messages: MessagesLike,
+        *,
+        tools: Sequence[Any] | None = None,
+        tool_choice: ToolChoice = None,
+        **options: Any,
+    ) -> list[int]:
+        return render_prompt(messages, tools=tools, tool_choice=tool_choice, **options)
+
+    def primer(self, tool_choice: ToolChoice = None, tools: Sequence[Any] | None = None) -> list[int]:
+        return reply_primer(tool_choice, tools)
+
+    def stop_ids(self) -> list[int]:
+        return list(STOP_TOKENS)
+
+    def finish_reason(self, token: int) -> str:
+        return "tool_calls" if token == CALL else "stop"
+
+    def token_bytes(self) -> Sequence[bytes]:
+        return o200k_harmony_bytes()
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.encoding.encode(text, allowed_special="all"))
+
+    def parser(self, primer: Sequence[int] = (), *, raw: bool = False) -> ReplyParser:
+        if raw:
+            return TextParser(harmony_detokenizer())
+        stream = HarmonyStream(self.encoding)
+        for token in primer:
+            stream.push(token)
+        return stream
+
+    @property
+    def vocab_size(self) -> int:
+        return VOCAB_SIZE

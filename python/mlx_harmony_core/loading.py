@@ -14,15 +14,17 @@ from typing import TYPE_CHECKING, Any
 import mlx.core as mx
 
 from ._paths import atomic_write_text, home, public_mode
+from .errors import ModelLoadError
 
 if TYPE_CHECKING:
     import mlx.nn as nn
+
+    from .chat_format import ChatFormat
 
     from .engine import Engine
 
 logger = logging.getLogger(__name__)
 
-VOCAB_SIZE = 201088  # o200k_harmony, as in the released GPT-OSS checkpoints
 DEMO_NAME = "demo"
 # Bumped whenever a preset or the weight recipe changes, so cached demo models are rebuilt.
 TEST_MODEL_VERSION = 1
@@ -63,10 +65,6 @@ PRESETS: dict[str, dict[str, int]] = {
 }
 
 
-class ModelLoadError(ValueError):
-    """A model directory is missing, malformed or not supported."""
-
-
 def gpt_oss_config(
     *,
     layers: int = 2,
@@ -77,10 +75,15 @@ def gpt_oss_config(
     head_dim: int = 16,
     experts: int = 4,
     experts_per_token: int = 2,
-    vocab_size: int = VOCAB_SIZE,
+    vocab_size: int | None = None,
     sliding_window: int = 128,
 ) -> dict[str, Any]:
-    """A GPT-OSS ``config.json`` with the released models' layer pattern, RoPE and window."""
+    """A GPT-OSS ``config.json`` with the released models' layer pattern, RoPE and window
+    (``vocab_size`` defaults to o200k_harmony's)."""
+    if vocab_size is None:
+        from .harmony import VOCAB_SIZE
+
+        vocab_size = VOCAB_SIZE
     checks = {
         "layers": layers,
         "hidden_size": hidden_size,
@@ -317,14 +320,22 @@ def load(
     from .engine import Engine
 
     model, config, directory = load_model(path_or_name, dtype=dtype)
-    if config.get("model_type") == "gpt_oss":
-        from .harmony import load_encoding
+    return Engine(model, chat_format=chat_format_for(config, directory), config=config, **engine_options)
 
-        return Engine(model, encoding=load_encoding(), config=config, **engine_options)
+
+def chat_format_for(config: dict[str, Any], directory: Path) -> ChatFormat:
+    """The one place a model family picks its chat format: Harmony for GPT-OSS, the
+    tokenizer's chat template (loaded with mlx-lm) for every other model."""
+    if config.get("model_type") == "gpt_oss":
+        from .harmony import HarmonyFormat
+
+        return HarmonyFormat()
     from mlx_lm.utils import load_tokenizer
+
+    from .chat_format import ChatTemplateFormat
 
     try:
         tokenizer = load_tokenizer(directory)
     except Exception as exc:
         raise ModelLoadError(f"cannot load the tokenizer of {directory}: {exc}") from exc
-    return Engine(model, tokenizer=tokenizer, config=config, **engine_options)
+    return ChatTemplateFormat(tokenizer)

@@ -6,15 +6,36 @@ import secrets
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import mlx.core as mx
 import numpy as np
 
 from . import _core
-from .config import SamplingParams
+from .errors import InvalidRequestError, RequestTypeError
+from .params import SamplingParams
 
 History = Sequence[int] | Sequence[Sequence[int]] | np.ndarray | mx.array | None
+Mask = np.ndarray | mx.array | None
+
+
+def options(params: SamplingParams, seed: int) -> _core.SamplingOptions:
+    """The C++ options for ``params``: every field the struct binds, by name (one place)."""
+    out = _core.SamplingOptions()
+    for name in SamplingParams.model_fields:
+        if hasattr(out, name) and name != "seed":
+            setattr(out, name, getattr(params, name))
+    out.seed = seed
+    return out
+
+
+def pack_mask(allowed: np.ndarray) -> np.ndarray:
+    """A boolean (V,) or (B, V) array of allowed tokens as the sampler's packed bitmask
+    (32 tokens per uint32, least significant bit first: llguidance's layout)."""
+    allowed = np.asarray(allowed, dtype=bool)
+    pad = (-allowed.shape[-1]) % 32
+    if pad:
+        allowed = np.concatenate([allowed, np.zeros((*allowed.shape[:-1], pad), bool)], -1)
+    return np.packbits(allowed, axis=-1, bitorder="little").view(np.uint32)
 
 
 @dataclass
@@ -40,7 +61,10 @@ def check_ids(ids: mx.array) -> mx.array:
                 f"logits row {row} contains NaN or +inf; check the model's output dtype "
                 "and the logit bias you passed"
             )
-        raise ValueError(f"logits row {row} is -inf everywhere: no token can be sampled")
+        raise ValueError(
+            f"logits row {row} is -inf everywhere (or every finite token is masked): "
+            "no token can be sampled"
+        )
     return ids
 
 
@@ -57,7 +81,7 @@ class Sampler:
     def __init__(self, params: SamplingParams | None = None, *, kernel: bool | None = None) -> None:
         self.params = params if params is not None else SamplingParams()
         if not isinstance(self.params, SamplingParams):
-            raise TypeError("params must be a SamplingParams")
+            raise RequestTypeError("params must be a SamplingParams")
         self.seed = self.params.seed if self.params.seed is not None else secrets.randbits(63)
         self.kernel = kernel
         self._counter = 0
@@ -66,25 +90,7 @@ class Sampler:
         self._bias_ids = mx.array(list(bias.keys()), dtype=mx.int32) if bias else None
         self._bias_values = mx.array(list(bias.values()), dtype=mx.float32) if bias else None
         self._max_bias_id = max(bias) if bias else -1
-        p = self.params
-        self._options: dict[str, Any] = dict(
-            temperature=p.temperature,
-            top_k=p.top_k,
-            top_p=p.top_p,
-            min_p=p.min_p,
-            min_tokens_to_keep=p.min_tokens_to_keep,
-            xtc_probability=p.xtc_probability,
-            xtc_threshold=p.xtc_threshold,
-            repetition_penalty=p.repetition_penalty,
-            presence_penalty=p.presence_penalty,
-            frequency_penalty=p.frequency_penalty,
-        )
-
-    def _next_counter(self) -> int:
-        with self._lock:
-            counter = self._counter
-            self._counter += 1
-        return counter
+        self._options = options(self.params, self.seed)
 
     def _history(self, history: History, rows: int, batched: bool, vocab: int) -> mx.array | None:
         if history is None or not self.params.uses_history:
@@ -107,12 +113,12 @@ class Sampler:
         if len(seqs) == 1 and rows > 1:
             seqs = seqs * rows
         if len(seqs) != rows:
-            raise ValueError(f"history has {len(seqs)} rows but logits have {rows}")
+            raise InvalidRequestError(f"history has {len(seqs)} rows but logits have {rows}")
         out = np.full((rows, window), -1, dtype=np.int32)
         for r, seq in enumerate(seqs):
             tail = np.asarray(seq, dtype=np.int64).reshape(-1)[-window:]
             if tail.size and (tail.min() < 0 or tail.max() >= vocab):
-                raise ValueError(f"history row {r} has token ids outside [0, {vocab})")
+                raise InvalidRequestError(f"history row {r} has token ids outside [0, {vocab})")
             if tail.size:
                 out[r, window - tail.size :] = tail
         return mx.array(out)
@@ -138,37 +144,54 @@ class Sampler:
         return mx.concatenate([window[:, 1:], ids.reshape(-1, 1).astype(mx.int32)], axis=1)
 
     def lazy(
-        self, logits: mx.array, history: History = None, *, logprobs: int | None = None
+        self,
+        logits: mx.array,
+        history: History = None,
+        *,
+        logprobs: int | None = None,
+        mask: Mask = None,
     ) -> mx.array | tuple[mx.array, LogProbs]:
         """Build the sampling op without evaluating it (for pipelined decoding).
 
         Negative ids in the result flag bad rows: pass the evaluated ids to :func:`check_ids`.
         With ``logprobs=n`` returns ``(ids, LogProbs)`` with the top ``n`` alternatives.
+        ``mask`` is a packed bitmask of allowed tokens per row (see :func:`pack_mask`),
+        applied before every other control: masked tokens are never drawn.
         """
         if not isinstance(logits, mx.array):
-            raise TypeError(f"logits must be an mx.array, got {type(logits).__name__}")
+            raise RequestTypeError(f"logits must be an mx.array, got {type(logits).__name__}")
         if logits.ndim not in (1, 2):
-            raise ValueError(f"logits must have shape (V,) or (B, V), got {logits.shape}")
+            raise InvalidRequestError(
+                f"logits must have shape (V,) or (B, V), got {logits.shape}"
+            )
         vocab = logits.shape[-1]
         if self._max_bias_id >= vocab:
-            raise ValueError(
+            raise InvalidRequestError(
                 f"logit_bias has token id {self._max_bias_id}, outside the vocabulary of {vocab}"
             )
+        if self.params.top_k > vocab:
+            raise InvalidRequestError(
+                f"top_k ({self.params.top_k}) is larger than the vocabulary ({vocab})"
+            )
         if logprobs is not None and not (0 <= logprobs <= vocab):
-            raise ValueError(f"logprobs must be in [0, {vocab}], got {logprobs}")
+            raise InvalidRequestError(f"logprobs must be in [0, {vocab}], got {logprobs}")
         rows = logits.shape[0] if logits.ndim == 2 else 1
         hist = self._history(history, rows, logits.ndim == 2, vocab)
-        outs = _core.sample(
-            logits,
-            hist,
-            self._bias_ids,
-            self._bias_values,
-            seed=self.seed,
-            counter=self._next_counter(),
-            logprobs=-1 if logprobs is None else logprobs,
-            kernel=self.kernel,
-            **self._options,
-        )
+        if mask is not None and not isinstance(mask, mx.array):
+            mask = mx.array(np.ascontiguousarray(mask, dtype=np.uint32))
+        with self._lock:  # sample() copies the options: the counter is read once per call
+            self._options.counter = self._counter
+            self._options.logprobs = -1 if logprobs is None else logprobs
+            self._counter += 1
+            outs = _core.sample(
+                logits,
+                hist,
+                self._bias_ids,
+                self._bias_values,
+                self._options,
+                mask=mask,
+                kernel=self.kernel,
+            )
         if logprobs is None:
             return outs[0]
         return outs[0], LogProbs(outs[1], outs[2], outs[3])

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import base64
 import functools
-import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from . import _core
-from ._vocab import VOCAB_NAME
+from .errors import InvalidRequestError, RequestTypeError
+from .messages import check_text
 
 Detokenizer = _core.Detokenizer
 TokenStops = _core.TokenStops
@@ -30,9 +29,10 @@ class StopStrings:
         items = [strings] if isinstance(strings, str) else list(strings)
         for i, s in enumerate(items):
             if not isinstance(s, str):
-                raise TypeError(f"stop string {i} must be str, got {type(s).__name__}")
+                raise RequestTypeError(f"stop string {i} must be str, got {type(s).__name__}")
             if not s:
-                raise ValueError(f"stop string {i} is empty")
+                raise InvalidRequestError(f"stop string {i} is empty")
+            check_text(s, f"stop string {i}")
         self.strings = items
         self._matcher = _core.StopStrings(items, include_stop)
 
@@ -47,35 +47,6 @@ class StopStrings:
     def held(self) -> str:
         """Text currently held back."""
         return self._matcher.held
-
-
-@functools.lru_cache(maxsize=1)
-def o200k_harmony_bytes() -> tuple[bytes, ...]:
-    """Token bytes of GPT-OSS's o200k_harmony: the .tiktoken ranks plus Harmony's specials."""
-    from .harmony import load_encoding
-
-    path = os.path.join(os.environ["TIKTOKEN_ENCODINGS_BASE"], VOCAB_NAME)
-    table: list[bytes] = []
-    with open(path, "rb") as f:
-        for rank, line in enumerate(f):
-            token, r = line.split()
-            if int(r) != rank:
-                raise ValueError(f"{path} is not a rank-ordered .tiktoken file (line {rank})")
-            table.append(base64.b64decode(token))
-    enc = load_encoding()
-    for token in range(len(table), 201088):
-        table.append(enc.decode([token]).encode("utf-8"))
-    return tuple(table)
-
-
-@functools.lru_cache(maxsize=1)
-def _harmony_prototype() -> Detokenizer:
-    return Detokenizer(list(o200k_harmony_bytes()))
-
-
-def harmony_detokenizer() -> Detokenizer:
-    """A fresh detokenizer for GPT-OSS's vocabulary (the table is built once and shared)."""
-    return _harmony_prototype().fresh()
 
 
 @functools.lru_cache(maxsize=1)

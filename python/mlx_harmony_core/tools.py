@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import create_model
 
-from .harmony import MessagesLike, normalize_messages, tool_descriptions
+from .messages import MessagesLike, normalize_messages, tool_specs
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ class Tool:
     fn: Callable[..., Any] | None = None
 
     def __post_init__(self) -> None:
-        tool_descriptions([self])  # validates the name and schema
+        tool_specs([self])  # validates the name and schema
 
     @classmethod
     def from_function(

@@ -1,0 +1,192 @@
+"""The chat-format seam: everything a model family's prompt and reply format decides.
+
+``load()`` picks one format per model: :class:`~mlx_harmony_core.harmony.HarmonyFormat`
+(GPT-OSS) or :class:`ChatTemplateFormat` (every other mlx-lm model, through its tokenizer's
+chat template). The engine, the server and the chat only see this interface and the neutral
+kinds of text it yields: ``reasoning``, ``answer`` and ``tool_call``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from .messages import MessagesLike, ToolCall, ToolChoice, normalize_messages, tool_specs
+from .stopping import Detokenizer, tokenizer_bytes
+
+logger = logging.getLogger(__name__)
+
+REASONING = "reasoning"
+ANSWER = "answer"
+TOOL_CALL = "tool_call"
+
+
+@dataclass
+class Delta:
+    """A piece of reply text as it is decoded: its neutral ``kind``, and the format's own
+    ``channel`` name and ``recipient`` (a tool call's target)."""
+
+    channel: str
+    text: str
+    recipient: str | None = None
+    kind: str = ANSWER
+
+
+class ReplyParser(Protocol):
+    """Turns reply tokens into deltas, one token at a time."""
+
+    def push(self, token: int) -> list[Delta]: ...
+
+    def finish(self) -> list[Delta]: ...
+
+    def tool_calls(self) -> list[ToolCall]: ...
+
+
+class ChatFormat(ABC):
+    """How one model family renders a chat and reads its reply."""
+
+    name: str = ""
+
+    @abstractmethod
+    def render(
+        self,
+        messages: MessagesLike,
+        *,
+        tools: Sequence[Any] | None = None,
+        tool_choice: ToolChoice = None,
+        **options: Any,
+    ) -> list[int]:
+        """Prompt token ids, ready for the assistant's reply."""
+
+    def primer(self, tool_choice: ToolChoice = None, tools: Sequence[Any] | None = None) -> list[int]:
+        """Tokens that open the reply (a forced tool call); empty by default."""
+        return []
+
+    @abstractmethod
+    def stop_ids(self) -> list[int]:
+        """The model's own reply-ending token ids."""
+
+    def finish_reason(self, token: int) -> str:
+        """Why a reply that ended on stop token ``token`` ended."""
+        return "stop"
+
+    @abstractmethod
+    def token_bytes(self) -> Sequence[bytes]:
+        """The bytes of every token id (special tokens as their text)."""
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Token ids of raw text."""
+
+    @abstractmethod
+    def parser(self, primer: Sequence[int] = (), *, raw: bool = False) -> ReplyParser:
+        """A fresh reply parser (primed with ``primer``); ``raw`` reads plain text only."""
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.token_bytes())
+
+
+class TextParser:
+    """A reply that is plain text: every token is answer text."""
+
+    def __init__(self, detok: Detokenizer) -> None:
+        self._detok = detok
+
+    def push(self, token: int) -> list[Delta]:
+        return [Delta("final", self._detok.push(token))]
+
+    def finish(self) -> list[Delta]:
+        return [Delta("final", self._detok.flush())]
+
+    def tool_calls(self) -> list[ToolCall]:
+        return []
+
+
+class ChatTemplateFormat(ChatFormat):
+    """Any mlx-lm model: its tokenizer's chat template, its end tokens, plain-text replies.
+
+    OpenAI ``system`` and ``developer`` messages become one system message at the start
+    (templates know no developer role, and a system message must replace the template's
+    default). Tools go to the template; a template that ignores them is reported.
+    """
+
+    name = "chat-template"
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self._bytes: list[bytes] | None = None
+        self._detok: Detokenizer | None = None
+
+    def render(
+        self,
+        messages: MessagesLike,
+        *,
+        tools: Sequence[Any] | None = None,
+        tool_choice: ToolChoice = None,
+        **options: Any,
+    ) -> list[int]:
+        items = [m for m in normalize_messages(messages) if isinstance(m, dict)]
+        system = [m["content"] for m in items if m["role"] in ("system", "developer")]
+        chat = [
+            {k: v for k, v in m.items() if k in ("role", "content", "tool_calls", "name", "tool_call_id")}
+            for m in items
+            if m["role"] not in ("system", "developer")
+        ]
+        if system:
+            chat.insert(0, {"role": "system", "content": "\n\n".join(s for s in system if s)})
+        extra: dict[str, Any] = {}
+        if tools and tool_choice != "none":
+            specs = tool_specs(tools)
+            extra["tools"] = [
+                {
+                    "type": "function",
+                    "function": {
+                        "name": t.name,
+                        "description": t.description,
+                        "parameters": t.parameters or {"type": "object", "properties": {}},
+                    },
+                }
+                for t in specs
+            ]
+        ids = self._apply(chat, **extra)
+        if extra and ids == self._apply(chat):
+            logger.warning(
+                "this model's chat template has no tool support: the %d tool(s) were left out "
+                "of the prompt",
+                len(extra["tools"]),
+            )
+        return ids
+
+    def _apply(self, chat: list[dict[str, Any]], **extra: Any) -> list[int]:
+        out = self.tokenizer.apply_chat_template(
+            chat, add_generation_prompt=True, tokenize=True, **extra
+        )
+        if isinstance(out, dict) or hasattr(out, "input_ids"):  # a BatchEncoding
+            out = out["input_ids"]
+        return list(out)
+
+    def stop_ids(self) -> list[int]:
+        ids = getattr(self.tokenizer, "eos_token_ids", None) or [self.tokenizer.eos_token_id]
+        return sorted(int(i) for i in ids if i is not None)
+
+    def token_bytes(self) -> Sequence[bytes]:
+        if self._bytes is None:
+            self._bytes = tokenizer_bytes(self.tokenizer)
+        return self._bytes
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text))
+
+    def parser(self, primer: Sequence[int] = (), *, raw: bool = False) -> ReplyParser:
+        if self._detok is None:
+            self._detok = Detokenizer(list(self.token_bytes()))
+        return TextParser(self._detok.fresh())
+
+    @functools.cached_property
+    def vocab_size(self) -> int:  # type: ignore[override]
+        return len(self.token_bytes())

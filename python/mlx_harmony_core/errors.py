@@ -1,0 +1,23 @@
+"""Error types: front ends map them to what the user sees (an HTTP status, a CLI message).
+
+Every one is a ``ValueError`` (or ``TypeError``), so ``except ValueError`` keeps working.
+Anything else that escapes the engine is a bug on our side, never the caller's fault.
+"""
+
+from __future__ import annotations
+
+
+class InvalidRequestError(ValueError):
+    """The request itself is wrong (a bad message, parameter or prompt): the caller can fix it."""
+
+
+class RequestTypeError(InvalidRequestError, TypeError):
+    """A request argument of the wrong type."""
+
+
+class ContextLengthError(InvalidRequestError):
+    """The prompt (plus room for the reply) does not fit the model's context window."""
+
+
+class ModelLoadError(ValueError):
+    """A model directory is missing, malformed or not supported."""

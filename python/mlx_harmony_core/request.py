@@ -1,0 +1,262 @@
+"""One request in flight: everything a decode loop advances one token at a time.
+
+:class:`Request` holds the prompt, the sampler and its penalty window, the logits processors
+and token mask, the stop matchers, the reply parser, the output so far, usage, timings and
+cancellation. ``Engine.generate`` and ``Engine.stream`` drive one; a batching scheduler can
+drive many from one loop.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from .chat_format import ANSWER, REASONING, ChatFormat, Delta
+from .messages import ToolCall
+from .params import SamplingParams
+from .sampling import LogProbs, Sampler, check_ids
+from .stopping import StopStrings, TokenStops, token_sequences
+
+# mlx-lm's convention: fn(tokens so far (prompt + reply), logits (1, V)) -> logits.
+LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
+# A token-mask source: the reply so far -> packed allowed-token bitmask (None = no limit).
+TokenMask = Callable[[Sequence[int]], "np.ndarray | mx.array | None"]
+
+
+@dataclass
+class Usage:
+    """Token counts of one request."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_prompt_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class Timings:
+    """Wall-clock measurements of one request (seconds, tokens/s, bytes)."""
+
+    ttft_s: float = 0.0
+    prefill_tokens_per_s: float = 0.0
+    decode_s: float = 0.0
+    decode_tokens_per_s: float = 0.0
+    total_s: float = 0.0
+    peak_memory_bytes: int = 0
+
+
+@dataclass
+class TokenLogprob:
+    """Log-probability of a generated token under the model, and the top alternatives."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class Completion:
+    """The result of :meth:`Engine.generate`: ``text`` is the answer, ``reasoning`` the
+    model's reasoning (GPT-OSS's analysis channel)."""
+
+    text: str
+    reasoning: str
+    tool_calls: list[ToolCall]
+    finish_reason: str
+    usage: Usage
+    timings: Timings
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    stop_sequence: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["usage"]["total_tokens"] = self.usage.total_tokens
+        return out
+
+
+@dataclass
+class StreamEvent:
+    """One step of :meth:`Engine.stream`: a text delta, or (last) the finish.
+
+    ``kind`` is ``"answer"``, ``"reasoning"`` or ``"tool_call"`` for every model;
+    ``channel`` is the chat format's own name for it (Harmony's ``final``, ``analysis``,
+    ``commentary``).
+    """
+
+    channel: str = "final"
+    delta: str = ""
+    recipient: str | None = None
+    finish_reason: str | None = None
+    completion: Completion | None = None
+    kind: str = ANSWER
+
+
+class Request:
+    """A reply being generated: feed it sampled tokens, read events and, at the end, the
+    :class:`Completion`."""
+
+    def __init__(
+        self,
+        chat_format: ChatFormat,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        *,
+        max_tokens: int,
+        primer: Sequence[int] = (),
+        logprobs: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        stop_tokens: Sequence[int | Sequence[int]] | None = None,
+        include_stop: bool = False,
+        ignore_eos: bool = False,
+        raw: bool = False,
+        should_stop: Callable[[], bool] | None = None,
+        logits_processors: Sequence[LogitsProcessor] | None = None,
+        token_mask: TokenMask | None = None,
+        started: float | None = None,
+    ) -> None:
+        self.format = chat_format
+        self.prompt_ids = prompt_ids
+        self.max_tokens = max_tokens
+        self.logprobs = logprobs
+        self.sampler = Sampler(params)
+        self.processors = list(logits_processors or [])
+        self.token_mask = token_mask
+        self.should_stop = should_stop
+        own = [] if ignore_eos else chat_format.stop_ids()
+        seqs = token_sequences([*own, *(stop_tokens or [])])
+        self.token_stops = TokenStops(seqs) if seqs else None
+        self.own_stops = set(own)
+        self.parser = chat_format.parser(primer, raw=raw)
+        self.out = _Output(StopStrings(stop, include_stop=include_stop) if stop else None)
+        self.generated: list[int] = []
+        self.token_logprobs: list[TokenLogprob] | None = [] if logprobs is not None else None
+        self.finish: str | None = None
+        self.cached_tokens = 0
+        self.t0 = started if started is not None else time.perf_counter()
+        self.t_first = self.t0
+        self._window = self.sampler.window(prompt_ids)
+        self._tokens = mx.array(prompt_ids, dtype=mx.int32) if self.processors else None
+
+    @property
+    def sync(self) -> bool:
+        """True when each step needs the previous token on the host (a token mask)."""
+        return self.token_mask is not None
+
+    # -- sampling (lazy: a pipelined loop builds step n+1 before step n is read) -----------
+    def sample(self, logits: mx.array) -> tuple[mx.array, LogProbs | None]:
+        """The next token id (lazy) for ``logits`` of shape (1, V)."""
+        for fn in self.processors:
+            logits = fn(self._tokens, logits)
+        mask = self.token_mask(self.generated) if self.token_mask is not None else None
+        if self.logprobs is None:
+            ids, lp = self.sampler.lazy(logits, self._window, mask=mask), None
+        else:
+            ids, lp = self.sampler.lazy(logits, self._window, logprobs=self.logprobs, mask=mask)
+        self._window = self.sampler.advance(self._window, ids)
+        if self._tokens is not None:
+            self._tokens = mx.concatenate([self._tokens, ids.reshape(-1).astype(mx.int32)])
+        return ids, lp
+
+    # -- reading tokens ------------------------------------------------------------------
+    def push(self, token: int, lp: LogProbs | None = None) -> Iterator[StreamEvent]:
+        """Take one sampled token (evaluated); yield the text it completes. Sets
+        :attr:`finish` when the reply is over."""
+        if token < 0:  # the kernel flagged the row: raise its error
+            check_ids(mx.array([token]))
+        if not self.generated:
+            self.t_first = time.perf_counter()
+        self.generated.append(token)
+        if self.token_logprobs is not None and lp is not None:
+            top = zip(
+                lp.top_ids.reshape(-1).tolist(), lp.top_logprobs.reshape(-1).tolist(), strict=True
+            )
+            self.token_logprobs.append(TokenLogprob(token, float(lp.logprob.item()), list(top)))
+        hit = self.token_stops.push(token) if self.token_stops is not None else None
+        if hit is None or token not in self.own_stops:  # the model's end token is not text
+            yield from self.out.feed(self.parser.push(token))
+        if self.out.matched is not None:
+            self.finish = "stop"
+        elif hit is not None:
+            self.finish = self.format.finish_reason(token)
+        elif len(self.generated) >= self.max_tokens:
+            self.finish = "length"
+        elif self.should_stop is not None and self.should_stop():
+            self.finish = "cancelled"
+
+    def close(self, *, peak_memory: int = 0) -> Iterator[StreamEvent]:
+        """End the reply: flush held text and yield the last event, with the completion."""
+        finish = self.finish or "length"
+        if self.out.matched is None:
+            yield from self.out.feed(self.parser.finish())
+            if self.out.matched is not None:
+                finish = "stop"
+            yield from self.out.flush()
+        calls = self.parser.tool_calls()
+        if finish == "tool_calls" and not calls:
+            finish = "stop"
+        t_end = time.perf_counter()
+        n = len(self.generated)
+        ttft = self.t_first - self.t0
+        decode_s = t_end - self.t_first
+        timings = Timings(
+            ttft_s=ttft,
+            prefill_tokens_per_s=len(self.prompt_ids) / ttft if ttft > 0 else 0.0,
+            decode_s=decode_s,
+            decode_tokens_per_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
+            total_s=t_end - self.t0,
+            peak_memory_bytes=peak_memory,
+        )
+        completion = Completion(
+            text=self.out.text(ANSWER),
+            reasoning=self.out.text(REASONING),
+            tool_calls=calls,
+            finish_reason=finish,
+            usage=Usage(len(self.prompt_ids), n, self.cached_tokens),
+            timings=timings,
+            tokens=self.generated,
+            logprobs=self.token_logprobs,
+            stop_sequence=self.out.matched,
+        )
+        yield StreamEvent(finish_reason=finish, completion=completion)
+
+
+class _Output:
+    """Turns parsed deltas into events; user stop strings act on the answer only."""
+
+    def __init__(self, stops: StopStrings | None) -> None:
+        self.stops = stops
+        self.matched: str | None = None
+        self._texts: dict[str, list[str]] = {}
+
+    def _event(self, d: Delta, text: str) -> StreamEvent:
+        if d.recipient is None:
+            self._texts.setdefault(d.kind, []).append(text)
+        return StreamEvent(d.channel, text, d.recipient, kind=d.kind)
+
+    def feed(self, deltas: list[Delta]) -> Iterator[StreamEvent]:
+        for d in deltas:
+            if self.matched is not None or not d.text:
+                continue
+            if self.stops is None or d.kind != ANSWER or d.recipient is not None:
+                yield self._event(d, d.text)
+                continue
+            safe, self.matched = self.stops.push(d.text)
+            if safe:
+                yield self._event(d, safe)
+
+    def flush(self) -> Iterator[StreamEvent]:
+        held = self.stops.flush() if self.stops is not None and self.matched is None else ""
+        if held:
+            yield self._event(Delta("final", held), held)
+
+    def text(self, kind: str) -> str:
+        return "".join(self._texts.get(kind, []))
