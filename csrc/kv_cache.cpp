@@ -297,23 +297,44 @@ QuantizedKVCache::QuantizedKVCache(int bits, int group_size)
   if (bits != 4 && bits != 8) {
     throw std::invalid_argument("kv bits must be 4 or 8");
   }
-  if (group_size != 32 && group_size != 64 && group_size != 128) {
-    throw std::invalid_argument("kv group_size must be 32, 64 or 128");
+  if (group_size != 0 && group_size != 32 && group_size != 64 &&
+      group_size != 128) {
+    throw std::invalid_argument(
+        "kv group_size must be 32, 64 or 128 (or 0: chosen from the head dim)");
   }
 }
 
 std::pair<mx::array, mx::array>
 QuantizedKVCache::update_and_fetch(const mx::array& k, const mx::array& v) {
   check(k, v);
-  if (k.shape(3) % group_size_ || v.shape(3) % group_size_) {
-    throw std::invalid_argument("head_dim " + std::to_string(k.shape(3)) +
-                                " is not a multiple of the kv group_size " +
-                                std::to_string(group_size_) +
-                                "; choose a smaller group_size");
+  if (head_dim_ == 0) {
+    head_dim_ = k.shape(3);
+    if (group_size_ == 0) {
+      group_size_ = head_dim_ % 64 == 0 ? 64 : 32; // padded if 32 does not divide
+    } else if (head_dim_ % group_size_) {
+      const int d = head_dim_;
+      head_dim_ = 0;
+      throw std::invalid_argument(
+          "head_dim " + std::to_string(d) +
+          " is not a multiple of the kv group_size " +
+          std::to_string(group_size_) +
+          "; choose a smaller group_size, or 0 to choose from the head dim");
+    }
+  }
+  if (k.shape(3) != head_dim_ || v.shape(3) != head_dim_) {
+    throw std::invalid_argument("K/V head_dim changed between updates");
   }
   dtype_ = k.dtype();
-  auto qk = mx::quantize(k, group_size_, bits_);
-  auto qv = mx::quantize(v, group_size_, bits_);
+  // MLX quantizes whole groups of the last axis: pad a narrow head with zeros.
+  const int pad = (group_size_ - head_dim_ % group_size_) % group_size_;
+  auto widen = [&](const mx::array& a) {
+    if (pad == 0) {
+      return a;
+    }
+    return mx::pad(a, {{0, 0}, {0, 0}, {0, 0}, {0, pad}});
+  };
+  auto qk = mx::quantize(widen(k), group_size_, bits_);
+  auto qv = mx::quantize(widen(v), group_size_, bits_);
   write(keys_, qk[0], offset_);
   write(kscales_, qk[1], offset_);
   write(kbiases_, qk[2], offset_);
@@ -324,14 +345,19 @@ QuantizedKVCache::update_and_fetch(const mx::array& k, const mx::array& v) {
   auto deq = [&](const std::optional<mx::array>& w,
                  const std::optional<mx::array>& s,
                  const std::optional<mx::array>& b) {
-    return mx::dequantize(rows(*w, 0, offset_),
-                          rows(*s, 0, offset_),
-                          rows(*b, 0, offset_),
-                          group_size_,
-                          bits_,
-                          "affine",
-                          std::nullopt,
-                          dtype_);
+    auto out = mx::dequantize(rows(*w, 0, offset_),
+                              rows(*s, 0, offset_),
+                              rows(*b, 0, offset_),
+                              group_size_,
+                              bits_,
+                              "affine",
+                              std::nullopt,
+                              dtype_);
+    if (pad == 0) {
+      return out;
+    }
+    auto sh = out.shape();
+    return mx::slice(out, {0, 0, 0, 0}, {sh[0], sh[1], sh[2], head_dim_});
   };
   return {deq(keys_, kscales_, kbiases_), deq(values_, vscales_, vbiases_)};
 }
@@ -360,7 +386,10 @@ int64_t QuantizedKVCache::nbytes() const {
 }
 
 std::map<std::string, int64_t> QuantizedKVCache::meta() const {
-  return {{"offset", offset_}, {"bits", bits_}, {"group_size", group_size_}};
+  return {{"offset", offset_},
+          {"bits", bits_},
+          {"group_size", group_size_},
+          {"head_dim", head_dim_}};
 }
 
 void QuantizedKVCache::restore(const std::vector<mx::array>& arrays,
@@ -368,6 +397,7 @@ void QuantizedKVCache::restore(const std::vector<mx::array>& arrays,
   offset_ = static_cast<int>(get(meta, "offset"));
   bits_ = static_cast<int>(get(meta, "bits"));
   group_size_ = static_cast<int>(get(meta, "group_size"));
+  head_dim_ = meta.count("head_dim") ? static_cast<int>(meta.at("head_dim")) : 0;
   if (arrays.size() == 6) {
     keys_ = arrays[0];
     kscales_ = arrays[1];

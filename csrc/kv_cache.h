@@ -126,6 +126,8 @@ private:
 // dequantized, so attention (with sinks) stays the model's own.
 class QuantizedKVCache : public Cache {
 public:
+  // group_size 0: chosen from the head dimension at the first update (64 when it
+  // divides it, else 32, padding a head narrower than a group).
   QuantizedKVCache(int bits, int group_size);
 
   std::pair<mx::array, mx::array> update_and_fetch(const mx::array& k,
@@ -153,6 +155,7 @@ public:
 
 private:
   int bits_, group_size_;
+  int head_dim_ = 0; // the K/V width before padding to a whole group
   mx::Dtype dtype_ = mx::float32;
   // keys_/values_ hold the packed data; these the scales and biases.
   std::optional<mx::array> kscales_, kbiases_, vscales_, vbiases_;

@@ -294,7 +294,7 @@ def test_full_queue_503_and_disconnect_frees_the_engine():
     engine = mhc.load("demo")
     options = ServerOptions(model_name="demo", max_queue=1)
     with ServerThread(engine, options) as url:
-        long = {"model": "demo", "messages": MSG, "max_tokens": 100000, "stream": True}
+        long = {"model": "demo", "messages": MSG, "max_tokens": 32768, "stream": True}
         long["logit_bias"] = {"200002": -100, "200012": -100}  # no end token: runs until cut
         pool = cf.ThreadPoolExecutor(1)
         with httpx.Client(timeout=60) as h:

@@ -41,7 +41,9 @@ class Report:
     copy_gbps: float = 0.0
 
 
-def synthetic_prompt(n: int, vocab_size: int, seed: int = 0, avoid: Sequence[int] = ()) -> list[int]:
+def synthetic_prompt(
+    n: int, vocab_size: int, seed: int = 0, avoid: Sequence[int] = ()
+) -> list[int]:
     """Deterministic prompt ids drawn from the model's own vocabulary (``avoid``: its stop
     ids, so nothing in the prompt looks like the end of a reply)."""
     rng = np.random.default_rng(seed)
@@ -201,7 +203,11 @@ def compare(
     mlx_lm: bool = True,
 ) -> Report:
     """Alternate our engine and mlx-lm's ``stream_generate`` on the same model and prompt."""
-    for name, value in (("prompt_tokens", prompt_tokens), ("gen_tokens", gen_tokens), ("runs", runs)):
+    for name, value in (
+        ("prompt_tokens", prompt_tokens),
+        ("gen_tokens", gen_tokens),
+        ("runs", runs),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InvalidRequestError(f"{name} must be a positive integer, got {value!r}")
     params = params or SamplingParams(temperature=0.0)

@@ -12,6 +12,7 @@ from typing import Any, TextIO
 from .chat_format import ANSWER, REASONING
 from .chat_log import ChatLog, chat_path
 from .config import PromptConfig, resolve_settings
+from .messages import check_text
 
 DIM = "\033[2m"
 RESET = "\033[0m"
@@ -95,12 +96,39 @@ class ChatSession:
         )
 
     def save(self, name: str | None = None) -> str:
-        if name:
-            self.path = chat_path(name)
-        if self.path is None:
+        """Save now, to ``name`` (which then becomes the chat's file) or the current file.
+
+        A foreign file or another conversation's log is never replaced, and a failed write
+        keeps the previous file name: the conversation stays in memory either way.
+        """
+        path = chat_path(name) if name else self.path
+        if path is None:
             raise ValueError("give a name: \\save NAME (or start with --chat NAME)")
-        self.log.save(self.path)
+        self.log.check_target(path)
+        try:
+            self.log.save(path)
+        except OSError as exc:
+            keep = f"; still saving to {self.path}" if self.path and path != self.path else ""
+            raise OSError(
+                f"could not write {path} ({exc.strerror or exc}){keep}; the conversation is "
+                "kept: \\save ANOTHER-PATH to try elsewhere"
+            ) from None
+        self.path = path
         return f"saved to {self.path}"
+
+    def autosave(self) -> None:
+        """After a turn: save to the chat's file, reporting (never raising) a failure."""
+        if self.path is None:
+            return
+        try:
+            self.log.check_target(self.path)
+            self.log.save(self.path)
+        except (OSError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            self.err.write(
+                f"warning: could not save the chat to {self.path} ({reason}); the "
+                "conversation is kept: \\save ANOTHER-PATH to save it elsewhere\n"
+            )
 
     # -- a turn --------------------------------------------------------------------------
     def messages(self) -> list[dict[str, Any]]:
@@ -115,14 +143,17 @@ class ChatSession:
         parts: dict[str, list[str]] = {ANSWER: [], REASONING: []}
         completion = None
         try:
-            for event in self.engine.stream(
+            req = self.engine.request(
                 self.messages(),
                 params,
                 max_tokens=s.max_tokens,
                 truncate=bool(s.truncate),
-                progress=self._progress,
                 **s.render_options(),
-            ):
+            )
+            note = req.clamp_note()
+            if note:
+                self.err.write(note + "\n")
+            for event in self.engine.run(req, self._progress):
                 if event.completion is not None:
                     completion = event.completion
                     break
@@ -140,8 +171,7 @@ class ChatSession:
         self.log.add_assistant(completion, model=self.model_name, params=params)
         if completion.finish_reason != "interrupted":
             self.err.write(printer.stats(completion))
-        if self.path is not None:
-            self.log.save(self.path)
+        self.autosave()
         self.out.flush()
         return completion
 
@@ -234,7 +264,18 @@ def repl(session: ChatSession, read: Callable[[str], str] = input) -> int:
         except KeyboardInterrupt:  # at the prompt: drop the line being typed
             out.write("\n")
             continue
+        except UnicodeDecodeError as exc:  # a terminal or pipe that is not UTF-8
+            err.write(
+                f"error: the input is not valid UTF-8 (byte 0x{exc.object[exc.start]:02x}); "
+                "set a UTF-8 locale or convert the input\n"
+            )
+            continue
         if not text.strip():
+            continue
+        try:
+            check_text(text, "your message")
+        except ValueError as exc:
+            err.write(f"error: {exc}\n")
             continue
         if text.startswith("\\"):
             cmd, _, arg = text[1:].strip().partition(" ")

@@ -20,6 +20,18 @@ from .stopping import Detokenizer, tokenizer_bytes
 
 logger = logging.getLogger(__name__)
 
+# What a caller may ask of any format's render(); a format ignores what it has no use for.
+RENDER_OPTIONS = frozenset(
+    {
+        "reasoning_effort",
+        "model_identity",
+        "knowledge_cutoff",
+        "conversation_start_date",
+        "tools",
+        "tool_choice",
+    }
+)
+
 REASONING = "reasoning"
 ANSWER = "answer"
 TOOL_CALL = "tool_call"
@@ -62,7 +74,9 @@ class ChatFormat(ABC):
     ) -> list[int]:
         """Prompt token ids, ready for the assistant's reply."""
 
-    def primer(self, tool_choice: ToolChoice = None, tools: Sequence[Any] | None = None) -> list[int]:
+    def primer(
+        self, tool_choice: ToolChoice = None, tools: Sequence[Any] | None = None
+    ) -> list[int]:
         """Tokens that open the reply (a forced tool call); empty by default."""
         return []
 
@@ -133,7 +147,11 @@ class ChatTemplateFormat(ChatFormat):
         items = [m for m in normalize_messages(messages) if isinstance(m, dict)]
         system = [m["content"] for m in items if m["role"] in ("system", "developer")]
         chat = [
-            {k: v for k, v in m.items() if k in ("role", "content", "tool_calls", "name", "tool_call_id")}
+            {
+                k: v
+                for k, v in m.items()
+                if k in ("role", "content", "tool_calls", "name", "tool_call_id")
+            }
             for m in items
             if m["role"] not in ("system", "developer")
         ]

@@ -6,6 +6,7 @@ import datetime
 import json
 import os
 import re
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -78,6 +79,10 @@ class ChatLog(BaseModel):
 
     format: Literal["mlx-harmony-core-chat"] = FORMAT
     version: int = VERSION
+    id: str = Field(
+        default_factory=lambda: uuid.uuid4().hex,
+        description="which conversation this is: a save never replaces another's file",
+    )
     created: str = Field(default_factory=_now)
     updated: str = Field(default_factory=_now)
     model: str | None = None
@@ -121,6 +126,27 @@ class ChatLog(BaseModel):
         return [m.to_chat() for m in self.messages]
 
     # -- files ---------------------------------------------------------------------------
+    def check_target(self, path: str | os.PathLike[str]) -> None:
+        """Raise :class:`ChatLogError` unless ``path`` is free or holds this conversation:
+        saving never replaces a foreign file or another chat."""
+        path = Path(path)
+        if not path.exists():
+            return
+        if path.is_dir():
+            raise ChatLogError(f"{path} is a directory; give a file name")
+        try:
+            other = ChatLog.load(path)
+        except ChatLogError:
+            raise ChatLogError(
+                f"{path} exists and is not a chat log; it was left alone: choose another "
+                "name (\\save NEW-NAME)"
+            ) from None
+        if other.id != self.id:
+            raise ChatLogError(
+                f"{path} holds another conversation ({len(other.messages)} messages); it was "
+                "left alone: choose another name (\\save NEW-NAME)"
+            )
+
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write atomically: a crash leaves the previous version, never half a file."""
         self.updated = _now()
@@ -163,9 +189,13 @@ class ChatLog(BaseModel):
 
 
 def chat_path(name: str) -> Path:
-    """Where chat ``name`` lives: a path as given, or ``<home>/chats/NAME.json``."""
+    """Where chat ``name`` lives: a path as given (a directory gets ``chat.json`` inside),
+    or ``<home>/chats/NAME.json``."""
     if os.sep in name or "/" in name or name.endswith(".json"):
-        return Path(name).expanduser()
+        path = Path(name).expanduser()
+        if name.endswith(("/", os.sep)) or path.is_dir():
+            return path / "chat.json"
+        return path
     if not _NAME.match(name):
         raise ValueError(
             f"chat name {name!r}: use letters, digits, '.', '_' or '-' (or give a path)"

@@ -1,4 +1,4 @@
-"""Command line: ``mlx-harmony-core generate | chat | serve | make-test-model | bench | info``."""
+"""Command line: mlx-harmony-core generate | chat | serve | make-test-model | bench | info."""
 
 from __future__ import annotations
 
@@ -24,36 +24,65 @@ def _logit_bias(text: str) -> dict[int, float]:
         raise argparse.ArgumentTypeError(f"use 'ID:BIAS,...' or a JSON object ({exc})") from exc
 
 
+# Extra spellings of a few flags (the names themselves come from SamplingParams).
+_FLAG_ALIASES = {"temperature": ["--temp"]}
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port in 0..65535")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per :class:`SamplingParams` field: its name, type and help come from there."""
+    from .params import SamplingParams, field_type
+
     g = p.add_argument_group("sampling (applied in this order; see SamplingParams)")
-    g.add_argument(
-        "--logit-bias", type=_logit_bias, default=None, help="ID:BIAS,... or a JSON object"
-    )
-    g.add_argument("--repetition-penalty", type=float, default=None, help="1 = off")
-    g.add_argument("--repetition-context-size", type=int, default=None, help="penalty window (64)")
-    g.add_argument("--presence-penalty", type=float, default=None, help="[-2, 2]")
-    g.add_argument("--frequency-penalty", type=float, default=None, help="[-2, 2]")
-    g.add_argument(
-        "--temperature", "--temp", type=float, default=None, help="0 = greedy (default 1.0)"
-    )
-    g.add_argument("--top-k", type=int, default=None, help="0 = off")
-    g.add_argument("--top-p", type=float, default=None, help="1 = off")
-    g.add_argument("--min-p", type=float, default=None, help="0 = off")
-    g.add_argument("--min-tokens-to-keep", type=int, default=None)
-    g.add_argument("--xtc-probability", type=float, default=None)
-    g.add_argument("--xtc-threshold", type=float, default=None)
-    g.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    for name, f in SamplingParams.model_fields.items():
+        kind = field_type(name)
+        parse = _logit_bias if kind is dict else kind
+        g.add_argument(
+            _flag(name),
+            *_FLAG_ALIASES.get(name, []),
+            dest=name,
+            type=parse,
+            default=None,
+            help=f.description,
+        )
+
+
+def _sampling_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampling flags given, validated (``--temperature must be ...``)."""
+    from .params import FIELDS, sampling_params
+
+    values = {k: getattr(args, k) for k in FIELDS if getattr(args, k, None) is not None}
+    sampling_params(values, display=_flag)
+    return values
 
 
 def _sampling_params(args: argparse.Namespace):  # -> SamplingParams
-    from .config import SamplingParams
+    from .params import sampling_params
 
-    fields = {
-        k: getattr(args, k)
-        for k in SamplingParams.model_fields
-        if getattr(args, k, None) is not None
-    }
-    return SamplingParams(**fields)
+    return sampling_params(_sampling_values(args), display=_flag)
 
 
 def _add_prompt_flags(p: argparse.ArgumentParser, *, chat: bool = False) -> None:
@@ -65,10 +94,14 @@ def _add_prompt_flags(p: argparse.ArgumentParser, *, chat: bool = False) -> None
     g.add_argument(
         "--instructions", "--system", default=None, help="developer instructions ({user}, <|DATE|>)"
     )
-    g.add_argument("--model-identity", default=None)
+    g.add_argument(
+        "--model-identity", default=None, help="who the model says it is (system message)"
+    )
     g.add_argument("--max-tokens", type=int, default=None, help="reply length limit (512)")
     g.add_argument("--reasoning-effort", choices=["low", "medium", "high"], default=None)
-    g.add_argument("--context-length", type=int, default=None, help="override the model's window")
+    g.add_argument(
+        "--context-length", type=_positive, default=None, help="override the model's window"
+    )
     g.add_argument(
         "--truncate",
         action="store_true",
@@ -83,9 +116,21 @@ def _add_prompt_flags(p: argparse.ArgumentParser, *, chat: bool = False) -> None
         default=None,
         help="print the analysis channel (dimmed)" + (" (default)" if chat else ""),
     )
-    show.add_argument("--hide-reasoning", dest="show_reasoning", action="store_false")
+    show.add_argument(
+        "--hide-reasoning",
+        dest="show_reasoning",
+        action="store_false",
+        help="do not print the model's reasoning" + ("" if chat else " (default)"),
+    )
     g.add_argument(
         "--kv-bits", type=int, choices=[4, 8], default=None, help="quantize full-attention KV"
+    )
+    g.add_argument(
+        "--kv-group-size",
+        type=int,
+        choices=[0, 32, 64, 128],
+        default=0,
+        help="quantization group of --kv-bits (0: from the head dim)",
     )
     g.add_argument(
         "--kv-history", default="4096", help="extra sliding-window history: 'window', 'all' or N"
@@ -105,10 +150,8 @@ _PROMPT_FLAGS = (
 
 def _cli_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The settings the flags name (unset flags are left out so lower layers show through)."""
-    from .config import SamplingParams
-
-    keys = (*_PROMPT_FLAGS, *SamplingParams.model_fields)
-    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    out = {k: getattr(args, k) for k in _PROMPT_FLAGS if getattr(args, k, None) is not None}
+    return {**out, **_sampling_values(args)}
 
 
 def _model_and_config(args: argparse.Namespace, chat_model: str | None = None):
@@ -127,7 +170,28 @@ def _load_engine(model: str, args: argparse.Namespace) -> Any:
     import mlx_harmony_core as mhc
 
     history = int(args.kv_history) if args.kv_history.isdigit() else args.kv_history
-    return mhc.load(model, cache_options={"kv_bits": args.kv_bits, "history": history})
+    options = {"kv_bits": args.kv_bits, "kv_group_size": args.kv_group_size, "history": history}
+    return mhc.load(model, cache_options=options)
+
+
+def _read_prompt(given: str | None) -> str:
+    """The user's message from --prompt or stdin, as valid text, or a clear error."""
+    from .messages import check_text
+
+    if given is not None:
+        text = check_text(given, "the --prompt text")
+    else:
+        raw = sys.stdin.buffer.read()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(
+                f"stdin is not valid UTF-8 text (byte 0x{raw[exc.start]:02x} at offset "
+                f"{exc.start}); convert it first, e.g. with iconv"
+            ) from None
+    if not text.strip():
+        raise ValueError("the prompt is empty: pass --prompt TEXT or pipe the text on stdin")
+    return text
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -139,25 +203,29 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     engine = _load_engine(model, args)
     if settings.context_length:
         engine.context_length = settings.context_length
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    prompt = _read_prompt(args.prompt)
     printer = ReplyPrinter(
         sys.stdout, sys.stdout.isatty(), show_reasoning=bool(settings.show_reasoning)
     )
     completion = None
     messages = [*settings.prefix_messages(), {"role": "user", "content": prompt}]
-    for event in engine.stream(
+    req = engine.request(
         messages,
         settings.sampling(),
         max_tokens=settings.max_tokens,
         stop=args.stop,
         truncate=bool(settings.truncate),
-        progress=None if args.json else prefill_progress(sys.stderr, engine.prefill_step_size),
         **settings.render_options(),
-    ):
+    )
+    note = req.clamp_note()
+    if note:
+        print(note, file=sys.stderr)
+    progress = None if args.json else prefill_progress(sys.stderr, engine.prefill_step_size)
+    for event in engine.run(req, progress):
         if event.completion is not None:
             completion = event.completion
         elif not args.json and not event.recipient:
-            printer.show(event.channel, event.delta)
+            printer.show(event.kind, event.delta)
     assert completion is not None
     if args.json:
         json.dump(completion.to_dict(), sys.stdout, ensure_ascii=False, indent=2)
@@ -194,15 +262,16 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    import mlx_harmony_core as mhc
-
-    from .server import ServerOptions, serve
+    from .server import ServerOptions, bind, serve
 
     key = args.api_key or os.environ.get("MLX_HARMONY_CORE_API_KEY") or None
     if args.host not in ("127.0.0.1", "localhost", "::1") and not key:
         logging.getLogger(__name__).warning(
             "serving on %s without --api-key: anyone who can reach it can use it", args.host
         )
+    sock = bind(args.host, args.port)  # a taken port is one clear line, before loading
+    import mlx_harmony_core as mhc
+
     engine = mhc.load(
         args.model,
         prefix_cache_entries=args.prefix_cache_entries,
@@ -214,12 +283,22 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         api_key=key,
         max_queue=args.max_queue,
         max_body_bytes=int(args.max_body_mb * 2**20),
-        default_max_tokens=args.max_tokens,
+        body_timeout_s=args.body_timeout,
+        default_max_tokens=min(args.max_tokens, args.max_tokens_limit),
+        max_tokens_limit=args.max_tokens_limit,
+        host=args.host,
+        allowed_hosts=tuple(args.allowed_hosts or ()),
+        cors_origins=tuple(args.cors_origins or ()),
         version=mhc.__version__,
     )
-    print(f"serving {name} on http://{args.host}:{args.port}/v1", flush=True)
-    serve(engine, host=args.host, port=args.port, options=options)
-    return 0
+    port = sock.getsockname()[1]
+    print(f"serving {name} on http://{args.host}:{port}/v1", flush=True)
+    serve(engine, host=args.host, port=port, options=options, sock=sock)
+    print("server stopped", flush=True)
+    sys.stderr.flush()
+    # The generation thread is parked; skip interpreter teardown, which can race MLX's
+    # own threads ("terminate called without an active exception").
+    os._exit(0)
 
 
 def _cmd_make_test_model(args: argparse.Namespace) -> int:
@@ -277,9 +356,15 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlx-harmony-core", description=__doc__)
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    common = argparse.ArgumentParser(add_help=False)  # -v after the command works too
+    common.add_argument(
+        "-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more logging"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="one-shot generation (Harmony formatted for GPT-OSS)")
+    g = sub.add_parser(
+        "generate", parents=[common], help="one-shot generation (Harmony formatted for GPT-OSS)"
+    )
     g.add_argument("--prompt", "-p", default=None, help="user message (default: read stdin)")
     g.add_argument("--json", action="store_true", help="print the whole completion as JSON")
     g.add_argument(
@@ -289,7 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_flags(g)
     g.set_defaults(func=_cmd_generate)
 
-    c = sub.add_parser("chat", help="interactive chat with streaming, commands and chat logs")
+    c = sub.add_parser(
+        "chat", parents=[common], help="interactive chat with streaming, commands and chat logs"
+    )
     c.add_argument(
         "--chat",
         default=None,
@@ -299,46 +386,80 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_flags(c)
     c.set_defaults(func=_cmd_chat)
 
-    v = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    v = sub.add_parser("serve", parents=[common], help="OpenAI-compatible HTTP server")
     v.add_argument("--model", "-m", default="demo", help="model directory, HF repo id, or 'demo'")
     v.add_argument("--model-name", default=None, help="the id clients use (default: dir name)")
     v.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
-    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--port", type=_port, default=8000, help="TCP port (0 = any free one)")
     v.add_argument(
         "--api-key", default=None, help="require 'Bearer KEY' (or MLX_HARMONY_CORE_API_KEY)"
     )
     v.add_argument("--max-queue", type=int, default=64, help="requests waiting before 503")
     v.add_argument("--max-body-mb", type=float, default=4.0, help="request body limit")
-    v.add_argument("--max-tokens", type=int, default=4096, help="reply limit when not given")
+    v.add_argument(
+        "--max-tokens", type=_positive, default=4096, help="reply limit when a request sets none"
+    )
+    v.add_argument(
+        "--max-tokens-limit",
+        type=_positive,
+        default=32768,
+        help="largest max_tokens a request may ask for (400 beyond)",
+    )
+    v.add_argument(
+        "--body-timeout", type=float, default=30.0, help="seconds to receive a request body"
+    )
+    v.add_argument("--allowed-hosts", nargs="*", default=None, help="extra Host names to answer to")
+    v.add_argument(
+        "--cors-origins", nargs="*", default=None, help="web origins allowed to call (CORS)"
+    )
     v.add_argument("--prefix-cache-entries", type=int, default=64)
     v.add_argument("--prefix-cache-mb", type=float, default=2048.0, help="prefix cache bound")
     v.set_defaults(func=_cmd_serve)
 
-    t = sub.add_parser("make-test-model", help="write a random-weight GPT-OSS model directory")
-    t.add_argument("dir")
-    t.add_argument("--preset", choices=["demo", "small", "mid"], default="demo")
-    t.add_argument("--layers", type=int)
-    t.add_argument("--hidden-size", type=int)
-    t.add_argument("--intermediate-size", type=int)
-    t.add_argument("--heads", type=int)
-    t.add_argument("--kv-heads", type=int)
-    t.add_argument("--head-dim", type=int)
-    t.add_argument("--experts", type=int)
-    t.add_argument("--experts-per-token", type=int)
-    t.add_argument("--seed", type=int, default=0)
+    t = sub.add_parser(
+        "make-test-model", parents=[common], help="write a random-weight GPT-OSS model directory"
+    )
+    t.add_argument("dir", help="directory to write (must be empty, or use --force)")
+    t.add_argument(
+        "--preset",
+        choices=["demo", "small", "mid"],
+        default="demo",
+        help="demo: tiny; small: ~0.24B; mid: ~0.84B parameters (float32)",
+    )
+    for flag, what in (
+        ("--layers", "transformer layers (>= 2)"),
+        ("--hidden-size", "hidden size"),
+        ("--intermediate-size", "expert MLP width"),
+        ("--heads", "attention heads"),
+        ("--kv-heads", "key/value heads (divides --heads)"),
+        ("--head-dim", "width of one attention head"),
+        ("--experts", "experts per MoE layer"),
+        ("--experts-per-token", "experts each token uses"),
+    ):
+        t.add_argument(flag, type=_positive, help=what + " (overrides the preset)")
+    t.add_argument("--seed", type=int, default=0, help="weights seed (same seed, same model)")
     t.add_argument("--force", action="store_true", help="replace an existing directory")
     t.set_defaults(func=_cmd_make_test_model)
 
-    b = sub.add_parser("bench", help="prefill/decode speed, ours vs mlx-lm's stream_generate")
-    b.add_argument("--model", "-m", default="demo")
-    b.add_argument("--prompt-tokens", type=int, default=512)
-    b.add_argument("--gen-tokens", type=int, default=128)
-    b.add_argument("--runs", type=int, default=3)
-    b.add_argument("--compare", choices=["mlx-lm", "none"], default="mlx-lm")
+    b = sub.add_parser(
+        "bench", parents=[common], help="prefill/decode speed, ours vs mlx-lm's stream_generate"
+    )
+    b.add_argument("--model", "-m", default="demo", help="model directory or 'demo'")
+    b.add_argument("--prompt-tokens", type=_positive, default=512, help="prompt length")
+    b.add_argument("--gen-tokens", type=_positive, default=128, help="tokens to generate")
+    b.add_argument("--runs", type=_positive, default=3, help="alternating runs per engine")
+    b.add_argument(
+        "--compare",
+        choices=["mlx-lm", "none"],
+        default="mlx-lm",
+        help="run mlx-lm's stream_generate side by side (default) or not",
+    )
     _add_sampling_flags(b)
     b.set_defaults(func=_cmd_bench)
 
-    i = sub.add_parser("info", help="MLX version, device and the BLAS MLX's CPU calls reach")
+    i = sub.add_parser(
+        "info", parents=[common], help="MLX version, device and the BLAS MLX's CPU calls reach"
+    )
     i.set_defaults(func=_cmd_info)
     return parser
 

@@ -61,6 +61,7 @@ class _PromptFields(BaseModel):
     context_length: int | None = Field(None, ge=16, description="override the model's window")
     truncate: bool | None = Field(None, description="drop the oldest turns instead of failing")
     show_reasoning: bool | None = None
+
     @model_validator(mode="after")
     def _check_sampling(self) -> Any:
         try:  # out-of-range sampling values fail here, where the file is named
@@ -105,7 +106,6 @@ class _PromptFields(BaseModel):
             out.append({"role": "user", "content": fill_placeholders(ex.user, values)})
             out.append({"role": "assistant", "content": fill_placeholders(ex.assistant, values)})
         return out
-
 
 
 # Every SamplingParams field, flat and optional (``temperature = 0.7``); its limits are
@@ -230,6 +230,13 @@ def default_profiles_path() -> Path:
 def load_profile(name: str, path: str | os.PathLike[str] | None = None) -> tuple[str, PromptConfig]:
     """The model and prompt config of profile ``name``."""
     path = Path(path).expanduser() if path is not None else default_profiles_path()
+    if not path.is_file():
+        base = home()
+        raise ValueError(
+            f"no profiles file for --profile {name!r}: {path} does not exist. Write one "
+            f"({base / 'profiles.toml'} or {base / 'profiles.json'}, or "
+            "$MLX_HARMONY_CORE_PROFILES) or pass --profiles FILE"
+        )
     profiles = _validated(Profiles, read_config_file(path), str(path)).profiles
     if name not in profiles:
         known = ", ".join(sorted(profiles)) or "none"

@@ -6,6 +6,7 @@ model family: rendering, stop tokens, token bytes and reply parsing come from th
 
 from __future__ import annotations
 
+import difflib
 import logging
 import threading
 import time
@@ -14,11 +15,11 @@ from typing import Any
 
 import mlx.core as mx
 
-from .chat_format import ChatFormat
+from .chat_format import RENDER_OPTIONS, ChatFormat
 from .errors import ContextLengthError, InvalidRequestError, RequestTypeError
 from .kv_cache import make_cache
 from .messages import MessagesLike, normalize_messages, role
-from .params import SamplingParams
+from .params import FIELDS, SamplingParams
 from .prefix_cache import PrefixCache
 from .request import (
     Completion,
@@ -35,6 +36,22 @@ from .sampling import LogProbs
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
+
+# The keyword arguments of stream() besides the render options (for "did you mean").
+_REQUEST_ARGS = (
+    "max_tokens",
+    "progress",
+    "logprobs",
+    "stop",
+    "stop_tokens",
+    "include_stop",
+    "ignore_eos",
+    "truncate",
+    "raw",
+    "should_stop",
+    "logits_processors",
+    "token_mask",
+)
 
 __all__ = ["Completion", "Engine", "StreamEvent", "Timings", "TokenLogprob", "Usage"]
 
@@ -173,10 +190,19 @@ class Engine:
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise RequestTypeError("params must be a SamplingParams")
+        unknown = sorted(set(render_options) - RENDER_OPTIONS)
+        if unknown:
+            names = [*RENDER_OPTIONS, *_REQUEST_ARGS, *FIELDS]
+            close = difflib.get_close_matches(unknown[0], names, 1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            if close and close[0] in FIELDS:
+                hint += " (sampling settings go in params=SamplingParams(...))"
+            raise RequestTypeError(f"unexpected keyword argument {unknown[0]!r}{hint}")
         t0 = time.perf_counter()
         prompt_ids = self.render(messages, **render_options)
         if truncate:
             prompt_ids = self._truncate(messages, prompt_ids, max_tokens, render_options)
+        asked = max_tokens
         primer: list[int] = []
         if not raw:
             primer = self.chat_format.primer(
@@ -192,8 +218,10 @@ class Engine:
                     f"the prompt has {len(prompt_ids)} tokens, more than the model's context "
                     f"window of {self.context_length}; shorten the conversation"
                 )
-            max_tokens = min(max_tokens, room)
-        return Request(
+            if max_tokens > room:  # Request.asked_max_tokens keeps what was asked
+                logger.info("max_tokens %d clamped to the %d tokens left", max_tokens, room)
+                asked, max_tokens = max_tokens, room
+        req = Request(
             self.chat_format,
             prompt_ids,
             params,
@@ -210,6 +238,8 @@ class Engine:
             token_mask=token_mask,
             started=t0,
         )
+        req.asked_max_tokens = asked
+        return req
 
     def run(self, req: Request, progress: Progress | None = None) -> Iterator[StreamEvent]:
         """Drive ``req`` to its end, yielding its events (the last one has the completion)."""

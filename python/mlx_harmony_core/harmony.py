@@ -386,7 +386,9 @@ class HarmonyFormat(ChatFormat):
     ) -> list[int]:
         return render_prompt(messages, tools=tools, tool_choice=tool_choice, **options)
 
-    def primer(self, tool_choice: ToolChoice = None, tools: Sequence[Any] | None = None) -> list[int]:
+    def primer(
+        self, tool_choice: ToolChoice = None, tools: Sequence[Any] | None = None
+    ) -> list[int]:
         return reply_primer(tool_choice, tools)
 
     def stop_ids(self) -> list[int]:

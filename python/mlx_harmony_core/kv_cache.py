@@ -38,13 +38,14 @@ def make_cache(
     model: Any,
     *,
     kv_bits: int | None = None,
-    kv_group_size: int = 64,
+    kv_group_size: int = 0,
     history: History = 4096,
 ) -> list[Any]:
     """One cache per layer of ``model``.
 
     GPT-OSS: full-attention layers get a :class:`KVCache` (a :class:`QuantizedKVCache` with
-    ``kv_bits``), sliding layers a :class:`RotatingKVCache` of the model's window that keeps
+    ``kv_bits``; ``kv_group_size`` 0 picks 64 or 32 from the head dim, padding a narrow
+    head), sliding layers a :class:`RotatingKVCache` of the model's window that keeps
     ``history`` extra tokens ('window', 'all' or a number) so multi-turn reuse can rewind.
     Other models: their own ``make_cache()`` with mlx-lm's caches replaced by ours (layers
     with other state, such as SSMs, keep mlx-lm's), else a full cache per layer.

@@ -20,7 +20,6 @@ if TYPE_CHECKING:
     import mlx.nn as nn
 
     from .chat_format import ChatFormat
-
     from .engine import Engine
 
 logger = logging.getLogger(__name__)
@@ -181,7 +180,8 @@ def make_test_model(
     occupied = target.is_file() or (target.is_dir() and any(target.iterdir()))
     if occupied and not overwrite:
         raise FileExistsError(
-            f"{target} exists and is not empty; pass overwrite=True (--force) to replace it"
+            f"{target} exists and is not empty; replace it with --force "
+            "(make_test_model(..., overwrite=True) in Python) or choose another directory"
         )
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -320,7 +320,9 @@ def load(
     from .engine import Engine
 
     model, config, directory = load_model(path_or_name, dtype=dtype)
-    return Engine(model, chat_format=chat_format_for(config, directory), config=config, **engine_options)
+    return Engine(
+        model, chat_format=chat_format_for(config, directory), config=config, **engine_options
+    )
 
 
 def chat_format_for(config: dict[str, Any], directory: Path) -> ChatFormat:

@@ -73,9 +73,7 @@ def normalize_messages(messages: MessagesLike) -> list[Any]:
     if isinstance(messages, str):
         return [{"role": "user", "content": check_text(messages, "the prompt")}]
     if not isinstance(messages, Sequence) or isinstance(messages, bytes):
-        raise RequestTypeError(
-            "messages must be a string or a list of {'role', 'content'} dicts"
-        )
+        raise RequestTypeError("messages must be a string or a list of {'role', 'content'} dicts")
     out: list[Any] = []
     for i, m in enumerate(messages):
         if is_message_object(m):

@@ -126,6 +126,7 @@ class Request:
         self.format = chat_format
         self.prompt_ids = prompt_ids
         self.max_tokens = max_tokens
+        self.asked_max_tokens = max_tokens  # before clamping to the context window
         self.logprobs = logprobs
         self.sampler = Sampler(params)
         self.processors = list(logits_processors or [])
@@ -145,6 +146,16 @@ class Request:
         self.t_first = self.t0
         self._window = self.sampler.window(prompt_ids)
         self._tokens = mx.array(prompt_ids, dtype=mx.int32) if self.processors else None
+
+    def clamp_note(self) -> str | None:
+        """A line for the user when ``max_tokens`` was cut to the room in the context."""
+        if self.asked_max_tokens <= self.max_tokens:
+            return None
+        return (
+            f"note: max_tokens {self.asked_max_tokens} is more than the {self.max_tokens} "
+            "tokens left in the context window; generating at most "
+            f"{self.max_tokens}"
+        )
 
     @property
     def sync(self) -> bool:

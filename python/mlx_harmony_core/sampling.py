@@ -161,9 +161,7 @@ class Sampler:
         if not isinstance(logits, mx.array):
             raise RequestTypeError(f"logits must be an mx.array, got {type(logits).__name__}")
         if logits.ndim not in (1, 2):
-            raise InvalidRequestError(
-                f"logits must have shape (V,) or (B, V), got {logits.shape}"
-            )
+            raise InvalidRequestError(f"logits must have shape (V,) or (B, V), got {logits.shape}")
         vocab = logits.shape[-1]
         if self._max_bias_id >= vocab:
             raise InvalidRequestError(

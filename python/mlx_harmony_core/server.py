@@ -9,11 +9,15 @@ client that disconnects sets its job's cancel flag, which the engine polls every
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import functools
 import hmac
 import json
 import logging
 import queue
+import signal
+import socket
 import threading
 import time
 import uuid
@@ -23,10 +27,13 @@ from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .config import SamplingParams
+from .chat_format import REASONING
+from .errors import ContextLengthError, InvalidRequestError
+from .messages import check_text
+from .params import INT32_MAX, SamplingParams, constraints, problems, sampling_params
 
 logger = logging.getLogger(__name__)
 
@@ -70,58 +77,56 @@ class APIError(Exception):
                 "code": self.code,
             }
         }
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
+        headers = dict(self.headers or {})
+        if self.status >= 500 and self.status != 503:
+            headers["Connection"] = "close"  # after a server error, start afresh
+        return JSONResponse(body, status_code=self.status, headers=headers)
 
 
 # -- requests ------------------------------------------------------------------------------
 
 
-class _Sampling(BaseModel):
-    """OpenAI's sampling fields plus the common extensions (vLLM names)."""
+# Where OpenAI's API defines a sampling field's limits differently from SamplingParams, its
+# own limits apply here (mapped once); vLLM's top_k = -1 means "off".
+OPENAI_LIMITS: dict[str, dict[str, Any]] = {
+    "temperature": {"ge": 0.0, "le": 2.0, "allow_inf_nan": False},
+    "top_k": {"ge": -1, "le": INT32_MAX},
+}
 
-    model_config = ConfigDict(extra="forbid")
+
+def api_limits(name: str) -> dict[str, Any]:
+    """The server's limits for sampling field ``name``."""
+    return {**constraints(name), **OPENAI_LIMITS.get(name, {})}
+
+
+class _RequestFields(BaseModel):
+    """Fields shared by both endpoints; strict types, as OpenAI's API has."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1)
-    min_p: float | None = Field(None, ge=0.0, le=1.0)
-    min_tokens_to_keep: int | None = Field(None, ge=1)
-    xtc_probability: float | None = Field(None, ge=0.0, le=1.0)
-    xtc_threshold: float | None = Field(None, ge=0.0, le=0.5)
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    repetition_penalty: float | None = Field(None, gt=0.0, le=100.0)
-    repetition_context_size: int | None = Field(None, ge=1)
-    logit_bias: dict[str, float] | None = None
-    seed: int | None = Field(None, ge=0, lt=2**63)
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1)
 
     def params(self) -> SamplingParams:
-        fields = {
-            k: getattr(self, k)
-            for k in SamplingParams.model_fields
-            if k != "logit_bias" and getattr(self, k, None) is not None
-        }
+        fields = {k: getattr(self, k) for k in SamplingParams.model_fields}
         if fields.get("top_k") == -1:  # vLLM's "off"
             fields["top_k"] = 0
-        if self.logit_bias:
+        if self.logit_bias:  # type: ignore[attr-defined]
             try:
-                fields["logit_bias"] = {int(k): v for k, v in self.logit_bias.items()}
+                fields["logit_bias"] = {int(k): v for k, v in self.logit_bias.items()}  # type: ignore[attr-defined]
             except ValueError:
                 raise APIError(
                     400, "logit_bias keys must be token ids", param="logit_bias"
                 ) from None
         try:
-            return SamplingParams(**fields)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            param = str(err["loc"][0])
-            raise APIError(400, f"{param}: {err['msg']}", param=param) from None
+            return sampling_params(fields)
+        except InvalidRequestError as exc:
+            param = next((k for k in fields if str(exc).startswith(k)), None)
+            raise APIError(400, str(exc), param=param) from None
 
     def stops(self) -> list[str] | None:
         if self.stop is None:
@@ -131,9 +136,34 @@ class _Sampling(BaseModel):
             raise APIError(400, "stop takes up to 16 non-empty strings", param="stop")
         return stops or None
 
-    def checks(self) -> None:
+    def checks(self, limit: int) -> None:
         if self.n != 1:
             raise APIError(400, "n > 1 is not supported: send n requests", param="n")
+        for name in ("max_tokens", "max_completion_tokens"):
+            value = getattr(self, name, None)
+            if value is not None and value > limit:
+                raise APIError(
+                    400,
+                    f"{name} is {value}, over this server's limit of {limit} (--max-tokens-limit)",
+                    param=name,
+                )
+
+
+def _sampling_fields() -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, f in SamplingParams.model_fields.items():
+        if name == "logit_bias":  # JSON object keys are strings
+            out[name] = (dict[str, float] | None, Field(None, description=f.description))
+        else:
+            out[name] = (
+                f.annotation | None,
+                Field(None, description=f.description, **api_limits(name)),
+            )
+    return out
+
+
+# Every SamplingParams field, under OpenAI's limits where OpenAI defines them.
+_Sampling = create_model("_Sampling", __base__=_RequestFields, **_sampling_fields())  # type: ignore[call-overload]
 
 
 class ChatRequest(_Sampling):
@@ -164,19 +194,26 @@ def _parse(model: type[BaseModel], body: bytes) -> Any:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise APIError(400, f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise APIError(400, "the body's JSON is nested too deeply") from None
     if not isinstance(data, dict):
         raise APIError(400, "the body must be a JSON object")
     for key in IGNORED_FIELDS & data.keys():
         data.pop(key)
     try:
         return model.model_validate(data)
+    except RecursionError:
+        raise APIError(400, "the body's JSON is nested too deeply") from None
     except ValidationError as exc:
         err = exc.errors()[0]
         param = ".".join(str(p) for p in err["loc"]) or None
-        msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = f"unrecognized request argument: {param}"
-        raise APIError(400, f"{param}: {msg}" if param else msg, param=param) from None
+        elif err["loc"] and err["loc"][0] in SamplingParams.model_fields:
+            msg = problems(exc, limits=api_limits)[0][1]
+        else:
+            msg = f"{param}: {err['msg']}" if param else err["msg"]
+        raise APIError(400, msg, param=param) from None
 
 
 # -- the worker ------------------------------------------------------------------------------
@@ -220,15 +257,21 @@ def _mlx_tasks() -> queue.Queue[Callable[[], None]]:
 
 class Worker:
     """Runs jobs one at a time on the generation thread; at most ``max_queue`` wait
-    behind the running one, later ones get a 503."""
+    behind the running one, later ones get a 503. :meth:`shutdown` ends the running
+    generation at its next token and answers the waiting ones 503."""
 
     def __init__(self, max_queue: int) -> None:
         self.max_queue = max_queue
         self._lock = threading.Lock()
         self.pending = 0  # waiting + running
+        self.closing = threading.Event()
+        self.idle = threading.Event()
+        self.idle.set()
 
     def submit(self, job: Job) -> None:
         with self._lock:
+            if self.closing.is_set():
+                raise _shutting_down()
             if self.pending > self.max_queue:
                 raise APIError(
                     503,
@@ -238,61 +281,109 @@ class Worker:
                     headers={"Retry-After": "1"},
                 )
             self.pending += 1
+            self.idle.clear()
         _mlx_tasks().put(lambda: self._run(job))
+
+    def shutdown(self) -> None:
+        self.closing.set()
+
+    def _stop(self, job: Job) -> bool:
+        return job.cancel.is_set() or self.closing.is_set()
 
     def _run(self, job: Job) -> None:
         try:
-            if not job.cancel.is_set():  # the engine polls the flag each token from here
-                for event in job.run(job.cancel.is_set):
+            if self.closing.is_set():
+                job.emit(_shutting_down())
+            elif not job.cancel.is_set():  # the engine polls _stop each token from here
+                for event in job.run(lambda: self._stop(job)):
                     job.emit(event)
         except Exception as exc:  # reported to that client; the thread keeps serving
-            if not isinstance(exc, ValueError | TypeError):
+            if not isinstance(exc, InvalidRequestError | APIError):
                 logger.exception("generation failed")
             job.emit(exc)
         finally:
             job.emit(_DONE)
             with self._lock:
                 self.pending -= 1
+                if not self.pending:
+                    self.idle.set()
+
+
+def _shutting_down() -> APIError:
+    return APIError(
+        503,
+        "the server is shutting down; retry on another instance",
+        type="server_error",
+        code="shutting_down",
+        headers={"Retry-After": "5"},
+    )
 
 
 # -- the app ---------------------------------------------------------------------------------
 
 
-class BodyLimit:
-    """ASGI middleware: request bodies over ``limit`` bytes get a 413 before they are read."""
+class BodyGuard:
+    """ASGI middleware in front of the app: reads each request body whole before the app
+    sees it, with a size limit (413) and a read deadline (408), so that neither an
+    oversized, a chunked, a half-sent nor an abandoned upload ever reaches the handlers."""
 
-    def __init__(self, app: Any, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app: Any, limit: int, timeout: float) -> None:
+        self.app, self.limit, self.timeout = app, limit, timeout
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
-            return await self._reject(send)
-        seen = 0
+            return await self._reject(
+                send, 413, f"the request body is larger than {self.limit} bytes"
+            )
+        chunks: list[bytes] = []
+        size = 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                logger.info(
+                    "%s: request body not received within %.0f s", _peer(scope), self.timeout
+                )
+                return await self._reject(
+                    send, 408, f"the request body did not arrive within {self.timeout:g} s"
+                )
+            if message["type"] == "http.disconnect":
+                logger.info("%s: client disconnected while sending its request", _peer(scope))
+                return
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                return await self._reject(
+                    send, 413, f"the request body is larger than {self.limit} bytes"
+                )
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
 
-        async def limited() -> dict:
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise _TooLarge
-            return message
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # later: disconnect notices
 
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await self._reject(send)
+        await self.app(scope, replay, send)
 
-    async def _reject(self, send: Callable) -> None:
-        err = APIError(413, f"the request body is larger than {self.limit} bytes")
-        await err.response()({"type": "http"}, _empty_receive, send)  # JSONResponse is an ASGI app
+    async def _reject(self, send: Callable, status: int, message: str) -> None:
+        err = APIError(status, message, headers={"Connection": "close"})
+        await err.response()({"type": "http"}, _empty_receive, send)  # an ASGI app
 
 
-class _TooLarge(Exception):
-    pass
+def _peer(scope: dict) -> str:
+    client = scope.get("client") or ("?", 0)
+    return f"{client[0]}:{client[1]}"
 
 
 async def _empty_receive() -> dict:
@@ -307,15 +398,154 @@ class ServerOptions:
     api_key: str | None = None
     max_queue: int = 64
     max_body_bytes: int = 4 * 2**20
+    body_timeout_s: float = 30.0
     default_max_tokens: int = 4096
+    max_tokens_limit: int = 32768
+    host: str = "127.0.0.1"
+    allowed_hosts: tuple[str, ...] = ()
+    cors_origins: tuple[str, ...] = ()
     version: str = ""
 
 
-def create_app(engine: Any, options: ServerOptions | None = None) -> FastAPI:
-    """The FastAPI app serving ``engine`` (which it then owns: nothing else may use it)."""
+_LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+_WILDCARD = ("0.0.0.0", "::", "")
+
+
+def _host_of(value: str) -> str:
+    """``Host`` header without its port (``[::1]:80`` -> ``::1``)."""
+    if value.startswith("["):
+        return value[1 : value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+class LocalGuard:
+    """ASGI middleware: what stops a web page from using a server on a developer's machine.
+
+    ``Host`` must name the bound address (or loopback, or ``--allowed-hosts``): a DNS-rebound
+    page sends its own name. A browser's ``Origin`` must be listed in ``--cors-origins``
+    (those get CORS headers); and a POST must say ``Content-Type: application/json``, which
+    a page cannot send cross-site without a preflight.
+    """
+
+    def __init__(self, app: Any, opts: ServerOptions) -> None:
+        self.app, self.opts = app, opts
+        hosts = set(opts.allowed_hosts)
+        if opts.host in _WILDCARD and not hosts:
+            self.hosts: set[str] | None = None  # bound to every address: any name reaches it
+        else:
+            self.hosts = {_host_of(h) for h in (*hosts, opts.host, *_LOOPBACK)}
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {
+            k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers") or []
+        }
+        host = _host_of(headers.get("host", ""))
+        if self.hosts is not None and host not in self.hosts:
+            return await self._deny(
+                send,
+                421,
+                f"Host {host!r} is not served here; start with --allowed-hosts to allow it",
+            )
+        origin = headers.get("origin")
+        allowed_origin = origin is not None and (
+            origin in self.opts.cors_origins or "*" in self.opts.cors_origins
+        )
+        if origin is not None and not allowed_origin:
+            return await self._deny(
+                send,
+                403,
+                f"requests from the web origin {origin!r} are refused; list it in --cors-origins",
+            )
+        if scope["method"] == "OPTIONS" and allowed_origin:
+            return await self._preflight(send, origin)  # type: ignore[arg-type]
+        if scope["method"] == "POST":
+            ctype = headers.get("content-type", "").split(";")[0].strip().lower()
+            if ctype != "application/json":
+                return await self._deny(
+                    send, 415, "send the body as JSON with 'Content-Type: application/json'"
+                )
+        if not allowed_origin:
+            return await self.app(scope, receive, send)
+
+        async def with_cors(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], *_cors_headers(origin)]  # type: ignore[arg-type]
+            await send(message)
+
+        await self.app(scope, receive, with_cors)
+
+    async def _deny(self, send: Callable, status: int, message: str) -> None:
+        await APIError(status, message).response()({"type": "http"}, _empty_receive, send)
+
+    async def _preflight(self, send: Callable, origin: str) -> None:
+        headers = [
+            *_cors_headers(origin),
+            (b"access-control-allow-methods", b"GET, POST, OPTIONS"),
+            (b"access-control-allow-headers", b"authorization, content-type"),
+            (b"access-control-max-age", b"600"),
+        ]
+        await send({"type": "http.response.start", "status": 204, "headers": headers})
+        await send({"type": "http.response.body", "body": b""})
+
+
+def _cors_headers(origin: str) -> list[tuple[bytes, bytes]]:
+    return [(b"access-control-allow-origin", origin.encode("latin-1")), (b"vary", b"Origin")]
+
+
+class ErrorBody(BaseModel):
+    """OpenAI's error object."""
+
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx/5xx answer: ``{"error": {...}}``."""
+
+    error: ErrorBody
+
+
+_ERRORS = {
+    400: "invalid request (bad JSON, field, value or prompt)",
+    401: "missing or wrong API key",
+    404: "model not served",
+    413: "request body too large",
+    415: "body not sent as application/json",
+    503: "queue full or shutting down (see Retry-After)",
+}
+
+
+def _post_docs(body: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI for a POST whose body we parse ourselves: the request model and the errors."""
+    return {
+        "openapi_extra": {
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {"$ref": f"#/components/schemas/{body.__name__}"}
+                    }
+                },
+            }
+        },
+        "responses": {
+            code: {"model": ErrorResponse, "description": d} for code, d in _ERRORS.items()
+        },
+    }
+
+
+def create_app(engine: Any, options: ServerOptions | None = None) -> Any:
+    """The ASGI app serving ``engine`` (which it then owns: nothing else may use it)."""
     opts = options or ServerOptions()
     worker = Worker(opts.max_queue)
-    app = FastAPI(title="mlx-harmony-core", docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title="mlx-harmony-core", version=opts.version or "0", docs_url=None, redoc_url=None
+    )
     app.state.worker = worker
     app.state.engine = engine
     started = int(time.time())
@@ -327,7 +557,8 @@ def create_app(engine: Any, options: ServerOptions | None = None) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return APIError(exc.status_code, str(exc.detail), type=kind).response()
+        headers = dict(exc.headers or {})  # e.g. Allow on a 405
+        return APIError(exc.status_code, str(exc.detail), type=kind, headers=headers).response()
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception) -> JSONResponse:
@@ -354,16 +585,25 @@ def create_app(engine: Any, options: ServerOptions | None = None) -> FastAPI:
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": opts.model_name, "queued": worker.pending}
 
+    def model_entry(name: str) -> dict[str, Any]:
+        return {
+            "id": name,
+            "object": "model",
+            "created": started,
+            "owned_by": "local",
+            "max_tokens_limit": opts.max_tokens_limit,
+            "context_length": engine.context_length,
+        }
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        entry = {"id": opts.model_name, "object": "model", "created": started, "owned_by": "local"}
-        return {"object": "list", "data": [entry]}
+        return {"object": "list", "data": [model_entry(opts.model_name)]}
 
     @app.get("/v1/models/{name:path}")
     async def model(name: str) -> dict[str, Any]:
         if name != opts.model_name:
             raise APIError(404, f"model {name!r} is not served", code="model_not_found")
-        return {"id": name, "object": "model", "created": started, "owned_by": "local"}
+        return model_entry(name)
 
     def check_model(name: str | None) -> None:
         if name is not None and name != opts.model_name:
@@ -374,10 +614,17 @@ def create_app(engine: Any, options: ServerOptions | None = None) -> FastAPI:
                 code="model_not_found",
             )
 
-    @app.post("/v1/chat/completions")
+    async def parse(model: type[BaseModel], request: Request) -> Any:
+        body = await request.body()
+        # Large bodies parse off the event loop, so /health and streams keep flowing.
+        if len(body) > 2**16:
+            return await asyncio.to_thread(_parse, model, body)
+        return _parse(model, body)
+
+    @app.post("/v1/chat/completions", **_post_docs(ChatRequest))
     async def chat(request: Request) -> Any:
-        req: ChatRequest = _parse(ChatRequest, await request.body())
-        req.checks()
+        req: ChatRequest = await parse(ChatRequest, request)
+        req.checks(opts.max_tokens_limit)
         check_model(req.model)
         if req.response_format and req.response_format.get("type", "text") != "text":
             raise APIError(
@@ -411,10 +658,10 @@ def create_app(engine: Any, options: ServerOptions | None = None) -> FastAPI:
 
         return await _respond(request, worker, run, _ChatFormat(req, opts, engine))
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", **_post_docs(CompletionRequest))
     async def completions(request: Request) -> Any:
-        req: CompletionRequest = _parse(CompletionRequest, await request.body())
-        req.checks()
+        req: CompletionRequest = await parse(CompletionRequest, request)
+        req.checks(opts.max_tokens_limit)
         check_model(req.model)
         if req.echo or req.suffix or (req.best_of or 1) > 1:
             raise APIError(400, "echo, suffix and best_of > 1 are not supported")
@@ -425,15 +672,16 @@ def create_app(engine: Any, options: ServerOptions | None = None) -> FastAPI:
                     400, "one prompt per request (batches: send several)", param="prompt"
                 )
             prompt = prompt[0]
-        ids = engine.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        if not ids:
+        if not prompt:
             raise APIError(400, "the prompt is empty", param="prompt")
-        vocab = len(engine.token_bytes())
-        if any(not 0 <= t < vocab for t in ids):
-            raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
         params, stops = req.params(), req.stops()
 
         def run(should_stop: Callable[[], bool]) -> Iterator[Any]:
+            # Tokenized here, on the generation thread: never on the event loop.
+            if isinstance(prompt, str):
+                ids = engine.encode(check_text(prompt, "prompt"))
+            else:
+                ids = list(prompt)
             return engine.stream(
                 ids,
                 params,
@@ -446,7 +694,25 @@ def create_app(engine: Any, options: ServerOptions | None = None) -> FastAPI:
 
         return await _respond(request, worker, run, _TextFormat(req, opts, engine))
 
-    return BodyLimit(app, opts.max_body_bytes)  # type: ignore[return-value]
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for body in (ChatRequest, CompletionRequest):
+                js = body.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(js.pop("$defs", {}))
+                components[body.__name__] = js
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    guarded = BodyGuard(app, opts.max_body_bytes, opts.body_timeout_s)
+    outer = LocalGuard(guarded, opts)
+    outer.worker = worker  # type: ignore[attr-defined]
+    outer.fastapi = app  # type: ignore[attr-defined]
+    return outer
 
 
 # -- responses -------------------------------------------------------------------------------
@@ -466,32 +732,45 @@ async def _next(job: Job, request: Request) -> Any:
                 return _GONE
 
 
+async def _watch_disconnect(request: Request, job: Job) -> None:
+    """Cancel ``job`` the moment its client disconnects (the body has been read, so the
+    next ASGI message is the disconnect)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            job.cancel.set()
+            return
+
+
 async def _respond(request: Request, worker: Worker, run: Callable, fmt: Any) -> Any:
     job = Job(run, asyncio.get_running_loop())
     worker.submit(job)
+    watcher = asyncio.create_task(_watch_disconnect(request, job))
     try:
         first = await _next(job, request)
+        if first is _GONE:
+            return Response(status_code=499)  # nobody is listening
+        if isinstance(first, Exception):
+            job.cancel.set()
+            raise _as_api_error(first)
+        if not fmt.stream:
+            try:
+                item = first
+                while item is not _DONE:
+                    if isinstance(item, Exception):
+                        raise _as_api_error(item)
+                    fmt.add(item)
+                    item = await _next(job, request)
+                    if item is _GONE:
+                        return Response(status_code=499)
+            finally:
+                job.cancel.set()
+            return JSONResponse(fmt.body())
     except BaseException:
         job.cancel.set()
         raise
-    if first is _GONE:
-        return Response(status_code=499)  # nobody is listening
-    if isinstance(first, Exception):
-        job.cancel.set()
-        raise _as_api_error(first)
-    if not fmt.stream:
-        try:
-            item = first
-            while item is not _DONE:
-                if isinstance(item, Exception):
-                    raise _as_api_error(item)
-                fmt.add(item)
-                item = await _next(job, request)
-                if item is _GONE:
-                    return Response(status_code=499)
-        finally:
-            job.cancel.set()
-        return JSONResponse(fmt.body())
+    finally:
+        watcher.cancel()
 
     async def sse() -> AsyncIterator[bytes]:
         try:
@@ -501,7 +780,9 @@ async def _respond(request: Request, worker: Worker, run: Callable, fmt: Any) ->
             while item is not _DONE:
                 if isinstance(item, Exception):
                     err = _as_api_error(item)
-                    yield _sse({"error": {"message": err.message, "type": err.type}})
+                    yield _sse(
+                        {"error": {"message": err.message, "type": err.type, "code": err.code}}
+                    )
                     break
                 for chunk in fmt.chunks(item):
                     yield _sse(chunk)
@@ -520,12 +801,14 @@ def _sse(obj: Any) -> bytes:
 
 
 def _as_api_error(exc: Exception) -> APIError:
+    """By type: the caller's mistakes are 400s, anything else is ours (500, logged)."""
     if isinstance(exc, APIError):
         return exc
-    if isinstance(exc, ValueError | TypeError):
-        code = "context_length_exceeded" if "context window" in str(exc) else None
-        return APIError(400, str(exc), code=code)
-    return APIError(500, f"generation failed: {exc}", type="server_error")
+    if isinstance(exc, ContextLengthError):
+        return APIError(400, str(exc), code="context_length_exceeded")
+    if isinstance(exc, InvalidRequestError):
+        return APIError(400, str(exc))
+    return APIError(500, f"generation failed: {type(exc).__name__}: {exc}", type="server_error")
 
 
 def _usage(completion: Any) -> dict[str, Any]:
@@ -539,7 +822,8 @@ def _usage(completion: Any) -> dict[str, Any]:
 
 
 def _finish(reason: str) -> str:
-    return reason if reason in ("stop", "length", "tool_calls") else "stop"
+    # "cancelled": the server is shutting down (a disconnected client sees nothing).
+    return reason if reason in ("stop", "length", "tool_calls", "cancelled") else "stop"
 
 
 class _Format:
@@ -577,17 +861,19 @@ class _Format:
         if event.completion is not None:
             self.completion = event.completion
         elif event.recipient is None:
-            key = "reasoning" if event.channel == "analysis" else "content"
+            key = "reasoning" if event.kind == REASONING else "content"
             self.parts[key].append(event.delta)
 
     def usage_chunk(self) -> list[dict[str, Any]]:
         if not self.include_usage or self.completion is None:
             return []
-        return [{**self.head(), "choices": [], "usage": _usage(self.completion)}]
+        head = {**self.head(), "object": self.chunk_object}
+        return [{**head, "choices": [], "usage": _usage(self.completion)}]
 
 
 class _ChatFormat(_Format):
     object_name = "chat.completion"
+    chunk_object = "chat.completion.chunk"
     prefix = "chatcmpl-"
 
     def _calls(self) -> list[dict[str, Any]]:
@@ -638,7 +924,7 @@ class _ChatFormat(_Format):
         if event.completion is None:
             if event.recipient is not None or not event.delta:
                 return []  # tool-call arguments are sent whole, with their id, at the end
-            key = "reasoning_content" if event.channel == "analysis" else "content"
+            key = "reasoning_content" if event.kind == REASONING else "content"
             return [self._chunk({key: event.delta})]
         out = []
         if self.completion.tool_calls:
@@ -652,6 +938,7 @@ class _ChatFormat(_Format):
 
 class _TextFormat(_Format):
     object_name = "text_completion"
+    chunk_object = "text_completion"
     prefix = "cmpl-"
 
     def _logprobs(self) -> dict[str, Any] | None:
@@ -702,6 +989,29 @@ class _TextFormat(_Format):
         return [{**self.head(), "choices": [choice]}, *self.usage_chunk()]
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port``, or ``OSError`` saying why not (before any
+    "serving on" line is printed)."""
+    if not 0 <= port <= 65535:
+        raise OSError(f"port {port} is not in 0..65535")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        reason = (
+            "is already in use"
+            if exc.errno == errno.EADDRINUSE
+            else f"cannot be used ({exc.strerror})"
+        )
+        raise OSError(f"{host}:{port} {reason}; choose another --port or --host") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def serve(
     engine: Any,
     *,
@@ -709,9 +1019,47 @@ def serve(
     port: int = 8000,
     options: ServerOptions | None = None,
     log_level: str = "info",
+    sock: socket.socket | None = None,
 ) -> None:
-    """Run the server until interrupted (``mlx-harmony-core serve``)."""
+    """Run the server until SIGINT or SIGTERM (``mlx-harmony-core serve``).
+
+    On a signal it stops accepting, ends running generations at their next token (a final
+    chunk with ``finish_reason: "cancelled"``, then ``[DONE]``), answers waiting requests
+    503, and returns within about two seconds.
+    """
     import uvicorn
 
-    app = create_app(engine, options)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    opts = options or ServerOptions(host=host)
+    app = create_app(engine, opts)
+    worker: Worker = app.worker
+
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            worker.shutdown()  # generations end now; uvicorn then drains the connections
+            super().handle_exit(sig, frame)
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            # uvicorn re-raises the signal after shutting down (exit 130 / 143); a
+            # signal here means "shut down cleanly", which it has.
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            old = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for s, handler in old.items():
+                    signal.signal(s, handler)
+
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=2
+    )
+    server = _Server(config)
+    sock = sock or bind(host, port)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+        worker.shutdown()
+        worker.idle.wait(timeout=2)  # the generation thread parks before the process exits
