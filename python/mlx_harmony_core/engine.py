@@ -415,15 +415,15 @@ class Engine:
 
 def _format_from(encoding: Any, tokenizer: Any) -> ChatFormat:
     """The format the older ``encoding=`` / ``tokenizer=`` arguments stand for."""
-    if encoding is not None:
-        from .harmony import HarmonyFormat
-
-        return HarmonyFormat(encoding)
     if tokenizer is not None:
         from .chat_format import ChatTemplateFormat
 
         return ChatTemplateFormat(tokenizer)
-    raise RequestTypeError("Engine needs a chat_format (or a Harmony encoding, or a tokenizer)")
+    if encoding is None:
+        raise RequestTypeError("Engine needs a chat_format (or a Harmony encoding, or a tokenizer)")
+    from .harmony import HarmonyFormat
+
+    return HarmonyFormat(encoding)
 
 
 def _materialize(model: Any) -> None:

@@ -175,8 +175,13 @@ class Sampler:
             raise InvalidRequestError(f"logprobs must be in [0, {vocab}], got {logprobs}")
         rows = logits.shape[0] if logits.ndim == 2 else 1
         hist = self._history(history, rows, logits.ndim == 2, vocab)
-        if mask is not None and not isinstance(mask, mx.array):
-            mask = mx.array(np.ascontiguousarray(mask, dtype=np.uint32))
+        if mask is not None:
+            if not isinstance(mask, mx.array):
+                mask = mx.array(np.ascontiguousarray(mask, dtype=np.uint32))
+            if mask.ndim == 1 and logits.ndim == 2:
+                mask = mask.reshape(1, -1)  # one row's mask for every row
+            if mask.ndim == 2 and mask.shape[0] == 1 and rows > 1:
+                mask = mx.broadcast_to(mask, (rows, mask.shape[1]))
         with self._lock:  # sample() copies the options: the counter is read once per call
             self._options.counter = self._counter
             self._options.logprobs = -1 if logprobs is None else logprobs
@@ -195,10 +200,15 @@ class Sampler:
         return outs[0], LogProbs(outs[1], outs[2], outs[3])
 
     def __call__(
-        self, logits: mx.array, history: History = None, *, logprobs: int | None = None
+        self,
+        logits: mx.array,
+        history: History = None,
+        *,
+        logprobs: int | None = None,
+        mask: Mask = None,
     ) -> mx.array | tuple[mx.array, LogProbs]:
         """Sample and evaluate; raises ``ValueError`` on NaN/inf or all -inf rows."""
-        out = self.lazy(logits, history, logprobs=logprobs)
+        out = self.lazy(logits, history, logprobs=logprobs, mask=mask)
         mx.eval(out if isinstance(out, mx.array) else [out[0], *vars(out[1]).values()])
         check_ids(out if isinstance(out, mx.array) else out[0])
         return out
