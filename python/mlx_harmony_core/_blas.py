@@ -47,7 +47,8 @@ def enable() -> None:
         )
         return
     core = importlib.util.find_spec(f"{__package__}._core")  # the shim is installed beside it
-    shim = Path(core.origin).with_name("libmhc_blas_shim.so") if core and core.origin else Path()
+    # In lib/ (not a package), so help() and pkgutil do not list it as a module.
+    shim = Path(core.origin).parent / "lib" / "libmhc_blas_shim.so" if core and core.origin else Path()
     openblas = _openblas_path()
     if openblas is None or not shim.exists():
         _state["reason"] = "scipy-openblas32 or the shim library is not installed"

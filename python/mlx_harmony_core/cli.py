@@ -98,7 +98,12 @@ def _add_prompt_flags(p: argparse.ArgumentParser, *, chat: bool = False) -> None
         "--model-identity", default=None, help="who the model says it is (system message)"
     )
     g.add_argument("--max-tokens", type=int, default=None, help="reply length limit (512)")
-    g.add_argument("--reasoning-effort", choices=["low", "medium", "high"], default=None)
+    g.add_argument(
+        "--reasoning-effort",
+        choices=["low", "medium", "high"],
+        default=None,
+        help="how much the model reasons first (GPT-OSS; default medium)",
+    )
     g.add_argument(
         "--context-length", type=_positive, default=None, help="override the model's window"
     )
@@ -412,7 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument(
         "--cors-origins", nargs="*", default=None, help="web origins allowed to call (CORS)"
     )
-    v.add_argument("--prefix-cache-entries", type=int, default=64)
+    v.add_argument(
+        "--prefix-cache-entries", type=int, default=64, help="KV caches kept for prefix reuse"
+    )
     v.add_argument("--prefix-cache-mb", type=float, default=2048.0, help="prefix cache bound")
     v.set_defaults(func=_cmd_serve)
 
