@@ -92,7 +92,14 @@ def test_unwritable_path_keeps_the_conversation(demo_engine, tmp_path):
 
 
 def test_chat_with_unwritable_log_exits_cleanly():
-    r = cli("chat", "--model", "demo", "--max-tokens", "3", stdin=b"hello\n\\save /proc/nope/y.json\nsecond\n")
+    r = cli(
+        "chat",
+        "--model",
+        "demo",
+        "--max-tokens",
+        "3",
+        stdin=b"hello\n\\save /proc/nope/y.json\nsecond\n",
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.count(b"generated") + r.stderr.count(b"generated") == 2
 
@@ -101,8 +108,9 @@ def test_chat_with_unwritable_log_exits_cleanly():
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_kv_bits_on_every_preset(preset, bits):
-    from mlx_harmony_core.kv_cache import make_cache
     import mlx.core as mx
+
+    from mlx_harmony_core.kv_cache import make_cache
 
     head_dim, kv_heads = PRESETS[preset]["head_dim"], PRESETS[preset]["kv_heads"]
     cache = make_cache(type("M", (), {"layers": [0]})(), kv_bits=bits)[0]
@@ -137,7 +145,9 @@ def test_messages_name_what_the_user_typed(tmp_path):
     r = cli("make-test-model", str(tmp_path / "m"))
     assert b"--force" in r.stderr and b"overwrite=True (--force)" not in r.stderr
     r = cli("generate", "--profile", "x", "-p", "hi", env={"MLX_HARMONY_CORE_HOME": str(tmp_path)})
-    assert b"profiles.toml" in r.stderr and b"profiles.json" in r.stderr and b"--profiles" in r.stderr
+    assert (
+        b"profiles.toml" in r.stderr and b"profiles.json" in r.stderr and b"--profiles" in r.stderr
+    )
     r = cli("bench", "--prompt-tokens", "0")
     assert r.returncode == 2 and b"--prompt-tokens: must be >= 1" in r.stderr
 
@@ -150,9 +160,21 @@ def test_mistyped_keyword_names_no_internals(demo_engine):
 
 # 6. max_tokens beyond the context is said and clamped
 def test_max_tokens_beyond_the_context_is_clamped_visibly():
-    r = cli("generate", "--model", "demo", "-p", "hi", "--max-tokens", "100000000000000000000", "--context-length", "80")
+    r = cli(
+        "generate",
+        "--model",
+        "demo",
+        "-p",
+        "hi",
+        "--max-tokens",
+        "100000000000000000000",
+        "--context-length",
+        "80",
+    )
     assert r.returncode == 0, r.stderr
-    assert re.search(rb"note: max_tokens 100000000000000000000 is more than the \d+ tokens left", r.stderr)
+    assert re.search(
+        rb"note: max_tokens 100000000000000000000 is more than the \d+ tokens left", r.stderr
+    )
 
 
 # 7. smaller rough edges
@@ -182,13 +204,20 @@ def test_help_lists_only_public_names():
     contents = text[text.find("PACKAGE CONTENTS") : text.find("CLASSES")]
     data = text[text.find("\nDATA") : text.find("\nVERSION")]
     text = contents + data
-    for private in (r"(?<!_)annotations\b", r"ensure_vocab_env", r"libmhc_blas_shim", r"\n    mlx\n"):
+    for private in (
+        r"(?<!_)annotations\b",
+        r"ensure_vocab_env",
+        r"libmhc_blas_shim",
+        r"\n    mlx\n",
+    ):
         assert not re.search(private, text), private
 
 
 def test_readme_python_runs_as_written(tmp_path):
     block = re.search(r"```python\n(.*?)```", README.read_text(), re.S).group(1)
-    r = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-c", block], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
     assert r.returncode == 0, r.stderr[-3000:]
 
 
@@ -208,6 +237,7 @@ def test_bench_prompt_comes_from_the_models_vocabulary():
 # 10. tied embeddings count in the bandwidth line
 def test_weight_bytes_count_tied_embeddings():
     import mlx.core as mx
+
     from mlx_harmony_core.bench import weight_bytes_per_token
 
     class M:

@@ -60,12 +60,17 @@ def _config(name, value):
 
 def _chat(name, value):
     engine = SimpleNamespace(context_length=None, prefill_step_size=512)
-    session = ChatSession(engine=engine, model_name="x", prompt_config=mhc.PromptConfig(), log=ChatLog())
+    session = ChatSession(
+        engine=engine, model_name="x", prompt_config=mhc.PromptConfig(), log=ChatLog()
+    )
     session.set(f"{name}={json.dumps(value)}")
 
 
 def _server(name, value):
-    req = _parse(ChatRequest, json.dumps({"messages": [{"role": "user", "content": "x"}], name: value}).encode())
+    req = _parse(
+        ChatRequest,
+        json.dumps({"messages": [{"role": "user", "content": "x"}], name: value}).encode(),
+    )
     req.params()
 
 
@@ -94,7 +99,9 @@ def test_every_surface_takes_each_field_within_its_limits(name):
     # The server: OpenAI's limits where OpenAI defines them, the same wording.
     from mlx_harmony_core.server import APIError
 
-    for value, ok in _cases({k: v for k, v in api_limits(name).items() if k != "allow_inf_nan"}, kind):
+    for value, ok in _cases(
+        {k: v for k, v in api_limits(name).items() if k != "allow_inf_nan"}, kind
+    ):
         if ok:
             _server(name, value)
             continue
@@ -104,7 +111,9 @@ def test_every_surface_takes_each_field_within_its_limits(name):
 
 
 def test_every_field_reaches_every_surface():
-    dests = {a.dest for a in build_parser()._subparsers._group_actions[0].choices["generate"]._actions}
+    dests = {
+        a.dest for a in build_parser()._subparsers._group_actions[0].choices["generate"]._actions
+    }
     bench = {a.dest for a in build_parser()._subparsers._group_actions[0].choices["bench"]._actions}
     options = _core.SamplingOptions()
     for name in FIELDS:
@@ -205,7 +214,13 @@ def test_engine_token_mask_is_never_violated(demo_engine):
         seen.append(len(generated))
         return pack_mask(allowed)
 
-    c = demo_engine.generate([1, 2, 3], SamplingParams(temperature=1.0, seed=0), max_tokens=12, token_mask=mask, ignore_eos=True)
+    c = demo_engine.generate(
+        [1, 2, 3],
+        SamplingParams(temperature=1.0, seed=0),
+        max_tokens=12,
+        token_mask=mask,
+        ignore_eos=True,
+    )
     assert set(c.tokens) <= {1000, 2000, 3000} and seen == list(range(12))
 
 
@@ -215,13 +230,25 @@ def test_logits_processors_match_mlx_lm(demo_engine):
     from mlx_lm.sample_utils import make_logits_processors
 
     prompt = mx.array(demo_engine.render("Say something"))
-    make = lambda: make_logits_processors({5: 3.0}, repetition_penalty=1.4, repetition_context_size=16)  # noqa: E731
+    make = lambda: make_logits_processors(
+        {5: 3.0}, repetition_penalty=1.4, repetition_context_size=16
+    )  # noqa: E731
     theirs = []
-    for tok, _ in generate_step(prompt, demo_engine.model, max_tokens=24, logits_processors=make(), sampler=lambda x: mx.argmax(x, -1)):
+    for tok, _ in generate_step(
+        prompt,
+        demo_engine.model,
+        max_tokens=24,
+        logits_processors=make(),
+        sampler=lambda x: mx.argmax(x, -1),
+    ):
         theirs.append(int(tok))
     demo_engine.reset_cache()
     ours = demo_engine.generate(
-        prompt.tolist(), SamplingParams(temperature=0.0), max_tokens=24, ignore_eos=True, logits_processors=make()
+        prompt.tolist(),
+        SamplingParams(temperature=0.0),
+        max_tokens=24,
+        ignore_eos=True,
+        logits_processors=make(),
     ).tokens
     assert ours == theirs
 
@@ -229,20 +256,26 @@ def test_logits_processors_match_mlx_lm(demo_engine):
 # -- chat formats -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def template_format():
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-    from mlx_lm.tokenizer_utils import TokenizerWrapper
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|im_start|>", "<|im_end|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(["hello world system user assistant default prompt"] * 50, trainer)
     template = (
         "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nDEFAULT PROMPT<|im_end|>\n{% endif %}"
         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", chat_template=template)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", chat_template=template
+    )
     return mhc.ChatTemplateFormat(TokenizerWrapper(hf))
 
 
@@ -251,7 +284,9 @@ def _text(fmt, ids):
 
 
 def test_instructions_replace_the_templates_default_system_prompt(template_format):
-    ids = template_format.render([{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "hello"}])
+    ids = template_format.render(
+        [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "hello"}]
+    )
     text = _text(template_format, ids)
     assert "DEFAULT PROMPT" not in text and text.startswith("<|im_start|>system\nBe brief.")
     plain = _text(template_format, template_format.render("hello"))
@@ -327,7 +362,9 @@ def test_each_module_imports_alone(tmp_path):
     names = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
     code = "import importlib, sys\nfor n in sys.argv[1:]:\n    importlib.import_module('mlx_harmony_core.' + n)\n"
     for name in names:  # each in a fresh interpreter: no order can hide a cycle
-        r = subprocess.run([sys.executable, "-c", code, name], capture_output=True, text=True, timeout=120)
+        r = subprocess.run(
+            [sys.executable, "-c", code, name], capture_output=True, text=True, timeout=120
+        )
         assert r.returncode == 0, (name, r.stderr[-2000:])
 
 
@@ -337,12 +374,16 @@ def test_import_writes_no_files(tmp_path):
     env["TMPDIR"] = str(tmp_path / "tmp")
     (tmp_path / "tmp").mkdir()
     code = "import mlx_harmony_core as m; print(m.__version__)"
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0, r.stderr
     from importlib.metadata import version
 
     assert r.stdout.strip() == version("mlx-harmony-core") == mhc.__version__
     assert not (tmp_path / "home").exists() and not any((tmp_path / "tmp").iterdir())
     code = "import mlx_harmony_core as m; print(len(m.load_encoding().encode('hi')))"
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0 and (tmp_path / "home" / "vocab").exists()  # unpacked on first use

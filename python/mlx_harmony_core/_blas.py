@@ -48,7 +48,9 @@ def enable() -> None:
         return
     core = importlib.util.find_spec(f"{__package__}._core")  # the shim is installed beside it
     # In lib/ (not a package), so help() and pkgutil do not list it as a module.
-    shim = Path(core.origin).parent / "lib" / "libmhc_blas_shim.so" if core and core.origin else Path()
+    shim = (
+        Path(core.origin).parent / "lib" / "libmhc_blas_shim.so" if core and core.origin else Path()
+    )
     openblas = _openblas_path()
     if openblas is None or not shim.exists():
         _state["reason"] = "scipy-openblas32 or the shim library is not installed"
