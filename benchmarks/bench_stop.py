@@ -13,7 +13,7 @@ import pytest
 from mlx_lm.generate import StopSequences
 
 import mlx_harmony_core as mhc
-from mlx_harmony_core.stopping import harmony_detokenizer
+from mlx_harmony_core.harmony import harmony_detokenizer
 
 WORDS = [
     "the",

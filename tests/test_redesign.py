@@ -230,9 +230,10 @@ def test_logits_processors_match_mlx_lm(demo_engine):
     from mlx_lm.sample_utils import make_logits_processors
 
     prompt = mx.array(demo_engine.render("Say something"))
-    make = lambda: make_logits_processors(
-        {5: 3.0}, repetition_penalty=1.4, repetition_context_size=16
-    )  # noqa: E731
+
+    def make():
+        return make_logits_processors({5: 3.0}, repetition_penalty=1.4, repetition_context_size=16)
+
     theirs = []
     for tok, _ in generate_step(
         prompt,

@@ -184,7 +184,8 @@ class Engine:
         token_mask: TokenMask | None = None,
         **render_options: Any,
     ) -> Request:
-        """A :class:`Request` for ``messages``, rendered and checked (see :meth:`stream`)."""
+        """A :class:`Request` for ``messages``, rendered and checked; the keyword arguments
+        are those of :meth:`stream` (drive it with :meth:`run`)."""
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise InvalidRequestError(f"max_tokens must be a positive integer, got {max_tokens!r}")
         params = params if params is not None else SamplingParams()
@@ -336,22 +337,14 @@ class Engine:
         messages: MessagesLike | Sequence[int],
         params: SamplingParams | None = None,
         *,
-        max_tokens: int = 512,
         progress: Progress | None = None,
-        logprobs: int | None = None,
-        stop: str | Sequence[str] | None = None,
-        stop_tokens: Sequence[int | Sequence[int]] | None = None,
-        include_stop: bool = False,
-        ignore_eos: bool = False,
-        truncate: bool = False,
-        raw: bool = False,
-        should_stop: Callable[[], bool] | None = None,
-        logits_processors: Sequence[LogitsProcessor] | None = None,
-        token_mask: TokenMask | None = None,
-        **render_options: Any,
+        **options: Any,
     ) -> Iterator[StreamEvent]:
         """Generate a reply, yielding text deltas as they are decoded.
 
+        Keyword arguments: ``max_tokens`` (512), ``logprobs``, ``stop``, ``stop_tokens``,
+        ``include_stop``, ``ignore_eos``, ``truncate``, ``raw``, ``should_stop``,
+        ``logits_processors``, ``token_mask`` and the chat format's render options.
         Each event has a ``kind`` (``answer``, ``reasoning`` or ``tool_call``); the last one
         has ``finish_reason`` (``stop``, ``length``, ``tool_calls`` or ``cancelled``) and the
         full :class:`Completion`. ``logprobs=n`` records each token's log-probability and
@@ -376,23 +369,7 @@ class Engine:
         ``should_stop`` is polled after each token; when it returns True the reply ends
         with ``finish_reason="cancelled"``.
         """
-        req = self.request(
-            messages,
-            params,
-            max_tokens=max_tokens,
-            logprobs=logprobs,
-            stop=stop,
-            stop_tokens=stop_tokens,
-            include_stop=include_stop,
-            ignore_eos=ignore_eos,
-            truncate=truncate,
-            raw=raw,
-            should_stop=should_stop,
-            logits_processors=logits_processors,
-            token_mask=token_mask,
-            **render_options,
-        )
-        yield from self.run(req, progress)
+        yield from self.run(self.request(messages, params, **options), progress)
 
     def generate(
         self,

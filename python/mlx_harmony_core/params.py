@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import InvalidRequestError
@@ -73,6 +74,20 @@ class SamplingParams(BaseModel):
     seed: int | None = Field(
         None, ge=0, lt=SEED_LIMIT, description="seed for reproducible sampling"
     )
+
+    @field_validator("top_p", "repetition_penalty")
+    @classmethod
+    def _positive_in_float32(cls, v: float) -> float:
+        # The sampler computes in float32: a value that rounds to 0 there is not > 0.
+        if v > 0 and float(np.float32(v)) <= 0.0:
+            raise ValueError("rounds to 0 in float32")
+        return v
+
+    @field_validator("temperature")
+    @classmethod
+    def _tiny_temperature_is_greedy(cls, v: float) -> float:
+        # 1 / T overflows float32 below ~1e-38; far before that the draw is the argmax.
+        return 0.0 if 0 < v < 1e-6 else v
 
     @field_validator("logit_bias")
     @classmethod
@@ -160,6 +175,8 @@ def problems(
         if name in SamplingParams.model_fields:
             got = e.get("input")
             shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+            if e["type"] == "value_error" and name != "logit_bias":  # a validator's reason
+                shown = shown[:-1] + f": {e['ctx']['error']})" if shown else shown
             out.append((name, f"{display(name)} {describe(name, limits(name))}{shown}"))
         elif e["type"] == "value_error" and not loc:  # a model validator's own words
             out.append((None, str(e["ctx"]["error"])))
