@@ -13,17 +13,6 @@
 
 namespace mlx_harmony_core {
 
-namespace {
-
-uint64_t mix64(uint64_t z) {
-  // splitmix64's finalizer: a bijection with full avalanche.
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-  return z ^ (z >> 31);
-}
-
-} // namespace
-
 double uniform01(uint64_t seed, uint64_t counter, uint64_t row, uint64_t lane) {
   uint64_t h = mix64(seed + 0x9e3779b97f4a7c15ULL);
   h = mix64(h ^ (counter * 0xd1b54a32d192ed03ULL + 0x632be59bd9b4e019ULL));

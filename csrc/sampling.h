@@ -43,6 +43,14 @@ struct SamplingOptions {
   int32_t logprobs = -1; // -1: none; n >= 0: chosen + top-n (raw logits)
 };
 
+// splitmix64's finalizer: a bijection with full avalanche (both sampler paths
+// key their randomness through it).
+inline uint64_t mix64(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  return z ^ (z >> 31);
+}
+
 // Counter-based RNG: a uniform double in [0, 1) for (seed, counter, row,
 // lane); the same in any process or thread.
 double uniform01(uint64_t seed, uint64_t counter, uint64_t row, uint64_t lane);

@@ -14,12 +14,6 @@ using namespace mx;
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
-uint64_t mix64(uint64_t z) {
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-  return z ^ (z >> 31);
-}
-
 // Each stage narrows `keep` (B, V) over the scaled logits `z` = x / T.
 struct Rows {
   array x, z, keep, xmax, top_min;

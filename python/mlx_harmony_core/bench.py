@@ -68,8 +68,8 @@ def run_ours(engine: Engine, prompt: list[int], gen: int, params: SamplingParams
 class _Detok:
     """mlx-lm's StreamingDetokenizer interface over our C++ detokenizer."""
 
-    def __init__(self, token_bytes: Sequence[bytes]) -> None:
-        self._d = Detokenizer(list(token_bytes))
+    def __init__(self, detok: Detokenizer) -> None:
+        self._d = detok
         self.reset()
 
     def reset(self) -> None:
@@ -85,12 +85,12 @@ class _Detok:
         self.text += self.last_segment
 
 
-def _mlx_lm_tokenizer(token_bytes: Sequence[bytes]) -> Any:
+def _mlx_lm_tokenizer(detok: Detokenizer) -> Any:
     from mlx_lm.tokenizer_utils import TokenizerWrapper
 
     class BenchTokenizer(TokenizerWrapper):  # GPT-OSS dirs carry no HF tokenizer
         def __init__(self) -> None:  # noqa: D107 - deliberately skips the HF setup
-            self._detok = _Detok(token_bytes)
+            self._detok = _Detok(detok)
 
         @property
         def detokenizer(self) -> _Detok:
@@ -126,12 +126,13 @@ def run_mlx_lm(engine: Engine, prompt: list[int], gen: int, params: SamplingPara
         p.frequency_penalty or None,
         p.repetition_context_size,
     )
+    tokenizer = _mlx_lm_tokenizer(engine.chat_format.detokenizer())  # outside the timing
     mx.reset_peak_memory()
     t0 = time.perf_counter()
     first, n = 0.0, 0
     for _ in stream_generate(
         engine.model,
-        _mlx_lm_tokenizer(engine.token_bytes()),
+        tokenizer,
         mx.array(prompt),
         max_tokens=gen,
         sampler=sampler,

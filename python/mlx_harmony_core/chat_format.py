@@ -8,7 +8,6 @@ kinds of text it yields: ``reasoning``, ``answer`` and ``tool_call``.
 
 from __future__ import annotations
 
-import functools
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -100,6 +99,13 @@ class ChatFormat(ABC):
     def parser(self, primer: Sequence[int] = (), *, raw: bool = False) -> ReplyParser:
         """A fresh reply parser (primed with ``primer``); ``raw`` reads plain text only."""
 
+    def detokenizer(self) -> Detokenizer:
+        """A fresh streaming detokenizer (the token table is built once per format)."""
+        proto = self.__dict__.get("_detok_proto")
+        if proto is None:
+            proto = self.__dict__["_detok_proto"] = Detokenizer(list(self.token_bytes()))
+        return proto.fresh()
+
     @property
     def vocab_size(self) -> int:
         return len(self.token_bytes())
@@ -134,7 +140,6 @@ class ChatTemplateFormat(ChatFormat):
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
         self._bytes: list[bytes] | None = None
-        self._detok: Detokenizer | None = None
 
     def render(
         self,
@@ -201,10 +206,4 @@ class ChatTemplateFormat(ChatFormat):
         return list(self.tokenizer.encode(text))
 
     def parser(self, primer: Sequence[int] = (), *, raw: bool = False) -> ReplyParser:
-        if self._detok is None:
-            self._detok = Detokenizer(list(self.token_bytes()))
-        return TextParser(self._detok.fresh())
-
-    @functools.cached_property
-    def vocab_size(self) -> int:  # type: ignore[override]
-        return len(self.token_bytes())
+        return TextParser(self.detokenizer())

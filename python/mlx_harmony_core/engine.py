@@ -7,6 +7,7 @@ model family: rendering, stop tokens, token bytes and reply parsing come from th
 from __future__ import annotations
 
 import difflib
+import inspect
 import logging
 import threading
 import time
@@ -23,12 +24,10 @@ from .params import FIELDS, SamplingParams
 from .prefix_cache import PrefixCache
 from .request import (
     Completion,
-    LogitsProcessor,
     Request,
     StreamEvent,
     Timings,
     TokenLogprob,
-    TokenMask,
     Usage,
 )
 from .sampling import LogProbs
@@ -37,21 +36,16 @@ logger = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
 
-# The keyword arguments of stream() besides the render options (for "did you mean").
-_REQUEST_ARGS = (
+# What a caller may pass through to the Request (its own keyword arguments, less those the
+# engine sets itself).
+_REQUEST_ARGS = frozenset(inspect.signature(Request).parameters) - {
+    "chat_format",
+    "prompt_ids",
+    "params",
     "max_tokens",
-    "progress",
-    "logprobs",
-    "stop",
-    "stop_tokens",
-    "include_stop",
-    "ignore_eos",
-    "truncate",
-    "raw",
-    "should_stop",
-    "logits_processors",
-    "token_mask",
-)
+    "primer",
+    "started",
+}
 
 __all__ = ["Completion", "Engine", "StreamEvent", "Timings", "TokenLogprob", "Usage"]
 
@@ -117,11 +111,11 @@ class Engine:
         """Prompt token ids for ``messages`` (token ids pass through, checked)."""
         if _is_token_ids(messages):
             ids = list(messages)  # type: ignore[arg-type]
-            self.check_ids(ids)
+            self.check_vocab(ids)
             return ids
         return self.chat_format.render(messages, **options)
 
-    def check_ids(self, ids: Sequence[int], what: str = "prompt") -> None:
+    def check_vocab(self, ids: Sequence[int], what: str = "prompt") -> None:
         """Raise :class:`InvalidRequestError` for ids outside the model's vocabulary."""
         bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
         if bad is not None:
@@ -172,17 +166,8 @@ class Engine:
         params: SamplingParams | None = None,
         *,
         max_tokens: int = 512,
-        logprobs: int | None = None,
-        stop: str | Sequence[str] | None = None,
-        stop_tokens: Sequence[int | Sequence[int]] | None = None,
-        include_stop: bool = False,
-        ignore_eos: bool = False,
         truncate: bool = False,
-        raw: bool = False,
-        should_stop: Callable[[], bool] | None = None,
-        logits_processors: Sequence[LogitsProcessor] | None = None,
-        token_mask: TokenMask | None = None,
-        **render_options: Any,
+        **options: Any,
     ) -> Request:
         """A :class:`Request` for ``messages``, rendered and checked; the keyword arguments
         are those of :meth:`stream` (drive it with :meth:`run`)."""
@@ -191,14 +176,17 @@ class Engine:
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise RequestTypeError("params must be a SamplingParams")
-        unknown = sorted(set(render_options) - RENDER_OPTIONS)
+        render_options = {k: v for k, v in options.items() if k in RENDER_OPTIONS}
+        request_options = {k: v for k, v in options.items() if k in _REQUEST_ARGS}
+        unknown = sorted(set(options) - render_options.keys() - request_options.keys())
         if unknown:
-            names = [*RENDER_OPTIONS, *_REQUEST_ARGS, *FIELDS]
+            names = [*RENDER_OPTIONS, *_REQUEST_ARGS, "max_tokens", "truncate", *FIELDS]
             close = difflib.get_close_matches(unknown[0], names, 1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             if close and close[0] in FIELDS:
                 hint += " (sampling settings go in params=SamplingParams(...))"
             raise RequestTypeError(f"unexpected keyword argument {unknown[0]!r}{hint}")
+        raw = bool(request_options.get("raw", False))
         t0 = time.perf_counter()
         prompt_ids = self.render(messages, **render_options)
         if truncate:
@@ -228,16 +216,8 @@ class Engine:
             params,
             max_tokens=max_tokens,
             primer=primer,
-            logprobs=logprobs,
-            stop=stop,
-            stop_tokens=stop_tokens,
-            include_stop=include_stop,
-            ignore_eos=ignore_eos,
-            raw=raw,
-            should_stop=should_stop,
-            logits_processors=logits_processors,
-            token_mask=token_mask,
             started=t0,
+            **request_options,
         )
         req.asked_max_tokens = asked
         return req

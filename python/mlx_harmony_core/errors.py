@@ -8,7 +8,14 @@ from __future__ import annotations
 
 
 class InvalidRequestError(ValueError):
-    """The request itself is wrong (a bad message, parameter or prompt): the caller can fix it."""
+    """The request itself is wrong (a bad message, parameter or prompt): the caller can fix it.
+
+    ``param`` names the offending field when there is one (the server reports it).
+    """
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class RequestTypeError(InvalidRequestError, TypeError):

@@ -403,9 +403,12 @@ class HarmonyFormat(ChatFormat):
     def encode(self, text: str) -> list[int]:
         return list(self.encoding.encode(text, allowed_special="all"))
 
+    def detokenizer(self) -> Detokenizer:
+        return harmony_detokenizer()  # one table for the process, shared by every parser
+
     def parser(self, primer: Sequence[int] = (), *, raw: bool = False) -> ReplyParser:
         if raw:
-            return TextParser(harmony_detokenizer())
+            return TextParser(self.detokenizer())
         stream = HarmonyStream(self.encoding)
         for token in primer:
             stream.push(token)

@@ -137,7 +137,7 @@ def describe(name: str, limits: Mapping[str, Any] | None = None) -> str:
     if name == "logit_bias":
         return f"must map token ids in [0, {_num(INT32_MAX)}] to biases in [-100, 100]"
     c = dict(constraints(name) if limits is None else limits)
-    kind = "an integer" if _base_type(name) is int else "a number"
+    kind = "an integer" if field_type(name) is int else "a number"
     lo = ("[", c["ge"]) if "ge" in c else ("(", c["gt"]) if "gt" in c else None
     hi = ("]", c["le"]) if "le" in c else (")", c["lt"]) if "lt" in c else None
     if lo and hi:
@@ -149,17 +149,13 @@ def describe(name: str, limits: Mapping[str, Any] | None = None) -> str:
     return f"must be {kind}"
 
 
-def _base_type(name: str) -> type:
+def field_type(name: str) -> type:
+    """The value type of ``name`` (``int``, ``float`` or ``dict``)."""
     ann = SamplingParams.model_fields[name].annotation
     args = getattr(ann, "__args__", None)
     if args:
         ann = next(a for a in args if a is not type(None))
     return getattr(ann, "__origin__", ann)
-
-
-def field_type(name: str) -> type:
-    """The value type of ``name`` (``int``, ``float`` or ``dict``)."""
-    return _base_type(name)
 
 
 def problems(
@@ -200,4 +196,5 @@ def sampling_params(
     try:
         return SamplingParams(**fields)
     except ValidationError as exc:
-        raise InvalidRequestError("; ".join(m for _, m in problems(exc, display))) from None
+        found = problems(exc, display)
+        raise InvalidRequestError("; ".join(m for _, m in found), param=found[0][0]) from None

@@ -125,8 +125,7 @@ class _RequestFields(BaseModel):
         try:
             return sampling_params(fields)
         except InvalidRequestError as exc:
-            param = next((k for k in fields if str(exc).startswith(k)), None)
-            raise APIError(400, str(exc), param=param) from None
+            raise APIError(400, str(exc), param=exc.param) from None
 
     def stops(self) -> list[str] | None:
         if self.stop is None:
@@ -229,6 +228,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
     cancel: threading.Event = field(default_factory=threading.Event)
+    gone: bool = False  # the client disconnected
 
     def emit(self, item: Any) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, item)
@@ -718,26 +718,14 @@ def create_app(engine: Any, options: ServerOptions | None = None) -> Any:
 # -- responses -------------------------------------------------------------------------------
 
 
-_GONE = object()
-
-
-async def _next(job: Job, request: Request) -> Any:
-    """The job's next item; a client that went away cancels the job (``_GONE``)."""
-    while True:
-        try:
-            return await asyncio.wait_for(job.events.get(), timeout=0.25)
-        except TimeoutError:
-            if await request.is_disconnected():
-                job.cancel.set()
-                return _GONE
-
-
 async def _watch_disconnect(request: Request, job: Job) -> None:
-    """Cancel ``job`` the moment its client disconnects (the body has been read, so the
-    next ASGI message is the disconnect)."""
+    """Cancel ``job`` the moment its client disconnects: the body has been read, so the
+    next ASGI message is the disconnect. (Once a stream has started, the streaming
+    response notices the disconnect itself and closes the generator.)"""
     while True:
         message = await request.receive()
         if message["type"] == "http.disconnect":
+            job.gone = True
             job.cancel.set()
             return
 
@@ -747,24 +735,21 @@ async def _respond(request: Request, worker: Worker, run: Callable, fmt: Any) ->
     worker.submit(job)
     watcher = asyncio.create_task(_watch_disconnect(request, job))
     try:
-        first = await _next(job, request)
-        if first is _GONE:
+        first = await job.events.get()
+        if job.gone:
             return Response(status_code=499)  # nobody is listening
         if isinstance(first, Exception):
             job.cancel.set()
             raise _as_api_error(first)
         if not fmt.stream:
-            try:
-                item = first
-                while item is not _DONE:
-                    if isinstance(item, Exception):
-                        raise _as_api_error(item)
-                    fmt.add(item)
-                    item = await _next(job, request)
-                    if item is _GONE:
-                        return Response(status_code=499)
-            finally:
-                job.cancel.set()
+            item = first
+            while item is not _DONE:
+                if isinstance(item, Exception):
+                    raise _as_api_error(item)
+                fmt.add(item)
+                item = await job.events.get()
+            if job.gone:
+                return Response(status_code=499)
             return JSONResponse(fmt.body())
     except BaseException:
         job.cancel.set()
@@ -805,9 +790,9 @@ def _as_api_error(exc: Exception) -> APIError:
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, ContextLengthError):
-        return APIError(400, str(exc), code="context_length_exceeded")
+        return APIError(400, str(exc), param=exc.param, code="context_length_exceeded")
     if isinstance(exc, InvalidRequestError):
-        return APIError(400, str(exc))
+        return APIError(400, str(exc), param=exc.param)
     return APIError(500, f"generation failed: {type(exc).__name__}: {exc}", type="server_error")
 
 
