@@ -62,7 +62,7 @@ std::vector<mx::array> sample(const mx::array& logits,
                               const mx::array& history,
                               const mx::array& bias_ids,
                               const mx::array& bias_values,
-                              const mx::array& mask,
+                              const std::optional<mx::array>& mask,
                               const SamplingOptions& options,
                               std::optional<bool> kernel,
                               mx::StreamOrDevice s) {
@@ -114,24 +114,24 @@ std::vector<mx::array> sample(const mx::array& logits,
     throw std::invalid_argument(
         "logit bias ids must be int32 and values float32");
   }
-  const int words = (V + 31) / 32;
-  auto bits = mask;
-  if (bits.size() == 0) {
-    bits = mx::zeros({B, 0}, mx::uint32, stream);
-  } else {
-    if (bits.ndim() == 1 && !batched) {
-      bits = mx::reshape(bits, {1, -1}, stream);
+  // No mask adds no graph node: the common case pays nothing per step.
+  std::optional<mx::array> bits;
+  if (mask && mask->size() > 0) {
+    const int words = (V + 31) / 32;
+    bits = *mask;
+    if (bits->ndim() == 1 && !batched) {
+      bits = mx::reshape(*bits, {1, -1}, stream);
     }
-    if (bits.ndim() != 2 || bits.shape(0) != B || bits.shape(1) != words) {
+    if (bits->ndim() != 2 || bits->shape(0) != B || bits->shape(1) != words) {
       throw std::invalid_argument(
           "the token mask must have shape (B, ceil(V / 32)) = (" +
           std::to_string(B) + ", " + std::to_string(words) +
           "): 32 tokens per uint32, bit set = allowed");
     }
-    if (bits.dtype() != mx::uint32 && bits.dtype() != mx::int32) {
+    if (bits->dtype() != mx::uint32 && bits->dtype() != mx::int32) {
       throw std::invalid_argument("the token mask must be uint32 (or int32)");
     }
-    bits = mx::view(bits, mx::uint32, stream);
+    bits = mx::view(*bits, mx::uint32, stream);
   }
 
   const bool on_cpu = stream.device == mx::Device::cpu;
@@ -144,8 +144,10 @@ std::vector<mx::array> sample(const mx::array& logits,
     std::vector<mx::array> inputs{c(rows),
                                   c(hist),
                                   c(mx::astype(bias_ids, mx::int32, stream)),
-                                  c(mx::astype(bias_values, mx::float32, stream)),
-                                  c(bits)};
+                                  c(mx::astype(bias_values, mx::float32, stream))};
+    if (bits) {
+      inputs.push_back(c(*bits));
+    }
     std::vector<mx::Shape> shapes{{B}};
     std::vector<mx::Dtype> dtypes{mx::int32};
     if (options.logprobs >= 0) {

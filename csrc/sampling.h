@@ -60,7 +60,7 @@ void validate(const SamplingOptions& o);
 
 // logits: (V,) or (B, V) float32/float16/bfloat16. history: (B, W) int32
 // padded with -1 (or empty). bias_ids/bias_values: (N,) int32 / float32.
-// mask: (B, ceil(V/32)) uint32, bit set = allowed (or empty).
+// mask: (B, ceil(V/32)) uint32, bit set = allowed (none: every token).
 // Returns {ids} or, with logprobs >= 0, {ids, logprob, top_ids, top_logprobs}.
 // `kernel`: true = the CPU primitive, false = MLX ops (the GPU path),
 // unset = by the stream's device.
@@ -68,7 +68,7 @@ std::vector<mx::array> sample(const mx::array& logits,
                               const mx::array& history,
                               const mx::array& bias_ids,
                               const mx::array& bias_values,
-                              const mx::array& mask,
+                              const std::optional<mx::array>& mask,
                               const SamplingOptions& options,
                               std::optional<bool> kernel,
                               mx::StreamOrDevice s = {});

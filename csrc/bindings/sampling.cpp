@@ -66,12 +66,11 @@ void init_sampling(nb::module_& m) {
         }
         auto none_i = mx::zeros({0}, mx::int32);
         auto none_f = mx::zeros({0}, mx::float32);
-        auto none_u = mx::zeros({0}, mx::uint32);
         return sample(logits,
                       history.value_or(none_i),
                       bias_ids.value_or(none_i),
                       bias_values.value_or(none_f),
-                      mask.value_or(none_u),
+                      mask,
                       o,
                       kernel,
                       s);

@@ -493,7 +493,7 @@ void sample_rows(const T* logits,
   thread_local Scratch sc;
   const int64_t rows = ins[0].shape(0), n = ins[0].shape(1);
   const int64_t w = ins[1].shape(1), nb = ins[2].size();
-  const int64_t mw = ins[4].shape(1);
+  const int64_t mw = ins.size() > 4 ? ins[4].shape(1) : 0;
   const int32_t* hist = ins[1].data<int32_t>();
   const int32_t* bias_ids = nb ? ins[2].data<int32_t>() : nullptr;
   const float* bias_vals = nb ? ins[3].data<float>() : nullptr;

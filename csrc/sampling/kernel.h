@@ -13,7 +13,7 @@
 namespace mlx_harmony_core::kernel {
 
 // inputs: logits (B, V), history (B, W) int32, bias ids (N,) int32, bias
-// values (N,) float32, mask (B, ceil(V/32)) uint32 or (B, 0).
+// values (N,) float32, and only with a mask: mask (B, ceil(V/32)) uint32.
 // outputs: ids (B,) and with logprobs {logprob (B,), top ids, top logprobs}.
 void sample(const std::vector<mx::array>& inputs,
             std::vector<mx::array>& outputs,

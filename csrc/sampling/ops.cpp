@@ -31,7 +31,7 @@ array prepare(array x,
               const array& history,
               const array& bias_ids,
               const array& bias_values,
-              const array& mask,
+              const std::optional<array>& mask,
               const SamplingOptions& o,
               Stream s) {
   const int B = x.shape(0), V = x.shape(1);
@@ -69,10 +69,10 @@ array prepare(array x,
       x = subtract(x, multiply(counts, array(o.frequency_penalty), s), s);
     }
   }
-  if (mask.size() > 0) {
+  if (mask) {
     // Bit (i % 32) of word i / 32 allows token i.
     auto ids = arange(V, int32, s);
-    auto words = take(mask, floor_divide(ids, array(32), s), 1, s);
+    auto words = take(*mask, floor_divide(ids, array(32), s), 1, s);
     auto shift = astype(remainder(ids, array(32), s), uint32, s);
     auto bit = bitwise_and(right_shift(words, shift, s), array(1u, uint32), s);
     x = where(astype(bit, bool_, s), x, array(-kInf), s);
@@ -180,7 +180,7 @@ std::vector<array> sample(const array& logits,
                           const array& history,
                           const array& bias_ids,
                           const array& bias_values,
-                          const array& mask,
+                          const std::optional<array>& mask,
                           const SamplingOptions& o,
                           Stream s) {
   const int B = logits.shape(0), V = logits.shape(1);

@@ -7,12 +7,12 @@
 namespace mlx_harmony_core::ops {
 
 // logits (B, V); history (B, W) int32; bias (N,); mask (B, ceil(V/32))
-// uint32 or (B, 0). Returns what sample() documents.
+// uint32 or none. Returns what sample() documents.
 std::vector<mx::array> sample(const mx::array& logits,
                               const mx::array& history,
                               const mx::array& bias_ids,
                               const mx::array& bias_values,
-                              const mx::array& mask,
+                              const std::optional<mx::array>& mask,
                               const SamplingOptions& o,
                               mx::Stream s);
 
