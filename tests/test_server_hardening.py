@@ -331,3 +331,34 @@ def test_bad_port_and_port_in_use():
         )
     assert r.returncode == 2 and "already in use" in r.stderr and "Traceback" not in r.stderr
     assert "serving" not in r.stdout
+
+
+# 6. after a 500 the connection is closed, and says so
+def test_server_error_closes_the_connection(encoding):
+    class Broken:
+        layers: list = []
+
+        def __call__(self, *a, **k):
+            raise RuntimeError("the model broke")
+
+    engine = mhc.Engine(Broken(), encoding=encoding, context_length=4096)
+    with ServerThread(engine, ServerOptions(model_name="b")) as url:
+        r = post(url, {"messages": MSG, "max_tokens": 2})
+        assert r.status_code == 500 and r.headers["connection"] == "close"
+        assert r.json()["error"]["type"] == "server_error"
+
+
+# 8. a client that disconnects mid-upload is one log line, not tracebacks or a 500
+def test_disconnect_mid_upload_is_one_log_line(server, caplog):
+    host, port = server.removeprefix("http://").split(":")
+    with caplog.at_level("INFO", logger="mlx_harmony_core.server"):
+        s = socket.create_connection((host, int(port)))
+        s.sendall(
+            b'POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"mess'
+        )
+        time.sleep(0.3)
+        s.close()
+        time.sleep(0.5)
+    lines = [r for r in caplog.records if "disconnected while sending" in r.getMessage()]
+    assert len(lines) == 1 and not any(r.exc_info for r in caplog.records)
+    assert httpx.get(server + "/health").status_code == 200
