@@ -15,15 +15,6 @@ int round_up(int n) {
   return (n + kStep - 1) / kStep * kStep;
 }
 
-// Rows [a, b) along the sequence axis.
-mx::array rows(const mx::array& x, int a, int b) {
-  auto start = mx::Shape(x.ndim(), 0);
-  auto stop = x.shape();
-  start[2] = a;
-  stop[2] = b;
-  return mx::slice(x, start, stop);
-}
-
 int64_t bytes_of(const std::optional<mx::array>& a) {
   return a ? static_cast<int64_t>(a->nbytes()) : 0;
 }
@@ -50,6 +41,14 @@ Mask full_mask(int n, int offset, std::optional<int> window, bool as_array) {
 }
 
 } // namespace
+
+mx::array seq_rows(const mx::array& x, int a, int b) {
+  auto start = mx::Shape(x.ndim(), 0);
+  auto stop = x.shape();
+  start[2] = a;
+  stop[2] = b;
+  return mx::slice(x, start, stop);
+}
 
 mx::array causal_mask(int n, int offset, std::optional<int> window) {
   auto r = mx::arange(offset + n, mx::int32);
@@ -116,7 +115,7 @@ Cache::write(std::optional<mx::array>& buf, const mx::array& x, int start) {
     auto fresh = mx::zeros(shape, x.dtype());
     if (buf && start > 0) {
       fresh = mx::slice_update(fresh,
-                               mx::astype(rows(*buf, 0, start), x.dtype()),
+                               mx::astype(seq_rows(*buf, 0, start), x.dtype()),
                                mx::Shape{0, 0, 0, 0},
                                mx::Shape{shape[0], shape[1], start, shape[3]});
     }
@@ -136,7 +135,7 @@ std::pair<mx::array, mx::array> KVCache::update_and_fetch(const mx::array& k,
   write(keys_, k, offset_);
   write(values_, v, offset_);
   offset_ += k.shape(2);
-  return {rows(*keys_, 0, offset_), rows(*values_, 0, offset_)};
+  return {seq_rows(*keys_, 0, offset_), seq_rows(*values_, 0, offset_)};
 }
 
 Mask KVCache::make_mask(int n,
@@ -149,7 +148,7 @@ std::vector<mx::array> KVCache::state() const {
   if (!keys_) {
     return {};
   }
-  return {rows(*keys_, 0, offset_), rows(*values_, 0, offset_)};
+  return {seq_rows(*keys_, 0, offset_), seq_rows(*values_, 0, offset_)};
 }
 
 void KVCache::restore(const std::vector<mx::array>& arrays,
@@ -197,9 +196,9 @@ RotatingKVCache::update_and_fetch(const mx::array& k, const mx::array& v) {
     }
     if (from > start_) {
       auto compact = [&](std::optional<mx::array>& buf) {
-        auto kept = rows(*buf, row(from), row(o));
-        buf =
-            keep_ > 0 ? mx::concatenate({rows(*buf, 0, keep_), kept}, 2) : kept;
+        auto kept = seq_rows(*buf, row(from), row(o));
+        buf = keep_ > 0 ? mx::concatenate({seq_rows(*buf, 0, keep_), kept}, 2)
+                        : kept;
       };
       compact(keys_);
       compact(values_);
@@ -212,12 +211,12 @@ RotatingKVCache::update_and_fetch(const mx::array& k, const mx::array& v) {
   const int ws = window_start(o);
   if (keep_ == 0 || ws == keep_) {
     const int first = keep_ == 0 ? row(ws) : 0;
-    return {rows(*keys_, first, row(offset_)),
-            rows(*values_, first, row(offset_))};
+    return {seq_rows(*keys_, first, row(offset_)),
+            seq_rows(*values_, first, row(offset_))};
   }
   auto sinks_and_window = [&](const mx::array& buf) {
     return mx::concatenate(
-        {rows(buf, 0, keep_), rows(buf, row(ws), row(offset_))}, 2);
+        {seq_rows(buf, 0, keep_), seq_rows(buf, row(ws), row(offset_))}, 2);
   };
   return {sinks_and_window(*keys_), sinks_and_window(*values_)};
 }
@@ -264,7 +263,7 @@ std::vector<mx::array> RotatingKVCache::state() const {
     return {};
   }
   const int used = offset_ < keep_ ? offset_ : keep_ + (offset_ - start_);
-  return {rows(*keys_, 0, used), rows(*values_, 0, used)};
+  return {seq_rows(*keys_, 0, used), seq_rows(*values_, 0, used)};
 }
 
 std::map<std::string, int64_t> RotatingKVCache::meta() const {
@@ -304,37 +303,57 @@ QuantizedKVCache::QuantizedKVCache(int bits, int group_size)
   }
 }
 
+int kv_group_size(int head_dim, int requested) {
+  if (requested == 0) {
+    return head_dim % 64 == 0 ? 64 : 32; // padded if 32 does not divide
+  }
+  if (head_dim % requested) {
+    throw std::invalid_argument(
+        "head_dim " + std::to_string(head_dim) +
+        " is not a multiple of the kv group_size " + std::to_string(requested) +
+        "; choose a smaller group_size, or 0 to choose from the head dim");
+  }
+  return requested;
+}
+
+std::vector<mx::array>
+quantize_kv(const mx::array& x, int group_size, int bits) {
+  // MLX quantizes whole groups of the last axis: pad a narrow head with zeros.
+  const int d = x.shape(3);
+  const int pad = (group_size - d % group_size) % group_size;
+  auto wide = pad == 0 ? x : mx::pad(x, {{0, 0}, {0, 0}, {0, 0}, {0, pad}});
+  return mx::quantize(wide, group_size, bits);
+}
+
+mx::array dequantize_kv(const mx::array& w,
+                        const mx::array& s,
+                        const mx::array& b,
+                        int group_size,
+                        int bits,
+                        int head_dim,
+                        mx::Dtype dtype) {
+  auto out =
+      mx::dequantize(w, s, b, group_size, bits, "affine", std::nullopt, dtype);
+  if (out.shape(3) == head_dim) {
+    return out;
+  }
+  auto sh = out.shape();
+  return mx::slice(out, {0, 0, 0, 0}, {sh[0], sh[1], sh[2], head_dim});
+}
+
 std::pair<mx::array, mx::array>
 QuantizedKVCache::update_and_fetch(const mx::array& k, const mx::array& v) {
   check(k, v);
   if (head_dim_ == 0) {
+    group_size_ = kv_group_size(k.shape(3), group_size_);
     head_dim_ = k.shape(3);
-    if (group_size_ == 0) {
-      group_size_ = head_dim_ % 64 == 0 ? 64 : 32; // padded if 32 does not divide
-    } else if (head_dim_ % group_size_) {
-      const int d = head_dim_;
-      head_dim_ = 0;
-      throw std::invalid_argument(
-          "head_dim " + std::to_string(d) +
-          " is not a multiple of the kv group_size " +
-          std::to_string(group_size_) +
-          "; choose a smaller group_size, or 0 to choose from the head dim");
-    }
   }
   if (k.shape(3) != head_dim_ || v.shape(3) != head_dim_) {
     throw std::invalid_argument("K/V head_dim changed between updates");
   }
   dtype_ = k.dtype();
-  // MLX quantizes whole groups of the last axis: pad a narrow head with zeros.
-  const int pad = (group_size_ - head_dim_ % group_size_) % group_size_;
-  auto widen = [&](const mx::array& a) {
-    if (pad == 0) {
-      return a;
-    }
-    return mx::pad(a, {{0, 0}, {0, 0}, {0, 0}, {0, pad}});
-  };
-  auto qk = mx::quantize(widen(k), group_size_, bits_);
-  auto qv = mx::quantize(widen(v), group_size_, bits_);
+  auto qk = quantize_kv(k, group_size_, bits_);
+  auto qv = quantize_kv(v, group_size_, bits_);
   write(keys_, qk[0], offset_);
   write(kscales_, qk[1], offset_);
   write(kbiases_, qk[2], offset_);
@@ -345,19 +364,13 @@ QuantizedKVCache::update_and_fetch(const mx::array& k, const mx::array& v) {
   auto deq = [&](const std::optional<mx::array>& w,
                  const std::optional<mx::array>& s,
                  const std::optional<mx::array>& b) {
-    auto out = mx::dequantize(rows(*w, 0, offset_),
-                              rows(*s, 0, offset_),
-                              rows(*b, 0, offset_),
-                              group_size_,
-                              bits_,
-                              "affine",
-                              std::nullopt,
-                              dtype_);
-    if (pad == 0) {
-      return out;
-    }
-    auto sh = out.shape();
-    return mx::slice(out, {0, 0, 0, 0}, {sh[0], sh[1], sh[2], head_dim_});
+    return dequantize_kv(seq_rows(*w, 0, offset_),
+                         seq_rows(*s, 0, offset_),
+                         seq_rows(*b, 0, offset_),
+                         group_size_,
+                         bits_,
+                         head_dim_,
+                         dtype_);
   };
   return {deq(keys_, kscales_, kbiases_), deq(values_, vscales_, vbiases_)};
 }
@@ -375,7 +388,7 @@ std::vector<mx::array> QuantizedKVCache::state() const {
   std::vector<mx::array> out;
   for (auto* a :
        {&keys_, &kscales_, &kbiases_, &values_, &vscales_, &vbiases_}) {
-    out.push_back(rows(**a, 0, offset_));
+    out.push_back(seq_rows(**a, 0, offset_));
   }
   return out;
 }
@@ -397,7 +410,8 @@ void QuantizedKVCache::restore(const std::vector<mx::array>& arrays,
   offset_ = static_cast<int>(get(meta, "offset"));
   bits_ = static_cast<int>(get(meta, "bits"));
   group_size_ = static_cast<int>(get(meta, "group_size"));
-  head_dim_ = meta.count("head_dim") ? static_cast<int>(meta.at("head_dim")) : 0;
+  head_dim_ =
+      meta.count("head_dim") ? static_cast<int>(meta.at("head_dim")) : 0;
   if (arrays.size() == 6) {
     keys_ = arrays[0];
     kscales_ = arrays[1];

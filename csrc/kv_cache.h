@@ -126,8 +126,8 @@ private:
 // dequantized, so attention (with sinks) stays the model's own.
 class QuantizedKVCache : public Cache {
 public:
-  // group_size 0: chosen from the head dimension at the first update (64 when it
-  // divides it, else 32, padding a head narrower than a group).
+  // group_size 0: chosen from the head dimension at the first update (64 when
+  // it divides it, else 32, padding a head narrower than a group).
   QuantizedKVCache(int bits, int group_size);
 
   std::pair<mx::array, mx::array> update_and_fetch(const mx::array& k,
@@ -160,6 +160,24 @@ private:
   // keys_/values_ hold the packed data; these the scales and biases.
   std::optional<mx::array> kscales_, kbiases_, vscales_, vbiases_;
 };
+
+// Tokens [a, b) of x along the sequence axis (axis 2), as a view.
+mx::array seq_rows(const mx::array& x, int a, int b);
+
+// The kv group size for a head dim: `requested`, checked, or with 0 64 when it
+// divides the head dim, else 32 (a narrower head is padded to a group).
+int kv_group_size(int head_dim, int requested);
+// K or V [B, H, T, D] quantized in whole groups of D (padded with zeros).
+std::vector<mx::array>
+quantize_kv(const mx::array& x, int group_size, int bits);
+// The inverse of quantize_kv, cut back to head_dim, in `dtype`.
+mx::array dequantize_kv(const mx::array& w,
+                        const mx::array& s,
+                        const mx::array& b,
+                        int group_size,
+                        int bits,
+                        int head_dim,
+                        mx::Dtype dtype);
 
 // mlx-lm's causal mask: [N, offset + N], optionally windowed.
 mx::array causal_mask(int n, int offset, std::optional<int> window);

@@ -1,11 +1,11 @@
 #include "sampling.h"
 
-#include "sampling/kernel.h"
-#include "sampling/ops.h"
-
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/ops.h"
+#include "mlx/transforms.h"
+#include "sampling/kernel.h"
+#include "sampling/ops.h"
 
 #include <cmath>
 #include <stdexcept>
@@ -58,15 +58,22 @@ void validate(const SamplingOptions& o) {
   }
 }
 
-std::vector<mx::array> sample(const mx::array& logits,
-                              const mx::array& history,
-                              const mx::array& bias_ids,
-                              const mx::array& bias_values,
-                              const std::optional<mx::array>& mask,
-                              const SamplingOptions& options,
-                              std::optional<bool> kernel,
-                              mx::StreamOrDevice s) {
-  validate(options);
+namespace {
+
+// Checked, reshaped inputs shared by sample() and sample_rows().
+struct Inputs {
+  mx::array rows, hist;
+  std::optional<mx::array> bits;
+  int B, V;
+  bool batched;
+};
+
+Inputs check_inputs(const mx::array& logits,
+                    const mx::array& history,
+                    const mx::array& bias_ids,
+                    const mx::array& bias_values,
+                    const std::optional<mx::array>& mask,
+                    mx::Stream stream) {
   if (logits.ndim() != 1 && logits.ndim() != 2) {
     throw std::invalid_argument("logits must have shape (V,) or (B, V); got " +
                                 std::to_string(logits.ndim()) + " dimensions");
@@ -81,12 +88,6 @@ std::vector<mx::array> sample(const mx::array& logits,
   if (V == 0) {
     throw std::invalid_argument("logits have an empty vocabulary axis (V = 0)");
   }
-  if (options.top_k > V) {
-    throw std::invalid_argument("top_k (" + std::to_string(options.top_k) +
-                                ") is larger than the vocabulary (" +
-                                std::to_string(V) + ")");
-  }
-  auto stream = mx::to_stream(s);
   const bool batched = logits.ndim() == 2;
   auto rows = batched ? logits : mx::reshape(logits, {1, V}, stream);
   const int B = rows.shape(0);
@@ -133,42 +134,173 @@ std::vector<mx::array> sample(const mx::array& logits,
     }
     bits = mx::view(*bits, mx::uint32, stream);
   }
+  return {rows, hist, bits, B, V, batched};
+}
 
-  const bool on_cpu = stream.device == mx::Device::cpu;
-  std::vector<mx::array> outs;
-  if (kernel.value_or(on_cpu)) {
-    if (!on_cpu) {
-      throw std::invalid_argument("the sampling kernel runs on the CPU only");
-    }
-    auto c = [&](const mx::array& a) { return mx::contiguous(a, false, stream); };
-    std::vector<mx::array> inputs{c(rows),
-                                  c(hist),
-                                  c(mx::astype(bias_ids, mx::int32, stream)),
-                                  c(mx::astype(bias_values, mx::float32, stream))};
-    if (bits) {
-      inputs.push_back(c(*bits));
-    }
-    std::vector<mx::Shape> shapes{{B}};
-    std::vector<mx::Dtype> dtypes{mx::int32};
-    if (options.logprobs >= 0) {
-      shapes.insert(shapes.end(),
-                    {{B}, {B, options.logprobs}, {B, options.logprobs}});
-      dtypes.insert(dtypes.end(), {mx::float32, mx::int32, mx::float32});
-    }
-    outs = mx::array::make_arrays(std::move(shapes),
-                                  dtypes,
-                                  std::make_shared<Sample>(stream, options),
-                                  inputs);
-  } else {
-    outs = ops::sample(rows, hist, bias_ids, bias_values, bits, options, stream);
+void check_top_k(const SamplingOptions& o, int V) {
+  if (o.top_k > V) {
+    throw std::invalid_argument("top_k (" + std::to_string(o.top_k) +
+                                ") is larger than the vocabulary (" +
+                                std::to_string(V) + ")");
   }
-  if (!batched) {
+}
+
+// The CPU primitive's outputs: ids and, with k >= 0, the logprobs triple.
+std::vector<mx::array> kernel_call(const Inputs& in,
+                                   std::vector<mx::array> extra,
+                                   std::vector<SamplingOptions> options,
+                                   bool per_row,
+                                   int k,
+                                   mx::Stream stream) {
+  if (stream.device != mx::Device::cpu) {
+    throw std::invalid_argument("the sampling kernel runs on the CPU only");
+  }
+  auto c = [&](const mx::array& a) { return mx::contiguous(a, false, stream); };
+  std::vector<mx::array> inputs{c(in.rows), c(in.hist)};
+  for (auto& e : extra) {
+    inputs.push_back(c(e));
+  }
+  if (in.bits) {
+    inputs.push_back(c(*in.bits));
+  }
+  std::vector<mx::Shape> shapes{{in.B}};
+  std::vector<mx::Dtype> dtypes{mx::int32};
+  if (k >= 0) {
+    shapes.insert(shapes.end(), {{in.B}, {in.B, k}, {in.B, k}});
+    dtypes.insert(dtypes.end(), {mx::float32, mx::int32, mx::float32});
+  }
+  const bool has_mask = in.bits.has_value();
+  return mx::array::make_arrays(
+      std::move(shapes),
+      dtypes,
+      std::make_shared<Sample>(stream, std::move(options), per_row, has_mask),
+      inputs);
+}
+
+} // namespace
+
+std::vector<mx::array> sample(const mx::array& logits,
+                              const mx::array& history,
+                              const mx::array& bias_ids,
+                              const mx::array& bias_values,
+                              const std::optional<mx::array>& mask,
+                              const SamplingOptions& options,
+                              std::optional<bool> kernel,
+                              mx::StreamOrDevice s) {
+  validate(options);
+  auto stream = mx::to_stream(s);
+  auto in = check_inputs(logits, history, bias_ids, bias_values, mask, stream);
+  check_top_k(options, in.V);
+  std::vector<mx::array> outs;
+  if (kernel.value_or(stream.device == mx::Device::cpu)) {
+    outs = kernel_call(in,
+                       {mx::astype(bias_ids, mx::int32, stream),
+                        mx::astype(bias_values, mx::float32, stream)},
+                       {options},
+                       false,
+                       options.logprobs,
+                       stream);
+  } else {
+    outs = ops::sample(
+        in.rows, in.hist, bias_ids, bias_values, in.bits, options, stream);
+  }
+  if (!in.batched) {
     outs[0] = mx::reshape(outs[0], {}, stream);
     if (outs.size() > 1) {
       outs[1] = mx::reshape(outs[1], {}, stream);
       outs[2] = mx::reshape(outs[2], {options.logprobs}, stream);
       outs[3] = mx::reshape(outs[3], {options.logprobs}, stream);
     }
+  }
+  return outs;
+}
+
+std::vector<mx::array> sample_rows(const mx::array& logits,
+                                   const mx::array& history,
+                                   const mx::array& bias_ids,
+                                   const mx::array& bias_values,
+                                   const mx::array& bias_offsets,
+                                   const std::optional<mx::array>& mask,
+                                   const std::vector<SamplingOptions>& options,
+                                   std::optional<bool> kernel,
+                                   mx::StreamOrDevice s) {
+  auto stream = mx::to_stream(s);
+  if (logits.ndim() != 2) {
+    throw std::invalid_argument(
+        "sample_rows needs logits of shape (B, V), one row per request");
+  }
+  auto in = check_inputs(logits, history, bias_ids, bias_values, mask, stream);
+  if (static_cast<int>(options.size()) != in.B) {
+    throw std::invalid_argument(
+        "sample_rows needs one SamplingOptions per logits row (" +
+        std::to_string(in.B) + "), got " + std::to_string(options.size()));
+  }
+  int k = -1;
+  for (auto& o : options) {
+    validate(o);
+    check_top_k(o, in.V);
+    k = std::max(k, o.logprobs);
+  }
+  if (bias_offsets.ndim() != 1 || bias_offsets.size() != in.B + 1 ||
+      bias_offsets.dtype() != mx::int32) {
+    throw std::invalid_argument(
+        "bias_offsets must be int32 of shape (B + 1,): row b's bias is "
+        "bias_ids[offsets[b] : offsets[b + 1]]");
+  }
+  if (kernel.value_or(stream.device == mx::Device::cpu)) {
+    return kernel_call(in,
+                       {mx::astype(bias_ids, mx::int32, stream),
+                        mx::astype(bias_values, mx::float32, stream),
+                        bias_offsets},
+                       options,
+                       true,
+                       k,
+                       stream);
+  }
+  // The MLX-ops path, row by row: each row is its own call (so its own RNG
+  // key), which is what the kernel's per-row keying reproduces.
+  mx::eval(std::vector<mx::array>{bias_offsets});
+  const int32_t* off = bias_offsets.data<int32_t>();
+  const int W = in.hist.shape(1);
+  std::vector<std::vector<mx::array>> parts(k >= 0 ? 4 : 1);
+  for (int b = 0; b < in.B; ++b) {
+    const auto& o = options[b];
+    const int hw = o.repetition_context_size > 0
+                       ? std::min(W, o.repetition_context_size)
+                       : W;
+    auto row = mx::slice(in.rows, {b, 0}, {b + 1, in.V}, stream);
+    auto hist = mx::slice(in.hist, {b, W - hw}, {b + 1, W}, stream);
+    auto ids = mx::slice(bias_ids, {off[b]}, {off[b + 1]}, stream);
+    auto vals = mx::slice(bias_values, {off[b]}, {off[b + 1]}, stream);
+    std::optional<mx::array> bits;
+    if (in.bits) {
+      bits = mx::slice(*in.bits, {b, 0}, {b + 1, in.bits->shape(1)}, stream);
+    }
+    auto one = o;
+    one.logprobs = k >= 0 ? std::max(o.logprobs, 0) : -1;
+    auto outs = ops::sample(row, hist, ids, vals, bits, one, stream);
+    if (k >= 0 && o.logprobs < k) {
+      // Pad to the batch's width, as the kernel does.
+      const int have = one.logprobs, pad = k - have;
+      outs[1] = o.logprobs < 0 ? mx::full({1}, std::nanf(""), stream) : outs[1];
+      outs[2] = mx::concatenate(
+          {mx::slice(outs[2], {0, 0}, {1, have}, stream),
+           mx::full({1, pad}, mx::array(-1, mx::int32), stream)},
+          1,
+          stream);
+      outs[3] = mx::concatenate(
+          {mx::slice(outs[3], {0, 0}, {1, have}, stream),
+           mx::full({1, pad}, mx::array(-INFINITY, mx::float32), stream)},
+          1,
+          stream);
+    }
+    for (size_t i = 0; i < parts.size(); ++i) {
+      parts[i].push_back(outs[i]);
+    }
+  }
+  std::vector<mx::array> outs;
+  for (auto& p : parts) {
+    outs.push_back(mx::concatenate(p, 0, stream));
   }
   return outs;
 }
@@ -192,10 +324,13 @@ void Sample::eval_cpu(const std::vector<mx::array>& inputs,
   for (auto& out : outputs) {
     outs.push_back(mx::array::unsafe_weak_copy(out));
   }
-  encoder.dispatch(
-      [ins = std::move(ins), outs = std::move(outs), o = options_]() mutable {
-        kernel::sample(ins, outs, o);
-      });
+  encoder.dispatch([ins = std::move(ins),
+                    outs = std::move(outs),
+                    o = options_,
+                    per_row = per_row_,
+                    has_mask = has_mask_]() mutable {
+    kernel::sample(ins, outs, o, per_row, has_mask);
+  });
 }
 
 void Sample::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {

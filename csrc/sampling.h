@@ -38,6 +38,9 @@ struct SamplingOptions {
   float repetition_penalty = 1.0f;
   float presence_penalty = 0.0f;
   float frequency_penalty = 0.0f;
+  // Penalties look at the last this-many history entries (0: the whole row),
+  // so rows of one batch can have windows of different sizes.
+  int32_t repetition_context_size = 0;
   uint64_t seed = 0;
   uint64_t counter = 0;  // draw index: (seed, counter, row) keys the RNG
   int32_t logprobs = -1; // -1: none; n >= 0: chosen + top-n (raw logits)
@@ -73,10 +76,32 @@ std::vector<mx::array> sample(const mx::array& logits,
                               std::optional<bool> kernel,
                               mx::StreamOrDevice s = {});
 
+// One call for a batch of independent requests: row b uses options[b], its
+// logit bias is bias_ids/values[bias_offsets[b] : bias_offsets[b + 1]], and
+// its draws are keyed by (seed, counter) alone, as if it ran as row 0 of its
+// own call: a request draws the same tokens in any row, beside anyone.
+// Logprobs outputs have max(options[b].logprobs) columns (rows asking fewer
+// are padded with -1 / -inf; rows asking none get NaN as their logprob).
+std::vector<mx::array> sample_rows(const mx::array& logits,
+                                   const mx::array& history,
+                                   const mx::array& bias_ids,
+                                   const mx::array& bias_values,
+                                   const mx::array& bias_offsets,
+                                   const std::optional<mx::array>& mask,
+                                   const std::vector<SamplingOptions>& options,
+                                   std::optional<bool> kernel,
+                                   mx::StreamOrDevice s = {});
+
 class Sample : public mx::Primitive {
 public:
-  Sample(mx::Stream stream, SamplingOptions options)
-      : mx::Primitive(stream), options_(options) {}
+  // One options for every row, or (per_row) one per row, with the bias
+  // offsets as an extra input after the bias values.
+  Sample(mx::Stream stream,
+         std::vector<SamplingOptions> options,
+         bool per_row,
+         bool has_mask)
+      : mx::Primitive(stream), options_(std::move(options)), per_row_(per_row),
+        has_mask_(has_mask) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs,
                 std::vector<mx::array>& outputs) override;
@@ -88,7 +113,8 @@ public:
   }
 
 private:
-  SamplingOptions options_;
+  std::vector<SamplingOptions> options_;
+  bool per_row_, has_mask_;
 };
 
 } // namespace mlx_harmony_core

@@ -292,7 +292,7 @@ def test_sixteen_concurrent_clients(demo):
 
 def test_full_queue_503_and_disconnect_frees_the_engine():
     engine = mhc.load("demo")
-    options = ServerOptions(model_name="demo", max_queue=1)
+    options = ServerOptions(model_name="demo", max_queue=1, max_batch=1)  # one at a time
     with ServerThread(engine, options) as url:
         long = {"model": "demo", "messages": MSG, "max_tokens": 32768, "stream": True}
         long["logit_bias"] = {"200002": -100, "200012": -100}  # no end token: runs until cut

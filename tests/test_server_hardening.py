@@ -277,7 +277,7 @@ def _start(port, *extra):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_ends_streams_cleanly(sig):
     port = free_port()
-    proc = _start(port)
+    proc = _start(port, "--max-batch", "2")  # two decode together, the third waits
     url = f"http://127.0.0.1:{port}"
     body = {"messages": MSG, "max_tokens": 20000, "stream": True, "logit_bias": NO_END}
     results = {}
@@ -291,10 +291,12 @@ def test_signal_ends_streams_cleanly(sig):
             url + "/v1/chat/completions", json={"messages": MSG, "max_tokens": 2}, timeout=60
         ).status_code
 
-    threads = [threading.Thread(target=stream, args=(0,)), threading.Thread(target=waiting)]
-    threads[0].start()
+    threads = [threading.Thread(target=stream, args=(i,)) for i in (0, 1)]
+    threads.append(threading.Thread(target=waiting))
+    for t in threads[:2]:
+        t.start()
     time.sleep(1.0)
-    threads[1].start()
+    threads[2].start()
     time.sleep(0.5)
     t0 = time.monotonic()
     proc.send_signal(sig)
@@ -305,9 +307,10 @@ def test_signal_ends_streams_cleanly(sig):
     assert proc.returncode == 0, out
     assert took < 4, took
     assert "Traceback" not in out and "terminate called" not in out, out
-    lines = [ln for ln in results[0] if ln.startswith("data: ")]
-    assert lines[-1] == "data: [DONE]"
-    assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] == "cancelled"
+    for i in (0, 1):
+        lines = [ln for ln in results[i] if ln.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]"
+        assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] == "cancelled"
     assert results["queued"] == 503
 
 

@@ -1,6 +1,5 @@
 // The _core extension: one init function per area.
 #include <nanobind/nanobind.h>
-
 #include <stdexcept>
 
 namespace nb = nanobind;
@@ -9,6 +8,7 @@ namespace mlx_harmony_core {
 void init_sampling(nb::module_& m);
 void init_stop(nb::module_& m);
 void init_kv_cache(nb::module_& m);
+void init_batch_cache(nb::module_& m);
 } // namespace mlx_harmony_core
 
 NB_MODULE(_core, m) {
@@ -26,4 +26,5 @@ NB_MODULE(_core, m) {
   mlx_harmony_core::init_sampling(m);
   mlx_harmony_core::init_stop(m);
   mlx_harmony_core::init_kv_cache(m);
+  mlx_harmony_core::init_batch_cache(m);
 }

@@ -35,6 +35,8 @@ void init_sampling(nb::module_& m) {
       .def_rw("repetition_penalty", &SamplingOptions::repetition_penalty)
       .def_rw("presence_penalty", &SamplingOptions::presence_penalty)
       .def_rw("frequency_penalty", &SamplingOptions::frequency_penalty)
+      .def_rw("repetition_context_size",
+              &SamplingOptions::repetition_context_size)
       .def_rw("seed", &SamplingOptions::seed)
       .def_rw("counter", &SamplingOptions::counter)
       .def_rw("logprobs", &SamplingOptions::logprobs)
@@ -97,6 +99,47 @@ top_logprobs]`` computed on the raw logits. Rows with NaN/+inf get
 ERROR_NON_FINITE, rows with no allowed finite logit ERROR_NO_CANDIDATE.
 ``kernel``: True = CPU kernel, False = MLX ops (the GPU path), None = by
 device.)");
+
+  m.def(
+      "sample_rows",
+      [](const mx::array& logits,
+         std::optional<mx::array> history,
+         std::optional<mx::array> bias_ids,
+         std::optional<mx::array> bias_values,
+         std::optional<mx::array> bias_offsets,
+         const std::vector<SamplingOptions>& options,
+         std::optional<mx::array> mask,
+         std::optional<bool> kernel,
+         mx::StreamOrDevice s) {
+        const int B = logits.ndim() == 2 ? logits.shape(0) : 0;
+        return sample_rows(logits,
+                           history.value_or(mx::zeros({0}, mx::int32)),
+                           bias_ids.value_or(mx::zeros({0}, mx::int32)),
+                           bias_values.value_or(mx::zeros({0}, mx::float32)),
+                           bias_offsets.value_or(mx::zeros({B + 1}, mx::int32)),
+                           mask,
+                           options,
+                           kernel,
+                           s);
+      },
+      "logits"_a,
+      "history"_a,
+      "bias_ids"_a,
+      "bias_values"_a,
+      "bias_offsets"_a,
+      "options"_a,
+      nb::kw_only(),
+      "mask"_a = nb::none(),
+      "kernel"_a = nb::none(),
+      "stream"_a = nb::none(),
+      R"(Draw one token per row of ``logits`` (B, V), each row with its own
+SamplingOptions (``options``, one per row): a batch of independent requests
+in one call. Row b's logit bias is ``bias_ids[bias_offsets[b] :
+bias_offsets[b + 1]]`` (``bias_offsets``: (B + 1,) int32); its penalties
+look at the last ``repetition_context_size`` entries of its history row;
+its draws are keyed by (seed, counter) as row 0 of a call of its own, so a
+request gets the same tokens in any row and beside anyone. Returns what
+``sample`` does, the logprobs outputs ``max(logprobs)`` wide.)");
 
   m.def("uniform01",
         &uniform01,

@@ -1,8 +1,7 @@
 #include "sampling/kernel.h"
 
-#include "sampling/simd.h"
-
 #include "mlx/types/half_types.h"
+#include "sampling/simd.h"
 
 #include <algorithm>
 #include <cmath>
@@ -19,6 +18,7 @@ struct Scratch {
   std::vector<Cand> cand, removed, top;
   std::vector<int32_t> hist;
   std::vector<std::pair<int32_t, float>> overrides, merged;
+  std::vector<double> block_mass;
 };
 
 // What the stages share: the processed row, and the kept set so far. While
@@ -27,9 +27,9 @@ struct Scratch {
 struct Row {
   const float* x;
   int64_t n;
-  float m;           // max of x
-  float temp, s;     // temperature and 1 / temperature
-  int64_t keep_min;  // min_tokens_to_keep
+  float m;          // max of x
+  float temp, s;    // temperature and 1 / temperature
+  int64_t keep_min; // min_tokens_to_keep
   std::vector<Cand>& c;
   std::vector<Cand>& removed;
   float* blocks;
@@ -220,10 +220,8 @@ void overrides(const T* raw,
 // The processed row: mask, then bias and penalties. Points at `raw` itself
 // when nothing changes it (float32 without processors).
 template <typename T>
-const float* prepare(const T* raw,
-                     int64_t n,
-                     const uint32_t* mask,
-                     Scratch& sc) {
+const float*
+prepare(const T* raw, int64_t n, const uint32_t* mask, Scratch& sc) {
   if constexpr (std::is_same_v<T, float>) {
     if (sc.overrides.empty() && mask == nullptr) {
       return raw;
@@ -323,9 +321,9 @@ void xtc(Row& r, const SamplingOptions& o, bool coin) {
   const double z = r.full ? r.full_mass() : r.z;
   const double lim = static_cast<double>(o.xtc_threshold) * z;
   const float cut =
-      lim > 0.0
-          ? std::nextafter(static_cast<float>(r.m + r.temp * std::log(lim)), kInf)
-          : kLowest;
+      lim > 0.0 ? std::nextafter(
+                      static_cast<float>(r.m + r.temp * std::log(lim)), kInf)
+                : kLowest;
   if (r.full) {
     collect(r.x, r.n, cut, removed);
   } else {
@@ -352,11 +350,10 @@ void xtc(Row& r, const SamplingOptions& o, bool coin) {
   for (auto& e : removed) {
     least = std::min(least, e.x);
   }
-  removed.erase(
-      std::remove_if(removed.begin(),
-                     removed.end(),
-                     [least](const Cand& e) { return e.x <= least; }),
-      removed.end());
+  removed.erase(std::remove_if(removed.begin(),
+                               removed.end(),
+                               [least](const Cand& e) { return e.x <= least; }),
+                removed.end());
   auto by_id = [](const Cand& a, const Cand& b) { return a.id < b.id; };
   std::sort(removed.begin(), removed.end(), by_id);
   if (!r.full) {
@@ -377,72 +374,118 @@ void xtc(Row& r, const SamplingOptions& o, bool coin) {
 }
 
 // -- stage: draw ------------------------------------------------------------
-// Inverse CDF over the whole row (skipping `removed`, sorted by id), by block
-// sums so that only one block is exponentiated again.
-int32_t draw_full(Row& r, double u) {
-  const double total = r.full_mass();
-  const auto& removed = r.removed;
-  double removed_mass = 0.0;
-  for (auto& e : removed) {
-    removed_mass += e.w;
+// An exponential race, keyed by token id: the kept token with the smallest
+// E_i / w_i (E_i ~ Exp(1) from (seed, counter, row, id)) wins, which draws
+// i with probability w_i / sum(w), exactly. Unlike an inverse CDF, the winner
+// depends on no running sum: logits that differ by rounding (another batch
+// size, another BLAS kernel) pick the same token unless two ratios tie to
+// within that rounding. Over the whole row it runs in two stages, blocks of
+// kBlock ids by their mass, then ids within the block, so only one block is
+// exponentiated again.
+struct Race {
+  const SamplingOptions& o;
+  uint64_t row;
+
+  // Lanes 0 and 1 are XTC's coin and spare; blocks and ids get their own.
+  double key(uint64_t lane) const {
+    return -std::log1p(-uniform01(o.seed, o.counter, row, lane));
   }
-  const double target = u * (total - removed_mass);
+  double block(int64_t b) const {
+    return key(3 + 2 * static_cast<uint64_t>(b));
+  }
+  double token(int32_t id) const {
+    return key(2 + 2 * static_cast<uint64_t>(id));
+  }
+};
+
+int32_t draw_full(Row& r, const Race& race) {
+  const auto& removed = r.removed; // sorted by id
   const float* x = r.x;
   const int64_t n = r.n;
-  double acc = 0.0;
+  r.full_mass(); // fills r.blocks
+  int64_t best_block = -1;
+  double best = kInf;
   size_t ri = 0;
-  int64_t last = -1;
   for (int64_t b = 0, bi = 0; b < n; b += kBlock, ++bi) {
     const int64_t e = std::min(n, b + kBlock);
-    double block_removed = 0.0;
-    size_t rj = ri;
-    while (rj < removed.size() && removed[rj].id < e) {
-      block_removed += removed[rj++].w;
+    double mass = r.blocks[bi];
+    for (; ri < removed.size() && removed[ri].id < e; ++ri) {
+      mass -= removed[ri].w;
     }
-    const double mass = r.blocks[bi] - block_removed;
-    if (acc + mass <= target && e < n) {
-      acc += mass;
-      ri = rj;
-      if (mass > 0.0) {
-        last = b; // some element of this block has mass
+    if (mass > 0.0) {
+      const double t = race.block(bi) / mass;
+      if (t < best) {
+        best = t;
+        best_block = b;
       }
+    }
+  }
+  if (best_block < 0) {
+    return first_index_of(x, n, r.m);
+  }
+  const int64_t e = std::min(n, best_block + kBlock);
+  auto rm = std::lower_bound(removed.begin(),
+                             removed.end(),
+                             best_block,
+                             [](const Cand& c, int64_t v) { return c.id < v; });
+  int32_t win = -1;
+  best = kInf;
+  for (int64_t i = best_block; i < e; ++i) {
+    if (rm != removed.end() && rm->id == i) {
+      ++rm;
       continue;
     }
-    for (int64_t i = b; i < e; ++i) {
-      if (ri < removed.size() && removed[ri].id == i) {
-        ++ri;
-        continue;
+    const float p = fast_exp((x[i] - r.m) * r.s);
+    if (p > 0.0f) {
+      const double t = race.token(static_cast<int32_t>(i)) / p;
+      if (t < best) {
+        best = t;
+        win = static_cast<int32_t>(i);
       }
-      const float p = fast_exp((x[i] - r.m) * r.s);
-      if (p > 0.0f) {
-        acc += p;
-        last = i;
-        if (acc > target) {
-          return static_cast<int32_t>(i);
+    }
+  }
+  return win >= 0 ? win : first_index_of(x, n, r.m);
+}
+
+int32_t draw(Row& r, const Race& race, Scratch& sc) {
+  if (r.full) {
+    return draw_full(r, race);
+  }
+  auto& c = r.c;
+  auto race_over = [&](auto&& in) {
+    int32_t win = c.front().id;
+    double best = kInf;
+    for (auto& e : c) {
+      if (e.w > 0.0 && in(e.id)) {
+        const double t = race.token(e.id) / e.w;
+        if (t < best) {
+          best = t;
+          win = e.id;
         }
       }
     }
+    return win;
+  };
+  if (c.size() <= static_cast<size_t>(2 * kBlock)) {
+    return race_over([](int32_t) { return true; });
   }
-  // Rounding left the target above the final sum: the last id with mass.
-  if (last >= 0 && x[last] > -kInf) {
-    return static_cast<int32_t>(last);
+  // Many kept: first a block of ids by its kept mass, then within it.
+  sc.block_mass.assign((r.n + kBlock - 1) / kBlock, 0.0);
+  for (auto& e : c) {
+    sc.block_mass[e.id / kBlock] += e.w;
   }
-  return first_index_of(x, n, r.m);
-}
-
-int32_t draw(Row& r, double u) {
-  if (r.full) {
-    return draw_full(r, u);
-  }
-  const double target = u * r.z;
-  double acc = 0.0;
-  for (auto& e : r.c) {
-    acc += e.w;
-    if (acc > target) {
-      return e.id;
+  int64_t pick = 0;
+  double best = kInf;
+  for (size_t b = 0; b < sc.block_mass.size(); ++b) {
+    if (sc.block_mass[b] > 0.0) {
+      const double t = race.block(static_cast<int64_t>(b)) / sc.block_mass[b];
+      if (t < best) {
+        best = t;
+        pick = static_cast<int64_t>(b);
+      }
     }
   }
-  return r.c.back().id;
+  return race_over([pick](int32_t id) { return id / kBlock == pick; });
 }
 
 // -- stage: logprobs --------------------------------------------------------
@@ -470,7 +513,8 @@ void logprobs(const T* raw,
     bool unused;
     scan_max(r, n, &rm, &unused);
   }
-  const double lse = rm + std::log(sum_exp_blocks(r, n, rm, 1.0f, sc.blocks.data()));
+  const double lse =
+      rm + std::log(sum_exp_blocks(r, n, rm, 1.0f, sc.blocks.data()));
   *lp = static_cast<float>(r[id] - lse);
   if (k <= 0) {
     return;
@@ -489,21 +533,28 @@ template <typename T>
 void sample_rows(const T* logits,
                  const std::vector<mx::array>& ins,
                  std::vector<mx::array>& outs,
-                 const SamplingOptions& o) {
+                 const std::vector<SamplingOptions>& opts,
+                 bool per_row,
+                 bool has_mask) {
   thread_local Scratch sc;
   const int64_t rows = ins[0].shape(0), n = ins[0].shape(1);
   const int64_t w = ins[1].shape(1), nb = ins[2].size();
-  const int64_t mw = ins.size() > 4 ? ins[4].shape(1) : 0;
+  const mx::array* mask_in = has_mask ? &ins.back() : nullptr;
+  const int64_t mw = mask_in ? mask_in->shape(1) : 0;
   const int32_t* hist = ins[1].data<int32_t>();
   const int32_t* bias_ids = nb ? ins[2].data<int32_t>() : nullptr;
   const float* bias_vals = nb ? ins[3].data<float>() : nullptr;
-  const uint32_t* masks = mw ? ins[4].data<uint32_t>() : nullptr;
+  const int32_t* bias_off = per_row ? ins[4].data<int32_t>() : nullptr;
+  const uint32_t* masks = mw ? mask_in->data<uint32_t>() : nullptr;
   int32_t* ids = outs[0].data<int32_t>();
   const bool want_lp = outs.size() > 1;
-  const int k = std::max(0, o.logprobs);
+  const int k = want_lp ? static_cast<int>(outs[2].shape(1)) : 0;
   sc.blocks.resize((n + kBlock - 1) / kBlock);
 
   for (int64_t row = 0; row < rows; ++row) {
+    const SamplingOptions& o = opts[per_row ? row : 0];
+    // A batch of requests keys each row as row 0 of its own call.
+    const uint64_t key_row = per_row ? 0 : static_cast<uint64_t>(row);
     const T* raw = logits + row * n;
     int32_t* top_ids = want_lp ? outs[2].data<int32_t>() + row * k : nullptr;
     float* top_lps = want_lp ? outs[3].data<float>() + row * k : nullptr;
@@ -513,7 +564,23 @@ void sample_rows(const T* logits,
       std::fill(top_lps, top_lps + k, -kInf);
       *lp = std::nanf("");
     }
-    overrides(raw, hist + row * w, w, bias_ids, bias_vals, nb, o, sc);
+    int64_t b0 = 0, b1 = nb;
+    if (per_row) {
+      b0 = bias_off[row];
+      b1 = bias_off[row + 1];
+    }
+    // The last repetition_context_size entries of the row (all when 0).
+    const int64_t hw = o.repetition_context_size > 0
+                           ? std::min<int64_t>(w, o.repetition_context_size)
+                           : w;
+    overrides(raw,
+              hist + row * w + (w - hw),
+              hw,
+              bias_ids ? bias_ids + b0 : nullptr,
+              bias_vals ? bias_vals + b0 : nullptr,
+              b1 - b0,
+              o,
+              sc);
     const float* x = prepare(raw, n, masks ? masks + row * mw : nullptr, sc);
     float m;
     bool bad;
@@ -538,13 +605,23 @@ void sample_rows(const T* logits,
       top_k(r, o);
       top_p(r, o);
       min_p(r, o);
-      xtc(r, o, uniform01(o.seed, o.counter, row, 1) < o.xtc_probability);
-      id = draw(r, uniform01(o.seed, o.counter, row, 0));
+      xtc(r, o, uniform01(o.seed, o.counter, key_row, 1) < o.xtc_probability);
+      id = draw(r, Race{o, key_row}, sc);
     }
     ids[row] = id;
-    if (want_lp) {
+    if (want_lp && o.logprobs >= 0) {
       const bool processed = !sc.overrides.empty() || masks != nullptr;
-      logprobs(raw, processed, x, m, n, id, k, sc, lp, top_ids, top_lps);
+      logprobs(raw,
+               processed,
+               x,
+               m,
+               n,
+               id,
+               std::min(k, o.logprobs),
+               sc,
+               lp,
+               top_ids,
+               top_lps);
     }
   }
 }
@@ -553,17 +630,21 @@ void sample_rows(const T* logits,
 
 void sample(const std::vector<mx::array>& ins,
             std::vector<mx::array>& outs,
-            const SamplingOptions& o) {
+            const std::vector<SamplingOptions>& opts,
+            bool per_row,
+            bool has_mask) {
   const auto& logits = ins[0];
   switch (logits.dtype()) {
   case mx::float32:
-    sample_rows(logits.data<float>(), ins, outs, o);
+    sample_rows(logits.data<float>(), ins, outs, opts, per_row, has_mask);
     break;
   case mx::float16:
-    sample_rows(logits.data<mx::float16_t>(), ins, outs, o);
+    sample_rows(
+        logits.data<mx::float16_t>(), ins, outs, opts, per_row, has_mask);
     break;
   case mx::bfloat16:
-    sample_rows(logits.data<mx::bfloat16_t>(), ins, outs, o);
+    sample_rows(
+        logits.data<mx::bfloat16_t>(), ins, outs, opts, per_row, has_mask);
     break;
   default: {
     int32_t* ids = outs[0].data<int32_t>();

@@ -13,10 +13,14 @@
 namespace mlx_harmony_core::kernel {
 
 // inputs: logits (B, V), history (B, W) int32, bias ids (N,) int32, bias
-// values (N,) float32, and only with a mask: mask (B, ceil(V/32)) uint32.
+// values (N,) float32, with per_row the bias offsets (B + 1,) int32, and only
+// with a mask: mask (B, ceil(V/32)) uint32. `options`: one for all rows, or
+// (per_row) one per row, each row then keyed as row 0 of its own call.
 // outputs: ids (B,) and with logprobs {logprob (B,), top ids, top logprobs}.
 void sample(const std::vector<mx::array>& inputs,
             std::vector<mx::array>& outputs,
-            const SamplingOptions& o);
+            const std::vector<SamplingOptions>& options,
+            bool per_row,
+            bool has_mask);
 
 } // namespace mlx_harmony_core::kernel

@@ -136,9 +136,10 @@ void xtc(Rows& r, const SamplingOptions& o, const array& key) {
   auto above = greater(p, array(o.xtc_threshold), s);
   auto least = min(where(above, p, array(kInf), s), -1, true, s);
   auto drop = logical_and(above, greater(p, least, s), s);
-  auto coin = less(random::uniform(array(0.0f), array(1.0f), {r.B, 1}, float32, key, s),
-                   array(o.xtc_probability),
-                   s);
+  auto coin =
+      less(random::uniform(array(0.0f), array(1.0f), {r.B, 1}, float32, key, s),
+           array(o.xtc_probability),
+           s);
   r.keep = logical_and(r.keep, logical_not(logical_and(drop, coin, s), s), s);
 }
 
@@ -151,7 +152,8 @@ void logprobs(const array& raw,
   const int B = raw.shape(0), V = raw.shape(1);
   auto lse = logsumexp(raw, std::vector<int>{-1}, true, s);
   auto safe = reshape(maximum(ids, array(0), s), {B, 1}, s);
-  outs.push_back(reshape(subtract(take_along_axis(raw, safe, -1, s), lse, s), {B}, s));
+  outs.push_back(
+      reshape(subtract(take_along_axis(raw, safe, -1, s), lse, s), {B}, s));
   if (o.logprobs == 0) {
     outs.push_back(zeros({B, 0}, int32, s));
     outs.push_back(zeros({B, 0}, float32, s));
@@ -185,9 +187,15 @@ std::vector<array> sample(const array& logits,
                           Stream s) {
   const int B = logits.shape(0), V = logits.shape(1);
   auto raw = astype(logits, float32, s);
-  auto x = prepare(raw, history, bias_ids, bias_values, mask, o, s);
+  const int W = history.ndim() == 2 ? history.shape(1) : 0;
+  auto hist = history;
+  if (o.repetition_context_size > 0 && o.repetition_context_size < W) {
+    hist = slice(history, {0, W - o.repetition_context_size}, {B, W}, s);
+  }
+  auto x = prepare(raw, hist, bias_ids, bias_values, mask, o, s);
   auto ninf = array(-kInf, float32);
-  auto bad = any(logical_or(isnan(x, s), equal(x, array(kInf), s), s), -1, false, s);
+  auto bad =
+      any(logical_or(isnan(x, s), equal(x, array(kInf), s), s), -1, false, s);
   auto none = all(equal(x, ninf, s), -1, false, s);
 
   auto keys = random::split(random::key(mix64(o.seed ^ mix64(o.counter))), s);
@@ -196,7 +204,16 @@ std::vector<array> sample(const array& logits,
     const int keep_min = std::max(1, o.min_tokens_to_keep);
     auto z = multiply(x, array(1.0f / o.temperature), s);
     auto xmax = max(x, -1, true, s);
-    Rows r{x, z, greater(z, ninf, s), xmax, xmax, B, V, keep_min, o.temperature, s};
+    Rows r{x,
+           z,
+           greater(z, ninf, s),
+           xmax,
+           xmax,
+           B,
+           V,
+           keep_min,
+           o.temperature,
+           s};
     if (keep_min > 1) {
       r.top_min = r.kth_value(keep_min);
     }

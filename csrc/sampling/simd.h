@@ -60,13 +60,15 @@ inline float fast_exp(float x) {
 void scan_max(const float* x, int64_t n, float* m_out, bool* bad);
 
 // Per-block sums of exp((x - m) * s) into `blocks`; returns their total.
-double sum_exp_blocks(const float* x, int64_t n, float m, float s, float* blocks);
+double
+sum_exp_blocks(const float* x, int64_t n, float m, float s, float* blocks);
 
 // Every id with x >= cut (and x > -inf) into `out`.
 void collect(const float* x, int64_t n, float cut, std::vector<Cand>& out);
 
 // How many ids lie at or above each cut level m - delta * unit (top-k).
-void profile_counts(const float* x, int64_t n, float m, float unit, int64_t* counts);
+void profile_counts(
+    const float* x, int64_t n, float m, float unit, int64_t* counts);
 
 // Mass exp((x - m) * s) at or above each cut level into `mass`; returns the
 // total (top-p).

@@ -38,13 +38,31 @@ def _port(text: str) -> int:
     return value
 
 
-def _positive(text: str) -> int:
+def _whole(text: str, least: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be >= {least}, got {value}")
+    return value
+
+
+def _positive(text: str) -> int:
+    return _whole(text, 1)
+
+
+def _non_negative(text: str) -> int:
+    return _whole(text, 0)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
     return value
 
 
@@ -127,6 +145,10 @@ def _add_prompt_flags(p: argparse.ArgumentParser, *, chat: bool = False) -> None
         action="store_false",
         help="do not print the model's reasoning" + ("" if chat else " (default)"),
     )
+    _add_kv_flags(g)
+
+
+def _add_kv_flags(g: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--kv-bits", type=int, choices=[4, 8], default=None, help="quantize full-attention KV"
     )
@@ -140,6 +162,11 @@ def _add_prompt_flags(p: argparse.ArgumentParser, *, chat: bool = False) -> None
     g.add_argument(
         "--kv-history", default="4096", help="extra sliding-window history: 'window', 'all' or N"
     )
+
+
+def _cache_options(args: argparse.Namespace) -> dict[str, Any]:
+    history = int(args.kv_history) if args.kv_history.isdigit() else args.kv_history
+    return {"kv_bits": args.kv_bits, "kv_group_size": args.kv_group_size, "history": history}
 
 
 _PROMPT_FLAGS = (
@@ -174,9 +201,7 @@ def _model_and_config(args: argparse.Namespace, chat_model: str | None = None):
 def _load_engine(model: str, args: argparse.Namespace) -> Any:
     import mlx_harmony_core as mhc
 
-    history = int(args.kv_history) if args.kv_history.isdigit() else args.kv_history
-    options = {"kv_bits": args.kv_bits, "kv_group_size": args.kv_group_size, "history": history}
-    return mhc.load(model, cache_options=options)
+    return mhc.load(model, cache_options=_cache_options(args))
 
 
 def _read_prompt(given: str | None) -> str:
@@ -281,12 +306,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         args.model,
         prefix_cache_entries=args.prefix_cache_entries,
         prefix_cache_bytes=int(args.prefix_cache_mb * 2**20),
+        cache_options=_cache_options(args),
     )
     name = args.model_name or Path(args.model.rstrip("/")).name or args.model
     options = ServerOptions(
         model_name=name,
         api_key=key,
         max_queue=args.max_queue,
+        max_batch=args.max_batch,
+        kv_budget_bytes=None if args.kv_budget_mb is None else int(args.kv_budget_mb * 2**20),
+        prefill_chunk=args.prefill_chunk,
         max_body_bytes=int(args.max_body_mb * 2**20),
         body_timeout_s=args.body_timeout,
         default_max_tokens=min(args.max_tokens, args.max_tokens_limit),
@@ -399,7 +428,28 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument(
         "--api-key", default=None, help="require 'Bearer KEY' (or MLX_HARMONY_CORE_API_KEY)"
     )
-    v.add_argument("--max-queue", type=int, default=64, help="requests waiting before 503")
+    v.add_argument(
+        "--max-batch",
+        type=_positive,
+        default=8,
+        help="requests decoded together in one batch (1: one at a time)",
+    )
+    v.add_argument(
+        "--max-queue", type=_non_negative, default=64, help="requests waiting before 503"
+    )
+    v.add_argument(
+        "--kv-budget-mb",
+        type=_positive_float,
+        default=None,
+        help="KV cache memory for all running requests (default: half the free memory)",
+    )
+    v.add_argument(
+        "--prefill-chunk",
+        type=_positive,
+        default=256,
+        help="prompt tokens a joining request runs between two decode steps",
+    )
+    _add_kv_flags(v)
     v.add_argument("--max-body-mb", type=float, default=4.0, help="request body limit")
     v.add_argument(
         "--max-tokens", type=_positive, default=4096, help="reply limit when a request sets none"

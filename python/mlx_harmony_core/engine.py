@@ -31,6 +31,7 @@ from .request import (
     Usage,
 )
 from .sampling import LogProbs
+from .scheduler import Handle, Scheduler, Sink
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +96,8 @@ class Engine:
         self.prefix_cache = PrefixCache(
             prefix_cache_bytes, prefix_cache_entries if reuse_cache else 0
         )
+        self._scheduler: Scheduler | None = None
+        self._scheduler_lock = threading.Lock()
 
     @property
     def encoding(self) -> Any:
@@ -350,6 +353,67 @@ class Engine:
         with ``finish_reason="cancelled"``.
         """
         yield from self.run(self.request(messages, params, **options), progress)
+
+    # -- batching ------------------------------------------------------------------------
+    def batching(self, **options: Any) -> Scheduler:
+        """The engine's continuous-batching :class:`~.scheduler.Scheduler`, created on first
+        use. ``options`` (``max_batch`` 8, ``max_queue``, ``kv_budget_bytes``,
+        ``prefill_chunk``) replace it with a new one, which needs the old one idle."""
+        with self._scheduler_lock:
+            old = self._scheduler
+            if old is None or options:
+                if old is not None and not old.idle.is_set():
+                    raise RuntimeError("the scheduler is busy; reconfigure it when idle")
+                self._scheduler = Scheduler(self, **options)
+            return self._scheduler
+
+    def submit(
+        self,
+        messages: MessagesLike | Sequence[int],
+        params: SamplingParams | None = None,
+        *,
+        sink: Sink | None = None,
+        **options: Any,
+    ) -> Handle:
+        """Queue a request on the batching scheduler; thread-safe, returns at once.
+
+        Same arguments as :meth:`stream` (errors in them raise here). Iterate the returned
+        :class:`~.scheduler.Handle` for its events, call ``result()`` for the completion,
+        ``cancel()`` to stop it; requests submitted together decode in one batch.
+        """
+        req = self.request(messages, params, **options)
+        return self.batching().submit(req, sink=sink)
+
+    def generate_batch(
+        self,
+        prompts: Sequence[Any],
+        params: SamplingParams | None = None,
+        **options: Any,
+    ) -> list[Completion]:
+        """Generate replies for many prompts at once (decoded together); completions in order.
+
+        Each item is a message list (or a string, or token ids), or a dict with
+        ``messages`` and its own ``params``, ``max_tokens``, ``stop`` or any other keyword
+        of :meth:`stream`; ``params`` and ``options`` are the defaults for every item.
+        Every item is checked before any runs.
+        """
+        requests = []
+        for i, item in enumerate(prompts):
+            own = dict(options)
+            item_params = params
+            if isinstance(item, dict):
+                extra = dict(item)
+                if "messages" not in extra:
+                    raise RequestTypeError(f"prompt {i} is a dict without 'messages'")
+                messages = extra.pop("messages")
+                item_params = extra.pop("params", params)
+                own.update(extra)
+            else:
+                messages = item
+            requests.append(self.request(messages, item_params, **own))
+        sched = self.batching()
+        handles = [sched.submit(r) for r in requests]
+        return [h.result() for h in handles]
 
     def generate(
         self,

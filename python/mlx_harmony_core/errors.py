@@ -1,6 +1,7 @@
 """Error types: front ends map them to what the user sees (an HTTP status, a CLI message).
 
-Every one is a ``ValueError`` (or ``TypeError``), so ``except ValueError`` keeps working.
+Every request error is a ``ValueError`` (or ``TypeError``), so ``except ValueError`` keeps
+working; :class:`CapacityError` (busy, not wrong) is a ``RuntimeError``.
 Anything else that escapes the engine is a bug on our side, never the caller's fault.
 """
 
@@ -28,3 +29,14 @@ class ContextLengthError(InvalidRequestError):
 
 class ModelLoadError(ValueError):
     """A model directory is missing, malformed or not supported."""
+
+
+class CapacityError(RuntimeError):
+    """The engine cannot take the request now (queue full, KV memory budget, shutting
+    down): not the caller's fault; retry later or elsewhere. ``code`` says which
+    (``queue_full``, ``kv_budget``, ``shutting_down``), ``retry_after`` in seconds."""
+
+    def __init__(self, message: str, *, code: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+        self.retry_after = retry_after

@@ -20,6 +20,7 @@ Cache = _core.Cache
 KVCache = _core.KVCache
 RotatingKVCache = _core.RotatingKVCache
 QuantizedKVCache = _core.QuantizedKVCache
+BatchKVCache = _core.BatchKVCache
 
 FORMAT = "mlx-harmony-core-cache"
 VERSION = "1"
@@ -71,6 +72,44 @@ def make_cache(
                 out.append(c)
         return out
     return [full() for _ in model.layers]
+
+
+def make_batch_cache(caches: Sequence[Any]) -> list[Any] | None:
+    """Empty batch caches matching the per-layer ``caches`` of one sequence (from
+    :func:`make_cache`), or ``None`` when some layer cannot batch (mlx-lm's own caches, such
+    as SSM state, or a sliding window with attention sinks)."""
+    out = []
+    for c in caches:
+        if isinstance(c, QuantizedKVCache):
+            out.append(BatchKVCache(0, -1, c.kv_bits, c.group_size))
+        elif isinstance(c, RotatingKVCache):
+            if c.keep:
+                return None
+            out.append(BatchKVCache(c.max_size, c.history))
+        elif isinstance(c, KVCache):
+            out.append(BatchKVCache())
+        else:
+            return None
+    return out
+
+
+def kv_bytes_per_token(model: Any, caches: Sequence[Any]) -> list[int]:
+    """Bytes per token each layer's cache holds, measured by running two tokens through
+    ``caches`` (fresh ones: they are used up)."""
+    model(mx.array([[0, 0]], dtype=mx.int32), cache=list(caches))
+    return [sum(int(a.nbytes) for a in c.state) // 2 for c in caches]
+
+
+def kv_bytes(caches: Sequence[Any], per_token: Sequence[int], tokens: int) -> int:
+    """Bytes one sequence of ``tokens`` tokens holds in caches like ``caches``: full layers
+    grow with it, sliding layers stop at their window plus history."""
+    total = 0
+    for c, b in zip(caches, per_token, strict=True):
+        n = tokens
+        if isinstance(c, RotatingKVCache) and c.history >= 0:
+            n = min(tokens, c.max_size + c.history)
+        total += n * b
+    return total
 
 
 def model_fingerprint(model: Any) -> dict[str, Any]:

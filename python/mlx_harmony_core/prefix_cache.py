@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -44,7 +45,7 @@ class PrefixCache:
     new prompt extends it (it is superseded), else a copy-on-write copy so the entry stays
     for other conversations. :meth:`put` stores a finished request's cache, drops entries
     it extends, and evicts least recently used ones beyond ``max_bytes`` / ``max_entries``.
-    Not thread-safe: the engine that owns it runs one request at a time.
+    Thread-safe: the single-request loop and the batching scheduler share it.
     """
 
     def __init__(self, max_bytes: int | None = None, max_entries: int = 1) -> None:
@@ -53,6 +54,7 @@ class PrefixCache:
         self.max_bytes = max_bytes
         self.max_entries = max_entries
         self._entries: list[_Entry] = []  # least recently used first
+        self._lock = threading.RLock()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -62,11 +64,16 @@ class PrefixCache:
         return sum(e.nbytes for e in self._entries)
 
     def clear(self) -> None:
-        self._entries.clear()
+        with self._lock:
+            self._entries.clear()
 
     def take(self, prompt: Sequence[int]) -> tuple[list[Any] | None, int]:
         """A cache holding the longest reusable prefix of ``prompt`` (at least one prompt
         token is left to run), and that prefix's length; ``(None, 0)`` if none."""
+        with self._lock:
+            return self._take(prompt)
+
+    def _take(self, prompt: Sequence[int]) -> tuple[list[Any] | None, int]:
         best, best_n = None, 0
         for e in self._entries:
             n = min(_common(e.tokens, prompt), len(prompt) - 1)
@@ -88,6 +95,10 @@ class PrefixCache:
 
     def put(self, tokens: Sequence[int], cache: list[Any]) -> None:
         """Keep ``cache`` (holding ``tokens``) as the most recently used entry."""
+        with self._lock:
+            self._put(tokens, cache)
+
+    def _put(self, tokens: Sequence[int], cache: list[Any]) -> None:
         if self.max_entries == 0 or not tokens:
             return
         tokens = list(tokens)

@@ -19,7 +19,7 @@ import numpy as np
 from .chat_format import ANSWER, REASONING, ChatFormat, Delta
 from .messages import ToolCall
 from .params import SamplingParams
-from .sampling import LogProbs, Sampler, check_ids
+from .sampling import LogProbs, Sampler, as_mask, check_ids
 from .stopping import StopStrings, TokenStops, token_sequences
 
 # mlx-lm's convention: fn(tokens so far (prompt + reply), logits (1, V)) -> logits.
@@ -163,18 +163,32 @@ class Request:
         return self.token_mask is not None
 
     # -- sampling (lazy: a pipelined loop builds step n+1 before step n is read) -----------
-    def sample(self, logits: mx.array) -> tuple[mx.array, LogProbs | None]:
-        """The next token id (lazy) for ``logits`` of shape (1, V)."""
+    def prepare(self, logits: mx.array) -> tuple[mx.array, mx.array | None]:
+        """``logits`` (1, V) after the logits processors, and this step's token mask."""
         for fn in self.processors:
             logits = fn(self._tokens, logits)
         mask = self.token_mask(self.generated) if self.token_mask is not None else None
+        return logits, (as_mask(mask) if mask is not None else None)
+
+    @property
+    def window(self) -> mx.array | None:
+        """The penalty window (1, W) the next draw looks at (None without penalties)."""
+        return self._window
+
+    def advance(self, ids: mx.array) -> None:
+        """Record the id just drawn (lazy) in the penalty window and processors' tokens."""
+        self._window = self.sampler.advance(self._window, ids)
+        if self._tokens is not None:
+            self._tokens = mx.concatenate([self._tokens, ids.reshape(-1).astype(mx.int32)])
+
+    def sample(self, logits: mx.array) -> tuple[mx.array, LogProbs | None]:
+        """The next token id (lazy) for ``logits`` of shape (1, V)."""
+        logits, mask = self.prepare(logits)
         if self.logprobs is None:
             ids, lp = self.sampler.lazy(logits, self._window, mask=mask), None
         else:
             ids, lp = self.sampler.lazy(logits, self._window, logprobs=self.logprobs, mask=mask)
-        self._window = self.sampler.advance(self._window, ids)
-        if self._tokens is not None:
-            self._tokens = mx.concatenate([self._tokens, ids.reshape(-1).astype(mx.int32)])
+        self.advance(ids)
         return ids, lp
 
     # -- reading tokens ------------------------------------------------------------------

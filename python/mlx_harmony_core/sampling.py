@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import secrets
 import threading
 from collections.abc import Sequence
@@ -36,6 +37,13 @@ def pack_mask(allowed: np.ndarray) -> np.ndarray:
     if pad:
         allowed = np.concatenate([allowed, np.zeros((*allowed.shape[:-1], pad), bool)], -1)
     return np.packbits(allowed, axis=-1, bitorder="little").view(np.uint32)
+
+
+def as_mask(mask: np.ndarray | mx.array) -> mx.array:
+    """A packed mask as the uint32 MLX array the sampler takes."""
+    if isinstance(mask, mx.array):
+        return mask
+    return mx.array(np.ascontiguousarray(mask, dtype=np.uint32))
 
 
 @dataclass
@@ -143,6 +151,33 @@ class Sampler:
             return None
         return mx.concatenate([window[:, 1:], ids.reshape(-1, 1).astype(mx.int32)], axis=1)
 
+    def check(self, vocab: int, logprobs: int | None = None) -> None:
+        """Raise :class:`InvalidRequestError` when the settings do not fit a vocabulary."""
+        if self._max_bias_id >= vocab:
+            raise InvalidRequestError(
+                f"logit_bias has token id {self._max_bias_id}, outside the vocabulary of {vocab}"
+            )
+        if self.params.top_k > vocab:
+            raise InvalidRequestError(
+                f"top_k ({self.params.top_k}) is larger than the vocabulary ({vocab})"
+            )
+        if logprobs is not None and not (0 <= logprobs <= vocab):
+            raise InvalidRequestError(f"logprobs must be in [0, {vocab}], got {logprobs}")
+
+    def next_options(self, logprobs: int | None = None) -> _core.SamplingOptions:
+        """The C++ options for the next draw (a copy): the draw counter is taken and
+        advanced, so draw n of a seeded sampler is keyed the same wherever it runs."""
+        with self._lock:
+            self._options.counter = self._counter
+            self._options.logprobs = -1 if logprobs is None else logprobs
+            self._counter += 1
+            return copy.copy(self._options)
+
+    @property
+    def bias(self) -> tuple[mx.array | None, mx.array | None]:
+        """The logit bias as (ids int32, values float32), or (None, None)."""
+        return self._bias_ids, self._bias_values
+
     def lazy(
         self,
         logits: mx.array,
@@ -163,38 +198,24 @@ class Sampler:
         if logits.ndim not in (1, 2):
             raise InvalidRequestError(f"logits must have shape (V,) or (B, V), got {logits.shape}")
         vocab = logits.shape[-1]
-        if self._max_bias_id >= vocab:
-            raise InvalidRequestError(
-                f"logit_bias has token id {self._max_bias_id}, outside the vocabulary of {vocab}"
-            )
-        if self.params.top_k > vocab:
-            raise InvalidRequestError(
-                f"top_k ({self.params.top_k}) is larger than the vocabulary ({vocab})"
-            )
-        if logprobs is not None and not (0 <= logprobs <= vocab):
-            raise InvalidRequestError(f"logprobs must be in [0, {vocab}], got {logprobs}")
+        self.check(vocab, logprobs)
         rows = logits.shape[0] if logits.ndim == 2 else 1
         hist = self._history(history, rows, logits.ndim == 2, vocab)
         if mask is not None:
-            if not isinstance(mask, mx.array):
-                mask = mx.array(np.ascontiguousarray(mask, dtype=np.uint32))
+            mask = as_mask(mask)
             if mask.ndim == 1 and logits.ndim == 2:
                 mask = mask.reshape(1, -1)  # one row's mask for every row
             if mask.ndim == 2 and mask.shape[0] == 1 and rows > 1:
                 mask = mx.broadcast_to(mask, (rows, mask.shape[1]))
-        with self._lock:  # sample() copies the options: the counter is read once per call
-            self._options.counter = self._counter
-            self._options.logprobs = -1 if logprobs is None else logprobs
-            self._counter += 1
-            outs = _core.sample(
-                logits,
-                hist,
-                self._bias_ids,
-                self._bias_values,
-                self._options,
-                mask=mask,
-                kernel=self.kernel,
-            )
+        outs = _core.sample(
+            logits,
+            hist,
+            self._bias_ids,
+            self._bias_values,
+            self.next_options(logprobs),
+            mask=mask,
+            kernel=self.kernel,
+        )
         if logprobs is None:
             return outs[0]
         return outs[0], LogProbs(outs[1], outs[2], outs[3])
@@ -212,3 +233,26 @@ class Sampler:
         mx.eval(out if isinstance(out, mx.array) else [out[0], *vars(out[1]).values()])
         check_ids(out if isinstance(out, mx.array) else out[0])
         return out
+
+
+def sample_rows(
+    logits: mx.array,
+    options: Sequence[_core.SamplingOptions],
+    *,
+    history: mx.array | None = None,
+    bias: tuple[mx.array, mx.array, mx.array] | None = None,
+    mask: mx.array | None = None,
+    kernel: bool | None = None,
+) -> tuple[mx.array, LogProbs | None]:
+    """One draw per row of ``logits`` (B, V), row b with ``options[b]`` (lazy): a batch
+    of independent requests in one call. ``bias`` is (ids, values, offsets) with row b's
+    bias at ``offsets[b]:offsets[b + 1]``. A row's draws depend only on its own seed and
+    counter, never on its row or its neighbours. Logprobs (when any row asks) come back
+    ``max(logprobs)`` wide."""
+    ids_, values, offsets = bias if bias is not None else (None, None, None)
+    outs = _core.sample_rows(
+        logits, history, ids_, values, offsets, list(options), mask=mask, kernel=kernel
+    )
+    if len(outs) == 1:
+        return outs[0], None
+    return outs[0], LogProbs(outs[1], outs[2], outs[3])

@@ -11,11 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import functools
 import hmac
 import json
 import logging
-import queue
 import signal
 import socket
 import threading
@@ -31,9 +29,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .chat_format import REASONING
-from .errors import ContextLengthError, InvalidRequestError
+from .errors import CapacityError, ContextLengthError, InvalidRequestError
 from .messages import check_text
 from .params import INT32_MAX, SamplingParams, constraints, problems, sampling_params
+from .scheduler import END, Handle, Scheduler
+from .threads import prepare
 
 logger = logging.getLogger(__name__)
 
@@ -217,106 +217,50 @@ def _parse(model: type[BaseModel], body: bytes) -> Any:
 
 # -- the worker ------------------------------------------------------------------------------
 
-_DONE = object()
-
 
 @dataclass
 class Job:
-    """One request's generation: run on the worker, events handed to the event loop."""
+    """One request on its way through the scheduler: events handed to the event loop."""
 
-    run: Callable[[Callable[[], bool]], Iterator[Any]]
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
-    cancel: threading.Event = field(default_factory=threading.Event)
+    handle: Handle | None = None
     gone: bool = False  # the client disconnected
+    cancelled: bool = False
 
     def emit(self, item: Any) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, item)
 
-
-def _mlx_thread_main(tasks: queue.Queue[Callable[[], None]]) -> None:
-    while True:
-        tasks.get()()
-
-
-@functools.lru_cache(maxsize=1)
-def _mlx_tasks() -> queue.Queue[Callable[[], None]]:
-    """The process's one generation thread, started on first use and never stopped.
-
-    A thread that has run MLX work must outlive the interpreter's shutdown: on Linux with
-    MLX 0.32 such a thread exiting first aborts the process at exit ("terminate called
-    without an active exception"). Every app in the process shares it, as they would
-    share the device anyway.
-    """
-    tasks: queue.Queue[Callable[[], None]] = queue.Queue()
-    threading.Thread(
-        target=_mlx_thread_main, args=(tasks,), name="mhc-generation", daemon=True
-    ).start()
-    return tasks
+    def cancel(self) -> None:
+        self.cancelled = True
+        if self.handle is not None:
+            self.handle.cancel()
 
 
 class Worker:
-    """Runs jobs one at a time on the generation thread; at most ``max_queue`` wait
-    behind the running one, later ones get a 503. :meth:`shutdown` ends the running
-    generation at its next token and answers the waiting ones 503."""
+    """The server's face of the engine's batching scheduler: up to ``max_batch`` requests
+    decode together, at most ``max_queue`` wait, later ones get a 503. :meth:`shutdown`
+    ends running generations at their next token and answers waiting ones 503."""
 
-    def __init__(self, max_queue: int) -> None:
-        self.max_queue = max_queue
-        self._lock = threading.Lock()
-        self.pending = 0  # waiting + running
-        self.closing = threading.Event()
-        self.idle = threading.Event()
-        self.idle.set()
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+        self.closing = scheduler.closing
+        self.idle = scheduler.idle
 
-    def submit(self, job: Job) -> None:
-        with self._lock:
-            if self.closing.is_set():
-                raise _shutting_down()
-            if self.pending > self.max_queue:
-                raise APIError(
-                    503,
-                    f"the server is busy ({self.pending} requests queued or running); retry later",
-                    type="server_error",
-                    code="queue_full",
-                    headers={"Retry-After": "1"},
-                )
-            self.pending += 1
-            self.idle.clear()
-        _mlx_tasks().put(lambda: self._run(job))
+    @property
+    def pending(self) -> int:
+        return self.scheduler.pending
+
+    def submit(self, job: Job, request: Any) -> None:
+        if job.cancelled:
+            return
+        try:
+            job.handle = self.scheduler.submit(request, sink=job.emit)
+        except CapacityError as exc:
+            raise _as_api_error(exc) from None
 
     def shutdown(self) -> None:
-        self.closing.set()
-
-    def _stop(self, job: Job) -> bool:
-        return job.cancel.is_set() or self.closing.is_set()
-
-    def _run(self, job: Job) -> None:
-        try:
-            if self.closing.is_set():
-                job.emit(_shutting_down())
-            elif not job.cancel.is_set():  # the engine polls _stop each token from here
-                for event in job.run(lambda: self._stop(job)):
-                    job.emit(event)
-        except Exception as exc:  # reported to that client; the thread keeps serving
-            if not isinstance(exc, InvalidRequestError | APIError):
-                logger.exception("generation failed")
-            job.emit(exc)
-        finally:
-            job.emit(_DONE)
-            with self._lock:
-                self.pending -= 1
-                if not self.pending:
-                    self.idle.set()
-
-
-def _shutting_down() -> APIError:
-    return APIError(
-        503,
-        "the server is shutting down; retry on another instance",
-        type="server_error",
-        code="shutting_down",
-        headers={"Retry-After": "5"},
-    )
+        self.scheduler.shutdown()
 
 
 # -- the app ---------------------------------------------------------------------------------
@@ -397,6 +341,9 @@ class ServerOptions:
     model_name: str = "demo"
     api_key: str | None = None
     max_queue: int = 64
+    max_batch: int = 8
+    kv_budget_bytes: int | None = None
+    prefill_chunk: int = 256
     max_body_bytes: int = 4 * 2**20
     body_timeout_s: float = 30.0
     default_max_tokens: int = 4096
@@ -542,7 +489,14 @@ def _post_docs(body: type[BaseModel]) -> dict[str, Any]:
 def create_app(engine: Any, options: ServerOptions | None = None) -> Any:
     """The ASGI app serving ``engine`` (which it then owns: nothing else may use it)."""
     opts = options or ServerOptions()
-    worker = Worker(opts.max_queue)
+    worker = Worker(
+        engine.batching(
+            max_batch=opts.max_batch,
+            max_queue=opts.max_queue,
+            kv_budget_bytes=opts.kv_budget_bytes,
+            prefill_chunk=opts.prefill_chunk,
+        )
+    )
     app = FastAPI(
         title="mlx-harmony-core", version=opts.version or "0", docs_url=None, redoc_url=None
     )
@@ -645,18 +599,17 @@ def create_app(engine: Any, options: ServerOptions | None = None) -> Any:
         if req.top_logprobs and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
 
-        def run(should_stop: Callable[[], bool]) -> Iterator[Any]:
-            return engine.stream(
+        def build() -> Any:
+            return engine.request(
                 req.messages,
                 params,
                 max_tokens=max_tokens,
                 stop=stops,
                 logprobs=top if req.logprobs else None,
-                should_stop=should_stop,
                 **render,
             )
 
-        return await _respond(request, worker, run, _ChatFormat(req, opts, engine))
+        return await _respond(request, worker, build, _ChatFormat(req, opts, engine))
 
     @app.post("/v1/completions", **_post_docs(CompletionRequest))
     async def completions(request: Request) -> Any:
@@ -676,23 +629,22 @@ def create_app(engine: Any, options: ServerOptions | None = None) -> Any:
             raise APIError(400, "the prompt is empty", param="prompt")
         params, stops = req.params(), req.stops()
 
-        def run(should_stop: Callable[[], bool]) -> Iterator[Any]:
-            # Tokenized here, on the generation thread: never on the event loop.
+        def build() -> Any:
+            # Tokenized on the preparation thread: never on the event loop.
             if isinstance(prompt, str):
                 ids = engine.encode(check_text(prompt, "prompt"))
             else:
                 ids = list(prompt)
-            return engine.stream(
+            return engine.request(
                 ids,
                 params,
                 max_tokens=req.max_tokens or 16,
                 stop=stops,
                 logprobs=req.logprobs,
                 raw=True,
-                should_stop=should_stop,
             )
 
-        return await _respond(request, worker, run, _TextFormat(req, opts, engine))
+        return await _respond(request, worker, build, _TextFormat(req, opts, engine))
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -726,24 +678,30 @@ async def _watch_disconnect(request: Request, job: Job) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             job.gone = True
-            job.cancel.set()
+            job.cancel()
             return
 
 
-async def _respond(request: Request, worker: Worker, run: Callable, fmt: Any) -> Any:
-    job = Job(run, asyncio.get_running_loop())
-    worker.submit(job)
+async def _respond(request: Request, worker: Worker, build: Callable, fmt: Any) -> Any:
+    job = Job(asyncio.get_running_loop())
     watcher = asyncio.create_task(_watch_disconnect(request, job))
     try:
-        first = await job.events.get()
+        try:  # rendered and checked off the event loop; a bad request is a 400 here
+            req = await asyncio.wrap_future(prepare(build))
+        except Exception as exc:
+            raise _as_api_error(exc) from None
         if job.gone:
             return Response(status_code=499)  # nobody is listening
+        worker.submit(job, req)
+        first = await job.events.get()
+        if job.gone:
+            return Response(status_code=499)
         if isinstance(first, Exception):
-            job.cancel.set()
+            job.cancel()
             raise _as_api_error(first)
         if not fmt.stream:
             item = first
-            while item is not _DONE:
+            while item is not END:
                 if isinstance(item, Exception):
                     raise _as_api_error(item)
                 fmt.add(item)
@@ -752,7 +710,7 @@ async def _respond(request: Request, worker: Worker, run: Callable, fmt: Any) ->
                 return Response(status_code=499)
             return JSONResponse(fmt.body())
     except BaseException:
-        job.cancel.set()
+        job.cancel()
         raise
     finally:
         watcher.cancel()
@@ -762,7 +720,7 @@ async def _respond(request: Request, worker: Worker, run: Callable, fmt: Any) ->
             for chunk in fmt.start():
                 yield _sse(chunk)
             item = first
-            while item is not _DONE:
+            while item is not END:
                 if isinstance(item, Exception):
                     err = _as_api_error(item)
                     yield _sse(
@@ -774,7 +732,7 @@ async def _respond(request: Request, worker: Worker, run: Callable, fmt: Any) ->
                 item = await job.events.get()
             yield b"data: [DONE]\n\n"
         finally:
-            job.cancel.set()  # a disconnect closes this generator: stop generating
+            job.cancel()  # a disconnect closes this generator: stop generating
 
     return StreamingResponse(
         sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
@@ -789,6 +747,14 @@ def _as_api_error(exc: Exception) -> APIError:
     """By type: the caller's mistakes are 400s, anything else is ours (500, logged)."""
     if isinstance(exc, APIError):
         return exc
+    if isinstance(exc, CapacityError):
+        return APIError(
+            503,
+            str(exc),
+            type="server_error",
+            code=exc.code,
+            headers={"Retry-After": str(exc.retry_after)},
+        )
     if isinstance(exc, ContextLengthError):
         return APIError(400, str(exc), param=exc.param, code="context_length_exceeded")
     if isinstance(exc, InvalidRequestError):

@@ -1,0 +1,629 @@
+"""Continuous batching: concurrent requests decode together, one forward pass per step.
+
+The scheduler runs on the process's generation thread. Every step runs the model once over
+all running requests (one row each, each at its own position, in :class:`BatchKVCache`
+layers), samples every row with the fused sampler (each with its own options and RNG key),
+and feeds each request its token: stop matching, parsing and events stay the
+:class:`~.request.Request`'s own. Finished or cancelled requests leave between steps and
+waiting ones join without draining the batch. A joining prompt is prefilled alone (its own
+single-sequence caches, reusing the prefix cache) in chunks of at most ``prefill_chunk``
+tokens, one chunk per decode step, so running streams stall at most one chunk per token;
+then its cache is inserted as a new row. Step n+1 is built while step n runs, as in the
+single-request loop (unless a row needs each token first: a token mask).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from .errors import CapacityError
+from .kv_cache import kv_bytes, kv_bytes_per_token, make_batch_cache, make_cache
+from .request import Completion, Request, StreamEvent
+from .sampling import LogProbs, sample_rows
+from .threads import on_generation_thread, stop_at_exit
+
+logger = logging.getLogger(__name__)
+
+# What a handle's sink receives last, after the final event (or an exception).
+END = object()
+
+Sink = Callable[[Any], None]
+
+
+class Handle:
+    """A submitted request: its events as they are decoded, readable from any thread.
+
+    Iterate it for :class:`StreamEvent` s (the last has the completion), or call
+    :meth:`result`. :meth:`cancel` ends the request at its next token
+    (``finish_reason="cancelled"``). With a ``sink`` the events go there instead (then
+    an exception, if the request failed, and :data:`END`).
+    """
+
+    def __init__(self, request: Request, sink: Sink | None = None) -> None:
+        self.request = request
+        self._queue: queue.SimpleQueue[Any] | None = None if sink else queue.SimpleQueue()
+        self._sink = sink
+        self._cancel = threading.Event()
+        self._done = threading.Event()
+        self.completion: Completion | None = None
+        self.error: BaseException | None = None
+
+    def cancel(self) -> None:
+        """Stop generating at the next token (or before starting)."""
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def _emit(self, item: Any) -> None:
+        if isinstance(item, StreamEvent) and item.completion is not None:
+            self.completion = item.completion
+        elif isinstance(item, BaseException):
+            self.error = item
+        if item is END:
+            self._done.set()
+        if self._sink is not None:
+            self._sink(item)
+        else:
+            assert self._queue is not None
+            self._queue.put(item)
+
+    def __iter__(self) -> Iterator[StreamEvent]:
+        if self._queue is None:
+            raise RuntimeError("this handle sends its events to a sink")
+        while True:
+            item = self._queue.get()
+            if item is END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def result(self, timeout: float | None = None) -> Completion:
+        """Wait for the completion (raises the request's error, or ``TimeoutError``)."""
+        if self._queue is not None and not self._done.is_set():
+            for _ in self:
+                pass
+        if not self._done.wait(timeout):
+            raise TimeoutError("the request has not finished")
+        if self.error is not None:
+            raise self.error
+        assert self.completion is not None
+        return self.completion
+
+
+@dataclass
+class _Row:
+    """A request in the scheduler: waiting, prefilling, or a row of the batch."""
+
+    req: Request
+    handle: Handle
+    need: int  # worst-case tokens: prompt + max_tokens
+    cache: list[Any] | None = None  # its own caches while prefilling
+    done: int = 0  # prompt tokens in its cache
+    fed: int = 0  # generated tokens run through the model (so in the cache)
+    last: int = -1  # the last token pushed
+    first: tuple[mx.array, LogProbs | None] | None = None  # first token (lazy)
+    finished: bool = False
+
+
+@dataclass
+class _Step:
+    """A decode step built for ``rows``; ``inputs`` feed the next step (current rows)."""
+
+    rows: list[_Row]
+    ids: mx.array
+    lp: LogProbs | None
+    inputs: mx.array = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.inputs = self.ids
+
+
+class Scheduler:
+    """Runs many requests together on one engine (continuous batching).
+
+    ``max_batch`` rows decode at once (1: one request at a time); beyond that requests
+    wait, at most ``max_queue`` of them (``None``: no limit), later ones get a
+    :class:`CapacityError`. ``kv_budget_bytes`` bounds the KV caches of all running
+    requests (default: half the memory available when the scheduler starts): a request
+    joins only when the batch's worst case (every row at its prompt + ``max_tokens``) fits,
+    and one that cannot fit even alone is refused. ``prefill_chunk`` bounds how many
+    prompt tokens run between two decode steps.
+
+    Models whose caches cannot batch (state other than attention K/V) run with
+    ``max_batch`` 1.
+    """
+
+    def __init__(
+        self,
+        engine: Any,
+        *,
+        max_batch: int = 8,
+        max_queue: int | None = None,
+        kv_budget_bytes: int | None = None,
+        prefill_chunk: int = 256,
+    ) -> None:
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
+        if max_queue is not None and max_queue < 0:
+            raise ValueError("max_queue must be >= 0 (or None: no limit)")
+        if prefill_chunk < 1:
+            raise ValueError("prefill_chunk must be >= 1")
+        self.engine = engine
+        template = make_cache(engine.model, **engine.cache_options)
+        self._template = template
+        self.batchable = make_batch_cache(template) is not None
+        if not self.batchable and max_batch > 1:
+            logger.info("this model's caches cannot batch: one request at a time")
+            max_batch = 1
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.prefill_chunk = prefill_chunk
+        self.kv_budget_bytes = (
+            kv_budget_bytes if kv_budget_bytes is not None else available_memory() // 2
+        )
+        # Measured with one lazy forward pass (never evaluated); models whose caches cannot
+        # batch run one request at a time and are not budgeted.
+        self._per_token = [0] * len(template)
+        if self.batchable:
+            try:
+                self._per_token = kv_bytes_per_token(
+                    engine.model, make_cache(engine.model, **engine.cache_options)
+                )
+            except Exception:  # a model that fails here fails its requests, with their errors
+                logger.debug("could not measure the KV cache per token", exc_info=True)
+        self._lock = threading.Lock()
+        self._waiting: deque[_Row] = deque()
+        self._admitted = 0  # prefilling or running
+        self._posted = False
+        self.closing = threading.Event()
+        self.idle = threading.Event()
+        self.idle.set()
+        self._batch = _Batch(self)
+        me = weakref.ref(self)
+        stop_at_exit(lambda: (s := me()) is not None and s.shutdown())
+
+    # -- submitting (any thread) -----------------------------------------------------------
+    def kv_need(self, tokens: int) -> int:
+        """Bytes of KV cache one request of ``tokens`` tokens can hold."""
+        return kv_bytes(self._template, self._per_token, tokens)
+
+    def _fits(self, rows: Sequence[int]) -> bool:
+        # Rows are right-aligned in the batch: each is as wide as the widest; capacity
+        # grows by doubling, so count twice the need.
+        return not rows or 2 * len(rows) * self.kv_need(max(rows)) <= self.kv_budget_bytes
+
+    def submit(self, request: Request, *, sink: Sink | None = None) -> Handle:
+        """Queue ``request``; returns its :class:`Handle` at once.
+
+        Raises :class:`CapacityError` when the queue is full, the request's KV cache cannot
+        fit the budget even alone, or the scheduler is shutting down.
+        """
+        handle = Handle(request, sink)
+        need = len(request.prompt_ids) + request.max_tokens
+        if not self._fits([need]):
+            raise CapacityError(
+                f"the request needs up to {_mb(2 * self.kv_need(need))} MB of KV cache "
+                f"({need} tokens), more than the budget of {_mb(self.kv_budget_bytes)} MB; "
+                "lower max_tokens or shorten the prompt",
+                code="kv_budget",
+            )
+        row = _Row(request, handle, need)
+        request.should_stop = lambda: handle.cancelled or self.closing.is_set()
+        with self._lock:
+            if self.closing.is_set():
+                raise _shutting_down()
+            if self.max_queue is not None and len(self._waiting) >= self.max_queue + max(
+                0, self.max_batch - self._admitted
+            ):
+                raise CapacityError(
+                    f"the server is busy ({self._admitted} requests running, "
+                    f"{len(self._waiting)} queued); retry later",
+                    code="queue_full",
+                )
+            self._waiting.append(row)
+            self.idle.clear()
+            if not self._posted:
+                self._posted = True
+                on_generation_thread(self._run)
+        return handle
+
+    @property
+    def pending(self) -> int:
+        """Requests waiting or running."""
+        with self._lock:
+            return len(self._waiting) + self._admitted
+
+    def shutdown(self) -> None:
+        """Running requests end at their next token (``cancelled``), waiting ones get a
+        :class:`CapacityError`; new ones are refused."""
+        self.closing.set()
+        with self._lock:
+            if not self._posted and self._waiting:
+                self._posted = True
+                on_generation_thread(self._run)
+
+    # -- the loop (generation thread) ------------------------------------------------------
+    def _admit(self) -> bool:
+        """Move waiting requests into the batch while they fit; False when all is idle."""
+        b = self._batch
+        with self._lock:
+            while self._waiting:
+                row = self._waiting[0]
+                if self.closing.is_set() or row.handle.cancelled:
+                    self._waiting.popleft()
+                    b.refuse(row, _shutting_down() if self.closing.is_set() else None)
+                    continue
+                if self._admitted >= self.max_batch:
+                    break
+                if not self._fits([r.need for r in b.members()] + [row.need]):
+                    if self._admitted == 0:  # cannot happen (checked at submit); never stall
+                        raise AssertionError("a lone request exceeds the KV budget")
+                    break
+                self._waiting.popleft()
+                self._admitted += 1
+                b.prefilling.append(row)
+            if b.empty():
+                self._posted = False
+                self.idle.set()
+                return False
+        return True
+
+    def _left(self, n: int) -> None:
+        with self._lock:
+            self._admitted -= n
+
+    def _run(self) -> None:
+        while True:
+            try:
+                if not self._admit():
+                    self._batch.flush()
+                    return
+                self._batch.iteration()
+            except Exception as exc:  # the batch as a whole failed: every row gets it
+                logger.exception("batched generation failed")
+                self._batch.fail_all(exc)
+
+
+class _Batch:
+    """The scheduler's state on the generation thread."""
+
+    def __init__(self, sched: Scheduler) -> None:
+        self.s = sched
+        self.engine = sched.engine
+        self.rows: list[_Row] = []
+        self.solo = not sched.batchable  # rows run on their own caches, one at a time
+        self.prefilling: deque[_Row] = deque()
+        self.cache: list[Any] | None = None
+        self.pending: _Step | None = None
+        self.bias: tuple[mx.array, mx.array, mx.array] | None = None
+        self.pending_inputs: mx.array | None = None  # host tokens, when nothing is pipelined
+        self.to_store: list[tuple[list[int], list[Any]]] = []
+
+    def members(self) -> list[_Row]:
+        return [*self.rows, *self.prefilling]
+
+    def empty(self) -> bool:
+        return not self.rows and not self.prefilling
+
+    # -- one iteration -------------------------------------------------------------------
+    def iteration(self) -> None:
+        sync = any(r.req.sync for r in self.rows)
+        nxt = None
+        if self.pending is not None and not sync:
+            nxt = self._build(self.pending.inputs)  # queued before step n is read
+        joined = self._prefill()
+        if self.pending is not None:
+            self._read(self.pending)
+        self.flush()
+        for r in joined:
+            self._read_first(r)
+        self._update_rows(nxt, [r for r in joined if not r.finished])
+        if self.pending is None and self.rows:
+            self.pending = self._build(self.pending_inputs)
+
+    def _update_rows(self, nxt: _Step | None, joined: list[_Row]) -> None:
+        """Retire finished rows, insert joined ones; set what the next step feeds."""
+        gone = [i for i, r in enumerate(self.rows) if r.finished]
+        for i in gone:
+            self._retire(self.rows[i], batch_row=i)
+        keep = [i for i, r in enumerate(self.rows) if not r.finished]
+        changed = bool(gone) or bool(joined)
+        if gone:
+            if self.solo or not keep:
+                self.cache = None
+            else:
+                for layer in self.cache or []:
+                    layer.filter(keep)
+            self.rows = [self.rows[i] for i in keep]
+        if joined:
+            if self.solo:  # caches that cannot batch: the one row runs on its own
+                assert not self.rows and len(joined) == 1
+                self.cache = joined[0].cache
+            else:
+                if self.cache is None:
+                    self.cache = make_batch_cache(joined[0].cache)
+                assert self.cache is not None
+                for r in joined:
+                    for layer, c in zip(self.cache, r.cache, strict=True):
+                        layer.insert(c)
+            for r in joined:
+                r.cache = None
+            self.rows += joined
+        if not self.rows:
+            self.cache, self.pending, self.bias = None, None, None
+            self.pending_inputs = None
+            return
+        if changed:
+            self.bias = _bias(self.rows)
+        if nxt is not None:
+            if gone:
+                pos = {id(r): i for i, r in enumerate(nxt.rows)}
+                idx = [pos[id(r)] for r in self.rows if id(r) in pos]
+                nxt.inputs = mx.take(nxt.ids, mx.array(idx, dtype=mx.int32))
+            if joined:
+                first = mx.array([r.last for r in joined], dtype=mx.int32)
+                nxt.inputs = mx.concatenate([nxt.inputs, first])
+            self.pending = nxt
+        else:
+            self.pending = None
+            self.pending_inputs = mx.array([r.last for r in self.rows], dtype=mx.int32)
+
+    # -- building a step ------------------------------------------------------------------
+    def _stream(self) -> Any:
+        return self.engine._gen_stream()
+
+    def _build(self, inputs: mx.array) -> _Step:
+        rows = list(self.rows)
+        with mx.stream(self._stream()):
+            logits = self.engine.model(inputs[:, None], cache=self.cache)[:, -1, :]
+            masks: list[mx.array | None] = []
+            if any(r.req.processors or r.req.token_mask for r in rows):
+                parts = []
+                for i, r in enumerate(rows):
+                    part, mask = r.req.prepare(logits[i : i + 1])
+                    parts.append(part)
+                    masks.append(mask)
+                logits = mx.concatenate(parts)
+            opts = [r.req.sampler.next_options(r.req.logprobs) for r in rows]
+            ids, lp = sample_rows(
+                logits,
+                opts,
+                history=_history(rows),
+                bias=self.bias,
+                mask=_masks(masks, logits.shape[-1]) if any(m is not None for m in masks) else None,
+            )
+            for i, r in enumerate(rows):
+                if r.req.window is not None or r.req.processors:
+                    r.req.advance(ids[i : i + 1])
+        mx.async_eval(ids, *([] if lp is None else vars(lp).values()))
+        for r in rows:
+            r.fed += 1
+        return _Step(rows, ids, lp)
+
+    # -- prefill --------------------------------------------------------------------------
+    def _prefill(self) -> list[_Row]:
+        """Up to ``prefill_chunk`` prompt tokens of joining requests (with nothing decoding,
+        at least the first request's whole prompt); returns those whose prefill ended
+        (their first token queued)."""
+        joined: list[_Row] = []
+        budget = self.s.prefill_chunk
+        whole = not self.rows
+        while self.prefilling and (budget > 0 or (whole and not joined)):
+            # With nothing decoding, the first prompt runs whole (no one waits on it).
+            r = self.prefilling[0]
+            if r.handle.cancelled or self.s.closing.is_set():
+                self.prefilling.popleft()
+                r.finished = True
+                r.req.finish = "cancelled"
+                self._retire(r)
+                continue
+            if r.cache is None:
+                r.cache, r.done = self.engine._reuse(r.req.prompt_ids)
+                r.req.cached_tokens = r.done
+            prompt = r.req.prompt_ids
+            left = len(prompt) - r.done
+            with mx.stream(self._stream()):
+                if left > 1:
+                    n = min(left - 1, self.engine.prefill_step_size)
+                    if not whole:
+                        n = min(n, budget)
+                    chunk = mx.array(prompt[r.done : r.done + n], dtype=mx.int32)
+                    self.engine.model(chunk[None], cache=r.cache)
+                    mx.async_eval([c.state for c in r.cache])
+                    r.done += n
+                    budget -= n
+                    continue
+                last = mx.array(prompt[r.done :], dtype=mx.int32)
+                logits = self.engine.model(last[None], cache=r.cache)[:, -1, :]
+                r.first = r.req.sample(logits)
+            ids, lp = r.first
+            mx.async_eval(ids, *([] if lp is None else vars(lp).values()))
+            r.done = len(prompt)
+            budget -= 1
+            self.prefilling.popleft()
+            joined.append(r)
+        return joined
+
+    # -- reading tokens -------------------------------------------------------------------
+    def _read(self, step: _Step) -> None:
+        tokens = step.ids.tolist()
+        lps = _host(step.lp)
+        for i, r in enumerate(step.rows):
+            if r.finished:
+                continue  # left the batch after this step was built
+            lp = None
+            if lps is not None and r.req.logprobs is not None:
+                k = r.req.logprobs
+                lp = LogProbs(lps[0][i], lps[1][i, :k], lps[2][i, :k])  # type: ignore[arg-type]
+            self._push(r, tokens[i], lp)
+
+    def _read_first(self, r: _Row) -> None:
+        assert r.first is not None
+        ids, lp = r.first
+        r.first = None
+        self._push(r, int(ids.item()), lp)
+        if r.finished:
+            self._retire(r)
+
+    def _push(self, r: _Row, token: int, lp: LogProbs | None) -> None:
+        r.last = token
+        try:
+            for event in r.req.push(token, lp):
+                r.handle._emit(event)
+        except Exception as exc:  # this request's failure (say, NaN logits): it alone ends
+            r.finished = True
+            r.handle.error = exc
+            return
+        if r.req.finish is not None:
+            r.finished = True
+
+    # -- leaving --------------------------------------------------------------------------
+    def _retire(self, r: _Row, batch_row: int | None = None) -> None:
+        """End ``r``: keep its cache for prefix reuse, send its last events."""
+        failed = r.handle.error
+        if failed is None and self.engine.reuse_cache:
+            tokens = r.req.prompt_ids + r.req.generated[: r.fed]
+            if batch_row is not None and self.solo:
+                cache = self.cache
+            elif batch_row is not None and self.cache is not None:
+                cache = [layer.extract(batch_row) for layer in self.cache]
+            else:
+                cache = r.cache if r.done == len(r.req.prompt_ids) else None
+                tokens = r.req.prompt_ids[: r.done]
+            if cache is not None and tokens:
+                mx.async_eval([c.state for c in cache])
+                self.to_store.append((tokens, cache))
+        r.cache = None
+        self.s._left(1)
+        if failed is not None:
+            r.handle._emit(failed)
+        else:
+            for event in r.req.close(peak_memory=int(mx.get_peak_memory())):
+                r.handle._emit(event)
+        r.handle._emit(END)
+
+    def refuse(self, r: _Row, error: BaseException | None) -> None:
+        """End a request that never ran: cancelled, or refused (``error``)."""
+        if error is not None:
+            r.handle._emit(error)
+        else:
+            r.req.finish = "cancelled"
+            for event in r.req.close():
+                r.handle._emit(event)
+        r.handle._emit(END)
+
+    def flush(self) -> None:
+        """Hand finished rows' caches to the prefix cache (evaluated first: another thread
+        may take them)."""
+        if not self.to_store:
+            return
+        mx.eval([c.state for _, cache in self.to_store for c in cache])
+        for tokens, cache in self.to_store:
+            self.engine.prefix_cache.put(tokens, cache)
+        self.to_store.clear()
+
+    def fail_all(self, exc: Exception) -> None:
+        for r in self.members():
+            if not r.handle.done:
+                r.finished = True
+                r.handle.error = exc
+                r.cache = None
+                self.s._left(1)
+                r.handle._emit(exc)
+                r.handle._emit(END)
+        self.rows, self.prefilling = [], deque()
+        self.cache, self.pending, self.bias = None, None, None
+        self.to_store.clear()
+
+
+def _history(rows: Sequence[_Row]) -> mx.array | None:
+    """Every row's penalty window, right-aligned and padded with -1 (None if no row has one)."""
+    windows = [r.req.window for r in rows]
+    if all(w is None for w in windows):
+        return None
+    width = max(w.shape[1] for w in windows if w is not None)
+    out = []
+    for w in windows:
+        if w is None:
+            out.append(mx.full((1, width), -1, dtype=mx.int32))
+        elif w.shape[1] < width:
+            out.append(mx.pad(w, [(0, 0), (width - w.shape[1], 0)], constant_values=-1))
+        else:
+            out.append(w)
+    return mx.concatenate(out)
+
+
+def _bias(rows: Sequence[_Row]) -> tuple[mx.array, mx.array, mx.array] | None:
+    """Every row's logit bias concatenated, with row offsets (None if no row has one)."""
+    pairs = [r.req.sampler.bias for r in rows]
+    if all(ids is None for ids, _ in pairs):
+        return None
+    ids_, values, offsets = [], [], [0]
+    for ids, vals in pairs:
+        if ids is not None:
+            ids_.append(ids)
+            values.append(vals)
+        offsets.append(offsets[-1] + (0 if ids is None else ids.size))
+    return (
+        mx.concatenate(ids_),
+        mx.concatenate(values),
+        mx.array(offsets, dtype=mx.int32),
+    )
+
+
+def _masks(masks: Sequence[mx.array | None], vocab: int) -> mx.array:
+    """Rows' packed masks, all-allowed for rows without one."""
+    words = (vocab + 31) // 32
+    full = mx.full((1, words), 0xFFFFFFFF, dtype=mx.uint32)
+    return mx.concatenate([m.reshape(1, -1) if m is not None else full for m in masks])
+
+
+def _host(lp: LogProbs | None) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    if lp is None:
+        return None
+    return np.array(lp.logprob), np.array(lp.top_ids), np.array(lp.top_logprobs)
+
+
+def _shutting_down() -> CapacityError:
+    return CapacityError(
+        "the server is shutting down; retry on another instance",
+        code="shutting_down",
+        retry_after=5,
+    )
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f}"
+
+
+def available_memory() -> int:
+    """Bytes of memory available now (Linux: MemAvailable; else the physical total)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30
