@@ -328,7 +328,7 @@ class _Batch:
         sync = any(r.req.sync for r in self.rows)
         nxt = None
         if self.pending is not None and not sync:
-            nxt = self._build(self.pending.inputs)  # queued before step n is read
+            nxt = self._build(self.pending.inputs, ahead=True)  # queued before step n is read
         joined = self._prefill()
         if self.pending is not None:
             self._read(self.pending)
@@ -390,7 +390,10 @@ class _Batch:
     def _stream(self) -> Any:
         return self.engine._gen_stream()
 
-    def _build(self, inputs: mx.array) -> _Step:
+    def _build(self, inputs: mx.array, ahead: bool = False) -> _Step:
+        """The next decode step for every row (lazy, queued). ``ahead``: one token per row
+        is still unread, so rows that end at it get a step that is thrown away, and their
+        processors and masks are not asked for it."""
         rows = list(self.rows)
         with mx.stream(self._stream()):
             logits = self.engine.model(inputs[:, None], cache=self.cache)[:, -1, :]
@@ -398,7 +401,9 @@ class _Batch:
             if any(r.req.processors or r.req.token_mask for r in rows):
                 parts = []
                 for i, r in enumerate(rows):
-                    part, mask = r.req.prepare(logits[i : i + 1])
+                    part, mask = logits[i : i + 1], None
+                    if len(r.req.generated) + ahead < r.req.max_tokens:
+                        part, mask = r.req.prepare(part)
                     parts.append(part)
                     masks.append(mask)
                 logits = mx.concatenate(parts)
