@@ -62,10 +62,32 @@ SUBPROCESS_ROWS: list[tuple[str, str, float, float]] = []
 SERVER_ROWS: list[tuple[str, str, float, float]] = []
 
 
+# Rows of bench_batching.py: (case, server, one dict of metrics per round).
+BATCH_ROWS: list[tuple[str, str, list[dict[str, float]]]] = []
+
+
+def _spread(values: list[float], scale: float = 1.0) -> str:
+    v = sorted(x * scale for x in values)
+    return f"{v[0]:7.1f} {statistics.median(v):7.1f} {v[-1]:7.1f}"
+
+
 def pytest_sessionfinish(session, exitstatus):
     tr = session.config.pluginmanager.get_plugin("terminalreporter")
     if tr is None:
         return
+    if BATCH_ROWS:
+        tr.section("batching servers: min / median / max over alternating rounds")
+        tr.write_line(
+            f"{'case':22s} {'server':>12s} {'aggregate tok/s':>23s} {'req/s':>23s} "
+            f"{'TTFT p50 ms':>23s} {'TTFT p95 ms':>23s}"
+        )
+        for case, server, runs in BATCH_ROWS:
+            tr.write_line(
+                f"{case:22s} {server:>12s} {_spread([r['tok_s'] for r in runs])} "
+                f"{_spread([r['req_s'] for r in runs])} "
+                f"{_spread([r['ttft_p50'] for r in runs], 1e3)} "
+                f"{_spread([r['ttft_p95'] for r in runs], 1e3)}"
+            )
     if SERVER_ROWS:
         tr.section("server: requests/s and mean time to first token")
         tr.write_line(f"{'case':52s} {'engine':>9s} {'req/s':>8s} {'TTFT':>10s}")

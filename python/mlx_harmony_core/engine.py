@@ -362,7 +362,7 @@ class Engine:
         with self._scheduler_lock:
             old = self._scheduler
             if old is None or options:
-                if old is not None and not old.idle.is_set():
+                if old is not None and not old.idle.wait(timeout=5):
                     raise RuntimeError("the scheduler is busy; reconfigure it when idle")
                 self._scheduler = Scheduler(self, **options)
             return self._scheduler

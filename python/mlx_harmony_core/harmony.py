@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import base64
 import functools
+import json
 import logging
 import os
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from openai_harmony import (
@@ -355,6 +357,103 @@ def o200k_harmony_bytes() -> tuple[bytes, ...]:
     for token in range(len(table), VOCAB_SIZE):
         table.append(enc.decode([token]).encode("utf-8"))
     return tuple(table)
+
+
+# o200k's pre-tokenizer pattern (tiktoken's o200k_base), for the Hugging Face tokenizer.
+_O200K_PATTERN = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_FIRST_SPECIAL = 199998  # o200k_base's regular tokens are ranks 0..199997
+
+
+def _byte_chars() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: each byte as a printable character."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    keep += range(ord("®"), ord("ÿ") + 1)
+    chars = list(keep)
+    extra = 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(keep, map(chr, chars), strict=True))
+
+
+def hf_tokenizer() -> Any:
+    """o200k_harmony as a Hugging Face ``tokenizers.Tokenizer`` (byte-level BPE with every
+    split of each token as a merge, ranked by the token: tiktoken's own tokenization),
+    with Harmony's special tokens. What real GPT-OSS directories ship as tokenizer.json."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    table = o200k_harmony_bytes()
+    chars = _byte_chars()
+
+    def text(b: bytes) -> str:
+        return "".join(chars[x] for x in b)
+
+    ranks = {table[i]: i for i in range(_FIRST_SPECIAL)}
+    merges: list[tuple[int, int, int, str, str]] = []
+    for token, rank in ranks.items():
+        for k in range(1, len(token)):
+            left, right = ranks.get(token[:k]), ranks.get(token[k:])
+            if left is not None and right is not None and left < rank and right < rank:
+                merges.append((rank, left, right, text(token[:k]), text(token[k:])))
+    merges.sort()
+    bpe = models.BPE(
+        vocab={text(t): i for t, i in ranks.items()},
+        merges=[(m[3], m[4]) for m in merges],
+        ignore_merges=True,  # a whole pre-token in the vocabulary is one token, as in tiktoken
+    )
+    tok = Tokenizer(bpe)
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_O200K_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(
+        [
+            AddedToken(table[i].decode(), special=True, normalized=False)
+            for i in range(_FIRST_SPECIAL, VOCAB_SIZE)
+        ]
+    )
+    return tok
+
+
+def write_hf_tokenizer(directory: str | os.PathLike[str]) -> None:
+    """Write tokenizer.json, tokenizer_config.json (with the Harmony chat template),
+    special_tokens_map.json and generation_config.json into a model directory, as real
+    GPT-OSS checkpoints ship them, so Hugging Face tools (mlx_lm.server) can load it."""
+    from importlib import resources
+
+    from ._paths import atomic_write_text
+
+    out = Path(directory)
+    table = o200k_harmony_bytes()
+    name = {i: table[i].decode() for i in (199998, 199999, 200002, 200012)}
+    hf_tokenizer().save(str(out / "tokenizer.json"))
+    template = resources.files(__package__).joinpath("data", "harmony_chat_template.jinja")
+    special = {"bos_token": name[199998], "eos_token": name[200002], "pad_token": name[199999]}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": 131072,
+        "chat_template": template.read_text(encoding="utf-8"),
+        **special,
+    }
+    atomic_write_text(out / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+    atomic_write_text(out / "special_tokens_map.json", json.dumps(special, indent=2) + "\n")
+    stops = {
+        "bos_token_id": 199998,
+        "eos_token_id": [200002, 199999, 200012],
+        "pad_token_id": 199999,
+    }
+    atomic_write_text(out / "generation_config.json", json.dumps(stops, indent=2) + "\n")
 
 
 @functools.lru_cache(maxsize=1)

@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 DEMO_NAME = "demo"
 # Bumped whenever a preset or the weight recipe changes, so cached demo models are rebuilt.
-TEST_MODEL_VERSION = 1
+TEST_MODEL_VERSION = 2
 
 # Random-weight GPT-OSS shapes: "demo" is overhead-bound (tiny), "small" ~0.24B and
 # "mid" ~0.84B parameters are bandwidth-bound, like a real checkpoint on this machine.
@@ -163,7 +163,8 @@ def make_test_model(
     overwrite: bool = False,
     **shape: int,
 ) -> Path:
-    """Write a random-weight GPT-OSS model directory (``config.json`` + safetensors).
+    """Write a random-weight GPT-OSS model directory (``config.json``, safetensors, and the
+    Hugging Face tokenizer files with the Harmony chat template).
 
     ``preset`` is one of :data:`PRESETS` ("demo", "small", "mid"); keyword arguments override
     its shape (``layers``, ``hidden_size``, ``experts``, ...). The same seed gives the same
@@ -190,6 +191,9 @@ def make_test_model(
         weights = _random_gpt_oss_weights(config, seed)
         mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
         atomic_write_text(tmp / "config.json", json.dumps(config, indent=2) + "\n")
+        from .harmony import write_hf_tokenizer
+
+        write_hf_tokenizer(tmp)  # for Hugging Face tools (mlx_lm.server), as real checkpoints
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)

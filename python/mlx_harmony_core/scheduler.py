@@ -226,7 +226,12 @@ class Scheduler:
                 code="kv_budget",
             )
         row = _Row(request, handle, need)
-        request.should_stop = lambda: handle.cancelled or self.closing.is_set()
+        own = request.should_stop  # the caller's, kept
+
+        def should_stop() -> bool:
+            return handle.cancelled or self.closing.is_set() or (own is not None and own())
+
+        request.should_stop = should_stop
         with self._lock:
             if self.closing.is_set():
                 raise _shutting_down()

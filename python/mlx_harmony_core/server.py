@@ -252,7 +252,8 @@ class Worker:
         return self.scheduler.pending
 
     def submit(self, job: Job, request: Any) -> None:
-        if job.cancelled:
+        if job.cancelled:  # the client left while its request was prepared
+            job.emit(END)
             return
         try:
             job.handle = self.scheduler.submit(request, sink=job.emit)
@@ -323,6 +324,31 @@ class BodyGuard:
     async def _reject(self, send: Callable, status: int, message: str) -> None:
         err = APIError(status, message, headers={"Connection": "close"})
         await err.response()({"type": "http"}, _empty_receive, send)  # an ASGI app
+
+
+class KeyGuard:
+    """ASGI middleware: ``/v1/`` needs ``Authorization: Bearer KEY`` when a key is set.
+    (Plain ASGI, not Starlette's BaseHTTPMiddleware, which relays every streamed chunk
+    through an extra task and memory stream.)"""
+
+    def __init__(self, app: Any, key: str | None) -> None:
+        self.app, self.key = app, key
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if self.key and scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            given = next((v for k, v in scope.get("headers") or [] if k == b"authorization"), b"")
+            scheme, _, token = given.decode("latin-1").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                token.strip().encode(), self.key.encode()
+            ):
+                err = APIError(
+                    401,
+                    "invalid or missing API key: send 'Authorization: Bearer KEY'",
+                    type="authentication_error",
+                    code="invalid_api_key",
+                )
+                return await err.response()(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 def _peer(scope: dict) -> str:
@@ -519,22 +545,6 @@ def create_app(engine: Any, options: ServerOptions | None = None) -> Any:
         logger.exception("request failed")
         return APIError(500, f"internal error: {exc}", type="server_error").response()
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next: Callable) -> Any:
-        if opts.api_key and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            scheme, _, token = given.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(
-                token.strip().encode(), opts.api_key.encode()
-            ):
-                return APIError(
-                    401,
-                    "invalid or missing API key: send 'Authorization: Bearer KEY'",
-                    type="authentication_error",
-                    code="invalid_api_key",
-                ).response()
-        return await call_next(request)
-
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": opts.model_name, "queued": worker.pending}
@@ -660,7 +670,7 @@ def create_app(engine: Any, options: ServerOptions | None = None) -> Any:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-    guarded = BodyGuard(app, opts.max_body_bytes, opts.body_timeout_s)
+    guarded = BodyGuard(KeyGuard(app, opts.api_key), opts.max_body_bytes, opts.body_timeout_s)
     outer = LocalGuard(guarded, opts)
     outer.worker = worker  # type: ignore[attr-defined]
     outer.fastapi = app  # type: ignore[attr-defined]
@@ -721,15 +731,26 @@ async def _respond(request: Request, worker: Worker, build: Callable, fmt: Any) 
                 yield _sse(chunk)
             item = first
             while item is not END:
-                if isinstance(item, Exception):
-                    err = _as_api_error(item)
-                    yield _sse(
-                        {"error": {"message": err.message, "type": err.type, "code": err.code}}
-                    )
-                    break
-                for chunk in fmt.chunks(item):
-                    yield _sse(chunk)
-                item = await job.events.get()
+                out = []
+                # Everything already decoded goes out in one write (many streams share
+                # one event loop; under load the tokens of one client queue up).
+                while True:
+                    if isinstance(item, Exception):
+                        err = _as_api_error(item)
+                        body = {"message": err.message, "type": err.type, "code": err.code}
+                        out.append(_sse({"error": body}))
+                        item = END
+                        break
+                    out += [_sse(chunk) for chunk in fmt.chunks(item)]
+                    if job.events.empty():
+                        break
+                    item = job.events.get_nowait()
+                    if item is END:
+                        break
+                if out:
+                    yield b"".join(out)
+                if item is not END:
+                    item = await job.events.get()
             yield b"data: [DONE]\n\n"
         finally:
             job.cancel()  # a disconnect closes this generator: stop generating
