@@ -143,3 +143,38 @@ def test_unfinished_header_is_flushed_as_text(encoding):
 
 def test_call_token_is_special():
     assert CALL == 200012 and RETURN == 200002
+
+
+def test_hf_tokenizer_and_chat_template_match_harmony(encoding):
+    """make-test-model writes tokenizer.json and a chat template (for Hugging Face tools such
+    as mlx_lm.server): they tokenize and render exactly as our Harmony path does."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from mlx_harmony_core.harmony import HarmonyFormat
+    from mlx_harmony_core.loading import demo_model_path
+
+    tok = AutoTokenizer.from_pretrained(str(demo_model_path()))
+    rnd = random.Random(0)
+    alphabet = "abcXYZ 0123456789.,;:'\"!?\n\t  éüß日本語😀-_/\\()[]{}<>|@#$%^&*"
+    texts = ["".join(rnd.choice(alphabet) for _ in range(rnd.randint(1, 80))) for _ in range(300)]
+    texts += ["don't WON'T I'm", "  leading spaces", "trailing\n\n\n", "<|start|>user<|message|>x"]
+    for text in texts:
+        ids = tok.encode(text, add_special_tokens=False)
+        assert ids == encoding.encode(text, allowed_special="all"), repr(text)
+        assert tok.decode(ids) == text
+    fmt = HarmonyFormat()
+    for messages in (
+        [{"role": "user", "content": "Hi there"}],
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "developer", "content": "Use French."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "Bye"},
+        ],
+    ):
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        assert tok.encode(text, add_special_tokens=False) == fmt.render(messages)
+    assert tok.eos_token == "<|return|>"

@@ -378,6 +378,14 @@ def test_check_ids_passes_good_ids():
 finite = st.floats(-30, 30, allow_nan=False, allow_subnormal=False, width=32)
 
 
+def _near_a_cut(x, temperature, min_p, xtc, tol=1e-4):
+    finite = x[np.isfinite(x)].astype(np.float64)
+    probs = np.exp((finite - finite.max()) / temperature)
+    probs /= probs.sum()
+    near_min_p = min_p > 0 and np.any(np.abs(probs / probs.max() - min_p) < tol)
+    return near_min_p or (xtc > 0 and np.any(np.abs(probs - 0.2) < tol))
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     logits=st.lists(st.one_of(finite, st.just(float("-inf"))), min_size=1, max_size=40).filter(
@@ -398,6 +406,8 @@ def test_draws_stay_in_the_reference_support(
     x = np.array(logits, np.float32)
     if top_p < 1.0 and top_p_is_ambiguous(x, max(temperature, 1e-9), top_p, top_k, tol=1e-3):
         return
+    if _near_a_cut(x, max(temperature, 1e-9), min_p, xtc):
+        return  # float32 vs float64 may fall either side of a min-p or XTC threshold
     p = dict(
         temperature=temperature,
         top_k=top_k,

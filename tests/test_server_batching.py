@@ -122,3 +122,34 @@ def test_kv_budget_refuses_with_503(server):
         assert "more than the budget" in r.json()["error"]["message"]
         ok = httpx.post(url + "/v1/chat/completions", json={**_body(1), "max_tokens": 3})
         assert ok.status_code == 200
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--max-batch", "0"], "--max-batch: must be >= 1"),
+        (["--max-queue", "-1"], "--max-queue: must be >= 0"),
+        (["--kv-budget-mb", "0"], "--kv-budget-mb: must be a number > 0"),
+        (["--prefill-chunk", "x"], "--prefill-chunk: 'x' is not a whole number"),
+    ],
+)
+def test_serve_batching_flags_are_checked(capsys, flags, message):
+    from mlx_harmony_core.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", *flags])
+    assert message in capsys.readouterr().err
+
+
+def test_serve_flags_reach_the_scheduler():
+    from mlx_harmony_core.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["serve", "--max-batch", "3", "--kv-budget-mb", "64", "--kv-bits", "8"]
+    )
+    assert (args.max_batch, args.kv_budget_mb, args.kv_bits, args.prefill_chunk) == (
+        3,
+        64.0,
+        8,
+        128,
+    )

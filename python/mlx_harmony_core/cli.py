@@ -388,6 +388,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .scheduler import MAX_BATCH, PREFILL_CHUNK
+
     parser = argparse.ArgumentParser(prog="mlx-harmony-core", description=__doc__)
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     common = argparse.ArgumentParser(add_help=False)  # -v after the command works too
@@ -431,8 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument(
         "--max-batch",
         type=_positive,
-        default=8,
-        help="requests decoded together in one batch (1: one at a time)",
+        default=MAX_BATCH,
+        help=f"requests decoded together in one batch (1: one at a time; {MAX_BATCH})",
     )
     v.add_argument(
         "--max-queue", type=_non_negative, default=64, help="requests waiting before 503"
@@ -446,8 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument(
         "--prefill-chunk",
         type=_positive,
-        default=256,
-        help="prompt tokens a joining request runs between two decode steps",
+        default=PREFILL_CHUNK,
+        help=f"prompt tokens a joining request runs between two decode steps ({PREFILL_CHUNK})",
     )
     _add_kv_flags(v)
     v.add_argument("--max-body-mb", type=float, default=4.0, help="request body limit")

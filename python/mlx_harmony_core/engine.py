@@ -358,7 +358,7 @@ class Engine:
     def batching(self, **options: Any) -> Scheduler:
         """The engine's continuous-batching :class:`~.scheduler.Scheduler`, created on first
         use. ``options`` (``max_batch`` 8, ``max_queue``, ``kv_budget_bytes``,
-        ``prefill_chunk``) replace it with a new one, which needs the old one idle."""
+        ``prefill_chunk`` 128) replace it with a new one, which needs the old one idle."""
         with self._scheduler_lock:
             old = self._scheduler
             if old is None or options:

@@ -32,7 +32,7 @@ from .chat_format import REASONING
 from .errors import CapacityError, ContextLengthError, InvalidRequestError
 from .messages import check_text
 from .params import INT32_MAX, SamplingParams, constraints, problems, sampling_params
-from .scheduler import END, Handle, Scheduler
+from .scheduler import END, MAX_BATCH, PREFILL_CHUNK, Handle, Scheduler
 from .threads import prepare
 
 logger = logging.getLogger(__name__)
@@ -367,9 +367,9 @@ class ServerOptions:
     model_name: str = "demo"
     api_key: str | None = None
     max_queue: int = 64
-    max_batch: int = 8
+    max_batch: int = MAX_BATCH
     kv_budget_bytes: int | None = None
-    prefill_chunk: int = 256
+    prefill_chunk: int = PREFILL_CHUNK
     max_body_bytes: int = 4 * 2**20
     body_timeout_s: float = 30.0
     default_max_tokens: int = 4096
