@@ -32,12 +32,12 @@ def server(request):
         yield request.param, engine, url
 
 
-def _turn(url: str, ids: list[int], max_tokens: int) -> float:
+def _turn(http: httpx.Client, url: str, ids: list[int], max_tokens: int) -> float:
     body = {"model": "demo", "prompt": ids, "max_tokens": max_tokens, "stream": True}
     body["logit_bias"] = {"200002": -100, "200012": -100}  # exact token counts
     start = time.perf_counter()
     ttft = None
-    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=300) as r:
+    with http.stream("POST", url + "/v1/completions", json=body, timeout=300) as r:
         assert r.status_code == 200
         for line in r.iter_lines():
             if not line.startswith("data: {"):
@@ -54,13 +54,14 @@ def _client(url: str, engine, i: int, turns: int, max_tokens: int) -> list[float
         {"role": "user", "content": f"I am client {i}. Tell me about caches."},
     ]
     ttfts = []
-    for t in range(turns):
-        ids = engine.render(messages)
-        ttfts.append(_turn(url, ids, max_tokens))
-        messages += [
-            {"role": "assistant", "content": f"Answer {t} to client {i}."},
-            {"role": "user", "content": f"Follow-up {t}: and then?"},
-        ]
+    with httpx.Client() as http:  # one keep-alive connection per client, as SDKs do
+        for t in range(turns):
+            ids = engine.render(messages)
+            ttfts.append(_turn(http, url, ids, max_tokens))
+            messages += [
+                {"role": "assistant", "content": f"Answer {t} to client {i}."},
+                {"role": "user", "content": f"Follow-up {t}: and then?"},
+            ]
     return ttfts
 
 
