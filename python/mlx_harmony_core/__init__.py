@@ -24,6 +24,7 @@ from .config import (  # noqa: E402
 )
 from .engine import Engine  # noqa: E402
 from .errors import (  # noqa: E402
+    CapacityError,
     ContextLengthError,
     InvalidRequestError,
     ModelLoadError,
@@ -31,6 +32,7 @@ from .errors import (  # noqa: E402
 )
 from .harmony import HarmonyFormat, HarmonyStream, load_encoding, render_prompt  # noqa: E402
 from .kv_cache import (  # noqa: E402
+    BatchKVCache,
     KVCache,
     QuantizedKVCache,
     RotatingKVCache,
@@ -42,7 +44,8 @@ from .loading import load, load_model, make_test_model  # noqa: E402
 from .messages import ToolCall  # noqa: E402
 from .params import SamplingParams  # noqa: E402
 from .request import Completion, Request, StreamEvent, Timings, Usage  # noqa: E402
-from .sampling import LogProbs, Sampler, pack_mask  # noqa: E402
+from .sampling import LogProbs, Sampler, pack_mask, sample_rows  # noqa: E402
+from .scheduler import Handle, Scheduler  # noqa: E402
 from .stopping import Detokenizer, StopStrings, TokenStops  # noqa: E402
 from .tools import Tool, ToolLoopResult, run_tool_loop  # noqa: E402
 
@@ -53,6 +56,8 @@ def backend_info() -> dict[str, object]:
 
 
 __all__ = [
+    "BatchKVCache",
+    "CapacityError",
     "ChatFormat",
     "ChatLog",
     "ChatLogError",
@@ -63,6 +68,7 @@ __all__ = [
     "Engine",
     "Example",
     "HarmonyFormat",
+    "Handle",
     "HarmonyStream",
     "InvalidRequestError",
     "KVCache",
@@ -75,6 +81,7 @@ __all__ = [
     "RotatingKVCache",
     "Sampler",
     "SamplingParams",
+    "Scheduler",
     "StopStrings",
     "StreamEvent",
     "Timings",
@@ -97,5 +104,6 @@ __all__ = [
     "render_prompt",
     "resolve_settings",
     "run_tool_loop",
+    "sample_rows",
     "save_cache",
 ]
