@@ -6,6 +6,7 @@ The reference for every batched result is the same request run alone.
 import subprocess
 import sys
 import threading
+import time
 
 import mlx.core as mx
 import numpy as np
@@ -572,3 +573,23 @@ def test_handle_is_thread_safe(demo_engine):
     demo_engine.reset_cache()
     ref = _alone(demo_engine, _prompts(8), [GREEDY] * 8, [30] * 8)
     assert [results[i].tokens for i in range(8)] == [c.tokens for c in ref]
+
+
+def test_a_failing_sink_cancels_its_request_only(demo_engine):
+    """A consumer that is gone (its sink raises, as a closed event loop does) stops its own
+    request; the scheduler keeps serving."""
+    demo_engine.batching(max_batch=4)
+
+    def broken(item):
+        raise RuntimeError("event loop is closed")
+
+    gone = demo_engine.submit("hi", GREEDY, max_tokens=500, ignore_eos=True, sink=broken)
+    ok = demo_engine.submit("ho", GREEDY, max_tokens=20, ignore_eos=True)
+    assert ok.result(timeout=60).finish_reason == "length"
+    deadline = time.monotonic() + 30
+    while not gone.done:  # its first event failed to arrive: it stops at the next token
+        assert time.monotonic() < deadline, "the request of a gone consumer kept running"
+        time.sleep(0.05)
+    assert gone.cancelled
+    assert gone.completion is not None and gone.completion.finish_reason == "cancelled"
+    assert len(gone.completion.tokens) < 500

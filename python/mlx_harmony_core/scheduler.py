@@ -83,7 +83,12 @@ class Handle:
         if item is END:
             self._done.set()
         if self._sink is not None:
-            self._sink(item)
+            try:
+                self._sink(item)
+            except Exception:  # the consumer is gone (a closed event loop): stop its request
+                if not self._cancel.is_set():
+                    logger.debug("a handle's sink failed; cancelling", exc_info=True)
+                self._cancel.set()
         else:
             assert self._queue is not None
             self._queue.put(item)
@@ -283,8 +288,10 @@ class Scheduler:
                 if self._admitted >= self.max_batch:
                     break
                 if not self._fits([r.need for r in b.members()] + [row.need]):
-                    if self._admitted == 0:  # cannot happen (checked at submit); never stall
-                        raise AssertionError("a lone request exceeds the KV budget")
+                    if self._admitted == 0:  # checked at submit already; never stall on it
+                        self._waiting.popleft()
+                        b.refuse(row, CapacityError("over the KV budget", code="kv_budget"))
+                        continue
                     break
                 self._waiting.popleft()
                 self._admitted += 1
