@@ -284,6 +284,12 @@ def load_model(
             f"model_type {config['model_type']!r} in {directory} is not supported by mlx-lm ({exc})"
         ) from exc
     _cast(model, config, dtype)
+    if mx.default_device() == mx.cpu and os.environ.get("MLX_HARMONY_CORE_EXPERTS") != "mlx":
+        from .moe import use_dense_experts
+
+        n = use_dense_experts(model)
+        if n:
+            logger.info("%d expert layers run expert by expert on the CPU", n)
     return model, config, directory
 
 
