@@ -39,7 +39,9 @@ def test_switch_picks_the_path_by_pairs_and_keeps_weights():
 
 
 def test_demo_model_logits_unchanged(demo_engine, monkeypatch):
-    """The loaded demo model (switched) against a fresh load with MLX's path."""
+    """The loaded demo model (switched, and made to take the dense path although its experts
+    are tiny) against a fresh load with MLX's path."""
+    monkeypatch.setattr("mlx_harmony_core.moe._MIN_EXPERT_BYTES", 0)
     monkeypatch.setenv("MLX_HARMONY_CORE_EXPERTS", "mlx")
     plain, _, _ = mhc.load_model("demo")
     assert not any(isinstance(m, DenseSwitchGLU) for _, m in plain.named_modules())
