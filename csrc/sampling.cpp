@@ -261,15 +261,12 @@ std::vector<mx::array> sample_rows(const mx::array& logits,
   // key), which is what the kernel's per-row keying reproduces.
   mx::eval(std::vector<mx::array>{bias_offsets});
   const int32_t* off = bias_offsets.data<int32_t>();
-  const int W = in.hist.shape(1);
   std::vector<std::vector<mx::array>> parts(k >= 0 ? 4 : 1);
   for (int b = 0; b < in.B; ++b) {
     const auto& o = options[b];
-    const int hw = o.repetition_context_size > 0
-                       ? std::min(W, o.repetition_context_size)
-                       : W;
+    // ops::sample keeps the last repetition_context_size entries itself.
     auto row = mx::slice(in.rows, {b, 0}, {b + 1, in.V}, stream);
-    auto hist = mx::slice(in.hist, {b, W - hw}, {b + 1, W}, stream);
+    auto hist = mx::slice(in.hist, {b, 0}, {b + 1, in.hist.shape(1)}, stream);
     auto ids = mx::slice(bias_ids, {off[b]}, {off[b + 1]}, stream);
     auto vals = mx::slice(bias_values, {off[b]}, {off[b + 1]}, stream);
     std::optional<mx::array> bits;

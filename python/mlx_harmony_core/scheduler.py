@@ -521,14 +521,11 @@ class _Batch:
         """End ``r``: keep its cache for prefix reuse, send its last events."""
         failed = r.handle.error
         if failed is None and self.engine.reuse_cache:
-            tokens = r.req.prompt_ids + r.req.generated[: r.fed]
-            if batch_row is not None and self.solo:
-                cache = self.cache
-            elif batch_row is not None and self.cache is not None:
-                cache = [layer.extract(batch_row) for layer in self.cache]
+            if batch_row is None:  # never joined: its own cache holds the prompt so far
+                tokens, cache = r.req.prompt_ids[: r.done], r.cache
             else:
-                cache = r.cache if r.done == len(r.req.prompt_ids) else None
-                tokens = r.req.prompt_ids[: r.done]
+                tokens = r.req.prompt_ids + r.req.generated[: r.fed]
+                cache = self.cache if self.solo else [c.extract(batch_row) for c in self.cache]
             if cache is not None and tokens:
                 mx.async_eval([c.state for c in cache])
                 self.to_store.append((tokens, cache))
