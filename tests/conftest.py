@@ -4,11 +4,11 @@ import tempfile
 # Tests never touch the user's cache: the vocabulary and demo model go to a temp home.
 os.environ.setdefault("MLX_HARMONY_CORE_HOME", tempfile.mkdtemp(prefix="mhc-test-home-"))
 
+import mlx_harmony_core  # noqa: E402,F401,I001  (before mlx.core: it routes MLX's BLAS)
+import mlx_harmony_core as mhc  # noqa: E402
+
 import mlx.core as mx  # noqa: E402
 import pytest  # noqa: E402
-
-import mlx_harmony_core  # noqa: E402,F401  (before mlx.core: it routes MLX's BLAS)
-import mlx_harmony_core as mhc  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -148,6 +148,7 @@ class ChatSession:
                 params,
                 max_tokens=s.max_tokens,
                 truncate=bool(s.truncate),
+                max_reasoning_tokens=s.max_reasoning_tokens,
                 **s.render_options(),
             )
             note = req.clamp_note()

@@ -95,6 +95,31 @@ class ChatFormat(ABC):
     def encode(self, text: str) -> list[int]:
         """Token ids of raw text."""
 
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of text inside a reply (no start-of-text token, no special tokens)."""
+        return self.encode(text)
+
+    def special_ids(self) -> Sequence[int]:
+        """Ids of control tokens (never part of text: a grammar cannot spell them)."""
+        return []
+
+    def reply_grammar(
+        self, answer: dict[str, Any] | None, tools: dict[str, dict[str, Any] | None]
+    ) -> str | None:
+        """The llguidance grammar of a whole reply whose answer is ``answer`` (a grammar
+        part) and whose tool calls' arguments are ``tools`` (name -> part, ``None``: free).
+        By default the whole reply is the answer (tool calls are not constrained)."""
+        from .structured import grammar_json
+
+        if any(p is not None for p in tools.values()):
+            logger.info("strict tools: this chat format's tool calls are not constrained")
+        return grammar_json([answer]) if answer is not None else None
+
+    def reasoning_budget(self, limit: int, primer: Sequence[int] = ()) -> Any:
+        """A tracker that ends the reply's reasoning after ``limit`` tokens (see
+        :class:`~.structured.Budget`); ``None`` for formats without a reasoning channel."""
+        return None
+
     @abstractmethod
     def parser(self, primer: Sequence[int] = (), *, raw: bool = False) -> ReplyParser:
         """A fresh reply parser (primed with ``primer``); ``raw`` reads plain text only."""
@@ -204,6 +229,19 @@ class ChatTemplateFormat(ChatFormat):
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text))
+
+    def encode_text(self, text: str) -> list[int]:
+        try:
+            return list(self.tokenizer.encode(text, add_special_tokens=False))
+        except TypeError:  # a tokenizer without the option
+            return list(self.tokenizer.encode(text))
+
+    def special_ids(self) -> Sequence[int]:
+        tok = getattr(self.tokenizer, "_tokenizer", self.tokenizer)
+        ids = {int(i) for i in getattr(tok, "all_special_ids", None) or []}
+        added = getattr(tok, "added_tokens_decoder", None) or {}
+        ids |= {int(i) for i, t in added.items() if getattr(t, "special", False)}
+        return sorted(ids)
 
     def parser(self, primer: Sequence[int] = (), *, raw: bool = False) -> ReplyParser:
         return TextParser(self.detokenizer())

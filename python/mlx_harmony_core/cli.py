@@ -117,6 +117,12 @@ def _add_prompt_flags(p: argparse.ArgumentParser, *, chat: bool = False) -> None
     )
     g.add_argument("--max-tokens", type=int, default=None, help="reply length limit (512)")
     g.add_argument(
+        "--max-reasoning-tokens",
+        type=_non_negative,
+        default=None,
+        help="end the reasoning after N tokens and answer (0: answer at once; GPT-OSS)",
+    )
+    g.add_argument(
         "--reasoning-effort",
         choices=["low", "medium", "high"],
         default=None,
@@ -173,6 +179,7 @@ _PROMPT_FLAGS = (
     "instructions",
     "model_identity",
     "max_tokens",
+    "max_reasoning_tokens",
     "reasoning_effort",
     "context_length",
     "truncate",
@@ -224,6 +231,34 @@ def _read_prompt(given: str | None) -> str:
     return text
 
 
+def _constraint(args: argparse.Namespace) -> dict[str, Any]:
+    """--json-schema / --regex / --grammar as the engine's constraint arguments."""
+    if args.json_schema is not None:
+        text = args.json_schema
+        if text == "object":
+            return {"response_format": {"type": "json_object"}}
+        if not text.lstrip().startswith("{"):
+            text = _read_file(text, "--json-schema")
+        try:
+            schema = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--json-schema is not valid JSON: {exc}") from None
+        spec = {"name": "response", "schema": schema}
+        return {"response_format": {"type": "json_schema", "json_schema": spec}}
+    if args.regex is not None:
+        return {"regex": args.regex}
+    if args.grammar is not None:
+        return {"grammar": _read_file(args.grammar, "--grammar")}
+    return {}
+
+
+def _read_file(path: str, flag: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{flag}: cannot read {path!r}: {exc}") from None
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .chat import ReplyPrinter, prefill_progress
     from .config import resolve_settings
@@ -245,6 +280,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         max_tokens=settings.max_tokens,
         stop=args.stop,
         truncate=bool(settings.truncate),
+        max_reasoning_tokens=settings.max_reasoning_tokens,
+        **_constraint(args),
         **settings.render_options(),
     )
     note = req.clamp_note()
@@ -406,6 +443,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--stop", action="append", default=None, help="stop string for the answer (repeatable)"
     )
+    shape = g.add_argument_group("structured output (enforced token by token)")
+    one = shape.add_mutually_exclusive_group()
+    one.add_argument(
+        "--json-schema",
+        default=None,
+        metavar="SCHEMA",
+        help="the answer is JSON valid against SCHEMA (a file, inline JSON, or 'object')",
+    )
+    one.add_argument("--regex", default=None, help="the answer matches this regular expression")
+    one.add_argument("--grammar", default=None, metavar="FILE", help="a Lark grammar file")
     _add_prompt_flags(g)
     _add_sampling_flags(g)
     g.set_defaults(func=_cmd_generate)

@@ -58,6 +58,9 @@ class _PromptFields(BaseModel):
     user_name: str | None = Field(None, description="value of the {user} placeholder")
     # Generation
     max_tokens: int | None = Field(None, ge=1)
+    max_reasoning_tokens: int | None = Field(
+        None, ge=0, description="end the reasoning after this many tokens (0: none; GPT-OSS)"
+    )
     context_length: int | None = Field(None, ge=16, description="override the model's window")
     truncate: bool | None = Field(None, description="drop the oldest turns instead of failing")
     show_reasoning: bool | None = None

@@ -32,6 +32,7 @@ from .request import (
 )
 from .sampling import LogProbs
 from .scheduler import Handle, Scheduler, Sink
+from .structured import make_guide
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +46,11 @@ _REQUEST_ARGS = frozenset(inspect.signature(Request).parameters) - {
     "params",
     "max_tokens",
     "primer",
+    "guide",
     "started",
 }
+# Constraints on the reply (see :mod:`.structured`), turned into the request's guide.
+_GUIDE_ARGS = frozenset({"response_format", "regex", "grammar", "max_reasoning_tokens"})
 
 __all__ = ["Completion", "Engine", "StreamEvent", "Timings", "TokenLogprob", "Usage"]
 
@@ -181,9 +185,13 @@ class Engine:
             raise RequestTypeError("params must be a SamplingParams")
         render_options = {k: v for k, v in options.items() if k in RENDER_OPTIONS}
         request_options = {k: v for k, v in options.items() if k in _REQUEST_ARGS}
-        unknown = sorted(set(options) - render_options.keys() - request_options.keys())
+        guide_options = {k: v for k, v in options.items() if k in _GUIDE_ARGS}
+        unknown = sorted(
+            set(options) - render_options.keys() - request_options.keys() - _GUIDE_ARGS
+        )
         if unknown:
-            names = [*RENDER_OPTIONS, *_REQUEST_ARGS, "max_tokens", "truncate", *FIELDS]
+            names = [*RENDER_OPTIONS, *_REQUEST_ARGS, *_GUIDE_ARGS, "max_tokens", "truncate"]
+            names += list(FIELDS)
             close = difflib.get_close_matches(unknown[0], names, 1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             if close and close[0] in FIELDS:
@@ -213,12 +221,24 @@ class Engine:
             if max_tokens > room:  # Request.asked_max_tokens keeps what was asked
                 logger.info("max_tokens %d clamped to the %d tokens left", max_tokens, room)
                 asked, max_tokens = max_tokens, room
+        guide = None
+        if render_options.get("tools") or any(v is not None for v in guide_options.values()):
+            guide = make_guide(
+                self.chat_format,
+                self.vocab_size,
+                tools=render_options.get("tools"),
+                tool_choice=render_options.get("tool_choice"),
+                primer=primer,
+                raw=raw,
+                **guide_options,
+            )
         req = Request(
             self.chat_format,
             prompt_ids,
             params,
             max_tokens=max_tokens,
             primer=primer,
+            guide=guide,
             started=t0,
             **request_options,
         )
@@ -272,7 +292,7 @@ class Engine:
         self, req: Request, progress: Progress | None
     ) -> Iterator[tuple[int, LogProbs | None]]:
         """Yield ``req``'s sampled ids; step n+1 is built and queued while step n evaluates
-        (unless the request needs each token first: a token mask).
+        (for a request whose draw needs each token first, a grammar, only its forward pass).
 
         On the way out the cache is kept, with the tokens it holds, for the next request.
         """
@@ -284,18 +304,30 @@ class Engine:
         fed = 0  # generated tokens already run through the model (so in the cache)
         ok = False
 
-        def step(tokens: mx.array) -> tuple[mx.array, LogProbs | None]:
+        def forward(tokens: mx.array) -> mx.array:
             with mx.stream(self._gen_stream()):  # only while building: the caller's is untouched
-                ids, lp = req.sample(self.model(tokens[None], cache=cache)[:, -1, :])
+                logits = self.model(tokens[None], cache=cache)[:, -1, :]
+            if req.sync:  # its draw comes later: the forward pass starts now
+                mx.async_eval(logits)
+            return logits
+
+        def sample(logits: mx.array) -> tuple[mx.array, LogProbs | None]:
+            with mx.stream(self._gen_stream()):
+                ids, lp = req.sample(logits)
             mx.async_eval(ids, *([] if lp is None else vars(lp).values()))
             return ids, lp
 
         try:
-            y, lp = step(rest)
+            y, lp = sample(forward(rest))
             for n in range(req.max_tokens):
                 last = n + 1 >= req.max_tokens
-                if not last and not req.sync:
-                    nxt, nlp = step(y)
+                if not last:
+                    # Queued before token n is read. A request whose draw needs token n on
+                    # the host (a grammar) queues the forward pass only, and builds its
+                    # draw (computing its mask) while that runs.
+                    ahead = forward(y)
+                    if not req.sync:
+                        nxt, nlp = sample(ahead)
                     fed += 1
                 token = int(y.item())
                 generated.append(token)
@@ -305,8 +337,7 @@ class Engine:
                 if last:
                     break
                 if req.sync:
-                    nxt, nlp = step(y)
-                    fed += 1
+                    nxt, nlp = sample(ahead)
                 y, lp = nxt, nlp
             ok = True
         finally:

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import uuid
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,8 +59,10 @@ logger = logging.getLogger(__name__)
 START = 200006
 END = 200007
 MESSAGE = 200008
+CHANNEL = 200005
 RETURN = 200002
 CALL = 200012
+FIRST_SPECIAL = 199998  # o200k's ordinary tokens end here; the rest are control tokens
 # Harmony's reply-ending tokens: <|return|> (done) and <|call|> (a tool call).
 STOP_TOKENS = (RETURN, CALL)
 VOCAB_SIZE = 201088  # o200k_harmony, as in the released GPT-OSS checkpoints
@@ -466,6 +469,108 @@ def harmony_detokenizer() -> Detokenizer:
     return _harmony_prototype().fresh()
 
 
+# A reply under a constraint: free messages (reasoning, preambles), then the final answer or a
+# call, each header spelled as GPT-OSS writes it (the recipient before or after the channel).
+_REPLY_GRAMMAR = """
+start: free* last
+free: <|channel|> ("analysis" | "commentary") <|message|> TEXT <|end|> <|start|> "assistant"
+last: {last}
+final: <|channel|> "final" <|message|> {answer} <|return|>
+{calls}
+TEXT: /(.|\\n)*/
+"""
+
+
+def reply_grammar(answer: dict[str, Any] | None, tools: dict[str, dict[str, Any] | None]) -> str:
+    """The llguidance grammar of a Harmony reply: reasoning free, the final answer
+    ``answer`` (a grammar part; ``None``: free text), calls to ``tools`` with their
+    arguments (``None``: free)."""
+    from .structured import grammar_json
+
+    parts: list[dict[str, Any]] = []
+    rules = []
+    last = ["final"]
+    if answer is not None:
+        parts.append({**answer, "name": "answer"})
+    for i, (name, args) in enumerate(tools.items()):
+        body = "TEXT"
+        if args is not None:
+            parts.append({**args, "name": f"tool_{i}"})
+            body = f"@tool_{i}"
+        recipient = json.dumps(f"to=functions.{name}")
+        rules.append(
+            f'call_{i}: (<|channel|> "commentary " {recipient} | " " {recipient} '
+            f'<|channel|> "commentary") (" " <|constrain|> "json")? <|message|> {body} <|call|>'
+        )
+        last.append(f"call_{i}")
+    lark = _REPLY_GRAMMAR.format(
+        last=" | ".join(last),
+        answer="@answer" if answer is not None else "TEXT",
+        calls="\n".join(rules),
+    )
+    return grammar_json([{"lark_grammar": lark}, *parts])
+
+
+class ReasoningBudget:
+    """Ends GPT-OSS's reasoning after ``limit`` tokens of analysis: the analysis message is
+    closed and the final one opened (``<|end|><|start|>assistant<|channel|>final
+    <|message|>``) as if the model had written it; with ``limit`` 0 the reply opens on the
+    final channel. :meth:`forced` is the token that must come next (``None``: free)."""
+
+    def __init__(self, limit: int, primer: Sequence[int] = ()) -> None:
+        enc = load_encoding()
+        self.limit = limit
+        self.spent = 0
+        self._decode = enc.decode
+        self._header: list[int] = []
+        self._in_header = True
+        self._analysis = False
+        self._started = False  # a token of this reply was seen (the first header has begun)
+        self._queue: deque[int] = deque()
+        self._open_final = [CHANNEL, *enc.encode("final"), MESSAGE]
+        self._reopen = [START, *enc.encode("assistant")]
+        for token in primer:
+            self.push(token)
+
+    def push(self, token: int) -> None:
+        if self._queue:
+            if token == self._queue[0]:
+                self._queue.popleft()
+            else:
+                self._queue.clear()
+        self._started = True
+        if self._in_header:
+            if token == MESSAGE:
+                self._in_header = False
+                self._analysis = self._channel() == "analysis"
+                self._header = []
+            else:
+                self._header.append(token)
+        elif token == END:
+            self._in_header, self._analysis = True, False
+        elif token in STOP_TOKENS:
+            self._in_header, self._analysis = False, False
+        elif self._analysis:
+            self.spent += 1
+
+    def _channel(self) -> str:
+        if CHANNEL not in self._header:
+            return ""
+        rest = self._header[self._header.index(CHANNEL) + 1 :]
+        words = self._decode([t for t in rest if t < FIRST_SPECIAL]).split()
+        return words[0] if words else ""
+
+    def forced(self) -> int | None:
+        if not self._queue and self.spent >= self.limit:
+            if not self._in_header and self._analysis:
+                self._queue.extend([END, *self._reopen, *self._open_final])
+            elif self._in_header and not self._header:  # between messages
+                self._queue.extend(
+                    [*self._reopen, *self._open_final] if self._started else self._open_final
+                )
+        return self._queue[0] if self._queue else None
+
+
 class HarmonyFormat(ChatFormat):
     """GPT-OSS: Harmony prompts (``openai_harmony``), ``<|return|>`` / ``<|call|>`` stops,
     replies parsed into analysis (reasoning), final and commentary (answer) and tool calls."""
@@ -501,6 +606,20 @@ class HarmonyFormat(ChatFormat):
 
     def encode(self, text: str) -> list[int]:
         return list(self.encoding.encode(text, allowed_special="all"))
+
+    def encode_text(self, text: str) -> list[int]:
+        return list(self.encoding.encode(text, disallowed_special=()))
+
+    def special_ids(self) -> Sequence[int]:
+        return range(FIRST_SPECIAL, VOCAB_SIZE)
+
+    def reply_grammar(
+        self, answer: dict[str, Any] | None, tools: dict[str, dict[str, Any] | None]
+    ) -> str:
+        return reply_grammar(answer, tools)
+
+    def reasoning_budget(self, limit: int, primer: Sequence[int] = ()) -> ReasoningBudget:
+        return ReasoningBudget(limit, primer)
 
     def detokenizer(self) -> Detokenizer:
         return harmony_detokenizer()  # one table for the process, shared by every parser

@@ -33,11 +33,13 @@ class ToolCall:
 
 @dataclass
 class ToolSpec:
-    """A function tool: name, description and JSON Schema of its arguments."""
+    """A function tool: name, description and JSON Schema of its arguments; ``strict``
+    tools get their calls' arguments constrained to that schema."""
 
     name: str
     description: str
     parameters: dict[str, Any] | None
+    strict: bool = False
 
 
 def check_text(text: str, where: str) -> str:
@@ -191,10 +193,12 @@ def tool_specs(tools: Sequence[Any] | None) -> list[ToolSpec]:
             if not isinstance(fn, Mapping):
                 raise RequestTypeError(f"tools[{i}].function must be an object")
             name, desc, params = fn.get("name"), fn.get("description"), fn.get("parameters")
+            strict = fn.get("strict", False)
         else:
             name = getattr(tool, "name", None)
             desc = getattr(tool, "description", None)
             params = getattr(tool, "parameters", None)
+            strict = getattr(tool, "strict", False)
         if not isinstance(name, str) or not _TOOL_NAME.match(name):
             raise InvalidRequestError(f"tools[{i}] name {name!r} must match [A-Za-z0-9_-]{{1,64}}")
         if name in seen:
@@ -204,7 +208,11 @@ def tool_specs(tools: Sequence[Any] | None) -> list[ToolSpec]:
             check_json_schema(params, f"tools[{i}].parameters")
         if desc is not None and not isinstance(desc, str):
             raise RequestTypeError(f"tools[{i}].description must be a string")
-        out.append(ToolSpec(name, desc or "", dict(params) if params else None))
+        if strict is None:
+            strict = False
+        if not isinstance(strict, bool):
+            raise RequestTypeError(f"tools[{i}].strict must be true or false")
+        out.append(ToolSpec(name, desc or "", dict(params) if params else None, strict))
     return out
 
 

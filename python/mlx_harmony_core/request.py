@@ -21,6 +21,7 @@ from .messages import ToolCall
 from .params import SamplingParams
 from .sampling import LogProbs, Sampler, as_mask, check_ids
 from .stopping import StopStrings, TokenStops, token_sequences
+from .structured import Guide
 
 # mlx-lm's convention: fn(tokens so far (prompt + reply), logits (1, V)) -> logits.
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
@@ -121,6 +122,7 @@ class Request:
         should_stop: Callable[[], bool] | None = None,
         logits_processors: Sequence[LogitsProcessor] | None = None,
         token_mask: TokenMask | None = None,
+        guide: Guide | None = None,
         started: float | None = None,
     ) -> None:
         self.format = chat_format
@@ -131,6 +133,7 @@ class Request:
         self.sampler = Sampler(params)
         self.processors = list(logits_processors or [])
         self.token_mask = token_mask
+        self.guide = guide
         self.should_stop = should_stop
         own = [] if ignore_eos else chat_format.stop_ids()
         seqs = token_sequences([*own, *(stop_tokens or [])])
@@ -159,8 +162,9 @@ class Request:
 
     @property
     def sync(self) -> bool:
-        """True when each step needs the previous token on the host (a token mask)."""
-        return self.token_mask is not None
+        """True when each step's sampling needs the previous token on the host (a token
+        mask, a grammar): the forward pass is still queued ahead, the draw after the read."""
+        return self.token_mask is not None or self.guide is not None
 
     # -- sampling (lazy: a pipelined loop builds step n+1 before step n is read) -----------
     def prepare(self, logits: mx.array) -> tuple[mx.array, mx.array | None]:
@@ -168,6 +172,10 @@ class Request:
         for fn in self.processors:
             logits = fn(self._tokens, logits)
         mask = self.token_mask(self.generated) if self.token_mask is not None else None
+        if self.guide is not None:
+            own = self.guide.mask()
+            if own is not None:
+                mask = own if mask is None else np.bitwise_and(np.asarray(mask), own)
         return logits, (as_mask(mask) if mask is not None else None)
 
     @property
@@ -200,6 +208,8 @@ class Request:
         if not self.generated:
             self.t_first = time.perf_counter()
         self.generated.append(token)
+        if self.guide is not None:
+            self.guide.push(token)
         if self.token_logprobs is not None and lp is not None:
             top = zip(
                 lp.top_ids.reshape(-1).tolist(), lp.top_logprobs.reshape(-1).tolist(), strict=True

@@ -9,7 +9,8 @@ waiting ones join without draining the batch. A joining prompt is prefilled alon
 single-sequence caches, reusing the prefix cache) in chunks of at most ``prefill_chunk``
 tokens, one chunk per decode step, so running streams stall at most one chunk per token;
 then its cache is inserted as a new row. Step n+1 is built while step n runs, as in the
-single-request loop (unless a row needs each token first: a token mask).
+single-request loop (when a row's draw needs token n first, a grammar's mask, the forward
+pass is queued ahead and the draw is built after the read, while that pass runs).
 """
 
 from __future__ import annotations
@@ -343,14 +344,21 @@ class _Batch:
     def iteration(self) -> None:
         sync = any(r.req.sync for r in self.rows)
         nxt = None
-        if self.pending is not None and not sync:
-            nxt = self._build(self.pending.inputs, ahead=True)  # queued before step n is read
+        ahead: tuple[list[_Row], mx.array] | None = None
+        if self.pending is not None:  # queued before step n is read
+            if sync:  # a row's draw needs token n on the host: only the forward pass now
+                ahead = (list(self.rows), self._forward(self.pending.inputs))
+                mx.async_eval(ahead[1])
+            else:
+                nxt = self._build(self.pending.inputs, ahead=True)
         joined = self._prefill()
         if self.pending is not None:
             self._read(self.pending)
         self.flush()
         for r in joined:
             self._read_first(r)
+        if ahead is not None:  # masks are computed while the forward pass runs
+            nxt = self._sample(*ahead)
         self._update_rows(nxt, [r for r in joined if not r.finished])
         if self.pending is None and self.rows:
             self.pending = self._build(self.pending_inputs)
@@ -406,19 +414,27 @@ class _Batch:
     def _stream(self) -> Any:
         return self.engine._gen_stream()
 
+    def _forward(self, inputs: mx.array) -> mx.array:
+        """The batch's next-token logits (lazy) for ``inputs``, one token per row."""
+        with mx.stream(self._stream()):
+            return self.engine.model(inputs[:, None], cache=self.cache)[:, -1, :]
+
     def _build(self, inputs: mx.array, ahead: bool = False) -> _Step:
         """The next decode step for every row (lazy, queued). ``ahead``: one token per row
         is still unread, so rows that end at it get a step that is thrown away, and their
         processors and masks are not asked for it."""
-        rows = list(self.rows)
+        return self._sample(list(self.rows), self._forward(inputs), ahead)
+
+    def _sample(self, rows: list[_Row], logits: mx.array, ahead: bool = False) -> _Step:
+        """Draw every row's token from ``logits`` (lazy, queued); rows that have finished
+        draw unmasked, thrown away."""
         with mx.stream(self._stream()):
-            logits = self.engine.model(inputs[:, None], cache=self.cache)[:, -1, :]
             masks: list[mx.array | None] = []
-            if any(r.req.processors or r.req.token_mask for r in rows):
+            if any(r.req.processors or r.req.sync for r in rows):
                 parts = []
                 for i, r in enumerate(rows):
                     part, mask = logits[i : i + 1], None
-                    if len(r.req.generated) + ahead < r.req.max_tokens:
+                    if not r.finished and len(r.req.generated) + ahead < r.req.max_tokens:
                         part, mask = r.req.prepare(part)
                     parts.append(part)
                     masks.append(mask)

@@ -175,7 +175,12 @@ class ChatRequest(_Sampling):
     reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = Field(
+        None, description="text, json_object or json_schema: enforced token by token"
+    )
+    max_reasoning_tokens: int | None = Field(
+        None, ge=0, description="extension: end the reasoning after this many tokens"
+    )
 
 
 class CompletionRequest(_Sampling):
@@ -185,6 +190,9 @@ class CompletionRequest(_Sampling):
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     suffix: str | None = None
+    response_format: dict[str, Any] | None = Field(
+        None, description="text, json_object or json_schema: enforced token by token"
+    )
     best_of: int | None = Field(None, ge=1)
 
 
@@ -590,12 +598,6 @@ def create_app(engine: Any, options: ServerOptions | None = None) -> Any:
         req: ChatRequest = await parse(ChatRequest, request)
         req.checks(opts.max_tokens_limit)
         check_model(req.model)
-        if req.response_format and req.response_format.get("type", "text") != "text":
-            raise APIError(
-                400,
-                "response_format other than 'text' is not supported",
-                param="response_format",
-            )
         params, stops = req.params(), req.stops()
         max_tokens = req.max_completion_tokens or req.max_tokens or opts.default_max_tokens
         effort = {"minimal": "low"}.get(req.reasoning_effort or "", req.reasoning_effort)
@@ -616,6 +618,8 @@ def create_app(engine: Any, options: ServerOptions | None = None) -> Any:
                 max_tokens=max_tokens,
                 stop=stops,
                 logprobs=top if req.logprobs else None,
+                response_format=req.response_format,
+                max_reasoning_tokens=req.max_reasoning_tokens,
                 **render,
             )
 
@@ -651,6 +655,7 @@ def create_app(engine: Any, options: ServerOptions | None = None) -> Any:
                 max_tokens=req.max_tokens or 16,
                 stop=stops,
                 logprobs=req.logprobs,
+                response_format=req.response_format,
                 raw=True,
             )
 
