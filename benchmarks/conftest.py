@@ -11,10 +11,10 @@ import tempfile
 
 os.environ.setdefault("MLX_HARMONY_CORE_HOME", tempfile.mkdtemp(prefix="mhc-bench-home-"))
 
+import mlx_harmony_core  # noqa: E402,F401,I001  (before mlx.core: it routes MLX's BLAS)
+
 import mlx.core as mx  # noqa: E402
 import pytest  # noqa: E402
-
-import mlx_harmony_core  # noqa: E402,F401  (before mlx.core: it routes MLX's BLAS)
 
 
 @pytest.fixture(autouse=True)
@@ -62,6 +62,10 @@ SUBPROCESS_ROWS: list[tuple[str, str, float, float]] = []
 SERVER_ROWS: list[tuple[str, str, float, float]] = []
 
 
+# Rows of bench_structured.py: (case, measurement).
+STRUCTURED_ROWS: list[tuple[str, str]] = []
+
+
 # Rows of bench_batching.py: (case, server, one dict of metrics per round).
 BATCH_ROWS: list[tuple[str, str, list[dict[str, float]]]] = []
 
@@ -75,6 +79,10 @@ def pytest_sessionfinish(session, exitstatus):
     tr = session.config.pluginmanager.get_plugin("terminalreporter")
     if tr is None:
         return
+    if STRUCTURED_ROWS:
+        tr.section("structured outputs (demo model unless named)")
+        for case, value in STRUCTURED_ROWS:
+            tr.write_line(f"{case:36s} {value}")
     if BATCH_ROWS:
         tr.section("batching servers: min / median / max over alternating rounds")
         tr.write_line(

@@ -220,7 +220,7 @@ def _post(url, body, key=KEY, raw=None):
         ({"messages": []}, None, 400, "messages"),
         ({"messages": MSG, "model": "gpt-9"}, None, 404, "not served"),
         (
-            {"messages": MSG, "response_format": {"type": "json_object"}},
+            {"messages": MSG, "response_format": {"type": "xml"}},
             None,
             400,
             "response_format",

@@ -357,6 +357,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         body_timeout_s=args.body_timeout,
         default_max_tokens=min(args.max_tokens, args.max_tokens_limit),
         max_tokens_limit=args.max_tokens_limit,
+        max_reasoning_tokens=args.max_reasoning_tokens,
         host=args.host,
         allowed_hosts=tuple(args.allowed_hosts or ()),
         cors_origins=tuple(args.cors_origins or ()),
@@ -502,6 +503,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-body-mb", type=float, default=4.0, help="request body limit")
     v.add_argument(
         "--max-tokens", type=_positive, default=4096, help="reply limit when a request sets none"
+    )
+    v.add_argument(
+        "--max-reasoning-tokens",
+        type=_non_negative,
+        default=None,
+        help="end reasoning after N tokens when a request sets no max_reasoning_tokens",
     )
     v.add_argument(
         "--max-tokens-limit",

@@ -24,6 +24,7 @@ from pydantic import (
 
 from ._paths import home
 from .params import SamplingParams, problems
+from .structured import reasoning_budget_field
 
 _M = TypeVar("_M", bound=BaseModel)
 
@@ -58,9 +59,7 @@ class _PromptFields(BaseModel):
     user_name: str | None = Field(None, description="value of the {user} placeholder")
     # Generation
     max_tokens: int | None = Field(None, ge=1)
-    max_reasoning_tokens: int | None = Field(
-        None, ge=0, description="end the reasoning after this many tokens (0: none; GPT-OSS)"
-    )
+    max_reasoning_tokens: int | None = reasoning_budget_field()
     context_length: int | None = Field(None, ge=16, description="override the model's window")
     truncate: bool | None = Field(None, description="drop the oldest turns instead of failing")
     show_reasoning: bool | None = None

@@ -376,6 +376,13 @@ class Engine:
         tokens (see :func:`~mlx_harmony_core.sampling.pack_mask`) or ``None``; masked
         tokens are never drawn.
 
+        ``response_format`` (OpenAI's: ``{"type": "json_object"}`` or ``{"type":
+        "json_schema", "json_schema": {"name": ..., "schema": {...}}}``), ``regex`` or
+        ``grammar`` (a Lark grammar) constrain the answer token by token (see
+        :mod:`.structured`); tools with ``"strict": true`` constrain their calls' arguments.
+        ``max_reasoning_tokens`` ends the model's reasoning after that many tokens (``0``:
+        none), where the chat format has a reasoning channel.
+
         A prompt longer than the context window is a :class:`ContextLengthError`, or with
         ``truncate=True`` the oldest turns (never system/developer messages or the last user
         turn) are dropped until the reply has room for ``max_tokens`` (at most half the

@@ -511,6 +511,14 @@ def reply_grammar(answer: dict[str, Any] | None, tools: dict[str, dict[str, Any]
     return grammar_json([{"lark_grammar": lark}, *parts])
 
 
+@functools.lru_cache(maxsize=1)
+def _header_words() -> tuple[tuple[int, ...], tuple[int, ...]]:
+    enc = load_encoding()
+    return tuple(enc.encode("final", allowed_special="all")), tuple(
+        enc.encode("assistant", allowed_special="all")
+    )
+
+
 class ReasoningBudget:
     """Ends GPT-OSS's reasoning after ``limit`` tokens of analysis: the analysis message is
     closed and the final one opened (``<|end|><|start|>assistant<|channel|>final
@@ -519,6 +527,7 @@ class ReasoningBudget:
 
     def __init__(self, limit: int, primer: Sequence[int] = ()) -> None:
         enc = load_encoding()
+        final, assistant = _header_words()
         self.limit = limit
         self.spent = 0
         self._decode = enc.decode
@@ -527,8 +536,8 @@ class ReasoningBudget:
         self._analysis = False
         self._started = False  # a token of this reply was seen (the first header has begun)
         self._queue: deque[int] = deque()
-        self._open_final = [CHANNEL, *enc.encode("final"), MESSAGE]
-        self._reopen = [START, *enc.encode("assistant")]
+        self._open_final = [CHANNEL, *final, MESSAGE]
+        self._reopen = [START, *assistant]
         for token in primer:
             self.push(token)
 

@@ -33,6 +33,7 @@ from .errors import CapacityError, ContextLengthError, InvalidRequestError
 from .messages import check_text
 from .params import INT32_MAX, SamplingParams, constraints, problems, sampling_params
 from .scheduler import END, MAX_BATCH, PREFILL_CHUNK, Handle, Scheduler
+from .structured import reasoning_budget_field
 from .threads import prepare
 
 logger = logging.getLogger(__name__)
@@ -178,9 +179,7 @@ class ChatRequest(_Sampling):
     response_format: dict[str, Any] | None = Field(
         None, description="text, json_object or json_schema: enforced token by token"
     )
-    max_reasoning_tokens: int | None = Field(
-        None, ge=0, description="extension: end the reasoning after this many tokens"
-    )
+    max_reasoning_tokens: int | None = reasoning_budget_field()  # an extension
 
 
 class CompletionRequest(_Sampling):
@@ -382,6 +381,7 @@ class ServerOptions:
     body_timeout_s: float = 30.0
     default_max_tokens: int = 4096
     max_tokens_limit: int = 32768
+    max_reasoning_tokens: int | None = None  # for requests that set none
     host: str = "127.0.0.1"
     allowed_hosts: tuple[str, ...] = ()
     cors_origins: tuple[str, ...] = ()
@@ -619,7 +619,9 @@ def create_app(engine: Any, options: ServerOptions | None = None) -> Any:
                 stop=stops,
                 logprobs=top if req.logprobs else None,
                 response_format=req.response_format,
-                max_reasoning_tokens=req.max_reasoning_tokens,
+                max_reasoning_tokens=req.max_reasoning_tokens
+                if req.max_reasoning_tokens is not None
+                else opts.max_reasoning_tokens,
                 **render,
             )
 

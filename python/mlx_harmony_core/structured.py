@@ -38,6 +38,15 @@ _CACHED_GRAMMARS = 64  # compiled grammars kept per chat format (a repeat skips 
 Part = dict[str, Any]
 
 
+def reasoning_budget_field() -> Any:
+    """The ``max_reasoning_tokens`` field of every config and request schema."""
+    from pydantic import Field
+
+    return Field(
+        None, ge=0, description="end the reasoning after this many tokens (0: none; GPT-OSS)"
+    )
+
+
 class Budget(Protocol):
     """A chat format's reasoning budget: follows the reply, says which token must come next."""
 
@@ -51,11 +60,25 @@ class Budget(Protocol):
 
 def json_part(schema: Any, where: str) -> Part:
     """A JSON Schema as a grammar part (checked: a bad schema is an error naming ``where``)."""
-    check_json_schema(schema, where)
+    try:
+        key = json.dumps(schema, sort_keys=True)
+    except (TypeError, ValueError):
+        key = None  # not JSON: check_json_schema says why
+    if key is None or key not in _checked:
+        check_json_schema(schema, where)
+        if key is not None:  # checking a big schema costs milliseconds: once is enough
+            with _checked_lock:
+                _checked[key] = None
+                while len(_checked) > _CACHED_GRAMMARS:
+                    _checked.popitem(last=False)
     schema = dict(schema)
     own = schema.get("x-guidance")
     schema["x-guidance"] = {**JSON_OPTIONS, **(own if isinstance(own, Mapping) else {})}
     return {"json_schema": schema}
+
+
+_checked: OrderedDict[str, None] = OrderedDict()  # schemas already found valid
+_checked_lock = threading.Lock()
 
 
 def regex_part(regex: Any) -> Part:
