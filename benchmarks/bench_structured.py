@@ -18,7 +18,7 @@ import mlx_harmony_core as mhc
 from conftest import STRUCTURED_ROWS
 from mlx_harmony_core.structured import Grammars, grammars_for, make_guide
 
-ROUNDS = int(os.environ.get("MHC_BENCH_ROUNDS", "3"))
+ROUNDS = int(os.environ.get("MHC_BENCH_ROUNDS", "5"))
 DIGITS = 48
 LONG = {  # ~2 tokens per item: a long answer whose every token is masked
     "type": "array",
