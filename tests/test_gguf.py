@@ -387,3 +387,36 @@ def test_smollm2_quantized_stays_quantized(smollm2, smollm2_f32):
     # The quantized kernels use float16 scales: within 1% of the logits' range.
     np.testing.assert_allclose(a, b, rtol=0, atol=0.01 * np.abs(b).max())
     assert (a[0, -1].argmax(), a[0, 3].argmax()) == (b[0, -1].argmax(), b[0, 3].argmax())
+
+
+def test_sentencepiece_vocabularies(tmp_path):
+    """A SentencePiece-style BPE vocabulary (llama, gemma, phi3 files) with only pieces and
+    scores, as GGUF stores it: our rebuilt tokenizer encodes and decodes as the original."""
+    from tokenizers import SentencePieceBPETokenizer
+
+    texts = ["the capital of France is Paris", "hello world, hello there", "numbers 12 345"]
+    sp = SentencePieceBPETokenizer()
+    sp.train_from_iterator(texts * 30, vocab_size=180, special_tokens=["<unk>", "<s>", "</s>"])
+    vocab = sp.get_vocab()
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    path = tmp_path / "spm.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([-float(i) for i in range(len(tokens))])  # BPE: earlier merges first
+    w.add_token_types([2 if i == 0 else 3 if i < 3 else 1 for i in range(len(tokens))])
+    w.add_unk_token_id(0)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_space_prefix(True)
+    w.add_add_bos_token(True)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    tok = ours.gguf_tokenizer(ours.read_gguf(path))
+    for text in [*texts, "Paris hello", "the world of numbers"]:
+        ids = tok.encode(text, add_special_tokens=False)
+        assert ids == sp.encode(text).ids, text
+        assert tok.decode(ids) == text
+    assert tok.encode("hello")[0] == 1  # add_bos_token: <s> first

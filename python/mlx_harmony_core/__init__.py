@@ -30,6 +30,7 @@ from .errors import (  # noqa: E402
     ModelLoadError,
     RequestTypeError,
 )
+from .gguf import read_gguf, save_mlx  # noqa: E402
 from .harmony import HarmonyFormat, HarmonyStream, load_encoding, render_prompt  # noqa: E402
 from .kv_cache import (  # noqa: E402
     BatchKVCache,
@@ -40,9 +41,10 @@ from .kv_cache import (  # noqa: E402
     make_cache,
     save_cache,
 )
-from .loading import load, load_model, make_test_model  # noqa: E402
+from .loading import is_gguf, load, load_model, make_test_model  # noqa: E402
 from .messages import ToolCall  # noqa: E402
 from .params import SamplingParams  # noqa: E402
+from .real_models import fetch_test_model  # noqa: E402
 from .request import Completion, Request, StreamEvent, Timings, Usage  # noqa: E402
 from .sampling import LogProbs, Sampler, pack_mask, sample_rows  # noqa: E402
 from .scheduler import Handle, Scheduler  # noqa: E402
@@ -93,6 +95,10 @@ __all__ = [
     "__version__",
     "backend_info",
     "load",
+    "is_gguf",
+    "read_gguf",
+    "save_mlx",
+    "fetch_test_model",
     "load_cache",
     "load_encoding",
     "load_model",

@@ -5,9 +5,10 @@ Used by ``mlx-harmony-core bench`` and ``benchmarks/bench_e2e.py``.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,6 +153,41 @@ def run_mlx_lm(engine: Engine, prompt: list[int], gen: int, params: SamplingPara
     )
 
 
+def llama_cpp_runner(
+    path: str, threads: int | None = None
+) -> Callable[[list[int], int], Run] | None:
+    """A runner for llama.cpp (``llama-cpp-python``) on the same GGUF file, greedy, or
+    ``None`` when it is not installed. Threads default to this machine's cores."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    threads = threads or os.cpu_count() or 1
+    llm = Llama(
+        model_path=str(path),
+        n_ctx=4096,
+        n_batch=512,
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+    )
+
+    def run(prompt: list[int], gen: int) -> Run:
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(prompt)
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        first = time.perf_counter()
+        for _ in range(gen - 1):
+            llm.eval([token])
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        end = time.perf_counter()
+        ttft = first - t0
+        return Run(len(prompt) / ttft, (gen - 1) / (end - first), ttft, 0, gen)
+
+    return run
+
+
 def forward_tokens_per_s(model: Any, prompt: list[int], steps: int = 16) -> float:
     """Decode forward passes alone (cache after the prompt), evaluated one by one."""
     from .kv_cache import make_cache
@@ -202,8 +238,10 @@ def compare(
     runs: int = 3,
     params: SamplingParams | None = None,
     mlx_lm: bool = True,
+    llama_cpp: Callable[[list[int], int], Run] | None = None,
 ) -> Report:
-    """Alternate our engine and mlx-lm's ``stream_generate`` on the same model and prompt."""
+    """Alternate our engine and mlx-lm's ``stream_generate`` on the same model and prompt
+    (and llama.cpp on the same GGUF file, greedy, when ``llama_cpp`` runs it)."""
     for name, value in (
         ("prompt_tokens", prompt_tokens),
         ("gen_tokens", gen_tokens),
@@ -217,12 +255,16 @@ def compare(
     run_ours(engine, prompt[:16], 4, params)  # warm up both paths
     if mlx_lm:
         run_mlx_lm(engine, prompt[:16], 4, params)
+    if llama_cpp is not None:
+        llama_cpp(prompt[:16], 4)
     for _ in range(runs):
         report.runs.setdefault("ours", []).append(run_ours(engine, prompt, gen_tokens, params))
         if mlx_lm:
             report.runs.setdefault("mlx-lm", []).append(
                 run_mlx_lm(engine, prompt, gen_tokens, params)
             )
+        if llama_cpp is not None:
+            report.runs.setdefault("llama.cpp", []).append(llama_cpp(prompt, gen_tokens))
     report.forward_tps = forward_tokens_per_s(engine.model, prompt)
     report.weight_bytes_per_token = weight_bytes_per_token(engine.model, engine.config)
     report.copy_gbps = copy_bandwidth_gbps()
@@ -245,8 +287,10 @@ def format_report(report: Report) -> str:
     for label, attr, scale in metrics:
         for name, runs in report.runs.items():
             lines.append(f"{label:22s} {name:8s} {_mmm([getattr(r, attr) * scale for r in runs])}")
-    ours, theirs = report.runs.get("ours"), report.runs.get("mlx-lm")
-    if ours and theirs:
+    ours = report.runs.get("ours")
+    for other, theirs in report.runs.items():
+        if other == "ours" or not ours:
+            continue
         lines.append("")
         for label, attr, higher in [
             ("prefill", "prefill_tps", True),
@@ -259,7 +303,7 @@ def format_report(report: Report) -> str:
                 else (getattr(b, attr) / getattr(a, attr))
                 for a, b in zip(ours, theirs, strict=True)
             ]
-            lines.append(f"{'speed-up ' + label:22s} {'ours/mlx':8s} {_mmm(ratios)}")
+            lines.append(f"{'speed-up ' + label:22s} {'ours/' + other:8s} {_mmm(ratios)}")
     lines.append("")
     gbps = report.weight_bytes_per_token * report.forward_tps / 1e9
     lines.append(

@@ -422,7 +422,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     params = _sampling_params(args)
     if args.temperature is None:
         params = params.model_copy(update={"temperature": 0.0})
-    engine = mhc.load(args.model)
+    engine = mhc.load(args.model, dequantize=args.dequantize)
+    runner = None
+    if mhc.is_gguf(args.model) and args.llama_cpp:
+        from mlx_harmony_core.bench import llama_cpp_runner
+
+        runner = llama_cpp_runner(args.model)
+        if runner is None:
+            print("llama-cpp-python is not installed: llama.cpp is left out", file=sys.stderr)
     print(
         f"model {args.model}: {args.prompt_tokens} prompt tokens, {args.gen_tokens} generated, "
         f"{args.runs} alternating runs, sampling {params.model_dump(exclude_defaults=True) or 'greedy'}"
@@ -434,6 +441,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         runs=args.runs,
         params=params,
         mlx_lm=args.compare == "mlx-lm",
+        llama_cpp=runner,
     )
     print(format_report(report))
     return 0
@@ -598,7 +606,16 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser(
         "bench", parents=[common], help="prefill/decode speed, ours vs mlx-lm's stream_generate"
     )
-    b.add_argument("--model", "-m", default="demo", help="model directory or 'demo'")
+    b.add_argument("--model", "-m", default="demo", help="model directory, .gguf file or 'demo'")
+    b.add_argument(
+        "--dequantize", action="store_true", help="a quantized GGUF model as float32 weights"
+    )
+    b.add_argument(
+        "--llama-cpp",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="a .gguf model: also run llama.cpp (llama-cpp-python) on the file, greedy",
+    )
     b.add_argument("--prompt-tokens", type=_positive, default=512, help="prompt length")
     b.add_argument("--gen-tokens", type=_positive, default=128, help="tokens to generate")
     b.add_argument("--runs", type=_positive, default=3, help="alternating runs per engine")

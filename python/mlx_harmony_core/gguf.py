@@ -18,7 +18,6 @@ import logging
 import mmap
 import os
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -592,18 +591,25 @@ def gguf_tokenizer(gguf: GGUFFile) -> Any:
         i = meta.get(f"tokenizer.ggml.{key}_token_id")
         return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
 
+    bos = special("bos")
+    if bos is not None and meta.get("tokenizer.ggml.add_bos_token", kind == "llama"):
+        from tokenizers import processors
+
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A",
+            pair=f"{bos} $A {bos} $B",
+            special_tokens=[(bos, int(meta["tokenizer.ggml.bos_token_id"]))],
+        )
     template = meta.get("tokenizer.chat_template")
-    fast = PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(
         tokenizer_object=backend,
-        bos_token=special("bos"),
+        bos_token=bos,
         eos_token=special("eos"),
         unk_token=special("unknown"),
         pad_token=special("padding"),
         chat_template=template if isinstance(template, str) else None,
         clean_up_tokenization_spaces=False,
     )
-    fast.add_bos_token = bool(meta.get("tokenizer.ggml.add_bos_token", False))
-    return fast
 
 
 def _special_tokens(gguf: GGUFFile, tokens: list[str]) -> list[Any]:
@@ -737,6 +743,3 @@ def save_mlx(
 
         write_hf_tokenizer(target)
     return target
-
-
-Progress = Callable[[int, int], None]

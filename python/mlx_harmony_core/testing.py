@@ -75,6 +75,23 @@ class ScriptedModel:
         return self.script[k] if 0 <= k < len(self.script) else self.filler
 
 
+def real_model_or_skip(name: str = "smollm2") -> Any:
+    """For test fixtures: the real model's path (see :mod:`.real_models`); when it cannot be
+    fetched the test is skipped, except in CI (``CI`` set), where that is a failure."""
+    import os
+
+    import pytest
+
+    from .real_models import fetch_test_model
+
+    try:
+        return fetch_test_model(name)
+    except Exception as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"the real model {name!r} could not be fetched: {exc}")
+
+
 def free_port() -> int:
     """A TCP port on loopback that nothing listens on right now."""
     import socket
