@@ -18,7 +18,7 @@ from conftest import REAL_ROWS
 from mlx_harmony_core.bench import compare, llama_cpp_runner
 
 FULL = bool(os.environ.get("MHC_BENCH_REAL"))
-PROMPT, GEN, RUNS = (487, 64, 5) if FULL else (24, 4, 1)
+PROMPT, GEN, RUNS = (487, 64, int(os.environ.get("MHC_BENCH_ROUNDS", "3"))) if FULL else (24, 4, 1)
 
 
 @pytest.fixture(scope="module")

@@ -420,3 +420,31 @@ def test_sentencepiece_vocabularies(tmp_path):
         assert ids == sp.encode(text).ids, text
         assert tok.decode(ids) == text
     assert tok.encode("hello")[0] == 1  # add_bos_token: <s> first
+
+
+def test_smollm2_tokenizes_and_scores_like_llama_cpp(smollm2_f32, smollm2_path):
+    """llama.cpp on the same file (when llama-cpp-python is installed): the same token ids
+    for text and chat prompts, and next-token logits that agree. (Not greedy tokens: llama.cpp
+    rounds activations to 8 bits for its Q4_1 products, which flips near-ties; measured on
+    the France prompt: the same top 5, a 0.1 margin between the first two, r = 0.998.)"""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(model_path=str(smollm2_path), n_ctx=1024, verbose=False)
+    fmt = smollm2_f32.chat_format
+    for text in [
+        "The capital of France is Paris.",
+        "Numbers: 12345 and 3.14159, dates 2026-12-01!",
+        "  spaces,\ttabs\nnew lines\n\n  and 'quotes' don't",
+        "Unicode: é ñ ü 日本語 🙂 — ok",
+        "<|im_start|>user\nhi<|im_end|>",
+    ]:
+        assert fmt.encode(text) == llm.tokenize(text.encode(), add_bos=False, special=True), text
+    vocab = llm.n_vocab()
+    for question, _ in QUESTIONS:
+        prompt = fmt.render([{"role": "user", "content": question}])
+        llm.reset()
+        llm.eval(prompt)
+        ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+        theirs = np.ctypeslib.as_array(ptr, shape=(vocab,)).copy()
+        mine = np.array(smollm2_f32.model(mx.array([prompt]))[0, -1])
+        assert np.corrcoef(mine, theirs)[0, 1] > 0.99
+        assert set(np.argsort(-mine)[:3]) <= set(np.argsort(-theirs)[:5])

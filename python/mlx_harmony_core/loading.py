@@ -262,15 +262,19 @@ def resolve_path(path_or_name: str | os.PathLike[str]) -> Path:
 
 
 def load_model(
-    path: str | os.PathLike[str], *, dtype: str = "auto"
+    path: str | os.PathLike[str], *, dtype: str = "auto", dequantize: bool = False
 ) -> tuple[nn.Module, dict[str, Any], Path]:
-    """Load an mlx-lm model through mlx-lm's own classes. Returns (model, config, directory).
+    """Load an mlx-lm model through mlx-lm's own classes (a directory, or a ``.gguf`` file:
+    ``dequantize`` applies to it). Returns (model, config, directory or file).
 
     ``dtype="auto"`` keeps the checkpoint's dtype except where MLX's CPU backend cannot run it:
     GPT-OSS's expert gather-matmul rejects bfloat16 on the CPU, so those weights become float32.
     """
     from mlx_lm.utils import load_model as mlx_lm_load_model
 
+    if is_gguf(path):
+        model, config, header = _load_gguf(path, dtype, dequantize)
+        return model, config, header.path
     directory = resolve_path(path)
     config = read_config(directory)
     if not any(directory.glob("model*.safetensors")):
@@ -286,6 +290,15 @@ def load_model(
     _cast(model, config, dtype)
     _dense_experts(model)
     return model, config, directory
+
+
+def _load_gguf(path: str | os.PathLike[str], dtype: str, dequantize: bool) -> tuple[Any, ...]:
+    from .gguf import load_gguf
+
+    model, config, header = load_gguf(Path(path).expanduser(), dequantize=dequantize)
+    _cast(model, config, dtype)
+    _dense_experts(model)
+    return model, config, header
 
 
 def _dense_experts(model: nn.Module) -> None:
@@ -341,14 +354,10 @@ def load(
     from .engine import Engine
 
     if is_gguf(path_or_name):
-        from . import gguf
+        from .gguf import chat_format
 
-        model, config, header = gguf.load_gguf(
-            Path(path_or_name).expanduser(), dequantize=dequantize
-        )
-        _cast(model, config, dtype)
-        _dense_experts(model)
-        return Engine(model, chat_format=gguf.chat_format(header), config=config, **engine_options)
+        model, config, header = _load_gguf(path_or_name, dtype, dequantize)
+        return Engine(model, chat_format=chat_format(header), config=config, **engine_options)
     model, config, directory = load_model(path_or_name, dtype=dtype)
     return Engine(
         model, chat_format=chat_format_for(config, directory), config=config, **engine_options
