@@ -448,3 +448,50 @@ def test_smollm2_tokenizes_and_scores_like_llama_cpp(smollm2_f32, smollm2_path):
         mine = np.array(smollm2_f32.model(mx.array([prompt]))[0, -1])
         assert np.corrcoef(mine, theirs)[0, 1] > 0.99
         assert set(np.argsort(-mine)[:3]) <= set(np.argsort(-theirs)[:5])
+
+
+def test_smollm2_behind_the_server(smollm2_f32):
+    """The server on the real model: an answer, a stop string, a second turn that reuses the
+    first's cache, logprobs, and a JSON schema the reply must follow."""
+    import httpx
+
+    from mlx_harmony_core.prefix_cache import PrefixCache
+    from mlx_harmony_core.server import ServerOptions
+    from mlx_harmony_core.testing import ServerThread
+
+    smollm2_f32.prefix_cache = PrefixCache(None, 8)  # a server keeps several turns
+    with ServerThread(smollm2_f32, ServerOptions(model_name="smol", max_batch=2)) as url:
+
+        def chat(**body):
+            r = httpx.post(
+                url + "/v1/chat/completions",
+                json={"model": "smol", "temperature": 0, "max_tokens": 48, **body},
+                timeout=120,
+            )
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        turn = [{"role": "user", "content": "What is the capital of France?"}]
+        first = chat(messages=turn, logprobs=True, top_logprobs=2)
+        text = first["choices"][0]["message"]["content"]
+        assert "Paris" in text
+        assert first["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+        cut = chat(messages=turn, stop=["Paris"])["choices"][0]
+        assert cut["finish_reason"] == "stop" and "Paris" not in cut["message"]["content"]
+        turn += [{"role": "assistant", "content": text}, {"role": "user", "content": "And Italy?"}]
+        second = chat(messages=turn)
+        assert second["usage"]["prompt_tokens_details"]["cached_tokens"] > 20
+        assert "Rome" in second["choices"][0]["message"]["content"]
+        schema = {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 20},
+                "country": {"enum": ["France", "Italy"]},
+            },
+            "required": ["city", "country"],
+            "additionalProperties": False,
+        }
+        fmt = {"type": "json_schema", "json_schema": {"name": "place", "schema": schema}}
+        reply = chat(messages=turn[:1], response_format=fmt)["choices"][0]
+        answer = json.loads(reply["message"]["content"])
+        assert answer["country"] == "France" and "Paris" in answer["city"]
