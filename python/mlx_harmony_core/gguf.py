@@ -323,6 +323,8 @@ def gguf_config(gguf: GGUFFile) -> dict[str, Any]:
             f"(supported: {', '.join(ARCHITECTURES)})"
         )
     need = ["block_count", "embedding_length", "attention.head_count"]
+    if arch == "gpt-oss":
+        need += ["expert_count", "expert_used_count"]
     missing = [k for k in need if gguf.get(k) is None]
     if missing:
         raise ModelLoadError(f"{gguf.path}: metadata lacks {arch}.{missing[0]}")
@@ -350,8 +352,6 @@ def gguf_config(gguf: GGUFFile) -> dict[str, Any]:
     rope_dims = gguf.get("rope.dimension_count")
     if arch == "phi3" and rope_dims is not None:
         cfg["partial_rotary_factor"] = int(rope_dims) / (hidden // heads)
-    if arch == "qwen2":
-        cfg["tie_word_embeddings"] = "output.weight" not in gguf.tensors
     if arch == "gpt-oss":
         cfg.update(_gpt_oss_config(gguf))
     factor = gguf.get("rope.scaling.factor")
