@@ -474,17 +474,27 @@ def _quantize(model: nn.Module, quantized: dict[str, tuple[int, int, str]]) -> N
         nn.quantize(model, class_predicate=predicate)
 
 
-def check_memory(gguf: GGUFFile, available: int | None = None) -> None:
+def weight_bytes(gguf: GGUFFile, dequantize: bool = False) -> int:
+    """Bytes the weights take in memory: as stored, or with quantized ones as float32."""
+    if not dequantize:
+        return gguf.nbytes
+    return sum(
+        int(np.prod(t.shape)) * 4 if t.type in _QUANTIZED else t.nbytes
+        for t in gguf.tensors.values()
+    )
+
+
+def check_memory(gguf: GGUFFile, available: int | None = None, dequantize: bool = False) -> None:
     """Refuse a model whose weights cannot fit in the memory available now."""
     from .scheduler import available_memory
 
     free = available_memory() if available is None else available
-    need = gguf.nbytes
+    need = weight_bytes(gguf, dequantize)
     if need > 0.9 * free:
         raise ModelLoadError(
             f"{gguf.path.name} needs {need / 2**30:.1f} GiB for its weights, but only "
             f"{free / 2**30:.1f} GiB of memory are available; free memory or pick a smaller "
-            "quantization"
+            "quantization" + (" (or load it without dequantize)" if dequantize else "")
         )
 
 
@@ -498,7 +508,7 @@ def load_gguf(
     """
     gguf = read_gguf(path)
     config = gguf_config(gguf)
-    check_memory(gguf)
+    check_memory(gguf, dequantize=dequantize)
     try:
         model = _build_model(config)
     except Exception as exc:
