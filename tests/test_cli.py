@@ -132,3 +132,36 @@ def test_every_sampling_control_is_a_flag():
     assert json.loads(out.stdout)["usage"]["completion_tokens"] == 3
     bad = run("generate", "--prompt", "Hi", "--logit-bias", "x:y", check=False)
     assert bad.returncode == 2 and "ID:BIAS" in bad.stderr
+
+
+def test_real_model_commands(smollm2_path, tmp_path):
+    """fetch-test-model prints the cached file; convert writes an mlx-lm directory; generate
+    and --json-schema run on the GGUF file itself."""
+    out = run("fetch-test-model")
+    assert out.stdout.strip() == str(smollm2_path)
+    out = run("convert", str(smollm2_path), str(tmp_path / "smol"))
+    assert (tmp_path / "smol" / "config.json").is_file()
+    assert run("convert", str(smollm2_path), str(tmp_path / "smol"), check=False).returncode
+    out = run(
+        "generate",
+        "-m",
+        str(smollm2_path),
+        "--dequantize",
+        "-p",
+        "What is the capital of France? Answer in JSON.",
+        "--temperature",
+        "0",
+        "--json-schema",
+        '{"type": "object", "properties": {"capital": {"type": "string", "maxLength": 12}},'
+        ' "required": ["capital"], "additionalProperties": false}',
+    )
+    assert json.loads(out.stdout)["capital"] == "Paris"
+
+
+def test_structured_flags_and_errors():
+    out = run("generate", "-p", "x", "--regex", "[0-9]{4}", "--max-reasoning-tokens", "0")
+    assert out.stdout.strip().isdigit() and len(out.stdout.strip()) == 4
+    bad = run("generate", "-p", "x", "--regex", "(", check=False)
+    assert bad.returncode != 0 and "cannot be enforced" in bad.stderr
+    bad = run("generate", "-p", "x", "--max-reasoning-tokens", "-1", check=False)
+    assert bad.returncode != 0 and "max-reasoning-tokens" in bad.stderr
