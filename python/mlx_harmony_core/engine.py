@@ -32,6 +32,7 @@ from .request import (
 )
 from .sampling import LogProbs
 from .scheduler import Handle, Scheduler, Sink
+from .speculative import make_speculation
 from .structured import make_guide
 
 logger = logging.getLogger(__name__)
@@ -47,10 +48,13 @@ _REQUEST_ARGS = frozenset(inspect.signature(Request).parameters) - {
     "max_tokens",
     "primer",
     "guide",
+    "speculation",
     "started",
 }
 # Constraints on the reply (see :mod:`.structured`), turned into the request's guide.
 _GUIDE_ARGS = frozenset({"response_format", "regex", "grammar", "max_reasoning_tokens"})
+# Speculative decoding (see :mod:`.speculative`).
+_SPEC_ARGS = frozenset({"speculative", "draft_model", "num_draft"})
 
 __all__ = ["Completion", "Engine", "StreamEvent", "Timings", "TokenLogprob", "Usage"]
 
@@ -186,11 +190,13 @@ class Engine:
         render_options = {k: v for k, v in options.items() if k in RENDER_OPTIONS}
         request_options = {k: v for k, v in options.items() if k in _REQUEST_ARGS}
         guide_options = {k: v for k, v in options.items() if k in _GUIDE_ARGS}
+        spec_options = {k: v for k, v in options.items() if k in _SPEC_ARGS}
         unknown = sorted(
-            set(options) - render_options.keys() - request_options.keys() - _GUIDE_ARGS
+            set(options) - render_options.keys() - request_options.keys() - _GUIDE_ARGS - _SPEC_ARGS
         )
         if unknown:
-            names = [*RENDER_OPTIONS, *_REQUEST_ARGS, *_GUIDE_ARGS, "max_tokens", "truncate"]
+            names = [*RENDER_OPTIONS, *_REQUEST_ARGS, *_GUIDE_ARGS, *_SPEC_ARGS]
+            names += ["max_tokens", "truncate"]
             names += list(FIELDS)
             close = difflib.get_close_matches(unknown[0], names, 1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -232,6 +238,7 @@ class Engine:
                 raw=raw,
                 **guide_options,
             )
+        speculation = make_speculation(vocab_size=self.vocab_size, **spec_options)
         req = Request(
             self.chat_format,
             prompt_ids,
@@ -239,6 +246,7 @@ class Engine:
             max_tokens=max_tokens,
             primer=primer,
             guide=guide,
+            speculation=speculation,
             started=t0,
             **request_options,
         )
@@ -296,6 +304,9 @@ class Engine:
 
         On the way out the cache is kept, with the tokens it holds, for the next request.
         """
+        if req.speculation is not None:
+            yield from self._speculate(req, progress)
+            return
         prompt_ids = req.prompt_ids
         cache, cached = self._reuse(prompt_ids)
         self.last_cached_tokens = req.cached_tokens = cached
@@ -344,6 +355,62 @@ class Engine:
             # A consumer that stops early (GeneratorExit) leaves a valid cache; an error does not.
             if ok and self.reuse_cache:
                 self.prefix_cache.put(prompt_ids + generated[:fed], cache)
+
+    def _speculate(
+        self, req: Request, progress: Progress | None
+    ) -> Iterator[tuple[int, LogProbs | None]]:
+        """``_tokens`` with speculation: each step runs the last token and k drafted ones
+        through the model at once, then draws position by position (the same draws as
+        plain decoding) while the drafts hold; the cache is rewound past the first miss."""
+        spec = req.speculation
+        assert spec is not None
+        prompt_ids = req.prompt_ids
+        cache, cached = self._reuse(prompt_ids)
+        self.last_cached_tokens = req.cached_tokens = cached
+        rest = self._prefill(mx.array(prompt_ids[cached:], dtype=mx.int32), cache, progress)
+        spec.start(prompt_ids)
+        context = list(prompt_ids)
+        generated: list[int] = []
+        in_cache = len(prompt_ids) - rest.size  # tokens the cache holds
+        step = rest.tolist()
+        ok = False
+        try:
+            while len(generated) < req.max_tokens:
+                t0 = time.perf_counter()
+                room = req.max_tokens - len(generated) - 1
+                drafts = [t for t in spec.propose(context)[:room] if 0 <= t < self.vocab_size]
+                inputs = mx.array(step + drafts, dtype=mx.int32)
+                with mx.stream(self._gen_stream()):
+                    logits = self.model(inputs[None], cache=cache)[0, len(step) - 1 :, :]
+                in_cache += inputs.size
+                accepted = emitted = 0
+                for i in range(len(drafts) + 1):
+                    with mx.stream(self._gen_stream()):
+                        ids, lp = req.sample(logits[i : i + 1])
+                    token = int(ids.item())
+                    generated.append(token)
+                    context.append(token)
+                    emitted += 1
+                    ok = True
+                    yield token, lp
+                    ok = False
+                    if i == len(drafts) or token != drafts[i]:
+                        break
+                    accepted += 1
+                # Valid: the step's input and the accepted drafts; the last token is fed next.
+                miss = len(drafts) - accepted
+                if miss and any(c.trim(miss) != miss for c in cache):
+                    raise RuntimeError("a KV cache could not rewind a rejected draft")
+                in_cache -= miss
+                step = [generated[-1]]
+                spec.record(len(drafts), accepted, emitted, time.perf_counter() - t0)
+            ok = True
+        finally:
+            # Keep the cache for the next request holding exactly the tokens it has verified.
+            extra = in_cache - (len(prompt_ids) + max(0, len(generated) - 1))
+            fits = extra == 0 or (extra > 0 and all(c.trim(extra) == extra for c in cache))
+            if ok and self.reuse_cache and fits:
+                self.prefix_cache.put((prompt_ids + generated)[: in_cache - extra], cache)
 
     # -- public API ------------------------------------------------------------------------
     def stream(

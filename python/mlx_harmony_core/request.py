@@ -36,6 +36,8 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_prompt_tokens: int = 0
+    drafted_tokens: int = 0  # speculative decoding: tokens guessed
+    accepted_tokens: int = 0  # ... and kept
 
     @property
     def total_tokens(self) -> int:
@@ -123,6 +125,7 @@ class Request:
         logits_processors: Sequence[LogitsProcessor] | None = None,
         token_mask: TokenMask | None = None,
         guide: Guide | None = None,
+        speculation: Any = None,
         started: float | None = None,
     ) -> None:
         self.format = chat_format
@@ -134,6 +137,7 @@ class Request:
         self.processors = list(logits_processors or [])
         self.token_mask = token_mask
         self.guide = guide
+        self.speculation = speculation  # a speculative.Speculation, or None
         self.should_stop = should_stop
         own = [] if ignore_eos else chat_format.stop_ids()
         seqs = token_sequences([*own, *(stop_tokens or [])])
@@ -255,7 +259,13 @@ class Request:
             reasoning=self.out.text(REASONING),
             tool_calls=calls,
             finish_reason=finish,
-            usage=Usage(len(self.prompt_ids), n, self.cached_tokens),
+            usage=Usage(
+                len(self.prompt_ids),
+                n,
+                self.cached_tokens,
+                getattr(self.speculation, "drafted", 0),
+                getattr(self.speculation, "accepted", 0),
+            ),
             timings=timings,
             tokens=self.generated,
             logprobs=self.token_logprobs,

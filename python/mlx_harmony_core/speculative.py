@@ -1,0 +1,198 @@
+"""Exact speculative decoding: guess the next k tokens cheaply, verify them in one forward pass.
+
+Drafts here are deterministic (an n-gram found earlier in the prompt or the reply, or a draft
+model's greedy tokens), so the speculative-sampling rule (accept d with probability
+min(1, p(d)/q(d)), else draw from the residual) becomes "draw from the target's distribution
+and compare": q is a point mass, so d is kept with probability p(d), and a drawn token other
+than d is distributed exactly as the residual p(t | t != d). The draw is the fused sampler's
+own (every control applied, the same seeded key per position as plain decoding), so greedy
+and seeded outputs are the plain decoder's tokens, only sooner.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import mlx.core as mx
+
+from .errors import InvalidRequestError
+
+logger = logging.getLogger(__name__)
+
+DRAFTERS = ("ngram", "draft")
+NUM_DRAFT = 4  # tokens guessed per step at first (adapted to the acceptance rate)
+MAX_DRAFT = 16
+
+
+class NgramDrafter:
+    """Prompt lookup: the tokens that followed the latest earlier occurrence of the reply's
+    last ``n`` tokens (the longest ``n`` from ``max_ngram`` down to ``min_ngram`` that
+    occurs), in the prompt and the reply so far. No second model; strong when the reply
+    quotes, copies or edits its input."""
+
+    name = "ngram"
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1) -> None:
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+
+    def start(self, prompt: Sequence[int]) -> None:
+        pass
+
+    def propose(self, tokens: Sequence[int], k: int) -> list[int]:
+        n_tokens = len(tokens)
+        for n in range(min(self.max_ngram, n_tokens - 1), self.min_ngram - 1, -1):
+            tail = list(tokens[-n:])
+            # The latest earlier occurrence: scan backwards, skipping the tail itself.
+            for start in range(n_tokens - n - 1, -1, -1):
+                if tokens[start] == tail[0] and list(tokens[start : start + n]) == tail:
+                    follow = list(tokens[start + n : start + n + k])
+                    if follow:
+                        return follow
+        return []
+
+
+class ModelDrafter:
+    """A smaller model with the target's vocabulary drafts greedily on its own cache, kept in
+    step with the accepted tokens (rewound where drafts were rejected)."""
+
+    name = "draft"
+
+    def __init__(self, model: Any, cache_options: dict[str, Any] | None = None) -> None:
+        self.model = model
+        self.cache_options = dict(cache_options or {})
+        self.cache: list[Any] | None = None
+        self.fed: list[int] = []  # tokens in the draft cache
+
+    def start(self, prompt: Sequence[int]) -> None:
+        from .kv_cache import make_cache
+
+        self.cache = make_cache(self.model, **self.cache_options)
+        self.fed = []
+
+    def propose(self, tokens: Sequence[int], k: int) -> list[int]:
+        assert self.cache is not None
+        common = 0
+        limit = min(len(self.fed), len(tokens) - 1)
+        while common < limit and self.fed[common] == tokens[common]:
+            common += 1
+        if common < len(self.fed):
+            drop = len(self.fed) - common
+            if any(c.trim(drop) != drop for c in self.cache):
+                self.start(tokens)  # cannot rewind that far: start over on a fresh cache
+                common = 0
+        new = list(tokens[common:])
+        out: list[int] = []
+        x = mx.array(new, dtype=mx.int32)[None]
+        for _ in range(k):
+            logits = self.model(x, cache=self.cache)[:, -1, :]
+            token = int(mx.argmax(logits, axis=-1).item())
+            out.append(token)
+            x = mx.array([[token]], dtype=mx.int32)
+        # The last draft was never fed: the cache holds the context and drafts but the last.
+        self.fed = [*tokens, *out[:-1]]
+        return out
+
+
+class Speculation:
+    """One request's speculation: its drafter, how many tokens to draft, and the counts.
+
+    ``k`` follows the acceptance rate; when a verify step costs more per token it yields
+    than a plain step does, speculation pauses (16 plain steps, doubling up to 256 while it
+    keeps not paying) so it is never much slower than plain decoding.
+    """
+
+    def __init__(self, drafter: Any, num_draft: int = NUM_DRAFT) -> None:
+        self.drafter = drafter
+        self.k_max = num_draft
+        self.k = num_draft
+        self.drafted = 0
+        self.accepted = 0
+        self._rate = 0.5  # acceptance per drafted token (EMA)
+        self._spec_s: float | None = None  # seconds per emitted token, speculating (EMA)
+        self._plain_s: float | None = None  # seconds per token, plain steps (EMA)
+        self._pause = 0
+        self._backoff = 16
+
+    def start(self, prompt: Sequence[int]) -> None:
+        self.drafter.start(prompt)
+
+    def propose(self, tokens: Sequence[int]) -> list[int]:
+        if self._pause > 0 or self._plain_s is None:
+            return []  # a plain step (measured) first, and while paused
+        return self.drafter.propose(tokens, self.k)
+
+    def record(self, drafted: int, accepted: int, emitted: int, seconds: float) -> None:
+        """One step: ``drafted`` guesses, ``accepted`` of them kept, ``emitted`` tokens."""
+        if drafted == 0:
+            self._plain_s = _ema(self._plain_s, seconds / max(1, emitted))
+            if self._pause > 0:
+                self._pause -= 1
+            return
+        self.drafted += drafted
+        self.accepted += accepted
+        self._rate = 0.8 * self._rate + 0.2 * (accepted / drafted)
+        self._spec_s = _ema(self._spec_s, seconds / max(1, emitted))
+        # Draft about as far as the guesses usually hold, within [1, k_max].
+        expected = self._rate / max(1e-3, 1 - self._rate)
+        self.k = max(1, min(self.k_max, round(expected) + 1))
+        if self._plain_s is not None and self._spec_s > 1.02 * self._plain_s:
+            self._pause, self._backoff = self._backoff, min(256, self._backoff * 2)
+            self._spec_s = None
+        elif self._plain_s is not None and self._spec_s < self._plain_s:
+            self._backoff = 16
+
+
+def _ema(old: float | None, new: float) -> float:
+    return new if old is None else 0.7 * old + 0.3 * new
+
+
+def make_speculation(
+    speculative: str | None = None,
+    *,
+    draft_model: Any = None,
+    num_draft: int | None = None,
+    vocab_size: int | None = None,
+) -> Speculation | None:
+    """The :class:`Speculation` for a request (``None``: plain decoding)."""
+    if speculative is None:
+        if draft_model is not None or num_draft is not None:
+            raise InvalidRequestError(
+                "draft_model / num_draft need speculative='ngram' or 'draft'",
+                param="speculative",
+            )
+        return None
+    if speculative not in DRAFTERS:
+        raise InvalidRequestError(
+            f"speculative must be one of {list(DRAFTERS)}, got {speculative!r}",
+            param="speculative",
+        )
+    k = NUM_DRAFT if num_draft is None else num_draft
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_DRAFT:
+        raise InvalidRequestError(
+            f"num_draft must be an integer in [1, {MAX_DRAFT}], got {num_draft!r}",
+            param="num_draft",
+        )
+    if speculative == "ngram":
+        if draft_model is not None:
+            raise InvalidRequestError(
+                "draft_model goes with speculative='draft'", param="draft_model"
+            )
+        return Speculation(NgramDrafter(), k)
+    if draft_model is None:
+        raise InvalidRequestError("speculative='draft' needs a draft_model", param="draft_model")
+    model = getattr(draft_model, "model", draft_model)  # an Engine or a model
+    draft_vocab = getattr(draft_model, "vocab_size", None)
+    if vocab_size is not None and draft_vocab is not None and draft_vocab != vocab_size:
+        raise InvalidRequestError(
+            f"the draft model's vocabulary ({draft_vocab} tokens) is not the target's "
+            f"({vocab_size}): a draft model must share the target's tokenizer",
+            param="draft_model",
+        )
+    return Speculation(ModelDrafter(model), k)
+
+
+def timer() -> float:
+    return time.perf_counter()

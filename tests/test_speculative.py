@@ -1,0 +1,113 @@
+"""Speculative decoding is exact: the tokens of plain decoding (greedy and seeded), with both
+drafters, past the sliding window, with quantized KV, stop strings and prefix reuse."""
+
+import pytest
+
+import mlx_harmony_core as mhc
+from mlx_harmony_core.speculative import NgramDrafter
+
+GREEDY = mhc.SamplingParams(temperature=0.0)
+COPY = "Repeat after me: the quick brown fox jumps over the lazy dog, twice. " * 3
+
+
+@pytest.fixture(scope="module")
+def other(tmp_path_factory):
+    """An unrelated random model with the same vocabulary: its drafts are almost never right."""
+    path = mhc.make_test_model(tmp_path_factory.mktemp("m") / "other", preset="demo", seed=7)
+    return mhc.load(path)
+
+
+def _both(engine, prompt, params, n, **spec):
+    plain = engine.generate(prompt, params, max_tokens=n, ignore_eos=True)
+    fast = engine.generate(prompt, params, max_tokens=n, ignore_eos=True, **spec)
+    return plain, fast
+
+
+@pytest.mark.parametrize("drafter", ["ngram", "self", "other"])
+def test_greedy_is_plain_decoding_past_the_window(demo_engine, other, drafter):
+    spec = {"speculative": "ngram"} if drafter == "ngram" else {"speculative": "draft"}
+    if drafter != "ngram":
+        spec["draft_model"] = demo_engine if drafter == "self" else other
+    plain, fast = _both(demo_engine, COPY, GREEDY, 520, **spec)  # window 128: wrapped
+    assert fast.tokens == plain.tokens
+    u = fast.usage
+    assert u.drafted_tokens > 0 and 0 <= u.accepted_tokens <= u.drafted_tokens
+    if drafter == "self":
+        assert u.accepted_tokens == u.drafted_tokens  # the target drafts for itself
+    if drafter == "other":
+        assert u.accepted_tokens <= 0.2 * u.drafted_tokens
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(temperature=1.0),
+        dict(temperature=0.8, top_k=40, top_p=0.9, min_p=0.05, repetition_penalty=1.1),
+        dict(temperature=0.7, presence_penalty=0.5, logit_bias={13: 2.0}),
+    ],
+)
+def test_seeded_sampling_is_plain_decoding(demo_engine, params):
+    """Each position draws with plain decoding's key from the same distribution, so every
+    seed gives the same tokens: the distributions are equal (a chi-square test would pass
+    trivially on these counts)."""
+    for seed in range(12):
+        p = mhc.SamplingParams(seed=seed, **params)
+        plain, fast = _both(demo_engine, COPY, p, 24, speculative="draft", draft_model=demo_engine)
+        assert fast.tokens == plain.tokens, seed
+        assert fast.usage.drafted_tokens > 0
+
+
+def test_quantized_kv_stop_strings_and_prefix_reuse(demo_engine):
+    engine = mhc.load("demo", cache_options={"kv_bits": 8})
+    spec = {"speculative": "draft", "draft_model": demo_engine}
+    plain, fast = _both(engine, COPY, GREEDY, 200, **spec)
+    assert fast.tokens == plain.tokens
+    # A stop string ends the speculative reply where it ends the plain one.
+    text = plain.text
+    stop = text[40:46] if len(text) > 60 else None
+    if stop:
+        a = engine.generate(COPY, GREEDY, max_tokens=200, stop=[stop])
+        b = engine.generate(COPY, GREEDY, max_tokens=200, stop=[stop], **spec)
+        assert (a.text, a.finish_reason) == (b.text, b.finish_reason)
+    # The kept cache holds only verified tokens: a follow-up turn reuses it exactly.
+    turn = [{"role": "user", "content": COPY}]
+    first = engine.generate(turn, GREEDY, max_tokens=40, **spec)
+    follow = [
+        *turn,
+        {"role": "assistant", "content": first.text},
+        {"role": "user", "content": "again"},
+    ]
+    reused = engine.generate(follow, GREEDY, max_tokens=30, **spec)
+    engine.reset_cache()
+    fresh = engine.generate(follow, GREEDY, max_tokens=30)
+    assert reused.tokens == fresh.tokens
+
+
+def test_ngram_lookup():
+    d = NgramDrafter(max_ngram=3)
+    assert d.propose([1, 2, 3, 4, 5, 9, 2, 3], 3) == [4, 5, 9]  # the longest match wins
+    assert d.propose([7, 1, 2, 7, 1, 3, 7, 1], 2) == [3, 7]  # the latest occurrence
+    assert d.propose([1, 2, 3], 4) == []
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"speculative": "magic"}, "one of"),
+        ({"speculative": "draft"}, "needs a draft_model"),
+        ({"speculative": "ngram", "num_draft": 0}, "num_draft"),
+        ({"num_draft": 3}, "need speculative"),
+    ],
+)
+def test_bad_options(demo_engine, options, match):
+    with pytest.raises(mhc.InvalidRequestError, match=match):
+        demo_engine.request("x", **options)
+
+
+def test_a_draft_model_needs_the_same_vocabulary(demo_engine):
+    from mlx_harmony_core.testing import ScriptedModel
+
+    small = mhc.Engine(ScriptedModel([], 0, vocab_size=1000), encoding=demo_engine.encoding)
+    small.vocab_size = 1000
+    with pytest.raises(mhc.InvalidRequestError, match="vocabulary"):
+        demo_engine.request("x", speculative="draft", draft_model=small)
