@@ -165,3 +165,24 @@ def test_structured_flags_and_errors():
     assert bad.returncode != 0 and "cannot be enforced" in bad.stderr
     bad = run("generate", "-p", "x", "--max-reasoning-tokens", "-1", check=False)
     assert bad.returncode != 0 and "max-reasoning-tokens" in bad.stderr
+
+
+def test_speculative_flags():
+    out = run(
+        "generate",
+        "-p",
+        "hi",
+        "--max-tokens",
+        "12",
+        "--speculative",
+        "draft",
+        "--draft-model",
+        "demo",
+        "--temperature",
+        "0",
+    )
+    assert "drafts" in out.stderr and "kept" in out.stderr
+    plain = run("generate", "-p", "hi", "--max-tokens", "12", "--temperature", "0")
+    assert out.stdout == plain.stdout
+    bad = run("generate", "-p", "hi", "--draft-model", "demo", check=False)
+    assert bad.returncode != 0 and "--speculative" in bad.stderr

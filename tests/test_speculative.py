@@ -111,3 +111,42 @@ def test_a_draft_model_needs_the_same_vocabulary(demo_engine):
     small.vocab_size = 1000
     with pytest.raises(mhc.InvalidRequestError, match="vocabulary"):
         demo_engine.request("x", speculative="draft", draft_model=small)
+
+
+def test_the_scheduler_speculates_while_a_request_is_alone(demo_engine):
+    """Through the batching scheduler (the server's path): alone, a request speculates;
+    when another arrives it goes on in the batch, and both get their plain tokens."""
+    import time
+
+    spec = {"speculative": "draft", "draft_model": demo_engine}
+    plain = demo_engine.generate(COPY, GREEDY, max_tokens=160, ignore_eos=True).tokens
+    alone = demo_engine.submit(COPY, GREEDY, max_tokens=160, ignore_eos=True, **spec).result()
+    assert alone.tokens == plain and alone.usage.drafted_tokens > 0
+    first = demo_engine.submit(COPY, GREEDY, max_tokens=160, ignore_eos=True, **spec)
+    time.sleep(0.2)
+    second = demo_engine.submit("another", GREEDY, max_tokens=40, ignore_eos=True)
+    want = demo_engine.generate("another", GREEDY, max_tokens=40, ignore_eos=True).tokens
+    assert first.result().tokens == plain
+    assert second.result().tokens == want
+
+
+def test_server_flag_and_usage(demo_engine):
+    httpx = pytest.importorskip("httpx")
+    from mlx_harmony_core.server import ServerOptions
+    from mlx_harmony_core.testing import ServerThread
+
+    engine = mhc.load("demo")
+    options = ServerOptions(model_name="demo", speculative="draft", draft_model=engine)
+    with ServerThread(engine, options) as url:
+        body = {
+            "model": "demo",
+            "messages": [{"role": "user", "content": COPY}],
+            "temperature": 0,
+            "max_tokens": 30,
+        }
+        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60).json()
+        details = r["usage"]["completion_tokens_details"]
+        assert details["accepted_prediction_tokens"] > 0
+        assert details["rejected_prediction_tokens"] == 0  # the target drafts for itself
+    plain = demo_engine.generate([body["messages"][0]], GREEDY, max_tokens=30)
+    assert r["choices"][0]["message"]["content"] == plain.text

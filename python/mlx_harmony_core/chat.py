@@ -55,6 +55,8 @@ class ChatSession:
     out: TextIO = sys.stdout
     err: TextIO = sys.stderr
     color: bool = False
+    # Engine options for every reply that are not settings (speculative decoding).
+    options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # CLI flags are remembered in the log so that a resumed chat behaves the same.
@@ -149,6 +151,7 @@ class ChatSession:
                 max_tokens=s.max_tokens,
                 truncate=bool(s.truncate),
                 max_reasoning_tokens=s.max_reasoning_tokens,
+                **self.options,
                 **s.render_options(),
             )
             note = req.clamp_note()
@@ -212,8 +215,11 @@ class ReplyPrinter:
             f"[{u.prompt_tokens} prompt ({u.cached_prompt_tokens} cached), "
             f"{t.prefill_tokens_per_s:.0f} tok/s | {u.completion_tokens} generated, "
             f"{t.decode_tokens_per_s:.1f} tok/s | {c.finish_reason} | "
-            f"peak {t.peak_memory_bytes / 2**20:.0f} MiB]\n"
+            f"peak {t.peak_memory_bytes / 2**20:.0f} MiB"
         )
+        if u.drafted_tokens:
+            text += f" | drafts {u.accepted_tokens}/{u.drafted_tokens} kept"
+        text += "]\n"
         return f"{DIM}{text}{RESET}" if self.color else text
 
 

@@ -174,6 +174,46 @@ def _add_kv_flags(g: argparse.ArgumentParser) -> None:
         action="store_true",
         help="load a quantized GGUF model as float32 (faster on the CPU, more memory)",
     )
+    _add_spec_flags(g)
+
+
+def _add_spec_flags(g: argparse.ArgumentParser) -> None:
+    from .speculative import DRAFTERS, MAX_DRAFT, NUM_DRAFT
+
+    g.add_argument(
+        "--speculative",
+        choices=list(DRAFTERS),
+        default=None,
+        help="speculative decoding (exact): n-gram prompt lookup or a draft model",
+    )
+    g.add_argument(
+        "--draft-model", default=None, help="the draft model (whatever --model takes, 'demo' too)"
+    )
+    g.add_argument(
+        "--num-draft",
+        type=_positive,
+        default=None,
+        help=f"tokens drafted per step, at most (default {NUM_DRAFT}, up to {MAX_DRAFT}; adapted)",
+    )
+
+
+def _spec_options(args: argparse.Namespace) -> dict[str, Any]:
+    """--speculative / --draft-model / --num-draft as engine options (the draft model loaded
+    once, here)."""
+    if args.speculative is None:
+        if args.draft_model or args.num_draft:
+            raise ValueError("--draft-model and --num-draft need --speculative")
+        return {}
+    out: dict[str, Any] = {"speculative": args.speculative, "num_draft": args.num_draft}
+    if args.speculative == "draft":
+        if not args.draft_model:
+            raise ValueError("--speculative draft needs --draft-model")
+        import mlx_harmony_core as mhc
+
+        out["draft_model"] = mhc.load(args.draft_model, dequantize=args.dequantize)
+    elif args.draft_model:
+        raise ValueError("--draft-model goes with --speculative draft")
+    return out
 
 
 def _cache_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -288,6 +328,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         truncate=bool(settings.truncate),
         max_reasoning_tokens=settings.max_reasoning_tokens,
         **_constraint(args),
+        **_spec_options(args),
         **settings.render_options(),
     )
     note = req.clamp_note()
@@ -328,6 +369,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         cli=_cli_settings(args),
         path=path,
         color=sys.stdout.isatty(),
+        options=_spec_options(args),
     )
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401  (line editing and history for input())
@@ -365,6 +407,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         default_max_tokens=min(args.max_tokens, args.max_tokens_limit),
         max_tokens_limit=args.max_tokens_limit,
         max_reasoning_tokens=args.max_reasoning_tokens,
+        **_spec_options(args),
         host=args.host,
         allowed_hosts=tuple(args.allowed_hosts or ()),
         cors_origins=tuple(args.cors_origins or ()),

@@ -131,6 +131,13 @@ class _Row:
     last: int = -1  # the last token pushed
     first: tuple[mx.array, LogProbs | None] | None = None  # first token (lazy)
     finished: bool = False
+    # A speculative request that decoded alone until others came: it prefills its reply so
+    # far (from the prefix cache) and goes on in the batch.
+    context: list[int] | None = None
+
+    @property
+    def prompt(self) -> list[int]:
+        return self.context if self.context is not None else self.req.prompt_ids
 
 
 @dataclass
@@ -472,10 +479,17 @@ class _Batch:
                 r.req.finish = "cancelled"
                 self._retire(r)
                 continue
+            if r.cache is None and self._alone(r):
+                self._speculate_alone(r)
+                if r.finished:
+                    self.prefilling.popleft()
+                    self._retire(r)
+                    continue
             if r.cache is None:
-                r.cache, r.done = self.engine._reuse(r.req.prompt_ids)
-                r.req.cached_tokens = r.done
-            prompt = r.req.prompt_ids
+                r.cache, r.done = self.engine._reuse(r.prompt)
+                if r.context is None:
+                    r.req.cached_tokens = r.done
+            prompt = r.prompt
             left = len(prompt) - r.done
             with mx.stream(self._stream()):
                 if left > 1:
@@ -498,6 +512,31 @@ class _Batch:
             self.prefilling.popleft()
             joined.append(r)
         return joined
+
+    def _alone(self, r: _Row) -> bool:
+        """A speculative request with nobody else running or waiting decodes speculatively."""
+        return (
+            r.req.speculation is not None
+            and r.context is None
+            and not self.rows
+            and len(self.prefilling) == 1
+            and not self.s._waiting
+        )
+
+    def _speculate_alone(self, r: _Row) -> None:
+        """Run ``r`` with speculation (the engine's loop) until it ends or another request
+        arrives; then it continues in the batch, without speculation, from what it has."""
+        tokens = self.engine._speculate(r.req, None)
+        try:
+            for token, lp in tokens:
+                self._push(r, token, lp)
+                if r.finished or self.s._waiting:
+                    break
+        finally:
+            tokens.close()  # the verified tokens' cache goes to the prefix cache
+        if not r.finished:
+            r.context = r.req.prompt_ids + r.req.generated
+            r.fed = len(r.req.generated)
 
     # -- reading tokens -------------------------------------------------------------------
     def _read(self, step: _Step) -> None:
@@ -538,7 +577,7 @@ class _Batch:
         failed = r.handle.error
         if failed is None and self.engine.reuse_cache:
             if batch_row is None:  # never joined: its own cache holds the prompt so far
-                tokens, cache = r.req.prompt_ids[: r.done], r.cache
+                tokens, cache = r.prompt[: r.done], r.cache
             else:
                 tokens = r.req.prompt_ids + r.req.generated[: r.fed]
                 cache = self.cache if self.solo else [c.extract(batch_row) for c in self.cache]

@@ -382,6 +382,10 @@ class ServerOptions:
     default_max_tokens: int = 4096
     max_tokens_limit: int = 32768
     max_reasoning_tokens: int | None = None  # for requests that set none
+    # Speculative decoding for every request (see speculative.py): "ngram" or "draft".
+    speculative: str | None = None
+    draft_model: Any = None  # an Engine, for "draft"
+    num_draft: int | None = None
     host: str = "127.0.0.1"
     allowed_hosts: tuple[str, ...] = ()
     cors_origins: tuple[str, ...] = ()
@@ -622,6 +626,7 @@ def create_app(engine: Any, options: ServerOptions | None = None) -> Any:
                 max_reasoning_tokens=req.max_reasoning_tokens
                 if req.max_reasoning_tokens is not None
                 else opts.max_reasoning_tokens,
+                **_speculation(opts),
                 **render,
             )
 
@@ -659,6 +664,7 @@ def create_app(engine: Any, options: ServerOptions | None = None) -> Any:
                 logprobs=req.logprobs,
                 response_format=req.response_format,
                 raw=True,
+                **_speculation(opts),
             )
 
         return await _respond(request, worker, build, _TextFormat(req, opts, engine))
@@ -790,6 +796,16 @@ def _as_api_error(exc: Exception) -> APIError:
     return APIError(500, f"generation failed: {type(exc).__name__}: {exc}", type="server_error")
 
 
+def _speculation(opts: ServerOptions) -> dict[str, Any]:
+    if opts.speculative is None:
+        return {}
+    return {
+        "speculative": opts.speculative,
+        "draft_model": opts.draft_model,
+        "num_draft": opts.num_draft,
+    }
+
+
 def _usage(completion: Any) -> dict[str, Any]:
     u = completion.usage
     return {
@@ -797,6 +813,11 @@ def _usage(completion: Any) -> dict[str, Any]:
         "completion_tokens": u.completion_tokens,
         "total_tokens": u.total_tokens,
         "prompt_tokens_details": {"cached_tokens": u.cached_prompt_tokens},
+        # Speculative decoding, in the fields OpenAI uses for predicted outputs.
+        "completion_tokens_details": {
+            "accepted_prediction_tokens": u.accepted_tokens,
+            "rejected_prediction_tokens": u.drafted_tokens - u.accepted_tokens,
+        },
     }
 
 
