@@ -69,6 +69,10 @@ SUBPROCESS_ROWS: list[tuple[str, str, float, float]] = []
 SERVER_ROWS: list[tuple[str, str, float, float]] = []
 
 
+# Rows of bench_speculative.py: (case, engine, decode tok/s, ratio to our plain decoding).
+SPEC_ROWS: list[tuple[str, str, str, str]] = []
+
+
 # Rows of bench_real.py: (engine and weights, prefill tok/s, decode tok/s, decode min-max).
 REAL_ROWS: list[tuple[str, str, str, str]] = []
 
@@ -90,6 +94,10 @@ def pytest_sessionfinish(session, exitstatus):
     tr = session.config.pluginmanager.get_plugin("terminalreporter")
     if tr is None:
         return
+    if SPEC_ROWS:
+        tr.section("speculative decoding: decode tok/s, medians (ratio to our plain decoding)")
+        for case, name, tps, ratio in SPEC_ROWS:
+            tr.write_line(f"{case:36s} {name:24s} {tps} {ratio}")
     if REAL_ROWS:
         tr.section("SmolLM2-135M-Instruct (real weights): medians over alternating runs")
         tr.write_line(f"{'engine (weights)':28s} {'prefill':>8s} {'decode':>8s}  decode min-max")

@@ -374,11 +374,54 @@ class Engine:
         in_cache = len(prompt_ids) - rest.size  # tokens the cache holds
         step = rest.tolist()
         ok = False
+
+        def forward(tokens: mx.array) -> mx.array:
+            with mx.stream(self._gen_stream()):
+                logits = self.model(tokens[None], cache=cache)[:, -1, :]
+            if req.sync:
+                mx.async_eval(logits)
+            return logits
+
+        def sample(logits: mx.array) -> tuple[mx.array, LogProbs | None]:
+            with mx.stream(self._gen_stream()):
+                ids, lp = req.sample(logits)
+            mx.async_eval(ids, *([] if lp is None else vars(lp).values()))
+            return ids, lp
+
         try:
             while len(generated) < req.max_tokens:
                 t0 = time.perf_counter()
                 room = req.max_tokens - len(generated) - 1
-                drafts = [t for t in spec.propose(context)[:room] if 0 <= t < self.vocab_size]
+                plain = spec.plain_steps()
+                drafts = []
+                if not plain:
+                    drafts = [t for t in spec.propose(context)[:room] if 0 <= t < self.vocab_size]
+                    plain = 0 if drafts else 4  # nothing to guess: a few plain steps
+                if plain:  # plain decoding, pipelined as in _tokens, for a stretch
+                    n = min(plain, room + 1)
+                    y, lp = sample(forward(mx.array(step, dtype=mx.int32)))
+                    in_cache += len(step)
+                    for j in range(n):
+                        last = j + 1 >= n
+                        if not last:
+                            ahead = forward(y)
+                            in_cache += 1
+                            if not req.sync:
+                                nxt = sample(ahead)
+                        token = int(y.item())
+                        generated.append(token)
+                        context.append(token)
+                        ok = True
+                        yield token, lp
+                        ok = False
+                        if last:
+                            break
+                        if req.sync:
+                            nxt = sample(ahead)
+                        y, lp = nxt
+                    step = [generated[-1]]
+                    spec.record(0, 0, n, time.perf_counter() - t0)
+                    continue
                 inputs = mx.array(step + drafts, dtype=mx.int32)
                 with mx.stream(self._gen_stream()):
                     logits = self.model(inputs[None], cache=cache)[0, len(step) - 1 :, :]

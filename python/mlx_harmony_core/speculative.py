@@ -70,7 +70,10 @@ class ModelDrafter:
         from .kv_cache import make_cache
 
         self.cache = make_cache(self.model, **self.cache_options)
-        self.fed = []
+        self.fed = list(prompt[:-1])  # prefilled with the target's prompt, in chunks
+        for i in range(0, len(self.fed), 512):
+            self.model(mx.array(self.fed[i : i + 512], dtype=mx.int32)[None], cache=self.cache)
+            mx.eval([c.state for c in self.cache])
 
     def propose(self, tokens: Sequence[int], k: int) -> list[int]:
         assert self.cache is not None
@@ -119,17 +122,21 @@ class Speculation:
     def start(self, prompt: Sequence[int]) -> None:
         self.drafter.start(prompt)
 
+    def plain_steps(self) -> int:
+        """Tokens to decode plainly now (0: speculate): a measured stretch first, and the
+        pause when speculation has not been paying."""
+        if self._plain_s is None:
+            return 8
+        n, self._pause = self._pause, 0
+        return n
+
     def propose(self, tokens: Sequence[int]) -> list[int]:
-        if self._pause > 0 or self._plain_s is None:
-            return []  # a plain step (measured) first, and while paused
         return self.drafter.propose(tokens, self.k)
 
     def record(self, drafted: int, accepted: int, emitted: int, seconds: float) -> None:
         """One step: ``drafted`` guesses, ``accepted`` of them kept, ``emitted`` tokens."""
         if drafted == 0:
             self._plain_s = _ema(self._plain_s, seconds / max(1, emitted))
-            if self._pause > 0:
-                self._pause -= 1
             return
         self.drafted += drafted
         self.accepted += accepted
