@@ -396,7 +396,7 @@ class Engine:
                 drafts = []
                 if not plain:
                     drafts = [t for t in spec.propose(context)[:room] if 0 <= t < self.vocab_size]
-                    plain = 0 if drafts else 4  # nothing to guess: a few plain steps
+                    plain = 0 if drafts else 8  # nothing to guess: a few plain steps
                 if plain:  # plain decoding, pipelined as in _tokens, for a stretch
                     n = min(plain, room + 1)
                     y, lp = sample(forward(mx.array(step, dtype=mx.int32)))

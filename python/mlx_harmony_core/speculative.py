@@ -103,8 +103,8 @@ class Speculation:
     """One request's speculation: its drafter, how many tokens to draft, and the counts.
 
     ``k`` follows the acceptance rate; when a verify step costs more per token it yields
-    than a plain step does, speculation pauses (16 plain steps, doubling up to 256 while it
-    keeps not paying) so it is never much slower than plain decoding.
+    than a plain step does, speculation pauses (16 plain steps, then 32), and after three
+    such tries in a row it stays off, so it is never much slower than plain decoding.
     """
 
     def __init__(self, drafter: Any, num_draft: int = NUM_DRAFT) -> None:
@@ -118,6 +118,7 @@ class Speculation:
         self._plain_s: float | None = None  # seconds per token, plain steps (EMA)
         self._pause = 0
         self._backoff = 16
+        self._fails = 0  # tries in a row that did not pay
 
     def start(self, prompt: Sequence[int]) -> None:
         self.drafter.start(prompt)
@@ -146,10 +147,14 @@ class Speculation:
         expected = self._rate / max(1e-3, 1 - self._rate)
         self.k = max(1, min(self.k_max, round(expected) + 1))
         if self._plain_s is not None and self._spec_s > 1.02 * self._plain_s:
-            self._pause, self._backoff = self._backoff, min(256, self._backoff * 2)
+            self._fails += 1
+            # Three tries that did not pay: off for the rest of the reply (a draft model
+            # must also catch up on every token it skipped, each time it tries again).
+            self._pause = self._backoff if self._fails < 3 else 2**31
+            self._backoff = min(256, self._backoff * 2)
             self._spec_s = None
         elif self._plain_s is not None and self._spec_s < self._plain_s:
-            self._backoff = 16
+            self._backoff, self._fails = 16, 0
 
 
 def _ema(old: float | None, new: float) -> float:
