@@ -150,3 +150,43 @@ def test_server_flag_and_usage(demo_engine):
         assert details["rejected_prediction_tokens"] == 0  # the target drafts for itself
     plain = demo_engine.generate([body["messages"][0]], GREEDY, max_tokens=30)
     assert r["choices"][0]["message"]["content"] == plain.text
+
+
+@pytest.mark.parametrize("params", [dict(temperature=0.7), dict(temperature=1.5, top_k=8)])
+def test_the_acceptance_rule_keeps_the_distribution(demo_engine, params):
+    """The first speculative draw, with the likeliest token as the draft, follows the
+    target's distribution after every control (chi-square against a numpy reference)."""
+    import mlx.core as mx
+    import numpy as np
+
+    from mlx_harmony_core.speculative import Speculation
+    from stats import assert_distribution
+
+    prompt = demo_engine.render("hello")
+    logits = np.array(demo_engine.model(mx.array([prompt]))[0, -1], dtype=np.float64)
+    z = logits / params["temperature"]
+    if "top_k" in params:
+        z[z < np.sort(z)[-params["top_k"]]] = -np.inf
+    probs = np.exp(z - z.max())
+    probs /= probs.sum()
+    draft = int(np.argmax(probs))
+
+    class Fixed:  # always guesses the likeliest first token
+        def start(self, prompt):
+            pass
+
+        def propose(self, tokens, k):
+            return [draft]
+
+    samples = []
+    for seed in range(1000):
+        req = demo_engine.request(
+            prompt, mhc.SamplingParams(seed=seed, **params), max_tokens=2, speculative="ngram"
+        )
+        req.speculation = Speculation(Fixed(), 1)
+        req.speculation._plain_s = 1e9  # no measured plain stretch first: speculate at once
+        demo_engine.reset_cache()
+        first = next(e for e in demo_engine.run(req) if e.completion is not None).completion
+        samples.append(first.tokens[0])
+        assert first.usage.drafted_tokens == 1
+    assert_distribution(np.array(samples), probs)

@@ -422,6 +422,7 @@ class Engine:
                     step = [generated[-1]]
                     spec.record(0, 0, n, time.perf_counter() - t0)
                     continue
+                spec.drafted += len(drafts)
                 inputs = mx.array(step + drafts, dtype=mx.int32)
                 with mx.stream(self._gen_stream()):
                     logits = self.model(inputs[None], cache=cache)[0, len(step) - 1 :, :]
@@ -440,6 +441,7 @@ class Engine:
                     if i == len(drafts) or token != drafts[i]:
                         break
                     accepted += 1
+                    spec.accepted += 1
                 # Valid: the step's input and the accepted drafts; the last token is fed next.
                 miss = len(drafts) - accepted
                 if miss and any(c.trim(miss) != miss for c in cache):

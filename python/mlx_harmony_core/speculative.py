@@ -135,12 +135,12 @@ class Speculation:
         return self.drafter.propose(tokens, self.k)
 
     def record(self, drafted: int, accepted: int, emitted: int, seconds: float) -> None:
-        """One step: ``drafted`` guesses, ``accepted`` of them kept, ``emitted`` tokens."""
+        """One finished step, for the adaptation: ``drafted`` guesses, ``accepted`` of them
+        kept, ``emitted`` tokens (the caller counts :attr:`drafted` / :attr:`accepted` as
+        it goes: a reply can end inside a step)."""
         if drafted == 0:
             self._plain_s = _ema(self._plain_s, seconds / max(1, emitted))
             return
-        self.drafted += drafted
-        self.accepted += accepted
         self._rate = 0.8 * self._rate + 0.2 * (accepted / drafted)
         self._spec_s = _ema(self._spec_s, seconds / max(1, emitted))
         # Draft about as far as the guesses usually hold, within [1, k_max].
