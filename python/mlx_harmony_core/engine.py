@@ -312,49 +312,57 @@ class Engine:
         self.last_cached_tokens = req.cached_tokens = cached
         rest = self._prefill(mx.array(prompt_ids[cached:], dtype=mx.int32), cache, progress)
         generated: list[int] = []
-        fed = 0  # generated tokens already run through the model (so in the cache)
+        fed = [len(prompt_ids) - rest.size]  # tokens in the cache
         ok = False
-
-        def forward(tokens: mx.array) -> mx.array:
-            with mx.stream(self._gen_stream()):  # only while building: the caller's is untouched
-                logits = self.model(tokens[None], cache=cache)[:, -1, :]
-            if req.sync:  # its draw comes later: the forward pass starts now
-                mx.async_eval(logits)
-            return logits
-
-        def sample(logits: mx.array) -> tuple[mx.array, LogProbs | None]:
-            with mx.stream(self._gen_stream()):
-                ids, lp = req.sample(logits)
-            mx.async_eval(ids, *([] if lp is None else vars(lp).values()))
-            return ids, lp
-
         try:
-            y, lp = sample(forward(rest))
-            for n in range(req.max_tokens):
-                last = n + 1 >= req.max_tokens
-                if not last:
-                    # Queued before token n is read. A request whose draw needs token n on
-                    # the host (a grammar) queues the forward pass only, and builds its
-                    # draw (computing its mask) while that runs.
-                    ahead = forward(y)
-                    if not req.sync:
-                        nxt, nlp = sample(ahead)
-                    fed += 1
-                token = int(y.item())
+            for token, lp in self._pipelined(req, cache, rest, req.max_tokens, fed):
                 generated.append(token)
                 ok = True
                 yield token, lp
                 ok = False
-                if last:
-                    break
-                if req.sync:
-                    nxt, nlp = sample(ahead)
-                y, lp = nxt, nlp
             ok = True
         finally:
             # A consumer that stops early (GeneratorExit) leaves a valid cache; an error does not.
             if ok and self.reuse_cache:
-                self.prefix_cache.put(prompt_ids + generated[:fed], cache)
+                self.prefix_cache.put((prompt_ids + generated)[: fed[0]], cache)
+
+    def _forward(self, req: Request, cache: list[Any], tokens: mx.array) -> mx.array:
+        """Next-token logits (lazy) after ``tokens``; queued at once when the draw comes
+        later (a grammar's mask is computed while this runs)."""
+        with mx.stream(self._gen_stream()):  # only while building: the caller's is untouched
+            logits = self.model(tokens[None], cache=cache)[:, -1, :]
+        if req.sync:
+            mx.async_eval(logits)
+        return logits
+
+    def _draw(self, req: Request, logits: mx.array) -> tuple[mx.array, LogProbs | None]:
+        """``req``'s next token from ``logits`` (lazy, queued)."""
+        with mx.stream(self._gen_stream()):
+            ids, lp = req.sample(logits)
+        mx.async_eval(ids, *([] if lp is None else vars(lp).values()))
+        return ids, lp
+
+    def _pipelined(
+        self, req: Request, cache: list[Any], inputs: mx.array, n: int, fed: list[int]
+    ) -> Iterator[tuple[int, LogProbs | None]]:
+        """``n`` tokens of plain decoding after ``inputs`` (not yet in the cache); step k+1
+        is queued before token k is read (its draw too, unless it needs token k on the
+        host). ``fed[0]`` counts the tokens in the cache."""
+        y, lp = self._draw(req, self._forward(req, cache, inputs))
+        fed[0] += inputs.size
+        for k in range(n):
+            last = k + 1 >= n
+            if not last:
+                ahead = self._forward(req, cache, y)
+                fed[0] += 1
+                if not req.sync:
+                    nxt = self._draw(req, ahead)
+            yield int(y.item()), lp
+            if last:
+                break
+            if req.sync:
+                nxt = self._draw(req, ahead)
+            y, lp = nxt
 
     def _speculate(
         self, req: Request, progress: Progress | None
@@ -374,20 +382,6 @@ class Engine:
         in_cache = len(prompt_ids) - rest.size  # tokens the cache holds
         step = rest.tolist()
         ok = False
-
-        def forward(tokens: mx.array) -> mx.array:
-            with mx.stream(self._gen_stream()):
-                logits = self.model(tokens[None], cache=cache)[:, -1, :]
-            if req.sync:
-                mx.async_eval(logits)
-            return logits
-
-        def sample(logits: mx.array) -> tuple[mx.array, LogProbs | None]:
-            with mx.stream(self._gen_stream()):
-                ids, lp = req.sample(logits)
-            mx.async_eval(ids, *([] if lp is None else vars(lp).values()))
-            return ids, lp
-
         try:
             while len(generated) < req.max_tokens:
                 t0 = time.perf_counter()
@@ -399,26 +393,17 @@ class Engine:
                     plain = 0 if drafts else 8  # nothing to guess: a few plain steps
                 if plain:  # plain decoding, pipelined as in _tokens, for a stretch
                     n = min(plain, room + 1)
-                    y, lp = sample(forward(mx.array(step, dtype=mx.int32)))
-                    in_cache += len(step)
-                    for j in range(n):
-                        last = j + 1 >= n
-                        if not last:
-                            ahead = forward(y)
-                            in_cache += 1
-                            if not req.sync:
-                                nxt = sample(ahead)
-                        token = int(y.item())
+                    fed = [in_cache]
+                    for token, lp in self._pipelined(
+                        req, cache, mx.array(step, dtype=mx.int32), n, fed
+                    ):
+                        in_cache = fed[0]
                         generated.append(token)
                         context.append(token)
                         ok = True
                         yield token, lp
                         ok = False
-                        if last:
-                            break
-                        if req.sync:
-                            nxt = sample(ahead)
-                        y, lp = nxt
+                    in_cache = fed[0]
                     step = [generated[-1]]
                     spec.record(0, 0, n, time.perf_counter() - t0)
                     continue
@@ -429,8 +414,7 @@ class Engine:
                 in_cache += inputs.size
                 accepted = emitted = 0
                 for i in range(len(drafts) + 1):
-                    with mx.stream(self._gen_stream()):
-                        ids, lp = req.sample(logits[i : i + 1])
+                    ids, lp = self._draw(req, logits[i : i + 1])
                     token = int(ids.item())
                     generated.append(token)
                     context.append(token)
