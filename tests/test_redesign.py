@@ -258,25 +258,15 @@ def test_logits_processors_match_mlx_lm(demo_engine):
 @pytest.fixture(scope="module")
 def template_format():
     from mlx_lm.tokenizer_utils import TokenizerWrapper
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(["hello world system user assistant default prompt"] * 50, trainer)
+    from bpe import trained_tokenizer
+
     template = (
         "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nDEFAULT PROMPT<|im_end|>\n{% endif %}"
         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
-    hf = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", chat_template=template
-    )
+    hf = trained_tokenizer("hello world system user assistant default prompt", 400, template)
     return mhc.ChatTemplateFormat(TokenizerWrapper(hf))
 
 

@@ -298,24 +298,10 @@ def test_reasoning_budget_leaves_short_reasoning_alone(encoding):
 def template_engine():
     from mlx_lm.models import llama
     from mlx_lm.tokenizer_utils import TokenizerWrapper
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(['{"a": 12, "b": [true, false]} hello world'] * 50, trainer)
-    template = (
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    )
-    hf = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", chat_template=template
-    )
+    from bpe import trained_tokenizer
+
+    hf = trained_tokenizer('{"a": 12, "b": [true, false]} hello world')
     args = llama.ModelArgs(
         model_type="llama",
         hidden_size=32,
