@@ -85,7 +85,7 @@ class ModelDrafter:
             drop = len(self.fed) - common
             if any(c.trim(drop) != drop for c in self.cache):
                 self.start(tokens)  # cannot rewind that far: start over on a fresh cache
-                common = 0
+                common = len(self.fed)
         new = list(tokens[common:])
         out: list[int] = []
         x = mx.array(new, dtype=mx.int32)[None]
