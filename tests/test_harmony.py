@@ -20,6 +20,7 @@ from mlx_harmony_core.harmony import CALL, RETURN, HarmonyStream
 
 
 def test_vocab_is_shipped_and_used_offline():
+    mhc.load_encoding()  # unpacks the shipped vocabulary and points tiktoken at it
     base = os.environ["TIKTOKEN_ENCODINGS_BASE"]
     with open(os.path.join(base, VOCAB_NAME), "rb") as f:
         data = f.read()

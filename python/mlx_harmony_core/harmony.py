@@ -51,7 +51,7 @@ from .messages import (
     normalize_messages,
     tool_specs,
 )
-from .stopping import Detokenizer
+from .stopping import Detokenizer, byte_level_alphabet
 
 logger = logging.getLogger(__name__)
 
@@ -375,16 +375,7 @@ _FIRST_SPECIAL = 199998  # o200k_base's regular tokens are ranks 0..199997
 
 def _byte_chars() -> dict[int, str]:
     """GPT-2's byte-level alphabet: each byte as a printable character."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
-    keep += range(ord("®"), ord("ÿ") + 1)
-    chars = list(keep)
-    extra = 0
-    for b in range(256):
-        if b not in keep:
-            keep.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(keep, map(chr, chars), strict=True))
+    return {b: c for c, b in byte_level_alphabet().items()}
 
 
 def hf_tokenizer() -> Any:

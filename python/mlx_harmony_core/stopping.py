@@ -50,7 +50,8 @@ class StopStrings:
 
 
 @functools.lru_cache(maxsize=1)
-def _unicode_to_byte() -> dict[str, int]:
+def byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's printable character -> byte map (byte-level BPE vocabularies)."""
     # GPT-2's reversible byte <-> printable-character map used by byte-level BPE vocabularies.
     bs = (
         list(range(ord("!"), ord("~") + 1))
@@ -76,7 +77,7 @@ def tokenizer_bytes(tokenizer: Any) -> list[bytes]:
     for piece, i in vocab.items():
         pieces[i] = piece
     special = set(getattr(hf, "all_special_tokens", []) or [])
-    byte_map = _unicode_to_byte()
+    byte_map = byte_level_alphabet()
     byte_level = any(p and "Ġ" in p for p in pieces[:5000])
     table: list[bytes] = []
     for piece in pieces:
