@@ -53,8 +53,16 @@ from .tools import Tool, ToolLoopResult, run_tool_loop  # noqa: E402
 
 
 def backend_info() -> dict[str, object]:
-    """MLX version and device, which BLAS MLX's CPU calls reach, and its threads."""
-    return {"mlx": _mx.__version__, "device": str(_mx.default_device()), **_blas.info()}
+    """MLX version and device, which BLAS MLX's CPU calls reach (and its threads), and which
+    quantized matmul kernels run."""
+    from . import quant
+
+    return {
+        "mlx": _mx.__version__,
+        "device": str(_mx.default_device()),
+        **_blas.info(),
+        **quant.info(),
+    }
 
 
 __all__ = [

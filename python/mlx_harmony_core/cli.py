@@ -452,9 +452,16 @@ def _cmd_make_test_model(args: argparse.Namespace) -> int:
         "experts_per_token": args.experts_per_token,
     }
     path = make_test_model(
-        args.dir, preset=args.preset, seed=args.seed, overwrite=args.force, **shape
+        args.dir,
+        preset=args.preset,
+        seed=args.seed,
+        overwrite=args.force,
+        quantize=args.quantize,
+        group_size=args.group_size,
+        **shape,
     )
-    print(f"wrote a random-weight GPT-OSS model to {path}")
+    how = f", quantized {args.quantize}" if args.quantize else ""
+    print(f"wrote a random-weight GPT-OSS model{how} to {path}")
     return 0
 
 
@@ -499,6 +506,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .loading import QUANTIZATIONS
     from .scheduler import MAX_BATCH, PREFILL_CHUNK
 
     parser = argparse.ArgumentParser(prog="mlx-harmony-core", description=__doc__)
@@ -624,6 +632,18 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         t.add_argument(flag, type=_positive, help=what + " (overrides the preset)")
     t.add_argument("--seed", type=int, default=0, help="weights seed (same seed, same model)")
+    t.add_argument(
+        "--quantize",
+        choices=QUANTIZATIONS,
+        help="write quantized weights: 4 / 8 = affine everywhere, mxfp4 = MXFP4 experts "
+        "(the rest float, as the released checkpoints)",
+    )
+    t.add_argument(
+        "--group-size",
+        type=int,
+        choices=(32, 64, 128),
+        help="affine quantization group size (default 64)",
+    )
     t.add_argument("--force", action="store_true", help="replace an existing directory")
     t.set_defaults(func=_cmd_make_test_model)
 

@@ -139,7 +139,59 @@ def gpt_oss_config(
     }
 
 
-def _random_gpt_oss_weights(config: dict[str, Any], seed: int) -> dict[str, mx.array]:
+# make-test-model --quantize: affine 4- or 8-bit everywhere (the router 8-bit, as mlx-lm
+# converts GPT-OSS), or MXFP4 experts with the rest in float, as the released checkpoints.
+QUANTIZATIONS = ("4", "8", "mxfp4")
+
+
+def _quantize(
+    model: nn.Module, config: dict[str, Any], quantize: str, group_size: int | None
+) -> None:
+    """Quantize ``model`` in place the way mlx-lm's converter does; records it in ``config``."""
+    import mlx.nn as nn
+    from mlx_lm.models.switch_layers import SwitchLinear
+
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}")
+    if quantize == "mxfp4":
+        if group_size not in (None, 32):
+            raise ValueError("MXFP4 uses groups of 32; leave group_size unset")
+        params: dict[str, Any] = {"group_size": 32, "bits": 4, "mode": "mxfp4"}
+    else:
+        params = {"group_size": group_size or 64, "bits": int(quantize), "mode": "affine"}
+    if params["group_size"] not in (32, 64, 128):
+        raise ValueError(f"group_size must be 32, 64 or 128, got {params['group_size']}")
+    quantization: dict[str, Any] = dict(params)
+    layer_rule = getattr(model, "quant_predicate", None)
+
+    def predicate(path: str, module: nn.Module) -> bool | dict[str, Any]:
+        if not hasattr(module, "to_quantized"):
+            return False
+        if quantize == "mxfp4":
+            return isinstance(module, SwitchLinear)
+        if module.weight.shape[-1] % params["group_size"]:
+            raise ValueError(
+                f"{path}: input width {module.weight.shape[-1]} is not a multiple of "
+                f"group_size {params['group_size']}; choose another --group-size"
+            )
+        rule = layer_rule(path, module) if layer_rule else True
+        if isinstance(rule, dict):
+            quantization[path] = {**params, **rule}
+        return rule
+
+    nn.quantize(
+        model, params["group_size"], params["bits"], mode=params["mode"], class_predicate=predicate
+    )
+    config["quantization"] = quantization
+    config["quantization_config"] = quantization  # the key Hugging Face tools read
+
+
+def _random_gpt_oss_weights(
+    config: dict[str, Any],
+    seed: int,
+    quantize: str | None = None,
+    group_size: int | None = None,
+) -> dict[str, mx.array]:
     from mlx.utils import tree_flatten
     from mlx_lm.models import gpt_oss
 
@@ -150,6 +202,8 @@ def _random_gpt_oss_weights(config: dict[str, Any], seed: int) -> dict[str, mx.a
     for layer in model.layers:
         layer.self_attn.sinks = mx.random.normal(layer.self_attn.sinks.shape)
     model.lm_head.weight = model.lm_head.weight * 4.0
+    if quantize is not None:
+        _quantize(model, config, quantize, group_size)
     weights = dict(tree_flatten(model.parameters()))
     mx.eval(weights)
     return weights
@@ -161,6 +215,8 @@ def make_test_model(
     preset: str | None = None,
     seed: int = 0,
     overwrite: bool = False,
+    quantize: str | None = None,
+    group_size: int | None = None,
     **shape: int,
 ) -> Path:
     """Write a random-weight GPT-OSS model directory (``config.json``, safetensors, and the
@@ -168,7 +224,9 @@ def make_test_model(
 
     ``preset`` is one of :data:`PRESETS` ("demo", "small", "mid"); keyword arguments override
     its shape (``layers``, ``hidden_size``, ``experts``, ...). The same seed gives the same
-    weights. The directory appears atomically: a crash never leaves half a model behind.
+    weights. ``quantize`` (one of :data:`QUANTIZATIONS`: "4", "8" affine with ``group_size``
+    (default 64), or "mxfp4" experts) writes them quantized, as mlx-lm's converter would.
+    The directory appears atomically: a crash never leaves half a model behind.
     """
     if preset is not None and preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
@@ -176,6 +234,12 @@ def make_test_model(
     base.update({k: v for k, v in shape.items() if v is not None})
     config = gpt_oss_config(**base)
     config["mlx_harmony_core"] = {"test_model": TEST_MODEL_VERSION, "seed": seed, "preset": preset}
+    if quantize is not None:  # checked before any work
+        quantize = str(quantize)
+        if quantize not in QUANTIZATIONS:
+            raise ValueError(
+                f"quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}"
+            )
 
     target = Path(path)
     occupied = target.is_file() or (target.is_dir() and any(target.iterdir()))
@@ -188,7 +252,7 @@ def make_test_model(
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         public_mode(tmp, directory=True)
-        weights = _random_gpt_oss_weights(config, seed)
+        weights = _random_gpt_oss_weights(config, seed, quantize, group_size)
         mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
         atomic_write_text(tmp / "config.json", json.dumps(config, indent=2) + "\n")
         from .harmony import write_hf_tokenizer
@@ -288,7 +352,7 @@ def load_model(
             f"model_type {config['model_type']!r} in {directory} is not supported by mlx-lm ({exc})"
         ) from exc
     _cast(model, config, dtype)
-    _dense_experts(model)
+    _cpu_layers(model)
     return model, config, directory
 
 
@@ -297,17 +361,24 @@ def _load_gguf(path: str | os.PathLike[str], dtype: str, dequantize: bool) -> tu
 
     model, config, header = load_gguf(Path(path).expanduser(), dequantize=dequantize)
     _cast(model, config, dtype)
-    _dense_experts(model)
+    _cpu_layers(model)
     return model, config, header
 
 
-def _dense_experts(model: nn.Module) -> None:
+def _cpu_layers(model: nn.Module) -> None:
+    """On a CPU device: float experts expert by expert, quantized layers on our kernels."""
     if mx.default_device() == mx.cpu and os.environ.get("MLX_HARMONY_CORE_EXPERTS") != "mlx":
         from .moe import use_dense_experts
 
         n = use_dense_experts(model)
         if n:
             logger.info("%d expert layers run expert by expert on the CPU", n)
+    from .quant import kernels_enabled, use_quant_kernels
+
+    if kernels_enabled():
+        n = use_quant_kernels(model)
+        if n:
+            logger.info("%d quantized layers run on mlx-harmony-core's CPU kernels", n)
 
 
 def _cast(model: nn.Module, config: dict[str, Any], dtype: str) -> None:

@@ -1,0 +1,122 @@
+#include "quant.h"
+
+#include "quant/kernel.h"
+#include "quant/matmul.h"
+#include "quant/pool.h"
+
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/variant.h>
+#include <nanobind/stl/vector.h>
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace mlx_harmony_core {
+
+void init_quant(nb::module_& m) {
+  m.def("quantized_matmul",
+        &quantized_matmul,
+        "x"_a,
+        "w"_a,
+        "scales"_a,
+        "biases"_a = nb::none(),
+        "transpose"_a = true,
+        "group_size"_a = nb::none(),
+        "bits"_a = nb::none(),
+        "mode"_a = "affine",
+        nb::kw_only(),
+        "stream"_a = nb::none(),
+        "``mx.quantized_matmul`` with our CPU kernels for affine 4/8-bit "
+        "(groups of 32/64/128) and MXFP4 weights; anything else (a GPU "
+        "stream, other modes or widths, batched weights) is MLX's own op.");
+  m.def("gather_qmm",
+        &gather_qmm,
+        "x"_a,
+        "w"_a,
+        "scales"_a,
+        "biases"_a = nb::none(),
+        "lhs_indices"_a = nb::none(),
+        "rhs_indices"_a = nb::none(),
+        "transpose"_a = true,
+        "group_size"_a = nb::none(),
+        "bits"_a = nb::none(),
+        "mode"_a = "affine",
+        "sorted_indices"_a = false,
+        nb::kw_only(),
+        "stream"_a = nb::none(),
+        "``mx.gather_qmm`` with our CPU kernels (same formats as "
+        "quantized_matmul); each expert's weights are read once per call.");
+  m.def("quant_supported",
+        &quant_supported,
+        "mode"_a,
+        "bits"_a,
+        "group_size"_a,
+        "Whether our kernels take this quantization (else MLX's do).");
+  m.def(
+      "quant_isa",
+      [] { return std::string(quant::active().name); },
+      "The instruction set the quantized kernels use.");
+  m.def(
+      "quant_isas",
+      [] {
+        std::vector<std::string> v;
+        for (const quant::Isa* i :
+             {quant::isa_avx512(), quant::isa_avx2(), &quant::isa_generic()}) {
+          if (i) {
+            v.emplace_back(i->name);
+          }
+        }
+        return v;
+      },
+      "The instruction sets this CPU can run, best first.");
+  m.def(
+      "set_quant_isa",
+      [](const std::string& name) {
+        if (!quant::set_active(name.c_str())) {
+          throw nb::value_error(
+              ("quantized kernels for '" + name +
+               "' are not available on this CPU (see quant_isas())")
+                  .c_str());
+        }
+      },
+      "name"_a,
+      "Use the named instruction set's kernels (tests compare them all).");
+  m.def(
+      "quant_threads",
+      [] { return quant::Pool::instance().threads(); },
+      "Threads the quantized kernels use (the caller included).");
+  m.def(
+      "set_quant_threads",
+      [](int n) {
+        if (n < 1) {
+          throw nb::value_error("quantized kernel threads must be >= 1");
+        }
+        quant::Pool::instance().set_threads(n);
+      },
+      "n"_a,
+      "Set the quantized kernels' thread count.");
+  m.def("quant_gemm_rows",
+        &quant::gemm_rows,
+        "Rows of x from which a quantized matmul dequantizes tiles for the "
+        "BLAS instead of running the fused GEMV.");
+  m.def(
+      "set_quant_gemm_rows",
+      [](int rows) {
+        if (rows < 1) {
+          throw nb::value_error("gemm rows must be >= 1");
+        }
+        quant::set_gemm_rows(rows);
+      },
+      "rows"_a);
+  m.def("quant_parallel_bytes",
+        &quant::parallel_bytes,
+        "Weight bytes from which a quantized GEMV is split over threads.");
+  m.def(
+      "set_quant_parallel_bytes",
+      [](int64_t bytes) { quant::set_parallel_bytes(bytes); },
+      "bytes"_a);
+}
+
+} // namespace mlx_harmony_core

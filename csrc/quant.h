@@ -1,0 +1,113 @@
+// Quantized matmuls on the CPU as MLX primitives: quantized_matmul (every
+// quantized Linear) and gather_qmm (mixture-of-experts layers) for affine
+// 4/8-bit and MXFP4 weights. The ops take MLX's arguments, validate them with
+// MLX's own ops and fall back to them for anything else (GPU streams, other
+// modes and widths, batched weights in quantized_matmul).
+#pragma once
+
+#include "mlx/array.h"
+#include "mlx/primitives.h"
+#include "mlx/utils.h"
+
+#include <optional>
+#include <string>
+
+namespace mlx_harmony_core {
+
+namespace mx = mlx::core;
+
+// Whether our kernels take (mode, bits, group_size); else MLX's do.
+bool quant_supported(const std::string& mode, int bits, int group_size);
+
+mx::array quantized_matmul(const mx::array& x,
+                           const mx::array& w,
+                           const mx::array& scales,
+                           const std::optional<mx::array>& biases,
+                           bool transpose,
+                           std::optional<int> group_size,
+                           std::optional<int> bits,
+                           const std::string& mode,
+                           mx::StreamOrDevice s = {});
+
+mx::array gather_qmm(const mx::array& x,
+                     const mx::array& w,
+                     const mx::array& scales,
+                     const std::optional<mx::array>& biases,
+                     const std::optional<mx::array>& lhs_indices,
+                     const std::optional<mx::array>& rhs_indices,
+                     bool transpose,
+                     std::optional<int> group_size,
+                     std::optional<int> bits,
+                     const std::string& mode,
+                     bool sorted_indices,
+                     mx::StreamOrDevice s = {});
+
+// Shared by both primitives: the quantization and how to rebuild MLX's op.
+struct QuantSpec {
+  int group_size;
+  int bits;
+  std::string mode;
+  bool transpose;
+  bool operator==(const QuantSpec&) const = default;
+};
+
+class QuantMatmul : public mx::UnaryPrimitive {
+public:
+  QuantMatmul(mx::Stream stream, QuantSpec spec)
+      : mx::UnaryPrimitive(stream), spec_(std::move(spec)) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals,
+                             const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums,
+                             const std::vector<mx::array>& outputs) override;
+  std::vector<mx::array> jvp(const std::vector<mx::array>& primals,
+                             const std::vector<mx::array>& tangents,
+                             const std::vector<int>& argnums) override;
+  std::pair<std::vector<mx::array>, std::vector<int>>
+  vmap(const std::vector<mx::array>& inputs,
+       const std::vector<int>& axes) override;
+  bool is_equivalent(const mx::Primitive& other) const override;
+  std::vector<mx::Shape>
+  output_shapes(const std::vector<mx::array>& inputs) override;
+  const char* name() const override {
+    return "MhcQuantizedMatmul";
+  }
+
+private:
+  // MLX's own op on the same inputs: the transforms' reference.
+  mx::array reference(const std::vector<mx::array>& inputs);
+  QuantSpec spec_;
+};
+
+class GatherQuantMatmul : public mx::UnaryPrimitive {
+public:
+  GatherQuantMatmul(mx::Stream stream, QuantSpec spec)
+      : mx::UnaryPrimitive(stream), spec_(std::move(spec)) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals,
+                             const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums,
+                             const std::vector<mx::array>& outputs) override;
+  std::vector<mx::array> jvp(const std::vector<mx::array>& primals,
+                             const std::vector<mx::array>& tangents,
+                             const std::vector<int>& argnums) override;
+  std::pair<std::vector<mx::array>, std::vector<int>>
+  vmap(const std::vector<mx::array>& inputs,
+       const std::vector<int>& axes) override;
+  bool is_equivalent(const mx::Primitive& other) const override;
+  std::vector<mx::Shape>
+  output_shapes(const std::vector<mx::array>& inputs) override;
+  const char* name() const override {
+    return "MhcGatherQMM";
+  }
+
+private:
+  mx::array reference(const std::vector<mx::array>& inputs);
+  QuantSpec spec_;
+};
+
+} // namespace mlx_harmony_core

@@ -1,0 +1,66 @@
+// CPU kernels for MLX's quantized matrices: a fused dequantize-and-dot GEMV
+// for few rows and a dequantize-to-float tile for the BLAS on many rows.
+//
+// The same source (kernel_isa.inc) is compiled once per instruction set;
+// active() picks the best one the CPU has at load time.
+#pragma once
+
+#include <cstdint>
+
+namespace mlx_harmony_core::quant {
+
+enum class Format : int { Affine4, Affine8, Mxfp4 };
+enum class ScaleType : int { F32, F16, BF16, E8M0 };
+
+// One matrix in MLX's layout: `rows` rows of `cols` values packed along the
+// row (low bits first), one scale (and for affine one bias) per `group`.
+struct QMatrix {
+  const uint8_t* w = nullptr;
+  const void* scales = nullptr;
+  const void* biases = nullptr; // affine only
+  int64_t rows = 0, cols = 0;
+  int group = 32;
+  Format format = Format::Affine4;
+  ScaleType scale_type = ScaleType::F32;
+
+  int64_t row_bytes() const {
+    return format == Format::Affine8 ? cols : cols / 2;
+  }
+  int64_t groups() const {
+    return cols / group;
+  }
+};
+
+// The kernels of one instruction set.
+struct Isa {
+  const char* name;
+  // 4-bit formats read x deinterleaved in chunks of this many values: the
+  // even elements of a chunk, then the odd ones (see deinterleave()).
+  int chunk;
+  // y[r][n] = <row n of a, x row r> for n in [n0, n1) and r < nx. x holds nx
+  // rows of a.cols floats (deinterleaved for 4-bit formats); xsum holds each
+  // row's per-group sums (affine formats' bias term).
+  void (*gemv)(const QMatrix& a,
+               const float* x,
+               const float* xsum,
+               int nx,
+               float* const* y,
+               int64_t n0,
+               int64_t n1);
+  // Rows [r0, r1) of a as floats in natural order, (r1 - r0) x a.cols.
+  void (*dequant)(const QMatrix& a, int64_t r0, int64_t r1, float* out);
+};
+
+const Isa* isa_avx512(); // nullptr where not built
+const Isa* isa_avx2();
+const Isa& isa_generic();
+
+// The instruction set in use: the best the CPU supports, unless set().
+const Isa& active();
+// Use the named one ("avx512", "avx2", "generic"); false if unavailable.
+bool set_active(const char* name);
+
+// Reorders a row of n values (n a multiple of chunk) into the 4-bit layout.
+void deinterleave(const float* x, int64_t n, int chunk, float* out);
+
+} // namespace mlx_harmony_core::quant

@@ -1,0 +1,218 @@
+#include "quant/matmul.h"
+
+#include "quant/pool.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+
+// The BLAS MLX itself calls: the OpenBLAS shim on Linux (loaded globally
+// before mlx.core), Accelerate on macOS.
+extern "C" void cblas_sgemm(int order,
+                            int trans_a,
+                            int trans_b,
+                            int m,
+                            int n,
+                            int k,
+                            float alpha,
+                            const float* a,
+                            int lda,
+                            const float* b,
+                            int ldb,
+                            float beta,
+                            float* c,
+                            int ldc);
+
+namespace mlx_harmony_core::quant {
+
+namespace {
+
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+// Dequantized tile size for the BLAS route: large enough for an efficient
+// GEMM, small enough to stay in the last-level cache.
+constexpr int64_t kTileBytes = 4 << 20;
+
+std::atomic<int> gemm_rows_{16};
+// Below this many weight bytes a GEMV pass runs on the calling thread alone:
+// waking a worker costs more than it saves, and on a small machine a
+// spinning worker takes the core Python needs to build the next step.
+std::atomic<int64_t> parallel_bytes_{1 << 20};
+
+int64_t tile_rows(int64_t cols, int64_t rows) {
+  int64_t t = kTileBytes / (4 * cols);
+  t = std::max<int64_t>(64, t / 16 * 16);
+  return std::min(t, rows);
+}
+
+// Splits [0, n) into about tasks_per_thread pieces per thread.
+int64_t piece(int64_t n, int64_t min_piece) {
+  const int64_t want = int64_t(Pool::instance().threads()) * 4;
+  return std::max(min_piece, (n + want - 1) / want);
+}
+
+// Dequantizes rows [r0, r1) of a into out, in parallel.
+void dequant_parallel(
+    const Isa& isa, const QMatrix& a, int64_t r0, int64_t r1, float* out) {
+  const int64_t step = piece(r1 - r0, 4);
+  const int64_t tasks = (r1 - r0 + step - 1) / step;
+  Pool::instance().run(tasks, [&](int64_t t) {
+    const int64_t s = r0 + t * step, e = std::min(r1, s + step);
+    isa.dequant(a, s, e, out + (s - r0) * a.cols);
+  });
+}
+
+void gemm_t(const Isa& isa, Job& job) {
+  const QMatrix& a = job.a;
+  const int64_t N = a.rows, K = a.cols, tn = tile_rows(K, N);
+  std::vector<float> tile(tn * K), ytile(job.nx * tn);
+  for (int64_t n0 = 0; n0 < N; n0 += tn) {
+    const int64_t nb = std::min(tn, N - n0);
+    dequant_parallel(isa, a, n0, n0 + nb, tile.data());
+    cblas_sgemm(kRowMajor,
+                kNoTrans,
+                kTrans,
+                int(job.nx),
+                int(nb),
+                int(K),
+                1.f,
+                job.x,
+                int(K),
+                tile.data(),
+                int(K),
+                0.f,
+                ytile.data(),
+                int(nb));
+    for (int64_t r = 0; r < job.nx; ++r) {
+      std::memcpy(job.y[r] + n0, ytile.data() + r * nb, nb * sizeof(float));
+    }
+  }
+}
+
+// The GEMV inputs of one job: x in the kernel's layout and its group sums.
+struct Prepared {
+  std::vector<float> x, xsum;
+};
+
+void prepare(const Isa& isa, const Job& job, Prepared& p) {
+  const QMatrix& a = job.a;
+  const int64_t K = a.cols, G = a.groups();
+  if (a.format == Format::Affine8) {
+    p.x.assign(job.x, job.x + job.nx * K);
+  } else {
+    p.x.resize(job.nx * K);
+    for (int64_t r = 0; r < job.nx; ++r) {
+      deinterleave(job.x + r * K, K, isa.chunk, p.x.data() + r * K);
+    }
+  }
+  if (a.format != Format::Mxfp4) {
+    p.xsum.resize(job.nx * G);
+    for (int64_t r = 0; r < job.nx; ++r) {
+      const float* xr = job.x + r * K;
+      for (int64_t g = 0; g < G; ++g) {
+        float s = 0.f;
+        for (int j = 0; j < a.group; ++j) {
+          s += xr[g * a.group + j];
+        }
+        p.xsum[r * G + g] = s;
+      }
+    }
+  }
+}
+
+} // namespace
+
+int64_t parallel_bytes() {
+  return parallel_bytes_.load(std::memory_order_relaxed);
+}
+
+void set_parallel_bytes(int64_t bytes) {
+  parallel_bytes_.store(std::max<int64_t>(0, bytes), std::memory_order_relaxed);
+}
+
+int gemm_rows() {
+  return gemm_rows_.load(std::memory_order_relaxed);
+}
+
+void set_gemm_rows(int rows) {
+  gemm_rows_.store(std::max(1, rows), std::memory_order_relaxed);
+}
+
+void matmul_t(std::vector<Job>& jobs) {
+  const Isa& isa = active();
+  const int64_t big = gemm_rows();
+  // GEMV jobs share one parallel pass: (job, block of output rows) tasks.
+  std::vector<size_t> small;
+  for (size_t j = 0; j < jobs.size(); ++j) {
+    if (jobs[j].nx >= big) {
+      gemm_t(isa, jobs[j]);
+    } else if (jobs[j].nx > 0) {
+      small.push_back(j);
+    }
+  }
+  if (small.empty()) {
+    return;
+  }
+  std::vector<Prepared> prep(small.size());
+  struct Task {
+    size_t job;
+    int64_t n0, n1;
+  };
+  std::vector<Task> tasks;
+  int64_t rows = 0;
+  for (size_t s = 0; s < small.size(); ++s) {
+    prepare(isa, jobs[small[s]], prep[s]);
+    rows += jobs[small[s]].a.rows;
+  }
+  int64_t bytes = 0;
+  for (size_t s = 0; s < small.size(); ++s) {
+    const QMatrix& a = jobs[small[s]].a;
+    bytes += a.rows * a.row_bytes();
+  }
+  const bool parallel =
+      bytes >= parallel_bytes_.load(std::memory_order_relaxed);
+  const int64_t step = parallel ? piece(rows, 16) : rows;
+  for (size_t s = 0; s < small.size(); ++s) {
+    const int64_t N = jobs[small[s]].a.rows;
+    for (int64_t n0 = 0; n0 < N; n0 += step) {
+      tasks.push_back({s, n0, std::min(N, n0 + step)});
+    }
+  }
+  Pool::instance().run(int64_t(tasks.size()), [&](int64_t t) {
+    const Task& k = tasks[t];
+    const Job& job = jobs[small[k.job]];
+    const Prepared& p = prep[k.job];
+    isa.gemv(job.a,
+             p.x.data(),
+             p.xsum.empty() ? nullptr : p.xsum.data(),
+             int(job.nx),
+             job.y.data(),
+             k.n0,
+             k.n1);
+  });
+}
+
+void matmul_n(const QMatrix& a, const float* x, int64_t nx, float* y) {
+  const Isa& isa = active();
+  const int64_t K = a.rows, N = a.cols, tk = tile_rows(N, K);
+  std::vector<float> tile(tk * N);
+  for (int64_t k0 = 0; k0 < K; k0 += tk) {
+    const int64_t kb = std::min(tk, K - k0);
+    dequant_parallel(isa, a, k0, k0 + kb, tile.data());
+    cblas_sgemm(kRowMajor,
+                kNoTrans,
+                kNoTrans,
+                int(nx),
+                int(N),
+                int(kb),
+                1.f,
+                x + k0,
+                int(K),
+                tile.data(),
+                int(N),
+                k0 == 0 ? 0.f : 1.f,
+                y,
+                int(N));
+  }
+}
+
+} // namespace mlx_harmony_core::quant

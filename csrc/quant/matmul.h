@@ -1,0 +1,32 @@
+// Quantized matrix products over the kernels of kernel.h: the fused GEMV for
+// few rows, dequantized tiles through the BLAS (OpenBLAS on Linux) for many.
+#pragma once
+
+#include "quant/kernel.h"
+
+#include <vector>
+
+namespace mlx_harmony_core::quant {
+
+// Rows of x at or above which dequantizing tiles for the BLAS beats the GEMV.
+int gemm_rows();
+void set_gemm_rows(int rows);
+// Weight bytes from which a GEMV pass is split over the thread pool.
+int64_t parallel_bytes();
+void set_parallel_bytes(int64_t bytes);
+
+// y = x @ a^T for a in the transposed layout (a.rows outputs of a.cols).
+struct Job {
+  QMatrix a;
+  const float* x; // nx rows of a.cols floats, natural order
+  int64_t nx;
+  std::vector<float*> y; // nx output rows of a.rows floats
+};
+
+// Runs every job, the GEMV-sized ones together in one parallel pass.
+void matmul_t(std::vector<Job>& jobs);
+
+// y (nx x a.cols, row-major) = x (nx x a.rows) @ a, a in the plain layout.
+void matmul_n(const QMatrix& a, const float* x, int64_t nx, float* y);
+
+} // namespace mlx_harmony_core::quant
