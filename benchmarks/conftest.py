@@ -84,6 +84,9 @@ STRUCTURED_ROWS: list[tuple[str, str]] = []
 # Rows of bench_batching.py: (case, server, one dict of metrics per round).
 BATCH_ROWS: list[tuple[str, str, list[dict[str, float]]]] = []
 
+# (case, ours, MLX's kernels, unit): quantized matmul kernels vs MLX's CPU path.
+QUANT_ROWS: list[tuple[str, float, float, str]] = []
+
 
 def _spread(values: list[float], scale: float = 1.0) -> str:
     v = sorted(x * scale for x in values)
@@ -103,6 +106,15 @@ def pytest_sessionfinish(session, exitstatus):
         tr.write_line(f"{'engine (weights)':28s} {'prefill':>8s} {'decode':>8s}  decode min-max")
         for label, prefill, decode, spread in REAL_ROWS:
             tr.write_line(f"{label:28s} {prefill:>8s} {decode:>8s}  {spread}")
+    if QUANT_ROWS:
+        tr.section("quantized kernels on the CPU: ours vs MLX's, medians, same run")
+        tr.write_line(f"{'case':52s} {'ours':>9s} {'MLX':>9s} {'unit':>8s} {'ratio':>7s}")
+        for case, ours, theirs, unit in QUANT_ROWS:
+            if not unit:
+                tr.write_line(case)
+                continue
+            ratio = f"{ours / theirs:6.1f}x" if theirs else "      -"
+            tr.write_line(f"{case:52s} {ours:9.2f} {theirs:9.2f} {unit:>8s} {ratio}")
     if STRUCTURED_ROWS:
         tr.section("structured outputs (demo model unless named)")
         for case, value in STRUCTURED_ROWS:

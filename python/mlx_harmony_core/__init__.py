@@ -55,13 +55,15 @@ from .tools import Tool, ToolLoopResult, run_tool_loop  # noqa: E402
 def backend_info() -> dict[str, object]:
     """MLX version and device, which BLAS MLX's CPU calls reach (and its threads), and which
     quantized matmul kernels run."""
-    from . import quant
+    from . import distributed, quant
 
+    group = distributed.current()
     return {
         "mlx": _mx.__version__,
         "device": str(_mx.default_device()),
         **_blas.info(),
         **quant.info(),
+        "distributed": group.info() if group is not None else None,
     }
 
 

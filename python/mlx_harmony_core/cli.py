@@ -174,6 +174,17 @@ def _add_kv_flags(g: argparse.ArgumentParser) -> None:
         action="store_true",
         help="load a quantized GGUF model as float32 (faster on the CPU, more memory)",
     )
+    g.add_argument(
+        "--distributed",
+        action="store_true",
+        help="run sharded over the group mlx.launch started (rank 0 talks to you)",
+    )
+    g.add_argument(
+        "--group-timeout",
+        type=float,
+        default=None,
+        help="--distributed: seconds without progress before the group counts as lost (30)",
+    )
     _add_spec_flags(g)
 
 
@@ -251,10 +262,24 @@ def _model_and_config(args: argparse.Namespace, chat_model: str | None = None):
     return args.model or chat_model or model or "demo", config
 
 
-def _load_engine(model: str, args: argparse.Namespace) -> Any:
+def _load_engine(model: str, args: argparse.Namespace, **options: Any) -> Any:
+    """The engine for ``model``; in a distributed group, ranks other than 0 follow rank 0
+    here until it exits (they never return)."""
     import mlx_harmony_core as mhc
 
-    return mhc.load(model, cache_options=_cache_options(args), dequantize=args.dequantize)
+    group = args.group
+    engine = mhc.load(
+        model,
+        cache_options=_cache_options(args),
+        dequantize=args.dequantize,
+        group=group,
+        **options,
+    )
+    if group is not None and not group.leader:
+        from .distributed import follow
+
+        raise SystemExit(follow(engine))
+    return engine
 
 
 def _read_prompt(given: str | None) -> str:
@@ -384,16 +409,18 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         logging.getLogger(__name__).warning(
             "serving on %s without --api-key: anyone who can reach it can use it", args.host
         )
-    sock = bind(args.host, args.port)  # a taken port is one clear line, before loading
+    leader = args.group is None or args.group.leader
+    # A taken port is one clear line, before loading (rank 0 alone serves).
+    sock = bind(args.host, args.port) if leader else None
     import mlx_harmony_core as mhc
 
-    engine = mhc.load(
+    engine = _load_engine(
         args.model,
+        args,
         prefix_cache_entries=args.prefix_cache_entries,
         prefix_cache_bytes=int(args.prefix_cache_mb * 2**20),
-        cache_options=_cache_options(args),
-        dequantize=args.dequantize,
     )
+    assert sock is not None
     name = args.model_name or Path(args.model.rstrip("/")).name or args.model
     options = ServerOptions(
         model_name=name,
@@ -417,6 +444,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     print(f"serving {name} on http://{args.host}:{port}/v1", flush=True)
     serve(engine, host=args.host, port=port, options=options, sock=sock)
     print("server stopped", flush=True)
+    _release_group(args.group)
     sys.stderr.flush()
     # The generation thread is parked; skip interpreter teardown, which can race MLX's
     # own threads ("terminate called without an active exception").
@@ -705,14 +733,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
         format="%(levelname)s %(name)s: %(message)s",
     )
+    from .errors import GroupError
+
+    args.group = None
+    if getattr(args, "distributed", False):
+        from .distributed import init
+
+        try:
+            args.group = init(timeout_s=args.group_timeout)
+        except (RuntimeError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     try:
         return args.func(args)
     except (ValueError, TypeError, FileExistsError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except GroupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    finally:
+        _release_group(args.group)
+
+
+def _release_group(group: Any) -> None:
+    """Rank 0, leaving: the other ranks stop following and exit too (once)."""
+    if group is not None and group.leader and group.size > 1 and not group.broken:
+        if group.released:
+            return
+        group.released = True
+        try:
+            group.send(None)
+        except Exception:  # a rank already gone: nothing left to tell
+            logging.getLogger(__name__).debug("could not release the group", exc_info=True)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 
@@ -34,6 +34,9 @@ from .sampling import LogProbs
 from .scheduler import Handle, Scheduler, Sink
 from .speculative import make_speculation
 from .structured import make_guide
+
+if TYPE_CHECKING:
+    from .distributed import Group
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +72,9 @@ class Engine:
     Each finished request's KV cache is kept for prefix reuse: ``prefix_cache_entries``
     caches (1: the last turn, as a chat needs; a server keeps more), at most
     ``prefix_cache_bytes`` in all; ``reuse_cache=False`` turns it off.
+
+    ``group`` (a :class:`~.distributed.Group`, with a model sharded over it): rank 0's engine
+    runs requests and the other ranks' engines follow them (see :mod:`.distributed`).
     """
 
     def __init__(
@@ -85,8 +91,12 @@ class Engine:
         cache_options: dict[str, Any] | None = None,
         prefix_cache_entries: int = 1,
         prefix_cache_bytes: int | None = None,
+        group: Group | None = None,
     ) -> None:
         self.chat_format = chat_format or _format_from(encoding, tokenizer)
+        self.group = group if group is not None and group.size > 1 else None
+        if self.group is not None:
+            reuse_cache = False  # every rank would have to evict alike; see distributed.py
         if prefill_step_size < 1:
             raise ValueError("prefill_step_size must be >= 1")
         self.model = model
@@ -238,6 +248,11 @@ class Engine:
                 raw=raw,
                 **guide_options,
             )
+        if self.group is not None and spec_options.get("speculative"):
+            raise InvalidRequestError(
+                "speculative decoding does not run in a distributed group; leave it off",
+                param="speculative",
+            )
         speculation = make_speculation(vocab_size=self.vocab_size, **spec_options)
         req = Request(
             self.chat_format,
@@ -251,16 +266,65 @@ class Engine:
             **request_options,
         )
         req.asked_max_tokens = asked
+        req.lockstep = self.group is not None
         return req
 
     def run(self, req: Request, progress: Progress | None = None) -> Iterator[StreamEvent]:
         """Drive ``req`` to its end, yielding its events (the last one has the completion)."""
+        group = self.group
+        if group is None:
+            yield from self._run(req, progress)
+            return
+        req.lockstep = True
+        with group.running():
+            with mx.stream(self._gen_stream()):  # ordered with the decode loop's collectives
+                group.send({"prompt": req.prompt_ids, "max_tokens": req.max_tokens})
+            try:
+                for event in self._run(req, progress):
+                    group.progress()
+                    yield event
+            except RuntimeError as exc:
+                if is_peer_error(exc):
+                    raise group.lost(exc) from exc
+                raise
+
+    def _run(self, req: Request, progress: Progress | None) -> Iterator[StreamEvent]:
         mx.reset_peak_memory()
-        for token, lp in self._tokens(req, progress):
-            yield from req.push(token, lp)
-            if req.finish is not None:
-                break
+        tokens = self._tokens(req, progress)
+        try:
+            for token, lp in tokens:
+                yield from req.push(token, lp)
+                if req.finish is not None:
+                    break
+        finally:
+            tokens.close()  # a stop or an error: the followers get their last broadcast now
         yield from req.close(peak_memory=int(mx.get_peak_memory()))
+
+    def follow(self, message: dict[str, Any]) -> None:
+        """A follower rank: run rank 0's request ``message`` (its prompt ids and token
+        budget) through the same forward passes, feeding the tokens rank 0 broadcasts."""
+        group = self.group
+        assert group is not None and not group.leader
+        n = int(message["max_tokens"])
+        try:
+            with group.running(), mx.stream(self._gen_stream()):
+                cache = make_cache(self.model, **self.cache_options)
+                rest = self._prefill(mx.array(message["prompt"], dtype=mx.int32), cache, None)
+                logits = self.model(rest[None], cache=cache)
+                for k in range(n):
+                    shared = group.share(None)  # rank 0's token for this step, and "go on"
+                    mx.async_eval(logits)
+                    mx.async_eval(shared)
+                    if k + 1 < n:  # built while waiting; run only if rank 0 goes on
+                        nxt = self.model(shared[None, :1], cache=cache)
+                    if not shared[1].item() or k + 1 >= n:
+                        break
+                    group.progress()
+                    logits = nxt
+        except RuntimeError as exc:
+            if is_peer_error(exc):
+                raise group.lost(exc) from exc
+            raise
 
     # -- the decode loop -------------------------------------------------------------------
     def _gen_stream(self) -> Any:
@@ -292,6 +356,8 @@ class Engine:
                 self.model(prompt[None, done : done + n], cache=cache)
             mx.eval([c.state for c in cache])
             done += n
+            if self.group is not None:
+                self.group.progress()
             if progress is not None:
                 progress(done, total)
         return prompt[done:]
@@ -339,6 +405,8 @@ class Engine:
         """``req``'s next token from ``logits`` (lazy, queued)."""
         with mx.stream(self._gen_stream()):
             ids, lp = req.sample(logits)
+            if self.group is not None:  # every rank feeds rank 0's token
+                ids = self.group.share(ids)[:1]
         mx.async_eval(ids, *([] if lp is None else vars(lp).values()))
         return ids, lp
 
@@ -350,19 +418,27 @@ class Engine:
         host). ``fed[0]`` counts the tokens in the cache."""
         y, lp = self._draw(req, self._forward(req, cache, inputs))
         fed[0] += inputs.size
-        for k in range(n):
-            last = k + 1 >= n
-            if not last:
-                ahead = self._forward(req, cache, y)
-                fed[0] += 1
-                if not req.sync:
+        owed = False  # a queued forward pass whose draw the followers are waiting for
+        try:
+            for k in range(n):
+                last = k + 1 >= n
+                if not last:
+                    ahead = self._forward(req, cache, y)
+                    owed = True
+                    fed[0] += 1
+                    if not req.sync:
+                        nxt = self._draw(req, ahead)
+                yield int(y.item()), lp
+                if last:
+                    break
+                if req.sync:
                     nxt = self._draw(req, ahead)
-            yield int(y.item()), lp
-            if last:
-                break
-            if req.sync:
-                nxt = self._draw(req, ahead)
-            y, lp = nxt
+                owed = False
+                y, lp = nxt
+        finally:
+            if owed and self.group is not None:
+                with mx.stream(self._gen_stream()):
+                    self.group.end()
 
     def _speculate(
         self, req: Request, progress: Progress | None
@@ -566,6 +642,12 @@ class Engine:
             completion = event.completion or completion
         assert completion is not None
         return completion
+
+
+def is_peer_error(exc: BaseException) -> bool:
+    """Whether an MLX error says a distributed peer is gone (the ring backend's words)."""
+    text = str(exc).lower()
+    return any(w in text for w in ("[ring]", "[mpi]", "[jaccl]", "peer", "connection"))
 
 
 def _format_from(encoding: Any, tokenizer: Any) -> ChatFormat:

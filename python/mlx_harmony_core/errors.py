@@ -40,3 +40,10 @@ class CapacityError(RuntimeError):
         super().__init__(message)
         self.code = code
         self.retry_after = retry_after
+
+
+class GroupError(CapacityError):
+    """A distributed group lost a rank: no request can run until every rank restarts."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="group_lost", retry_after=30)

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     import mlx.nn as nn
 
     from .chat_format import ChatFormat
+    from .distributed import Group
     from .engine import Engine
 
 logger = logging.getLogger(__name__)
@@ -326,17 +327,31 @@ def resolve_path(path_or_name: str | os.PathLike[str]) -> Path:
 
 
 def load_model(
-    path: str | os.PathLike[str], *, dtype: str = "auto", dequantize: bool = False
+    path: str | os.PathLike[str],
+    *,
+    dtype: str = "auto",
+    dequantize: bool = False,
+    group: Group | None = None,
 ) -> tuple[nn.Module, dict[str, Any], Path]:
     """Load an mlx-lm model through mlx-lm's own classes (a directory, or a ``.gguf`` file:
     ``dequantize`` applies to it). Returns (model, config, directory or file).
+
+    With a distributed ``group`` of more than one rank, this rank loads only its shard:
+    tensor parallel through the model's ``shard()``, else pipeline parallel through its
+    ``model.pipeline()`` (the weights are read lazily, so the rest is never resident).
 
     ``dtype="auto"`` keeps the checkpoint's dtype except where MLX's CPU backend cannot run it:
     GPT-OSS's expert gather-matmul rejects bfloat16 on the CPU, so those weights become float32.
     """
     from mlx_lm.utils import load_model as mlx_lm_load_model
 
+    sharded = group is not None and group.size > 1
     if is_gguf(path):
+        if sharded:
+            raise ModelLoadError(
+                "a GGUF file does not load sharded; convert it first "
+                "(mlx-harmony-core convert FILE.gguf DIR) and load DIR"
+            )
         model, config, header = _load_gguf(path, dtype, dequantize)
         return model, config, header.path
     directory = resolve_path(path)
@@ -344,7 +359,10 @@ def load_model(
     if not any(directory.glob("model*.safetensors")):
         raise ModelLoadError(f"{directory} has no model*.safetensors weights")
     try:
-        model, config = mlx_lm_load_model(directory)
+        model, config = mlx_lm_load_model(directory, lazy=sharded)
+        if sharded:
+            assert group is not None
+            _shard(model, config, group)
     except ValueError as exc:
         raise ModelLoadError(f"cannot load {directory}: {exc}") from exc
     except (ImportError, ModuleNotFoundError) as exc:
@@ -354,6 +372,21 @@ def load_model(
     _cast(model, config, dtype)
     _cpu_layers(model)
     return model, config, directory
+
+
+def _shard(model: nn.Module, config: dict[str, Any], group: Group) -> None:
+    """Keep this rank's shard of ``model`` (then read only that from disk)."""
+    if hasattr(model, "shard"):
+        model.shard(group.group)
+    elif hasattr(getattr(model, "model", None), "pipeline"):
+        model.model.pipeline(group.group)
+    else:
+        raise ModelLoadError(
+            f"mlx-lm's {config.get('model_type')!r} model has neither tensor (shard()) nor "
+            "pipeline parallelism; it cannot run over a distributed group"
+        )
+    mx.eval(model.parameters())
+    group.barrier()
 
 
 def _load_gguf(path: str | os.PathLike[str], dtype: str, dequantize: bool) -> tuple[Any, ...]:
@@ -427,9 +460,17 @@ def load(
     if is_gguf(path_or_name):
         from .gguf import chat_format
 
+        group = engine_options.get("group")
+        if group is not None and group.size > 1:
+            raise ModelLoadError(
+                "a GGUF file does not load sharded; convert it first "
+                "(mlx-harmony-core convert FILE.gguf DIR) and load DIR"
+            )
         model, config, header = _load_gguf(path_or_name, dtype, dequantize)
         return Engine(model, chat_format=chat_format(header), config=config, **engine_options)
-    model, config, directory = load_model(path_or_name, dtype=dtype)
+    model, config, directory = load_model(
+        path_or_name, dtype=dtype, group=engine_options.get("group")
+    )
     return Engine(
         model, chat_format=chat_format_for(config, directory), config=config, **engine_options
     )

@@ -138,6 +138,9 @@ class Request:
         self.token_mask = token_mask
         self.guide = guide
         self.speculation = speculation  # a speculative.Speculation, or None
+        # In a distributed group rank 0 draws each token after reading the last one, so the
+        # end of a reply is known before the next step's broadcast (see distributed.py).
+        self.lockstep = False
         self.should_stop = should_stop
         own = [] if ignore_eos else chat_format.stop_ids()
         seqs = token_sequences([*own, *(stop_tokens or [])])
@@ -168,7 +171,7 @@ class Request:
     def sync(self) -> bool:
         """True when each step's sampling needs the previous token on the host (a token
         mask, a grammar): the forward pass is still queued ahead, the draw after the read."""
-        return self.token_mask is not None or self.guide is not None
+        return self.token_mask is not None or self.guide is not None or self.lockstep
 
     # -- sampling (lazy: a pipelined loop builds step n+1 before step n is read) -----------
     def prepare(self, logits: mx.array) -> tuple[mx.array, mx.array | None]:

@@ -190,6 +190,9 @@ class Scheduler:
         if not self.batchable and max_batch > 1:
             logger.info("this model's caches cannot batch: one request at a time")
             max_batch = 1
+        if getattr(engine, "group", None) is not None and max_batch > 1:
+            logger.info("a distributed group runs one request at a time")
+            max_batch = 1
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
@@ -233,6 +236,9 @@ class Scheduler:
         Raises :class:`CapacityError` when the queue is full, the request's KV cache cannot
         fit the budget even alone, or the scheduler is shutting down.
         """
+        group = getattr(self.engine, "group", None)
+        if group is not None:
+            group.check()  # a group that lost a rank refuses at once (a 503), never hangs
         handle = Handle(request, sink)
         need = len(request.prompt_ids) + request.max_tokens
         if not self._fits([need]):
@@ -315,6 +321,8 @@ class Scheduler:
             self._admitted -= n
 
     def _run(self) -> None:
+        if getattr(self.engine, "group", None) is not None:
+            return self._run_lockstep()
         while True:
             try:
                 if not self._admit():
@@ -324,6 +332,43 @@ class Scheduler:
             except Exception as exc:  # the batch as a whole failed: every row gets it
                 logger.exception("batched generation failed")
                 self._batch.fail_all(exc)
+
+    def _run_lockstep(self) -> None:
+        """A distributed group: each request runs alone through the engine's loop, which
+        the other ranks follow step by step (see :mod:`.distributed`)."""
+        b = self._batch
+        while True:
+            with self._lock:
+                if not self._waiting:
+                    self._posted = False
+                    self.idle.set()
+                    return
+                row = self._waiting.popleft()
+                refused = self.closing.is_set() or row.handle.cancelled
+                if not refused:
+                    self._admitted += 1
+            if refused:
+                b.refuse(row, _shutting_down() if self.closing.is_set() else None)
+                continue
+            ended = threading.Lock()  # the watchdog may end it first (a stalled group)
+
+            def end(error: Any, row: _Row = row, ended: threading.Lock = ended) -> None:
+                if ended.acquire(blocking=False):
+                    if error is not None:
+                        row.handle._emit(error)
+                    row.handle._emit(END)
+
+            try:
+                with self.engine.group.on_stall(end):
+                    for event in self.engine.run(row.req):
+                        if ended.locked():
+                            break
+                        row.handle._emit(event)
+            except Exception as exc:  # this request's failure, or the group's
+                end(exc)
+            finally:
+                self._left(1)
+                end(None)
 
 
 class _Batch:

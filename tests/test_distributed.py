@@ -1,0 +1,275 @@
+"""Tensor-parallel GPT-OSS over MLX's ring backend: 2 ranks on 127.0.0.1 against one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+import mlx_harmony_core as mhc
+from mlx_harmony_core.errors import InvalidRequestError, ModelLoadError
+from mlx_harmony_core.testing import free_port
+
+HERE = Path(__file__).parent
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.skipif(
+    not mx.distributed.is_available("ring"), reason="MLX built without the ring backend"
+)
+
+
+def hostfile(tmp_path: Path, n: int = 2) -> Path:
+    path = tmp_path / f"hosts-{time.monotonic_ns()}.json"
+    path.write_text(json.dumps([[f"127.0.0.1:{free_port()}"] for _ in range(n)]))
+    return path
+
+
+def start(cmd: list[str], hosts: Path, tmp_path: Path, n: int = 2) -> list[subprocess.Popen]:
+    """Every rank of ``cmd`` with the environment mlx.launch gives them (ring backend)."""
+    procs = []
+    for rank in range(n):
+        env = {**os.environ, "MLX_RANK": str(rank), "MLX_HOSTFILE": str(hosts)}
+        log = open(tmp_path / f"rank{rank}-{time.monotonic_ns()}.log", "w")  # noqa: SIM115
+        procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
+    return procs
+
+
+def logs(tmp_path: Path) -> str:
+    return "\n".join(p.read_text() for p in sorted(tmp_path.glob("rank*.log")))
+
+
+def wait(procs: list[subprocess.Popen], tmp_path: Path, timeout: float = 240) -> list[int]:
+    try:
+        return [p.wait(timeout=timeout) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail("a rank hung:\n" + logs(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def model_dir():
+    from mlx_harmony_core.loading import demo_model_path
+
+    return demo_model_path()
+
+
+def _sharded_bytes(model) -> int:
+    """Weights tensor parallelism splits (the embedding and head stay whole, as in mlx-lm)."""
+    return sum(
+        v.nbytes
+        for k, v in tree_flatten(model.parameters())
+        if "embed_tokens" not in k and "lm_head" not in k
+    )
+
+
+def test_two_ranks_match_one_process(model_dir, tmp_path):
+    out = tmp_path / "out.json"
+    cmd = [sys.executable, str(HERE / "distributed_probe.py"), str(model_dir), str(out)]
+    procs = start(cmd, hostfile(tmp_path), tmp_path)
+    assert wait(procs, tmp_path) == [0, 0], logs(tmp_path)
+    got = json.loads(out.read_text())
+    assert got["info"] == {"size": 2, "rank": 0, "backend": "ring"}
+
+    single = mhc.load(model_dir)
+    logits = single.model(mx.array([list(range(1000, 1200))]))[0, :, :64]
+    assert np.abs(np.array(logits) - np.array(got["logits"])).max() < 1e-4
+    msgs = [{"role": "user", "content": "Count from one to fifty, in words."}]
+    greedy = single.generate(msgs, params=mhc.SamplingParams(temperature=0), max_tokens=200)
+    # past the sliding window (128): the rotating caches wrapped on every rank alike
+    assert greedy.usage.prompt_tokens + greedy.usage.completion_tokens > 128
+    assert got["greedy"] == greedy.text and got["greedy_tokens"] == 200
+    seeded = single.generate(
+        msgs, params=mhc.SamplingParams(temperature=1.0, seed=7), max_tokens=40
+    )
+    assert got["seeded"] == seeded.text
+    text, finish, cut = got["stopped"]
+    assert finish == "stop" and cut not in text and greedy.text.startswith(text)
+    short = single.generate(msgs, params=mhc.SamplingParams(temperature=0), max_tokens=5)
+    assert got["short"] == short.text  # the group still in step after the early end
+
+    # each rank holds half of the sharded weights
+    whole = _sharded_bytes(single.model) / 2**20
+    rank_mb = got["sharded_mb"]
+    assert all(0.45 * whole < mb < 0.6 * whole for mb in rank_mb), (rank_mb, whole)
+
+
+def test_cli_generate_under_mlx_launch(model_dir, tmp_path):
+    args = [
+        "generate",
+        "-m",
+        str(model_dir),
+        "--prompt",
+        "hi",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "40",
+    ]
+    one = subprocess.run(
+        [str(BIN / "mlx-harmony-core"), *args], capture_output=True, text=True, timeout=120
+    )
+    assert one.returncode == 0, one.stderr
+    port = free_port()
+    two = subprocess.run(
+        [
+            str(BIN / "mlx.launch"),
+            "--backend",
+            "ring",
+            "--hosts",
+            "127.0.0.1",
+            "-n",
+            "2",
+            "--starting-port",
+            str(port),
+            "--",
+            str(BIN / "mlx-harmony-core"),
+            *args,
+            "--distributed",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert two.returncode == 0, two.stdout + two.stderr
+    assert two.stdout.count(one.stdout.strip()) == 1  # rank 0 alone prints the reply
+
+
+def test_without_a_launcher_is_a_clear_error(model_dir):
+    run = subprocess.run(
+        [
+            str(BIN / "mlx-harmony-core"),
+            "generate",
+            "--distributed",
+            "-m",
+            str(model_dir),
+            "--prompt",
+            "hi",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if not k.startswith("MLX_")},
+    )
+    assert run.returncode == 2 and "mlx.launch" in run.stderr
+
+
+class FakeGroup:
+    size, rank, leader, broken = 2, 0, True, None
+
+
+def test_requests_a_group_cannot_run(model_dir):
+    engine = mhc.load(model_dir)
+    engine.group = FakeGroup()
+    with pytest.raises(InvalidRequestError, match="speculative"):
+        engine.request([{"role": "user", "content": "hi"}], speculative="ngram")
+    with pytest.raises(ModelLoadError, match="GGUF"):
+        mhc.load("model.gguf", group=FakeGroup())
+
+
+def _serve(model_dir, tmp_path, *extra):
+    port = free_port()
+    cmd = [
+        str(BIN / "mlx-harmony-core"),
+        "serve",
+        "--distributed",
+        "-m",
+        str(model_dir),
+        "--model-name",
+        "demo",
+        "--port",
+        str(port),
+        *extra,
+    ]
+    procs = start(cmd, hostfile(tmp_path), tmp_path)
+    import httpx
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200:
+                return port, procs
+        except httpx.HTTPError:
+            time.sleep(0.2)
+        if any(p.poll() is not None for p in procs):
+            break
+    for p in procs:
+        p.kill()
+    pytest.fail("the distributed server did not start:\n" + logs(tmp_path))
+
+
+def test_server_on_rank_0(model_dir, tmp_path):
+    import openai
+
+    port, procs = _serve(model_dir, tmp_path)
+    try:
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=60
+        )
+        msgs = [{"role": "user", "content": "hi"}]
+        single = mhc.load(model_dir).generate(
+            msgs, params=mhc.SamplingParams(temperature=0), max_tokens=30
+        )
+        r = client.chat.completions.create(
+            model="demo", messages=msgs, temperature=0, max_tokens=30
+        )
+        assert r.choices[0].message.content == single.text
+        stream = client.chat.completions.create(
+            model="demo", messages=msgs, temperature=0, max_tokens=30, stream=True
+        )
+        text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        assert text == single.text
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(model="demo", messages=msgs, temperature=-1)
+        stream = client.chat.completions.create(
+            model="demo", messages=msgs, max_tokens=3000, stream=True
+        )
+        for i, _ in enumerate(stream):  # a client that goes away mid-reply: cancelled
+            if i > 4:
+                break
+        stream.close()
+        t0 = time.monotonic()
+        r = client.chat.completions.create(
+            model="demo", messages=msgs, temperature=0, max_tokens=30
+        )
+        assert r.choices[0].message.content == single.text
+        assert time.monotonic() - t0 < 30  # the group is still in step
+    finally:
+        procs[0].send_signal(signal.SIGINT)
+    assert wait(procs, tmp_path, 60) == [0, 0], logs(tmp_path)  # rank 0 released rank 1
+
+
+def test_a_dead_rank_is_an_error_not_a_hang(model_dir, tmp_path):
+    import openai
+
+    port, procs = _serve(model_dir, tmp_path, "--group-timeout", "5")
+    try:
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=60
+        )
+        msgs = [{"role": "user", "content": "hi"}]
+        stream = client.chat.completions.create(
+            model="demo", messages=msgs, max_tokens=5000, stream=True
+        )
+        t0 = None
+        with pytest.raises(openai.APIError, match="lost a rank"):
+            for i, _ in enumerate(stream):
+                if i == 5:
+                    procs[1].kill()
+                    t0 = time.monotonic()
+        assert t0 is not None and time.monotonic() - t0 < 15
+        with pytest.raises(openai.APIStatusError) as err:
+            client.chat.completions.create(model="demo", messages=msgs, max_tokens=5)
+        assert err.value.status_code == 503 and "restart every rank" in str(err.value)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(30)
