@@ -400,10 +400,10 @@ mx::array gather_qmm(const mx::array& x,
       std::move(inputs));
 }
 
-// QuantMatmul
+// QuantPrimitive
 
-void QuantMatmul::eval_cpu(const std::vector<mx::array>& inputs,
-                           mx::array& out) {
+void QuantPrimitive::eval_cpu(const std::vector<mx::array>& inputs,
+                              mx::array& out) {
   out.set_data(mx::allocator::malloc(out.nbytes()));
   auto& encoder = mx::cpu::get_command_encoder(stream());
   for (auto& in : inputs) {
@@ -412,17 +412,78 @@ void QuantMatmul::eval_cpu(const std::vector<mx::array>& inputs,
   encoder.set_output_array(out);
   encoder.dispatch([ins = weak(inputs),
                     out = mx::array::unsafe_weak_copy(out),
-                    spec = spec_]() mutable {
-    run_qmm(
-        out, ins[0], ins[1], ins[2], ins.size() > 3 ? &ins[3] : nullptr, spec);
-  });
+                    spec = spec_,
+                    run = run_]() mutable { run(out, ins, spec); });
 }
 
-void QuantMatmul::eval_gpu(const std::vector<mx::array>&, mx::array&) {
-  throw std::runtime_error(
-      "MhcQuantizedMatmul runs on the CPU; on a GPU stream quantized_matmul "
-      "returns MLX's own op");
+void QuantPrimitive::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error(std::string(name()) +
+                           " runs on the CPU; on a GPU stream the op returns "
+                           "MLX's own");
 }
+
+std::vector<mx::array>
+QuantPrimitive::vjp(const std::vector<mx::array>& primals,
+                    const std::vector<mx::array>& cotangents,
+                    const std::vector<int>& argnums,
+                    const std::vector<mx::array>& outputs) {
+  auto ref = reference(primals);
+  return cast_like(
+      ref.primitive().vjp(ref.inputs(), cotangents, argnums, outputs),
+      primals,
+      argnums);
+}
+
+std::vector<mx::array>
+QuantPrimitive::jvp(const std::vector<mx::array>& primals,
+                    const std::vector<mx::array>& tangents,
+                    const std::vector<int>& argnums) {
+  auto ref = reference(primals);
+  return ref.primitive().jvp(
+      ref.inputs(), cast_tangents(tangents, ref, argnums), argnums);
+}
+
+std::pair<std::vector<mx::array>, std::vector<int>>
+QuantPrimitive::vmap(const std::vector<mx::array>& inputs,
+                     const std::vector<int>& axes) {
+  auto ref = reference(inputs);
+  return ref.primitive().vmap(ref.inputs(), axes);
+}
+
+bool QuantPrimitive::is_equivalent(const mx::Primitive& other) const {
+  auto* o = dynamic_cast<const QuantPrimitive*>(&other);
+  return o && o->run_ == run_ && o->spec_ == spec_;
+}
+
+// QuantMatmul: inputs x, w, scales[, biases]
+
+namespace {
+
+void run_qmm_inputs(mx::array& out,
+                    std::vector<mx::array>& in,
+                    const QuantSpec& spec) {
+  run_qmm(out, in[0], in[1], in[2], in.size() > 3 ? &in[3] : nullptr, spec);
+}
+
+// GatherQuantMatmul: inputs x, w, scales[, biases], lhs, rhs
+void run_gather_inputs(mx::array& out,
+                       std::vector<mx::array>& in,
+                       const QuantSpec& spec) {
+  const size_t n = in.size();
+  run_gather(out,
+             in[0],
+             in[1],
+             in[2],
+             n > 5 ? &in[3] : nullptr,
+             in[n - 2],
+             in[n - 1],
+             spec);
+}
+
+} // namespace
+
+QuantMatmul::QuantMatmul(mx::Stream stream, QuantSpec spec)
+    : QuantPrimitive(stream, std::move(spec), run_qmm_inputs) {}
 
 mx::array QuantMatmul::reference(const std::vector<mx::array>& in) {
   return mx::quantized_matmul(in[0],
@@ -437,38 +498,6 @@ mx::array QuantMatmul::reference(const std::vector<mx::array>& in) {
                               stream());
 }
 
-std::vector<mx::array>
-QuantMatmul::vjp(const std::vector<mx::array>& primals,
-                 const std::vector<mx::array>& cotangents,
-                 const std::vector<int>& argnums,
-                 const std::vector<mx::array>& outputs) {
-  auto ref = reference(primals);
-  return cast_like(
-      ref.primitive().vjp(ref.inputs(), cotangents, argnums, outputs),
-      primals,
-      argnums);
-}
-
-std::vector<mx::array> QuantMatmul::jvp(const std::vector<mx::array>& primals,
-                                        const std::vector<mx::array>& tangents,
-                                        const std::vector<int>& argnums) {
-  auto ref = reference(primals);
-  return ref.primitive().jvp(
-      ref.inputs(), cast_tangents(tangents, ref, argnums), argnums);
-}
-
-std::pair<std::vector<mx::array>, std::vector<int>>
-QuantMatmul::vmap(const std::vector<mx::array>& inputs,
-                  const std::vector<int>& axes) {
-  auto ref = reference(inputs);
-  return ref.primitive().vmap(ref.inputs(), axes);
-}
-
-bool QuantMatmul::is_equivalent(const mx::Primitive& other) const {
-  auto* o = dynamic_cast<const QuantMatmul*>(&other);
-  return o && o->spec_ == spec_;
-}
-
 std::vector<mx::Shape>
 QuantMatmul::output_shapes(const std::vector<mx::array>& inputs) {
   auto shape = inputs[0].shape();
@@ -476,36 +505,8 @@ QuantMatmul::output_shapes(const std::vector<mx::array>& inputs) {
   return {shape};
 }
 
-// GatherQuantMatmul
-
-void GatherQuantMatmul::eval_cpu(const std::vector<mx::array>& inputs,
-                                 mx::array& out) {
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  for (auto& in : inputs) {
-    encoder.set_input_array(in);
-  }
-  encoder.set_output_array(out);
-  encoder.dispatch([ins = weak(inputs),
-                    out = mx::array::unsafe_weak_copy(out),
-                    spec = spec_]() mutable {
-    const size_t n = ins.size();
-    run_gather(out,
-               ins[0],
-               ins[1],
-               ins[2],
-               n > 5 ? &ins[3] : nullptr,
-               ins[n - 2],
-               ins[n - 1],
-               spec);
-  });
-}
-
-void GatherQuantMatmul::eval_gpu(const std::vector<mx::array>&, mx::array&) {
-  throw std::runtime_error(
-      "MhcGatherQMM runs on the CPU; on a GPU stream gather_qmm returns "
-      "MLX's own op");
-}
+GatherQuantMatmul::GatherQuantMatmul(mx::Stream stream, QuantSpec spec)
+    : QuantPrimitive(stream, std::move(spec), run_gather_inputs) {}
 
 mx::array GatherQuantMatmul::reference(const std::vector<mx::array>& in) {
   const size_t n = in.size();
@@ -522,39 +523,6 @@ mx::array GatherQuantMatmul::reference(const std::vector<mx::array>& in) {
                         std::nullopt,
                         false,
                         stream());
-}
-
-std::vector<mx::array>
-GatherQuantMatmul::vjp(const std::vector<mx::array>& primals,
-                       const std::vector<mx::array>& cotangents,
-                       const std::vector<int>& argnums,
-                       const std::vector<mx::array>& outputs) {
-  auto ref = reference(primals);
-  return cast_like(
-      ref.primitive().vjp(ref.inputs(), cotangents, argnums, outputs),
-      primals,
-      argnums);
-}
-
-std::vector<mx::array>
-GatherQuantMatmul::jvp(const std::vector<mx::array>& primals,
-                       const std::vector<mx::array>& tangents,
-                       const std::vector<int>& argnums) {
-  auto ref = reference(primals);
-  return ref.primitive().jvp(
-      ref.inputs(), cast_tangents(tangents, ref, argnums), argnums);
-}
-
-std::pair<std::vector<mx::array>, std::vector<int>>
-GatherQuantMatmul::vmap(const std::vector<mx::array>& inputs,
-                        const std::vector<int>& axes) {
-  auto ref = reference(inputs);
-  return ref.primitive().vmap(ref.inputs(), axes);
-}
-
-bool GatherQuantMatmul::is_equivalent(const mx::Primitive& other) const {
-  auto* o = dynamic_cast<const GatherQuantMatmul*>(&other);
-  return o && o->spec_ == spec_;
 }
 
 std::vector<mx::Shape>

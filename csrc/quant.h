@@ -51,10 +51,18 @@ struct QuantSpec {
   bool operator==(const QuantSpec&) const = default;
 };
 
-class QuantMatmul : public mx::UnaryPrimitive {
+// What both primitives share: CPU evaluation through a kernel entry point, and
+// the transforms (vjp, jvp, vmap) of MLX's own op on the same inputs.
+class QuantPrimitive : public mx::UnaryPrimitive {
 public:
-  QuantMatmul(mx::Stream stream, QuantSpec spec)
-      : mx::UnaryPrimitive(stream), spec_(std::move(spec)) {}
+  // The kernel entry: fills out from the (weak) inputs. A plain function, as
+  // the task can run after the graph (and this primitive) is gone.
+  using Run = void (*)(mx::array& out,
+                       std::vector<mx::array>& inputs,
+                       const QuantSpec& spec);
+
+  QuantPrimitive(mx::Stream stream, QuantSpec spec, Run run)
+      : mx::UnaryPrimitive(stream), spec_(std::move(spec)), run_(run) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
   void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
@@ -69,6 +77,17 @@ public:
   vmap(const std::vector<mx::array>& inputs,
        const std::vector<int>& axes) override;
   bool is_equivalent(const mx::Primitive& other) const override;
+
+protected:
+  // MLX's own op on the same inputs: the transforms' reference.
+  virtual mx::array reference(const std::vector<mx::array>& inputs) = 0;
+  QuantSpec spec_;
+  Run run_;
+};
+
+class QuantMatmul : public QuantPrimitive {
+public:
+  QuantMatmul(mx::Stream stream, QuantSpec spec);
   std::vector<mx::Shape>
   output_shapes(const std::vector<mx::array>& inputs) override;
   const char* name() const override {
@@ -76,29 +95,12 @@ public:
   }
 
 private:
-  // MLX's own op on the same inputs: the transforms' reference.
-  mx::array reference(const std::vector<mx::array>& inputs);
-  QuantSpec spec_;
+  mx::array reference(const std::vector<mx::array>& inputs) override;
 };
 
-class GatherQuantMatmul : public mx::UnaryPrimitive {
+class GatherQuantMatmul : public QuantPrimitive {
 public:
-  GatherQuantMatmul(mx::Stream stream, QuantSpec spec)
-      : mx::UnaryPrimitive(stream), spec_(std::move(spec)) {}
-
-  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
-  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
-  std::vector<mx::array> vjp(const std::vector<mx::array>& primals,
-                             const std::vector<mx::array>& cotangents,
-                             const std::vector<int>& argnums,
-                             const std::vector<mx::array>& outputs) override;
-  std::vector<mx::array> jvp(const std::vector<mx::array>& primals,
-                             const std::vector<mx::array>& tangents,
-                             const std::vector<int>& argnums) override;
-  std::pair<std::vector<mx::array>, std::vector<int>>
-  vmap(const std::vector<mx::array>& inputs,
-       const std::vector<int>& axes) override;
-  bool is_equivalent(const mx::Primitive& other) const override;
+  GatherQuantMatmul(mx::Stream stream, QuantSpec spec);
   std::vector<mx::Shape>
   output_shapes(const std::vector<mx::array>& inputs) override;
   const char* name() const override {
@@ -106,8 +108,7 @@ public:
   }
 
 private:
-  mx::array reference(const std::vector<mx::array>& inputs);
-  QuantSpec spec_;
+  mx::array reference(const std::vector<mx::array>& inputs) override;
 };
 
 } // namespace mlx_harmony_core
