@@ -10,6 +10,7 @@ import pytest
 
 import mlx_harmony_core as mhc
 from mlx_harmony_core import gguf as ours
+from mlx_harmony_core import quant
 
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as Q  # noqa: E402
@@ -355,7 +356,8 @@ def test_smollm2_tokens_equal_mlx_lm(smollm2, smollm2_f32, smollm2_path, tmp_pat
     quantized = ours.save_mlx(smollm2_path, tmp_path / "smol-q4")
     model_q, _ = mlx_lm_load(str(quantized))
     prompt = mx.array([ids])
-    np.testing.assert_array_equal(np.array(model_q(prompt)), np.array(smollm2.model(prompt)))
+    with quant.kernels(False):  # mlx-lm runs MLX's quantized kernels: bit-identical there
+        np.testing.assert_array_equal(np.array(model_q(prompt)), np.array(smollm2.model(prompt)))
     again = mhc.load(quantized)
     np.testing.assert_array_equal(np.array(again.model(prompt)), np.array(smollm2.model(prompt)))
 
