@@ -4,11 +4,13 @@ a forward pass and a few requests on rank 0, writes what it saw to OUT (rank 0).
 import json
 import sys
 
+# isort: off
+import mlx_harmony_core as mhc  # before mlx.core: it routes MLX's BLAS to OpenBLAS
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-import mlx_harmony_core as mhc  # noqa: I001  (before mlx.core: it routes MLX's BLAS)
 from mlx_harmony_core import distributed
+# isort: on
 
 
 def main() -> int:
@@ -17,12 +19,8 @@ def main() -> int:
     engine = mhc.load(path, group=group)
     mx.eval(engine.model.parameters())
     mx.synchronize()
-    # Every rank's resident memory and sharded weights, gathered on rank 0 (MB, float32).
-    sharded = sum(
-        v.nbytes
-        for k, v in tree_flatten(engine.model.parameters())
-        if "embed_tokens" not in k and "lm_head" not in k
-    )
+    # Every rank's resident memory and weights, gathered on rank 0 (MB, float32).
+    sharded = sum(v.nbytes for _, v in tree_flatten(engine.model.parameters()))
     mine = mx.zeros((2, group.size))
     mine = mine.at[0, group.rank].add(mx.get_active_memory() / 2**20)
     mine = mine.at[1, group.rank].add(sharded / 2**20)

@@ -62,13 +62,8 @@ def model_dir():
     return demo_model_path()
 
 
-def _sharded_bytes(model) -> int:
-    """Weights tensor parallelism splits (the embedding and head stay whole, as in mlx-lm)."""
-    return sum(
-        v.nbytes
-        for k, v in tree_flatten(model.parameters())
-        if "embed_tokens" not in k and "lm_head" not in k
-    )
+def _weight_bytes(model) -> int:
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
 
 def test_two_ranks_match_one_process(model_dir, tmp_path):
@@ -96,10 +91,12 @@ def test_two_ranks_match_one_process(model_dir, tmp_path):
     short = single.generate(msgs, params=mhc.SamplingParams(temperature=0), max_tokens=5)
     assert got["short"] == short.text  # the group still in step after the early end
 
-    # each rank holds half of the sharded weights
-    whole = _sharded_bytes(single.model) / 2**20
-    rank_mb = got["sharded_mb"]
-    assert all(0.45 * whole < mb < 0.6 * whole for mb in rank_mb), (rank_mb, whole)
+    # each rank holds half of the weights (embedding and head split by vocabulary rows too),
+    # and that is what is resident
+    whole = _weight_bytes(single.model) / 2**20
+    for weights, resident in zip(got["sharded_mb"], got["memory_mb"], strict=True):
+        assert 0.45 * whole < weights < 0.55 * whole, (got, whole)
+        assert resident < 0.6 * whole, (got, whole)
 
 
 def test_cli_generate_under_mlx_launch(model_dir, tmp_path):
@@ -273,3 +270,42 @@ def test_a_dead_rank_is_an_error_not_a_hang(model_dir, tmp_path):
         for p in procs:
             p.kill()
             p.wait(30)
+
+
+def test_vocab_rows_split_and_pad():
+    """Each rank keeps ceil(V / N) rows of the embedding and head (the last zero-padded);
+    with one rank the split layers are the whole ones."""
+    import mlx.nn as nn
+
+    from mlx_harmony_core.distributed import ShardedEmbedding, ShardedHead
+
+    class Rank:
+        def __init__(self, rank, size):
+            self._r, self._n = rank, size
+
+        def rank(self):
+            return self._r
+
+        def size(self):
+            return self._n
+
+    table = mx.arange(10 * 4, dtype=mx.float32).reshape(10, 4)
+    e = nn.Embedding(10, 4)
+    e.weight = table
+    last = ShardedEmbedding(e, Rank(2, 3), 10)
+    assert last.start == 8 and last.inner.weight.shape == (4, 4)
+    assert mx.array_equal(last.inner.weight[:2], table[8:]) and not last.inner.weight[2:].any()
+    q = nn.QuantizedLinear(64, 10, bias=False, group_size=32, bits=4)
+    head = ShardedHead(q, Rank(1, 3), 10)
+    assert head.inner.weight.shape[0] == 4 and head.inner.scales.shape[0] == 4
+    whole = mx.distributed.init(strict=False)  # one process: a group of one
+    if whole.size() == 1:
+        x = mx.random.normal((2, 3, 64))
+        ref = nn.QuantizedLinear(64, 10, bias=False, group_size=32, bits=4)
+        one = ShardedHead(ref, whole, 10)
+        want = mx.quantized_matmul(x, ref.weight, ref.scales, ref.biases, group_size=32)
+        assert mx.allclose(one(x), want)
+        ids = mx.array([[0, 9, 3]])
+        emb = nn.Embedding(10, 4)
+        emb.weight = table
+        assert mx.array_equal(ShardedEmbedding(emb, whole, 10)(ids), table[ids])

@@ -39,10 +39,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import mlx.core as mx
+import mlx.nn as nn
 
 from .errors import GroupError
 
-__all__ = ["Group", "current", "follow", "init"]
+__all__ = ["Group", "current", "follow", "init", "shard_vocab"]
 
 logger = logging.getLogger(__name__)
 
@@ -210,6 +211,86 @@ _current: list[Group] = []
 def current() -> Group | None:
     """The group this process joined with :func:`init`, if any."""
     return _current[0] if _current else None
+
+
+# -- vocabulary parallelism ------------------------------------------------------------------
+# mlx-lm's shard() splits attention and experts but keeps the embedding and the output head
+# whole on every rank; with GPT-OSS's 201088-token vocabulary they are most of a small model
+# (and 1% of gpt-oss-120b). Here each rank keeps 1/N of their rows.
+
+
+def _rows(module: nn.Module, start: int, stop: int, per: int) -> None:
+    """Keep rows [start, stop) of ``module``'s row-indexed arrays, zero-padded to ``per``."""
+    for name in ("weight", "scales", "biases", "bias"):
+        a = module.get(name) if hasattr(module, "get") else None
+        if a is None:
+            continue
+        part = a[start:stop]
+        if stop - start < per:
+            pad = mx.zeros((per - (stop - start), *a.shape[1:]), dtype=a.dtype)
+            part = mx.concatenate([part, pad])
+        setattr(module, name, mx.contiguous(part))  # a copy: the whole table is let go
+
+
+class ShardedEmbedding(nn.Module):
+    """An embedding (float or quantized) split by vocabulary rows over ``group``: a lookup
+    sums every rank's rows (each has zeros where it holds no row); as a linear layer (tied
+    weights) every rank computes its slice of the logits and they are gathered."""
+
+    def __init__(self, inner: nn.Module, group: Any, vocab: int) -> None:
+        super().__init__()
+        n, r = group.size(), group.rank()
+        self.per = -(-vocab // n)
+        self.start, self.vocab = r * self.per, vocab
+        _rows(inner, self.start, min(vocab, self.start + self.per), self.per)
+        self.inner = inner
+        self.group = group
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        local = ids - self.start
+        inside = (local >= 0) & (local < self.per)
+        rows = self.inner(mx.where(inside, local, 0))
+        rows = mx.where(inside[..., None], rows, mx.zeros_like(rows))
+        return mx.distributed.all_sum(rows, group=self.group)
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return _gather_vocab(self.inner.as_linear(x), self.group, self.vocab)
+
+
+class ShardedHead(nn.Module):
+    """An output layer (float or quantized) split by vocabulary rows; logits gathered."""
+
+    def __init__(self, inner: nn.Module, group: Any, vocab: int) -> None:
+        super().__init__()
+        per = -(-vocab // group.size())
+        start = group.rank() * per
+        _rows(inner, start, min(vocab, start + per), per)
+        self.inner, self.group, self.vocab = inner, group, vocab
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return _gather_vocab(self.inner(x), self.group, self.vocab)
+
+
+def _gather_vocab(part: mx.array, group: Any, vocab: int) -> mx.array:
+    """Every rank's (..., per) slice of the logits -> the whole (..., vocab)."""
+    moved = mx.moveaxis(part, -1, 0)
+    whole = mx.distributed.all_gather(moved, group=group)
+    return mx.moveaxis(whole, 0, -1)[..., :vocab]
+
+
+def shard_vocab(model: nn.Module, group: Any) -> bool:
+    """Split ``model``'s embedding and output head by vocabulary rows over ``group`` (mlx-lm
+    models with ``model.embed_tokens`` and, untied, ``lm_head``); False if it has neither."""
+    inner = getattr(model, "model", None)
+    embed = getattr(inner, "embed_tokens", None)
+    if embed is None or not hasattr(embed, "weight"):
+        return False
+    vocab = int(embed.weight.shape[0])
+    inner.embed_tokens = ShardedEmbedding(embed, group, vocab)
+    head = getattr(model, "lm_head", None)
+    if head is not None and hasattr(head, "weight") and int(head.weight.shape[0]) == vocab:
+        model.lm_head = ShardedHead(head, group, vocab)
+    return True
 
 
 def init(backend: str = "any", timeout_s: float | None = None) -> Group:
