@@ -87,6 +87,9 @@ BATCH_ROWS: list[tuple[str, str, list[dict[str, float]]]] = []
 # (case, ours, MLX's kernels, unit): quantized matmul kernels vs MLX's CPU path.
 QUANT_ROWS: list[tuple[str, float, float, str]] = []
 
+# (case, 2 ranks, 1 rank, unit): tensor parallelism on this machine.
+DIST_ROWS: list[tuple[str, float, float, str]] = []
+
 
 def _spread(values: list[float], scale: float = 1.0) -> str:
     v = sorted(x * scale for x in values)
@@ -115,6 +118,11 @@ def pytest_sessionfinish(session, exitstatus):
                 continue
             ratio = f"{ours / theirs:6.1f}x" if theirs else "      -"
             tr.write_line(f"{case:52s} {ours:9.2f} {theirs:9.2f} {unit:>8s} {ratio}")
+    if DIST_ROWS:
+        tr.section("distributed (ring, 127.0.0.1): 2 ranks vs 1 rank on the same 2 cores")
+        tr.write_line(f"{'case':52s} {'2 ranks':>9s} {'1 rank':>9s} {'unit':>8s}")
+        for case, two, one, unit in DIST_ROWS:
+            tr.write_line(f"{case:52s} {two:9.2f} {one:9.2f} {unit:>8s}")
     if STRUCTURED_ROWS:
         tr.section("structured outputs (demo model unless named)")
         for case, value in STRUCTURED_ROWS:

@@ -256,7 +256,7 @@ def test_concurrent_callers():
     assert not errors, errors
 
 
-@pytest.fixture(scope="module", params=["4", "8", "mxfp4"])
+@pytest.fixture(scope="module", params=["4", "8", "mxfp4", "mxfp4-q8"])
 def quantized_demo(request, tmp_path_factory):
     path = tmp_path_factory.mktemp("q") / f"demo-{request.param}"
     mhc.make_test_model(path, preset="demo", quantize=request.param)
@@ -298,6 +298,19 @@ def test_backend_info_and_switch_off(quantized_demo, monkeypatch):
     assert mhc.backend_info()["quant_kernels"].startswith("mlx (")
     engine = mhc.load(path)
     assert quant.switched_layers(engine.model) == 0
+
+
+def test_big_models_are_written_layer_by_layer(tmp_path, monkeypatch):
+    from mlx_harmony_core import loading
+
+    whole = mhc.make_test_model(tmp_path / "one", quantize="mxfp4-q8")
+    monkeypatch.setattr(loading, "_SHARD_PARAMS", 0)
+    parts = mhc.make_test_model(tmp_path / "parts", quantize="mxfp4-q8")
+    files = sorted(p.name for p in parts.glob("model-*.safetensors"))
+    assert len(files) == 3 and (parts / "model.safetensors.index.json").exists()  # 2 layers + rest
+    x = mx.array([[1, 2, 3, 4]])
+    a, b = mhc.load(whole).model(x), mhc.load(parts).model(x)
+    assert mx.array_equal(a, b)
 
 
 def test_make_test_model_rejects_bad_quantization(tmp_path):

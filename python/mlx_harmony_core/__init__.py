@@ -11,7 +11,11 @@ _blas.enable()
 
 import mlx.core as _mx  # noqa: E402  (must precede _core)
 
-from . import _core  # noqa: E402,F401
+from . import (  # noqa: E402,F401  (mhc.distributed.init(), mhc.quant)
+    _core,  # noqa: E402,F401
+    distributed,
+    quant,
+)
 from ._version import __version__  # noqa: E402
 from .chat_format import ChatFormat, ChatTemplateFormat  # noqa: E402
 from .chat_log import ChatLog, ChatLogError  # noqa: E402
@@ -55,8 +59,6 @@ from .tools import Tool, ToolLoopResult, run_tool_loop  # noqa: E402
 def backend_info() -> dict[str, object]:
     """MLX version and device, which BLAS MLX's CPU calls reach (and its threads), and which
     quantized matmul kernels run."""
-    from . import distributed, quant
-
     group = distributed.current()
     return {
         "mlx": _mx.__version__,

@@ -534,7 +534,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .loading import QUANTIZATIONS
+    from .loading import PRESETS, QUANTIZATIONS
     from .scheduler import MAX_BATCH, PREFILL_CHUNK
 
     parser = argparse.ArgumentParser(prog="mlx-harmony-core", description=__doc__)
@@ -644,9 +644,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("dir", help="directory to write (must be empty, or use --force)")
     t.add_argument(
         "--preset",
-        choices=["demo", "small", "mid"],
+        choices=list(PRESETS),
         default="demo",
-        help="demo: tiny; small: ~0.24B; mid: ~0.84B parameters (float32)",
+        help="demo: tiny; small: ~0.24B; mid: ~0.84B parameters (float32); gpt-oss-20b: "
+        "the released 20b's shapes (21B: use --quantize mxfp4-q8, ~13 GB)",
     )
     for flag, what in (
         ("--layers", "transformer layers (>= 2)"),
@@ -664,7 +665,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--quantize",
         choices=QUANTIZATIONS,
         help="write quantized weights: 4 / 8 = affine everywhere, mxfp4 = MXFP4 experts "
-        "(the rest float, as the released checkpoints)",
+        "(the rest float, as the released checkpoints), mxfp4-q8 = MXFP4 experts and "
+        "8-bit elsewhere (as mlx-community's conversions)",
     )
     t.add_argument(
         "--group-size",

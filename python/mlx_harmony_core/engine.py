@@ -278,7 +278,13 @@ class Engine:
         req.lockstep = True
         with group.running():
             with mx.stream(self._gen_stream()):  # ordered with the decode loop's collectives
-                group.send({"prompt": req.prompt_ids, "max_tokens": req.max_tokens})
+                group.send(
+                    {
+                        "prompt": req.prompt_ids,
+                        "max_tokens": req.max_tokens,
+                        "prefill_step": self.prefill_step_size,  # the same chunks everywhere
+                    }
+                )
             try:
                 for event in self._run(req, progress):
                     group.progress()
@@ -306,6 +312,7 @@ class Engine:
         group = self.group
         assert group is not None and not group.leader
         n = int(message["max_tokens"])
+        self.prefill_step_size = int(message.get("prefill_step", self.prefill_step_size))
         try:
             with group.running(), mx.stream(self._gen_stream()):
                 cache = make_cache(self.model, **self.cache_options)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -60,6 +61,18 @@ PRESETS: dict[str, dict[str, int]] = {
         kv_heads=4,
         head_dim=64,
         experts=16,
+        experts_per_token=4,
+    ),
+    # The released gpt-oss-20b's shapes (21B parameters): build it quantized
+    # (--quantize mxfp4-q8: ~13 GB), on demand; written layer by layer.
+    "gpt-oss-20b": dict(
+        layers=24,
+        hidden_size=2880,
+        intermediate_size=2880,
+        heads=64,
+        kv_heads=8,
+        head_dim=64,
+        experts=32,
         experts_per_token=4,
     ),
 }
@@ -141,8 +154,9 @@ def gpt_oss_config(
 
 
 # make-test-model --quantize: affine 4- or 8-bit everywhere (the router 8-bit, as mlx-lm
-# converts GPT-OSS), or MXFP4 experts with the rest in float, as the released checkpoints.
-QUANTIZATIONS = ("4", "8", "mxfp4")
+# converts GPT-OSS); MXFP4 experts with the rest in float, as the released checkpoints; or
+# MXFP4 experts with the rest affine 8-bit, as mlx-community's GPT-OSS conversions.
+QUANTIZATIONS = ("4", "8", "mxfp4", "mxfp4-q8")
 
 
 def _quantize(
@@ -154,10 +168,13 @@ def _quantize(
 
     if quantize not in QUANTIZATIONS:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}")
+    mxfp4 = {"group_size": 32, "bits": 4, "mode": "mxfp4"}
     if quantize == "mxfp4":
         if group_size not in (None, 32):
             raise ValueError("MXFP4 uses groups of 32; leave group_size unset")
-        params: dict[str, Any] = {"group_size": 32, "bits": 4, "mode": "mxfp4"}
+        params: dict[str, Any] = dict(mxfp4)
+    elif quantize == "mxfp4-q8":
+        params = {"group_size": group_size or 64, "bits": 8, "mode": "affine"}
     else:
         params = {"group_size": group_size or 64, "bits": int(quantize), "mode": "affine"}
     if params["group_size"] not in (32, 64, 128):
@@ -170,6 +187,9 @@ def _quantize(
             return False
         if quantize == "mxfp4":
             return isinstance(module, SwitchLinear)
+        if quantize == "mxfp4-q8" and isinstance(module, SwitchLinear):
+            quantization[path] = dict(mxfp4)
+            return dict(mxfp4)
         if module.weight.shape[-1] % params["group_size"]:
             raise ValueError(
                 f"{path}: input width {module.weight.shape[-1]} is not a multiple of "
@@ -180,11 +200,57 @@ def _quantize(
             quantization[path] = {**params, **rule}
         return rule
 
+    floats = {
+        p: (m.weight.shape, isinstance(m, nn.Embedding))
+        for p, m in model.named_modules()
+        if hasattr(m, "to_quantized")
+    }
     nn.quantize(
         model, params["group_size"], params["bits"], mode=params["mode"], class_predicate=predicate
     )
+    # Big layers (gpt-oss-20b's shapes) get their random weights drawn and quantized a slice
+    # at a time, evaluated at once: the float model never exists (it would take 84 GB).
+    for path, module in model.named_modules():
+        shape, embedding = floats.get(path, ((0,), False))
+        if hasattr(module, "scales") and 4 * math.prod(shape) > 2**28:
+            qs = _random_quantized(shape, embedding, path.endswith("lm_head"), module)
+            module.weight, module.scales = qs[0], qs[1]
+            if len(qs) > 2:
+                module.biases = qs[2]
     config["quantization"] = quantization
     config["quantization_config"] = quantization  # the key Hugging Face tools read
+
+
+def _random_quantized(
+    shape: tuple[int, ...], embedding: bool, head: bool, module: Any
+) -> list[mx.array]:
+    """Random weights of ``shape`` as mlx-lm initializes them (normal for an embedding,
+    uniform elsewhere; the output head 4x sharper, as the test models), quantized like
+    ``module``, ~64 MB of floats at a time."""
+    rows = shape[0]
+    step = max(1, (2**26 * rows) // (4 * math.prod(shape)))
+    scale = math.sqrt(1 / shape[-1])
+    if module.mode == "mxfp4":
+        # Random FP4 codes (their values have std ~2.93) and E8M0 scales near the std of the
+        # uniform init: MLX's CPU MXFP4 quantizer would take ~30 min for gpt-oss-20b's experts.
+        import numpy as np
+
+        rng = np.random.default_rng(int(mx.random.randint(0, 2**31 - 1, ()).item()))
+        exponent = 127 + round(math.log2(scale / math.sqrt(3) / 2.93))
+        words = rng.integers(0, 2**32, (*shape[:-1], shape[-1] // 8), dtype=np.uint32)
+        scales = rng.integers(exponent - 1, exponent + 2, (*shape[:-1], shape[-1] // 32))
+        return [mx.array(words), mx.array(scales.astype(np.uint8))]
+    parts = []
+    for i in range(0, rows, step):
+        part_shape = (min(step, rows - i), *shape[1:])
+        if embedding:
+            w = mx.random.normal(part_shape, scale=scale)
+        else:
+            w = mx.random.uniform(-scale, scale, part_shape) * (4.0 if head else 1.0)
+        q = mx.quantize(w, group_size=module.group_size, bits=module.bits, mode=module.mode)
+        mx.eval(q)
+        parts.append(q)
+    return [mx.concatenate([p[k] for p in parts]) for k in range(len(parts[0]))]
 
 
 def _random_gpt_oss_weights(
@@ -205,9 +271,47 @@ def _random_gpt_oss_weights(
     model.lm_head.weight = model.lm_head.weight * 4.0
     if quantize is not None:
         _quantize(model, config, quantize, group_size)
-    weights = dict(tree_flatten(model.parameters()))
-    mx.eval(weights)
-    return weights
+    return dict(tree_flatten(model.parameters()))  # lazy: evaluated shard by shard
+
+
+# Above this many parameters a test model is written one layer per file, each evaluated
+# alone (the float weights of the whole model need not fit in memory at once).
+_SHARD_PARAMS = 2_000_000_000
+
+
+def _save_weights(directory: Path, weights: dict[str, mx.array], config: dict[str, Any]) -> None:
+    params = sum(v.size for v in weights.values())
+    if params <= _SHARD_PARAMS:
+        mx.eval(weights)
+        mx.save_safetensors(str(directory / "model.safetensors"), weights, {"format": "mlx"})
+        return
+    import re
+
+    groups: dict[int, dict[str, mx.array]] = {}
+    for name, value in weights.items():
+        m = re.search(r"\.layers\.(\d+)\.", name)
+        groups.setdefault(int(m.group(1)) if m else -1, {})[name] = value
+    order = sorted(groups)
+    index: dict[str, str] = {}
+    for i, key in enumerate(order):
+        file = f"model-{i + 1:05d}-of-{len(order):05d}.safetensors"
+        part = groups.pop(key)
+        # One module at a time: quantizing a float expert stack takes several times its size.
+        modules: dict[str, list[mx.array]] = {}
+        for name, value in part.items():
+            modules.setdefault(name.rsplit(".", 1)[0], []).append(value)
+        for arrays in modules.values():
+            mx.eval(arrays)
+            mx.clear_cache()
+        mx.save_safetensors(str(directory / file), part, {"format": "mlx"})
+        index.update(dict.fromkeys(part, file))
+        logger.info("wrote %s (%d arrays)", file, len(part))
+        del part
+        mx.clear_cache()
+    atomic_write_text(
+        directory / "model.safetensors.index.json",
+        json.dumps({"metadata": {}, "weight_map": index}, indent=1) + "\n",
+    )
 
 
 def make_test_model(
@@ -254,7 +358,8 @@ def make_test_model(
     try:
         public_mode(tmp, directory=True)
         weights = _random_gpt_oss_weights(config, seed, quantize, group_size)
-        mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
+        _save_weights(tmp, weights, config)
+        del weights
         atomic_write_text(tmp / "config.json", json.dumps(config, indent=2) + "\n")
         from .harmony import write_hf_tokenizer
 
@@ -378,6 +483,9 @@ def _shard(model: nn.Module, config: dict[str, Any], group: Group) -> None:
     """Keep this rank's shard of ``model`` (then read only that from disk)."""
     if hasattr(model, "shard"):
         model.shard(group.group)
+        from .distributed import shard_vocab
+
+        shard_vocab(model, group.group)  # mlx-lm keeps these whole: most of a small model
     elif hasattr(getattr(model, "model", None), "pipeline"):
         model.model.pipeline(group.group)
     else:
