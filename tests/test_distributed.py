@@ -309,3 +309,29 @@ def test_vocab_rows_split_and_pad():
         emb = nn.Embedding(10, 4)
         emb.weight = table
         assert mx.array_equal(ShardedEmbedding(emb, whole, 10)(ids), table[ids])
+
+
+def test_info_shows_the_group():
+    run = subprocess.run(
+        [
+            str(BIN / "mlx.launch"),
+            "--backend",
+            "ring",
+            "--hosts",
+            "127.0.0.1",
+            "-n",
+            "2",
+            "--starting-port",
+            str(free_port()),
+            "--",
+            str(BIN / "mlx-harmony-core"),
+            "info",
+            "--distributed",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    for rank in (0, 1):
+        assert f"distributed: {{'size': 2, 'rank': {rank}, 'backend': 'ring'}}" in run.stdout

@@ -156,6 +156,8 @@ def _add_prompt_flags(p: argparse.ArgumentParser, *, chat: bool = False) -> None
 
 
 def _add_kv_flags(g: argparse.ArgumentParser) -> None:
+    from .distributed import TIMEOUT_S
+
     g.add_argument(
         "--kv-bits", type=int, choices=[4, 8], default=None, help="quantize full-attention KV"
     )
@@ -183,7 +185,8 @@ def _add_kv_flags(g: argparse.ArgumentParser) -> None:
         "--group-timeout",
         type=float,
         default=None,
-        help="--distributed: seconds without progress before the group counts as lost (30)",
+        help="--distributed: seconds without progress before the group counts as lost "
+        f"({TIMEOUT_S:g})",
     )
     _add_spec_flags(g)
 
@@ -528,6 +531,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _cmd_info(args: argparse.Namespace) -> int:
     import mlx_harmony_core as mhc
 
+    if args.group is not None:  # every rank prints its own line; nothing to follow
+        args.group.barrier()
+        args.group.released = True
     for key, value in mhc.backend_info().items():
         print(f"{key}: {value}")
     return 0
@@ -724,6 +730,9 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser(
         "info", parents=[common], help="MLX version, device and the BLAS MLX's CPU calls reach"
     )
+    i.add_argument(
+        "--distributed", action="store_true", help="under mlx.launch: also show the group"
+    )
     i.set_defaults(func=_cmd_info)
     return parser
 
@@ -742,7 +751,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .distributed import init
 
         try:
-            args.group = init(timeout_s=args.group_timeout)
+            args.group = init(timeout_s=getattr(args, "group_timeout", None))
         except (RuntimeError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
