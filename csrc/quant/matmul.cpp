@@ -177,7 +177,7 @@ void matmul_t(std::vector<Job>& jobs) {
       tasks.push_back({s, n0, std::min(N, n0 + step)});
     }
   }
-  Pool::instance().run(int64_t(tasks.size()), [&](int64_t t) {
+  auto task = [&](int64_t t) {
     const Task& k = tasks[t];
     const Job& job = jobs[small[k.job]];
     const Prepared& p = prep[k.job];
@@ -188,7 +188,14 @@ void matmul_t(std::vector<Job>& jobs) {
              job.y.data(),
              k.n0,
              k.n1);
-  });
+  };
+  if (!parallel) { // several small jobs (a decode step's experts): this thread
+    for (int64_t t = 0; t < int64_t(tasks.size()); ++t) {
+      task(t);
+    }
+    return;
+  }
+  Pool::instance().run(int64_t(tasks.size()), task);
 }
 
 void matmul_n(const QMatrix& a, const float* x, int64_t nx, float* y) {
