@@ -96,6 +96,23 @@ def _spread(values: list[float], scale: float = 1.0) -> str:
     return f"{v[0]:7.1f} {statistics.median(v):7.1f} {v[-1]:7.1f}"
 
 
+def _pairs(tr, rows, title, names, ratio=False):
+    """A section of (case, value, baseline, unit) rows; a row without a unit is a note."""
+    if not rows:
+        return
+    tr.section(title)
+    head = f"{'case':52s} {names[0]:>9s} {names[1]:>9s} {'unit':>8s}"
+    tr.write_line(head + (f" {'ratio':>7s}" if ratio else ""))
+    for case, value, base, unit in rows:
+        if not unit:
+            tr.write_line(case)
+            continue
+        line = f"{case:52s} {value:9.2f} {base:9.2f} {unit:>8s}"
+        if ratio:
+            line += f" {value / base:6.1f}x" if base else "       -"
+        tr.write_line(line)
+
+
 def pytest_sessionfinish(session, exitstatus):
     tr = session.config.pluginmanager.get_plugin("terminalreporter")
     if tr is None:
@@ -109,20 +126,19 @@ def pytest_sessionfinish(session, exitstatus):
         tr.write_line(f"{'engine (weights)':28s} {'prefill':>8s} {'decode':>8s}  decode min-max")
         for label, prefill, decode, spread in REAL_ROWS:
             tr.write_line(f"{label:28s} {prefill:>8s} {decode:>8s}  {spread}")
-    if QUANT_ROWS:
-        tr.section("quantized kernels on the CPU: ours vs MLX's, medians, same run")
-        tr.write_line(f"{'case':52s} {'ours':>9s} {'MLX':>9s} {'unit':>8s} {'ratio':>7s}")
-        for case, ours, theirs, unit in QUANT_ROWS:
-            if not unit:
-                tr.write_line(case)
-                continue
-            ratio = f"{ours / theirs:6.1f}x" if theirs else "      -"
-            tr.write_line(f"{case:52s} {ours:9.2f} {theirs:9.2f} {unit:>8s} {ratio}")
-    if DIST_ROWS:
-        tr.section("distributed (ring, 127.0.0.1): 2 ranks vs 1 rank on the same 2 cores")
-        tr.write_line(f"{'case':52s} {'2 ranks':>9s} {'1 rank':>9s} {'unit':>8s}")
-        for case, two, one, unit in DIST_ROWS:
-            tr.write_line(f"{case:52s} {two:9.2f} {one:9.2f} {unit:>8s}")
+    _pairs(
+        tr,
+        QUANT_ROWS,
+        "quantized kernels on the CPU: ours vs MLX's, medians, same run",
+        ("ours", "MLX"),
+        ratio=True,
+    )
+    _pairs(
+        tr,
+        DIST_ROWS,
+        "distributed (ring, 127.0.0.1): 2 ranks vs 1 rank on the same 2 cores",
+        ("2 ranks", "1 rank"),
+    )
     if STRUCTURED_ROWS:
         tr.section("structured outputs (demo model unless named)")
         for case, value in STRUCTURED_ROWS:

@@ -26,6 +26,23 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+def mlx_launch(*command: str) -> list[str]:
+    """``command`` on 2 ring ranks on 127.0.0.1 through ``mlx.launch`` itself."""
+    return [
+        str(BIN / "mlx.launch"),
+        "--backend",
+        "ring",
+        "--hosts",
+        "127.0.0.1",
+        "-n",
+        "2",
+        "--starting-port",
+        str(free_port()),
+        "--",
+        *command,
+    ]
+
+
 def hostfile(tmp_path: Path, n: int = 2) -> Path:
     path = tmp_path / f"hosts-{time.monotonic_ns()}.json"
     path.write_text(json.dumps([[f"127.0.0.1:{free_port()}"] for _ in range(n)]))
@@ -115,23 +132,8 @@ def test_cli_generate_under_mlx_launch(model_dir, tmp_path):
         [str(BIN / "mlx-harmony-core"), *args], capture_output=True, text=True, timeout=120
     )
     assert one.returncode == 0, one.stderr
-    port = free_port()
     two = subprocess.run(
-        [
-            str(BIN / "mlx.launch"),
-            "--backend",
-            "ring",
-            "--hosts",
-            "127.0.0.1",
-            "-n",
-            "2",
-            "--starting-port",
-            str(port),
-            "--",
-            str(BIN / "mlx-harmony-core"),
-            *args,
-            "--distributed",
-        ],
+        mlx_launch(str(BIN / "mlx-harmony-core"), *args, "--distributed"),
         capture_output=True,
         text=True,
         timeout=240,
@@ -313,21 +315,7 @@ def test_vocab_rows_split_and_pad():
 
 def test_info_shows_the_group():
     run = subprocess.run(
-        [
-            str(BIN / "mlx.launch"),
-            "--backend",
-            "ring",
-            "--hosts",
-            "127.0.0.1",
-            "-n",
-            "2",
-            "--starting-port",
-            str(free_port()),
-            "--",
-            str(BIN / "mlx-harmony-core"),
-            "info",
-            "--distributed",
-        ],
+        mlx_launch(str(BIN / "mlx-harmony-core"), "info", "--distributed"),
         capture_output=True,
         text=True,
         timeout=120,
