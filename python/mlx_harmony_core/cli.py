@@ -442,9 +442,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         allowed_hosts=tuple(args.allowed_hosts or ()),
         cors_origins=tuple(args.cors_origins or ()),
         version=mhc.__version__,
+        web=not args.no_web,
     )
     port = sock.getsockname()[1]
     print(f"serving {name} on http://{args.host}:{port}/v1", flush=True)
+    if options.web:
+        print(f"chat page: http://{args.host}:{port}/", flush=True)
     serve(engine, host=args.host, port=port, options=options, sock=sock)
     print("server stopped", flush=True)
     _release_group(args.group)
@@ -642,6 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--prefix-cache-entries", type=int, default=64, help="KV caches kept for prefix reuse"
     )
     v.add_argument("--prefix-cache-mb", type=float, default=2048.0, help="prefix cache bound")
+    v.add_argument("--no-web", action="store_true", help="no chat page at / (the API only)")
     v.set_defaults(func=_cmd_serve)
 
     t = sub.add_parser(

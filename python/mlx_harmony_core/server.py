@@ -390,6 +390,7 @@ class ServerOptions:
     allowed_hosts: tuple[str, ...] = ()
     cors_origins: tuple[str, ...] = ()
     version: str = ""
+    web: bool = True  # the chat page at / (web/); --no-web turns it off
 
 
 _LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
@@ -437,7 +438,9 @@ class LocalGuard:
         allowed_origin = origin is not None and (
             origin in self.opts.cors_origins or "*" in self.opts.cors_origins
         )
-        if origin is not None and not allowed_origin:
+        # The chat page's own requests (same origin: a Host that passed the check above).
+        same = origin is not None and self._same_origin(origin, headers.get("host", ""))
+        if origin is not None and not allowed_origin and not same:
             return await self._deny(
                 send,
                 403,
@@ -461,6 +464,16 @@ class LocalGuard:
             await send(message)
 
         await self.app(scope, receive, with_cors)
+
+    def _same_origin(self, origin: str, host: str) -> bool:
+        """``Origin`` is this server as named by a checked ``Host`` (so never a rebound
+        page's origin); with no Host check (bound to every address) nothing is."""
+        return (
+            self.opts.web
+            and self.hosts is not None
+            and bool(host)
+            and origin in (f"http://{host}", f"https://{host}")
+        )
 
     async def _deny(self, send: Callable, status: int, message: str) -> None:
         await APIError(status, message).response()({"type": "http"}, _empty_receive, send)
@@ -683,6 +696,10 @@ def create_app(engine: Any, options: ServerOptions | None = None) -> Any:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+    if opts.web:
+        from .web import add_routes
+
+        add_routes(app)
     guarded = BodyGuard(KeyGuard(app, opts.api_key), opts.max_body_bytes, opts.body_timeout_s)
     outer = LocalGuard(guarded, opts)
     outer.worker = worker  # type: ignore[attr-defined]
