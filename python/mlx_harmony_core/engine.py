@@ -265,6 +265,7 @@ class Engine:
             started=t0,
             **request_options,
         )
+        req.check(self.vocab_size)
         req.asked_max_tokens = asked
         req.lockstep = self.group is not None
         return req

@@ -17,6 +17,7 @@ import mlx.core as mx
 import numpy as np
 
 from .chat_format import ANSWER, REASONING, ChatFormat, Delta
+from .errors import InvalidRequestError
 from .messages import ToolCall
 from .params import SamplingParams
 from .sampling import LogProbs, Sampler, as_mask, check_ids
@@ -146,6 +147,7 @@ class Request:
         seqs = token_sequences([*own, *(stop_tokens or [])])
         self.token_stops = TokenStops(seqs) if seqs else None
         self.own_stops = set(own)
+        self._stop_ids = [t for seq in seqs for t in seq]
         self.parser = chat_format.parser(primer, raw=raw)
         self.out = _Output(StopStrings(stop, include_stop=include_stop) if stop else None)
         self.generated: list[int] = []
@@ -156,6 +158,23 @@ class Request:
         self.t_first = self.t0
         self._window = self.sampler.window(prompt_ids)
         self._tokens = mx.array(prompt_ids, dtype=mx.int32) if self.processors else None
+
+    def check(self, vocab: int) -> None:
+        """Raise :class:`InvalidRequestError` for anything that does not fit a model with
+        ``vocab`` logits (token ids, logit bias, ``top_k``, ``logprobs``): checked before the
+        request is admitted, so that no bad request reaches a step it shares with others."""
+        self.sampler.check(vocab, self.logprobs)
+        for what, ids in (("prompt", self.prompt_ids), ("stop_tokens", self._stop_ids)):
+            if not ids:
+                continue
+            arr = np.asarray(ids, dtype=np.int64)
+            bad = arr[(arr < 0) | (arr >= vocab)]
+            if bad.size:
+                raise InvalidRequestError(
+                    f"{what} has token id {int(bad[0])}, outside this model's vocabulary "
+                    f"[0, {vocab})",
+                    param=what,
+                )
 
     def clamp_note(self) -> str | None:
         """A line for the user when ``max_tokens`` was cut to the room in the context."""
@@ -175,15 +194,33 @@ class Request:
 
     # -- sampling (lazy: a pipelined loop builds step n+1 before step n is read) -----------
     def prepare(self, logits: mx.array) -> tuple[mx.array, mx.array | None]:
-        """``logits`` (1, V) after the logits processors, and this step's token mask."""
+        """``logits`` (1, V) after the logits processors, and this step's token mask
+        (both checked: a processor or mask source of the wrong shape is this request's
+        :class:`InvalidRequestError`, never a batch's)."""
+        out = logits
         for fn in self.processors:
-            logits = fn(self._tokens, logits)
+            out = fn(self._tokens, out)
+        if not isinstance(out, mx.array) or out.shape != logits.shape:
+            shape = getattr(out, "shape", type(out).__name__)
+            raise InvalidRequestError(
+                f"a logits processor returned {shape}; it must return logits of shape "
+                f"{tuple(logits.shape)}"
+            )
         mask = self.token_mask(self.generated) if self.token_mask is not None else None
         if self.guide is not None:
             own = self.guide.mask()
             if own is not None:
                 mask = own if mask is None else np.bitwise_and(np.asarray(mask), own)
-        return logits, (as_mask(mask) if mask is not None else None)
+        if mask is None:
+            return out, None
+        mask = as_mask(mask)
+        words = (logits.shape[-1] + 31) // 32
+        if mask.size != words or mask.dtype not in (mx.uint32, mx.int32):
+            raise InvalidRequestError(
+                f"a token mask has {mask.size} {mask.dtype} words; it must have {words} "
+                "uint32 words (see sampling.pack_mask)"
+            )
+        return out, mask
 
     @property
     def window(self) -> mx.array | None:

@@ -155,14 +155,18 @@ class Sampler:
         """Raise :class:`InvalidRequestError` when the settings do not fit a vocabulary."""
         if self._max_bias_id >= vocab:
             raise InvalidRequestError(
-                f"logit_bias has token id {self._max_bias_id}, outside the vocabulary of {vocab}"
+                f"logit_bias has token id {self._max_bias_id}, outside the vocabulary of {vocab}",
+                param="logit_bias",
             )
         if self.params.top_k > vocab:
             raise InvalidRequestError(
-                f"top_k ({self.params.top_k}) is larger than the vocabulary ({vocab})"
+                f"top_k ({self.params.top_k}) is larger than the vocabulary ({vocab})",
+                param="top_k",
             )
         if logprobs is not None and not (0 <= logprobs <= vocab):
-            raise InvalidRequestError(f"logprobs must be in [0, {vocab}], got {logprobs}")
+            raise InvalidRequestError(
+                f"logprobs must be in [0, {vocab}], got {logprobs}", param="logprobs"
+            )
 
     def next_options(self, logprobs: int | None = None) -> _core.SamplingOptions:
         """The C++ options for the next draw (a copy): the draw counter is taken and

@@ -21,7 +21,7 @@ import queue
 import threading
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,8 +30,9 @@ import numpy as np
 
 from .errors import CapacityError
 from .kv_cache import kv_bytes, kv_bytes_per_token, make_batch_cache, make_cache
+from .params import SamplingParams
 from .request import Completion, Request, StreamEvent
-from .sampling import LogProbs, sample_rows
+from .sampling import LogProbs, Sampler, sample_rows
 from .threads import on_generation_thread, stop_at_exit
 
 logger = logging.getLogger(__name__)
@@ -239,6 +240,9 @@ class Scheduler:
         group = getattr(self.engine, "group", None)
         if group is not None:
             group.check()  # a group that lost a rank refuses at once (a 503), never hangs
+        vocab = getattr(self.engine, "vocab_size", None)
+        if vocab:  # a request that cannot fit this model never joins a batch
+            request.check(vocab)
         handle = Handle(request, sink)
         need = len(request.prompt_ids) + request.max_tokens
         if not self._fits([need]):
@@ -487,18 +491,31 @@ class _Batch:
                 for i, r in enumerate(rows):
                     part, mask = logits[i : i + 1], None
                     if not r.finished and len(r.req.generated) + ahead < r.req.max_tokens:
-                        part, mask = r.req.prepare(part)
+                        try:  # its processors, mask and grammar are the row's own
+                            part, mask = r.req.prepare(part)
+                        except Exception as exc:
+                            self._fail(r, exc)
+                            part, mask = logits[i : i + 1], None
                     parts.append(part)
                     masks.append(mask)
                 logits = mx.concatenate(parts)
             opts = [r.req.sampler.next_options(r.req.logprobs) for r in rows]
-            ids, lp = sample_rows(
-                logits,
-                opts,
-                history=_history(rows),
-                bias=self.bias,
-                mask=_masks(masks, logits.shape[-1]) if any(m is not None for m in masks) else None,
-            )
+            mask = _masks(masks, logits.shape[-1]) if any(m is not None for m in masks) else None
+            try:
+                ids, lp = sample_rows(
+                    logits, opts, history=_history(rows), bias=self.bias, mask=mask
+                )
+            except ValueError:
+                # A row's options do not fit (checked at submit; a request changed since):
+                # fail those rows and draw the others; none found: the batch's own error.
+                bad = self._fail_unfit(rows, logits.shape[-1])
+                if not bad:
+                    raise
+                plain = Sampler(SamplingParams(seed=0))  # their draws are thrown away
+                opts = [plain.next_options() if i in bad else o for i, o in enumerate(opts)]
+                ids, lp = sample_rows(
+                    logits, opts, history=_history(rows), bias=_bias(rows, bad), mask=mask
+                )
             for i, r in enumerate(rows):
                 if r.req.window is not None or r.req.processors:
                     r.req.advance(ids[i : i + 1])
@@ -519,44 +536,51 @@ class _Batch:
             # With nothing decoding, the first prompt runs whole (no one waits on it).
             r = self.prefilling[0]
             if r.handle.cancelled or self.s.closing.is_set():
-                self.prefilling.popleft()
                 r.finished = True
                 r.req.finish = "cancelled"
+            else:
+                try:  # its own cache and first draw: a failure here is the row's alone
+                    budget -= self._prefill_one(r, budget, whole)
+                except Exception as exc:
+                    self._fail(r, exc)
+            if r.finished:
+                self.prefilling.popleft()
                 self._retire(r)
-                continue
-            if r.cache is None and self._alone(r):
-                self._speculate_alone(r)
-                if r.finished:
-                    self.prefilling.popleft()
-                    self._retire(r)
-                    continue
-            if r.cache is None:
-                r.cache, r.done = self.engine._reuse(r.prompt)
-                if r.context is None:
-                    r.req.cached_tokens = r.done
-            prompt = r.prompt
-            left = len(prompt) - r.done
-            with mx.stream(self._stream()):
-                if left > 1:
-                    n = min(left - 1, self.engine.prefill_step_size)
-                    if not whole:
-                        n = min(n, budget)
-                    chunk = mx.array(prompt[r.done : r.done + n], dtype=mx.int32)
-                    self.engine.model(chunk[None], cache=r.cache)
-                    mx.async_eval([c.state for c in r.cache])
-                    r.done += n
-                    budget -= n
-                    continue
-                last = mx.array(prompt[r.done :], dtype=mx.int32)
-                logits = self.engine.model(last[None], cache=r.cache)[:, -1, :]
-                r.first = r.req.sample(logits)
-            ids, lp = r.first
-            mx.async_eval(ids, *([] if lp is None else vars(lp).values()))
-            r.done = len(prompt)
-            budget -= 1
-            self.prefilling.popleft()
-            joined.append(r)
+            elif r.first is not None:
+                self.prefilling.popleft()
+                joined.append(r)
         return joined
+
+    def _prefill_one(self, r: _Row, budget: int, whole: bool) -> int:
+        """One chunk of ``r``'s prompt, or its last token and first draw (queued: then
+        ``r.first`` is set); returns the prompt tokens it ran."""
+        if r.cache is None and self._alone(r):
+            self._speculate_alone(r)
+            if r.finished:
+                return 0
+        if r.cache is None:
+            r.cache, r.done = self.engine._reuse(r.prompt)
+            if r.context is None:
+                r.req.cached_tokens = r.done
+        prompt = r.prompt
+        left = len(prompt) - r.done
+        with mx.stream(self._stream()):
+            if left > 1:
+                n = min(left - 1, self.engine.prefill_step_size)
+                if not whole:
+                    n = min(n, budget)
+                chunk = mx.array(prompt[r.done : r.done + n], dtype=mx.int32)
+                self.engine.model(chunk[None], cache=r.cache)
+                mx.async_eval([c.state for c in r.cache])
+                r.done += n
+                return n
+            last = mx.array(prompt[r.done :], dtype=mx.int32)
+            logits = self.engine.model(last[None], cache=r.cache)[:, -1, :]
+            first = r.req.sample(logits)
+        mx.async_eval(first[0], *([] if first[1] is None else vars(first[1]).values()))
+        r.first = first
+        r.done = len(prompt)
+        return 1
 
     def _alone(self, r: _Row) -> bool:
         """A speculative request with nobody else running or waiting decodes speculatively."""
@@ -600,7 +624,12 @@ class _Batch:
         assert r.first is not None
         ids, lp = r.first
         r.first = None
-        self._push(r, int(ids.item()), lp)
+        try:  # evaluates the row's own prefill and draw
+            token = int(ids.item())
+        except Exception as exc:
+            self._fail(r, exc)
+        else:
+            self._push(r, token, lp)
         if r.finished:
             self._retire(r)
 
@@ -610,11 +639,32 @@ class _Batch:
             for event in r.req.push(token, lp):
                 r.handle._emit(event)
         except Exception as exc:  # this request's failure (say, NaN logits): it alone ends
-            r.finished = True
-            r.handle.error = exc
+            self._fail(r, exc)
             return
         if r.req.finish is not None:
             r.finished = True
+
+    def _fail(self, r: _Row, exc: BaseException) -> None:
+        """End ``r`` with its own error (it leaves at the next retirement); the other rows
+        go on untouched."""
+        if not isinstance(exc, ValueError):  # the caller's mistakes are ValueErrors
+            logger.error("a request failed alone", exc_info=exc)
+        else:
+            logger.info("a request failed alone: %s", exc)
+        r.finished = True
+        if r.handle.error is None:
+            r.handle.error = exc
+
+    def _fail_unfit(self, rows: Sequence[_Row], vocab: int) -> set[int]:
+        """Fail the rows whose sampler options do not fit ``vocab``; their indices."""
+        bad = set()
+        for i, r in enumerate(rows):
+            try:
+                r.req.sampler.check(vocab, r.req.logprobs)
+            except ValueError as exc:
+                self._fail(r, exc)
+                bad.add(i)
+        return bad
 
     # -- leaving --------------------------------------------------------------------------
     def _retire(self, r: _Row, batch_row: int | None = None) -> None:
@@ -689,9 +739,12 @@ def _history(rows: Sequence[_Row]) -> mx.array | None:
     return mx.concatenate(out)
 
 
-def _bias(rows: Sequence[_Row]) -> tuple[mx.array, mx.array, mx.array] | None:
-    """Every row's logit bias concatenated, with row offsets (None if no row has one)."""
-    pairs = [r.req.sampler.bias for r in rows]
+def _bias(
+    rows: Sequence[_Row], skip: Collection[int] = ()
+) -> tuple[mx.array, mx.array, mx.array] | None:
+    """Every row's logit bias concatenated, with row offsets (None if no row has one);
+    rows in ``skip`` have none."""
+    pairs = [(None, None) if i in skip else r.req.sampler.bias for i, r in enumerate(rows)]
     if all(ids is None for ids, _ in pairs):
         return None
     ids_, values, offsets = [], [], [0]
