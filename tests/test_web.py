@@ -12,6 +12,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -409,6 +411,18 @@ def test_reasoning_tools_regenerate_edit_and_export(browser, scripted, encoding,
     assert log.messages[3].tool_calls[0].name == "get_weather"
     assert log.messages[5].usage["completion_tokens"] > 0 and log.model == "scripted"
     assert mhc.Engine(ScriptedModel(), encoding=encoding).render(log.chat_messages())
+    # ... and `chat --chat FILE` resumes it and goes on (with the demo model).
+    out = subprocess.run(
+        [sys.executable, "-m", "mlx_harmony_core.cli", "chat", "--chat", str(exported)]
+        + ["--model", "demo", "--max-tokens", "3"],
+        input="And tomorrow?\n\\quit\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0 and "resumed 6 messages" in out.stdout + out.stderr, out.stderr
+    resumed = ChatLog.load(exported)
+    assert resumed.id == log.id and len(resumed.messages) == 8
 
     # Regenerate: the last reply is replaced.
     count = len(messages(d))
@@ -442,14 +456,20 @@ def test_api_key_is_asked_once(browser, encoding):
     )
     engine = mhc.Engine(model, encoding=encoding, context_length=1024)
     with ServerThread(engine, ServerOptions(model_name="keyed", api_key=KEY)) as url:
+        from selenium.webdriver.common.keys import Keys
+
+        asked = "return document.getElementById('key-dialog').open"
         d.get(url + "/")
-        wait(d, lambda: d.execute_script("return document.getElementById('key-dialog').open"))
+        wait(d, lambda: d.execute_script(asked), what="the key dialog")
+        d.find_element("id", "key").send_keys(Keys.ESCAPE)  # no key: the server's 401 text
+        wait(d, lambda: "invalid or missing API key" in error_text(d), what="the 401")
+        d.refresh()
+        wait(d, lambda: d.execute_script(asked), what="the key dialog")
         d.find_element("id", "key").send_keys(KEY + "\n")
         wait(d, lambda: d.execute_script("return document.body.dataset.ready"))
         assert d.find_element("id", "model-name").text == "Model: keyed"
         assert d.execute_script("return sessionStorage.getItem('mhc.key')") == KEY
         # Keyboard: Shift+Enter is a new line (nothing sent), Enter sends.
-        from selenium.webdriver.common.keys import Keys
 
         box = d.find_element("id", "message")
         box.send_keys("one", Keys.SHIFT, Keys.ENTER, Keys.SHIFT, "two")

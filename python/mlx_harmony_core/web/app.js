@@ -10,6 +10,7 @@
   const SKIP = new Set(["model", "stream", "stream_options", "n", "messages", "logprobs",
     "top_logprobs", "max_completion_tokens", "logit_bias", "tool_choice"]);
   const FIRST = ["max_tokens", "reasoning_effort", "max_reasoning_tokens"];
+  class LocalError extends Error {} // a message to show as is
   const S = { convs: {}, current: null, models: [], model: null, limit: null, fields: [],
     controller: null, editing: null, lastSave: 0 };
 
@@ -69,8 +70,10 @@
     } catch { return `${res.status} ${res.statusText}`; }
   }
   function askKey(why) {
-    return new Promise((resolve) => {
+    return new Promise((resolve, reject) => {
       const dlg = $("key-dialog"), form = $("key-form");
+      let given = false;
+      dlg.onclose = () => { if (!given) reject(new LocalError(why || "an API key is needed")); };
       $("key-why").textContent = (why ? why + ". " : "") +
         "Enter the server's API key; it is kept for this browser tab only.";
       $("key").value = "";
@@ -79,6 +82,7 @@
         const key = $("key").value.trim();
         if (!key) return;
         sessionStorage.setItem(KEY, key);
+        given = true;
         dlg.close();
         resolve();
       };
@@ -175,7 +179,6 @@
     for (const el of document.querySelectorAll("[data-setting]")) if (el.value) out[el.dataset.setting] = el.value;
     localStorage.setItem(SETTINGS, JSON.stringify(out));
   }
-  class LocalError extends Error {}
   function requestSettings() {
     const out = {};
     for (const el of document.querySelectorAll("#schema-fields [data-setting]")) {
