@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import mmap
 import os
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -254,61 +256,182 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFFile:
 
 # -- tensors ------------------------------------------------------------------------------------
 
+# Quantized tensors convert this many bytes of the file at a time (and no more is held).
+CHUNK_BYTES = 64 * 2**20
 
-def _blocks(raw: np.ndarray, info: TensorInfo, layout: list[tuple[str, str, int]]) -> np.ndarray:
-    rows = int(np.prod(info.shape[:-1])) if len(info.shape) > 1 else 1
-    cols = info.shape[-1]
-    if cols % 32:
-        raise ModelLoadError(f"tensor {info.name}: {cols} columns are not whole blocks of 32")
-    dtype = np.dtype([(n, t, (k,)) if k > 1 else (n, t) for n, t, k in layout])
-    return raw.view(dtype).reshape(rows, cols // 32)
-
-
-def _nibbles(qs: np.ndarray) -> np.ndarray:
-    """ggml's 4-bit blocks (element j in the low nibble of byte j, j+16 in its high one) as
-    MLX's packing (element i in bits 4*(i%8) of word i//8), (rows, blocks*4) uint32."""
-    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # (rows, blocks, 32) in order
-    packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
-    return packed.reshape(q.shape[0], -1).view(np.uint32)
+# Each type's block layout in the file, and what MLX keeps per block of 32 weights.
+_LAYOUTS: dict[int, list[tuple[str, str, int]]] = {
+    2: [("d", "<f2", 1), ("qs", "u1", 16)],  # Q4_0: d * (q - 8)
+    3: [("d", "<f2", 1), ("m", "<f2", 1), ("qs", "u1", 16)],  # Q4_1: d * q + m
+    8: [("d", "<f2", 1), ("qs", "u1", 32)],  # Q8_0: d * q, q signed
+    39: [("e", "u1", 1), ("qs", "u1", 16)],  # MXFP4: e2m1 codes, E8M0 scale
+}
+# Bytes in memory per block of 32 (codes + scales + biases) and per float element.
+_LOADED_BLOCK = {2: 16 + 2 + 2, 3: 16 + 2 + 2, 8: 32 + 2 + 2, 39: 16 + 1}
+_LOADED_FLOAT = {0: 4, 1: 2, 30: 2}
 
 
-def tensor_arrays(gguf: GGUFFile, buf: Any, info: TensorInfo) -> dict[str, mx.array]:
-    """One GGUF tensor as MLX arrays: ``{"": array}`` for floats; ``{"": packed,
-    "scales": ..., "biases": ...}`` (``mxfp4``: no biases) for quantized types."""
+def _nibble_table() -> np.ndarray:
+    """ggml's 4-bit block (element j in the low nibble of byte j, j+16 in its high one) to
+    MLX's packing (elements 2k, 2k+1 in byte k), two source bytes at a time: for the pair
+    ``v = qs[2m] | qs[2m+1] << 8`` the low result byte is MLX's byte m, the high one m+8."""
+    v = np.arange(65536, dtype=np.uint32)
+    lo = (v & 0x0F) | ((v >> 4) & 0xF0)
+    hi = ((v >> 4) & 0x0F) | ((v >> 8) & 0xF0)
+    return (lo | hi << 8).astype(np.uint16)
+
+
+_NIBBLES = _nibble_table()
+
+
+class FileSource:
+    """A GGUF file's bytes read with ``pread`` into one reusable buffer: the file's pages go
+    to the page cache, never into this process's resident memory (as a mapping's would)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.fd = os.open(path, os.O_RDONLY)
+        self._buf = np.empty(0, np.uint8)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def __enter__(self) -> FileSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def readinto(self, dest: np.ndarray, offset: int) -> None:
+        """Fill ``dest`` (contiguous bytes) from the file at ``offset``."""
+        view = memoryview(dest).cast("B")
+        done = 0
+        while done < len(view):
+            n = os.preadv(self.fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise ModelLoadError(f"file ended at byte {offset + done} while reading")
+            done += n
+
+    def read(self, offset: int, nbytes: int) -> np.ndarray:
+        """``nbytes`` at ``offset``, in the reusable buffer (valid until the next read)."""
+        if self._buf.size < nbytes:
+            self._buf = np.empty(nbytes, np.uint8)
+        out = self._buf[:nbytes]
+        self.readinto(out, offset)
+        return out
+
+
+class _BufferSource:
+    """The same reads from a buffer (an ``mmap`` or ``bytes``)."""
+
+    def __init__(self, buf: Any) -> None:
+        self.buf = buf
+
+    def readinto(self, dest: np.ndarray, offset: int) -> None:
+        dest.reshape(-1)[:] = self.read(offset, dest.nbytes)
+
+    def read(self, offset: int, nbytes: int) -> np.ndarray:
+        return np.frombuffer(self.buf, dtype=np.uint8, count=nbytes, offset=offset)
+
+
+class _Out:
+    """An MLX array filled in place through a numpy view of its memory (no second copy of a
+    tensor is ever made); where MLX gives no writable view, a numpy array copied at the end."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: Any) -> None:
+        self.array: mx.array | None = mx.zeros(shape, dtype)
+        mx.eval(self.array)
+        view = np.asarray(memoryview(self.array))
+        if view.flags.writeable and view.flags.c_contiguous and view.nbytes == self.array.nbytes:
+            self.np = view.reshape(shape)
+        else:  # pragma: no cover - MLX builds without a writable buffer view
+            self.array = None
+            self.np = np.empty(shape, view.dtype)
+
+    def done(self) -> mx.array:
+        if self.array is None:  # pragma: no cover
+            return mx.array(self.np)
+        out, self.array, self.np = self.array, None, None
+        return out
+
+
+def tensor_arrays(
+    gguf: GGUFFile, source: Any, info: TensorInfo, chunk_bytes: int = CHUNK_BYTES
+) -> dict[str, mx.array]:
+    """One GGUF tensor as evaluated MLX arrays: ``{"": array}`` for floats; ``{"": packed,
+    "scales": ..., "biases": ...}`` (``mxfp4``: no biases) for quantized types.
+
+    ``source`` is a :class:`FileSource` (or any buffer holding the file, e.g. an ``mmap``).
+    The arrays are allocated once and filled ``chunk_bytes`` of the file at a time: besides
+    them, at most one chunk and its temporaries are held."""
     if info.type not in _FLOAT and info.type not in _QUANTIZED:
         raise ModelLoadError(
             f"{gguf.path}: tensor {info.name} is {info.type_name}, which does not load "
             "(supported: F32, F16, BF16, Q4_0, Q4_1, Q8_0, MXFP4); re-quantize the model "
             "with one of those, e.g. llama-quantize ... Q8_0"
         )
-    raw = np.frombuffer(buf, dtype=np.uint8, count=info.nbytes, offset=info.offset)
+    src = source if hasattr(source, "readinto") else _BufferSource(source)
     if info.type in _FLOAT:
-        arr = raw.view(_FLOAT[info.type]).reshape(info.shape)
-        out = mx.array(arr)
-        return {"": out.view(mx.bfloat16) if info.type == 30 else out}
+        kind = {0: mx.float32, 1: mx.float16, 30: mx.uint16}[info.type]
+        out = _Out(info.shape, kind)
+        flat = out.np.reshape(-1).view(np.uint8)
+        for start in range(0, info.nbytes, chunk_bytes):
+            stop = min(info.nbytes, start + chunk_bytes)
+            src.readinto(flat[start:stop], info.offset + start)
+        arr = out.done()
+        return {"": arr.view(mx.bfloat16) if info.type == 30 else arr}
     lead = info.shape[:-1]
-    if info.type == 2:  # Q4_0: d * (q - 8)
-        b = _blocks(raw, info, [("d", "<f2", 1), ("qs", "u1", 16)])
-        w, d = _nibbles(b["qs"]), b["d"]
-        arrays = {"scales": d, "biases": (d.astype(np.float32) * -8).astype(np.float16)}
-    elif info.type == 3:  # Q4_1: d * q + m
-        b = _blocks(raw, info, [("d", "<f2", 1), ("m", "<f2", 1), ("qs", "u1", 16)])
-        w = _nibbles(b["qs"])
-        arrays = {"scales": b["d"], "biases": b["m"]}
-    elif info.type == 8:  # Q8_0: d * q, q signed; MLX's 8-bit codes are unsigned
-        b = _blocks(raw, info, [("d", "<f2", 1), ("qs", "i1", 32)])
-        q = (b["qs"].astype(np.int16) + 128).astype(np.uint8)
-        w = q.reshape(q.shape[0], -1).view(np.uint32)
-        d = b["d"]
-        arrays = {"scales": d, "biases": (d.astype(np.float32) * -128).astype(np.float16)}
-    else:  # MXFP4: e2m1 codes, E8M0 scales (ggml doubles the codes, halves the scale)
-        b = _blocks(raw, info, [("e", "u1", 1), ("qs", "u1", 16)])
-        w = _nibbles(b["qs"])
-        arrays = {"scales": b["e"]}
-    out = {"": mx.array(w.reshape(*lead, -1))}
-    for k, v in arrays.items():
-        out[k] = mx.array(np.ascontiguousarray(v).reshape(*lead, -1))
+    rows = math.prod(lead) if lead else 1
+    cols = info.shape[-1]
+    if cols % 32:
+        raise ModelLoadError(f"tensor {info.name}: {cols} columns are not whole blocks of 32")
+    blocks = cols // 32
+    layout = _LAYOUTS[info.type]
+    dtype = np.dtype([(n, t, (k,)) if k > 1 else (n, t) for n, t, k in layout])
+    bits = _QUANTIZED[info.type][0]
+    w = _Out((*lead, cols * bits // 32), mx.uint32)
+    codes = w.np.view(np.uint8).reshape(rows, blocks, 32 * bits // 8)
+    scale_type = mx.uint8 if info.type == 39 else mx.float16
+    scales = _Out((*lead, blocks), scale_type)
+    biases = _Out((*lead, blocks), mx.float16) if info.type != 39 else None
+    s = scales.np.reshape(rows, blocks)
+    bias = biases.np.reshape(rows, blocks) if biases is not None else None
+    step = max(1, chunk_bytes // (blocks * dtype.itemsize))
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        raw = src.read(
+            info.offset + r0 * blocks * dtype.itemsize, (r1 - r0) * blocks * dtype.itemsize
+        )
+        b = raw.view(dtype).reshape(r1 - r0, blocks)
+        if info.type == 8:  # MLX's 8-bit codes are unsigned: q + 128
+            np.bitwise_xor(b["qs"], 0x80, out=codes[r0:r1])
+            np.copyto(s[r0:r1], b["d"])
+            bias[r0:r1] = (b["d"].astype(np.float32) * -128).astype(np.float16)
+        else:
+            pairs = _NIBBLES[b["qs"].view("<u2")].view(np.uint8)  # (rows, blocks, 8 * 2)
+            pairs = pairs.reshape(r1 - r0, blocks, 8, 2)
+            np.copyto(codes[r0:r1, :, :8], pairs[..., 0])
+            np.copyto(codes[r0:r1, :, 8:], pairs[..., 1])
+            del pairs
+            if info.type == 39:
+                np.copyto(s[r0:r1], b["e"])
+            elif info.type == 2:
+                np.copyto(s[r0:r1], b["d"])
+                bias[r0:r1] = (b["d"].astype(np.float32) * -8).astype(np.float16)
+            else:
+                np.copyto(s[r0:r1], b["d"])
+                np.copyto(bias[r0:r1], b["m"])
+    out = {"": w.done(), "scales": scales.done()}
+    if biases is not None:
+        out["biases"] = biases.done()
     return out
+
+
+def loaded_bytes(info: TensorInfo, dequantize: bool = False) -> int:
+    """Bytes ``info``'s tensor takes in memory once loaded (float32 if ``dequantize``)."""
+    count = math.prod(info.shape) if info.shape else 1
+    if info.type in _QUANTIZED:
+        return count * 4 if dequantize else count // 32 * _LOADED_BLOCK[info.type]
+    return count * _LOADED_FLOAT.get(info.type, 0) or info.nbytes
 
 
 # -- config -------------------------------------------------------------------------------------
@@ -419,40 +542,116 @@ def _unpermute(a: mx.array, heads: int) -> mx.array:
     return a.reshape(heads, rows // heads // 2, 2, *rest).swapaxes(1, 2).reshape(a.shape)
 
 
-def _gguf_weights(
-    gguf: GGUFFile, model: nn.Module, config: dict[str, Any]
-) -> tuple[dict[str, mx.array], dict[str, tuple[int, int, str]]]:
-    """The model's weights under mlx-lm names, and the quantized modules (path -> (bits,
-    group size, mode))."""
-    arch = gguf.architecture
-    weights: dict[str, mx.array] = {}
-    quantized: dict[str, tuple[int, int, str]] = {}
-    used = set()
-    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
-    with open(gguf.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        for path, candidates in _names(model, arch, config["num_hidden_layers"]).items():
-            info = next((gguf.tensors[n] for n in candidates if n in gguf.tensors), None)
-            if info is None:
-                continue  # strict loading names what is missing
-            used.add(info.name)
-            arrays = tensor_arrays(gguf, buf, info)
-            stem = info.name.rsplit(".", 1)[0]
-            if arch in _PERMUTED and stem.endswith((".attn_q", ".attn_k")):
-                n = heads if stem.endswith(".attn_q") else kv_heads
-                arrays = {k: _unpermute(v, n) for k, v in arrays.items()}
-            if arch == "gemma" and stem.endswith("norm") and info.type in _FLOAT:
-                arrays = {"": arrays[""].astype(mx.float32) - 1}  # stored as 1 + weight
-            weights[path] = arrays.pop("")
-            module = path.rsplit(".", 1)[0]
-            for k, v in arrays.items():
-                weights[f"{module}.{k}"] = v
-            if info.type in _QUANTIZED:
-                quantized[module] = _QUANTIZED[info.type]
-        mx.eval(weights)  # copies out of the mapping before it closes
+def _plan(gguf: GGUFFile, model: nn.Module, config: dict[str, Any]) -> list[tuple[str, TensorInfo]]:
+    """(mlx-lm parameter path, its GGUF tensor) for every parameter the file holds, in the
+    file's order (read front to back)."""
+    plan = []
+    for path, candidates in _names(model, gguf.architecture, config["num_hidden_layers"]).items():
+        info = next((gguf.tensors[n] for n in candidates if n in gguf.tensors), None)
+        if info is not None:  # strict loading names what is missing
+            plan.append((path, info))
+    plan.sort(key=lambda item: item[1].offset)
+    used = {info.name for _, info in plan}
     left = sorted(set(gguf.tensors) - used)
     if left:
         logger.warning("%s: %d tensors are not used (%s, ...)", gguf.path, len(left), left[0])
-    return weights, quantized
+    return plan
+
+
+def _quantized_modules(plan: list[tuple[str, TensorInfo]]) -> dict[str, tuple[int, int, str]]:
+    """The modules whose tensors stay quantized: path -> (bits, group size, mode)."""
+    return {
+        path.rsplit(".", 1)[0]: _QUANTIZED[info.type]
+        for path, info in plan
+        if info.type in _QUANTIZED
+    }
+
+
+class _Progress:
+    """A progress bar on a terminal (tqdm), else a log line every 10%, for big files."""
+
+    MIN_BYTES = 256 * 2**20
+
+    def __init__(self, total: int, what: str) -> None:
+        import sys
+
+        self.total, self.what, self.done, self.logged, self.bar = total, what, 0, 0, None
+        if total < self.MIN_BYTES:
+            self.total = 0
+        elif sys.stderr is not None and sys.stderr.isatty():
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(
+                    total=total, desc=what, unit="B", unit_scale=True, leave=False, delay=0.5
+                )
+            except ImportError:  # pragma: no cover - tqdm comes with transformers
+                pass
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.total and self.done * 10 // self.total > self.logged:
+            self.logged = self.done * 10 // self.total
+            logger.info(
+                "%s: %d%% (%.1f of %.1f GB)",
+                self.what,
+                self.logged * 10,
+                self.done / 1e9,
+                self.total / 1e9,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _stream_weights(
+    gguf: GGUFFile,
+    plan: list[tuple[str, TensorInfo]],
+    config: dict[str, Any],
+    dequantize: bool,
+    what: str = "loading",
+) -> Iterator[dict[str, mx.array]]:
+    """Each planned tensor's evaluated MLX arrays under mlx-lm names (``{path: weight}``,
+    plus the module's ``scales``/``biases`` when quantized), one tensor at a time: the file
+    is read with ``pread`` (never mapped), and nothing but the arrays yielded is kept."""
+    arch = gguf.architecture
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    progress = _Progress(sum(info.nbytes for _, info in plan), f"{what} {gguf.path.name}")
+    try:
+        with FileSource(gguf.path) as src:
+            for path, info in plan:
+                arrays = tensor_arrays(gguf, src, info)
+                stem = info.name.rsplit(".", 1)[0]
+                if arch in _PERMUTED and stem.endswith((".attn_q", ".attn_k")):
+                    n = heads if stem.endswith(".attn_q") else kv_heads
+                    arrays = {k: _unpermute(v, n) for k, v in arrays.items()}
+                if arch == "gemma" and stem.endswith("norm") and info.type in _FLOAT:
+                    arrays = {"": arrays[""].astype(mx.float32) - 1}  # stored as 1 + weight
+                if dequantize and info.type in _QUANTIZED:
+                    bits, group, mode = _QUANTIZED[info.type]
+                    full = mx.dequantize(
+                        arrays[""],
+                        arrays["scales"],
+                        arrays.get("biases"),
+                        group_size=group,
+                        bits=bits,
+                        mode=mode,
+                    )
+                    arrays = {"": full.astype(mx.float32)}
+                mx.eval(arrays)
+                module = path.rsplit(".", 1)[0]
+                out = {path: arrays.pop("")}
+                for k, v in arrays.items():
+                    out[f"{module}.{k}"] = v
+                del arrays
+                yield out
+                progress.update(info.nbytes)
+    finally:
+        progress.close()
+        mx.clear_cache()
 
 
 def _build_model(config: dict[str, Any]) -> nn.Module:
@@ -475,24 +674,42 @@ def _quantize(model: nn.Module, quantized: dict[str, tuple[int, int, str]]) -> N
 
 
 def weight_bytes(gguf: GGUFFile, dequantize: bool = False) -> int:
-    """Bytes the weights take in memory: as stored, or with quantized ones as float32."""
-    if not dequantize:
-        return gguf.nbytes
-    return sum(
-        int(np.prod(t.shape)) * 4 if t.type in _QUANTIZED else t.nbytes
-        for t in gguf.tensors.values()
+    """Bytes the weights take in memory once loaded (MLX's layout: codes, scales and biases
+    for quantized types), or with quantized ones as float32."""
+    return sum(loaded_bytes(t, dequantize) for t in gguf.tensors.values())
+
+
+def load_bytes(gguf: GGUFFile, dequantize: bool = False, keep: int | None = None) -> int:
+    """The most memory a load takes: the weights kept (all of them, or ``keep`` bytes, as
+    ``convert`` keeps one shard), one tensor being converted, and the file chunk read."""
+    kept = weight_bytes(gguf, dequantize)
+    if keep is not None:
+        kept = min(kept, keep)
+    tensors = list(gguf.tensors.values())
+    largest = max(
+        (loaded_bytes(t, dequantize) + (loaded_bytes(t) if dequantize else 0) for t in tensors),
+        default=0,
     )
+    chunk = min(CHUNK_BYTES, max((t.nbytes for t in tensors if t.type in _QUANTIZED), default=0))
+    return kept + largest + 2 * chunk
 
 
-def check_memory(gguf: GGUFFile, available: int | None = None, dequantize: bool = False) -> None:
-    """Refuse a model whose weights cannot fit in the memory available now."""
+def check_memory(
+    gguf: GGUFFile,
+    available: int | None = None,
+    dequantize: bool = False,
+    keep: int | None = None,
+) -> None:
+    """Refuse a model whose load cannot fit in the memory available now (see
+    :func:`load_bytes`)."""
     from .scheduler import available_memory
 
     free = available_memory() if available is None else available
-    need = weight_bytes(gguf, dequantize)
+    need = load_bytes(gguf, dequantize, keep)
     if need > 0.9 * free:
         raise ModelLoadError(
-            f"{gguf.path.name} needs {need / 2**30:.1f} GiB for its weights, but only "
+            f"{gguf.path.name} needs {need / 2**30:.1f} GiB to load "
+            f"({weight_bytes(gguf, dequantize) / 2**30:.1f} GiB of weights), but only "
             f"{free / 2**30:.1f} GiB of memory are available; free memory or pick a smaller "
             "quantization" + (" (or load it without dequantize)" if dequantize else "")
         )
@@ -503,33 +720,41 @@ def load_gguf(
 ) -> tuple[nn.Module, dict[str, Any], GGUFFile]:
     """Load a GGUF file into an mlx-lm model. Returns (model, config, header).
 
-    ``dequantize=True`` turns quantized weights into float32 (faster than MLX's CPU
-    quantized kernels today, 8x the memory of 4-bit).
+    Tensor by tensor: each is read from the file, converted into its final MLX arrays and
+    evaluated before the next is read, so the load peaks at about the loaded model plus
+    one tensor. ``dequantize=True`` turns quantized weights into float32 (faster than
+    MLX's CPU quantized kernels today, 8x the memory of 4-bit).
     """
     gguf = read_gguf(path)
     config = gguf_config(gguf)
     check_memory(gguf, dequantize=dequantize)
-    try:
-        model = _build_model(config)
-    except Exception as exc:
-        raise ModelLoadError(
-            f"{gguf.path}: mlx-lm cannot build {config['model_type']}: {exc}"
-        ) from exc
-    weights, quantized = _gguf_weights(gguf, model, config)
-    if dequantize and quantized:
-        weights = _dequantized(weights, quantized)
-        quantized = {}
-    else:
+    model = _model_for(gguf, config)
+    plan = _plan(gguf, model, config)
+    quantized = {} if dequantize else _quantized_modules(plan)
+    if not dequantize:
         config["quantization"] = quantization_config(quantized)
     _quantize(model, quantized)
+    weights: dict[str, mx.array] = {}
+    for arrays in _stream_weights(gguf, plan, config, dequantize):
+        weights.update(arrays)
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as exc:
         raise ModelLoadError(
             f"{gguf.path}: the tensors do not fit {config['model_type']}: {exc}"
         ) from exc
+    del weights
     mx.eval(model.parameters())
     return model, config, gguf
+
+
+def _model_for(gguf: GGUFFile, config: dict[str, Any]) -> nn.Module:
+    try:
+        return _build_model(config)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"{gguf.path}: mlx-lm cannot build {config['model_type']}: {exc}"
+        ) from exc
 
 
 def quantization_config(quantized: dict[str, tuple[int, int, str]]) -> dict[str, Any] | None:
@@ -543,20 +768,6 @@ def quantization_config(quantized: dict[str, tuple[int, int, str]]) -> dict[str,
     for p, spec in quantized.items():
         if spec != (bits, group, mode):
             out[p] = {"bits": spec[0], "group_size": spec[1], "mode": spec[2]}
-    return out
-
-
-def _dequantized(
-    weights: dict[str, mx.array], quantized: dict[str, tuple[int, int, str]]
-) -> dict[str, mx.array]:
-    out = dict(weights)
-    for path, (bits, group, mode) in quantized.items():
-        w = out.pop(f"{path}.weight")
-        scales = out.pop(f"{path}.scales")
-        biases = out.pop(f"{path}.biases", None)
-        full = mx.dequantize(w, scales, biases, group_size=group, bits=bits, mode=mode)
-        out[f"{path}.weight"] = full.astype(mx.float32)
-    mx.eval(out)
     return out
 
 
@@ -726,9 +937,14 @@ def save_mlx(
     *,
     dequantize: bool = False,
     overwrite: bool = False,
+    shard_bytes: int = 2 * 2**30,
 ) -> Path:
     """Convert a GGUF file into an mlx-lm model directory (config.json, safetensors and the
-    Hugging Face tokenizer files) that ``mlx_lm.load`` and :func:`~.load` read."""
+    Hugging Face tokenizer files) that ``mlx_lm.load`` and :func:`~.load` read.
+
+    Streams like :func:`load_gguf`: tensors are converted one at a time and written out in
+    shards of about ``shard_bytes`` (``model-0000i-of-0000n.safetensors`` with an index;
+    ``model.safetensors`` if one shard holds all), so at most one shard is held."""
     from mlx.utils import tree_flatten
 
     from ._paths import atomic_write_text
@@ -736,10 +952,58 @@ def save_mlx(
     target = Path(out)
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise FileExistsError(f"{target} exists and is not empty; pass overwrite=True")
-    model, config, gguf = load_gguf(path, dequantize=dequantize)
+    gguf = read_gguf(path)
+    config = gguf_config(gguf)
+    check_memory(gguf, dequantize=dequantize, keep=shard_bytes)
+    model = _model_for(gguf, config)
+    plan = _plan(gguf, model, config)
+    quantized = {} if dequantize else _quantized_modules(plan)
+    config["quantization"] = quantization_config(quantized)
+    _quantize(model, quantized)
+    expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+    del model
+    # Shards planned from the header, so each file is named with their count.
+    shard_of, size, n = [], 0, 0
+    for _, info in plan:
+        if size >= shard_bytes:
+            n, size = n + 1, 0
+        shard_of.append(n)
+        size += loaded_bytes(info, dequantize)
+    count = n + 1
+    names = (
+        ["model.safetensors"]
+        if count == 1
+        else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+    )
     target.mkdir(parents=True, exist_ok=True)
-    weights = dict(tree_flatten(model.parameters()))
-    mx.save_safetensors(str(target / "model.safetensors"), weights, metadata={"format": "mlx"})
+    index: dict[str, str] = {}
+    shard: dict[str, mx.array] = {}
+    current = 0
+    arrays_in_order = _stream_weights(gguf, plan, config, dequantize, what="converting")
+    for i, arrays in enumerate(arrays_in_order):
+        if shard_of[i] != current:
+            _write_shard(target / names[current], shard, index)
+            shard, current = {}, shard_of[i]
+        for name, a in arrays.items():
+            if expected.get(name) != tuple(a.shape):
+                raise ModelLoadError(
+                    f"{gguf.path}: the tensors do not fit {config['model_type']}: {name} is "
+                    f"{tuple(a.shape)}, the model expects {expected.get(name, 'no such name')}"
+                )
+        shard.update(arrays)
+    _write_shard(target / names[current], shard, index)
+    missing = sorted(set(expected) - set(index))
+    if missing:
+        raise ModelLoadError(
+            f"{gguf.path}: the tensors do not fit {config['model_type']}: "
+            f"{len(missing)} parameters are missing ({missing[0]}, ...)"
+        )
+    if count > 1:
+        total = sum(a for a in (loaded_bytes(info, dequantize) for _, info in plan))
+        atomic_write_text(
+            target / "model.safetensors.index.json",
+            json.dumps({"metadata": {"total_size": total}, "weight_map": index}, indent=1) + "\n",
+        )
     if config.get("quantization") is None:
         config.pop("quantization", None)
     atomic_write_text(target / "config.json", json.dumps(config, indent=2) + "\n")
@@ -753,3 +1017,9 @@ def save_mlx(
 
         write_hf_tokenizer(target)
     return target
+
+
+def _write_shard(file: Path, shard: dict[str, mx.array], index: dict[str, str]) -> None:
+    mx.save_safetensors(str(file), shard, metadata={"format": "mlx"})
+    index.update(dict.fromkeys(shard, file.name))
+    logger.info("wrote %s (%d arrays)", file.name, len(shard))
