@@ -87,6 +87,9 @@ BATCH_ROWS: list[tuple[str, str, list[dict[str, float]]]] = []
 # (case, ours, MLX's kernels, unit): quantized matmul kernels vs MLX's CPU path.
 QUANT_ROWS: list[tuple[str, float, float, str]] = []
 
+# (engine, one dict per run: open/ready seconds, peak/rss/base bytes, file bytes): GGUF loads.
+LOAD_ROWS: list[tuple[str, list[dict[str, float]], int]] = []
+
 # (case, 2 ranks, 1 rank, unit): tensor parallelism on this machine.
 DIST_ROWS: list[tuple[str, float, float, str]] = []
 
@@ -139,6 +142,23 @@ def pytest_sessionfinish(session, exitstatus):
         "distributed (ring, 127.0.0.1): 2 ranks vs 1 rank on the same 2 cores",
         ("2 ranks", "1 rank"),
     )
+    if LOAD_ROWS:
+        tr.section("loading a GGUF: min / median / max over alternating runs, one process each")
+        tr.write_line(
+            f"{'engine':22s} {'ready (load + 1 token) s':>24s} {'open s':>23s} "
+            f"{'peak RSS GiB':>23s} {'RSS after GiB':>23s}"
+        )
+        for name, runs, _size in LOAD_ROWS:
+            if not runs:
+                tr.write_line(name)
+                continue
+            tr.write_line(
+                f"{name:22s} {_spread([r['ready'] for r in runs])} "
+                f"{_spread([r['open'] for r in runs])} "
+                f"{_spread([r['peak'] for r in runs], 2**-30)} "
+                f"{_spread([r['rss'] for r in runs], 2**-30)}"
+            )
+        tr.write_line(f"file: {LOAD_ROWS[-1][2] / 1e9:.1f} GB")
     if STRUCTURED_ROWS:
         tr.section("structured outputs (demo model unless named)")
         for case, value in STRUCTURED_ROWS:

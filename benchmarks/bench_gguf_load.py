@@ -1,0 +1,128 @@
+"""Loading a GGUF: ours (tensor by tensor) vs llama.cpp on the same file, and vs our own
+mlx-lm directory of the same weights; time to a model ready for its first token (load + one
+token's forward pass: llama.cpp maps lazily, so its open alone is not comparable) and peak
+resident memory, each run in its own process, alternating.
+
+    MHC_BENCH_GGUF_20B=1 python -m pytest benchmarks/bench_gguf_load.py -s
+
+On demand only (never in CI): gpt-oss-20b's shapes as llama.cpp's converter writes them
+(12.1 GB: MXFP4 experts, Q8_0 elsewhere, random weights, o200k_harmony vocabulary) are
+written once to ``$MHC_BENCH_GGUF`` (default ``$MLX_HARMONY_CORE_HOME/models/
+gpt-oss-20b-mxfp4-q8.gguf``) and converted once into an mlx-lm directory beside it.
+``MHC_BENCH_ROUNDS`` rounds (default 2). llama.cpp comes from ``llama-cpp-python``
+(optional); without it its rows are left out. Without ``MHC_BENCH_GGUF_20B`` a small file
+loads once, ours only, as a test.
+"""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import mlx_harmony_core as mhc
+from conftest import LOAD_ROWS
+from mlx_harmony_core._paths import home
+from mlx_harmony_core.gguf_test_model import make_test_gguf
+
+FULL = bool(os.environ.get("MHC_BENCH_GGUF_20B"))
+ROUNDS = int(os.environ.get("MHC_BENCH_ROUNDS", "2"))
+
+# One process per run: import, then load and one token's forward pass, timed; VmHWM is the
+# process's peak resident memory (the file's mapped pages count for llama.cpp's mmap).
+_RUN = r"""
+import json, sys, time
+engine, path = sys.argv[1:3]
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+
+if engine.startswith("llama.cpp"):
+    import llama_cpp
+    kwargs = dict(n_ctx=256, n_batch=32, verbose=False, use_mmap=engine == "llama.cpp")
+    import inspect
+    if "use_extra_bufts" in inspect.signature(llama_cpp.Llama).parameters:
+        kwargs["use_extra_bufts"] = False  # this VM's CPU reports AMX its kernel lacks
+    base = status("VmRSS")
+    t0 = time.perf_counter()
+    llm = llama_cpp.Llama(model_path=path, **kwargs)
+    t1 = time.perf_counter()
+    llm.eval([200005])
+    t2 = time.perf_counter()
+else:
+    import mlx_harmony_core as mhc
+    import mlx.core as mx
+    from mlx_lm.models import gpt_oss  # noqa: F401  (imports outside the timing)
+    mx.set_default_device(mx.cpu)
+    base = status("VmRSS")
+    t0 = time.perf_counter()
+    model = mhc.load(path).model
+    t1 = time.perf_counter()
+    mx.eval(model(mx.array([[200005]])))
+    t2 = time.perf_counter()
+print(json.dumps({"open": t1 - t0, "ready": t2 - t0, "peak": status("VmHWM"),
+                  "rss": status("VmRSS"), "base": base}))
+"""
+
+
+def _run(engine: str, path: Path) -> dict[str, float]:
+    proc = subprocess.run(
+        [sys.executable, "-c", _RUN, engine, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{engine} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _have_llama_cpp() -> bool:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(FULL, reason="the small case runs without MHC_BENCH_GGUF_20B")
+def test_small_gguf_loads(benchmark, tmp_path):
+    path = make_test_gguf(tmp_path / "small.gguf", preset="small", vocab_size=8192)
+    benchmark.group = "load a GGUF (small preset)"
+    benchmark.extra_info["engine"] = "ours"
+    engine = benchmark.pedantic(mhc.load, args=(path,), rounds=1, iterations=1)
+    assert engine.config["model_type"] == "gpt_oss"
+
+
+@pytest.mark.skipif(not FULL, reason="set MHC_BENCH_GGUF_20B=1 (writes a 12 GB file)")
+def test_gpt_oss_20b_gguf_load_vs_llama_cpp():
+    from mlx_harmony_core.gguf import save_mlx
+
+    default = home() / "models" / "gpt-oss-20b-mxfp4-q8.gguf"
+    path = Path(os.environ.get("MHC_BENCH_GGUF", default))
+    if not path.exists():
+        make_test_gguf(path, preset="gpt-oss-20b", tokenizer=True)
+    directory = path.with_suffix(".mlx")
+    if not (directory / "config.json").exists():
+        save_mlx(path, directory, overwrite=True)
+    engines = {"ours (GGUF)": path, "ours (mlx-lm dir)": directory}
+    if _have_llama_cpp():
+        engines["llama.cpp"] = path  # mmap, as it opens by default
+        engines["llama.cpp no-mmap"] = path
+    else:
+        LOAD_ROWS.append(("llama.cpp: not installed (pip install llama-cpp-python)", [], 0))
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in engines}
+    for r in range(ROUNDS):
+        order = list(engines) if r % 2 == 0 else list(reversed(engines))
+        for name in order:
+            runs[name].append(_run(name, engines[name]))
+    size = path.stat().st_size
+    for name, rs in runs.items():
+        LOAD_ROWS.append((name, rs, size))
+    ours = statistics.median(r["ready"] for r in runs["ours (GGUF)"])
+    assert ours > 0
