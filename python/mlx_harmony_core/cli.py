@@ -467,7 +467,13 @@ def _cmd_fetch_test_model(args: argparse.Namespace) -> int:
 def _cmd_convert(args: argparse.Namespace) -> int:
     from .gguf import save_mlx
 
-    out = save_mlx(args.gguf, args.dir, dequantize=args.dequantize, overwrite=args.force)
+    out = save_mlx(
+        args.gguf,
+        args.dir,
+        dequantize=args.dequantize,
+        overwrite=args.force,
+        shard_bytes=int(args.shard_size * 2**30),
+    )
     print(f"wrote {out}")
     return 0
 
@@ -704,6 +710,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--dequantize", action="store_true", help="write float32 weights instead of quantized"
     )
     cv.add_argument("--force", action="store_true", help="write into a non-empty directory")
+    cv.add_argument(
+        "--shard-size",
+        type=float,
+        default=2.0,
+        metavar="GB",
+        help="safetensors shard size in GiB: tensors are converted one at a time and written "
+        "out a shard at a time, so about this much is held in memory (default: 2)",
+    )
     cv.set_defaults(func=_cmd_convert)
 
     b = sub.add_parser(
