@@ -1,4 +1,4 @@
-#include "batch_cache.h"
+#include "cache/batch_cache.h"
 
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>

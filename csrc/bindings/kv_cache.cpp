@@ -1,4 +1,4 @@
-#include "kv_cache.h"
+#include "cache/kv_cache.h"
 
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/map.h>

@@ -1,4 +1,4 @@
-#include "stop.h"
+#include "stop/stop.h"
 
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>

@@ -6,7 +6,7 @@
 // test.
 #pragma once
 
-#include "sampling.h"
+#include "sampling/sampling.h"
 
 #include <vector>
 

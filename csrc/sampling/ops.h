@@ -2,7 +2,7 @@
 // the same stages and distribution as the CPU kernel, with no full sort.
 #pragma once
 
-#include "sampling.h"
+#include "sampling/sampling.h"
 
 namespace mlx_harmony_core::ops {
 

@@ -1,4 +1,4 @@
-#include "kv_cache.h"
+#include "cache/kv_cache.h"
 
 #include "mlx/ops.h"
 

@@ -1,4 +1,4 @@
-#include "sampling.h"
+#include "sampling/sampling.h"
 
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"

@@ -2,7 +2,7 @@
 // batching): rows join, leave and decode together, each at its own position.
 #pragma once
 
-#include "kv_cache.h"
+#include "cache/kv_cache.h"
 
 #include <memory>
 #include <vector>

@@ -1,4 +1,4 @@
-#include "stop.h"
+#include "stop/stop.h"
 
 #include <algorithm>
 #include <deque>

@@ -1,4 +1,4 @@
-#include "quant.h"
+#include "quant/quant.h"
 
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"

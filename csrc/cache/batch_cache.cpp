@@ -1,4 +1,4 @@
-#include "batch_cache.h"
+#include "cache/batch_cache.h"
 
 #include "mlx/ops.h"
 
