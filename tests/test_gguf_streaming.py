@@ -149,6 +149,10 @@ from mlx.utils import tree_flatten
 mode, path, demo, out = sys.argv[1:5]
 mx.set_default_device(mx.cpu)
 mhc.load(demo)  # the imports and first allocations, before the high-water mark is reset
+if mode == "convert":  # and o200k's Hugging Face tokenizer, a constant ~130 MB while built
+    import tempfile
+    from mlx_harmony_core.harmony import write_hf_tokenizer
+    write_hf_tokenizer(tempfile.mkdtemp())
 
 def status(key):
     for line in open("/proc/self/status"):

@@ -256,8 +256,10 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFFile:
 
 # -- tensors ------------------------------------------------------------------------------------
 
-# Quantized tensors convert this many bytes of the file at a time (and no more is held).
-CHUNK_BYTES = 64 * 2**20
+# Quantized tensors convert this many bytes of the file at a time, in each of up to
+# LOAD_THREADS threads (each holds its chunk and the chunk's temporaries, no more).
+CHUNK_BYTES = 16 * 2**20
+LOAD_THREADS = min(2, os.cpu_count() or 1)
 
 # Each type's block layout in the file, and what MLX keeps per block of 32 weights.
 _LAYOUTS: dict[int, list[tuple[str, str, int]]] = {
@@ -284,13 +286,43 @@ def _nibble_table() -> np.ndarray:
 _NIBBLES = _nibble_table()
 
 
+_POOL: list[Any] = []
+
+
+def _pool() -> Any:
+    """The loader's worker threads (none with one core)."""
+    if LOAD_THREADS < 2:
+        return None
+    if not _POOL:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL.append(ThreadPoolExecutor(LOAD_THREADS, thread_name_prefix="gguf-load"))
+    return _POOL[0]
+
+
+def _each(fill: Any, spans: list[tuple[int, int]]) -> None:
+    """``fill(start, stop)`` for each span (disjoint parts of one array): on the worker
+    threads when there are several (numpy and ``pread`` let go of the GIL, so one chunk's
+    read overlaps another's conversion)."""
+    pool = _pool() if len(spans) > 1 else None
+    if pool is None:
+        for a, b in spans:
+            fill(a, b)
+        return
+    for done in [pool.submit(fill, a, b) for a, b in spans]:
+        done.result()
+
+
 class FileSource:
-    """A GGUF file's bytes read with ``pread`` into one reusable buffer: the file's pages go
-    to the page cache, never into this process's resident memory (as a mapping's would)."""
+    """A GGUF file's bytes read with ``pread`` into a reusable buffer (one per thread): the
+    file's pages go to the page cache, never into this process's resident memory (as a
+    mapping's would)."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
+        import threading
+
         self.fd = os.open(path, os.O_RDONLY)
-        self._buf = np.empty(0, np.uint8)
+        self._local = threading.local()
 
     def close(self) -> None:
         os.close(self.fd)
@@ -312,10 +344,12 @@ class FileSource:
             done += n
 
     def read(self, offset: int, nbytes: int) -> np.ndarray:
-        """``nbytes`` at ``offset``, in the reusable buffer (valid until the next read)."""
-        if self._buf.size < nbytes:
-            self._buf = np.empty(nbytes, np.uint8)
-        out = self._buf[:nbytes]
+        """``nbytes`` at ``offset``, in this thread's reusable buffer (valid until its next
+        read)."""
+        buf = getattr(self._local, "buf", None)
+        if buf is None or buf.size < nbytes:
+            buf = self._local.buf = np.empty(nbytes, np.uint8)
+        out = buf[:nbytes]
         self.readinto(out, offset)
         return out
 
@@ -374,9 +408,10 @@ def tensor_arrays(
         kind = {0: mx.float32, 1: mx.float16, 30: mx.uint16}[info.type]
         out = _Out(info.shape, kind)
         flat = out.np.reshape(-1).view(np.uint8)
-        for start in range(0, info.nbytes, chunk_bytes):
-            stop = min(info.nbytes, start + chunk_bytes)
-            src.readinto(flat[start:stop], info.offset + start)
+        _each(
+            lambda a, b: src.readinto(flat[a:b], info.offset + a),
+            [(a, min(info.nbytes, a + chunk_bytes)) for a in range(0, info.nbytes, chunk_bytes)],
+        )
         arr = out.done()
         return {"": arr.view(mx.bfloat16) if info.type == 30 else arr}
     lead = info.shape[:-1]
@@ -395,31 +430,32 @@ def tensor_arrays(
     biases = _Out((*lead, blocks), mx.float16) if info.type != 39 else None
     s = scales.np.reshape(rows, blocks)
     bias = biases.np.reshape(rows, blocks) if biases is not None else None
-    step = max(1, chunk_bytes // (blocks * dtype.itemsize))
-    for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
-        raw = src.read(
-            info.offset + r0 * blocks * dtype.itemsize, (r1 - r0) * blocks * dtype.itemsize
-        )
+    row_bytes = blocks * dtype.itemsize
+
+    def fill(r0: int, r1: int) -> None:
+        raw = src.read(info.offset + r0 * row_bytes, (r1 - r0) * row_bytes)
         b = raw.view(dtype).reshape(r1 - r0, blocks)
         if info.type == 8:  # MLX's 8-bit codes are unsigned: q + 128
             np.bitwise_xor(b["qs"], 0x80, out=codes[r0:r1])
             np.copyto(s[r0:r1], b["d"])
             bias[r0:r1] = (b["d"].astype(np.float32) * -128).astype(np.float16)
+            return
+        pairs = _NIBBLES[b["qs"].view("<u2")].view(np.uint8)  # (rows, blocks, 8 * 2)
+        pairs = pairs.reshape(r1 - r0, blocks, 8, 2)
+        np.copyto(codes[r0:r1, :, :8], pairs[..., 0])
+        np.copyto(codes[r0:r1, :, 8:], pairs[..., 1])
+        del pairs
+        if info.type == 39:
+            np.copyto(s[r0:r1], b["e"])
+        elif info.type == 2:
+            np.copyto(s[r0:r1], b["d"])
+            bias[r0:r1] = (b["d"].astype(np.float32) * -8).astype(np.float16)
         else:
-            pairs = _NIBBLES[b["qs"].view("<u2")].view(np.uint8)  # (rows, blocks, 8 * 2)
-            pairs = pairs.reshape(r1 - r0, blocks, 8, 2)
-            np.copyto(codes[r0:r1, :, :8], pairs[..., 0])
-            np.copyto(codes[r0:r1, :, 8:], pairs[..., 1])
-            del pairs
-            if info.type == 39:
-                np.copyto(s[r0:r1], b["e"])
-            elif info.type == 2:
-                np.copyto(s[r0:r1], b["d"])
-                bias[r0:r1] = (b["d"].astype(np.float32) * -8).astype(np.float16)
-            else:
-                np.copyto(s[r0:r1], b["d"])
-                np.copyto(bias[r0:r1], b["m"])
+            np.copyto(s[r0:r1], b["d"])
+            np.copyto(bias[r0:r1], b["m"])
+
+    step = max(1, chunk_bytes // row_bytes)
+    _each(fill, [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)])
     out = {"": w.done(), "scales": scales.done()}
     if biases is not None:
         out["biases"] = biases.done()
@@ -691,7 +727,7 @@ def load_bytes(gguf: GGUFFile, dequantize: bool = False, keep: int | None = None
         default=0,
     )
     chunk = min(CHUNK_BYTES, max((t.nbytes for t in tensors if t.type in _QUANTIZED), default=0))
-    return kept + largest + 2 * chunk
+    return kept + largest + 2 * chunk * LOAD_THREADS
 
 
 def check_memory(
@@ -976,6 +1012,16 @@ def save_mlx(
         else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
     )
     target.mkdir(parents=True, exist_ok=True)
+    # The tokenizer first: building it is a passing peak of its own, not added to a shard's.
+    if config["model_type"] != "gpt_oss":
+        tokenizer = gguf_tokenizer(gguf)
+        tokenizer.save_pretrained(str(target))
+        extra = {"eos_token_id": eos_ids(gguf, tokenizer)}
+        atomic_write_text(target / "generation_config.json", json.dumps(extra) + "\n")
+    else:
+        from .harmony import write_hf_tokenizer
+
+        write_hf_tokenizer(target)
     index: dict[str, str] = {}
     shard: dict[str, mx.array] = {}
     current = 0
@@ -984,6 +1030,7 @@ def save_mlx(
         if shard_of[i] != current:
             _write_shard(target / names[current], shard, index)
             shard, current = {}, shard_of[i]
+            mx.clear_cache()  # the written shard's memory goes back, not to MLX's cache
         for name, a in arrays.items():
             if expected.get(name) != tuple(a.shape):
                 raise ModelLoadError(
@@ -1006,16 +1053,7 @@ def save_mlx(
         )
     if config.get("quantization") is None:
         config.pop("quantization", None)
-    atomic_write_text(target / "config.json", json.dumps(config, indent=2) + "\n")
-    if config["model_type"] != "gpt_oss":
-        tokenizer = gguf_tokenizer(gguf)
-        tokenizer.save_pretrained(str(target))
-        extra = {"eos_token_id": eos_ids(gguf, tokenizer)}
-        atomic_write_text(target / "generation_config.json", json.dumps(extra) + "\n")
-    else:
-        from .harmony import write_hf_tokenizer
-
-        write_hf_tokenizer(target)
+    atomic_write_text(target / "config.json", json.dumps(config, indent=2) + "\n")  # last
     return target
 
 
