@@ -21,7 +21,7 @@ from mlx_harmony_core.chat_log import ChatLog
 from mlx_harmony_core.cli import _sampling_params, build_parser
 from mlx_harmony_core.params import FIELDS, SamplingParams, constraints, describe
 from mlx_harmony_core.sampling import pack_mask
-from mlx_harmony_core.server import ChatRequest, _parse, api_limits
+from mlx_harmony_core.server import ChatRequest, api_limits, parse_body
 from reference import process, reference_probs
 from stats import assert_distribution
 
@@ -67,7 +67,7 @@ def _chat(name, value):
 
 
 def _server(name, value):
-    req = _parse(
+    req = parse_body(
         ChatRequest,
         json.dumps({"messages": [{"role": "user", "content": "x"}], name: value}).encode(),
     )
@@ -292,7 +292,8 @@ def test_tools_a_template_ignores_are_reported(template_format, caplog):
 
 
 def test_engine_has_no_family_branches():
-    for module in ("engine.py", "request.py", "server.py", "chat.py"):
+    server = [p.relative_to(PACKAGE) for p in (PACKAGE / "server").glob("*.py")]
+    for module in ("engine.py", "request.py", "chat.py", *server):
         text = (PACKAGE / module).read_text()
         for needle in ('"gpt_oss"', "201088", '"analysis"', "encoding is not None"):
             assert needle not in text, (module, needle)
@@ -313,26 +314,45 @@ def test_errors_by_type(encoding):
 
 
 # -- imports ------------------------------------------------------------------------------------
+def _module_name(path: Path) -> str:
+    """``server/app.py`` -> ``server.app``; ``server/__init__.py`` -> ``server``."""
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _modules() -> dict[str, Path]:
+    """The package's modules by dotted name (sub-packages' too), the package itself left out."""
+    paths = [p for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts]
+    return {_module_name(p): p for p in paths if p != PACKAGE / "__init__.py"}
+
+
 def _relative_imports(path: Path) -> set[str]:
-    """Sibling modules ``path`` imports anywhere (functions too), outside TYPE_CHECKING."""
+    """Modules of the package that ``path`` imports anywhere (functions too), by dotted name
+    (``from .x import y`` counts ``x`` and ``x.y``), outside TYPE_CHECKING."""
     tree = ast.parse(path.read_text())
     skip = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
             skip |= {id(n) for n in ast.walk(node)}
+    here = _module_name(path).split(".")
+    if path.name != "__init__.py":
+        here = here[:-1]  # the package the module is in
     out = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level == 1 and id(node) not in skip:
-            if node.module:
-                out.add(node.module.split(".")[0])
-            else:
-                out |= {a.name for a in node.names}
+        if isinstance(node, ast.ImportFrom) and node.level >= 1 and id(node) not in skip:
+            base = here[: len(here) - (node.level - 1)] if node.level > 1 else here
+            target = [*base, *(node.module.split(".") if node.module else [])]
+            if target:
+                out.add(".".join(target))
+            out |= {".".join([*target, a.name]) for a in node.names}
     return out
 
 
 def test_no_import_cycles():
-    modules = {p.stem: p for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
-    graph = {m: {d for d in _relative_imports(p) if d in modules} for m, p in modules.items()}
+    modules = _modules()
+    graph = {
+        m: {d for d in _relative_imports(p) if d in modules and d != m} for m, p in modules.items()
+    }
     state: dict[str, int] = {}
 
     def visit(m, trail):
@@ -350,7 +370,7 @@ def test_no_import_cycles():
 
 
 def test_each_module_imports_alone(tmp_path):
-    names = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
+    names = sorted(_modules())
     code = "import importlib, sys\nfor n in sys.argv[1:]:\n    importlib.import_module('mlx_harmony_core.' + n)\n"
     for name in names:  # each in a fresh interpreter: no order can hide a cycle
         r = subprocess.run(

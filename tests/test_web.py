@@ -110,7 +110,7 @@ class Served:
     def __init__(self, engine: Any, options: ServerOptions) -> None:
         self.thread = ServerThread(engine, options)
         self.handles: list[Any] = []
-        scheduler = self.thread.server.config.app.worker.scheduler
+        scheduler = self.thread.server.config.app.client.scheduler
         submit = scheduler.submit
 
         def recording(*args: Any, **kwargs: Any) -> Any:

@@ -1,0 +1,256 @@
+"""The app: routes, error handlers, the guards around it, and :func:`serve` (socket,
+signals, shutdown).
+
+Each route is a small function that takes what it needs from ``app.state`` (the engine
+client, the options) and calls its endpoint's logic. Generation is the engine's:
+requests decode together on its continuous-batching scheduler (one generation thread);
+the event loop only parses, streams and guards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .chat_completions import chat_completion
+from .client import EngineClient, LocalClient
+from .completions import completion
+from .guards import BodyGuard, KeyGuard, LocalGuard
+from .models import get_model, health, list_models
+from .options import ServerOptions
+from .protocol import APIError, ChatRequest, CompletionRequest, ErrorResponse
+
+logger = logging.getLogger(__name__)
+
+ERRORS = {
+    400: "invalid request (bad JSON, field, value or prompt)",
+    401: "missing or wrong API key",
+    404: "model not served",
+    413: "request body too large",
+    415: "body not sent as application/json",
+    503: "queue full or shutting down (see Retry-After)",
+}
+
+
+def post_docs(body: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI for a POST whose body we parse ourselves: the request model and the errors."""
+    return {
+        "openapi_extra": {
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {"$ref": f"#/components/schemas/{body.__name__}"}
+                    }
+                },
+            }
+        },
+        "responses": {
+            code: {"model": ErrorResponse, "description": d} for code, d in ERRORS.items()
+        },
+    }
+
+
+# -- routes: each reads the client and options from app.state ----------------------------------
+
+
+async def health_route(http: HTTPRequest) -> dict[str, Any]:
+    """``GET /health``."""
+    state = http.app.state
+    return health(state.client, state.options)
+
+
+async def models_route(http: HTTPRequest) -> dict[str, Any]:
+    """``GET /v1/models``."""
+    state = http.app.state
+    return list_models(state.client, state.options, state.started)
+
+
+async def model_route(name: str, http: HTTPRequest) -> dict[str, Any]:
+    """``GET /v1/models/{name}``."""
+    state = http.app.state
+    return get_model(name, state.client, state.options, state.started)
+
+
+async def chat_route(http: HTTPRequest) -> Response:
+    """``POST /v1/chat/completions``."""
+    return await chat_completion(http, http.app.state.client, http.app.state.options)
+
+
+async def completions_route(http: HTTPRequest) -> Response:
+    """``POST /v1/completions``."""
+    return await completion(http, http.app.state.client, http.app.state.options)
+
+
+# -- errors: every one in OpenAI's shape ---------------------------------------------------------
+
+
+async def api_error(http: HTTPRequest, exc: APIError) -> JSONResponse:
+    """An :class:`APIError` raised by a route."""
+    return exc.response()
+
+
+async def http_error(http: HTTPRequest, exc: StarletteHTTPException) -> JSONResponse:
+    """Starlette's own errors (404 for a path, 405 for a method)."""
+    kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    headers = dict(exc.headers or {})  # e.g. Allow on a 405
+    return APIError(exc.status_code, str(exc.detail), type=kind, headers=headers).response()
+
+
+async def crash(http: HTTPRequest, exc: Exception) -> JSONResponse:
+    """Anything else: a 500, logged."""
+    logger.exception("request failed")
+    return APIError(500, f"internal error: {exc}", type="server_error").response()
+
+
+def openapi_schema(app: FastAPI) -> dict[str, Any]:
+    """``/openapi.json``, with the request models we parse ourselves as components."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for body in (ChatRequest, CompletionRequest):
+            js = body.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(js.pop("$defs", {}))
+            components[body.__name__] = js
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+def create_app(engine: Any, options: ServerOptions | None = None) -> Any:
+    """The ASGI app serving ``engine`` (which it then owns: nothing else may use it).
+
+    ``engine`` is an :class:`~mlx_harmony_core.Engine` (served on its batching scheduler,
+    see :class:`LocalClient`) or anything that implements :class:`EngineClient`. The
+    returned app has ``client`` (the engine client) and ``fastapi`` (the inner app).
+    """
+    opts = options or ServerOptions()
+    client: EngineClient = engine if isinstance(engine, EngineClient) else LocalClient(engine, opts)
+    app = FastAPI(
+        title="mlx-harmony-core", version=opts.version or "0", docs_url=None, redoc_url=None
+    )
+    app.state.client = client
+    app.state.options = opts
+    app.state.started = int(time.time())
+    app.add_exception_handler(APIError, api_error)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, crash)
+    app.add_api_route("/health", health_route, methods=["GET"])
+    app.add_api_route("/v1/models", models_route, methods=["GET"])
+    app.add_api_route("/v1/models/{name:path}", model_route, methods=["GET"])
+    app.add_api_route(
+        "/v1/chat/completions", chat_route, methods=["POST"], **post_docs(ChatRequest)
+    )
+    app.add_api_route(
+        "/v1/completions", completions_route, methods=["POST"], **post_docs(CompletionRequest)
+    )
+    app.openapi = lambda: openapi_schema(app)  # type: ignore[method-assign]
+    if opts.web:
+        from ..web import add_routes
+
+        add_routes(app)
+    guarded = BodyGuard(KeyGuard(app, opts.api_key), opts.max_body_bytes, opts.body_timeout_s)
+    outer = LocalGuard(guarded, opts)
+    outer.client = client  # type: ignore[attr-defined]
+    outer.fastapi = app  # type: ignore[attr-defined]
+    return outer
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port``, or ``OSError`` saying why not (before any
+    "serving on" line is printed)."""
+    if not 0 <= port <= 65535:
+        raise OSError(f"port {port} is not in 0..65535")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        reason = (
+            "is already in use"
+            if exc.errno == errno.EADDRINUSE
+            else f"cannot be used ({exc.strerror})"
+        )
+        raise OSError(f"{host}:{port} {reason}; choose another --port or --host") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+class SignalledServer(uvicorn.Server):
+    """uvicorn's server, which on SIGINT / SIGTERM first ends the engine client's
+    generations, and returns normally afterwards (no re-raised signal)."""
+
+    def __init__(self, config: uvicorn.Config, client: EngineClient) -> None:
+        super().__init__(config)
+        self.client = client
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        """Generations end now; uvicorn then drains the connections."""
+        self.client.shutdown()
+        super().handle_exit(sig, frame)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """Our handlers while serving. (uvicorn's re-raise the signal after shutting down,
+        exit 130 / 143; a signal here means "shut down cleanly", which it has.)"""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        old = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, handler in old.items():
+                signal.signal(s, handler)
+
+
+def serve(
+    engine: Any,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    options: ServerOptions | None = None,
+    log_level: str = "info",
+    sock: socket.socket | None = None,
+) -> None:
+    """Run the server until SIGINT or SIGTERM (``mlx-harmony-core serve``); ``host`` and
+    ``port`` default to the options'.
+
+    On a signal it stops accepting, ends running generations at their next token (a final
+    chunk with ``finish_reason: "cancelled"``, then ``[DONE]``), answers waiting requests
+    503, and returns within about two seconds.
+    """
+    opts = options or ServerOptions(**({} if host is None else {"host": host}))
+    host = opts.host if host is None else host
+    port = opts.port if port is None else port
+    app = create_app(engine, opts)
+    client: EngineClient = app.client
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=2
+    )
+    server = SignalledServer(config, client)
+    sock = sock or bind(host, port)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+        client.shutdown()
+        client.wait_idle(timeout=2)  # the generation thread parks before the process exits

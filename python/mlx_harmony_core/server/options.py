@@ -1,0 +1,132 @@
+"""What ``serve`` is started with: :class:`ServerOptions`, the one source of the serve
+defaults and limits.
+
+Each field that ``mlx-harmony-core serve`` takes as a flag carries a :class:`Flag` in its
+metadata (flag name, help, bounds, unit); the CLI builds the ``serve`` flags from these, so
+no default or limit is written twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..scheduler import MAX_BATCH, PREFILL_CHUNK
+
+MIB = 2**20
+
+
+@dataclass(frozen=True)
+class Flag:
+    """How a :class:`ServerOptions` field is given on the command line.
+
+    ``help`` may use ``%(default)s`` (the flag's default). ``ge`` / ``gt`` / ``le`` bound the
+    value as typed; ``scale`` converts the flag's unit to the field's (``--max-body-mb`` to
+    bytes: ``MIB``); ``negate`` makes a boolean field a ``--no-...`` switch; ``unset`` gives
+    the flag a default of None where the field's default is worked out from other flags.
+    """
+
+    help: str
+    name: str | None = None
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    scale: int = 1
+    negate: bool = False
+    unset: bool = False
+
+    def flag(self, field_name: str) -> str:
+        """The flag's spelling: ``name``, or ``--field-name``."""
+        return self.name or "--" + field_name.replace("_", "-")
+
+    def default(self, value: Any) -> Any:
+        """The flag's default for a field whose default is ``value``."""
+        if self.unset or value is None:
+            return None
+        if self.negate:
+            return False
+        if isinstance(value, tuple):
+            return None
+        return value / self.scale if self.scale != 1 else value
+
+    def value(self, given: Any) -> Any:
+        """The field's value for what the flag parsed to."""
+        if self.negate:
+            return not given
+        if isinstance(given, list):
+            return tuple(given)
+        if given is not None and self.scale != 1:
+            return int(given * self.scale)
+        return given
+
+
+def option(default: Any, help: str, **flag: Any) -> Any:
+    """A :class:`ServerOptions` field that is also a ``serve`` flag."""
+    return field(default=default, metadata={"flag": Flag(help, **flag)})
+
+
+@dataclass
+class ServerOptions:
+    """What ``serve`` was started with: the server's defaults and limits.
+
+    Fields with a :class:`Flag` are the ``serve`` subcommand's flags. ``port`` and the
+    prefix-cache fields are used by :func:`~.app.serve` and the CLI (binding, loading the
+    engine); :func:`~.app.create_app` reads the rest.
+    """
+
+    model_name: str = option(
+        "demo", "the id clients use (default: the model directory's name)", unset=True
+    )
+    host: str = option("127.0.0.1", "address to bind (default: loopback)")
+    port: int = option(8000, "TCP port (0 = any free one)", ge=0, le=65535)
+    api_key: str | None = option(None, "require 'Bearer KEY' (or MLX_HARMONY_CORE_API_KEY)")
+    max_batch: int = option(
+        MAX_BATCH,
+        "requests decoded together in one batch (1: one at a time; %(default)s)",
+        ge=1,
+    )
+    max_queue: int = option(64, "requests waiting before 503", ge=0)
+    kv_budget_bytes: int | None = option(
+        None,
+        "KV cache memory for all running requests (default: half the free memory)",
+        name="--kv-budget-mb",
+        gt=0,
+        scale=MIB,
+    )
+    prefill_chunk: int = option(
+        PREFILL_CHUNK,
+        "prompt tokens a joining request runs between two decode steps (%(default)s)",
+        ge=1,
+    )
+    max_body_bytes: int = option(4 * MIB, "request body limit", name="--max-body-mb", scale=MIB)
+    default_max_tokens: int = option(
+        4096, "reply limit when a request sets none", name="--max-tokens", ge=1
+    )
+    max_reasoning_tokens: int | None = option(
+        None, "end reasoning after N tokens when a request sets no max_reasoning_tokens", ge=0
+    )
+    max_tokens_limit: int = option(
+        32768, "largest max_tokens a request may ask for (400 beyond)", ge=1
+    )
+    body_timeout_s: float = option(30.0, "seconds to receive a request body", name="--body-timeout")
+    allowed_hosts: tuple[str, ...] = option((), "extra Host names to answer to")
+    cors_origins: tuple[str, ...] = option((), "web origins allowed to call (CORS)")
+    prefix_cache_entries: int = option(64, "KV caches kept for prefix reuse")
+    prefix_cache_bytes: int = option(
+        2048 * MIB, "prefix cache bound", name="--prefix-cache-mb", scale=MIB
+    )
+    web: bool = option(True, "no chat page at / (the API only)", name="--no-web", negate=True)
+    # Speculative decoding for every request (see speculative.py): "ngram" or "draft"; the
+    # flags are those of generate and chat.
+    speculative: str | None = None
+    draft_model: Any = None  # an Engine, for "draft"
+    num_draft: int | None = None
+    version: str = ""
+
+
+def flags() -> list[tuple[dataclasses.Field[Any], Flag]]:
+    """The :class:`ServerOptions` fields that are ``serve`` flags, in order."""
+    return [
+        (f, f.metadata["flag"]) for f in dataclasses.fields(ServerOptions) if "flag" in f.metadata
+    ]
