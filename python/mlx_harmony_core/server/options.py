@@ -8,7 +8,6 @@ no default or limit is written twice.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,17 +20,18 @@ MIB = 2**20
 class Flag:
     """How a :class:`ServerOptions` field is given on the command line.
 
-    ``help`` may use ``%(default)s`` (the flag's default). ``ge`` / ``gt`` / ``le`` bound the
-    value as typed; ``scale`` converts the flag's unit to the field's (``--max-body-mb`` to
-    bytes: ``MIB``); ``negate`` makes a boolean field a ``--no-...`` switch; ``unset`` gives
-    the flag a default of None where the field's default is worked out from other flags.
+    ``help`` may use ``%(default)s`` (the flag's default). ``ge`` / ``gt`` bound the value
+    as typed; ``parse`` names a parser of the CLI's own (``"port"``); ``scale`` converts
+    the flag's unit to the field's (``--max-body-mb`` to bytes: ``MIB``); ``negate`` makes
+    a boolean field a ``--no-...`` switch; ``unset`` gives the flag a default of None where
+    the field's default is worked out from other flags.
     """
 
     help: str
     name: str | None = None
     ge: float | None = None
     gt: float | None = None
-    le: float | None = None
+    parse: str | None = None
     scale: int = 1
     negate: bool = False
     unset: bool = False
@@ -39,6 +39,10 @@ class Flag:
     def flag(self, field_name: str) -> str:
         """The flag's spelling: ``name``, or ``--field-name``."""
         return self.name or "--" + field_name.replace("_", "-")
+
+    def dest(self, field_name: str) -> str:
+        """Where argparse puts the flag's value: ``--max-body-mb`` -> ``max_body_mb``."""
+        return self.flag(field_name)[2:].replace("-", "_")
 
     def default(self, value: Any) -> Any:
         """The flag's default for a field whose default is ``value``."""
@@ -50,12 +54,12 @@ class Flag:
             return None
         return value / self.scale if self.scale != 1 else value
 
-    def value(self, given: Any) -> Any:
-        """The field's value for what the flag parsed to."""
+    def value(self, given: Any, default: Any) -> Any:
+        """The field's value for what the flag parsed to (``default``: the field's)."""
         if self.negate:
             return not given
-        if isinstance(given, list):
-            return tuple(given)
+        if isinstance(default, tuple):
+            return tuple(given or ())
         if given is not None and self.scale != 1:
             return int(given * self.scale)
         return given
@@ -75,11 +79,9 @@ class ServerOptions:
     engine); :func:`~.app.create_app` reads the rest.
     """
 
-    model_name: str = option(
-        "demo", "the id clients use (default: the model directory's name)", unset=True
-    )
+    model_name: str = option("demo", "the id clients use (default: dir name)", unset=True)
     host: str = option("127.0.0.1", "address to bind (default: loopback)")
-    port: int = option(8000, "TCP port (0 = any free one)", ge=0, le=65535)
+    port: int = option(8000, "TCP port (0 = any free one)", parse="port")
     api_key: str | None = option(None, "require 'Bearer KEY' (or MLX_HARMONY_CORE_API_KEY)")
     max_batch: int = option(
         MAX_BATCH,
@@ -123,10 +125,3 @@ class ServerOptions:
     draft_model: Any = None  # an Engine, for "draft"
     num_draft: int | None = None
     version: str = ""
-
-
-def flags() -> list[tuple[dataclasses.Field[Any], Flag]]:
-    """The :class:`ServerOptions` fields that are ``serve`` flags, in order."""
-    return [
-        (f, f.metadata["flag"]) for f in dataclasses.fields(ServerOptions) if "flag" in f.metadata
-    ]

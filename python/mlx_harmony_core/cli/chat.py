@@ -1,0 +1,57 @@
+"""``mlx-harmony-core chat``: interactive chat with streaming, commands and chat logs."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from typing import Any
+
+from .common import (
+    add_prompt_flags,
+    add_sampling_flags,
+    cli_settings,
+    load_engine,
+    model_and_config,
+    spec_options,
+)
+
+
+def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    """The ``chat`` subcommand."""
+    c = sub.add_parser(
+        "chat", parents=parents, help="interactive chat with streaming, commands and chat logs"
+    )
+    c.add_argument(
+        "--chat",
+        default=None,
+        help="chat log NAME (or path): resumed if it exists, saved each turn",
+    )
+    add_prompt_flags(c, chat=True)
+    add_sampling_flags(c)
+    c.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The chat loop (see :mod:`mlx_harmony_core.chat`)."""
+    from ..chat import ChatSession, repl
+    from ..chat_log import ChatLog, chat_path
+
+    path = chat_path(args.chat) if args.chat else None
+    log = ChatLog.load(path) if path is not None and path.exists() else ChatLog()
+    model, config = model_and_config(args, chat_model=log.model)
+    if args.profile:
+        log.profile = args.profile
+    session = ChatSession(
+        engine=load_engine(model, args),
+        model_name=model,
+        prompt_config=config,
+        log=log,
+        cli=cli_settings(args),
+        path=path,
+        color=sys.stdout.isatty(),
+        options=spec_options(args),
+    )
+    with contextlib.suppress(ImportError):
+        import readline  # noqa: F401  (line editing and history for input())
+    return repl(session)

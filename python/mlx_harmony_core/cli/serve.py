@@ -1,0 +1,79 @@
+"""``mlx-harmony-core serve``: the OpenAI-compatible HTTP server.
+
+Its flags are :class:`~mlx_harmony_core.server.ServerOptions`' (names, types, bounds,
+defaults and help from the schema), plus the model and the loading flags ``generate``
+and ``chat`` share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..server.options import ServerOptions
+from .common import (
+    add_kv_flags,
+    add_option_flags,
+    load_engine,
+    option_values,
+    release_group,
+    spec_options,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    """The ``serve`` subcommand."""
+    v = sub.add_parser("serve", parents=parents, help="OpenAI-compatible HTTP server")
+    v.add_argument("--model", "-m", default="demo", help="model directory, HF repo id, or 'demo'")
+    add_option_flags(v, ServerOptions)
+    add_kv_flags(v.add_argument_group("model loading"))
+    v.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Bind, load the model, serve until a signal; then exit at once."""
+    from .. import __version__
+    from ..server import bind, serve
+
+    values = option_values(args, ServerOptions)
+    key = values["api_key"] or os.environ.get("MLX_HARMONY_CORE_API_KEY") or None
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not key:
+        logger.warning(
+            "serving on %s without --api-key: anyone who can reach it can use it", args.host
+        )
+    leader = args.group is None or args.group.leader
+    # A taken port is one clear line, before loading (rank 0 alone serves).
+    sock = bind(args.host, args.port) if leader else None
+    engine = load_engine(
+        args.model,
+        args,
+        prefix_cache_entries=values["prefix_cache_entries"],
+        prefix_cache_bytes=values["prefix_cache_bytes"],
+    )
+    assert sock is not None
+    name = args.model_name or Path(args.model.rstrip("/")).name or args.model
+    values.update(
+        model_name=name,
+        api_key=key,
+        default_max_tokens=min(values["default_max_tokens"], values["max_tokens_limit"]),
+        version=__version__,
+        **spec_options(args),
+    )
+    options = ServerOptions(**values)
+    port = sock.getsockname()[1]
+    print(f"serving {name} on http://{args.host}:{port}/v1", flush=True)
+    if options.web:
+        print(f"chat page: http://{args.host}:{port}/", flush=True)
+    serve(engine, host=args.host, port=port, options=options, sock=sock)
+    print("server stopped", flush=True)
+    release_group(args.group)
+    sys.stderr.flush()
+    # The generation thread is parked; skip interpreter teardown, which can race MLX's
+    # own threads ("terminate called without an active exception").
+    os._exit(0)
