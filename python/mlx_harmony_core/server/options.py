@@ -79,16 +79,15 @@ class ServerOptions:
     engine); :func:`~.app.create_app` reads the rest.
     """
 
+    # The first fields in their order of old (positional use); new ones go at the end.
     model_name: str = option("demo", "the id clients use (default: dir name)", unset=True)
-    host: str = option("127.0.0.1", "address to bind (default: loopback)")
-    port: int = option(8000, "TCP port (0 = any free one)", parse="port")
     api_key: str | None = option(None, "require 'Bearer KEY' (or MLX_HARMONY_CORE_API_KEY)")
+    max_queue: int = option(64, "requests waiting before 503", ge=0)
     max_batch: int = option(
         MAX_BATCH,
         "requests decoded together in one batch (1: one at a time; %(default)s)",
         ge=1,
     )
-    max_queue: int = option(64, "requests waiting before 503", ge=0)
     kv_budget_bytes: int | None = option(
         None,
         "KV cache memory for all running requests (default: half the free memory)",
@@ -102,26 +101,28 @@ class ServerOptions:
         ge=1,
     )
     max_body_bytes: int = option(4 * MIB, "request body limit", name="--max-body-mb", scale=MIB)
+    body_timeout_s: float = option(30.0, "seconds to receive a request body", name="--body-timeout")
     default_max_tokens: int = option(
         4096, "reply limit when a request sets none", name="--max-tokens", ge=1
-    )
-    max_reasoning_tokens: int | None = option(
-        None, "end reasoning after N tokens when a request sets no max_reasoning_tokens", ge=0
     )
     max_tokens_limit: int = option(
         32768, "largest max_tokens a request may ask for (400 beyond)", ge=1
     )
-    body_timeout_s: float = option(30.0, "seconds to receive a request body", name="--body-timeout")
-    allowed_hosts: tuple[str, ...] = option((), "extra Host names to answer to")
-    cors_origins: tuple[str, ...] = option((), "web origins allowed to call (CORS)")
-    prefix_cache_entries: int = option(64, "KV caches kept for prefix reuse")
-    prefix_cache_bytes: int = option(
-        2048 * MIB, "prefix cache bound", name="--prefix-cache-mb", scale=MIB
+    max_reasoning_tokens: int | None = option(
+        None, "end reasoning after N tokens when a request sets no max_reasoning_tokens", ge=0
     )
-    web: bool = option(True, "no chat page at / (the API only)", name="--no-web", negate=True)
     # Speculative decoding for every request (see speculative.py): "ngram" or "draft"; the
     # flags are those of generate and chat.
     speculative: str | None = None
     draft_model: Any = None  # an Engine, for "draft"
     num_draft: int | None = None
+    host: str = option("127.0.0.1", "address to bind (default: loopback)")
+    allowed_hosts: tuple[str, ...] = option((), "extra Host names to answer to")
+    cors_origins: tuple[str, ...] = option((), "web origins allowed to call (CORS)")
     version: str = ""
+    web: bool = option(True, "no chat page at / (the API only)", name="--no-web", negate=True)
+    port: int = option(8000, "TCP port (0 = any free one)", parse="port")
+    prefix_cache_entries: int = option(64, "KV caches kept for prefix reuse")
+    prefix_cache_bytes: int = option(
+        2048 * MIB, "prefix cache bound", name="--prefix-cache-mb", scale=MIB
+    )
