@@ -256,10 +256,10 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFFile:
 
 # -- tensors ------------------------------------------------------------------------------------
 
-# Quantized tensors convert this many bytes of the file at a time, in each of up to
-# LOAD_THREADS threads (each holds its chunk and the chunk's temporaries, no more).
+# Tensors are read and converted this many bytes of the file at a time: besides the loaded
+# arrays, one chunk and its temporaries are held. (Two threads, one reading while the other
+# converts, measured no faster on this 2-core machine.)
 CHUNK_BYTES = 16 * 2**20
-LOAD_THREADS = min(2, os.cpu_count() or 1)
 
 # Each type's block layout in the file, and what MLX keeps per block of 32 weights.
 _LAYOUTS: dict[int, list[tuple[str, str, int]]] = {
@@ -286,43 +286,13 @@ def _nibble_table() -> np.ndarray:
 _NIBBLES = _nibble_table()
 
 
-_POOL: list[Any] = []
-
-
-def _pool() -> Any:
-    """The loader's worker threads (none with one core)."""
-    if LOAD_THREADS < 2:
-        return None
-    if not _POOL:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _POOL.append(ThreadPoolExecutor(LOAD_THREADS, thread_name_prefix="gguf-load"))
-    return _POOL[0]
-
-
-def _each(fill: Any, spans: list[tuple[int, int]]) -> None:
-    """``fill(start, stop)`` for each span (disjoint parts of one array): on the worker
-    threads when there are several (numpy and ``pread`` let go of the GIL, so one chunk's
-    read overlaps another's conversion)."""
-    pool = _pool() if len(spans) > 1 else None
-    if pool is None:
-        for a, b in spans:
-            fill(a, b)
-        return
-    for done in [pool.submit(fill, a, b) for a, b in spans]:
-        done.result()
-
-
 class FileSource:
-    """A GGUF file's bytes read with ``pread`` into a reusable buffer (one per thread): the
-    file's pages go to the page cache, never into this process's resident memory (as a
-    mapping's would)."""
+    """A GGUF file's bytes read with ``pread`` into one reusable buffer: the file's pages go
+    to the page cache, never into this process's resident memory (as a mapping's would)."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        import threading
-
         self.fd = os.open(path, os.O_RDONLY)
-        self._local = threading.local()
+        self._buf = np.empty(0, np.uint8)
 
     def close(self) -> None:
         os.close(self.fd)
@@ -344,12 +314,10 @@ class FileSource:
             done += n
 
     def read(self, offset: int, nbytes: int) -> np.ndarray:
-        """``nbytes`` at ``offset``, in this thread's reusable buffer (valid until its next
-        read)."""
-        buf = getattr(self._local, "buf", None)
-        if buf is None or buf.size < nbytes:
-            buf = self._local.buf = np.empty(nbytes, np.uint8)
-        out = buf[:nbytes]
+        """``nbytes`` at ``offset``, in the reusable buffer (valid until the next read)."""
+        if self._buf.size < nbytes:
+            self._buf = np.empty(nbytes, np.uint8)
+        out = self._buf[:nbytes]
         self.readinto(out, offset)
         return out
 
@@ -408,10 +376,8 @@ def tensor_arrays(
         kind = {0: mx.float32, 1: mx.float16, 30: mx.uint16}[info.type]
         out = _Out(info.shape, kind)
         flat = out.np.reshape(-1).view(np.uint8)
-        _each(
-            lambda a, b: src.readinto(flat[a:b], info.offset + a),
-            [(a, min(info.nbytes, a + chunk_bytes)) for a in range(0, info.nbytes, chunk_bytes)],
-        )
+        for a in range(0, info.nbytes, chunk_bytes):
+            src.readinto(flat[a : a + chunk_bytes], info.offset + a)
         arr = out.done()
         return {"": arr.view(mx.bfloat16) if info.type == 30 else arr}
     lead = info.shape[:-1]
@@ -455,7 +421,8 @@ def tensor_arrays(
             np.copyto(bias[r0:r1], b["m"])
 
     step = max(1, chunk_bytes // row_bytes)
-    _each(fill, [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)])
+    for r0 in range(0, rows, step):
+        fill(r0, min(rows, r0 + step))
     out = {"": w.done(), "scales": scales.done()}
     if biases is not None:
         out["biases"] = biases.done()
@@ -727,7 +694,7 @@ def load_bytes(gguf: GGUFFile, dequantize: bool = False, keep: int | None = None
         default=0,
     )
     chunk = min(CHUNK_BYTES, max((t.nbytes for t in tensors if t.type in _QUANTIZED), default=0))
-    return kept + largest + 2 * chunk * LOAD_THREADS
+    return kept + largest + 2 * chunk
 
 
 def check_memory(
