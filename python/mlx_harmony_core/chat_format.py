@@ -15,21 +15,14 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .messages import MessagesLike, ToolCall, ToolChoice, normalize_messages, tool_specs
+from .options import RENDER, fields_in
 from .stopping import Detokenizer, tokenizer_bytes
 
 logger = logging.getLogger(__name__)
 
-# What a caller may ask of any format's render(); a format ignores what it has no use for.
-RENDER_OPTIONS = frozenset(
-    {
-        "reasoning_effort",
-        "model_identity",
-        "knowledge_cutoff",
-        "conversation_start_date",
-        "tools",
-        "tool_choice",
-    }
-)
+# What a caller may ask of any format's render(); a format ignores what it has no use for
+# (their schema: options.RequestOptions).
+RENDER_OPTIONS = fields_in(RENDER)
 
 REASONING = "reasoning"
 ANSWER = "answer"

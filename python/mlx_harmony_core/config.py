@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from ._paths import home
+from .options import MAX_TOKENS
 from .params import SamplingParams, problems
 from .structured import reasoning_budget_field
 
@@ -157,7 +158,7 @@ def fill_placeholders(text: str, values: Mapping[str, str]) -> str:
     return pattern.sub(lambda m: values[m.group(0)], text)
 
 
-DEFAULTS = PromptConfig(reasoning_effort="medium", max_tokens=512, truncate=False)
+DEFAULTS = PromptConfig(reasoning_effort="medium", max_tokens=MAX_TOKENS, truncate=False)
 
 
 def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:

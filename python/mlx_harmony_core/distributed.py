@@ -99,6 +99,14 @@ class Group:
     @contextlib.contextmanager
     def running(self) -> Iterator[None]:
         """Around one request: the watchdog expects progress every ``timeout_s``."""
+        self.begin()
+        try:
+            yield
+        finally:
+            self.finish()
+
+    def begin(self) -> None:
+        """A request starts: from now on the watchdog expects progress every ``timeout_s``."""
         with self._lock:
             self._since = time.monotonic()
             if self._watchdog is None:
@@ -106,11 +114,11 @@ class Group:
                     target=self._watch, name="mhc-group-watchdog", daemon=True
                 )
                 self._watchdog.start()
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._since = None
+
+    def finish(self) -> None:
+        """The request ended: nothing to watch until the next."""
+        with self._lock:
+            self._since = None
 
     def progress(self) -> None:
         """A step or a chunk went through."""
@@ -125,6 +133,10 @@ class Group:
             yield
         finally:
             self._on_stall.remove(handler)
+
+    def set_stall_handler(self, handler: Callable[[BaseException], None] | None) -> None:
+        """The one handler for the running request (``None``: none; see :meth:`on_stall`)."""
+        self._on_stall[:] = [] if handler is None else [handler]
 
     def _watch(self) -> None:
         while True:
@@ -203,6 +215,12 @@ class Group:
     def end(self) -> None:
         """Rank 0: the broadcast that takes the place of a step that will not come."""
         self.collective(lambda: mx.eval(self.share(mx.zeros((1,), dtype=mx.int32), go=False)))
+
+
+def is_peer_error(exc: BaseException) -> bool:
+    """Whether an MLX error says a distributed peer is gone (the ring backend's words)."""
+    text = str(exc).lower()
+    return any(w in text for w in ("[ring]", "[mpi]", "[jaccl]", "peer", "connection"))
 
 
 _current: list[Group] = []

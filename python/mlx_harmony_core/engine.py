@@ -1,13 +1,14 @@
-"""The generation engine: one decode loop behind ``generate`` and ``stream``.
+"""The generation engine: requests in, events out, through the one decode path.
 
-The engine knows requests (:mod:`.request`) and a chat format (:mod:`.chat_format`), never a
-model family: rendering, stop tokens, token bytes and reply parsing come from the format.
+The engine builds and checks requests (:mod:`.request`) with a chat format
+(:mod:`.chat_format`), never a model family: rendering, stop tokens, token bytes and reply
+parsing come from the format. Every request, ``generate`` and ``stream`` included, decodes on
+the :class:`~.scheduler.Scheduler` (a request alone is a batch of one), which runs the model
+through a :class:`~.runner.ModelRunner`.
 """
 
 from __future__ import annotations
 
-import difflib
-import inspect
 import logging
 import threading
 import time
@@ -16,11 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 
-from .chat_format import RENDER_OPTIONS, ChatFormat
+from .chat_format import ChatFormat
+from .distributed import is_peer_error
 from .errors import ContextLengthError, InvalidRequestError, RequestTypeError
-from .kv_cache import make_cache
 from .messages import MessagesLike, normalize_messages, role
-from .params import FIELDS, SamplingParams
+from .options import GUIDE, RENDER, SPECULATION, RequestOptions
+from .params import SamplingParams
 from .prefix_cache import PrefixCache
 from .request import (
     Completion,
@@ -30,7 +32,7 @@ from .request import (
     TokenLogprob,
     Usage,
 )
-from .sampling import LogProbs
+from .runner import ModelRunner
 from .scheduler import Handle, Scheduler, Sink
 from .speculative import make_speculation
 from .structured import make_guide
@@ -42,24 +44,15 @@ logger = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
 
-# What a caller may pass through to the Request (its own keyword arguments, less those the
-# engine sets itself).
-_REQUEST_ARGS = frozenset(inspect.signature(Request).parameters) - {
-    "chat_format",
-    "prompt_ids",
-    "params",
-    "max_tokens",
-    "primer",
-    "guide",
-    "speculation",
-    "started",
-}
-# Constraints on the reply (see :mod:`.structured`), turned into the request's guide.
-_GUIDE_ARGS = frozenset({"response_format", "regex", "grammar", "max_reasoning_tokens"})
-# Speculative decoding (see :mod:`.speculative`).
-_SPEC_ARGS = frozenset({"speculative", "draft_model", "num_draft"})
-
-__all__ = ["Completion", "Engine", "StreamEvent", "Timings", "TokenLogprob", "Usage"]
+__all__ = [
+    "Completion",
+    "Engine",
+    "StreamEvent",
+    "Timings",
+    "TokenLogprob",
+    "Usage",
+    "is_peer_error",
+]
 
 
 class Engine:
@@ -94,28 +87,69 @@ class Engine:
         group: Group | None = None,
     ) -> None:
         self.chat_format = chat_format or _format_from(encoding, tokenizer)
-        self.group = group if group is not None and group.size > 1 else None
-        if self.group is not None:
+        group = group if group is not None and group.size > 1 else None
+        if group is not None:
             reuse_cache = False  # every rank would have to evict alike; see distributed.py
-        if prefill_step_size < 1:
-            raise ValueError("prefill_step_size must be >= 1")
-        self.model = model
         self.config = dict(config or {})
         self.context_length = context_length or self.config.get("max_position_embeddings")
         self.vocab_size = int(self.config.get("vocab_size") or self.chat_format.vocab_size)
-        self.prefill_step_size = prefill_step_size
-        self.reuse_cache = reuse_cache
-        self.cache_options = dict(cache_options or {})
-        self.last_cached_tokens = 0
         _materialize(model)
-        # MLX streams belong to the thread that made them: one per generating thread.
-        self._local = threading.local()
-        # Earlier requests' caches, found again by common prefix (one entry: the last turn).
-        self.prefix_cache = PrefixCache(
-            prefix_cache_bytes, prefix_cache_entries if reuse_cache else 0
+        self.runner = ModelRunner(
+            model,
+            vocab_size=self.vocab_size,
+            cache_options=cache_options,
+            prefill_step_size=prefill_step_size,
+            reuse_cache=reuse_cache,
+            # Earlier requests' caches, found again by common prefix (one entry: the last turn).
+            prefix_cache=PrefixCache(
+                prefix_cache_bytes, prefix_cache_entries if reuse_cache else 0
+            ),
+            group=group,
         )
         self._scheduler: Scheduler | None = None
         self._scheduler_lock = threading.Lock()
+
+    @property
+    def model(self) -> Any:
+        """The model (mlx-lm's calling convention)."""
+        return self.runner.model
+
+    @model.setter
+    def model(self, model: Any) -> None:
+        # Another model may cache differently: the next request gets a new scheduler.
+        _materialize(model)
+        with self._scheduler_lock:
+            if self._scheduler is not None and not self._scheduler.idle.wait(timeout=5):
+                raise RuntimeError("the scheduler is busy; replace the model when idle")
+            self.runner.model = model
+            self._scheduler = None
+        self.prefix_cache.clear()
+
+    @property
+    def group(self) -> Group | None:
+        """The distributed group the model is sharded over (``None``: one process)."""
+        return self.runner.group
+
+    @property
+    def prefix_cache(self) -> PrefixCache:
+        """Finished requests' caches, reused by common prefix."""
+        return self.runner.prefix_cache
+
+    @property
+    def cache_options(self) -> dict[str, Any]:
+        return self.runner.cache_options
+
+    @property
+    def reuse_cache(self) -> bool:
+        return self.runner.reuse_cache
+
+    @property
+    def prefill_step_size(self) -> int:
+        return self.runner.prefill_step_size
+
+    @prefill_step_size.setter
+    def prefill_step_size(self, value: int) -> None:
+        self.runner.prefill_step_size = value
 
     @property
     def encoding(self) -> Any:
@@ -185,40 +219,30 @@ class Engine:
         self,
         messages: MessagesLike | Sequence[int],
         params: SamplingParams | None = None,
-        *,
-        max_tokens: int = 512,
-        truncate: bool = False,
-        **options: Any,
+        options: RequestOptions | None = None,
+        **kwargs: Any,
     ) -> Request:
-        """A :class:`Request` for ``messages``, rendered and checked; the keyword arguments
-        are those of :meth:`stream` (drive it with :meth:`run`)."""
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-            raise InvalidRequestError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+        """A :class:`Request` for ``messages``, rendered and checked. The options are a
+        :class:`~.options.RequestOptions` or its fields as keyword arguments (those of
+        :meth:`stream`); drive the request with :meth:`run`."""
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise RequestTypeError("params must be a SamplingParams")
-        render_options = {k: v for k, v in options.items() if k in RENDER_OPTIONS}
-        request_options = {k: v for k, v in options.items() if k in _REQUEST_ARGS}
-        guide_options = {k: v for k, v in options.items() if k in _GUIDE_ARGS}
-        spec_options = {k: v for k, v in options.items() if k in _SPEC_ARGS}
-        unknown = sorted(
-            set(options) - render_options.keys() - request_options.keys() - _GUIDE_ARGS - _SPEC_ARGS
-        )
-        if unknown:
-            names = [*RENDER_OPTIONS, *_REQUEST_ARGS, *_GUIDE_ARGS, *_SPEC_ARGS]
-            names += ["max_tokens", "truncate"]
-            names += list(FIELDS)
-            close = difflib.get_close_matches(unknown[0], names, 1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            if close and close[0] in FIELDS:
-                hint += " (sampling settings go in params=SamplingParams(...))"
-            raise RequestTypeError(f"unexpected keyword argument {unknown[0]!r}{hint}")
-        raw = bool(request_options.get("raw", False))
+        if options is None:
+            options = RequestOptions.of(kwargs)
+        elif not isinstance(options, RequestOptions):
+            raise RequestTypeError("options must be a RequestOptions")
+        elif kwargs:
+            options = RequestOptions.of({**options.model_dump(exclude_unset=True), **kwargs})
+        render_options = options.group(RENDER)
+        guide_options = options.group(GUIDE)
+        spec_options = options.group(SPECULATION)
+        max_tokens = options.max_tokens
+        raw = options.raw
         t0 = time.perf_counter()
         prompt_ids = self.render(messages, **render_options)
-        if truncate:
+        if options.truncate:
             prompt_ids = self._truncate(messages, prompt_ids, max_tokens, render_options)
-        asked = max_tokens
         primer: list[int] = []
         if not raw:
             primer = self.chat_format.primer(
@@ -236,7 +260,7 @@ class Engine:
                 )
             if max_tokens > room:  # Request.asked_max_tokens keeps what was asked
                 logger.info("max_tokens %d clamped to the %d tokens left", max_tokens, room)
-                asked, max_tokens = max_tokens, room
+                max_tokens = room
         guide = None
         if render_options.get("tools") or any(v is not None for v in guide_options.values()):
             guide = make_guide(
@@ -258,272 +282,30 @@ class Engine:
             self.chat_format,
             prompt_ids,
             params,
+            options,
             max_tokens=max_tokens,
             primer=primer,
             guide=guide,
             speculation=speculation,
             started=t0,
-            **request_options,
         )
         req.check(self.vocab_size)
-        req.asked_max_tokens = asked
         req.lockstep = self.group is not None
         return req
 
     def run(self, req: Request, progress: Progress | None = None) -> Iterator[StreamEvent]:
-        """Drive ``req`` to its end, yielding its events (the last one has the completion)."""
-        group = self.group
-        if group is None:
-            yield from self._run(req, progress)
-            return
-        req.lockstep = True
-        with group.running():
-            with mx.stream(self._gen_stream()):  # ordered with the decode loop's collectives
-                group.send(
-                    {
-                        "prompt": req.prompt_ids,
-                        "max_tokens": req.max_tokens,
-                        "prefill_step": self.prefill_step_size,  # the same chunks everywhere
-                    }
-                )
-            try:
-                for event in self._run(req, progress):
-                    group.progress()
-                    yield event
-            except RuntimeError as exc:
-                if is_peer_error(exc):
-                    raise group.lost(exc) from exc
-                raise
-
-    def _run(self, req: Request, progress: Progress | None) -> Iterator[StreamEvent]:
-        mx.reset_peak_memory()
-        tokens = self._tokens(req, progress)
-        try:
-            for token, lp in tokens:
-                yield from req.push(token, lp)
-                if req.finish is not None:
-                    break
-        finally:
-            tokens.close()  # a stop or an error: the followers get their last broadcast now
-        yield from req.close(peak_memory=int(mx.get_peak_memory()))
+        """Drive ``req`` to its end on the scheduler, yielding its events (the last one has
+        the completion); ``progress(done, total)`` is called as the prompt is prefilled."""
+        req.progress = progress
+        yield from self.batching().run(req)
 
     def follow(self, message: dict[str, Any]) -> None:
-        """A follower rank: run rank 0's request ``message`` (its prompt ids and token
-        budget) through the same forward passes, feeding the tokens rank 0 broadcasts."""
-        group = self.group
-        assert group is not None and not group.leader
-        n = int(message["max_tokens"])
-        self.prefill_step_size = int(message.get("prefill_step", self.prefill_step_size))
-        try:
-            with group.running(), mx.stream(self._gen_stream()):
-                cache = make_cache(self.model, **self.cache_options)
-                rest = self._prefill(mx.array(message["prompt"], dtype=mx.int32), cache, None)
-                logits = self.model(rest[None], cache=cache)
-                for k in range(n):
-                    shared = group.share(None)  # rank 0's token for this step, and "go on"
-                    mx.async_eval(logits)
-                    mx.async_eval(shared)
-                    if k + 1 < n:  # built while waiting; run only if rank 0 goes on
-                        nxt = self.model(shared[None, :1], cache=cache)
-                    if not shared[1].item() or k + 1 >= n:
-                        break
-                    group.progress()
-                    logits = nxt
-        except RuntimeError as exc:
-            if is_peer_error(exc):
-                raise group.lost(exc) from exc
-            raise
-
-    # -- the decode loop -------------------------------------------------------------------
-    def _gen_stream(self) -> Any:
-        # Generation runs on its own stream (as in mlx-lm): measurably faster first tokens.
-        stream = getattr(self._local, "stream", None)
-        if stream is None:
-            stream = self._local.stream = mx.new_stream(mx.default_device())
-        return stream
-
-    def _reuse(self, prompt_ids: list[int]) -> tuple[list[Any], int]:
-        """A cache holding the longest reusable prefix of ``prompt_ids``, and its length
-        (a fresh cache and 0 when nothing can be reused)."""
-        cache, common = self.prefix_cache.take(prompt_ids)
-        if cache is None:
-            return make_cache(self.model, **self.cache_options), 0
-        return cache, common
+        """A follower rank: run rank 0's request ``message`` (see :meth:`.ModelRunner.follow`)."""
+        self.runner.follow(message)
 
     def reset_cache(self) -> None:
         """Forget earlier requests' caches (the next prompt is prefilled in full)."""
         self.prefix_cache.clear()
-
-    def _prefill(self, prompt: mx.array, cache: list[Any], progress: Progress | None) -> mx.array:
-        """Run all but the last prompt token through the model in chunks; return the rest."""
-        total = prompt.size
-        done = 0
-        while prompt.size - done > 1:
-            n = min(self.prefill_step_size, prompt.size - done - 1)
-            with mx.stream(self._gen_stream()):
-                self.model(prompt[None, done : done + n], cache=cache)
-            mx.eval([c.state for c in cache])
-            done += n
-            if self.group is not None:
-                self.group.progress()
-            if progress is not None:
-                progress(done, total)
-        return prompt[done:]
-
-    def _tokens(
-        self, req: Request, progress: Progress | None
-    ) -> Iterator[tuple[int, LogProbs | None]]:
-        """Yield ``req``'s sampled ids; step n+1 is built and queued while step n evaluates
-        (for a request whose draw needs each token first, a grammar, only its forward pass).
-
-        On the way out the cache is kept, with the tokens it holds, for the next request.
-        """
-        if req.speculation is not None:
-            yield from self._speculate(req, progress)
-            return
-        prompt_ids = req.prompt_ids
-        cache, cached = self._reuse(prompt_ids)
-        self.last_cached_tokens = req.cached_tokens = cached
-        rest = self._prefill(mx.array(prompt_ids[cached:], dtype=mx.int32), cache, progress)
-        generated: list[int] = []
-        fed = [len(prompt_ids) - rest.size]  # tokens in the cache
-        ok = False
-        try:
-            for token, lp in self._pipelined(req, cache, rest, req.max_tokens, fed):
-                generated.append(token)
-                ok = True
-                yield token, lp
-                ok = False
-            ok = True
-        finally:
-            # A consumer that stops early (GeneratorExit) leaves a valid cache; an error does not.
-            if ok and self.reuse_cache:
-                self.prefix_cache.put((prompt_ids + generated)[: fed[0]], cache)
-
-    def _forward(self, req: Request, cache: list[Any], tokens: mx.array) -> mx.array:
-        """Next-token logits (lazy) after ``tokens``; queued at once when the draw comes
-        later (a grammar's mask is computed while this runs)."""
-        with mx.stream(self._gen_stream()):  # only while building: the caller's is untouched
-            logits = self.model(tokens[None], cache=cache)[:, -1, :]
-        if req.sync:
-            mx.async_eval(logits)
-        return logits
-
-    def _draw(self, req: Request, logits: mx.array) -> tuple[mx.array, LogProbs | None]:
-        """``req``'s next token from ``logits`` (lazy, queued)."""
-        with mx.stream(self._gen_stream()):
-            ids, lp = req.sample(logits)
-            if self.group is not None:  # every rank feeds rank 0's token
-                ids = self.group.share(ids)[:1]
-        mx.async_eval(ids, *([] if lp is None else vars(lp).values()))
-        return ids, lp
-
-    def _pipelined(
-        self, req: Request, cache: list[Any], inputs: mx.array, n: int, fed: list[int]
-    ) -> Iterator[tuple[int, LogProbs | None]]:
-        """``n`` tokens of plain decoding after ``inputs`` (not yet in the cache); step k+1
-        is queued before token k is read (its draw too, unless it needs token k on the
-        host). ``fed[0]`` counts the tokens in the cache."""
-        y, lp = self._draw(req, self._forward(req, cache, inputs))
-        fed[0] += inputs.size
-        owed = False  # a queued forward pass whose draw the followers are waiting for
-        try:
-            for k in range(n):
-                last = k + 1 >= n
-                if not last:
-                    ahead = self._forward(req, cache, y)
-                    owed = True
-                    fed[0] += 1
-                    if not req.sync:
-                        nxt = self._draw(req, ahead)
-                yield int(y.item()), lp
-                if last:
-                    break
-                if req.sync:
-                    nxt = self._draw(req, ahead)
-                owed = False
-                y, lp = nxt
-        finally:
-            if owed and self.group is not None:
-                with mx.stream(self._gen_stream()):
-                    self.group.end()
-
-    def _speculate(
-        self, req: Request, progress: Progress | None
-    ) -> Iterator[tuple[int, LogProbs | None]]:
-        """``_tokens`` with speculation: each step runs the last token and k drafted ones
-        through the model at once, then draws position by position (the same draws as
-        plain decoding) while the drafts hold; the cache is rewound past the first miss."""
-        spec = req.speculation
-        assert spec is not None
-        prompt_ids = req.prompt_ids
-        cache, cached = self._reuse(prompt_ids)
-        self.last_cached_tokens = req.cached_tokens = cached
-        rest = self._prefill(mx.array(prompt_ids[cached:], dtype=mx.int32), cache, progress)
-        spec.start(prompt_ids)
-        context = list(prompt_ids)
-        generated: list[int] = []
-        in_cache = len(prompt_ids) - rest.size  # tokens the cache holds
-        step = rest.tolist()
-        ok = False
-        try:
-            while len(generated) < req.max_tokens:
-                t0 = time.perf_counter()
-                room = req.max_tokens - len(generated) - 1
-                plain = spec.plain_steps()
-                drafts = []
-                if not plain:
-                    drafts = [t for t in spec.propose(context)[:room] if 0 <= t < self.vocab_size]
-                    plain = 0 if drafts else 8  # nothing to guess: a few plain steps
-                if plain:  # plain decoding, pipelined as in _tokens, for a stretch
-                    n = min(plain, room + 1)
-                    fed = [in_cache]
-                    for token, lp in self._pipelined(
-                        req, cache, mx.array(step, dtype=mx.int32), n, fed
-                    ):
-                        in_cache = fed[0]
-                        generated.append(token)
-                        context.append(token)
-                        ok = True
-                        yield token, lp
-                        ok = False
-                    in_cache = fed[0]
-                    step = [generated[-1]]
-                    spec.record(0, 0, n, time.perf_counter() - t0)
-                    continue
-                spec.drafted += len(drafts)
-                inputs = mx.array(step + drafts, dtype=mx.int32)
-                with mx.stream(self._gen_stream()):
-                    logits = self.model(inputs[None], cache=cache)[0, len(step) - 1 :, :]
-                in_cache += inputs.size
-                accepted = emitted = 0
-                for i in range(len(drafts) + 1):
-                    ids, lp = self._draw(req, logits[i : i + 1])
-                    token = int(ids.item())
-                    generated.append(token)
-                    context.append(token)
-                    emitted += 1
-                    ok = True
-                    yield token, lp
-                    ok = False
-                    if i == len(drafts) or token != drafts[i]:
-                        break
-                    accepted += 1
-                    spec.accepted += 1
-                # Valid: the step's input and the accepted drafts; the last token is fed next.
-                miss = len(drafts) - accepted
-                if miss and any(c.trim(miss) != miss for c in cache):
-                    raise RuntimeError("a KV cache could not rewind a rejected draft")
-                in_cache -= miss
-                step = [generated[-1]]
-                spec.record(len(drafts), accepted, emitted, time.perf_counter() - t0)
-            ok = True
-        finally:
-            # Keep the cache for the next request holding exactly the tokens it has verified.
-            extra = in_cache - (len(prompt_ids) + max(0, len(generated) - 1))
-            fits = extra == 0 or (extra > 0 and all(c.trim(extra) == extra for c in cache))
-            if ok and self.reuse_cache and fits:
-                self.prefix_cache.put((prompt_ids + generated)[: in_cache - extra], cache)
 
     # -- public API ------------------------------------------------------------------------
     def stream(
@@ -536,7 +318,8 @@ class Engine:
     ) -> Iterator[StreamEvent]:
         """Generate a reply, yielding text deltas as they are decoded.
 
-        Keyword arguments: ``max_tokens`` (512), ``logprobs``, ``stop``, ``stop_tokens``,
+        Keyword arguments (the fields of :class:`~.options.RequestOptions`, or pass one as
+        ``options=``): ``max_tokens`` (512), ``logprobs``, ``stop``, ``stop_tokens``,
         ``include_stop``, ``ignore_eos``, ``truncate``, ``raw``, ``should_stop``,
         ``logits_processors``, ``token_mask`` and the chat format's render options.
         Each event has a ``kind`` (``answer``, ``reasoning`` or ``tool_call``); the last one
@@ -582,7 +365,7 @@ class Engine:
             if old is None or options:
                 if old is not None and not old.idle.wait(timeout=5):
                     raise RuntimeError("the scheduler is busy; reconfigure it when idle")
-                self._scheduler = Scheduler(self, **options)
+                self._scheduler = Scheduler(self.runner, **options)
             return self._scheduler
 
     def submit(
@@ -638,24 +421,15 @@ class Engine:
         messages: MessagesLike | Sequence[int],
         params: SamplingParams | None = None,
         *,
-        max_tokens: int = 512,
         progress: Progress | None = None,
         **options: Any,
     ) -> Completion:
         """Generate a whole reply; same arguments as :meth:`stream`."""
         completion = None
-        for event in self.stream(
-            messages, params, max_tokens=max_tokens, progress=progress, **options
-        ):
+        for event in self.stream(messages, params, progress=progress, **options):
             completion = event.completion or completion
         assert completion is not None
         return completion
-
-
-def is_peer_error(exc: BaseException) -> bool:
-    """Whether an MLX error says a distributed peer is gone (the ring backend's words)."""
-    text = str(exc).lower()
-    return any(w in text for w in ("[ring]", "[mpi]", "[jaccl]", "peer", "connection"))
 
 
 def _format_from(encoding: Any, tokenizer: Any) -> ChatFormat:

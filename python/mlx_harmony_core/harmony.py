@@ -370,7 +370,6 @@ _O200K_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
     r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-_FIRST_SPECIAL = 199998  # o200k_base's regular tokens are ranks 0..199997
 
 
 def _byte_chars() -> dict[int, str]:
@@ -390,7 +389,7 @@ def hf_tokenizer() -> Any:
     def text(b: bytes) -> str:
         return "".join(chars[x] for x in b)
 
-    ranks = {table[i]: i for i in range(_FIRST_SPECIAL)}
+    ranks = {table[i]: i for i in range(FIRST_SPECIAL)}
     merges: list[tuple[int, int, int, str, str]] = []
     for token, rank in ranks.items():
         for k in range(1, len(token)):
@@ -414,7 +413,7 @@ def hf_tokenizer() -> Any:
     tok.add_special_tokens(
         [
             AddedToken(table[i].decode(), special=True, normalized=False)
-            for i in range(_FIRST_SPECIAL, VOCAB_SIZE)
+            for i in range(FIRST_SPECIAL, VOCAB_SIZE)
         ]
     )
     return tok

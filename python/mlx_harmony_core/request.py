@@ -19,6 +19,7 @@ import numpy as np
 from .chat_format import ANSWER, REASONING, ChatFormat, Delta
 from .errors import InvalidRequestError
 from .messages import ToolCall
+from .options import RequestOptions
 from .params import SamplingParams
 from .sampling import LogProbs, Sampler, as_mask, check_ids
 from .stopping import StopStrings, TokenStops, token_sequences
@@ -113,45 +114,43 @@ class Request:
         chat_format: ChatFormat,
         prompt_ids: list[int],
         params: SamplingParams,
+        options: RequestOptions | None = None,
         *,
-        max_tokens: int,
+        max_tokens: int | None = None,
         primer: Sequence[int] = (),
-        logprobs: int | None = None,
-        stop: str | Sequence[str] | None = None,
-        stop_tokens: Sequence[int | Sequence[int]] | None = None,
-        include_stop: bool = False,
-        ignore_eos: bool = False,
-        raw: bool = False,
-        should_stop: Callable[[], bool] | None = None,
-        logits_processors: Sequence[LogitsProcessor] | None = None,
-        token_mask: TokenMask | None = None,
         guide: Guide | None = None,
         speculation: Any = None,
         started: float | None = None,
     ) -> None:
+        o = options if options is not None else RequestOptions()
+        self.options = o
         self.format = chat_format
         self.prompt_ids = prompt_ids
-        self.max_tokens = max_tokens
-        self.asked_max_tokens = max_tokens  # before clamping to the context window
-        self.logprobs = logprobs
+        # ``max_tokens``: the options' limit cut to the room in the context window.
+        self.max_tokens = max_tokens if max_tokens is not None else o.max_tokens
+        self.asked_max_tokens = o.max_tokens
+        self.logprobs = o.logprobs
         self.sampler = Sampler(params)
-        self.processors = list(logits_processors or [])
-        self.token_mask = token_mask
+        self.processors: list[LogitsProcessor] = list(o.logits_processors or [])
+        self.token_mask: TokenMask | None = o.token_mask
         self.guide = guide
         self.speculation = speculation  # a speculative.Speculation, or None
         # In a distributed group rank 0 draws each token after reading the last one, so the
         # end of a reply is known before the next step's broadcast (see distributed.py).
         self.lockstep = False
-        self.should_stop = should_stop
-        own = [] if ignore_eos else chat_format.stop_ids()
-        seqs = token_sequences([*own, *(stop_tokens or [])])
+        self.should_stop = o.should_stop
+        # Called as prompt chunks run: (tokens done, prompt length); on the decode thread.
+        self.progress: Callable[[int, int], None] | None = None
+        own = [] if o.ignore_eos else chat_format.stop_ids()
+        seqs = token_sequences([*own, *(o.stop_tokens or [])])
         self.token_stops = TokenStops(seqs) if seqs else None
         self.own_stops = set(own)
         self._stop_ids = [t for seq in seqs for t in seq]
-        self.parser = chat_format.parser(primer, raw=raw)
-        self.out = _Output(StopStrings(stop, include_stop=include_stop) if stop else None)
+        self.parser = chat_format.parser(primer, raw=o.raw)
+        stop = o.stop
+        self.out = _Output(StopStrings(stop, include_stop=o.include_stop) if stop else None)
         self.generated: list[int] = []
-        self.token_logprobs: list[TokenLogprob] | None = [] if logprobs is not None else None
+        self.token_logprobs: list[TokenLogprob] | None = [] if o.logprobs is not None else None
         self.finish: str | None = None
         self.cached_tokens = 0
         self.t0 = started if started is not None else time.perf_counter()

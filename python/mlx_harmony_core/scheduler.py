@@ -1,16 +1,23 @@
-"""Continuous batching: concurrent requests decode together, one forward pass per step.
+"""The decode path of every request: continuous batching, one forward pass per step.
 
-The scheduler runs on the process's generation thread. Every step runs the model once over
-all running requests (one row each, each at its own position, in :class:`BatchKVCache`
-layers), samples every row with the fused sampler (each with its own options and RNG key),
-and feeds each request its token: stop matching, parsing and events stay the
-:class:`~.request.Request`'s own. Finished or cancelled requests leave between steps and
-waiting ones join without draining the batch. A joining prompt is prefilled alone (its own
-single-sequence caches, reusing the prefix cache) in chunks of at most ``prefill_chunk``
-tokens, one chunk per decode step, so running streams stall at most one chunk per token;
-then its cache is inserted as a new row. Step n+1 is built while step n runs, as in the
-single-request loop (when a row's draw needs token n first, a grammar's mask, the forward
-pass is queued ahead and the draw is built after the read, while that pass runs).
+The scheduler runs on the process's generation thread and drives every request, whatever
+front end sent it: ``Engine.generate`` / ``stream`` are a batch of one, the server's
+requests decode together. Every step runs the model once over all running requests (one row
+each, each at its own position, in :class:`BatchKVCache` layers), samples every row with the
+fused sampler (each with its own options and RNG key), and feeds each request its token:
+stop matching, parsing and events stay the :class:`~.request.Request`'s own. Finished or
+cancelled requests leave between steps and waiting ones join without draining the batch. A
+joining prompt is prefilled alone (its own single-sequence caches, reusing the prefix cache)
+in chunks of at most ``prefill_chunk`` tokens, one chunk per decode step, so running streams
+stall at most one chunk per token; then its cache is inserted as a new row. Step n+1 is
+built while step n runs (when a row's draw needs token n first, a grammar's mask, the
+forward pass is queued ahead and the draw is built after the read, while that pass runs).
+
+Two kinds of step share this loop: a speculative request running alone verifies its drafts
+(k+1 positions of its row in one pass, drawn position by position, the cache rewound past
+the first miss), and in a distributed group rank 0 broadcasts each drawn token, which the
+other ranks' :meth:`.ModelRunner.follow` feeds to the same forward passes. The scheduler
+sees a :class:`~.runner.ModelRunner`, never the engine.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import logging
 import os
 import queue
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -28,12 +36,14 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from .distributed import is_peer_error
 from .errors import CapacityError
-from .kv_cache import kv_bytes, kv_bytes_per_token, make_batch_cache, make_cache
+from .kv_cache import kv_bytes, kv_bytes_per_token, make_batch_cache
 from .params import SamplingParams
 from .request import Completion, Request, StreamEvent
+from .runner import ModelRunner
 from .sampling import LogProbs, Sampler, sample_rows
-from .threads import on_generation_thread, stop_at_exit
+from .threads import generation, on_generation_thread, stop_at_exit
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +88,8 @@ class Handle:
         return self._done.is_set()
 
     def _emit(self, item: Any) -> None:
+        if self._done.is_set():  # ended already (a stalled group's watchdog may end it first)
+            return
         if isinstance(item, StreamEvent) and item.completion is not None:
             self.completion = item.completion
         elif isinstance(item, BaseException):
@@ -128,17 +140,18 @@ class _Row:
     need: int  # worst-case tokens: prompt + max_tokens
     cache: list[Any] | None = None  # its own caches while prefilling
     done: int = 0  # prompt tokens in its cache
-    fed: int = 0  # generated tokens run through the model (so in the cache)
+    cached: int = 0  # tokens (prompt, then reply) in the row's cache
+    joining: bool = False  # prefilled: joins the batch at the end of this step
     last: int = -1  # the last token pushed
     first: tuple[mx.array, LogProbs | None] | None = None  # first token (lazy)
     finished: bool = False
-    # A speculative request that decoded alone until others came: it prefills its reply so
-    # far (from the prefix cache) and goes on in the batch.
-    context: list[int] | None = None
+    plain: int = 0  # speculation: plain steps left in this stretch
+    stretch: tuple[float, int] | None = None  # ... its start time and tokens so far
+    drafting: bool = False  # the drafter has seen the prompt
 
     @property
     def prompt(self) -> list[int]:
-        return self.context if self.context is not None else self.req.prompt_ids
+        return self.req.prompt_ids
 
 
 @dataclass
@@ -155,7 +168,7 @@ class _Step:
 
 
 class Scheduler:
-    """Runs many requests together on one engine (continuous batching).
+    """Runs every request of one model, many together (continuous batching).
 
     ``max_batch`` rows decode at once (1: one request at a time); beyond that requests
     wait, at most ``max_queue`` of them (``None``: no limit), later ones get a
@@ -171,7 +184,7 @@ class Scheduler:
 
     def __init__(
         self,
-        engine: Any,
+        runner: ModelRunner,
         *,
         max_batch: int = MAX_BATCH,
         max_queue: int | None = None,
@@ -184,14 +197,14 @@ class Scheduler:
             raise ValueError("max_queue must be >= 0 (or None: no limit)")
         if prefill_chunk < 1:
             raise ValueError("prefill_chunk must be >= 1")
-        self.engine = engine
-        template = make_cache(engine.model, **engine.cache_options)
+        self.runner = runner
+        template = runner.new_cache()
         self._template = template
         self.batchable = make_batch_cache(template) is not None
         if not self.batchable and max_batch > 1:
             logger.info("this model's caches cannot batch: one request at a time")
             max_batch = 1
-        if getattr(engine, "group", None) is not None and max_batch > 1:
+        if runner.group is not None and max_batch > 1:
             logger.info("a distributed group runs one request at a time")
             max_batch = 1
         self.max_batch = max_batch
@@ -205,9 +218,7 @@ class Scheduler:
         self._per_token = [0] * len(template)
         if self.batchable:
             try:
-                self._per_token = kv_bytes_per_token(
-                    engine.model, make_cache(engine.model, **engine.cache_options)
-                )
+                self._per_token = kv_bytes_per_token(runner.model, runner.new_cache())
             except Exception:  # a model that fails here fails its requests, with their errors
                 logger.debug("could not measure the KV cache per token", exc_info=True)
         self._lock = threading.Lock()
@@ -237,12 +248,9 @@ class Scheduler:
         Raises :class:`CapacityError` when the queue is full, the request's KV cache cannot
         fit the budget even alone, or the scheduler is shutting down.
         """
-        group = getattr(self.engine, "group", None)
-        if group is not None:
-            group.check()  # a group that lost a rank refuses at once (a 503), never hangs
-        vocab = getattr(self.engine, "vocab_size", None)
-        if vocab:  # a request that cannot fit this model never joins a batch
-            request.check(vocab)
+        if self.runner.group is not None:
+            self.runner.group.check()  # a group that lost a rank refuses at once (a 503)
+        request.check(self.runner.vocab_size)  # what cannot fit this model never joins
         handle = Handle(request, sink)
         need = len(request.prompt_ids) + request.max_tokens
         if not self._fits([need]):
@@ -325,8 +333,6 @@ class Scheduler:
             self._admitted -= n
 
     def _run(self) -> None:
-        if getattr(self.engine, "group", None) is not None:
-            return self._run_lockstep()
         while True:
             try:
                 if not self._admit():
@@ -334,45 +340,27 @@ class Scheduler:
                     return
                 self._batch.iteration()
             except Exception as exc:  # the batch as a whole failed: every row gets it
+                group = self.runner.group
+                if group is not None and is_peer_error(exc):
+                    exc = group.lost(exc)
                 logger.exception("batched generation failed")
                 self._batch.fail_all(exc)
 
-    def _run_lockstep(self) -> None:
-        """A distributed group: each request runs alone through the engine's loop, which
-        the other ranks follow step by step (see :mod:`.distributed`)."""
-        b = self._batch
-        while True:
-            with self._lock:
-                if not self._waiting:
-                    self._posted = False
-                    self.idle.set()
-                    return
-                row = self._waiting.popleft()
-                refused = self.closing.is_set() or row.handle.cancelled
-                if not refused:
-                    self._admitted += 1
-            if refused:
-                b.refuse(row, _shutting_down() if self.closing.is_set() else None)
-                continue
-            ended = threading.Lock()  # the watchdog may end it first (a stalled group)
-
-            def end(error: Any, row: _Row = row, ended: threading.Lock = ended) -> None:
-                if ended.acquire(blocking=False):
-                    if error is not None:
-                        row.handle._emit(error)
-                    row.handle._emit(END)
-
-            try:
-                with self.engine.group.on_stall(end):
-                    for event in self.engine.run(row.req):
-                        if ended.locked():
-                            break
-                        row.handle._emit(event)
-            except Exception as exc:  # this request's failure, or the group's
-                end(exc)
-            finally:
-                self._left(1)
-                end(None)
+    def run(self, request: Request) -> Iterator[StreamEvent]:
+        """Submit ``request`` and yield its events as they are decoded (the caller's
+        thread waits; a consumer that stops early cancels the request)."""
+        if threading.current_thread().name == generation.name:
+            raise RuntimeError(
+                "a request cannot be run from the generation thread (it would wait on itself)"
+            )
+        handle = self.submit(request)
+        try:
+            yield from handle
+        finally:
+            if not handle.done:
+                handle.cancel()
+                for _ in handle:  # its last events: the cache is back before we return
+                    pass
 
 
 class _Batch:
@@ -380,7 +368,8 @@ class _Batch:
 
     def __init__(self, sched: Scheduler) -> None:
         self.s = sched
-        self.engine = sched.engine
+        self.runner = sched.runner
+        self.group = sched.runner.group
         self.rows: list[_Row] = []
         self.solo = not sched.batchable  # rows run on their own caches, one at a time
         self.prefilling: deque[_Row] = deque()
@@ -398,10 +387,14 @@ class _Batch:
 
     # -- one iteration -------------------------------------------------------------------
     def iteration(self) -> None:
+        if self._speculating():
+            return self._speculate()
         sync = any(r.req.sync for r in self.rows)
         nxt = None
         ahead: tuple[list[_Row], mx.array] | None = None
-        if self.pending is not None:  # queued before step n is read
+        # Rows that end at the unread token need no next step (a group's followers run none).
+        last = all(len(r.req.generated) + 1 >= r.req.max_tokens for r in self.rows)
+        if self.pending is not None and not last:  # queued before step n is read
             if sync:  # a row's draw needs token n on the host: only the forward pass now
                 ahead = (list(self.rows), self._forward(self.pending.inputs))
                 mx.async_eval(ahead[1])
@@ -411,12 +404,16 @@ class _Batch:
         if self.pending is not None:
             self._read(self.pending)
         self.flush()
-        for r in joined:
-            self._read_first(r)
+        if self.group is None:
+            for r in joined:
+                self._read_first(r)
         if ahead is not None:  # masks are computed while the forward pass runs
-            nxt = self._sample(*ahead)
+            if self.group is not None and all(r.finished for r in ahead[0]):
+                self._end_group_step()
+            else:
+                nxt = self._sample(*ahead)
         self._update_rows(nxt, [r for r in joined if not r.finished])
-        if self.pending is None and self.rows:
+        if self.pending is None and self.rows and not self._may_speculate():
             self.pending = self._build(self.pending_inputs)
 
     def _update_rows(self, nxt: _Step | None, joined: list[_Row]) -> None:
@@ -447,6 +444,13 @@ class _Batch:
             for r in joined:
                 r.cache = None
             self.rows += joined
+        if joined and self.group is not None:
+            # A group reads a first token after the forward pass of it is queued, as the
+            # followers run it (see ModelRunner.follow): it is the pending step.
+            (r,) = self.rows
+            assert r.first is not None and nxt is None
+            nxt, r.first = _Step([r], *r.first), None
+            joined = []
         if not self.rows:
             self.cache, self.pending, self.bias = None, None, None
             self.pending_inputs = None
@@ -466,14 +470,116 @@ class _Batch:
             self.pending = None
             self.pending_inputs = mx.array([r.last for r in self.rows], dtype=mx.int32)
 
+    # -- speculation: a request alone verifies its drafts -----------------------------------
+    def _may_speculate(self) -> bool:
+        """Whether the next step may verify drafts (then no plain step is queued ahead)."""
+        if len(self.rows) != 1 or self.prefilling or self.s._waiting:
+            return False
+        r = self.rows[0]
+        return r.req.speculation is not None and r.stretch is None and not r.finished
+
+    def _speculating(self) -> bool:
+        """Whether this step verifies drafts: a speculative request alone (nobody joining or
+        waiting), between its plain stretches (measured, or paused; see Speculation)."""
+        if len(self.rows) != 1 or self.rows[0].req.speculation is None:
+            return False
+        r = self.rows[0]
+        spec = r.req.speculation
+        if r.stretch is not None:
+            t0, n0 = r.stretch
+            done = len(r.req.generated) - n0
+            if done < r.plain and not r.finished:
+                return False  # the stretch goes on, pipelined
+            spec.record(0, 0, done, time.perf_counter() - t0)
+            r.stretch = None
+        if r.finished or self.prefilling or self.s._waiting:
+            return False
+        n = spec.plain_steps()
+        if n:
+            r.plain, r.stretch = n, (time.perf_counter(), len(r.req.generated))
+            return False
+        return True
+
+    def _speculate(self) -> None:
+        """One verify step: the newest token and k drafts through the model at once, drawn
+        position by position with plain decoding's keys while the drafts hold; the cache
+        is rewound past the first miss."""
+        (r,) = self.rows
+        if self.pending is not None:  # the plain step in flight: its token first
+            step, self.pending = self.pending, None
+            self._read(step)
+        if not r.finished:
+            try:
+                self._verify(r)
+            except Exception as exc:  # its drafter, its draws: the row's own
+                self._fail(r, exc)
+        self.flush()
+        self._update_rows(None, [])
+
+    def _verify(self, r: _Row) -> None:
+        spec = r.req.speculation
+        assert spec is not None
+        if not r.drafting:  # a draft model prefills the prompt once
+            spec.start(r.req.prompt_ids)
+            r.drafting = True
+        t0 = time.perf_counter()
+        before = len(r.req.generated)  # the newest, r.last, is not in the cache yet
+        room = r.req.max_tokens - before - 1
+        vocab = self.runner.vocab_size
+        drafts = [t for t in spec.propose(r.req.prompt_ids + r.req.generated)[:room]]
+        drafts = [t for t in drafts if 0 <= t < vocab] if room > 0 else []
+        if not drafts:  # nothing to guess: a few plain steps
+            r.plain, r.stretch = 8, (t0, before)
+            return
+        spec.drafted += len(drafts)
+        inputs = mx.array([[r.last, *drafts]], dtype=mx.int32)
+        logits = self.runner.forward(inputs, self.cache)[0]
+        accepted = emitted = 0
+        for i in range(len(drafts) + 1):
+            with mx.stream(self._stream()):
+                ids, lp = r.req.sample(logits[i : i + 1])
+            emitted += 1
+            self._push(r, int(ids.item()), lp)
+            if r.finished or i == len(drafts) or r.last != drafts[i]:
+                break
+            accepted += 1
+            spec.accepted += 1
+        # Valid: the newest token and the accepted drafts; the token drawn last is fed next.
+        miss = len(drafts) - accepted
+        if miss and any(c.trim(miss) != miss for c in self.cache or []):
+            raise RuntimeError("a KV cache could not rewind a rejected draft")
+        r.cached += 1 + accepted
+        spec.record(len(drafts), accepted, emitted, time.perf_counter() - t0)
+
+    # -- a distributed group: rank 0 drives, the others follow ------------------------------
+    def _start_group_request(self, r: _Row) -> None:
+        """Send ``r`` to the followers, which run the same forward passes from now on."""
+        group = self.group
+        assert group is not None
+        group.begin()
+        group.set_stall_handler(lambda error: _stalled(r, error))
+        with mx.stream(self._stream()):  # ordered with the decode loop's collectives
+            group.send(
+                {
+                    "prompt": r.req.prompt_ids,
+                    "max_tokens": r.req.max_tokens,
+                    "prefill_step": self.runner.prefill_step_size,  # the same chunks
+                }
+            )
+
+    def _end_group_step(self) -> None:
+        """The broadcast in place of a draw that will not come (the reply ended)."""
+        assert self.group is not None
+        with mx.stream(self._stream()):
+            self.group.end()
+
     # -- building a step ------------------------------------------------------------------
     def _stream(self) -> Any:
-        return self.engine._gen_stream()
+        return self.runner.stream()
 
     def _forward(self, inputs: mx.array) -> mx.array:
         """The batch's next-token logits (lazy) for ``inputs``, one token per row."""
-        with mx.stream(self._stream()):
-            return self.engine.model(inputs[:, None], cache=self.cache)[:, -1, :]
+        return self.runner.forward(inputs[:, None], self.cache)[:, -1, :]
 
     def _build(self, inputs: mx.array, ahead: bool = False) -> _Step:
         """The next decode step for every row (lazy, queued). ``ahead``: one token per row
@@ -519,9 +625,14 @@ class _Batch:
             for i, r in enumerate(rows):
                 if r.req.window is not None or r.req.processors:
                     r.req.advance(ids[i : i + 1])
+            if self.group is not None:  # every rank feeds rank 0's token, or stops
+                if all(r.finished for r in rows):
+                    self.group.end()
+                else:
+                    ids = self.group.share(ids)[:1]
         mx.async_eval(ids, *([] if lp is None else vars(lp).values()))
         for r in rows:
-            r.fed += 1
+            r.cached += 1
         return _Step(rows, ids, lp)
 
     # -- prefill --------------------------------------------------------------------------
@@ -546,7 +657,7 @@ class _Batch:
             if r.finished:
                 self.prefilling.popleft()
                 self._retire(r)
-            elif r.first is not None:
+            elif r.joining:
                 self.prefilling.popleft()
                 joined.append(r)
         return joined
@@ -554,62 +665,56 @@ class _Batch:
     def _prefill_one(self, r: _Row, budget: int, whole: bool) -> int:
         """One chunk of ``r``'s prompt, or its last token and first draw (queued: then
         ``r.first`` is set); returns the prompt tokens it ran."""
-        if r.cache is None and self._alone(r):
-            self._speculate_alone(r)
-            if r.finished:
-                return 0
         if r.cache is None:
-            r.cache, r.done = self.engine._reuse(r.prompt)
-            if r.context is None:
-                r.req.cached_tokens = r.done
+            mx.reset_peak_memory()
+            if self.group is not None:
+                self._start_group_request(r)
+            r.cache, r.done = self.runner.take(r.prompt)
+            r.req.cached_tokens = r.done
         prompt = r.prompt
         left = len(prompt) - r.done
-        with mx.stream(self._stream()):
-            if left > 1:
-                n = min(left - 1, self.engine.prefill_step_size)
-                if not whole:
-                    n = min(n, budget)
-                chunk = mx.array(prompt[r.done : r.done + n], dtype=mx.int32)
-                self.engine.model(chunk[None], cache=r.cache)
+        if left > 1:
+            n = min(left - 1, self.runner.prefill_step_size)
+            if not whole:
+                n = min(n, budget)
+            chunk = mx.array(prompt[r.done : r.done + n], dtype=mx.int32)
+            self.runner.forward(chunk[None], r.cache)
+            r.done += n
+            if r.req.progress is not None:  # the caller shows it: the chunk has run
+                mx.eval([c.state for c in r.cache])
+                r.req.progress(r.done, len(prompt))
+            else:
                 mx.async_eval([c.state for c in r.cache])
-                r.done += n
-                return n
-            last = mx.array(prompt[r.done :], dtype=mx.int32)
-            logits = self.engine.model(last[None], cache=r.cache)[:, -1, :]
-            first = r.req.sample(logits)
+            if self.group is not None:
+                self.group.progress()
+            return n
+        r.joining = True
+        if r.req.speculation is not None and self.group is None:
+            # A speculative request feeds its prompt's last token in its first verify step
+            # (so its first token can be guessed too); in a batch, in its first plain step.
+            r.last, r.cached = prompt[-1], r.done
+            return 0
+        last = mx.array(prompt[r.done :], dtype=mx.int32)
+        logits = self.runner.forward(last[None], r.cache)[:, -1, :]
+        with mx.stream(self._stream()):
+            try:
+                first = r.req.sample(logits)
+            except Exception:
+                if self.group is not None:  # the followers wait for this draw
+                    self.group.end()
+                raise
+            if self.group is not None:  # every rank feeds rank 0's token
+                first = (self.group.share(first[0])[:1], first[1])
         mx.async_eval(first[0], *([] if first[1] is None else vars(first[1]).values()))
         r.first = first
-        r.done = len(prompt)
+        r.done = r.cached = len(prompt)
         return 1
-
-    def _alone(self, r: _Row) -> bool:
-        """A speculative request with nobody else running or waiting decodes speculatively."""
-        return (
-            r.req.speculation is not None
-            and r.context is None
-            and not self.rows
-            and len(self.prefilling) == 1
-            and not self.s._waiting
-        )
-
-    def _speculate_alone(self, r: _Row) -> None:
-        """Run ``r`` with speculation (the engine's loop) until it ends or another request
-        arrives; then it continues in the batch, without speculation, from what it has."""
-        tokens = self.engine._speculate(r.req, None)
-        try:
-            for token, lp in tokens:
-                self._push(r, token, lp)
-                if r.finished or self.s._waiting:
-                    break
-        finally:
-            tokens.close()  # the verified tokens' cache goes to the prefix cache
-        if not r.finished:
-            r.context = r.req.prompt_ids + r.req.generated
-            r.fed = len(r.req.generated)
 
     # -- reading tokens -------------------------------------------------------------------
     def _read(self, step: _Step) -> None:
         tokens = step.ids.tolist()
+        if self.group is not None:
+            self.group.progress()
         lps = _host(step.lp)
         for i, r in enumerate(step.rows):
             if r.finished:
@@ -621,7 +726,8 @@ class _Batch:
             self._push(r, tokens[i], lp)
 
     def _read_first(self, r: _Row) -> None:
-        assert r.first is not None
+        if r.first is None:  # it draws its first token in its first step
+            return
         ids, lp = r.first
         r.first = None
         try:  # evaluates the row's own prefill and draw
@@ -670,11 +776,14 @@ class _Batch:
     def _retire(self, r: _Row, batch_row: int | None = None) -> None:
         """End ``r``: keep its cache for prefix reuse, send its last events."""
         failed = r.handle.error
-        if failed is None and self.engine.reuse_cache:
+        if self.group is not None:
+            self.group.set_stall_handler(None)
+            self.group.finish()
+        if failed is None and self.runner.reuse_cache:
             if batch_row is None:  # never joined: its own cache holds the prompt so far
                 tokens, cache = r.prompt[: r.done], r.cache
             else:
-                tokens = r.req.prompt_ids + r.req.generated[: r.fed]
+                tokens = (r.req.prompt_ids + r.req.generated)[: r.cached]
                 cache = self.cache if self.solo else [c.extract(batch_row) for c in self.cache]
             if cache is not None and tokens:
                 mx.async_eval([c.state for c in cache])
@@ -705,7 +814,7 @@ class _Batch:
             return
         mx.eval([c.state for _, cache in self.to_store for c in cache])
         for tokens, cache in self.to_store:
-            self.engine.prefix_cache.put(tokens, cache)
+            self.runner.keep(tokens, cache)
         self.to_store.clear()
 
     def fail_all(self, exc: Exception) -> None:
@@ -720,6 +829,12 @@ class _Batch:
         self.rows, self.prefilling = [], deque()
         self.cache, self.pending, self.bias = None, None, None
         self.to_store.clear()
+
+
+def _stalled(r: _Row, error: BaseException) -> None:
+    """A distributed group stalled (the watchdog's thread): end the request now."""
+    r.handle._emit(error)
+    r.handle._emit(END)
 
 
 def _history(rows: Sequence[_Row]) -> mx.array | None:

@@ -12,7 +12,6 @@ and seeded outputs are the plain decoder's tokens, only sooner.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -205,6 +204,3 @@ def make_speculation(
         )
     return Speculation(ModelDrafter(model), k)
 
-
-def timer() -> float:
-    return time.perf_counter()
