@@ -7,15 +7,15 @@ namespace nb = nanobind;
 namespace mlx_harmony_core {
 void init_sampling(nb::module_& m);
 void init_stop(nb::module_& m);
-void init_kv_cache(nb::module_& m);
-void init_batch_cache(nb::module_& m);
+void init_cache(nb::module_& m);
 void init_quant(nb::module_& m);
 } // namespace mlx_harmony_core
 
 NB_MODULE(_core, m) {
   // mx.array must be registered before our signatures mention it.
   nb::module_::import_("mlx.core");
-  m.doc() = "C++ core of mlx-harmony-core: sampler, KV caches, stop matching, quantized matmuls.";
+  m.doc() = "C++ core of mlx-harmony-core: sampler, KV caches, stop matching, "
+            "quantized matmuls.";
   // Module-wide: an index out of range in any area is the caller's ValueError.
   nb::register_exception_translator([](const std::exception_ptr& p, void*) {
     try {
@@ -26,7 +26,6 @@ NB_MODULE(_core, m) {
   });
   mlx_harmony_core::init_sampling(m);
   mlx_harmony_core::init_stop(m);
-  mlx_harmony_core::init_kv_cache(m);
-  mlx_harmony_core::init_batch_cache(m);
+  mlx_harmony_core::init_cache(m);
   mlx_harmony_core::init_quant(m);
 }
