@@ -167,7 +167,7 @@ class FakeGroup:
 
 def test_requests_a_group_cannot_run(model_dir):
     engine = mhc.load(model_dir)
-    engine.group = FakeGroup()
+    engine.runner.group = FakeGroup()  # the check, without launching a group
     with pytest.raises(InvalidRequestError, match="speculative"):
         engine.request([{"role": "user", "content": "hi"}], speculative="ngram")
     with pytest.raises(ModelLoadError, match="GGUF"):

@@ -47,9 +47,11 @@ from .kv_cache import (  # noqa: E402
 )
 from .loading import is_gguf, load, load_model, make_test_model  # noqa: E402
 from .messages import ToolCall  # noqa: E402
+from .options import RequestOptions  # noqa: E402
 from .params import SamplingParams  # noqa: E402
 from .real_models import fetch_test_model  # noqa: E402
 from .request import Completion, Request, StreamEvent, Timings, Usage  # noqa: E402
+from .runner import ModelRunner  # noqa: E402
 from .sampling import LogProbs, Sampler, pack_mask, sample_rows  # noqa: E402
 from .scheduler import Handle, Scheduler  # noqa: E402
 from .stopping import Detokenizer, StopStrings, TokenStops  # noqa: E402
@@ -88,9 +90,11 @@ __all__ = [
     "KVCache",
     "LogProbs",
     "ModelLoadError",
+    "ModelRunner",
     "PromptConfig",
     "QuantizedKVCache",
     "Request",
+    "RequestOptions",
     "RequestTypeError",
     "RotatingKVCache",
     "Sampler",

@@ -27,6 +27,7 @@ import os
 import queue
 import threading
 import time
+import warnings
 import weakref
 from collections import deque
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -197,6 +198,15 @@ class Scheduler:
             raise ValueError("max_queue must be >= 0 (or None: no limit)")
         if prefill_chunk < 1:
             raise ValueError("prefill_chunk must be >= 1")
+        if not isinstance(runner, ModelRunner) and isinstance(
+            getattr(runner, "runner", None), ModelRunner
+        ):  # Scheduler(engine): the old signature, kept for one release
+            warnings.warn(
+                "Scheduler(engine) is deprecated: pass engine.runner, or use engine.batching()",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            runner = runner.runner  # type: ignore[attr-defined]
         self.runner = runner
         template = runner.new_cache()
         self._template = template
