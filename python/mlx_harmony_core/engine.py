@@ -135,6 +135,10 @@ class Engine:
         """Finished requests' caches, reused by common prefix."""
         return self.runner.prefix_cache
 
+    @prefix_cache.setter
+    def prefix_cache(self, cache: PrefixCache) -> None:
+        self.runner.prefix_cache = cache
+
     @property
     def cache_options(self) -> dict[str, Any]:
         return self.runner.cache_options

@@ -676,7 +676,8 @@ class _Batch:
         """One chunk of ``r``'s prompt, or its last token and first draw (queued: then
         ``r.first`` is set); returns the prompt tokens it ran."""
         if r.cache is None:
-            mx.reset_peak_memory()
+            if not self.rows:  # a request's peak memory, unless others are decoding
+                mx.reset_peak_memory()
             if self.group is not None:
                 self._start_group_request(r)
             r.cache, r.done = self.runner.take(r.prompt)
