@@ -38,10 +38,18 @@ class Delta:
     text: str
     recipient: str | None = None
     kind: str = ANSWER
+    call_id: str | None = None  # a tool call's id (the same as in ``tool_calls()``)
 
 
 class ReplyParser(Protocol):
-    """Turns reply tokens into deltas, one token at a time."""
+    """Turns reply tokens into deltas, one token at a time.
+
+    A parser may also set ``claimed`` after each :meth:`push` / :meth:`finish`: the tokens
+    that became text of a kind with this call, as ``(offset, kind)`` pairs (``offset`` 0 is
+    the token just pushed, 1 the one before, ...; a token of an incomplete UTF-8 character
+    is claimed when pushed). Control tokens and headers are never claimed. The request maps
+    token logprobs onto the answer's text and counts reasoning tokens with it.
+    """
 
     def push(self, token: int) -> list[Delta]: ...
 
@@ -134,11 +142,14 @@ class TextParser:
 
     def __init__(self, detok: Detokenizer) -> None:
         self._detok = detok
+        self.claimed: list[tuple[int, str]] = []
 
     def push(self, token: int) -> list[Delta]:
+        self.claimed = [(0, ANSWER)]
         return [Delta("final", self._detok.push(token))]
 
     def finish(self) -> list[Delta]:
+        self.claimed = []
         return [Delta("final", self._detok.flush())]
 
     def tool_calls(self) -> list[ToolCall]:

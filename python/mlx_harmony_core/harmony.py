@@ -9,7 +9,7 @@ import logging
 import os
 import uuid
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -244,6 +244,8 @@ class HarmonyStream:
         self._detok: Any = None  # made on first use: the fallback is rare
         self.messages: list[_Parsed] = []
         self._ids: list[str] = []
+        # The tokens the last push/finish made text of: (offset back, kind) (see ReplyParser).
+        self.claimed: list[tuple[int, str]] = []
 
     @property
     def raw(self) -> bool:
@@ -252,6 +254,7 @@ class HarmonyStream:
 
     def push(self, token: int) -> list[Delta]:
         """Feed one token; return the text it completes."""
+        self.claimed = []
         if self._parser is None:
             return self._raw_push([token])
         parser = self._parser
@@ -267,22 +270,29 @@ class HarmonyStream:
                 return self._to_raw([])
             return []
         if state == StreamState.CONTENT:
-            if self._header:
+            if self._header:  # this token (<|message|>) ended the header
                 self._header = []
                 self.messages.append(
                     _Parsed(parser.current_channel or "final", parser.current_recipient)
                 )
+                return []
+            msg = self.messages[-1]
+            kind = _kind(msg.channel, msg.recipient)
+            self.claimed = [(0, kind)]
             delta = parser.last_content_delta
             if delta:
-                msg = self.messages[-1]
                 msg.text.append(delta)
-                return [Delta(msg.channel, delta, msg.recipient, _kind(msg.channel, msg.recipient))]
+                call_id = None
+                if msg.recipient and msg.recipient.startswith("functions."):
+                    call_id = self._call_id(len(self.messages) - 1)
+                return [Delta(msg.channel, delta, msg.recipient, kind, call_id)]
             return []
         self._header = []  # EXPECT_START: a message ended
         return []
 
     def finish(self) -> list[Delta]:
         """End of generation: flush held text (an unfinished header becomes plain text)."""
+        self.claimed = []
         if self._parser is None:
             return self._raw_flush()
         if self._header:
@@ -290,18 +300,26 @@ class HarmonyStream:
         return []
 
     def _to_raw(self, extra: list[int]) -> list[Delta]:
-        tokens = [t for t in self._header if t not in (START,)] + extra
+        # The header's tokens (the last pushed before ``extra``) become plain text.
+        tokens = self._header + extra
         self._parser = None
         self._header = []
         self.messages.append(_Parsed("final", None))
         return self._raw_push(tokens)
 
-    def _raw_push(self, tokens: Iterable[int]) -> list[Delta]:
+    def _raw_push(self, tokens: list[int]) -> list[Delta]:
         if self._detok is None:
             self._detok = harmony_detokenizer()
         enc = self.encoding
-        text = "".join(self._detok.push(t) for t in tokens if not enc.is_special_token(t))
-        return self._emit_raw(text)
+        texts = []
+        for off, t in enumerate(reversed(tokens)):
+            if not enc.is_special_token(t):
+                self.claimed.append((off, ANSWER))
+        self.claimed.reverse()
+        for t in tokens:
+            if not enc.is_special_token(t):
+                texts.append(self._detok.push(t))
+        return self._emit_raw("".join(texts))
 
     def _raw_flush(self) -> list[Delta]:
         return self._emit_raw(self._detok.flush()) if self._detok is not None else []

@@ -40,6 +40,7 @@ class Usage:
     cached_prompt_tokens: int = 0
     drafted_tokens: int = 0  # speculative decoding: tokens guessed
     accepted_tokens: int = 0  # ... and kept
+    reasoning_tokens: int = 0  # generated tokens of the reasoning's text
 
     @property
     def total_tokens(self) -> int:
@@ -81,6 +82,8 @@ class Completion:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
     stop_sequence: str | None = None
+    # The logprobs of the answer's tokens only (no control, reasoning or tool-call tokens).
+    content_logprobs: list[TokenLogprob] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -94,7 +97,10 @@ class StreamEvent:
 
     ``kind`` is ``"answer"``, ``"reasoning"`` or ``"tool_call"`` for every model;
     ``channel`` is the chat format's own name for it (Harmony's ``final``, ``analysis``,
-    ``commentary``).
+    ``commentary``). With ``logprobs`` asked for, an answer delta's ``logprobs`` are those
+    of the tokens whose text it carries (concatenated, their bytes are the delta's; a
+    token whose text is held back, by a stop string or an unfinished UTF-8 character,
+    comes with the delta that releases it). ``call_id``: a tool-call delta's call.
     """
 
     channel: str = "final"
@@ -103,6 +109,8 @@ class StreamEvent:
     finish_reason: str | None = None
     completion: Completion | None = None
     kind: str = ANSWER
+    logprobs: list[TokenLogprob] | None = None
+    call_id: str | None = None
 
 
 class Request:
@@ -151,6 +159,14 @@ class Request:
         self.out = _Output(StopStrings(stop, include_stop=o.include_stop) if stop else None)
         self.generated: list[int] = []
         self.token_logprobs: list[TokenLogprob] | None = [] if o.logprobs is not None else None
+        # Logprobs of the answer's text (see StreamEvent): per generated token (None where
+        # none was drawn), answer tokens whose text is not yet out, answer events held
+        # until their text ends on a token boundary, and those handed out.
+        self._lps: list[TokenLogprob | None] | None = [] if o.logprobs is not None else None
+        self._pending: list[tuple[TokenLogprob, int]] = []
+        self._held: list[StreamEvent] = []
+        self.content_logprobs: list[TokenLogprob] | None = [] if o.logprobs is not None else None
+        self.reasoning_tokens = 0
         self.finish: str | None = None
         self.cached_tokens = 0
         self.t0 = started if started is not None else time.perf_counter()
@@ -253,14 +269,20 @@ class Request:
         self.generated.append(token)
         if self.guide is not None:
             self.guide.push(token)
+        entry = None
         if self.token_logprobs is not None and lp is not None:
             top = zip(
                 lp.top_ids.reshape(-1).tolist(), lp.top_logprobs.reshape(-1).tolist(), strict=True
             )
-            self.token_logprobs.append(TokenLogprob(token, float(lp.logprob.item()), list(top)))
+            entry = TokenLogprob(token, float(lp.logprob.item()), list(top))
+            self.token_logprobs.append(entry)
+        if self._lps is not None:
+            self._lps.append(entry)
         hit = self.token_stops.push(token) if self.token_stops is not None else None
         if hit is None or token not in self.own_stops:  # the model's end token is not text
-            yield from self.out.feed(self.parser.push(token))
+            deltas = self.parser.push(token)
+            self._claim()
+            yield from self._attach(self.out.feed(deltas))
         if self.out.matched is not None:
             self.finish = "stop"
         elif hit is not None:
@@ -274,10 +296,13 @@ class Request:
         """End the reply: flush held text and yield the last event, with the completion."""
         finish = self.finish or "length"
         if self.out.matched is None:
-            yield from self.out.feed(self.parser.finish())
+            deltas = self.parser.finish()
+            self._claim()
+            yield from self._attach(self.out.feed(deltas))
             if self.out.matched is not None:
                 finish = "stop"
-            yield from self.out.flush()
+            yield from self._attach(self.out.flush())
+        yield from self._release(final=True)
         calls = self.parser.tool_calls()
         if finish == "tool_calls" and not calls:
             finish = "stop"
@@ -304,13 +329,87 @@ class Request:
                 self.cached_tokens,
                 getattr(self.speculation, "drafted", 0),
                 getattr(self.speculation, "accepted", 0),
+                self.reasoning_tokens,
             ),
             timings=timings,
             tokens=self.generated,
             logprobs=self.token_logprobs,
             stop_sequence=self.out.matched,
+            content_logprobs=self.content_logprobs,
         )
         yield StreamEvent(finish_reason=finish, completion=completion)
+
+    # -- the answer's logprobs -----------------------------------------------------------
+    def _claim(self) -> None:
+        """Note the tokens the parser just made text of (see ``ReplyParser.claimed``):
+        reasoning tokens are counted, answer tokens wait for their text."""
+        n = len(self.generated)
+        for off, kind in getattr(self.parser, "claimed", ()):
+            if kind == REASONING:
+                self.reasoning_tokens += 1
+            elif kind == ANSWER and self._lps is not None:
+                i = n - 1 - off  # a primer's tokens (not generated) have no logprob
+                if 0 <= i < len(self._lps) and (entry := self._lps[i]) is not None:
+                    size = len(self.format.token_bytes()[entry.token])
+                    self._pending.append((entry, size))
+
+    def _attach(self, events: Iterator[StreamEvent]) -> Iterator[StreamEvent]:
+        """``events`` with their answer tokens' logprobs (without logprobs: as they are).
+        Answer text is held until it ends where a token ends, so that each delta carries
+        exactly its tokens."""
+        for ev in events:
+            if self._lps is None:
+                yield ev
+            elif ev.kind == ANSWER and ev.recipient is None:
+                if self._held and self._held[0].channel != ev.channel:
+                    yield from self._release(final=True)
+                self._held.append(ev)
+                yield from self._release(final=False)
+            else:
+                yield from self._release(final=True)
+                yield ev
+
+    def _release(self, *, final: bool) -> Iterator[StreamEvent]:
+        """The held answer text, with the logprobs of the tokens it completes: up to the
+        last token boundary that is also a character boundary, or (``final``: the text
+        will not grow) all of it, with every token it has part of (later ones wait)."""
+        if not self._held:
+            return
+        data = "".join(e.delta for e in self._held).encode("utf-8")
+        ends, pos = [], 0
+        for _, size in self._pending:
+            pos += size
+            ends.append(pos)
+        if final:
+            take = sum(
+                1 for e, (_, size) in zip(ends, self._pending, strict=True) if e - size < len(data)
+            )
+            cut = len(data)
+        else:
+            take, cut = 0, 0
+            for k in range(len(ends) - 1, -1, -1):
+                if ends[k] <= len(data):
+                    try:
+                        data[: ends[k]].decode("utf-8")
+                    except UnicodeDecodeError:
+                        continue
+                    take, cut = k + 1, ends[k]
+                    break
+            if cut == 0:
+                if len(self._pending) <= 8:
+                    return
+                # The text never ends on a token boundary (bytes the parser replaced):
+                # hand it out with its tokens rather than hold the stream.
+                yield from self._release(final=True)
+                return
+        lps = [entry for entry, _ in self._pending[:take]]
+        channel = self._held[0].channel
+        self._pending = self._pending[take:]
+        rest = data[cut:].decode("utf-8")
+        self._held = [StreamEvent(channel, rest, kind=ANSWER)] if rest else []
+        assert self.content_logprobs is not None
+        self.content_logprobs.extend(lps)
+        yield StreamEvent(channel, data[:cut].decode("utf-8"), kind=ANSWER, logprobs=lps)
 
 
 class _Output:
@@ -324,7 +423,7 @@ class _Output:
     def _event(self, d: Delta, text: str) -> StreamEvent:
         if d.recipient is None:
             self._texts.setdefault(d.kind, []).append(text)
-        return StreamEvent(d.channel, text, d.recipient, kind=d.kind)
+        return StreamEvent(d.channel, text, d.recipient, kind=d.kind, call_id=d.call_id)
 
     def feed(self, deltas: list[Delta]) -> Iterator[StreamEvent]:
         for d in deltas:
