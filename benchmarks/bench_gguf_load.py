@@ -44,10 +44,16 @@ def status(key):
 
 if engine.startswith("llama.cpp"):
     import llama_cpp
+    import llama_cpp.llama_cpp as low
+    defaults = low.llama_model_default_params
+
+    def params():  # no repacking into extra buffer types: this VM reports AMX it lacks
+        p = defaults()
+        p.use_extra_bufts = False
+        return p
+
+    low.llama_model_default_params = params
     kwargs = dict(n_ctx=256, n_batch=32, verbose=False, use_mmap=engine == "llama.cpp")
-    import inspect
-    if "use_extra_bufts" in inspect.signature(llama_cpp.Llama).parameters:
-        kwargs["use_extra_bufts"] = False  # this VM's CPU reports AMX its kernel lacks
     base = status("VmRSS")
     t0 = time.perf_counter()
     llm = llama_cpp.Llama(model_path=path, **kwargs)
