@@ -32,7 +32,14 @@ from .completions import completion
 from .guards import BodyGuard, KeyGuard, LocalGuard
 from .models import get_model, health, list_models
 from .options import ServerOptions
-from .protocol import APIError, ChatRequest, CompletionRequest, ErrorResponse
+from .protocol import APIError, ChatRequest, CompletionRequest, ErrorResponse, ResponsesRequest
+from .responses import (
+    ResponsesService,
+    create_response,
+    delete_response,
+    get_response,
+    list_input_items,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +103,27 @@ async def completions_route(http: HTTPRequest) -> Response:
     return await completion(http, http.app.state.client, http.app.state.options)
 
 
+async def responses_route(http: HTTPRequest) -> Response:
+    """``POST /v1/responses``."""
+    state = http.app.state
+    return await create_response(http, state.client, state.options, state.responses)
+
+
+async def get_response_route(response_id: str, http: HTTPRequest) -> dict[str, Any]:
+    """``GET /v1/responses/{response_id}``."""
+    return await get_response(response_id, http.app.state.responses)
+
+
+async def delete_response_route(response_id: str, http: HTTPRequest) -> dict[str, Any]:
+    """``DELETE /v1/responses/{response_id}``."""
+    return await delete_response(response_id, http.app.state.responses)
+
+
+async def input_items_route(response_id: str, http: HTTPRequest) -> dict[str, Any]:
+    """``GET /v1/responses/{response_id}/input_items``."""
+    return await list_input_items(http, http.app.state.responses)
+
+
 # -- errors: every one in OpenAI's shape ---------------------------------------------------------
 
 
@@ -124,7 +152,7 @@ def openapi_schema(app: FastAPI) -> dict[str, Any]:
 
         schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for body in (ChatRequest, CompletionRequest):
+        for body in (ChatRequest, CompletionRequest, ResponsesRequest):
             js = body.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(js.pop("$defs", {}))
             components[body.__name__] = js
@@ -158,6 +186,28 @@ def create_app(engine: Any, options: ServerOptions | None = None) -> Any:
     )
     app.add_api_route(
         "/v1/completions", completions_route, methods=["POST"], **post_docs(CompletionRequest)
+    )
+    app.state.responses = ResponsesService.open(opts)
+    app.add_api_route(
+        "/v1/responses", responses_route, methods=["POST"], **post_docs(ResponsesRequest)
+    )
+    app.add_api_route(
+        "/v1/responses/{response_id}",
+        get_response_route,
+        methods=["GET"],
+        responses={404: {"model": ErrorResponse, "description": "no such stored response"}},
+    )
+    app.add_api_route(
+        "/v1/responses/{response_id}",
+        delete_response_route,
+        methods=["DELETE"],
+        responses={404: {"model": ErrorResponse, "description": "no such stored response"}},
+    )
+    app.add_api_route(
+        "/v1/responses/{response_id}/input_items",
+        input_items_route,
+        methods=["GET"],
+        responses={404: {"model": ErrorResponse, "description": "no such stored response"}},
     )
     app.openapi = lambda: openapi_schema(app)  # type: ignore[method-assign]
     if opts.web:

@@ -106,6 +106,11 @@ class LocalClient:
         """:meth:`Engine.encode <mlx_harmony_core.Engine.encode>`."""
         return self.engine.encode(text)
 
+    def render(self, messages: Any, **options: Any) -> list[int]:
+        """:meth:`Engine.render <mlx_harmony_core.Engine.render>` (an optional member: the
+        Responses API continues a stored reply from its exact tokens where it has this)."""
+        return self.engine.render(messages, **options)
+
     def token_bytes(self) -> Sequence[bytes]:
         """:meth:`Engine.token_bytes <mlx_harmony_core.Engine.token_bytes>`."""
         return self.engine.token_bytes()

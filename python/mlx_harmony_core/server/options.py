@@ -126,3 +126,13 @@ class ServerOptions:
     prefix_cache_bytes: int = option(
         2048 * MIB, "prefix cache bound", name="--prefix-cache-mb", scale=MIB
     )
+    # The Responses API's stored responses (server/store.py).
+    store: bool = option(
+        True,
+        "keep no responses (/v1/responses store: false for all)",
+        name="--no-store",
+        negate=True,
+    )
+    responses_db: str | None = option(
+        None, "SQLite file of stored responses (default: $MLX_HARMONY_CORE_HOME/responses.db)"
+    )

@@ -241,3 +241,31 @@ def parse_body(model: type[BaseModel], body: bytes) -> Any:
         else:
             msg = f"{param}: {err['msg']}" if param else err["msg"]
         raise APIError(400, msg, param=param) from None
+
+
+class ResponsesRequest(SamplingFields):  # type: ignore[misc,valid-type]
+    """``POST /v1/responses`` (OpenAI's Responses API). The items, tools and formats are
+    checked field by field in :mod:`~.items` (errors name ``input[3].call_id``)."""
+
+    input: str | list[Any] | None = None
+    instructions: str | None = None
+    previous_response_id: str | None = None
+    store: bool = True
+    include: list[str] | None = None
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    max_tool_calls: int | None = Field(None, ge=1)
+    reasoning: dict[str, Any] | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    text: dict[str, Any] | None = None
+    truncation: Literal["auto", "disabled"] | None = None
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    service_tier: str | None = None
+    background: bool | None = None
+    max_reasoning_tokens: int | None = reasoning_budget_field()  # an extension
