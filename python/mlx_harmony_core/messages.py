@@ -15,6 +15,10 @@ MessagesLike = str | Sequence[Any]
 ToolChoice = str | Mapping[str, Any] | None
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
+# How deeply a JSON Schema (a tool's parameters, a response format) may nest, in objects and
+# arrays: far more than any real schema, and far below Python's recursion limit, which the
+# schema checks and the renderers would otherwise hit.
+MAX_SCHEMA_DEPTH = 64
 _TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -42,9 +46,10 @@ class ToolSpec:
     strict: bool = False
 
 
-def check_text(text: str, where: str) -> str:
+def check_text(text: str, where: str, *, param: str | None = None) -> str:
     """``text`` if it is valid Unicode; a clear error for lone surrogates (which also stand
-    for undecodable bytes of a command-line argument)."""
+    for undecodable bytes of a command-line argument). ``param``: the request field, for
+    the error."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
@@ -56,9 +61,58 @@ def check_text(text: str, where: str) -> str:
             else f"an unpaired surrogate U+{code:04X}"
         )
         raise InvalidRequestError(
-            f"{where} has {what} at character {exc.start}; send valid UTF-8 / Unicode text"
+            f"{where} has {what} at character {exc.start}; send valid UTF-8 / Unicode text",
+            param=param,
         ) from None
     return text
+
+
+def check_strings(value: Any, where: str) -> None:
+    """Check every string in ``value`` (keys too, at any depth) with :func:`check_text`:
+    the one surrogate check for what reaches a renderer (messages, tools). The error names
+    the string's path (``where`` and the keys and indexes down to it)."""
+    stack: list[tuple[Any, str]] = [(value, where)]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, str):
+            check_text(node, path, param=path)
+        elif isinstance(node, Mapping):
+            for key, item in node.items():
+                if isinstance(key, str):
+                    check_text(key, f"a key of {path}", param=path)
+                stack.append((item, f"{path}.{key}"))
+        elif isinstance(node, (list, tuple)):
+            stack.extend((item, f"{path}[{i}]") for i, item in enumerate(node))
+
+
+def json_depth(value: Any) -> int:
+    """How deeply ``value`` nests objects and arrays (a scalar is 0); without recursion."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, Mapping):
+            children: Any = node.values()
+        elif isinstance(node, (list, tuple)):
+            children = node
+        else:
+            continue
+        depth += 1
+        deepest = max(deepest, depth)
+        if depth > MAX_SCHEMA_DEPTH:
+            break  # enough to refuse it
+        stack.extend((child, depth) for child in children)
+    return deepest
+
+
+def check_schema_depth(schema: Any, where: str) -> None:
+    """Raise :class:`InvalidRequestError` (``param`` = ``where``) when ``schema`` nests
+    deeper than :data:`MAX_SCHEMA_DEPTH`."""
+    if json_depth(schema) > MAX_SCHEMA_DEPTH:
+        raise InvalidRequestError(
+            f"{where} nests objects and arrays more than {MAX_SCHEMA_DEPTH} levels deep",
+            param=where,
+        )
 
 
 def is_message_object(m: Any) -> bool:
@@ -83,6 +137,7 @@ def normalize_messages(messages: MessagesLike) -> list[Any]:
             continue
         if not isinstance(m, Mapping):
             raise RequestTypeError(f"messages[{i}] must be a dict with 'role' and 'content'")
+        check_strings(m, f"messages[{i}]")
         role = m.get("role")
         if role not in ROLES:
             raise InvalidRequestError(
@@ -95,12 +150,7 @@ def normalize_messages(messages: MessagesLike) -> list[Any]:
             content = _text_parts(content, i)
         if content is not None and not isinstance(content, str):
             raise RequestTypeError(f"messages[{i}].content must be a string")
-        if content is not None:
-            check_text(content, f"messages[{i}].content")
         item = {**m, "content": content}
-        for key in ("reasoning", "reasoning_content", "name"):
-            if isinstance(item.get(key), str):
-                check_text(item[key], f"messages[{i}].{key}")
         if role == "assistant" and item.get("tool_calls") is not None:
             item["tool_calls"] = [_tool_call_dict(c, i) for c in item["tool_calls"]]
         out.append(item)
@@ -146,6 +196,7 @@ def check_json_schema(schema: Any, where: str) -> None:
     ``$ref``s all resolve."""
     if not isinstance(schema, Mapping):
         raise RequestTypeError(f"{where} must be a JSON Schema object")
+    check_schema_depth(schema, where)
     from jsonschema import exceptions, validators
 
     try:
@@ -192,6 +243,9 @@ def tool_specs(tools: Sequence[Any] | None) -> list[ToolSpec]:
             fn = tool.get("function", tool)
             if not isinstance(fn, Mapping):
                 raise RequestTypeError(f"tools[{i}].function must be an object")
+            where = f"tools[{i}].function" if "function" in tool else f"tools[{i}]"
+            check_schema_depth(fn.get("parameters"), f"{where}.parameters")
+            check_strings(fn, where)
             name, desc, params = fn.get("name"), fn.get("description"), fn.get("parameters")
             strict = fn.get("strict", False)
         else:
@@ -199,6 +253,8 @@ def tool_specs(tools: Sequence[Any] | None) -> list[ToolSpec]:
             desc = getattr(tool, "description", None)
             params = getattr(tool, "parameters", None)
             strict = getattr(tool, "strict", False)
+            check_schema_depth(params, f"tools[{i}].parameters")
+            check_strings([name, desc, params], f"tools[{i}]")
         if not isinstance(name, str) or not _TOOL_NAME.match(name):
             raise InvalidRequestError(f"tools[{i}] name {name!r} must match [A-Za-z0-9_-]{{1,64}}")
         if name in seen:

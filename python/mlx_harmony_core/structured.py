@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from .errors import InvalidRequestError, RequestTypeError
-from .messages import check_json_schema, tool_specs
+from .messages import check_json_schema, check_schema_depth, tool_specs
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ class Budget(Protocol):
 
 def json_part(schema: Any, where: str) -> Part:
     """A JSON Schema as a grammar part (checked: a bad schema is an error naming ``where``)."""
+    check_schema_depth(schema, where)  # before anything walks it
     try:
         key = json.dumps(schema, sort_keys=True)
     except (TypeError, ValueError):
