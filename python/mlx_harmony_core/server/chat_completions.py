@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import Request as HTTPRequest
 from fastapi.responses import Response
 
+from .choices import Choices, seeded
 from .client import EngineClient
 from .options import ServerOptions
 from .protocol import APIError, ChatRequest
@@ -21,8 +22,7 @@ async def chat_completion(http: HTTPRequest, client: EngineClient, opts: ServerO
     check_model(req.model, opts)
     params, stops = req.params(), req.stops()
     max_tokens = req.max_completion_tokens or req.max_tokens or opts.default_max_tokens
-    effort = {"minimal": "low"}.get(req.reasoning_effort or "", req.reasoning_effort)
-    render: dict[str, Any] = {"reasoning_effort": effort or "medium"}
+    render: dict[str, Any] = {"reasoning_effort": req.effort()}
     if req.tools:
         render["tools"] = req.tools
         render["tool_choice"] = req.tool_choice
@@ -35,17 +35,21 @@ async def chat_completion(http: HTTPRequest, client: EngineClient, opts: ServerO
     if budget is None:
         budget = opts.max_reasoning_tokens
 
-    def build() -> Any:
-        return client.request(
-            req.messages,
-            params,
-            max_tokens=max_tokens,
-            stop=stops,
-            logprobs=top if req.logprobs else None,
-            response_format=req.response_format,
-            max_reasoning_tokens=budget,
-            **speculation(opts),
-            **render,
-        )
+    def build() -> list[Any]:
+        # One engine request per choice (``n``), seeded ``seed + i``: rows of one batch.
+        return [
+            client.request(
+                req.messages,
+                seeded(params, i),
+                max_tokens=max_tokens,
+                stop=stops,
+                logprobs=top if req.logprobs else None,
+                response_format=req.response_format,
+                max_reasoning_tokens=budget,
+                **speculation(opts),
+                **render,
+            )
+            for i in range(req.n)
+        ]
 
-    return await respond(http, client, build, ChatWriter(req, opts, client))
+    return await respond(http, Choices(client), build, ChatWriter(req, opts, client))

@@ -8,6 +8,7 @@ from fastapi import Request as HTTPRequest
 from fastapi.responses import Response
 
 from ..messages import check_text
+from .choices import Choices, seeded
 from .client import EngineClient
 from .options import ServerOptions
 from .protocol import APIError, CompletionRequest
@@ -31,21 +32,25 @@ async def completion(http: HTTPRequest, client: EngineClient, opts: ServerOption
         raise APIError(400, "the prompt is empty", param="prompt")
     params, stops = req.params(), req.stops()
 
-    def build() -> Any:
+    def build() -> list[Any]:
         # Tokenized on the preparation thread: never on the event loop.
         if isinstance(prompt, str):
-            ids = client.encode(check_text(prompt, "prompt"))
+            ids = client.encode(check_text(prompt, "prompt", param="prompt"))
         else:
             ids = list(prompt)
-        return client.request(
-            ids,
-            params,
-            max_tokens=req.max_tokens or 16,
-            stop=stops,
-            logprobs=req.logprobs,
-            response_format=req.response_format,
-            raw=True,
-            **speculation(opts),
-        )
+        # One engine request per choice (``n``), seeded ``seed + i``: rows of one batch.
+        return [
+            client.request(
+                ids,
+                seeded(params, i),
+                max_tokens=req.max_tokens or 16,
+                stop=stops,
+                logprobs=req.logprobs,
+                response_format=req.response_format,
+                raw=True,
+                **speculation(opts),
+            )
+            for i in range(req.n)
+        ]
 
-    return await respond(http, client, build, TextWriter(req, opts, client))
+    return await respond(http, Choices(client), build, TextWriter(req, opts, client))

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
@@ -113,17 +113,25 @@ def api_limits(name: str) -> dict[str, Any]:
     return {**constraints(name), **OPENAI_LIMITS.get(name, {})}
 
 
+# The most choices (``n``) one request may ask for: they decode as rows of one batch.
+MAX_CHOICES = 16
+
+Effort = Literal["minimal", "low", "medium", "high"]
+
+
 class RequestFields(BaseModel):
     """Fields every generation endpoint shares; strict types, as OpenAI's API has."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
+    # Whether the endpoint answers ``n`` > 1 (several choices); otherwise a 400.
+    several_choices: ClassVar[bool] = False
 
     model: str | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     max_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
-    n: int = Field(1, ge=1)
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
 
     def params(self) -> SamplingParams:
         """The sampling fields as :class:`SamplingParams` (a 400 for a bad combination)."""
@@ -152,8 +160,9 @@ class RequestFields(BaseModel):
         return stops or None
 
     def checks(self, limit: int) -> None:
-        """400 for ``n`` > 1 and for a token limit over ``limit`` (``--max-tokens-limit``)."""
-        if self.n != 1:
+        """400 for ``n`` > 1 where the endpoint has one choice, and for a token limit over
+        ``limit`` (``--max-tokens-limit``)."""
+        if self.n != 1 and not self.several_choices:
             raise APIError(400, "n > 1 is not supported: send n requests", param="n")
         for name in ("max_tokens", "max_completion_tokens"):
             value = getattr(self, name, None)
@@ -185,14 +194,26 @@ SamplingFields = create_model(  # type: ignore[call-overload]
 )
 
 
+class ChatReasoning(BaseModel):
+    """A chat request's ``reasoning`` object (as the Responses API spells the effort)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    effort: Effort | None = None
+    summary: str | None = None  # accepted; reasoning is returned whole
+
+
 class ChatRequest(SamplingFields):  # type: ignore[misc,valid-type]
     """``POST /v1/chat/completions``."""
+
+    several_choices: ClassVar[bool] = True
 
     messages: list[dict[str, Any]] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
+    reasoning_effort: Effort | None = None
+    reasoning: ChatReasoning | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = Field(
@@ -200,9 +221,25 @@ class ChatRequest(SamplingFields):  # type: ignore[misc,valid-type]
     )
     max_reasoning_tokens: int | None = reasoning_budget_field()  # an extension
 
+    def effort(self) -> str:
+        """The reasoning effort: ``reasoning_effort`` or ``reasoning.effort`` (a 400 when
+        both are given and differ); ``minimal`` is Harmony's ``low``; ``medium`` unset."""
+        effort = self.reasoning_effort
+        other = self.reasoning.effort if self.reasoning is not None else None
+        if effort is not None and other is not None and effort != other:
+            raise APIError(
+                400,
+                f"reasoning_effort {effort!r} and reasoning.effort {other!r} differ; send one",
+                param="reasoning.effort",
+            )
+        effort = effort or other or "medium"
+        return "low" if effort == "minimal" else effort
+
 
 class CompletionRequest(SamplingFields):  # type: ignore[misc,valid-type]
     """``POST /v1/completions`` (a raw prompt, no chat template)."""
+
+    several_choices: ClassVar[bool] = True
 
     prompt: str | list[int] | list[str]
     logprobs: int | None = Field(None, ge=0, le=20)
