@@ -32,7 +32,7 @@ import httpx
 import mlx_harmony_core as mhc
 from conftest import BATCH_ROWS
 from mlx_harmony_core.harmony import HarmonyFormat
-from mlx_harmony_core.loading import make_test_model
+from mlx_harmony_core.models.builder import make_test_model
 from mlx_harmony_core.testing import free_port
 
 NO_END = {"200002": -100, "200012": -100, "199999": -100, "200007": -100}

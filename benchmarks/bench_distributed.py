@@ -32,7 +32,7 @@ def test_one_rank_vs_two(tmp_path_factory):
         model = tmp / "small"
         mhc.make_test_model(model, preset="small")
     else:
-        from mlx_harmony_core.loading import demo_model_path
+        from mlx_harmony_core.models.builder import demo_model_path
 
         model = demo_model_path()
     tokens = "64" if FULL else "8"

@@ -26,7 +26,7 @@ import pytest
 import mlx_harmony_core as mhc
 from conftest import LOAD_ROWS
 from mlx_harmony_core._paths import home
-from mlx_harmony_core.gguf_test_model import make_test_gguf
+from mlx_harmony_core.models.gguf_builder import make_test_gguf
 
 FULL = bool(os.environ.get("MHC_BENCH_GGUF_20B"))
 ROUNDS = int(os.environ.get("MHC_BENCH_ROUNDS", "2"))
@@ -107,7 +107,7 @@ def test_small_gguf_loads(benchmark, tmp_path):
 
 @pytest.mark.skipif(not FULL, reason="set MHC_BENCH_GGUF_20B=1 (writes a 12 GB file)")
 def test_gpt_oss_20b_gguf_load_vs_llama_cpp():
-    from mlx_harmony_core.gguf import save_mlx
+    from mlx_harmony_core.models.gguf import save_mlx
 
     default = home() / "models" / "gpt-oss-20b-mxfp4-q8.gguf"
     path = Path(os.environ.get("MHC_BENCH_GGUF", default))

@@ -15,9 +15,9 @@ import pytest
 
 import mlx_harmony_core as mhc
 from conftest import QUANT_ROWS
-from mlx_harmony_core import quant
 from mlx_harmony_core._paths import home
 from mlx_harmony_core.bench import forward_tokens_per_s
+from mlx_harmony_core.cpu import quant
 
 pytestmark = pytest.mark.skipif(
     not os.environ.get("MHC_BENCH_20B"), reason="set MHC_BENCH_20B=1 (builds a 13 GB model)"

@@ -15,8 +15,8 @@ import sys, json
 import mlx_harmony_core as mhc
 import mlx.core as mx
 import numpy as np
-from mlx_harmony_core import _blas
-from mlx_harmony_core.loading import demo_model_path
+from mlx_harmony_core.cpu import blas as _blas
+from mlx_harmony_core.models.builder import demo_model_path
 
 mx.random.seed(0)
 out = {}

@@ -74,7 +74,7 @@ def wait(procs: list[subprocess.Popen], tmp_path: Path, timeout: float = 240) ->
 
 @pytest.fixture(scope="module")
 def model_dir():
-    from mlx_harmony_core.loading import demo_model_path
+    from mlx_harmony_core.models.builder import demo_model_path
 
     return demo_model_path()
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import mlx_harmony_core as mhc
-from mlx_harmony_core import gguf as ours
-from mlx_harmony_core import quant
+from mlx_harmony_core.cpu import quant
+from mlx_harmony_core.models import gguf as ours
 
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as Q  # noqa: E402
@@ -256,7 +256,7 @@ def test_gpt_oss_with_mxfp4_experts_matches_safetensors(tmp_path, demo_engine):
     the same weights from safetensors."""
     from mlx.utils import tree_flatten
 
-    from mlx_harmony_core.loading import gpt_oss_config, make_test_model
+    from mlx_harmony_core.models.builder import gpt_oss_config, make_test_model
 
     src = make_test_model(tmp_path / "src", preset="demo", seed=3)
     config = json.loads((src / "config.json").read_text())

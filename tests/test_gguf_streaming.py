@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 import mlx_harmony_core as mhc
-from mlx_harmony_core import gguf as ours
-from mlx_harmony_core.gguf_test_model import make_test_gguf
+from mlx_harmony_core.models import gguf as ours
+from mlx_harmony_core.models.gguf_builder import make_test_gguf
 
 pytest.importorskip("gguf")
 
@@ -122,7 +122,7 @@ def _params(model):
 def test_streamed_load_equals_the_whole_file_load(big_gguf, caplog):
     path, _ = big_gguf
     assert path.stat().st_size > 250e6
-    with caplog.at_level(logging.INFO, logger="mlx_harmony_core.gguf"):
+    with caplog.at_level(logging.INFO, logger="mlx_harmony_core.models.gguf"):
         model, config, header = ours.load_gguf(path)
     # Not a terminal: progress as log lines.
     assert any("loading big.gguf: 100%" in r.getMessage() for r in caplog.records)
@@ -151,7 +151,7 @@ mx.set_default_device(mx.cpu)
 mhc.load(demo)  # the imports and first allocations, before the high-water mark is reset
 if mode == "convert":  # and o200k's Hugging Face tokenizer, a constant ~130 MB while built
     import tempfile
-    from mlx_harmony_core.harmony import write_hf_tokenizer
+    from mlx_harmony_core.families.gpt_oss import write_hf_tokenizer
     write_hf_tokenizer(tempfile.mkdtemp())
 
 def status(key):
@@ -174,7 +174,7 @@ elif mode == "old":
     from test_gguf_streaming import load_whole_file
     model = load_whole_file(path)
 else:
-    from mlx_harmony_core.gguf import save_mlx
+    from mlx_harmony_core.models.gguf import save_mlx
     save_mlx(path, out, shard_bytes=int(sys.argv[5]))
 peak = status("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 final = sum(v.nbytes for _, v in tree_flatten(model.parameters())) if model is not None else 0

@@ -154,7 +154,7 @@ def test_hf_tokenizer_and_chat_template_match_harmony(encoding):
     from transformers import AutoTokenizer
 
     from mlx_harmony_core.harmony import HarmonyFormat
-    from mlx_harmony_core.loading import demo_model_path
+    from mlx_harmony_core.models.builder import demo_model_path
 
     tok = AutoTokenizer.from_pretrained(str(demo_model_path()))
     rnd = random.Random(0)

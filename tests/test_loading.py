@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import mlx_harmony_core as mhc
-from mlx_harmony_core.loading import PRESETS, demo_model_path
+from mlx_harmony_core.models.builder import PRESETS, demo_model_path
 
 
 def test_demo_loads_with_real_gpt_oss_shape(demo_engine):

@@ -6,7 +6,7 @@ from mlx_lm.models.activations import SwigluOAI
 from mlx_lm.models.switch_layers import SwitchGLU
 
 import mlx_harmony_core as mhc
-from mlx_harmony_core.moe import DenseSwitchGLU, _dense_experts, use_dense_experts
+from mlx_harmony_core.cpu.experts import DenseSwitchGLU, _dense_experts, use_dense_experts
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -41,7 +41,7 @@ def test_switch_picks_the_path_by_pairs_and_keeps_weights():
 def test_demo_model_logits_unchanged(demo_engine, monkeypatch):
     """The loaded demo model (switched, and made to take the dense path although its experts
     are tiny) against a fresh load with MLX's path."""
-    monkeypatch.setattr("mlx_harmony_core.moe._MIN_EXPERT_BYTES", 0)
+    monkeypatch.setattr("mlx_harmony_core.cpu.experts._MIN_EXPERT_BYTES", 0)
     monkeypatch.setenv("MLX_HARMONY_CORE_EXPERTS", "mlx")
     plain, _, _ = mhc.load_model("demo")
     assert not any(isinstance(m, DenseSwitchGLU) for _, m in plain.named_modules())

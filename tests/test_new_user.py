@@ -12,7 +12,7 @@ import pytest
 import mlx_harmony_core as mhc
 from mlx_harmony_core.chat import ChatSession
 from mlx_harmony_core.chat_log import ChatLog
-from mlx_harmony_core.loading import PRESETS
+from mlx_harmony_core.models.builder import PRESETS
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

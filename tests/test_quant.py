@@ -301,10 +301,10 @@ def test_backend_info_and_switch_off(quantized_demo, monkeypatch):
 
 
 def test_big_models_are_written_layer_by_layer(tmp_path, monkeypatch):
-    from mlx_harmony_core import loading
+    from mlx_harmony_core.models import builder
 
     whole = mhc.make_test_model(tmp_path / "one", quantize="mxfp4-q8")
-    monkeypatch.setattr(loading, "_SHARD_PARAMS", 0)
+    monkeypatch.setattr(builder, "_SHARD_PARAMS", 0)
     parts = mhc.make_test_model(tmp_path / "parts", quantize="mxfp4-q8")
     files = sorted(p.name for p in parts.glob("model-*.safetensors"))
     assert len(files) == 3 and (parts / "model.safetensors.index.json").exists()  # 2 layers + rest

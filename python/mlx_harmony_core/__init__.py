@@ -5,16 +5,15 @@ products reach it, and ``mlx.core`` registers ``mx.array`` with nanobind before 
 loads. Importing writes no file: the shipped o200k vocabulary is unpacked on first use.
 """
 
-from . import _blas
+from .cpu import blas as _blas
 
 _blas.enable()
 
 import mlx.core as _mx  # noqa: E402  (must precede _core)
 
-from . import (  # noqa: E402,F401  (mhc.distributed.init(), mhc.quant)
+from . import (  # noqa: E402,F401  (mhc.distributed.init())
     _core,  # noqa: E402,F401
     distributed,
-    quant,
 )
 from ._version import __version__  # noqa: E402
 from .chat_format import ChatFormat, ChatTemplateFormat  # noqa: E402
@@ -26,6 +25,7 @@ from .config import (  # noqa: E402
     load_prompt_config,
     resolve_settings,
 )
+from .cpu import quant  # noqa: E402  (mhc.quant)
 from .engine import Engine  # noqa: E402
 from .errors import (  # noqa: E402
     CapacityError,
@@ -34,7 +34,6 @@ from .errors import (  # noqa: E402
     ModelLoadError,
     RequestTypeError,
 )
-from .gguf import read_gguf, save_mlx  # noqa: E402
 from .harmony import HarmonyFormat, HarmonyStream, load_encoding, render_prompt  # noqa: E402
 from .kv_cache import (  # noqa: E402
     BatchKVCache,
@@ -45,11 +44,13 @@ from .kv_cache import (  # noqa: E402
     make_cache,
     save_cache,
 )
-from .loading import is_gguf, load, load_model, make_test_model  # noqa: E402
 from .messages import ToolCall  # noqa: E402
+from .models.builder import make_test_model  # noqa: E402
+from .models.gguf import read_gguf, save_mlx  # noqa: E402
+from .models.load import is_gguf, load, load_model  # noqa: E402
+from .models.real_models import fetch_test_model  # noqa: E402
 from .options import RequestOptions  # noqa: E402
 from .params import SamplingParams  # noqa: E402
-from .real_models import fetch_test_model  # noqa: E402
 from .request import Completion, Request, StreamEvent, Timings, Usage  # noqa: E402
 from .runner import ModelRunner  # noqa: E402
 from .sampling import LogProbs, Sampler, pack_mask, sample_rows  # noqa: E402

@@ -15,7 +15,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from . import quant
+from .cpu import quant
 from .engine import Engine
 from .errors import InvalidRequestError
 from .params import SamplingParams

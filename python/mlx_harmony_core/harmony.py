@@ -11,7 +11,6 @@ import uuid
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 from openai_harmony import (
@@ -435,36 +434,6 @@ def hf_tokenizer() -> Any:
         ]
     )
     return tok
-
-
-def write_hf_tokenizer(directory: str | os.PathLike[str]) -> None:
-    """Write tokenizer.json, tokenizer_config.json (with the Harmony chat template),
-    special_tokens_map.json and generation_config.json into a model directory, as real
-    GPT-OSS checkpoints ship them, so Hugging Face tools (mlx_lm.server) can load it."""
-    from importlib import resources
-
-    from ._paths import atomic_write_text
-
-    out = Path(directory)
-    table = o200k_harmony_bytes()
-    name = {i: table[i].decode() for i in (199998, 199999, 200002, 200012)}
-    hf_tokenizer().save(str(out / "tokenizer.json"))
-    template = resources.files(__package__).joinpath("data", "harmony_chat_template.jinja")
-    special = {"bos_token": name[199998], "eos_token": name[200002], "pad_token": name[199999]}
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "model_max_length": 131072,
-        "chat_template": template.read_text(encoding="utf-8"),
-        **special,
-    }
-    atomic_write_text(out / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
-    atomic_write_text(out / "special_tokens_map.json", json.dumps(special, indent=2) + "\n")
-    stops = {
-        "bos_token_id": 199998,
-        "eos_token_id": [200002, 199999, 200012],
-        "pad_token_id": 199999,
-    }
-    atomic_write_text(out / "generation_config.json", json.dumps(stops, indent=2) + "\n")
 
 
 @functools.lru_cache(maxsize=1)

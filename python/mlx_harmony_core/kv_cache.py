@@ -27,14 +27,6 @@ VERSION = "1"
 History = int | str
 
 
-def _gpt_oss_layers(model: Any) -> tuple[list[str], int] | None:
-    inner = getattr(model, "model", None)
-    types = getattr(inner, "layer_types", None)
-    if getattr(model, "model_type", None) == "gpt_oss" and types:
-        return list(types), int(inner.window_size)
-    return None
-
-
 def make_cache(
     model: Any,
     *,
@@ -44,20 +36,15 @@ def make_cache(
 ) -> list[Any]:
     """One cache per layer of ``model``.
 
-    GPT-OSS: full-attention layers get a :class:`KVCache` (a :class:`QuantizedKVCache` with
-    ``kv_bits``; ``kv_group_size`` 0 picks 64 or 32 from the head dim, padding a narrow
-    head), sliding layers a :class:`RotatingKVCache` of the model's window that keeps
-    ``history`` extra tokens ('window', 'all' or a number) so multi-turn reuse can rewind.
-    Other models: their own ``make_cache()`` with mlx-lm's caches replaced by ours (layers
-    with other state, such as SSMs, keep mlx-lm's), else a full cache per layer.
+    The model's own ``make_cache()`` with mlx-lm's caches replaced by ours, else a full
+    cache per layer: full-attention layers get a :class:`KVCache` (a
+    :class:`QuantizedKVCache` with ``kv_bits``; ``kv_group_size`` 0 picks 64 or 32 from the
+    head dim, padding a narrow head), sliding layers (GPT-OSS's every other one) a
+    :class:`RotatingKVCache` of the model's window that keeps ``history`` extra tokens
+    ('window', 'all' or a number) so multi-turn reuse can rewind. Layers with other state,
+    such as SSMs, keep mlx-lm's.
     """
     full = (lambda: QuantizedKVCache(kv_bits, kv_group_size)) if kv_bits else KVCache
-    layout = _gpt_oss_layers(model)
-    if layout is not None:
-        types, window = layout
-        return [
-            full() if t == "full_attention" else RotatingKVCache(window, 0, history) for t in types
-        ]
     if hasattr(model, "make_cache"):
         out = []
         for c in model.make_cache():

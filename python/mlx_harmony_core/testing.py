@@ -82,7 +82,7 @@ def real_model_or_skip(name: str = "smollm2") -> Any:
 
     import pytest
 
-    from .real_models import fetch_test_model
+    from .models.real_models import fetch_test_model
 
     try:
         return fetch_test_model(name)

@@ -39,7 +39,7 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
 
 def run_fetch(args: argparse.Namespace) -> int:
     """Fetch SmolLM2-135M-Instruct (GGUF) and print its path."""
-    from ..real_models import fetch_test_model
+    from ..models.real_models import fetch_test_model
 
     print(fetch_test_model("smollm2", args.dir))
     return 0
@@ -47,7 +47,7 @@ def run_fetch(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Write the GGUF file as an mlx-lm model directory."""
-    from ..gguf import save_mlx
+    from ..models.gguf import save_mlx
 
     out = save_mlx(
         args.gguf,

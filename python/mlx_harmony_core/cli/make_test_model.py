@@ -10,7 +10,7 @@ from .common import positive
 
 def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     """The ``make-test-model`` subcommand."""
-    from ..loading import PRESETS, QUANTIZATIONS
+    from ..models.builder import PRESETS, QUANTIZATIONS
 
     t = sub.add_parser(
         "make-test-model", parents=parents, help="write a random-weight GPT-OSS model directory"
@@ -54,7 +54,7 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Write the model directory."""
-    from ..loading import make_test_model
+    from ..models.builder import make_test_model
 
     shape = {
         "layers": args.layers,

@@ -46,7 +46,7 @@ def enable() -> None:
             "import mlx_harmony_core first for ~30x faster CPU matrix products"
         )
         return
-    core = importlib.util.find_spec(f"{__package__}._core")  # the shim is installed beside it
+    core = importlib.util.find_spec("mlx_harmony_core._core")  # the shim is installed beside it
     # In lib/ (not a package), so help() and pkgutil do not list it as a module.
     shim = (
         Path(core.origin).parent / "lib" / "libmhc_blas_shim.so" if core and core.origin else Path()

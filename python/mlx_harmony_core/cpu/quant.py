@@ -1,0 +1,159 @@
+"""Quantized models on the CPU: our kernels behind MLX's quantized layers.
+
+MLX's CPU ``quantized_matmul`` / ``gather_qmm`` are plain loops (~0.3-2 GB/s of weights). Our
+extension has MLX primitives for affine 4/8-bit (groups of 32/64/128) and MXFP4 weights: a
+fused dequantize-and-dot GEMV with AVX-512 / AVX2 (picked at run time, portable fallback),
+threaded over output rows, for few rows; dequantized tiles through OpenBLAS for many (prefill).
+Loading through :func:`mlx_harmony_core.load` on a CPU device switches a model's quantized
+layers (``QuantizedLinear``, tied ``QuantizedEmbedding`` heads, mlx-lm's
+``QuantizedSwitchLinear`` experts) to them; their weights are untouched and anything the kernels
+do not take (other widths, modes, a GPU stream) goes to MLX's op. ``MLX_HARMONY_CORE_QUANT_KERNELS=mlx``
+turns them off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .. import _core
+
+__all__ = ["ENV", "info", "kernels", "kernels_enabled", "switched_layers", "use_quant_kernels"]
+
+logger = logging.getLogger(__name__)
+
+ENV = "MLX_HARMONY_CORE_QUANT_KERNELS"  # "mlx" = MLX's own CPU kernels
+
+# Switched-in layers consult this at call time, so a benchmark can run MLX's path on the
+# same model object (see kernels()).
+_active = True
+
+
+def kernels_enabled() -> bool:
+    """Whether loading switches quantized layers to our kernels: on a CPU device, unless
+    ``MLX_HARMONY_CORE_QUANT_KERNELS=mlx``."""
+    return os.environ.get(ENV, "").lower() != "mlx" and mx.default_device() == mx.cpu
+
+
+@contextlib.contextmanager
+def kernels(enabled: bool) -> Iterator[None]:
+    """Run switched layers on our kernels (True) or MLX's (False) inside the block."""
+    global _active
+    before, _active = _active, enabled
+    try:
+        yield
+    finally:
+        _active = before
+
+
+def _qmm(x: mx.array, layer: Any, weight: str = "weight") -> mx.array:
+    op = _core.quantized_matmul if _active else mx.quantized_matmul
+    return op(
+        x,
+        layer[weight],
+        scales=layer["scales"],
+        biases=layer.get("biases"),
+        transpose=True,
+        group_size=layer.group_size,
+        bits=layer.bits,
+        mode=layer.mode,
+    )
+
+
+class FastQuantizedLinear(nn.QuantizedLinear):
+    """``nn.QuantizedLinear`` through our CPU kernels."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        out = _qmm(x, self)
+        return out + self["bias"] if "bias" in self else out
+
+
+class FastQuantizedEmbedding(nn.QuantizedEmbedding):
+    """``nn.QuantizedEmbedding`` whose tied output head runs on our CPU kernels."""
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return _qmm(x, self)
+
+
+def _fast_switch_class() -> type | None:
+    try:
+        from mlx_lm.models.switch_layers import QuantizedSwitchLinear
+    except ImportError:  # pragma: no cover - mlx-lm is a dependency
+        return None
+
+    class FastQuantizedSwitchLinear(QuantizedSwitchLinear):  # type: ignore[misc, valid-type]
+        """mlx-lm's ``QuantizedSwitchLinear`` (experts) through our CPU kernels."""
+
+        def __call__(
+            self, x: mx.array, indices: mx.array, sorted_indices: bool = False
+        ) -> mx.array:
+            if not _active or self.get("global_scale") is not None:
+                return super().__call__(x, indices, sorted_indices=sorted_indices)
+            out = _core.gather_qmm(
+                x,
+                self["weight"],
+                self["scales"],
+                self.get("biases"),
+                rhs_indices=indices,
+                transpose=True,
+                group_size=self.group_size,
+                bits=self.bits,
+                mode=self.mode,
+                sorted_indices=sorted_indices,
+            )
+            if "bias" in self:
+                out = out + mx.expand_dims(self["bias"][indices], -2)
+            return out
+
+    return FastQuantizedSwitchLinear
+
+
+_SWITCH: list[type | None] = []
+
+
+def use_quant_kernels(model: Any) -> int:
+    """Switch ``model``'s quantized layers to our CPU kernels (weights untouched); returns
+    how many were switched. Layers whose quantization the kernels do not take stay as they are."""
+    if not _SWITCH:
+        _SWITCH.append(_fast_switch_class())
+    switch = _SWITCH[0]
+    swaps: dict[type, type] = {
+        nn.QuantizedLinear: FastQuantizedLinear,
+        nn.QuantizedEmbedding: FastQuantizedEmbedding,
+    }
+    if switch is not None:
+        swaps[switch.__mro__[1]] = switch
+    switched = 0
+    for _, module in model.named_modules() if hasattr(model, "named_modules") else []:
+        target = swaps.get(type(module))
+        mode = getattr(module, "mode", "affine")
+        if target is not None and _core.quant_supported(mode, module.bits, module.group_size):
+            module.__class__ = target
+            switched += 1
+    return switched
+
+
+def switched_layers(model: Any) -> int:
+    """How many of ``model``'s layers run on our kernels."""
+    ours = (FastQuantizedLinear, FastQuantizedEmbedding, *(c for c in _SWITCH if c))
+    modules = model.named_modules() if hasattr(model, "named_modules") else []
+    return sum(isinstance(m, ours) for _, m in modules)
+
+
+def info() -> dict[str, object]:
+    """Which quantized matmul kernels run on this device, for :func:`backend_info`."""
+    if os.environ.get(ENV, "").lower() == "mlx":
+        return {"quant_kernels": f"mlx ({ENV}=mlx)"}
+    if mx.default_device() != mx.cpu:
+        return {"quant_kernels": "mlx (GPU)"}
+    return {
+        "quant_kernels": "mlx-harmony-core",
+        "quant_isa": _core.quant_isa(),
+        "quant_threads": _core.quant_threads(),
+    }

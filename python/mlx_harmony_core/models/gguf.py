@@ -1,0 +1,978 @@
+"""GGUF files (llama.cpp's format) loaded directly: weights, hyperparameters, tokenizer and
+chat template, mapped onto mlx-lm's model classes.
+
+The header is read first (no tensor data), so the weights' size is checked against free
+memory before anything loads. Tensor names are mapped through the ``gguf`` package's
+name tables (llama.cpp's own), starting from the mlx-lm model's parameter names, so every
+architecture mlx-lm and llama.cpp both know maps the same way. Which architectures map, and
+how each differs (its config keys, what llama.cpp's converter changed in its tensors: the q/k
+row permutation of ``llama`` models, Gemma's norm offset), its model family says
+(:mod:`mlx_harmony_core.families`).
+Quantized tensors stay quantized where MLX has the format (Q4_0, Q4_1 and Q8_0 as MLX
+affine 4/8-bit with groups of 32, MXFP4 as MLX ``mxfp4``); F32/F16/BF16 load as stored;
+any other type is refused by name.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import mmap
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from ..errors import ModelLoadError
+from ..families import family_for, gguf_architectures
+
+logger = logging.getLogger(__name__)
+
+# GGML tensor types: (name, elements per block, bytes per block).
+GGML_TYPES: dict[int, tuple[str, int, int]] = {
+    0: ("F32", 1, 4),
+    1: ("F16", 1, 2),
+    2: ("Q4_0", 32, 18),
+    3: ("Q4_1", 32, 20),
+    6: ("Q5_0", 32, 22),
+    7: ("Q5_1", 32, 24),
+    8: ("Q8_0", 32, 34),
+    9: ("Q8_1", 32, 36),
+    10: ("Q2_K", 256, 84),
+    11: ("Q3_K", 256, 110),
+    12: ("Q4_K", 256, 144),
+    13: ("Q5_K", 256, 176),
+    14: ("Q6_K", 256, 210),
+    15: ("Q8_K", 256, 292),
+    16: ("IQ2_XXS", 256, 66),
+    17: ("IQ2_XS", 256, 74),
+    18: ("IQ3_XXS", 256, 98),
+    19: ("IQ1_S", 256, 50),
+    20: ("IQ4_NL", 32, 18),
+    21: ("IQ3_S", 256, 110),
+    22: ("IQ2_S", 256, 82),
+    23: ("IQ4_XS", 256, 136),
+    24: ("I8", 1, 1),
+    25: ("I16", 1, 2),
+    26: ("I32", 1, 4),
+    27: ("I64", 1, 8),
+    28: ("F64", 1, 8),
+    29: ("IQ1_M", 256, 56),
+    30: ("BF16", 1, 2),
+    34: ("TQ1_0", 256, 54),
+    35: ("TQ2_0", 256, 66),
+    39: ("MXFP4", 32, 17),
+}
+# What loads, and as what: quantized types as (bits, group size, MLX mode).
+_FLOAT = {0: np.float32, 1: np.float16, 30: np.uint16}
+_QUANTIZED = {
+    2: (4, 32, "affine"),
+    3: (4, 32, "affine"),
+    8: (8, 32, "affine"),
+    39: (4, 32, "mxfp4"),
+}
+
+# llama.cpp's pre-tokenizer regexes (llama-vocab.cpp), by tokenizer.ggml.pre.
+_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_LLAMA3 = (
+    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|"
+    r"\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2 = (
+    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|"
+    r"\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_O200K = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+"
+    r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}|"
+    r" ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+PRE_TOKENIZERS: dict[str, tuple[str, ...]] = {
+    "default": (_GPT2,),
+    "gpt2": (_GPT2,),
+    "smollm": (r"\p{N}", _GPT2),  # digits one by one, then GPT-2's
+    "llama-bpe": (_LLAMA3,),
+    "llama3": (_LLAMA3,),
+    "qwen2": (_QWEN2,),
+    "deepseek-r1-qwen": (_QWEN2,),
+    "gpt-4o": (_O200K,),
+}
+
+
+# -- the file ---------------------------------------------------------------------------------
+
+
+@dataclass
+class TensorInfo:
+    """One tensor's place in the file: ``shape`` in row-major (numpy) order."""
+
+    name: str
+    shape: tuple[int, ...]
+    type: int
+    offset: int  # absolute, in bytes
+    nbytes: int
+
+    @property
+    def type_name(self) -> str:
+        return GGML_TYPES.get(self.type, (f"type {self.type}", 0, 0))[0]
+
+
+@dataclass
+class GGUFFile:
+    """A GGUF file's header: metadata and tensor directory (no tensor data)."""
+
+    path: Path
+    version: int
+    metadata: dict[str, Any]
+    tensors: dict[str, TensorInfo] = field(default_factory=dict)
+
+    @property
+    def architecture(self) -> str:
+        return str(self.metadata.get("general.architecture", ""))
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """An architecture key (``block_count`` is ``{arch}.block_count``) or a full key."""
+        return self.metadata.get(f"{self.architecture}.{key}", self.metadata.get(key, default))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+_SCALARS = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
+
+
+class _Cursor:
+    def __init__(self, buf: Any, path: Path) -> None:
+        self.buf, self.pos, self.path = buf, 0, path
+
+    def take(self, fmt: str) -> Any:
+        size = struct.calcsize(fmt)
+        if self.pos + size > len(self.buf):
+            raise ModelLoadError(f"{self.path} is truncated (its header ends early)")
+        (value,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += size
+        return value
+
+    def string(self) -> str:
+        n = self.take("<Q")
+        if self.pos + n > len(self.buf):
+            raise ModelLoadError(f"{self.path} is truncated (its header ends early)")
+        raw = bytes(self.buf[self.pos : self.pos + n])
+        self.pos += n
+        return raw.decode("utf-8", errors="replace")
+
+    def value(self, kind: int) -> Any:
+        if kind in _SCALARS:
+            return self.take(_SCALARS[kind])
+        if kind == 8:
+            return self.string()
+        if kind == 9:
+            item, n = self.take("<I"), self.take("<Q")
+            if item in _SCALARS or item == 6:  # a numeric array: one unpack
+                fmt = _SCALARS.get(item, "<f")
+                size = struct.calcsize(fmt) * n
+                if self.pos + size > len(self.buf):
+                    raise ModelLoadError(f"{self.path} is truncated (its header ends early)")
+                arr = np.frombuffer(self.buf, dtype=np.dtype(fmt), count=n, offset=self.pos)
+                self.pos += size
+                return arr.copy()
+            return [self.value(item) for _ in range(n)]
+        if kind == 6:  # float32: shortest text that round-trips (1e-05, not 9.99999974e-06)
+            return float(np.format_float_positional(np.float32(self.take("<f")), trim="-"))
+        raise ModelLoadError(f"{self.path}: unknown GGUF metadata type {kind}")
+
+
+def read_gguf(path: str | os.PathLike[str]) -> GGUFFile:
+    """Read a GGUF file's header (metadata and tensor directory; no tensor data)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"GGUF file {path} does not exist")
+    with open(path, "rb") as f:
+        try:
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except ValueError:  # an empty file
+            raise ModelLoadError(f"{path} is empty, not a GGUF file") from None
+    try:
+        if buf[:4] != b"GGUF":
+            raise ModelLoadError(f"{path} is not a GGUF file (it does not start with 'GGUF')")
+        cur = _Cursor(buf, path)
+        cur.pos = 4
+        version = cur.take("<I")
+        if version not in (2, 3):
+            raise ModelLoadError(f"{path} is GGUF version {version}; versions 2 and 3 load")
+        n_tensors, n_kv = cur.take("<Q"), cur.take("<Q")
+        metadata = {}
+        for _ in range(n_kv):
+            key = cur.string()
+            metadata[key] = cur.value(cur.take("<I"))
+        infos = []
+        for _ in range(n_tensors):
+            name = cur.string()
+            dims = [cur.take("<Q") for _ in range(cur.take("<I"))]
+            kind, offset = cur.take("<I"), cur.take("<Q")
+            infos.append((name, tuple(reversed(dims)), kind, offset))
+        align = int(metadata.get("general.alignment", 32))
+        start = (cur.pos + align - 1) // align * align
+        out = GGUFFile(path, version, metadata)
+        for name, shape, kind, offset in infos:
+            _, block, size = GGML_TYPES.get(kind, ("", 1, 0))
+            count = int(np.prod(shape)) if shape else 1
+            nbytes = count // block * size if block else 0
+            if start + offset + nbytes > len(buf):
+                raise ModelLoadError(f"{path} is truncated (tensor {name} ends past the file)")
+            out.tensors[name] = TensorInfo(name, shape, kind, start + offset, nbytes)
+        return out
+    finally:
+        buf.close()
+
+
+# -- tensors ------------------------------------------------------------------------------------
+
+# Tensors are read and converted this many bytes of the file at a time: besides the loaded
+# arrays, one chunk and its temporaries are held. (Two threads, one reading while the other
+# converts, measured no faster on this 2-core machine.)
+CHUNK_BYTES = 16 * 2**20
+
+# Each type's block layout in the file, and what MLX keeps per block of 32 weights.
+_LAYOUTS: dict[int, list[tuple[str, str, int]]] = {
+    2: [("d", "<f2", 1), ("qs", "u1", 16)],  # Q4_0: d * (q - 8)
+    3: [("d", "<f2", 1), ("m", "<f2", 1), ("qs", "u1", 16)],  # Q4_1: d * q + m
+    8: [("d", "<f2", 1), ("qs", "u1", 32)],  # Q8_0: d * q, q signed
+    39: [("e", "u1", 1), ("qs", "u1", 16)],  # MXFP4: e2m1 codes, E8M0 scale
+}
+# Bytes in memory per block of 32 (codes + scales + biases) and per float element.
+_LOADED_BLOCK = {2: 16 + 2 + 2, 3: 16 + 2 + 2, 8: 32 + 2 + 2, 39: 16 + 1}
+_LOADED_FLOAT = {0: 4, 1: 2, 30: 2}
+
+
+def _nibble_table() -> np.ndarray:
+    """ggml's 4-bit block (element j in the low nibble of byte j, j+16 in its high one) to
+    MLX's packing (elements 2k, 2k+1 in byte k), two source bytes at a time: for the pair
+    ``v = qs[2m] | qs[2m+1] << 8`` the low result byte is MLX's byte m, the high one m+8."""
+    v = np.arange(65536, dtype=np.uint32)
+    lo = (v & 0x0F) | ((v >> 4) & 0xF0)
+    hi = ((v >> 4) & 0x0F) | ((v >> 8) & 0xF0)
+    return (lo | hi << 8).astype(np.uint16)
+
+
+_NIBBLES = _nibble_table()
+
+
+class FileSource:
+    """A GGUF file's bytes read with ``pread`` into one reusable buffer: the file's pages go
+    to the page cache, never into this process's resident memory (as a mapping's would)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.fd = os.open(path, os.O_RDONLY)
+        self._buf = np.empty(0, np.uint8)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def __enter__(self) -> FileSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def readinto(self, dest: np.ndarray, offset: int) -> None:
+        """Fill ``dest`` (contiguous bytes) from the file at ``offset``."""
+        view = memoryview(dest).cast("B")
+        done = 0
+        while done < len(view):
+            n = os.preadv(self.fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise ModelLoadError(f"file ended at byte {offset + done} while reading")
+            done += n
+
+    def read(self, offset: int, nbytes: int) -> np.ndarray:
+        """``nbytes`` at ``offset``, in the reusable buffer (valid until the next read)."""
+        if self._buf.size < nbytes:
+            self._buf = np.empty(nbytes, np.uint8)
+        out = self._buf[:nbytes]
+        self.readinto(out, offset)
+        return out
+
+
+class _BufferSource:
+    """The same reads from a buffer (an ``mmap`` or ``bytes``)."""
+
+    def __init__(self, buf: Any) -> None:
+        self.buf = buf
+
+    def readinto(self, dest: np.ndarray, offset: int) -> None:
+        dest.reshape(-1)[:] = self.read(offset, dest.nbytes)
+
+    def read(self, offset: int, nbytes: int) -> np.ndarray:
+        return np.frombuffer(self.buf, dtype=np.uint8, count=nbytes, offset=offset)
+
+
+class _Out:
+    """An MLX array filled in place through a numpy view of its memory (no second copy of a
+    tensor is ever made); where MLX gives no writable view, a numpy array copied at the end."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: Any) -> None:
+        self.array: mx.array | None = mx.zeros(shape, dtype)
+        mx.eval(self.array)
+        view = np.asarray(memoryview(self.array))
+        if view.flags.writeable and view.flags.c_contiguous and view.nbytes == self.array.nbytes:
+            self.np = view.reshape(shape)
+        else:  # pragma: no cover - MLX builds without a writable buffer view
+            self.array = None
+            self.np = np.empty(shape, view.dtype)
+
+    def done(self) -> mx.array:
+        if self.array is None:  # pragma: no cover
+            return mx.array(self.np)
+        out, self.array, self.np = self.array, None, None
+        return out
+
+
+def tensor_arrays(
+    gguf: GGUFFile, source: Any, info: TensorInfo, chunk_bytes: int = CHUNK_BYTES
+) -> dict[str, mx.array]:
+    """One GGUF tensor as evaluated MLX arrays: ``{"": array}`` for floats; ``{"": packed,
+    "scales": ..., "biases": ...}`` (``mxfp4``: no biases) for quantized types.
+
+    ``source`` is a :class:`FileSource` (or any buffer holding the file, e.g. an ``mmap``).
+    The arrays are allocated once and filled ``chunk_bytes`` of the file at a time: besides
+    them, at most one chunk and its temporaries are held."""
+    if info.type not in _FLOAT and info.type not in _QUANTIZED:
+        raise ModelLoadError(
+            f"{gguf.path}: tensor {info.name} is {info.type_name}, which does not load "
+            "(supported: F32, F16, BF16, Q4_0, Q4_1, Q8_0, MXFP4); re-quantize the model "
+            "with one of those, e.g. llama-quantize ... Q8_0"
+        )
+    src = source if hasattr(source, "readinto") else _BufferSource(source)
+    if info.type in _FLOAT:
+        kind = {0: mx.float32, 1: mx.float16, 30: mx.uint16}[info.type]
+        out = _Out(info.shape, kind)
+        flat = out.np.reshape(-1).view(np.uint8)
+        for a in range(0, info.nbytes, chunk_bytes):
+            src.readinto(flat[a : a + chunk_bytes], info.offset + a)
+        arr = out.done()
+        return {"": arr.view(mx.bfloat16) if info.type == 30 else arr}
+    lead = info.shape[:-1]
+    rows = math.prod(lead) if lead else 1
+    cols = info.shape[-1]
+    if cols % 32:
+        raise ModelLoadError(f"tensor {info.name}: {cols} columns are not whole blocks of 32")
+    blocks = cols // 32
+    layout = _LAYOUTS[info.type]
+    dtype = np.dtype([(n, t, (k,)) if k > 1 else (n, t) for n, t, k in layout])
+    bits = _QUANTIZED[info.type][0]
+    w = _Out((*lead, cols * bits // 32), mx.uint32)
+    codes = w.np.view(np.uint8).reshape(rows, blocks, 32 * bits // 8)
+    scale_type = mx.uint8 if info.type == 39 else mx.float16
+    scales = _Out((*lead, blocks), scale_type)
+    biases = _Out((*lead, blocks), mx.float16) if info.type != 39 else None
+    s = scales.np.reshape(rows, blocks)
+    bias = biases.np.reshape(rows, blocks) if biases is not None else None
+    row_bytes = blocks * dtype.itemsize
+
+    def fill(r0: int, r1: int) -> None:
+        raw = src.read(info.offset + r0 * row_bytes, (r1 - r0) * row_bytes)
+        b = raw.view(dtype).reshape(r1 - r0, blocks)
+        if info.type == 8:  # MLX's 8-bit codes are unsigned: q + 128
+            np.bitwise_xor(b["qs"], 0x80, out=codes[r0:r1])
+            np.copyto(s[r0:r1], b["d"])
+            bias[r0:r1] = (b["d"].astype(np.float32) * -128).astype(np.float16)
+            return
+        pairs = _NIBBLES[b["qs"].view("<u2")].view(np.uint8)  # (rows, blocks, 8 * 2)
+        pairs = pairs.reshape(r1 - r0, blocks, 8, 2)
+        np.copyto(codes[r0:r1, :, :8], pairs[..., 0])
+        np.copyto(codes[r0:r1, :, 8:], pairs[..., 1])
+        del pairs
+        if info.type == 39:
+            np.copyto(s[r0:r1], b["e"])
+        elif info.type == 2:
+            np.copyto(s[r0:r1], b["d"])
+            bias[r0:r1] = (b["d"].astype(np.float32) * -8).astype(np.float16)
+        else:
+            np.copyto(s[r0:r1], b["d"])
+            np.copyto(bias[r0:r1], b["m"])
+
+    step = max(1, chunk_bytes // row_bytes)
+    for r0 in range(0, rows, step):
+        fill(r0, min(rows, r0 + step))
+    out = {"": w.done(), "scales": scales.done()}
+    if biases is not None:
+        out["biases"] = biases.done()
+    return out
+
+
+def loaded_bytes(info: TensorInfo, dequantize: bool = False) -> int:
+    """Bytes ``info``'s tensor takes in memory once loaded (float32 if ``dequantize``)."""
+    count = math.prod(info.shape) if info.shape else 1
+    if info.type in _QUANTIZED:
+        return count * 4 if dequantize else count // 32 * _LOADED_BLOCK[info.type]
+    return count * _LOADED_FLOAT.get(info.type, 0) or info.nbytes
+
+
+# -- config -------------------------------------------------------------------------------------
+
+
+def gguf_config(gguf: GGUFFile) -> dict[str, Any]:
+    """The mlx-lm ``config.json`` a GGUF file's metadata describes (the common keys, then
+    its family's own)."""
+    arch = gguf.architecture
+    family = family_for(arch=arch)
+    if family is None:
+        raise ModelLoadError(
+            f"{gguf.path}: architecture {arch or '(none)'!r} is not one we map "
+            f"(supported: {', '.join(gguf_architectures())})"
+        )
+    need = ["block_count", "embedding_length", "attention.head_count", *family.gguf_required]
+    missing = [k for k in need if gguf.get(k) is None]
+    if missing:
+        raise ModelLoadError(f"{gguf.path}: metadata lacks {arch}.{missing[0]}")
+    heads = int(gguf.get("attention.head_count"))
+    hidden = int(gguf.get("embedding_length"))
+    tokens = gguf.metadata.get("tokenizer.ggml.tokens")
+    embed = gguf.tensors.get("token_embd.weight")
+    vocab = embed.shape[0] if embed is not None else len(tokens or [])
+    cfg: dict[str, Any] = {
+        "model_type": family.model_type,
+        "num_hidden_layers": int(gguf.get("block_count")),
+        "hidden_size": hidden,
+        "intermediate_size": int(gguf.get("feed_forward_length", 4 * hidden)),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(gguf.get("attention.head_count_kv", heads)),
+        "rms_norm_eps": float(gguf.get("attention.layer_norm_rms_epsilon", 1e-5)),
+        "rope_theta": float(gguf.get("rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(gguf.get("context_length", 4096)),
+        "vocab_size": int(vocab),
+        "tie_word_embeddings": "output.weight" not in gguf.tensors,
+    }
+    head_dim = gguf.get("attention.key_length")
+    if head_dim is not None:
+        cfg["head_dim"] = int(head_dim)
+    if family.gguf_config is not None:
+        try:
+            cfg = family.gguf_config(gguf.get, cfg)
+        except ValueError as exc:
+            raise ModelLoadError(f"{gguf.path}: {exc}") from exc
+    factor = gguf.get("rope.scaling.factor")
+    kind = gguf.get("rope.scaling.type")
+    if factor and kind in ("linear",) and "rope_scaling" not in cfg:
+        cfg["rope_scaling"] = {"type": "linear", "factor": float(factor)}
+    eos = gguf.metadata.get("tokenizer.ggml.eos_token_id")
+    if eos is not None:
+        cfg["eos_token_id"] = int(eos)
+    return cfg
+
+
+# -- weights ------------------------------------------------------------------------------------
+
+
+def _names(model: nn.Module, arch: str, layers: int) -> dict[str, list[str]]:
+    """mlx-lm parameter path -> the GGUF tensor names it may have (llama.cpp's tables)."""
+    import gguf as gguf_names
+    from mlx.utils import tree_flatten
+
+    archs = {v: k for k, v in gguf_names.MODEL_ARCH_NAMES.items()}
+    table = gguf_names.get_tensor_name_map(archs[arch], layers)
+    out = {}
+    for path, _ in tree_flatten(model.parameters()):
+        base, _, suffix = path.rpartition(".")
+        if suffix not in ("weight", "bias"):
+            base, suffix = path, ""
+        name = table.get_name(base)
+        if name is not None:  # a bare parameter (GPT-OSS's sinks) is stored as NAME.weight
+            out[path] = [f"{name}.{suffix}"] if suffix else [name, f"{name}.weight"]
+    return out
+
+
+def _plan(gguf: GGUFFile, model: nn.Module, config: dict[str, Any]) -> list[tuple[str, TensorInfo]]:
+    """(mlx-lm parameter path, its GGUF tensor) for every parameter the file holds, in the
+    file's order (read front to back)."""
+    plan = []
+    for path, candidates in _names(model, gguf.architecture, config["num_hidden_layers"]).items():
+        info = next((gguf.tensors[n] for n in candidates if n in gguf.tensors), None)
+        if info is not None:  # strict loading names what is missing
+            plan.append((path, info))
+    plan.sort(key=lambda item: item[1].offset)
+    used = {info.name for _, info in plan}
+    left = sorted(set(gguf.tensors) - used)
+    if left:
+        logger.warning("%s: %d tensors are not used (%s, ...)", gguf.path, len(left), left[0])
+    return plan
+
+
+def _quantized_modules(plan: list[tuple[str, TensorInfo]]) -> dict[str, tuple[int, int, str]]:
+    """The modules whose tensors stay quantized: path -> (bits, group size, mode)."""
+    return {
+        path.rsplit(".", 1)[0]: _QUANTIZED[info.type]
+        for path, info in plan
+        if info.type in _QUANTIZED
+    }
+
+
+class _Progress:
+    """A progress bar on a terminal (tqdm), else a log line every 10%, for big files."""
+
+    MIN_BYTES = 256 * 2**20
+
+    def __init__(self, total: int, what: str) -> None:
+        import sys
+
+        self.total, self.what, self.done, self.logged, self.bar = total, what, 0, 0, None
+        if total < self.MIN_BYTES:
+            self.total = 0
+        elif sys.stderr is not None and sys.stderr.isatty():
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(
+                    total=total, desc=what, unit="B", unit_scale=True, leave=False, delay=0.5
+                )
+            except ImportError:  # pragma: no cover - tqdm comes with transformers
+                pass
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.total and self.done * 10 // self.total > self.logged:
+            self.logged = self.done * 10 // self.total
+            logger.info(
+                "%s: %d%% (%.1f of %.1f GB)",
+                self.what,
+                self.logged * 10,
+                self.done / 1e9,
+                self.total / 1e9,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _stream_weights(
+    gguf: GGUFFile,
+    plan: list[tuple[str, TensorInfo]],
+    config: dict[str, Any],
+    dequantize: bool,
+    what: str = "loading",
+) -> Iterator[dict[str, mx.array]]:
+    """Each planned tensor's evaluated MLX arrays under mlx-lm names (``{path: weight}``,
+    plus the module's ``scales``/``biases`` when quantized), one tensor at a time: the file
+    is read with ``pread`` (never mapped), and nothing but the arrays yielded is kept."""
+    family = family_for(arch=gguf.architecture)
+    fix = family.fix_tensor if family is not None else None
+    progress = _Progress(sum(info.nbytes for _, info in plan), f"{what} {gguf.path.name}")
+    try:
+        with FileSource(gguf.path) as src:
+            for path, info in plan:
+                arrays = tensor_arrays(gguf, src, info)
+                stem = info.name.rsplit(".", 1)[0]
+                if fix is not None:
+                    arrays = fix(stem, arrays, config, info.type in _FLOAT)
+                if dequantize and info.type in _QUANTIZED:
+                    bits, group, mode = _QUANTIZED[info.type]
+                    full = mx.dequantize(
+                        arrays[""],
+                        arrays["scales"],
+                        arrays.get("biases"),
+                        group_size=group,
+                        bits=bits,
+                        mode=mode,
+                    )
+                    arrays = {"": full.astype(mx.float32)}
+                mx.eval(arrays)
+                module = path.rsplit(".", 1)[0]
+                out = {path: arrays.pop("")}
+                for k, v in arrays.items():
+                    out[f"{module}.{k}"] = v
+                del arrays
+                yield out
+                progress.update(info.nbytes)
+    finally:
+        progress.close()
+        mx.clear_cache()
+
+
+def _build_model(config: dict[str, Any]) -> nn.Module:
+    from mlx_lm.utils import _get_classes
+
+    model_class, args_class = _get_classes(config)
+    return model_class(args_class.from_dict(config))
+
+
+def _quantize(model: nn.Module, quantized: dict[str, tuple[int, int, str]]) -> None:
+    def predicate(path: str, module: nn.Module) -> Any:
+        spec = quantized.get(path)
+        if spec is None or not hasattr(module, "to_quantized"):
+            return False
+        bits, group, mode = spec
+        return {"bits": bits, "group_size": group, "mode": mode}
+
+    if quantized:
+        nn.quantize(model, class_predicate=predicate)
+
+
+def weight_bytes(gguf: GGUFFile, dequantize: bool = False) -> int:
+    """Bytes the weights take in memory once loaded (MLX's layout: codes, scales and biases
+    for quantized types), or with quantized ones as float32."""
+    return sum(loaded_bytes(t, dequantize) for t in gguf.tensors.values())
+
+
+def load_bytes(gguf: GGUFFile, dequantize: bool = False, keep: int | None = None) -> int:
+    """The most memory a load takes: the weights kept (all of them, or ``keep`` bytes, as
+    ``convert`` keeps one shard), one tensor being converted, and the file chunk read."""
+    kept = weight_bytes(gguf, dequantize)
+    if keep is not None:
+        kept = min(kept, keep)
+    tensors = list(gguf.tensors.values())
+    largest = max(
+        (loaded_bytes(t, dequantize) + (loaded_bytes(t) if dequantize else 0) for t in tensors),
+        default=0,
+    )
+    chunk = min(CHUNK_BYTES, max((t.nbytes for t in tensors if t.type in _QUANTIZED), default=0))
+    return kept + largest + 2 * chunk
+
+
+def check_memory(
+    gguf: GGUFFile,
+    available: int | None = None,
+    dequantize: bool = False,
+    keep: int | None = None,
+) -> None:
+    """Refuse a model whose load cannot fit in the memory available now (see
+    :func:`load_bytes`)."""
+    from ..scheduler import available_memory
+
+    free = available_memory() if available is None else available
+    need = load_bytes(gguf, dequantize, keep)
+    if need > 0.9 * free:
+        raise ModelLoadError(
+            f"{gguf.path.name} needs {need / 2**30:.1f} GiB to load "
+            f"({weight_bytes(gguf, dequantize) / 2**30:.1f} GiB of weights), but only "
+            f"{free / 2**30:.1f} GiB of memory are available; free memory or pick a smaller "
+            "quantization" + (" (or load it without dequantize)" if dequantize else "")
+        )
+
+
+def load_gguf(
+    path: str | os.PathLike[str], *, dequantize: bool = False
+) -> tuple[nn.Module, dict[str, Any], GGUFFile]:
+    """Load a GGUF file into an mlx-lm model. Returns (model, config, header).
+
+    Tensor by tensor: each is read from the file, converted into its final MLX arrays and
+    evaluated before the next is read, so the load peaks at about the loaded model plus
+    one tensor. ``dequantize=True`` turns quantized weights into float32 (faster than
+    MLX's CPU quantized kernels today, 8x the memory of 4-bit).
+    """
+    gguf = read_gguf(path)
+    config = gguf_config(gguf)
+    check_memory(gguf, dequantize=dequantize)
+    model = _model_for(gguf, config)
+    plan = _plan(gguf, model, config)
+    quantized = {} if dequantize else _quantized_modules(plan)
+    if not dequantize:
+        config["quantization"] = quantization_config(quantized)
+    _quantize(model, quantized)
+    weights: dict[str, mx.array] = {}
+    for arrays in _stream_weights(gguf, plan, config, dequantize):
+        weights.update(arrays)
+    try:
+        model.load_weights(list(weights.items()), strict=True)
+    except ValueError as exc:
+        raise ModelLoadError(
+            f"{gguf.path}: the tensors do not fit {config['model_type']}: {exc}"
+        ) from exc
+    del weights
+    mx.eval(model.parameters())
+    return model, config, gguf
+
+
+def _model_for(gguf: GGUFFile, config: dict[str, Any]) -> nn.Module:
+    try:
+        return _build_model(config)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"{gguf.path}: mlx-lm cannot build {config['model_type']}: {exc}"
+        ) from exc
+
+
+def quantization_config(quantized: dict[str, tuple[int, int, str]]) -> dict[str, Any] | None:
+    """mlx-lm's ``quantization`` entry: the commonest format, and each other path's own."""
+    if not quantized:
+        return None
+    from collections import Counter
+
+    (bits, group, mode), _ = Counter(quantized.values()).most_common(1)[0]
+    out: dict[str, Any] = {"group_size": group, "bits": bits, "mode": mode}
+    for p, spec in quantized.items():
+        if spec != (bits, group, mode):
+            out[p] = {"bits": spec[0], "group_size": spec[1], "mode": spec[2]}
+    return out
+
+
+# -- tokenizer ----------------------------------------------------------------------------------
+
+
+def gguf_tokenizer_wrapper(gguf: GGUFFile) -> Any:
+    """The file's tokenizer as mlx-lm wraps one (``TokenizerWrapper``), with its end-of-turn
+    ids: what a chat-template format needs."""
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+    tokenizer = gguf_tokenizer(gguf)
+    return TokenizerWrapper(tokenizer, eos_token_ids=eos_ids(gguf, tokenizer))
+
+
+def gguf_tokenizer(gguf: GGUFFile) -> Any:
+    """A Hugging Face fast tokenizer (``PreTrainedTokenizerFast``) built from the file's
+    ``tokenizer.ggml.*`` metadata and ``tokenizer.chat_template``."""
+    from transformers import PreTrainedTokenizerFast
+
+    meta = gguf.metadata
+    kind = meta.get("tokenizer.ggml.model")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if not tokens:
+        raise ModelLoadError(f"{gguf.path} has no tokenizer.ggml.tokens")
+    if kind == "gpt2":
+        backend = _bpe_tokenizer(gguf, tokens)
+    elif kind == "llama":
+        backend = _spm_tokenizer(gguf, tokens)
+    else:
+        raise ModelLoadError(
+            f"{gguf.path}: tokenizer model {kind!r} is not supported (gpt2, llama)"
+        )
+
+    def special(key: str) -> str | None:
+        i = meta.get(f"tokenizer.ggml.{key}_token_id")
+        return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
+
+    bos = special("bos")
+    if bos is not None and meta.get("tokenizer.ggml.add_bos_token", kind == "llama"):
+        from tokenizers import processors
+
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A",
+            pair=f"{bos} $A {bos} $B",
+            special_tokens=[(bos, int(meta["tokenizer.ggml.bos_token_id"]))],
+        )
+    template = meta.get("tokenizer.chat_template")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=bos,
+        eos_token=special("eos"),
+        unk_token=special("unknown"),
+        pad_token=special("padding"),
+        chat_template=template if isinstance(template, str) else None,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def _special_tokens(gguf: GGUFFile, tokens: list[str]) -> list[Any]:
+    from tokenizers import AddedToken
+
+    types = gguf.metadata.get("tokenizer.ggml.token_type")
+    if types is None:
+        return []
+    # 3: control (special), 4: user defined (added, not special).
+    return [
+        AddedToken(tokens[i], special=int(t) == 3, normalized=False)
+        for i, t in enumerate(types)
+        if int(t) in (3, 4)
+    ]
+
+
+def _bpe_tokenizer(gguf: GGUFFile, tokens: list[str]) -> Any:
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    merges = [tuple(m.split(" ", 1)) for m in gguf.metadata.get("tokenizer.ggml.merges", [])]
+    pre = str(gguf.metadata.get("tokenizer.ggml.pre", "default"))
+    patterns = PRE_TOKENIZERS.get(pre)
+    if patterns is None:
+        logger.warning("%s: pre-tokenizer %r is not known; using GPT-2's", gguf.path, pre)
+        patterns = PRE_TOKENIZERS["default"]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tok = Tokenizer(models.BPE(vocab, merges, ignore_merges=pre in ("llama-bpe", "llama3")))
+    steps = [pre_tokenizers.Split(Regex(p), behavior="isolated") for p in patterns]
+    steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(steps)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_tokens(_special_tokens(gguf, tokens))
+    return tok
+
+
+def _spm_tokenizer(gguf: GGUFFile, tokens: list[str]) -> Any:
+    """SentencePiece BPE (llama, gemma, phi3): merges rebuilt from the pieces' scores, as
+    Hugging Face's own converter does."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    scores = gguf.metadata.get("tokenizer.ggml.scores")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    score = (lambda i: float(scores[i])) if scores is not None else (lambda i: -float(i))
+    merges = []
+    for piece, i in vocab.items():
+        for k in range(1, len(piece)):
+            left, right = piece[:k], piece[k:]
+            if left in vocab and right in vocab:
+                merges.append((score(i), vocab[left], vocab[right], left, right))
+    merges.sort(key=lambda m: (-m[0], m[1], m[2]))
+    unk = gguf.metadata.get("tokenizer.ggml.unknown_token_id")
+    tok = Tokenizer(
+        models.BPE(
+            vocab,
+            [(m[3], m[4]) for m in merges],
+            unk_token=tokens[int(unk)] if unk is not None else None,
+            byte_fallback=True,
+            fuse_unk=True,
+        )
+    )
+    steps = [normalizers.Replace(" ", "▁")]
+    if gguf.metadata.get("tokenizer.ggml.add_space_prefix", True):
+        steps.insert(0, normalizers.Prepend("▁"))
+    tok.normalizer = normalizers.Sequence(steps)
+    tok.decoder = decoders.Sequence(
+        [
+            decoders.Replace("▁", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            *(
+                [decoders.Strip(" ", 1, 0)]
+                if gguf.metadata.get("tokenizer.ggml.add_space_prefix", True)
+                else []
+            ),
+        ]
+    )
+    tok.add_tokens(_special_tokens(gguf, tokens))
+    return tok
+
+
+def eos_ids(gguf: GGUFFile, tokenizer: Any) -> list[int]:
+    """The end-of-turn ids: the file's eos, plus the chat template's turn end if named."""
+    ids = []
+    eos = gguf.metadata.get("tokenizer.ggml.eos_token_id")
+    if eos is not None:
+        ids.append(int(eos))
+    for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
+        if key in gguf.metadata:
+            ids.append(int(gguf.metadata[key]))
+    vocab = tokenizer.get_vocab()
+    for name in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>"):
+        template = gguf.metadata.get("tokenizer.chat_template") or ""
+        if name in vocab and name in template:
+            ids.append(vocab[name])
+    return sorted(set(ids))
+
+
+# -- saving as an mlx-lm directory --------------------------------------------------------------
+
+
+def save_mlx(
+    path: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    dequantize: bool = False,
+    overwrite: bool = False,
+    shard_bytes: int = 2 * 2**30,
+) -> Path:
+    """Convert a GGUF file into an mlx-lm model directory (config.json, safetensors and the
+    Hugging Face tokenizer files) that ``mlx_lm.load`` and :func:`~.load` read.
+
+    Streams like :func:`load_gguf`: tensors are converted one at a time and written out in
+    shards of about ``shard_bytes`` (``model-0000i-of-0000n.safetensors`` with an index;
+    ``model.safetensors`` if one shard holds all), so at most one shard is held."""
+    from mlx.utils import tree_flatten
+
+    from .._paths import atomic_write_text
+
+    target = Path(out)
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise FileExistsError(f"{target} exists and is not empty; pass overwrite=True")
+    gguf = read_gguf(path)
+    config = gguf_config(gguf)
+    check_memory(gguf, dequantize=dequantize, keep=shard_bytes)
+    model = _model_for(gguf, config)
+    plan = _plan(gguf, model, config)
+    quantized = {} if dequantize else _quantized_modules(plan)
+    config["quantization"] = quantization_config(quantized)
+    _quantize(model, quantized)
+    expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+    del model
+    # Shards planned from the header, so each file is named with their count.
+    shard_of, size, n = [], 0, 0
+    for _, info in plan:
+        if size >= shard_bytes:
+            n, size = n + 1, 0
+        shard_of.append(n)
+        size += loaded_bytes(info, dequantize)
+    count = n + 1
+    names = (
+        ["model.safetensors"]
+        if count == 1
+        else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+    )
+    target.mkdir(parents=True, exist_ok=True)
+    # The tokenizer first: building it is a passing peak of its own, not added to a shard's.
+    family = family_for(arch=gguf.architecture)
+    if family is not None and family.write_tokenizer is not None:
+        family.write_tokenizer(target)  # the family's own (GPT-OSS: Harmony's)
+    else:
+        tokenizer = gguf_tokenizer(gguf)
+        tokenizer.save_pretrained(str(target))
+        extra = {"eos_token_id": eos_ids(gguf, tokenizer)}
+        atomic_write_text(target / "generation_config.json", json.dumps(extra) + "\n")
+    index: dict[str, str] = {}
+    shard: dict[str, mx.array] = {}
+    current = 0
+    arrays_in_order = _stream_weights(gguf, plan, config, dequantize, what="converting")
+    for i, arrays in enumerate(arrays_in_order):
+        if shard_of[i] != current:
+            _write_shard(target / names[current], shard, index)
+            shard, current = {}, shard_of[i]
+            mx.clear_cache()  # the written shard's memory goes back, not to MLX's cache
+        for name, a in arrays.items():
+            if expected.get(name) != tuple(a.shape):
+                raise ModelLoadError(
+                    f"{gguf.path}: the tensors do not fit {config['model_type']}: {name} is "
+                    f"{tuple(a.shape)}, the model expects {expected.get(name, 'no such name')}"
+                )
+        shard.update(arrays)
+    _write_shard(target / names[current], shard, index)
+    missing = sorted(set(expected) - set(index))
+    if missing:
+        raise ModelLoadError(
+            f"{gguf.path}: the tensors do not fit {config['model_type']}: "
+            f"{len(missing)} parameters are missing ({missing[0]}, ...)"
+        )
+    if count > 1:
+        total = sum(a for a in (loaded_bytes(info, dequantize) for _, info in plan))
+        atomic_write_text(
+            target / "model.safetensors.index.json",
+            json.dumps({"metadata": {"total_size": total}, "weight_map": index}, indent=1) + "\n",
+        )
+    if config.get("quantization") is None:
+        config.pop("quantization", None)
+    atomic_write_text(target / "config.json", json.dumps(config, indent=2) + "\n")  # last
+    return target
+
+
+def _write_shard(file: Path, shard: dict[str, mx.array], index: dict[str, str]) -> None:
+    mx.save_safetensors(str(file), shard, metadata={"format": "mlx"})
+    index.update(dict.fromkeys(shard, file.name))
+    logger.info("wrote %s (%d arrays)", file.name, len(shard))
