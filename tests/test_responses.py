@@ -521,3 +521,55 @@ def test_agents_sdk_function_tool(scripted, encoding, kind):
     kinds = [type(i).__name__ for i in result.new_items]
     order = [k for k in kinds if k in ("ToolCallItem", "ToolCallOutputItem", "MessageOutputItem")]
     assert order == ["ToolCallItem", "ToolCallOutputItem", "MessageOutputItem"], kinds
+
+
+# -- the demo model: sampling and the prefix cache ----------------------------------------------
+
+STRICT = {
+    "type": "function",
+    "name": "lookup",
+    "strict": True,
+    "parameters": {
+        "type": "object",
+        "properties": {"q": {"type": "string", "maxLength": 8}},
+        "required": ["q"],
+        "additionalProperties": False,
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    engine = mhc.load("demo", prefix_cache_entries=8)
+    db = tmp_path_factory.mktemp("demo-responses") / "responses.db"
+    with ServerThread(engine, ServerOptions(model_name="demo", responses_db=str(db))) as url:
+        yield url
+
+
+def test_stream_equals_body_for_the_same_seed(demo):
+    body = {"input": "Hello", "max_output_tokens": 12, "temperature": 1.0, "seed": 7}
+    whole = post(demo, body).json()
+    events = sse(demo, body)
+    for e in events:
+        check(e, EVENT_SCHEMAS[e["type"]])
+    streamed = events[-1]["response"]
+    assert strip_ids(streamed["output"]) == strip_ids(whole["output"])
+    assert streamed["usage"]["output_tokens"] == whole["usage"]["output_tokens"] == 12
+    assert streamed["status"] == whole["status"] == "incomplete"
+
+
+def test_continuation_prefills_only_the_new_input(demo):
+    """A tool-call continuation extends the previous request's exact tokens: the prefix
+    cache holds its prompt and reply, only the tool output is prefilled."""
+    first = post(demo, {"input": "Find it", "tools": [STRICT], "tool_choice": "required"})
+    first = first.json()
+    call = first["output"][-1]
+    assert call["type"] == "function_call" and json.loads(call["arguments"])["q"] is not None
+    output = {"type": "function_call_output", "call_id": call["call_id"], "output": "found"}
+    body = {"previous_response_id": first["id"], "input": [output], "tools": [STRICT]}
+    cont = post(demo, {**body, "max_output_tokens": 2}).json()
+    before = first["usage"]["input_tokens"] + first["usage"]["output_tokens"]
+    cached = cont["usage"]["input_tokens_details"]["cached_tokens"]
+    assert cached == before
+    new = cont["usage"]["input_tokens"] - cached
+    assert 0 < new <= 20  # the tool message and the next assistant header
