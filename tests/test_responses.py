@@ -573,3 +573,29 @@ def test_continuation_prefills_only_the_new_input(demo):
     assert cached == before
     new = cont["usage"]["input_tokens"] - cached
     assert 0 < new <= 20  # the tool message and the next assistant header
+
+
+def test_concurrent_requests_and_a_crash_mid_write(scripted, encoding, tmp_path):
+    import concurrent.futures as cf
+    import subprocess
+    import sys
+
+    model, url, db = scripted
+    script(model, encoding, FINAL)
+    n = rows(db)
+    with cf.ThreadPoolExecutor(8) as pool:
+        ids = list(pool.map(lambda i: post(url, {"input": f"q{i}"}).json()["id"], range(8)))
+    assert rows(db) == n + 8 and len(set(ids)) == 8
+    # A process that dies inside its transaction leaves the last committed state.
+    crash = tmp_path / "crash.db"
+    ResponseStore(crash).close()
+    code = (
+        "import os, sqlite3; db = sqlite3.connect(%r, isolation_level=None);"
+        "db.execute('BEGIN IMMEDIATE');"
+        "db.execute(\"INSERT INTO responses VALUES ('resp_x', 0, '{}', '[]', '[]', NULL)\");"
+        "os._exit(9)" % str(crash)
+    )
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 9
+    store = ResponseStore(crash)
+    assert store.get("resp_x") is None
+    store.close()
