@@ -590,12 +590,101 @@ def test_concurrent_requests_and_a_crash_mid_write(scripted, encoding, tmp_path)
     crash = tmp_path / "crash.db"
     ResponseStore(crash).close()
     code = (
-        "import os, sqlite3; db = sqlite3.connect(%r, isolation_level=None);"
+        f"import os, sqlite3; db = sqlite3.connect({str(crash)!r}, isolation_level=None);"
         "db.execute('BEGIN IMMEDIATE');"
         "db.execute(\"INSERT INTO responses VALUES ('resp_x', 0, '{}', '[]', '[]', NULL)\");"
-        "os._exit(9)" % str(crash)
+        "os._exit(9)"
     )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 9
     store = ResponseStore(crash)
     assert store.get("resp_x") is None
     store.close()
+
+
+# -- custom tools: free text, or text under a Lark / regex grammar ------------------------------
+
+CODE = {"type": "custom", "name": "run_code", "description": "Runs Python."}
+CUSTOM_CALL = (
+    "<|channel|>analysis<|message|>Run it.<|end|><|start|>assistant<|channel|>"
+    "commentary to=functions.run_code <|message|>print(1 + 1)<|call|>"
+)
+
+
+def test_custom_tool_free_text(scripted, encoding):
+    model, url, _ = scripted
+    script(model, encoding, CUSTOM_CALL, FINAL)
+    events = sse(url, {"input": "Compute 1 + 1", "tools": [CODE]})
+    for e in events:
+        check(e, EVENT_SCHEMAS.get(e["type"]) or _custom_event(e["type"]))
+    types = [e["type"] for e in events]
+    assert "response.custom_tool_call_input.delta" in types
+    assert types[-3:] == [
+        "response.custom_tool_call_input.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    final = events[-1]["response"]
+    check(final, "Response")
+    call = final["output"][-1]
+    assert (call["type"], call["name"], call["input"]) == (
+        "custom_tool_call",
+        "run_code",
+        "print(1 + 1)",
+    )
+    assert final["tools"] == [{**CODE, "format": {"type": "text"}}]
+    out = {"type": "custom_tool_call_output", "call_id": call["call_id"], "output": "2"}
+    cont = post(url, {"previous_response_id": final["id"], "input": [out], "tools": [CODE]})
+    assert cont.status_code == 200 and cont.json()["output"][-1]["type"] == "message"
+    # A custom output must answer a custom call.
+    wrong = {**out, "type": "function_call_output"}
+    r = post(url, {"previous_response_id": final["id"], "input": [wrong], "tools": [CODE]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input[0].call_id"
+
+
+def _custom_event(kind):
+    return {
+        "response.custom_tool_call_input.delta": "ResponseCustomToolCallInputDeltaEvent",
+        "response.custom_tool_call_input.done": "ResponseCustomToolCallInputDoneEvent",
+    }[kind]
+
+
+@pytest.mark.parametrize(
+    ("fmt", "pattern"),
+    [
+        (
+            {"type": "grammar", "syntax": "regex", "definition": "[0-9]{3}-[a-z]{2}"},
+            r"[0-9]{3}-[a-z]{2}",
+        ),
+        (
+            {
+                "type": "grammar",
+                "syntax": "lark",
+                "definition": 'start: "GO " DIGIT DIGIT\nDIGIT: /[0-9]/',
+            },
+            r"GO [0-9]{2}",
+        ),
+    ],
+    ids=["regex", "lark"],
+)
+def test_custom_tool_grammar_is_enforced(demo, fmt, pattern):
+    import re
+
+    tool = {"type": "custom", "name": "code", "format": fmt}
+    body = {"input": "Go", "tools": [tool], "tool_choice": "required", "seed": 3}
+    r = post(demo, body).json()
+    check(r, "Response")
+    call = r["output"][-1]
+    assert call["type"] == "custom_tool_call", r["output"]
+    assert re.fullmatch(pattern, call["input"]), call["input"]
+
+
+def test_custom_tool_bad_formats(scripted):
+    _, url, _ = scripted
+    for fmt, param in (
+        ({"type": "grammar", "syntax": "ebnf", "definition": "x"}, "tools[0].format.syntax"),
+        ({"type": "grammar", "syntax": "lark", "definition": ""}, "tools[0].format.definition"),
+        ({"type": "json"}, "tools[0].format"),
+        ({"type": "grammar", "syntax": "lark", "definition": "start: ("}, "tools"),
+    ):
+        r = post(url, {"input": "x", "tools": [{"type": "custom", "name": "c", "format": fmt}]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text

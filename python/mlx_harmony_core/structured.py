@@ -160,9 +160,15 @@ def answer_part(response_format: Any = None, regex: Any = None, grammar: Any = N
 
 
 def tool_parts(tools: Sequence[Any] | None) -> dict[str, Part | None]:
-    """Each tool's arguments: its schema's part for strict tools, ``None`` (free) otherwise."""
+    """Each tool's arguments: its schema's part for strict tools, ``None`` (free) otherwise.
+    A tool dict with a ``grammar`` (a Lark grammar: the Responses API's custom tools) takes
+    free text under that grammar instead of JSON."""
     out: dict[str, Part | None] = {}
     for i, spec in enumerate(tool_specs(tools)):
+        grammar = tools[i].get("grammar") if isinstance(tools[i], Mapping) else None  # type: ignore[index]
+        if grammar is not None:
+            out[spec.name] = lark_part(grammar)
+            continue
         params = spec.parameters or {"type": "object", "properties": {}}
         out[spec.name] = json_part(params, f"tools[{i}].parameters") if spec.strict else None
     return out

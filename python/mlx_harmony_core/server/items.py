@@ -39,7 +39,11 @@ PREFIXES = {
     "reasoning": "rs_",
     "function_call": "fc_",
     "function_call_output": "fco_",
+    "custom_tool_call": "ctc_",
+    "custom_tool_call_output": "ctco_",
 }
+CALLS = ("function_call", "custom_tool_call")
+OUTPUTS = ("function_call_output", "custom_tool_call_output")
 ROLES = ("user", "system", "developer", "assistant")
 TEXT_PARTS = ("input_text", "output_text", "text", "refusal")
 MAX_ITEMS = 4096  # input items in one request
@@ -228,37 +232,38 @@ def normalize_input(
                     "content": [{"type": "reasoning_text", "text": text}],
                 }
             )
-        elif kind == "function_call":
-            args = item.get("arguments", "")
+        elif kind in CALLS:
+            key = "arguments" if kind == "function_call" else "input"
+            args = item.get(key, "")
             if not isinstance(args, str):
-                raise bad(f"{param}.arguments must be a string", f"{param}.arguments")
-            out.append(
-                {
-                    "id": item_id or new_id("function_call"),
-                    "type": "function_call",
-                    "call_id": _string(item, "call_id", param),
-                    "name": _string(item, "name", param),
-                    "arguments": args,
-                    "status": "completed",
-                }
-            )
-        elif kind == "function_call_output":
+                raise bad(f"{param}.{key} must be a string", f"{param}.{key}")
+            call = {
+                "id": item_id or new_id(kind),
+                "type": kind,
+                "call_id": _string(item, "call_id", param),
+                "name": _string(item, "name", param),
+                key: args,
+            }
+            if kind == "function_call":
+                call["status"] = "completed"
+            out.append(call)
+        elif kind in OUTPUTS:
             output = item.get("output")
             if not isinstance(output, str):
                 output = _text(output, f"{param}.output")
-            out.append(
-                {
-                    "id": item_id or new_id("function_call_output"),
-                    "type": "function_call_output",
-                    "call_id": _string(item, "call_id", param),
-                    "output": output,
-                    "status": "completed",
-                }
-            )
+            done = {
+                "id": item_id or new_id(kind),
+                "type": kind,
+                "call_id": _string(item, "call_id", param),
+                "output": output,
+            }
+            if kind == "function_call_output":
+                done["status"] = "completed"
+            out.append(done)
         else:
             raise bad(
                 f"{param} has type {kind!r}; supported: message, reasoning, function_call, "
-                "function_call_output",
+                "function_call_output, custom_tool_call, custom_tool_call_output",
                 f"{param}.type",
             )
     return out
@@ -268,14 +273,15 @@ def check_calls(history: Sequence[Mapping[str, Any]], items: Sequence[Mapping[st
     """Every ``function_call_output`` of ``items`` answers a ``function_call`` before it
     (in ``history`` or earlier in ``items``); a 400 naming the item's ``call_id``
     otherwise."""
-    calls = {it["call_id"] for it in history if it["type"] == "function_call"}
+    calls = {it["call_id"]: it["type"] for it in history if it["type"] in CALLS}
     for i, item in enumerate(items):
-        if item["type"] == "function_call":
-            calls.add(item["call_id"])
-        elif item["type"] == "function_call_output" and item["call_id"] not in calls:
+        kind = item["type"]
+        if kind in CALLS:
+            calls[item["call_id"]] = kind
+        elif kind in OUTPUTS and calls.get(item["call_id"]) != CALLS[OUTPUTS.index(kind)]:
+            call = CALLS[OUTPUTS.index(kind)]
             raise bad(
-                f"function_call_output call_id {item['call_id']!r} matches no function_call "
-                "before it",
+                f"{kind} call_id {item['call_id']!r} matches no {call} before it",
                 f"input[{i}].call_id",
             )
 
@@ -310,16 +316,17 @@ def to_messages(items: Sequence[Mapping[str, Any]], instructions: str | None) ->
             text = item["content"][0]["text"]
             msg["content"] = (msg["content"] or "") + text
             current = None
-        elif kind == "function_call":
+        elif kind in CALLS:
             names[item["call_id"]] = item["name"]
+            args = item["arguments"] if kind == "function_call" else item["input"]
             assistant()["tool_calls"].append(
-                {"id": item["call_id"], "name": item["name"], "arguments": item["arguments"]}
+                {"id": item["call_id"], "name": item["name"], "arguments": args}
             )
         else:
             if pending:  # reasoning with nothing after it in its turn
                 assistant()
             current = None
-            if kind == "function_call_output":
+            if kind in OUTPUTS:
                 messages.append(
                     {
                         "role": "tool",
@@ -344,29 +351,72 @@ def to_messages(items: Sequence[Mapping[str, Any]], instructions: str | None) ->
 # -- tools --------------------------------------------------------------------------------------
 
 
+FIELDS = {
+    "function": {"type", "name", "description", "parameters", "strict"},
+    "custom": {"type", "name", "description", "format"},
+}
+
+
+def _custom_grammar(fmt: Any, param: str) -> tuple[str | None, str]:
+    """A custom tool's ``format``: its Lark grammar (None: free text) and what the model
+    is told about its input."""
+    if fmt is None or (isinstance(fmt, Mapping) and fmt.get("type") == "text"):
+        return None, "Its input is free text (not JSON)."
+    if not isinstance(fmt, Mapping) or fmt.get("type") != "grammar":
+        raise bad(f"{param}.format must be {{type: text}} or {{type: grammar}}", f"{param}.format")
+    syntax, definition = fmt.get("syntax"), fmt.get("definition")
+    if not isinstance(definition, str) or not definition.strip():
+        raise bad(f"{param}.format.definition must be a grammar", f"{param}.format.definition")
+    if syntax == "lark":
+        grammar = definition
+    elif syntax == "regex":
+        import llguidance
+
+        try:
+            grammar = f"start: /{llguidance.regex_to_lark(definition)}/"
+        except Exception as exc:  # llguidance's own error type
+            raise bad(f"{param}.format.definition: {exc}", f"{param}.format.definition") from None
+    else:
+        raise bad(f"{param}.format.syntax must be lark or regex", f"{param}.format.syntax")
+    return grammar, f"Its input is text matching this {syntax} grammar:\n{definition}"
+
+
 def engine_tools(tools: list[Any] | None) -> list[dict[str, Any]]:
-    """Responses function tools (flat ``{type, name, description, parameters, strict}``)
-    as the engine's tool dicts, checked; a 400 naming ``tools[i]`` for any other kind."""
+    """Responses tools as the engine's tool dicts, checked; a 400 naming ``tools[i]``.
+
+    Function tools (flat ``{type, name, description, parameters, strict}``) pass as they
+    are; ``custom`` tools (free-text input, or text under a Lark / regex ``format``
+    grammar) become function tools whose call body is that text, constrained by the
+    grammar (``grammar``, which the guide enforces) and described to the model."""
     out = []
     for i, tool in enumerate(tools or []):
         param = f"tools[{i}]"
         if not isinstance(tool, Mapping):
             raise bad(f"{param} must be an object", param)
-        if tool.get("type") != "function":
+        kind = tool.get("type")
+        if kind not in FIELDS:
             raise bad(
-                f"{param} has type {tool.get('type')!r}; this server runs function tools only",
+                f"{param} has type {kind!r}; this server runs function and custom tools",
                 f"{param}.type",
             )
-        unknown = set(tool) - {"type", "name", "description", "parameters", "strict"}
+        unknown = set(tool) - FIELDS[kind]
         if unknown:
             raise bad(f"{param} has unknown field {sorted(unknown)[0]!r}", param)
-        spec = {
+        spec: dict[str, Any] = {
             "type": "function",
             "name": tool.get("name"),
             "description": tool.get("description"),
             "parameters": tool.get("parameters"),
             "strict": bool(tool.get("strict") or False),
         }
+        if kind == "custom":
+            grammar, note = _custom_grammar(tool.get("format"), param)
+            desc = tool.get("description")
+            if desc is not None and not isinstance(desc, str):
+                raise bad(f"{param}.description must be a string", f"{param}.description")
+            spec.update(description=f"{desc}\n\n{note}" if desc else note, custom=True)
+            if grammar is not None:
+                spec["grammar"] = grammar
         try:
             tool_specs([spec])
         except InvalidRequestError as exc:
@@ -379,16 +429,30 @@ def engine_tools(tools: list[Any] | None) -> list[dict[str, Any]]:
     return out
 
 
+def echo_tools(tools: list[Any] | None) -> list[dict[str, Any]]:
+    """The tools as a response shows them (OpenAI's shapes, defaults filled in)."""
+    out = []
+    for tool in tools or []:
+        if tool["type"] == "custom":
+            out.append({"format": {"type": "text"}, **tool})
+        else:
+            out.append({"description": None, "parameters": None, "strict": False, **tool})
+    return out
+
+
 def engine_tool_choice(choice: Any, tools: list[dict[str, Any]]) -> Any:
     """``tool_choice`` as the engine takes it (auto / none / required / a function)."""
     if choice is None or choice in ("auto", "none", "required"):
         return choice
-    if isinstance(choice, Mapping) and choice.get("type") == "function":
+    if isinstance(choice, Mapping) and choice.get("type") in ("function", "custom"):
         name = choice.get("name")
         if name not in {t["name"] for t in tools}:
             raise bad(f"tool_choice names {name!r}, which is not among the tools", "tool_choice")
         return {"type": "function", "function": {"name": name}}
-    raise bad("tool_choice must be auto, none, required or {type: function, name}", "tool_choice")
+    raise bad(
+        "tool_choice must be auto, none, required or {type: function | custom, name}",
+        "tool_choice",
+    )
 
 
 def response_format(text: Mapping[str, Any] | None) -> dict[str, Any] | None:

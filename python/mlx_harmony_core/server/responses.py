@@ -35,6 +35,7 @@ from .client import EngineClient
 from .items import (
     ReasoningSealer,
     check_calls,
+    echo_tools,
     engine_tool_choice,
     engine_tools,
     new_id,
@@ -145,6 +146,7 @@ class Plan:
     effort: str
     include: frozenset[str]
     store: bool
+    echo: list[dict[str, Any]] = field(default_factory=list)  # the tools, as given
     # The previous response's prompt and reply token ids, when it ended in a tool call:
     # the continuation extends them (the prefix cache then holds all but the new input).
     prev_tokens: dict[str, list[int]] | None = None
@@ -204,7 +206,7 @@ def plan(req: ResponsesRequest, service: ResponsesService, opts: ServerOptions) 
                 code="not_found",
             )
         history = found
-        if history and history[-1]["type"] == "function_call":
+        if history and history[-1]["type"] in ("function_call", "custom_tool_call"):
             prev_tokens = service.store.tokens(req.previous_response_id)
     if req.input is None and not history:
         raise APIError(400, "input is required", param="input")
@@ -217,7 +219,17 @@ def plan(req: ResponsesRequest, service: ResponsesService, opts: ServerOptions) 
     messages = to_messages([*history, *items], req.instructions)
     store = req.store and service.store is not None
     return Plan(
-        req, items, history, messages, tools, tool_choice, effort, include, store, prev_tokens
+        req,
+        items,
+        history,
+        messages,
+        tools,
+        tool_choice,
+        effort,
+        include,
+        store,
+        echo_tools(req.tools),
+        prev_tokens,
     )
 
 
@@ -337,6 +349,7 @@ class ResponsesWriter:
         self.completed_at: int | None = None
         self.final: dict[str, Any] | None = None
         self.prompt_ids: list[int] | None = None  # set when the request is built
+        self.custom = {t["name"] for t in plan.tools if t.get("custom")}
 
     # -- objects --
 
@@ -345,7 +358,9 @@ class ResponsesWriter:
         req, p = self.req, self.plan
         tool_choice = p.tool_choice
         if isinstance(tool_choice, dict):
-            tool_choice = {"type": "function", "name": tool_choice["function"]["name"]}
+            name = tool_choice["function"]["name"]
+            kind = "custom" if name in self.custom else "function"
+            tool_choice = {"type": kind, "name": name}
         fmt = (req.text or {}).get("format") or {"type": "text"}
         out: dict[str, Any] = {
             "id": self.id,
@@ -369,7 +384,7 @@ class ResponsesWriter:
             "temperature": 1.0 if req.temperature is None else req.temperature,
             "text": {"format": fmt},
             "tool_choice": tool_choice or "auto",
-            "tools": p.tools,
+            "tools": p.echo,
             "top_logprobs": req.top_logprobs,
             "top_p": 1.0 if req.top_p is None else req.top_p,
             "truncation": req.truncation or "disabled",
@@ -449,7 +464,11 @@ class ResponsesWriter:
         else:
             name = (recipient or "").removeprefix("functions.")
             call_id = f"call_{uuid.uuid4().hex[:24]}"
-            item.update(call_id=call_id, name=name, arguments="", status="in_progress")
+            if name in self.custom:
+                item = {"id": new_id("custom_tool_call"), "type": "custom_tool_call"}
+                item.update(call_id=call_id, name=name, input="")
+            else:
+                item.update(call_id=call_id, name=name, arguments="", status="in_progress")
         self.output.append(item)
         events = [self._event("response.output_item.added", output_index=index, item=dict(item))]
         if part is not None:
@@ -472,6 +491,8 @@ class ResponsesWriter:
         where = {"item_id": item["id"], "output_index": index}
         if item["type"] == "function_call":
             return [self._event("response.function_call_arguments.delta", **where, delta=delta)]
+        if item["type"] == "custom_tool_call":
+            return [self._event("response.custom_tool_call_input.delta", **where, delta=delta)]
         where["content_index"] = 0
         if item["type"] == "reasoning":
             return [self._event("response.reasoning_text.delta", **where, delta=delta)]
@@ -486,8 +507,14 @@ class ResponsesWriter:
         text = "".join(self.text)
         where = {"item_id": item["id"], "output_index": index}
         events = []
-        item["status"] = status
-        if item["type"] == "function_call":
+        if item["type"] != "custom_tool_call":
+            item["status"] = status
+        if item["type"] == "custom_tool_call":
+            item["input"] = call_args if call_args is not None else text.strip()
+            events.append(
+                self._event("response.custom_tool_call_input.done", **where, input=item["input"])
+            )
+        elif item["type"] == "function_call":
             item["arguments"] = call_args if call_args is not None else text.strip()
             events.append(
                 self._event(
@@ -552,7 +579,7 @@ class ResponsesWriter:
         calls = [c.arguments for c in completion.tool_calls]
         args = None
         if self.key is not None and self.key[0] == "function_call":
-            n = sum(1 for item in self.output if item["type"] == "function_call")
+            n = sum(1 for it in self.output if it["type"] in ("function_call", "custom_tool_call"))
             args = calls[n - 1] if len(calls) == n else None
         events = self._close("incomplete" if status == "incomplete" else "completed", args)
         self._logprobs()
