@@ -104,7 +104,7 @@ class RequestOptions(BaseModel):
             e = exc.errors()[0]
             name = str(e["loc"][0]) if e["loc"] else "options"
             kind = RequestTypeError if e["type"].endswith("_type") else InvalidRequestError
-            raise kind(f"{name}: {e['msg'].lower()} (got {e.get('input')!r})", param=name) from None
+            raise kind(f"{name} {_reason(e)} (got {e.get('input')!r})", param=name) from None
 
     def group(self, group: str) -> dict[str, Any]:
         """The options of one group that were given (not left at ``None``)."""
@@ -114,6 +114,18 @@ class RequestOptions(BaseModel):
             if (field.json_schema_extra or {}).get("group") == group  # type: ignore[union-attr]
             and getattr(self, name) is not None
         }
+
+
+_BOUNDS = {"greater_than_equal": ">=", "less_than_equal": "<=", "greater_than": ">"}
+
+
+def _reason(error: Any) -> str:
+    """A validation error in the words the rest of the API uses ("must be >= 1")."""
+    ctx = error.get("ctx") or {}
+    op = _BOUNDS.get(error["type"])
+    if op is not None and ctx:
+        return f"must be {op} {next(iter(ctx.values()))}"
+    return "must be " + str(error["msg"]).lower().removeprefix("input should be ")
 
 
 def fields_in(group: str) -> frozenset[str]:
