@@ -9,7 +9,7 @@ import pytest
 
 import mlx_harmony_core as mhc
 from mlx_harmony_core import _core
-from stats import assert_distribution
+from support.stats import assert_distribution
 
 
 def softmax64(x: np.ndarray, t: float) -> np.ndarray:

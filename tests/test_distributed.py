@@ -85,7 +85,7 @@ def _weight_bytes(model) -> int:
 
 def test_two_ranks_match_one_process(model_dir, tmp_path):
     out = tmp_path / "out.json"
-    cmd = [sys.executable, str(HERE / "distributed_probe.py"), str(model_dir), str(out)]
+    cmd = [sys.executable, str(HERE / "support" / "distributed_probe.py"), str(model_dir), str(out)]
     procs = start(cmd, hostfile(tmp_path), tmp_path)
     assert wait(procs, tmp_path) == [0, 0], logs(tmp_path)
     got = json.loads(out.read_text())

@@ -93,7 +93,7 @@ def _add_tokenizer(w, hf):
 
 @pytest.fixture(scope="module")
 def hf_tokenizer():
-    from bpe import trained_tokenizer
+    from support.bpe import trained_tokenizer
 
     return trained_tokenizer("hello world, the capital of France is Paris. 1234", 300)
 

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 import mlx_harmony_core as mhc
 from mlx_harmony_core.sampling import check_ids
-from reference import process, reference_probs, top_p_is_ambiguous
-from stats import assert_distribution
+from support.reference import process, reference_probs, top_p_is_ambiguous
+from support.stats import assert_distribution
 
 ROWS = 40000
 KERNELS = [pytest.param(True, id="kernel"), pytest.param(False, id="mlx-ops")]

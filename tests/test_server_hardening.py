@@ -13,9 +13,9 @@ import httpx
 import pytest
 
 import mlx_harmony_core as mhc
-from bad_requests import BAD_BODIES
 from mlx_harmony_core.server import ServerOptions
 from mlx_harmony_core.testing import ServerThread, free_port
+from support.bad_requests import BAD_BODIES
 
 MSG = [{"role": "user", "content": "hi"}]
 NO_END = {"200002": -100, "200012": -100}  # the demo never ends on its own

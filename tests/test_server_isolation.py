@@ -16,7 +16,7 @@ openai = pytest.importorskip("openai")
 import mlx.core as mx  # noqa: E402,I001
 
 import mlx_harmony_core as mhc  # noqa: E402
-from bad_requests import BAD_BODIES  # noqa: E402
+from support.bad_requests import BAD_BODIES  # noqa: E402
 from mlx_harmony_core.errors import InvalidRequestError  # noqa: E402
 from mlx_harmony_core.server import ServerOptions  # noqa: E402
 from mlx_harmony_core.testing import ServerThread  # noqa: E402

@@ -160,7 +160,7 @@ def test_the_acceptance_rule_keeps_the_distribution(demo_engine, params):
     import numpy as np
 
     from mlx_harmony_core.speculative import Speculation
-    from stats import assert_distribution
+    from support.stats import assert_distribution
 
     prompt = demo_engine.render("hello")
     logits = np.array(demo_engine.model(mx.array([prompt]))[0, -1], dtype=np.float64)

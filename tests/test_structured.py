@@ -17,7 +17,7 @@ from mlx_harmony_core.structured import grammars_for
 from mlx_harmony_core.testing import ScriptedModel
 
 sys.path.insert(0, str(Path(__file__).parent))
-from structured_cases import ARITHMETIC, BOUNDED, KEY_VALUES, OPEN, REGEXES  # noqa: E402
+from support.structured_cases import ARITHMETIC, BOUNDED, KEY_VALUES, OPEN, REGEXES  # noqa: E402
 
 SAMPLES = 20
 SMALL = {"type": "integer", "minimum": 0, "maximum": 99}
@@ -299,7 +299,7 @@ def template_engine():
     from mlx_lm.models import llama
     from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-    from bpe import trained_tokenizer
+    from support.bpe import trained_tokenizer
 
     hf = trained_tokenizer('{"a": 12, "b": [true, false]} hello world')
     args = llama.ModelArgs(

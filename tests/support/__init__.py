@@ -1,0 +1,2 @@
+"""Helpers the tests share: reference samplers, distribution checks, a trained BPE tokenizer,
+structured-output cases, bad request bodies, the distributed probe (run by each rank)."""
