@@ -394,6 +394,18 @@ def test_incomplete_logprobs_and_text_format(scripted, encoding):
     lps = r["output"][-1]["content"][0]["logprobs"]
     assert "".join(lp["token"] for lp in lps) == "Sunny in Paris."
     assert all(len(lp["top_logprobs"]) == 2 for lp in lps)
+    script(model, encoding, FINAL)
+    events = sse(url, body)
+    for e in events:
+        check(e, EVENT_SCHEMAS[e["type"]])
+    streamed = [
+        lp["token"]
+        for e in events
+        if e["type"] == "response.output_text.delta"
+        for lp in e["logprobs"]
+    ]
+    assert "".join(streamed) == "Sunny in Paris."
+    assert events[-1]["response"]["output"][-1]["content"][0]["logprobs"] == lps
     answer = '{"city": "Paris"}'
     script(
         model,
@@ -688,3 +700,64 @@ def test_custom_tool_bad_formats(scripted):
     ):
         r = post(url, {"input": "x", "tools": [{"type": "custom", "name": "c", "format": fmt}]})
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+class FailingClient:
+    """An ``EngineClient`` double whose generation fails after two answer deltas."""
+
+    context_length = 64
+    pending = 0
+
+    def request(self, prompt, params, **options):
+        return prompt
+
+    def encode(self, text):
+        return [ord(c) for c in text]
+
+    def token_bytes(self):
+        return [bytes([i]) for i in range(256)]
+
+    def submit(self, request, sink):
+        import threading
+
+        from mlx_harmony_core.request import StreamEvent
+        from mlx_harmony_core.server import END
+
+        def run():
+            sink(StreamEvent(delta="Hel"))
+            sink(StreamEvent(delta="lo"))
+            sink(RuntimeError("the model broke"))
+            sink(END)
+
+        threading.Thread(target=run, daemon=True).start()
+        return self
+
+    def cancel(self):
+        pass
+
+    def shutdown(self):
+        pass
+
+    def wait_idle(self, timeout):
+        return True
+
+
+def test_a_failure_mid_stream_is_error_then_response_failed(tmp_path):
+    options = ServerOptions(model_name="f", web=False, responses_db=str(tmp_path / "r.db"))
+    with ServerThread(FailingClient(), options) as url:
+        events = sse(url, {"input": "hi"})
+        r = post(url, {"input": "hi"})
+    for i, e in enumerate(events):
+        assert e["sequence_number"] == i
+        check(e, EVENT_SCHEMAS[e["type"]])
+    assert [e["type"] for e in events][-4:] == [
+        "response.output_text.delta",
+        "response.output_text.delta",
+        "error",
+        "response.failed",
+    ]
+    failed = events[-1]["response"]
+    assert failed["status"] == "failed" and "the model broke" in failed["error"]["message"]
+    assert failed["output"][0]["content"][0]["text"] == "Hello"
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    assert rows(tmp_path / "r.db") == 0

@@ -412,7 +412,9 @@ class ResponsesWriter:
                 "cache_write_tokens": 0,
             },
             "output_tokens": u.completion_tokens,
-            "output_tokens_details": {"reasoning_tokens": self._reasoning_tokens()},
+            "output_tokens_details": {
+                "reasoning_tokens": getattr(u, "reasoning_tokens", None) or self._reasoning_tokens()
+            },
             "total_tokens": u.total_tokens,
         }
 
@@ -484,7 +486,11 @@ class ResponsesWriter:
             )
         return events
 
-    def _delta(self, delta: str) -> list[dict[str, Any]]:
+    def _token(self, token: int, value: float) -> dict[str, Any]:
+        raw = bytes(self.client.token_bytes()[token])
+        return {"token": raw.decode("utf-8", "replace"), "logprob": value, "bytes": list(raw)}
+
+    def _delta(self, delta: str, lps: Any = None) -> list[dict[str, Any]]:
         self.text.append(delta)
         index = len(self.output) - 1
         item = self.output[index]
@@ -496,7 +502,27 @@ class ResponsesWriter:
         where["content_index"] = 0
         if item["type"] == "reasoning":
             return [self._event("response.reasoning_text.delta", **where, delta=delta)]
-        return [self._event("response.output_text.delta", **where, delta=delta, logprobs=[])]
+        short: list[dict[str, Any]] = []
+        if lps and LOGPROBS in self.plan.include:  # the tokens whose text this delta is
+            full = [
+                {
+                    **self._token(lp.token, lp.logprob),
+                    "top_logprobs": [self._token(t, v) for t, v in lp.top],
+                }
+                for lp in lps
+            ]
+            item["content"][0]["logprobs"] += full
+            short = [
+                {
+                    "token": f["token"],
+                    "logprob": f["logprob"],
+                    "top_logprobs": [
+                        {"token": t["token"], "logprob": t["logprob"]} for t in f["top_logprobs"]
+                    ],
+                }
+                for f in full
+            ]
+        return [self._event("response.output_text.delta", **where, delta=delta, logprobs=short)]
 
     def _close(self, status: str, call_args: str | None = None) -> list[dict[str, Any]]:
         if self.key is None:
@@ -570,7 +596,7 @@ class ResponsesWriter:
         if key != self.key:
             out += self._close("completed")
             out += self._open(*key)
-        return out + self._delta(event.delta)
+        return out + self._delta(event.delta, getattr(event, "logprobs", None))
 
     def _finish(self, completion: Any) -> list[dict[str, Any]]:
         self.completion = completion
@@ -582,7 +608,6 @@ class ResponsesWriter:
             n = sum(1 for it in self.output if it["type"] in ("function_call", "custom_tool_call"))
             args = calls[n - 1] if len(calls) == n else None
         events = self._close("incomplete" if status == "incomplete" else "completed", args)
-        self._logprobs()
         self.status = status
         if status == "incomplete":
             self.incomplete = {"reason": "max_output_tokens"}
@@ -600,30 +625,6 @@ class ResponsesWriter:
         kind = "response.completed" if status == "completed" else "response.incomplete"
         return [*events, self._event(kind, response=copy.deepcopy(final))]
 
-    def _logprobs(self) -> None:
-        """The final message's token logprobs (``include: message.output_text.logprobs``):
-        the reply's tokens after its last ``<|message|>``, structure tokens left out."""
-        lps = self.completion.logprobs
-        if lps is None or not self.output or self.output[-1]["type"] != "message":
-            return
-        ids = self.service.special_ids(self.client)
-        start = ids.get(b"<|message|>")
-        tokens = [lp.token for lp in lps]
-        first = max((i + 1 for i, t in enumerate(tokens) if t == start), default=0)
-        structure = set(ids.values())
-        tb = self.client.token_bytes()
-
-        def one(token: int, value: float) -> dict[str, Any]:
-            raw = bytes(tb[token])
-            return {"token": raw.decode("utf-8", "replace"), "logprob": value, "bytes": list(raw)}
-
-        out = [
-            {**one(lp.token, lp.logprob), "top_logprobs": [one(t, v) for t, v in lp.top]}
-            for lp in lps[first:]
-            if lp.token not in structure
-        ]
-        self.output[-1]["content"][0]["logprobs"] = out
-
     def add(self, event: Any) -> None:
         """Take in one engine event (not streaming)."""
         self.chunks(event)
@@ -636,7 +637,9 @@ class ResponsesWriter:
     def failed(self, err: APIError) -> dict[str, Any]:
         """The ``error`` event for a failure mid-stream, ``response.failed`` after it."""
         error = self._event("error", code=err.code, message=err.message, param=err.param)
-        self._close("incomplete")
+        seq = self.seq
+        self._close("incomplete")  # the open item as it stands (its events are not sent)
+        self.seq = seq
         self.status = "failed"
         self.error = {"code": "server_error", "message": err.message}
         error["_then"] = self._event("response.failed", response=self.response())
