@@ -505,8 +505,9 @@ def test_openapi_describes_the_endpoints(scripted):
 # -- the OpenAI Agents SDK ----------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("streamed", [False, True], ids=["run", "streamed"])
 @pytest.mark.parametrize("kind", ["responses", "chat_completions"])
-def test_agents_sdk_function_tool(scripted, encoding, kind):
+def test_agents_sdk_function_tool(scripted, encoding, kind, streamed):
     agents = pytest.importorskip("agents")
     model, url, _ = scripted
     agents.set_tracing_disabled(True)
@@ -527,7 +528,18 @@ def test_agents_sdk_function_tool(scripted, encoding, kind):
         model=cls(model="scripted", openai_client=aclient),
     )
     script(model, encoding, CALL, FINAL)
-    result = agents.Runner.run_sync(agent, "Weather in Paris?")
+    if streamed:
+        import asyncio
+
+        async def run():
+            result = agents.Runner.run_streamed(agent, "Weather in Paris?")
+            async for _ in result.stream_events():
+                pass
+            return result
+
+        result = asyncio.run(run())
+    else:
+        result = agents.Runner.run_sync(agent, "Weather in Paris?")
     assert seen == ["Paris"]
     assert result.final_output == "Sunny in Paris."
     kinds = [type(i).__name__ for i in result.new_items]
@@ -761,3 +773,25 @@ def test_a_failure_mid_stream_is_error_then_response_failed(tmp_path):
     assert failed["output"][0]["content"][0]["text"] == "Hello"
     assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
     assert rows(tmp_path / "r.db") == 0
+
+
+def test_truncation_auto_drops_the_oldest_turns(encoding, tmp_path):
+    model = ScriptedModel(replies=[[]])
+    engine = mhc.Engine(model, encoding=encoding, context_length=400)
+    history = []
+    for i in range(12):
+        history += [
+            {"role": "user", "content": f"Question {i}: " + "words " * 10},
+            {"role": "assistant", "content": f"Answer {i}: " + "more " * 10},
+        ]
+    history.append({"role": "user", "content": "Last question?"})
+    options = ServerOptions(model_name="t", web=False, responses_db=str(tmp_path / "t.db"))
+    with ServerThread(engine, options) as url:
+        script(model, encoding, FINAL)
+        r = post(url, {"input": history, "max_output_tokens": 16})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+        script(model, encoding, FINAL)
+        r = post(url, {"input": history, "max_output_tokens": 16, "truncation": "auto"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["truncation"] == "auto" and body["usage"]["input_tokens"] <= 400 - 16
