@@ -14,6 +14,9 @@ import mlx.core as _mx  # noqa: E402  (must precede _core)
 from . import (  # noqa: E402,F401  (mhc.distributed.init())
     _core,  # noqa: E402,F401
     distributed,
+    gguf,  # mhc.gguf, mhc.loading, mhc.real_models: the old paths, kept for one release
+    loading,
+    real_models,
 )
 from ._version import __version__  # noqa: E402
 from .chat_format import ChatFormat, ChatTemplateFormat  # noqa: E402
