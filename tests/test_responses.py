@@ -795,3 +795,78 @@ def test_truncation_auto_drops_the_oldest_turns(encoding, tmp_path):
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["truncation"] == "auto" and body["usage"]["input_tokens"] <= 400 - 16
+
+
+def test_random_items_are_never_a_500(scripted, encoding):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    model, url, db = scripted
+    n = rows(db)
+    scalar = st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=8))
+    value = st.recursive(
+        scalar,
+        lambda s: st.lists(s, max_size=3) | st.dictionaries(st.text(max_size=6), s, max_size=3),
+        max_leaves=6,
+    )
+    kinds = st.sampled_from(
+        [
+            "message",
+            "reasoning",
+            "function_call",
+            "function_call_output",
+            "custom_tool_call",
+            "custom_tool_call_output",
+            "item_reference",
+            None,
+        ]
+    )
+    keys = st.sampled_from(
+        [
+            "role",
+            "content",
+            "call_id",
+            "name",
+            "arguments",
+            "output",
+            "input",
+            "encrypted_content",
+            "summary",
+            "id",
+            "status",
+        ]
+    )
+    item = st.builds(
+        lambda k, extra: {**({"type": k} if k else {}), **extra},
+        kinds,
+        st.dictionaries(keys, value, max_size=4),
+    )
+    fields = st.fixed_dictionaries(
+        {"input": st.one_of(st.text(max_size=5), st.lists(item, max_size=4))},
+        optional={
+            "tools": value,
+            "tool_choice": value,
+            "text": value,
+            "reasoning": value,
+            "include": value,
+            "previous_response_id": value,
+        },
+    )
+
+    @settings(
+        max_examples=150,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        database=None,
+        derandomize=True,
+    )
+    @given(body=fields)
+    def run(body):
+        script(model, encoding, FINAL)
+        r = post(url, {**body, "max_output_tokens": 4, "store": False})
+        assert r.status_code < 500, (body, r.text)
+        if r.status_code >= 400:
+            assert r.json()["error"]["message"]
+
+    run()
+    assert rows(db) == n
