@@ -304,3 +304,4 @@ def serve(
         sock.close()
         client.shutdown()
         client.wait_idle(timeout=2)  # the generation thread parks before the process exits
+        app.fastapi.state.responses.close()  # the stored responses' database
