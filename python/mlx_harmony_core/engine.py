@@ -70,6 +70,8 @@ class Engine:
     runs requests and the other ranks' engines follow them (see :mod:`.distributed`).
     """
 
+    load_seconds: float | None = None  # set by load(): how long loading took
+
     def __init__(
         self,
         model: Any,

@@ -301,6 +301,27 @@ class Scheduler:
         with self._lock:
             return len(self._waiting) + self._admitted
 
+    def stats(self) -> dict[str, int]:
+        """What a scrape of ``/metrics`` reads (any thread): ``waiting``, ``running``
+        (prefilling or decoding), ``batch`` (rows decoding), ``kv_bytes`` (the KV budget the
+        running requests reserve) and ``kv_budget_bytes``."""
+        with self._lock:
+            waiting, running = len(self._waiting), self._admitted
+        b = self._batch
+        try:  # read while the generation thread may change them: a snapshot is enough
+            needs = [r.need for r in (*b.rows, *b.prefilling)]
+            batch = len(b.rows)
+        except RuntimeError:  # changed while copied
+            needs, batch = [], 0
+        kv = 2 * len(needs) * self.kv_need(max(needs)) if needs else 0
+        return {
+            "waiting": waiting,
+            "running": running,
+            "batch": batch,
+            "kv_bytes": kv,
+            "kv_budget_bytes": self.kv_budget_bytes,
+        }
+
     def shutdown(self) -> None:
         """Running requests end at their next token (``cancelled``), waiting ones get a
         :class:`CapacityError`; new ones are refused."""

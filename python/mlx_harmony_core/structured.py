@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
@@ -187,6 +188,8 @@ class Grammars:
         self._tokenizer: Any = None
         self._compiled: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
+        self.compiles = 0  # grammars compiled (``/metrics``)
+        self.compile_seconds = 0.0
 
     @property
     def tokenizer(self) -> Any:
@@ -205,6 +208,7 @@ class Grammars:
             if proto is not None:
                 self._compiled.move_to_end(grammar)
                 return proto.deep_copy()
+        start = time.perf_counter()
         error = llguidance.LLMatcher.validate_grammar(grammar, tokenizer)
         if error:
             raise InvalidRequestError(f"the constraint cannot be enforced: {error}")
@@ -212,6 +216,8 @@ class Grammars:
         if proto.is_error():
             raise InvalidRequestError(f"the constraint cannot be enforced: {proto.get_error()}")
         with self._lock:
+            self.compiles += 1
+            self.compile_seconds += time.perf_counter() - start
             self._compiled[grammar] = proto
             while len(self._compiled) > _CACHED_GRAMMARS:
                 self._compiled.popitem(last=False)

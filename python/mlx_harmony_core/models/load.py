@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -193,6 +194,7 @@ def load(
     """
     from ..engine import Engine
 
+    start = time.perf_counter()
     if is_gguf(path_or_name):
         from .gguf import gguf_tokenizer_wrapper
 
@@ -210,7 +212,9 @@ def load(
         )
         load_tokenizer = partial(directory_tokenizer, directory)
     chat_format = chat_format_for(config["model_type"], load_tokenizer)
-    return Engine(model, chat_format=chat_format, config=config, **engine_options)
+    engine = Engine(model, chat_format=chat_format, config=config, **engine_options)
+    engine.load_seconds = time.perf_counter() - start  # (``/metrics``)
+    return engine
 
 
 def is_gguf(path_or_name: str | os.PathLike[str]) -> bool:

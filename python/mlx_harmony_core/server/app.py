@@ -30,9 +30,16 @@ from .chat_completions import chat_completion
 from .client import EngineClient, LocalClient
 from .completions import completion
 from .guards import BodyGuard, KeyGuard, LocalGuard
+from .metrics import CONTENT_TYPE_LATEST, MeteredClient, MetricsGuard, ServerMetrics
 from .models import get_model, health, list_models
 from .options import ServerOptions
-from .protocol import APIError, ChatRequest, CompletionRequest, ErrorResponse, ResponsesRequest
+from .protocol import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    ErrorResponse,
+    ResponsesRequest,
+)
 from .responses import (
     ResponsesService,
     create_response,
@@ -124,6 +131,12 @@ async def input_items_route(response_id: str, http: HTTPRequest) -> dict[str, An
     return await list_input_items(http, http.app.state.responses)
 
 
+async def metrics_route(http: HTTPRequest) -> Response:
+    """``GET /metrics``: Prometheus' text format."""
+    metrics: ServerMetrics = http.app.state.metrics
+    return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
 # -- errors: every one in OpenAI's shape ---------------------------------------------------------
 
 
@@ -152,7 +165,11 @@ def openapi_schema(app: FastAPI) -> dict[str, Any]:
 
         schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for body in (ChatRequest, CompletionRequest, ResponsesRequest):
+        for body in (
+            ChatRequest,
+            CompletionRequest,
+            ResponsesRequest,
+        ):
             js = body.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(js.pop("$defs", {}))
             components[body.__name__] = js
@@ -172,7 +189,9 @@ def create_app(engine: Any, options: ServerOptions | None = None) -> Any:
     app = FastAPI(
         title="mlx-harmony-core", version=opts.version or "0", docs_url=None, redoc_url=None
     )
-    app.state.client = client
+    metrics = ServerMetrics(client, opts.model_name) if opts.metrics else None
+    app.state.client = client if metrics is None else MeteredClient(client, metrics)
+    app.state.metrics = metrics
     app.state.options = opts
     app.state.started = int(time.time())
     app.add_exception_handler(APIError, api_error)  # type: ignore[arg-type]
@@ -180,6 +199,8 @@ def create_app(engine: Any, options: ServerOptions | None = None) -> Any:
     app.add_exception_handler(Exception, crash)
     app.add_api_route("/health", health_route, methods=["GET"])
     app.add_api_route("/v1/models", models_route, methods=["GET"])
+    if metrics is not None:
+        app.add_api_route("/metrics", metrics_route, methods=["GET"], include_in_schema=False)
     app.add_api_route("/v1/models/{name:path}", model_route, methods=["GET"])
     app.add_api_route(
         "/v1/chat/completions", chat_route, methods=["POST"], **post_docs(ChatRequest)
@@ -214,7 +235,9 @@ def create_app(engine: Any, options: ServerOptions | None = None) -> Any:
         from ..web import add_routes
 
         add_routes(app)
-    guarded = BodyGuard(KeyGuard(app, opts.api_key), opts.max_body_bytes, opts.body_timeout_s)
+    guarded: Any = BodyGuard(KeyGuard(app, opts.api_key), opts.max_body_bytes, opts.body_timeout_s)
+    if metrics is not None:
+        guarded = MetricsGuard(guarded, metrics)
     outer = LocalGuard(guarded, opts)
     outer.client = client  # type: ignore[attr-defined]
     outer.fastapi = app  # type: ignore[attr-defined]

@@ -80,13 +80,14 @@ class BodyGuard:
 
 
 class KeyGuard:
-    """ASGI middleware: ``/v1/`` needs ``Authorization: Bearer KEY`` when a key is set."""
+    """ASGI middleware: ``/v1/`` (and ``/metrics``, ``/tokenize``, ``/detokenize``) need
+    ``Authorization: Bearer KEY`` when a key is set."""
 
     def __init__(self, app: Any, key: str | None) -> None:
         self.app, self.key = app, key
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if self.key and scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        if self.key and scope["type"] == "http" and _keyed(scope["path"]):
             given = next((v for k, v in scope.get("headers") or [] if k == b"authorization"), b"")
             scheme, _, token = given.decode("latin-1").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(
@@ -100,6 +101,14 @@ class KeyGuard:
                 )
                 return await err.response()(scope, receive, send)
         await self.app(scope, receive, send)
+
+
+KEYED = ("/metrics", "/tokenize", "/detokenize")
+
+
+def _keyed(path: str) -> bool:
+    """Whether ``path`` needs the API key (when one is set)."""
+    return path.startswith("/v1/") or path in KEYED
 
 
 def _peer(scope: dict) -> str:

@@ -136,3 +136,6 @@ class ServerOptions:
     responses_db: str | None = option(
         None, "SQLite file of stored responses (default: $MLX_HARMONY_CORE_HOME/responses.db)"
     )
+    metrics: bool = option(
+        True, "no /metrics endpoint (Prometheus counters)", name="--no-metrics", negate=True
+    )
