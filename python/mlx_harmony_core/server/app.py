@@ -37,8 +37,10 @@ from .protocol import (
     APIError,
     ChatRequest,
     CompletionRequest,
+    DetokenizeRequest,
     ErrorResponse,
     ResponsesRequest,
+    TokenizeRequest,
 )
 from .responses import (
     ResponsesService,
@@ -47,6 +49,7 @@ from .responses import (
     get_response,
     list_input_items,
 )
+from .tokenize import detokenize, tokenize
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +134,16 @@ async def input_items_route(response_id: str, http: HTTPRequest) -> dict[str, An
     return await list_input_items(http, http.app.state.responses)
 
 
+async def tokenize_route(http: HTTPRequest) -> dict[str, Any]:
+    """``POST /tokenize``."""
+    return await tokenize(http, http.app.state.client, http.app.state.options)
+
+
+async def detokenize_route(http: HTTPRequest) -> dict[str, Any]:
+    """``POST /detokenize``."""
+    return await detokenize(http, http.app.state.client, http.app.state.options)
+
+
 async def metrics_route(http: HTTPRequest) -> Response:
     """``GET /metrics``: Prometheus' text format."""
     metrics: ServerMetrics = http.app.state.metrics
@@ -169,6 +182,8 @@ def openapi_schema(app: FastAPI) -> dict[str, Any]:
             ChatRequest,
             CompletionRequest,
             ResponsesRequest,
+            TokenizeRequest,
+            DetokenizeRequest,
         ):
             js = body.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(js.pop("$defs", {}))
@@ -207,6 +222,10 @@ def create_app(engine: Any, options: ServerOptions | None = None) -> Any:
     )
     app.add_api_route(
         "/v1/completions", completions_route, methods=["POST"], **post_docs(CompletionRequest)
+    )
+    app.add_api_route("/tokenize", tokenize_route, methods=["POST"], **post_docs(TokenizeRequest))
+    app.add_api_route(
+        "/detokenize", detokenize_route, methods=["POST"], **post_docs(DetokenizeRequest)
     )
     app.state.responses = ResponsesService.open(opts)
     app.add_api_route(

@@ -106,6 +106,11 @@ class LocalClient:
         """:meth:`Engine.encode <mlx_harmony_core.Engine.encode>`."""
         return self.engine.encode(text)
 
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of ``text`` without what the tokenizer adds on its own (an optional
+        member: ``/tokenize`` with ``add_special_tokens: false``)."""
+        return self.engine.chat_format.encode_text(text)
+
     def render(self, messages: Any, **options: Any) -> list[int]:
         """:meth:`Engine.render <mlx_harmony_core.Engine.render>` (an optional member: the
         Responses API continues a stored reply from its exact tokens where it has this)."""

@@ -251,6 +251,30 @@ class CompletionRequest(SamplingFields):  # type: ignore[misc,valid-type]
     best_of: int | None = Field(None, ge=1)
 
 
+class TokenizeRequest(BaseModel):
+    """``POST /tokenize`` (vLLM's shape): a ``prompt``, or ``messages`` rendered by the
+    model's chat format."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = Field(None, min_length=1)
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = True
+    tools: list[dict[str, Any]] | None = None
+    reasoning_effort: Effort | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    """``POST /detokenize`` (vLLM's shape)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = None
+    tokens: list[int]
+
+
 def parse_body(model: type[BaseModel], body: bytes) -> Any:
     """``body`` (JSON bytes) validated as ``model``; an :class:`APIError` (400) naming the
     first problem otherwise. Fields in :data:`IGNORED_FIELDS` are dropped first."""
