@@ -80,11 +80,13 @@ def test_metrics_after_a_known_workload(engine):
 
 
 def test_each_app_has_its_own_registry_and_metrics_can_be_off(engine):
-    with ServerThread(engine, ServerOptions(model_name="a")) as a:
-        with ServerThread(mhc.load("demo"), ServerOptions(model_name="b")) as b:
-            body = {"messages": [{"role": "user", "content": "yo"}], "max_tokens": 2}
-            assert httpx.post(a + "/v1/chat/completions", json=body, timeout=60).is_success
-            ma, mb = scrape(a), scrape(b)
+    with (
+        ServerThread(engine, ServerOptions(model_name="a")) as a,
+        ServerThread(mhc.load("demo"), ServerOptions(model_name="b")) as b,
+    ):
+        body = {"messages": [{"role": "user", "content": "yo"}], "max_tokens": 2}
+        assert httpx.post(a + "/v1/chat/completions", json=body, timeout=60).is_success
+        ma, mb = scrape(a), scrape(b)
     assert total(ma, "mhc:generation_tokens_total") == 2
     assert total(mb, "mhc:generation_tokens_total") == 0
     with ServerThread(engine, ServerOptions(model_name="c", metrics=False)) as c:
