@@ -93,7 +93,7 @@ def test_ngram_lookup():
 @pytest.mark.parametrize(
     "options, match",
     [
-        ({"speculative": "magic"}, "one of"),
+        ({"speculative": "magic"}, "'ngram' or 'draft'"),
         ({"speculative": "draft"}, "needs a draft_model"),
         ({"speculative": "ngram", "num_draft": 0}, "num_draft"),
         ({"num_draft": 3}, "need speculative"),

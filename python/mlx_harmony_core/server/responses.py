@@ -2,7 +2,7 @@
 
 A request's items become chat messages (:mod:`.items`), which the model's chat format
 renders (Harmony for GPT-OSS); the reply's events become output items in Harmony's order:
-``reasoning`` (analysis), ``message`` (final answer, or a commentary preamble) and
+``reasoning`` (the reasoning channel), ``message`` (final answer, or a commentary preamble) and
 ``function_call`` (commentary ``to=functions.X``). :class:`ResponsesWriter` turns the
 events into OpenAI's typed stream events, or accumulates them into one response body; both
 go through the same state machine, so a streamed response ends equal to the body.
@@ -67,17 +67,15 @@ INCLUDES = frozenset(
 )
 EFFORTS = {"none": "low", "minimal": "low", "low": "low", "medium": "medium", "high": "high"}
 EFFORTS["xhigh"] = "high"
-SPECIALS = (b"<|start|>", b"<|channel|>", b"<|message|>", b"<|end|>", b"<|call|>", b"<|return|>")
 
 
 @dataclass
 class ResponsesService:
     """What the Responses endpoints share: the store (None with ``--no-store``), the key
-    that seals reasoning, and the chat format's special tokens (found once)."""
+    that seals reasoning."""
 
     store: ResponseStore | None
     sealer: ReasoningSealer
-    specials: dict[bytes, int] | None = field(default=None)
 
     @classmethod
     def open(cls, opts: ServerOptions) -> ResponsesService:
@@ -88,15 +86,6 @@ class ResponsesService:
             store = ResponseStore(path)
         key_dir = store.path.parent if store is not None else home()
         return cls(store, ReasoningSealer.from_file(key_dir / "responses.key"))
-
-    def special_ids(self, client: EngineClient) -> dict[bytes, int]:
-        """Ids of Harmony's structure tokens in ``client``'s vocabulary (empty if none)."""
-        if self.specials is None:
-            wanted = set(SPECIALS)
-            self.specials = {
-                bytes(b): i for i, b in enumerate(client.token_bytes()) if bytes(b) in wanted
-            }
-        return self.specials
 
     def close(self) -> None:
         """Close the database."""
@@ -412,38 +401,9 @@ class ResponsesWriter:
                 "cache_write_tokens": 0,
             },
             "output_tokens": u.completion_tokens,
-            "output_tokens_details": {
-                "reasoning_tokens": getattr(u, "reasoning_tokens", None) or self._reasoning_tokens()
-            },
+            "output_tokens_details": {"reasoning_tokens": u.reasoning_tokens},
             "total_tokens": u.total_tokens,
         }
-
-    def _reasoning_tokens(self) -> int:
-        """Content tokens of the reply's analysis messages."""
-        ids = self.service.special_ids(self.client)
-        if not ids:
-            return 0
-        structure = set(ids.values())
-        channel, message, end = (
-            ids.get(b"<|channel|>"),
-            ids.get(b"<|message|>"),
-            ids.get(b"<|end|>"),
-        )
-        token_bytes = self.client.token_bytes()
-        count, header, in_analysis, in_header = 0, b"", False, False
-        for t in self.completion.tokens:
-            if t == channel:
-                in_header, header = True, b""
-            elif t == message:
-                in_header = False
-                in_analysis = header.strip().startswith(b"analysis")
-            elif t == end or (t in structure and t != message):
-                in_analysis = in_header = False
-            elif in_header:
-                header += bytes(token_bytes[t])
-            elif in_analysis:
-                count += 1
-        return count
 
     def _event(self, kind: str, **fields: Any) -> dict[str, Any]:
         event = {"type": kind, **fields, "sequence_number": self.seq}
