@@ -335,6 +335,9 @@ def add_option_flags(p: argparse.ArgumentParser, schema: type) -> None:
             p.add_argument(name, action="store_true", help=spec.help)
         elif typing.get_origin(hints[field.name]) is tuple:
             p.add_argument(name, nargs="*", default=default, help=spec.help)
+        elif typing.get_origin(hints[field.name]) is typing.Literal:
+            choices = typing.get_args(hints[field.name])
+            p.add_argument(name, choices=choices, default=default, help=spec.help)
         else:
             kind = _option_type(hints[field.name], spec)
             p.add_argument(name, type=kind, default=default, help=spec.help)

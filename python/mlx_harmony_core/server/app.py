@@ -42,6 +42,7 @@ from .protocol import (
     ResponsesRequest,
     TokenizeRequest,
 )
+from .requestlog import RequestLog, use_json_logs
 from .responses import (
     ResponsesService,
     create_response,
@@ -205,7 +206,7 @@ def create_app(engine: Any, options: ServerOptions | None = None) -> Any:
         title="mlx-harmony-core", version=opts.version or "0", docs_url=None, redoc_url=None
     )
     metrics = ServerMetrics(client, opts.model_name) if opts.metrics else None
-    app.state.client = client if metrics is None else MeteredClient(client, metrics)
+    app.state.client = MeteredClient(client, metrics)  # counted, and in the request log
     app.state.metrics = metrics
     app.state.options = opts
     app.state.started = int(time.time())
@@ -257,7 +258,7 @@ def create_app(engine: Any, options: ServerOptions | None = None) -> Any:
     guarded: Any = BodyGuard(KeyGuard(app, opts.api_key), opts.max_body_bytes, opts.body_timeout_s)
     if metrics is not None:
         guarded = MetricsGuard(guarded, metrics)
-    outer = LocalGuard(guarded, opts)
+    outer = LocalGuard(RequestLog(guarded, opts.model_name), opts)
     outer.client = client  # type: ignore[attr-defined]
     outer.fastapi = app  # type: ignore[attr-defined]
     return outer
@@ -335,8 +336,12 @@ def serve(
     port = opts.port if port is None else port
     app = create_app(engine, opts)
     client: EngineClient = app.client
+    logs: dict[str, Any] = {}
+    if opts.log_format == "json":  # ours for every line; the request log replaces access lines
+        use_json_logs()
+        logs = {"log_config": None, "access_log": False}
     config = uvicorn.Config(
-        app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=2
+        app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=2, **logs
     )
     server = SignalledServer(config, client)
     sock = sock or bind(host, port)

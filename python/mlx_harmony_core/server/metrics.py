@@ -25,6 +25,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from .client import Cancellable, EngineClient, Sink
+from .requestlog import CURRENT, endpoint_of
 
 __all__ = ["CONTENT_TYPE_LATEST", "MeteredClient", "MetricsGuard", "ServerMetrics", "endpoint_of"]
 
@@ -37,25 +38,6 @@ E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 4
                120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
 TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000,
                  100000)  # fmt: skip
-
-# The routes' templates (labels must not grow with ids in paths).
-_STATIC = {
-    "/health", "/metrics", "/tokenize", "/detokenize", "/v1/models", "/v1/chat/completions",
-    "/v1/completions", "/v1/responses", "/", "/openapi.json",
-}  # fmt: skip
-
-
-def endpoint_of(path: str) -> str:
-    """The route template a request path belongs to (``other`` for unknown paths)."""
-    if path in _STATIC:
-        return path
-    if path.startswith("/v1/models/"):
-        return "/v1/models/{name}"
-    if path.startswith("/v1/responses/"):
-        if path.endswith("/input_items"):
-            return "/v1/responses/{response_id}/input_items"
-        return "/v1/responses/{response_id}"
-    return "other"
 
 
 class ServerMetrics:
@@ -214,10 +196,11 @@ class _EngineGauges:
 
 
 class MeteredClient:
-    """``client`` with every request counted at its end (see :class:`ServerMetrics`); any
-    other member is ``client``'s."""
+    """``client`` with every finished request counted (``metrics``, if any) and added to
+    the current HTTP request's log record (see :mod:`.requestlog`); any other member is
+    ``client``'s."""
 
-    def __init__(self, client: EngineClient, metrics: ServerMetrics) -> None:
+    def __init__(self, client: EngineClient, metrics: ServerMetrics | None) -> None:
         self.client, self.metrics = client, metrics
 
     def __getattr__(self, name: str) -> Any:
@@ -234,13 +217,17 @@ class MeteredClient:
         return self.client.pending
 
     def submit(self, request: Any, sink: Sink) -> Cancellable:
-        """Submit through ``client``; the last event of the request is counted."""
-        finished = self.metrics.finished
+        """Submit through ``client``; the request's last event is counted and recorded."""
+        finished = self.metrics.finished if self.metrics is not None else None
+        record = CURRENT.get()
 
         def metered(item: Any) -> None:
             done = getattr(item, "completion", None)
             if done is not None:
-                finished(done)
+                if finished is not None:
+                    finished(done)
+                if record is not None:
+                    record.add(done)
             sink(item)
 
         return self.client.submit(request, metered)

@@ -9,7 +9,7 @@ no default or limit is written twice.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from ..scheduler import MAX_BATCH, PREFILL_CHUNK
 
@@ -138,4 +138,9 @@ class ServerOptions:
     )
     metrics: bool = option(
         True, "no /metrics endpoint (Prometheus counters)", name="--no-metrics", negate=True
+    )
+    log_format: Literal["text", "json"] = option(
+        "text",
+        "log lines as plain text, or one JSON object each (a request's: id, model, endpoint, "
+        "status, tokens, TTFT, duration, finish reason, client)",
     )
