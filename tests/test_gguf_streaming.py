@@ -122,9 +122,9 @@ def _params(model):
 def test_streamed_load_equals_the_whole_file_load(big_gguf, caplog):
     path, _ = big_gguf
     assert path.stat().st_size > 250e6
-    with caplog.at_level(logging.INFO, logger="mlx_harmony_core.models.gguf"):
+    with caplog.at_level(logging.INFO, logger="mlx_harmony_core.progress"):
         model, config, header = ours.load_gguf(path)
-    # Not a terminal: progress as log lines.
+    # Not a terminal: progress as log lines (mlx_harmony_core.progress).
     assert any("loading big.gguf: 100%" in r.getMessage() for r in caplog.records)
     q = config["quantization"]
     assert (q["bits"], q["mode"]) == (8, "affine")  # Q8_0: most layers

@@ -19,9 +19,17 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``mlx-harmony-core`` parser, every subcommand on it."""
     parser = argparse.ArgumentParser(prog="mlx-harmony-core", description=__doc__)
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     common = argparse.ArgumentParser(add_help=False)  # -v after the command works too
     common.add_argument(
         "-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more logging"
+    )
+    common.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="no progress bars (they show only when stderr is a terminal)",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     for module in SUBCOMMANDS:
@@ -37,6 +45,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     from ..errors import GroupError
+    from ..progress import set_quiet
+
+    set_quiet(args.quiet)
 
     args.group = None
     if getattr(args, "distributed", False):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -91,9 +92,27 @@ def _read_file(path: str, flag: str) -> str:
         raise ValueError(f"{flag}: cannot read {path!r}: {exc}") from None
 
 
+def prefill_bar(step: int) -> Callable[[int, int], None]:
+    """A progress callback for :meth:`Engine.run`: a bar (a terminal) or log lines over a
+    prefill longer than one chunk of ``step`` tokens; nothing when quiet."""
+    from ..progress import ProgressBar
+
+    bars: list[ProgressBar] = []
+
+    def show(done: int, total: int) -> None:
+        if not bars:
+            bars.append(ProgressBar(total, "prefill", unit="tok", min_total=step + 1))
+        bar, last = bars[0], done + 1 >= total  # the last prompt token runs with decoding
+        bar.update(max(0, (total if last else done) - bar.done))
+        if last:
+            bar.close()
+
+    return show
+
+
 def run(args: argparse.Namespace) -> int:
     """Generate one reply and print it (or the completion as JSON)."""
-    from ..chat import ReplyPrinter, prefill_progress
+    from ..chat import ReplyPrinter
     from ..config import resolve_settings
 
     model, config = model_and_config(args)
@@ -121,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     note = req.clamp_note()
     if note:
         print(note, file=sys.stderr)
-    progress = None if args.json else prefill_progress(sys.stderr, engine.prefill_step_size)
+    progress = None if args.json else prefill_bar(engine.prefill_step_size)
     for event in engine.run(req, progress):
         if event.completion is not None:
             completion = event.completion

@@ -39,8 +39,10 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
 def run(args: argparse.Namespace) -> int:
     """Bind, load the model, serve until a signal; then exit at once."""
     from .. import __version__
+    from ..progress import log_only
     from ..server import bind, serve
 
+    log_only()  # a server's output is a log: loading progress as log lines
     values = option_values(args, ServerOptions)
     key = values["api_key"] or os.environ.get("MLX_HARMONY_CORE_API_KEY") or None
     if args.host not in ("127.0.0.1", "localhost", "::1") and not key:

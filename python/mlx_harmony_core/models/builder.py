@@ -18,6 +18,7 @@ import mlx.core as mx
 from .._paths import atomic_write_text, home, public_mode
 from ..families.gpt_oss import config as gpt_oss_config
 from ..families.gpt_oss import write_hf_tokenizer
+from ..progress import ProgressBar
 
 if TYPE_CHECKING:
     import mlx.nn as nn
@@ -225,6 +226,7 @@ def _save_weights(directory: Path, weights: dict[str, mx.array], config: dict[st
         groups.setdefault(int(m.group(1)) if m else -1, {})[name] = value
     order = sorted(groups)
     index: dict[str, str] = {}
+    bar = ProgressBar(sum(v.nbytes for v in weights.values()), f"writing {directory.name}")
     for i, key in enumerate(order):
         file = f"model-{i + 1:05d}-of-{len(order):05d}.safetensors"
         part = groups.pop(key)
@@ -235,11 +237,13 @@ def _save_weights(directory: Path, weights: dict[str, mx.array], config: dict[st
         for arrays in modules.values():
             mx.eval(arrays)
             mx.clear_cache()
+            bar.update(sum(a.nbytes for a in arrays))
         mx.save_safetensors(str(directory / file), part, {"format": "mlx"})
         index.update(dict.fromkeys(part, file))
         logger.info("wrote %s (%d arrays)", file, len(part))
         del part
         mx.clear_cache()
+    bar.close()
     atomic_write_text(
         directory / "model.safetensors.index.json",
         json.dumps({"metadata": {}, "weight_map": index}, indent=1) + "\n",

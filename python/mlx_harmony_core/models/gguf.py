@@ -32,6 +32,7 @@ import numpy as np
 
 from ..errors import ModelLoadError
 from ..families import family_for, gguf_architectures
+from ..progress import BIG_FILE, ProgressBar
 
 logger = logging.getLogger(__name__)
 
@@ -528,46 +529,6 @@ def _quantized_modules(plan: list[tuple[str, TensorInfo]]) -> dict[str, tuple[in
     }
 
 
-class _Progress:
-    """A progress bar on a terminal (tqdm), else a log line every 10%, for big files."""
-
-    MIN_BYTES = 256 * 2**20
-
-    def __init__(self, total: int, what: str) -> None:
-        import sys
-
-        self.total, self.what, self.done, self.logged, self.bar = total, what, 0, 0, None
-        if total < self.MIN_BYTES:
-            self.total = 0
-        elif sys.stderr is not None and sys.stderr.isatty():
-            try:
-                from tqdm import tqdm
-
-                self.bar = tqdm(
-                    total=total, desc=what, unit="B", unit_scale=True, leave=False, delay=0.5
-                )
-            except ImportError:  # pragma: no cover - tqdm comes with transformers
-                pass
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-        elif self.total and self.done * 10 // self.total > self.logged:
-            self.logged = self.done * 10 // self.total
-            logger.info(
-                "%s: %d%% (%.1f of %.1f GB)",
-                self.what,
-                self.logged * 10,
-                self.done / 1e9,
-                self.total / 1e9,
-            )
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def _stream_weights(
     gguf: GGUFFile,
     plan: list[tuple[str, TensorInfo]],
@@ -580,7 +541,9 @@ def _stream_weights(
     is read with ``pread`` (never mapped), and nothing but the arrays yielded is kept."""
     family = family_for(arch=gguf.architecture)
     fix = family.fix_tensor if family is not None else None
-    progress = _Progress(sum(info.nbytes for _, info in plan), f"{what} {gguf.path.name}")
+    progress = ProgressBar(
+        sum(info.nbytes for _, info in plan), f"{what} {gguf.path.name}", min_total=BIG_FILE
+    )
     try:
         with FileSource(gguf.path) as src:
             for path, info in plan:

@@ -17,6 +17,7 @@ import mlx.core as mx
 from ..cpu.layers import use_cpu_layers
 from ..errors import ModelLoadError
 from ..families import chat_format_for, family_for
+from ..progress import BIG_FILE, ProgressBar
 from .builder import DEMO_NAME, demo_model_path
 
 if TYPE_CHECKING:
@@ -107,7 +108,9 @@ def load_model(
     if not any(directory.glob("model*.safetensors")):
         raise ModelLoadError(f"{directory} has no model*.safetensors weights")
     try:
-        model, config = mlx_lm_load_model(directory, lazy=sharded)
+        model, config = mlx_lm_load_model(directory, lazy=True)
+        if not sharded:
+            _evaluate(model, directory.name)
         if sharded:
             assert group is not None
             _shard(model, config, group)
@@ -120,6 +123,17 @@ def load_model(
     _cast(model, config, dtype)
     use_cpu_layers(model)
     return model, config, directory
+
+
+def _evaluate(model: nn.Module, name: str) -> None:
+    """Read the lazily loaded weights in, one array at a time, with progress (big models)."""
+    from mlx.utils import tree_flatten
+
+    arrays = [a for _, a in tree_flatten(model.parameters())]
+    with ProgressBar(sum(a.nbytes for a in arrays), f"loading {name}", min_total=BIG_FILE) as bar:
+        for a in arrays:
+            mx.eval(a)
+            bar.update(a.nbytes)
 
 
 def _shard(model: nn.Module, config: dict[str, Any], group: Group) -> None:

