@@ -182,6 +182,12 @@ def add_kv_flags(g: argparse.ArgumentParser) -> None:
         "--kv-history", default="4096", help="extra sliding-window history: 'window', 'all' or N"
     )
     g.add_argument(
+        "--adapter-path",
+        default=None,
+        metavar="DIR",
+        help="LoRA adapters in mlx-lm's format (adapter_config.json + adapters.safetensors)",
+    )
+    g.add_argument(
         "--dequantize",
         action="store_true",
         help="load a quantized GGUF model as float32 (faster on the CPU, more memory)",
@@ -288,6 +294,7 @@ def load_engine(model: str, args: argparse.Namespace, **options: Any) -> Any:
         cache_options=cache_options(args),
         dequantize=args.dequantize,
         group=group,
+        adapter_path=getattr(args, "adapter_path", None),
         **options,
     )
     if group is not None and not group.leader:

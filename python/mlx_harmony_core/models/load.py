@@ -81,6 +81,7 @@ def load_model(
     dtype: str = "auto",
     dequantize: bool = False,
     group: Group | None = None,
+    adapter_path: str | os.PathLike[str] | None = None,
 ) -> tuple[nn.Module, dict[str, Any], Path]:
     """Load an mlx-lm model through mlx-lm's own classes (a directory, or a ``.gguf`` file:
     ``dequantize`` applies to it). Returns (model, config, directory or file).
@@ -91,11 +92,20 @@ def load_model(
 
     ``dtype="auto"`` keeps the checkpoint's dtype except where MLX's CPU backend cannot run it:
     GPT-OSS's expert gather-matmul rejects bfloat16 on the CPU, so those weights become float32.
+
+    ``adapter_path``: LoRA adapters in mlx-lm's format (``adapter_config.json`` and
+    ``adapters.safetensors``), applied with mlx-lm's own ``load_adapters``, as
+    ``mlx_lm.load(path, adapter_path=...)`` does.
     """
     from mlx_lm.utils import load_model as mlx_lm_load_model
 
     sharded = group is not None and group.size > 1
     if is_gguf(path):
+        if adapter_path is not None:
+            raise ModelLoadError(
+                "LoRA adapters apply to model directories; convert the GGUF file first "
+                "(mlx-harmony-core convert FILE.gguf DIR)"
+            )
         if sharded:
             raise ModelLoadError(
                 "a GGUF file does not load sharded; convert it first "
@@ -109,6 +119,10 @@ def load_model(
         raise ModelLoadError(f"{directory} has no model*.safetensors weights")
     try:
         model, config = mlx_lm_load_model(directory, lazy=True)
+        if adapter_path is not None:
+            if sharded:
+                raise ModelLoadError("LoRA adapters do not load on a distributed group yet")
+            model = _adapters(model, adapter_path)
         if not sharded:
             _evaluate(model, directory.name)
         if sharded:
@@ -123,6 +137,21 @@ def load_model(
     _cast(model, config, dtype)
     use_cpu_layers(model)
     return model, config, directory
+
+
+def _adapters(model: nn.Module, adapter_path: str | os.PathLike[str]) -> nn.Module:
+    """``model`` with the LoRA adapters in ``adapter_path`` (mlx-lm's ``load_adapters``)."""
+    from mlx_lm.tuner.utils import load_adapters
+
+    directory = Path(adapter_path)
+    missing = [
+        f for f in ("adapter_config.json", "adapters.safetensors") if not (directory / f).is_file()
+    ]
+    if missing:
+        raise ModelLoadError(f"{directory} has no {' or '.join(missing)} (mlx-lm's adapter format)")
+    model = load_adapters(model, str(directory))
+    model.eval()
+    return model
 
 
 def _evaluate(model: nn.Module, name: str) -> None:
@@ -195,6 +224,7 @@ def load(
     *,
     dtype: str = "auto",
     dequantize: bool = False,
+    adapter_path: str | os.PathLike[str] | None = None,
     **engine_options: Any,
 ) -> Engine:
     """Load a model directory, a ``.gguf`` file (or "demo") and return an :class:`Engine`.
@@ -205,12 +235,21 @@ def load(
     The model's family picks its chat format (:func:`~mlx_harmony_core.families.chat_format_for`):
     GPT-OSS models use the Harmony encoding; other models use their own tokenizer and chat
     template (from the directory, with mlx-lm, or from the GGUF file's metadata).
+
+    ``adapter_path``: LoRA adapters in mlx-lm's format for a model directory (see
+    :func:`load_model`).
     """
     from ..engine import Engine
 
     start = time.perf_counter()
     if is_gguf(path_or_name):
         from .gguf import gguf_tokenizer_wrapper
+
+        if adapter_path is not None:
+            raise ModelLoadError(
+                "LoRA adapters apply to model directories; convert the GGUF file first "
+                "(mlx-harmony-core convert FILE.gguf DIR)"
+            )
 
         group = engine_options.get("group")
         if group is not None and group.size > 1:
@@ -222,7 +261,10 @@ def load(
         load_tokenizer = partial(gguf_tokenizer_wrapper, header)
     else:
         model, config, directory = load_model(
-            path_or_name, dtype=dtype, group=engine_options.get("group")
+            path_or_name,
+            dtype=dtype,
+            group=engine_options.get("group"),
+            adapter_path=adapter_path,
         )
         load_tokenizer = partial(directory_tokenizer, directory)
     chat_format = chat_format_for(config["model_type"], load_tokenizer)

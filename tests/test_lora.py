@@ -1,0 +1,73 @@
+"""LoRA adapters in mlx-lm's format: ``mhc.load(..., adapter_path=...)`` and ``--adapter-path``
+give exactly mlx-lm's ``load(..., adapter_path=...)`` logits (demo model directory)."""
+
+import json
+
+import mlx.core as mx
+import pytest
+from mlx.utils import tree_flatten
+
+import mlx_harmony_core as mhc
+from mlx_harmony_core.cpu.layers import EXPERTS_ENV
+from mlx_harmony_core.errors import ModelLoadError
+from mlx_harmony_core.models.builder import demo_model_path
+
+CONFIG = {
+    "fine_tune_type": "lora",
+    "num_layers": 2,
+    "lora_parameters": {
+        "rank": 4,
+        "scale": 4.0,
+        "dropout": 0.0,
+        "keys": ["self_attn.q_proj", "self_attn.v_proj", "self_attn.o_proj"],
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    """Random LoRA weights for the demo model, written as mlx-lm writes them."""
+    from mlx_lm import load as lm_load
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    model, _ = lm_load(str(demo_model_path()))
+    model.freeze()
+    linear_to_lora_layers(model, CONFIG["num_layers"], CONFIG["lora_parameters"])
+    mx.random.seed(3)
+    params = {
+        k: mx.random.normal(v.shape) * 0.05 for k, v in tree_flatten(model.trainable_parameters())
+    }
+    assert params and all("lora_" in k for k in params)
+    out = tmp_path_factory.mktemp("adapters")
+    mx.save_safetensors(str(out / "adapters.safetensors"), params)
+    (out / "adapter_config.json").write_text(json.dumps(CONFIG))
+    return out
+
+
+def test_logits_equal_mlx_lm_with_the_same_adapters(adapters, monkeypatch):
+    from mlx_lm import load as lm_load
+
+    monkeypatch.setenv(EXPERTS_ENV, "mlx")  # MLX's own expert path, as mlx-lm runs it
+    path = demo_model_path()
+    ref, _ = lm_load(str(path), adapter_path=str(adapters))
+    ours = mhc.load(path, adapter_path=adapters)
+    plain = mhc.load(path)
+    ids = mx.array([ours.render([{"role": "user", "content": "Hello there"}])])
+    want, got = ref(ids), ours.model(ids)
+    assert mx.array_equal(want, got).item()
+    assert not mx.allclose(plain.model(ids), got).item()  # the adapters change the model
+
+
+def test_bad_adapter_paths(tmp_path):
+    with pytest.raises(ModelLoadError, match="adapter_config.json"):
+        mhc.load(demo_model_path(), adapter_path=tmp_path)
+
+
+def test_cli_flag(adapters, capsys):
+    from mlx_harmony_core.cli import build_parser, main
+
+    args = build_parser().parse_args(["generate", "--adapter-path", str(adapters)])
+    assert args.adapter_path == str(adapters)
+    argv = ["generate", "--model", str(demo_model_path()), "--adapter-path", str(adapters)]
+    assert main([*argv, "--max-tokens", "2", "--prompt", "hi", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["usage"]["completion_tokens"] == 2
