@@ -125,7 +125,11 @@ def add_prompt_flags(p: argparse.ArgumentParser, *, chat: bool = False) -> None:
     g.add_argument(
         "--model-identity", default=None, help="who the model says it is (system message)"
     )
-    g.add_argument("--max-tokens", type=int, default=None, help="reply length limit (512)")
+    from ..options import MAX_TOKENS
+
+    g.add_argument(
+        "--max-tokens", type=int, default=None, help=f"reply length limit ({MAX_TOKENS})"
+    )
     g.add_argument(
         "--max-reasoning-tokens",
         type=non_negative,
