@@ -275,9 +275,11 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int]
 
 
-def parse_body(model: type[BaseModel], body: bytes) -> Any:
+def parse_body(
+    model: type[BaseModel], body: bytes, ignored: frozenset[str] = IGNORED_FIELDS
+) -> Any:
     """``body`` (JSON bytes) validated as ``model``; an :class:`APIError` (400) naming the
-    first problem otherwise. Fields in :data:`IGNORED_FIELDS` are dropped first."""
+    first problem otherwise. Fields in ``ignored`` are dropped first."""
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -286,7 +288,7 @@ def parse_body(model: type[BaseModel], body: bytes) -> Any:
         raise APIError(400, "the body's JSON is nested too deeply") from None
     if not isinstance(data, dict):
         raise APIError(400, "the body must be a JSON object")
-    for key in IGNORED_FIELDS & data.keys():
+    for key in ignored & data.keys():
         data.pop(key)
     try:
         return model.model_validate(data)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import json
 import logging
 import time
 import uuid
@@ -26,11 +25,9 @@ from typing import Any, ClassVar
 
 from fastapi import Request as HTTPRequest
 from fastapi.responses import Response
-from pydantic import ValidationError
 
 from .._paths import home
 from ..chat_format import REASONING, TOOL_CALL
-from ..params import SamplingParams, problems
 from .client import EngineClient
 from .items import (
     ReasoningSealer,
@@ -44,7 +41,7 @@ from .items import (
     to_messages,
 )
 from .options import ServerOptions
-from .protocol import APIError, ResponsesRequest, api_limits
+from .protocol import APIError, ResponsesRequest, parse_body
 from .serving import check_model, respond, speculation
 from .store import ResponseStore
 from .writers import SSEFraming
@@ -97,29 +94,9 @@ class ResponsesService:
 
 
 def parse(body: bytes) -> ResponsesRequest:
-    """The body as a :class:`ResponsesRequest`; a 400 naming the first problem."""
-    try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise APIError(400, f"the body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise APIError(400, "the body's JSON is nested too deeply") from None
-    if not isinstance(data, dict):
-        raise APIError(400, "the body must be a JSON object")
-    try:
-        return ResponsesRequest.model_validate(data)
-    except RecursionError:
-        raise APIError(400, "the body's JSON is nested too deeply") from None
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        param = ".".join(str(p) for p in err["loc"]) or None
-        if err["type"] == "extra_forbidden":
-            msg = f"unrecognized request argument: {param}"
-        elif err["loc"] and err["loc"][0] in SamplingParams.model_fields:
-            msg = problems(exc, limits=api_limits)[0][1]
-        else:
-            msg = f"{param}: {err['msg']}" if param else err["msg"]
-        raise APIError(400, msg, param=param) from None
+    """The body as a :class:`ResponsesRequest` (whose ``user``, ``store`` and ``metadata``
+    count); a 400 naming the first problem."""
+    return parse_body(ResponsesRequest, body, frozenset())  # type: ignore[no-any-return]
 
 
 @dataclass
