@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import create_model
 
-from .messages import MessagesLike, normalize_messages, tool_specs
+from ..messages import MessagesLike, normalize_messages, tool_specs
 
 logger = logging.getLogger(__name__)
 
