@@ -184,7 +184,6 @@ def test_the_acceptance_rule_keeps_the_distribution(demo_engine, params):
             prompt, mhc.SamplingParams(seed=seed, **params), max_tokens=2, speculative="ngram"
         )
         req.speculation = Speculation(Fixed(), 1)
-        req.speculation._plain_s = 1e9  # no measured plain stretch first: speculate at once
         demo_engine.reset_cache()
         first = next(e for e in demo_engine.run(req) if e.completion is not None).completion
         samples.append(first.tokens[0])

@@ -179,8 +179,36 @@ void bind_batch_cache(nb::module_& m) {
            "row"_a,
            "Row `row` as a single-sequence cache (a copy).")
       .def("is_trimmable", [](const BatchKVCache&) { return true; })
-      .def("trimmable", &BatchKVCache::trimmable)
-      .def("trim", &BatchKVCache::trim, "n"_a)
+      .def(
+          "trimmable",
+          [](const BatchKVCache& c, std::optional<int> row) {
+            if (!row) {
+              return c.trimmable();
+            }
+            if (*row < 0 || *row >= c.size()) {
+              throw std::invalid_argument("no row " + std::to_string(*row) +
+                                          " in a batch of " +
+                                          std::to_string(c.size()));
+            }
+            return c.trimmable(*row);
+          },
+          "row"_a = nb::none(),
+          "Tokens trim() can remove from every row (or rewind() from `row`) "
+          "while the caches stay exact.")
+      .def("trim",
+           &BatchKVCache::trim,
+           "n"_a,
+           "Remove min(n, trimmable()) tokens from every row; returns how "
+           "many.")
+      .def("rewind",
+           &BatchKVCache::rewind,
+           "n"_a,
+           "Remove the last n[b] tokens of each row b (at most trimmable(b): "
+           "rejected drafts); returns what each row lost.")
+      .def("held",
+           &BatchKVCache::held,
+           "row"_a,
+           "Tokens row `row` holds.")
       .def("size", &BatchKVCache::size, "Rows in the batch.")
       .def("__len__", &BatchKVCache::size)
       // mlx-lm tests `if cache:`; an empty batch is still a cache.

@@ -3,6 +3,7 @@
 #include "mlx/ops.h"
 
 #include <algorithm>
+#include <limits>
 #include <stdexcept>
 #include <string>
 
@@ -84,12 +85,97 @@ std::vector<mx::array> BatchKVCache::items(const mx::array& k,
   return {qk[0], qk[1], qk[2], qv[0], qv[1], qv[2]};
 }
 
+int BatchKVCache::first_at(int b, int p) const {
+  const auto& c = cols_[b];
+  // Positions rise with the column (holes aside): the first one >= p.
+  for (int j = 0; j < static_cast<int>(c.size()); ++j) {
+    if (c[j] >= 0 && c[j] >= p) {
+      return front_ + j;
+    }
+  }
+  return idx_;
+}
+
 int BatchKVCache::fetch_start() const {
-  int lo = *std::min_element(first_.begin(), first_.end());
-  if (window_ > 0) {
-    lo = std::max(lo, idx_ - window_ + 1);
+  int lo = idx_;
+  for (int b = 0; b < size(); ++b) {
+    const int p = window_ > 0 ? pos_[b] - window_ + 1 : 0;
+    lo = std::min(lo, first_at(b, p));
   }
   return lo;
+}
+
+int BatchKVCache::held(int b) const {
+  if (b < 0 || b >= size()) {
+    throw std::invalid_argument("no row " + std::to_string(b) +
+                                " in a batch of " + std::to_string(size()));
+  }
+  int n = 0;
+  for (int p : cols_[b]) {
+    n += p >= 0;
+  }
+  return n;
+}
+
+void BatchKVCache::compact(int from, int cap) {
+  const int B = size();
+  std::vector<std::vector<int>> src(B);
+  int width = 0;
+  for (int b = 0; b < B; ++b) {
+    for (int c = from; c < idx_; ++c) {
+      if (cols_[b][c - front_] >= 0) {
+        src[b].push_back(c - front_);
+      }
+    }
+    width = std::max(width, static_cast<int>(src[b].size()));
+  }
+  std::vector<std::vector<int>> cols(B, std::vector<int>(width, -1));
+  std::vector<int32_t> gather(static_cast<size_t>(B) * width, 0);
+  for (int b = 0; b < B; ++b) {
+    const int pad = width - static_cast<int>(src[b].size());
+    for (int j = 0; j < static_cast<int>(src[b].size()); ++j) {
+      cols[b][pad + j] = cols_[b][src[b][j]];
+      gather[static_cast<size_t>(b) * width + pad + j] = src[b][j];
+    }
+  }
+  cap = std::max(cap, width);
+  for (auto& buf : bufs_) {
+    auto fresh = mx::zeros(with(buf.shape(), 2, cap), buf.dtype());
+    if (width > 0) {
+      std::vector<mx::array> rows;
+      for (int b = 0; b < B; ++b) {
+        auto idx = mx::array(gather.data() + static_cast<size_t>(b) * width,
+                             mx::Shape{width},
+                             mx::int32);
+        auto sh = buf.shape();
+        rows.push_back(mx::take(
+            mx::slice(buf, {b, 0, 0, 0}, {b + 1, sh[1], sh[2], sh[3]}),
+            idx,
+            2));
+      }
+      auto packed = B == 1 ? rows[0] : mx::concatenate(rows, 0);
+      fresh = mx::slice_update(fresh,
+                               packed,
+                               mx::Shape{0, 0, 0, 0},
+                               with(buf.shape(), 2, width));
+    }
+    buf = fresh;
+  }
+  cols_ = std::move(cols);
+  front_ = 0;
+  idx_ = width;
+}
+
+int BatchKVCache::keep_from() const {
+  // A sliding layer keeps window - 1 + history tokens of every row.
+  int from = idx_;
+  for (int b = 0; b < size(); ++b) {
+    const int p = window_ > 0 && history_ >= 0
+                      ? pos_[b] - window_ + 1 - history_
+                      : std::numeric_limits<int>::min();
+    from = std::min(from, first_at(b, p));
+  }
+  return from;
 }
 
 void BatchKVCache::reserve(int n) {
@@ -97,17 +183,14 @@ void BatchKVCache::reserve(int n) {
   if (idx_ + n - front_ <= cap) {
     return;
   }
-  // Before growing, drop the columns no window (nor its history) needs.
+  // Between make_mask and the update the columns must stay where they are: drop
+  // only what no window (nor its history) needs, and grow.
   const int old_front = front_;
-  if (window_ > 0 && history_ >= 0) {
-    const int keep_from = std::min(idx_, idx_ - window_ + 1 - history_);
-    if (keep_from > front_) {
-      front_ = keep_from;
-      for (auto& f : first_) {
-        f = std::max(f, front_);
-      }
-    }
+  const int from = std::max(front_, keep_from());
+  for (auto& c : cols_) {
+    c.erase(c.begin(), c.begin() + (from - front_));
   }
+  front_ = from;
   const int used = idx_ - front_;
   const int new_cap = round_up(std::max(used + n, 2 * used));
   for (auto& buf : bufs_) {
@@ -121,6 +204,28 @@ void BatchKVCache::reserve(int n) {
     }
     buf = fresh;
   }
+}
+
+void BatchKVCache::squeeze() {
+  if (bufs_.empty() || size() == 0) {
+    return;
+  }
+  // Holes in the attended columns cost attention: squeeze them out once they
+  // waste a quarter of the width (a copy, as growing is).
+  const int lo = fetch_start();
+  int real = 0;
+  for (int b = 0; b < size(); ++b) {
+    int r = 0;
+    for (int c = lo; c < idx_; ++c) {
+      r += cols_[b][c - front_] >= 0;
+    }
+    real = std::max(real, r);
+  }
+  const int waste = idx_ - lo - real;
+  if (waste < std::max(32, (idx_ - lo) / 4)) {
+    return;
+  }
+  compact(keep_from(), bufs_[0].shape(2));
 }
 
 std::pair<mx::array, mx::array>
@@ -144,8 +249,11 @@ BatchKVCache::update_and_fetch(const mx::array& k, const mx::array& v) {
   }
   const int lo = fetch_start() - front_;
   idx_ += n;
-  for (auto& q : pos_) {
-    q += n;
+  for (int b = 0; b < size(); ++b) {
+    for (int i = 0; i < n; ++i) {
+      cols_[b].push_back(pos_[b] + i);
+    }
+    pos_[b] += n;
   }
   const int hi = idx_ - front_;
   if (!bits_) {
@@ -173,23 +281,24 @@ Mask BatchKVCache::make_mask(int n,
   const int lo = fetch_start();
   const int K = idx_ + n - lo;
   const int w = window.value_or(window_);
-  bool own_all = true;
-  for (int f : first_) {
-    own_all = own_all && f <= lo;
-  }
-  if (n == 1 && own_all && !return_array && (w == 0 || K <= w)) {
-    return std::monostate{};
-  }
   std::vector<uint8_t> m(static_cast<size_t>(B) * n * K);
+  bool all = true;
   size_t at = 0;
   for (int b = 0; b < B; ++b) {
     for (int i = 0; i < n; ++i) {
-      const int q = idx_ + i;
+      const int q = pos_[b] + i;
       for (int j = 0; j < K; ++j) {
         const int col = lo + j;
-        m[at++] = col >= first_[b] && col <= q && (w == 0 || q - col < w);
+        // Keys by position: holes (-1) and other rows' columns never match.
+        const int k = col < idx_ ? cols_[b][col - front_] : pos_[b] + col - idx_;
+        const bool on = k >= 0 && k <= q && (w == 0 || q - k < w);
+        all = all && on;
+        m[at++] = on;
       }
     }
+  }
+  if (n == 1 && all && !return_array) {
+    return std::monostate{};
   }
   return mx::array(m.begin(), mx::Shape{B, 1, n, K}, mx::bool_);
 }
@@ -262,6 +371,9 @@ void BatchKVCache::insert(const Cache& row) {
     if (start < front_) {
       // The row is longer than the columns kept: widen every row to the left.
       const int g = front_ - start;
+      for (auto& c : cols_) {
+        c.insert(c.begin(), g, -1);
+      }
       for (auto& buf : bufs_) {
         buf = mx::concatenate(
             {mx::zeros(with(buf.shape(), 2, g), buf.dtype()), buf}, 2);
@@ -283,12 +395,17 @@ void BatchKVCache::insert(const Cache& row) {
           {buf, mx::zeros(with(buf.shape(), 0, 1), buf.dtype())}, 0);
     }
   }
+  std::vector<int> cols(idx_ - front_, -1);
+  for (int j = 0; j < L; ++j) {
+    cols[idx_ - L - front_ + j] = P - L + j;
+  }
   pos_.push_back(P);
-  first_.push_back(idx_ - L);
+  cols_.push_back(std::move(cols));
 }
 
 void BatchKVCache::filter(const std::vector<int>& keep) {
-  std::vector<int> pos, first;
+  std::vector<int> pos;
+  std::vector<std::vector<int>> cols;
   std::vector<bool> seen(size(), false);
   for (int b : keep) {
     if (b < 0 || b >= size() || seen[b]) {
@@ -297,24 +414,30 @@ void BatchKVCache::filter(const std::vector<int>& keep) {
     }
     seen[b] = true;
     pos.push_back(pos_[b]);
-    first.push_back(first_[b]);
+    cols.push_back(cols_[b]);
   }
   pos_ = std::move(pos);
-  first_ = std::move(first);
+  cols_ = std::move(cols);
   if (pos_.empty()) {
     bufs_.clear();
+    cols_.clear();
     idx_ = front_ = 0;
     return;
   }
-  if (bufs_.empty()) {
-    return;
-  }
   // Columns no remaining row owns go too (the gather copies anyway).
-  const int from = *std::min_element(first_.begin(), first_.end());
-  auto idx = mx::array(
-      keep.begin(), mx::Shape{static_cast<int>(keep.size())}, mx::int32);
-  for (auto& buf : bufs_) {
-    buf = mx::take(seq_rows(buf, from - front_, buf.shape(2)), idx, 0);
+  int from = idx_;
+  for (int b = 0; b < size(); ++b) {
+    from = std::min(from, first_at(b, std::numeric_limits<int>::min()));
+  }
+  for (auto& c : cols_) {
+    c.erase(c.begin(), c.begin() + (from - front_));
+  }
+  if (!bufs_.empty()) {
+    auto idx = mx::array(
+        keep.begin(), mx::Shape{static_cast<int>(keep.size())}, mx::int32);
+    for (auto& buf : bufs_) {
+      buf = mx::take(seq_rows(buf, from - front_, buf.shape(2)), idx, 0);
+    }
   }
   front_ = from;
 }
@@ -324,16 +447,23 @@ std::unique_ptr<Cache> BatchKVCache::extract(int b) const {
     throw std::invalid_argument("no row " + std::to_string(b) +
                                 " in a batch of " + std::to_string(size()));
   }
-  const int L = idx_ - first_[b], P = pos_[b];
+  std::vector<int32_t> own;
+  for (int j = 0; j < static_cast<int>(cols_[b].size()); ++j) {
+    if (cols_[b][j] >= 0) {
+      own.push_back(j);
+    }
+  }
+  const int L = static_cast<int>(own.size()), P = pos_[b];
   std::vector<mx::array> arrays;
   if (L > 0) {
+    const bool dense = own.back() - own.front() + 1 == L;
+    auto idx = mx::array(own.begin(), mx::Shape{L}, mx::int32);
     for (auto& buf : bufs_) {
       auto sh = buf.shape();
+      auto row = mx::slice(buf, {b, 0, 0, 0}, {b + 1, sh[1], sh[2], sh[3]});
       // A copy: the row must not keep the whole batch buffer alive.
-      arrays.push_back(
-          mx::copy(mx::slice(buf,
-                             mx::Shape{b, 0, first_[b] - front_, 0},
-                             mx::Shape{b + 1, sh[1], idx_ - front_, sh[3]})));
+      arrays.push_back(dense ? mx::copy(seq_rows(row, own.front(), own.back() + 1))
+                             : mx::take(row, idx, 2));
     }
   }
   std::unique_ptr<Cache> out;
@@ -356,21 +486,66 @@ std::unique_ptr<Cache> BatchKVCache::extract(int b) const {
   return out;
 }
 
+int BatchKVCache::trimmable(int b) const {
+  const int h = held(b);
+  if (window_ > 0 && h < pos_[b]) {
+    // After trimming, the window of the new last position must be held.
+    return std::max(0, h - (window_ - 1));
+  }
+  return pos_[b];
+}
+
 int BatchKVCache::trimmable() const {
   if (size() == 0) {
     return 0;
   }
   int t = pos_[0];
   for (int b = 0; b < size(); ++b) {
-    const int held = idx_ - first_[b];
-    int rb = pos_[b];
-    if (window_ > 0 && held < pos_[b]) {
-      // After trimming, the window of the new last position must be held.
-      rb = std::max(0, held - (window_ - 1));
-    }
-    t = std::min(t, rb);
+    t = std::min(t, trimmable(b));
   }
   return t;
+}
+
+std::vector<int> BatchKVCache::rewind(const std::vector<int>& n) {
+  if (static_cast<int>(n.size()) != size()) {
+    throw std::invalid_argument("rewind needs one count per row (" +
+                                std::to_string(size()) + "), got " +
+                                std::to_string(n.size()));
+  }
+  std::vector<int> done(size(), 0);
+  for (int b = 0; b < size(); ++b) {
+    if (n[b] < 0) {
+      throw std::invalid_argument("rewind needs counts >= 0");
+    }
+    const int m = std::min(n[b], trimmable(b));
+    // The row's last m tokens become holes (masked until squeezed out).
+    int left = m;
+    for (int j = static_cast<int>(cols_[b].size()) - 1; j >= 0 && left > 0;
+         --j) {
+      if (cols_[b][j] >= 0) {
+        cols_[b][j] = -1;
+        --left;
+      }
+    }
+    pos_[b] -= m;
+    done[b] = m;
+  }
+  // Trailing columns no row holds are free again.
+  while (idx_ > front_) {
+    bool any = false;
+    for (const auto& c : cols_) {
+      any = any || c.back() >= 0;
+    }
+    if (any) {
+      break;
+    }
+    for (auto& c : cols_) {
+      c.pop_back();
+    }
+    --idx_;
+  }
+  squeeze();
+  return done;
 }
 
 int BatchKVCache::trim(int n) {
@@ -378,11 +553,7 @@ int BatchKVCache::trim(int n) {
     throw std::invalid_argument("trim needs n >= 0");
   }
   const int m = std::min(n, trimmable());
-  idx_ -= m;
-  for (int b = 0; b < size(); ++b) {
-    pos_[b] -= m;
-    first_[b] = std::min(first_[b], idx_);
-  }
+  rewind(std::vector<int>(size(), m));
   return m;
 }
 

@@ -9,13 +9,17 @@
 
 namespace mlx_harmony_core {
 
-// Rows are right-aligned at a shared write column: row b holds its tokens in
-// the logical columns [first_[b], idx_) and is at position pos_[b] (its RoPE
-// offset). Every step writes one column for all rows in place; columns a row
-// does not own are masked. A sliding-window layer keeps the last
-// window - 1 + history columns (history -1: all), so an extracted row can
-// still rewind. Quantized rows (bits 4/8) are stored packed and returned
-// dequantized, as QuantizedKVCache does.
+// Rows are right-aligned at a shared write column idx_ and row b is at
+// position pos_[b] (its RoPE offset). Every step writes the same columns for
+// all rows in place. Each row keeps a column -> position map (-1: a column the
+// row does not own, or a hole left by a rewind), so rows rewind by their own
+// amounts (rejected drafts) and the mask (causal, sliding window) is computed
+// from positions, never from columns: holes are exact. Holes are squeezed out
+// when the buffers grow or when they waste a quarter of the width. A
+// sliding-window layer keeps the last window - 1 + history tokens of every row
+// (history -1: all), so an extracted row can still rewind. Quantized rows
+// (bits 4/8) are stored packed and returned dequantized, as QuantizedKVCache
+// does.
 class BatchKVCache {
 public:
   BatchKVCache(int window, int history, int bits, int group_size);
@@ -42,6 +46,13 @@ public:
   // Tokens trim() can remove from every row while the caches stay exact.
   int trimmable() const;
   int trim(int n);
+  // Tokens rewind() can remove from row b while its cache stays exact.
+  int trimmable(int b) const;
+  // Removes the last n[b] tokens of each row b (at most trimmable(b)); returns
+  // what each row lost.
+  std::vector<int> rewind(const std::vector<int>& n);
+  // Tokens row b holds (its real columns).
+  int held(int b) const;
 
   int size() const {
     return static_cast<int>(pos_.size());
@@ -71,10 +82,21 @@ public:
   }
 
 private:
-  // First logical column the queries of the next n-token update attend.
+  // First logical column the queries of the next update attend.
   int fetch_start() const;
-  // Room for n more columns: drops what no window or history needs, grows.
+  // Row b's first column holding a position >= p (idx_ when none).
+  int first_at(int b, int p) const;
+  // Room for n more columns: drops what no window or history needs, grows
+  // (the columns keep their places: a mask may have been made for them).
   void reserve(int n);
+  // The first column a sliding layer's window and history still need.
+  int keep_from() const;
+  // Squeezes out holes once they waste a quarter of the attended width
+  // (between steps: after a rewind).
+  void squeeze();
+  // Rebuilds the buffers with capacity `cap`, each row's tokens from logical
+  // column `from` on right-aligned, without holes.
+  void compact(int from, int cap);
   std::vector<mx::array> items(const mx::array& k, const mx::array& v);
   std::string kind() const;
 
@@ -82,7 +104,9 @@ private:
   int head_dim_ = 0; // of K/V before any padding to a quantization group
   mx::Dtype dtype_ = mx::float32;
   int idx_ = 0, front_ = 0; // write column; logical column of buffer col 0
-  std::vector<int> pos_, first_;
+  std::vector<int> pos_;
+  // cols_[b][c - front_]: the position row b holds at column c, or -1.
+  std::vector<std::vector<int>> cols_;
   // [B, kv_heads, capacity, X]: keys, values (or the six quantized arrays).
   std::vector<mx::array> bufs_;
 };

@@ -17,6 +17,21 @@ import mlx.core as mx
 from .kv_cache import make_cache
 from .prefix_cache import PrefixCache
 
+# Model classes whose __call__ is exactly ``head(self.model(inputs, cache))``.
+_SPLIT_HEAD = {"mlx_lm.models.llama", "mlx_lm.models.gpt_oss", "mlx_lm.models.qwen2"}
+
+
+def _head(model: Any) -> Any:
+    """The output head of ``model`` as a function of hidden states, or None when the model
+    is not known to end in it (then the whole forward pass runs)."""
+    if type(model).__module__ not in _SPLIT_HEAD or not hasattr(model, "model"):
+        return None
+    args = getattr(model, "args", None)
+    if getattr(args, "tie_word_embeddings", False):
+        return model.model.embed_tokens.as_linear
+    return getattr(model, "lm_head", None)
+
+
 if TYPE_CHECKING:
     from .distributed import Group
 
@@ -79,6 +94,20 @@ class ModelRunner:
         """Logits (lazy) of ``inputs`` (B, T) at every position: (B, T, V)."""
         with mx.stream(self.stream()):
             return self.model(inputs, cache=cache)
+
+    def forward_at(self, inputs: mx.array, cache: Any, where: Sequence[int]) -> mx.array:
+        """Logits (lazy) of ``inputs`` (B, T) at the flat positions ``where`` (b * T + t):
+        (len(where), V). The output head (the widest matrix: 201088 rows on gpt-oss) runs
+        only at those positions where the model's head is known to be its last op."""
+        idx = mx.array(list(where), dtype=mx.int32)
+        b, t = inputs.shape
+        with mx.stream(self.stream()):
+            head = _head(self.model)
+            if head is None:
+                logits = self.model(inputs, cache=cache)
+                return mx.take(logits.reshape(b * t, -1), idx, axis=0)
+            hidden = self.model.model(inputs, cache)
+            return head(mx.take(hidden.reshape(b * t, -1), idx, axis=0))
 
     def prefill(self, prompt: mx.array, cache: list[Any]) -> mx.array:
         """Run all but the last token of ``prompt`` (T,) in chunks (evaluated); returns the

@@ -13,9 +13,11 @@ stall at most one chunk per token; then its cache is inserted as a new row. Step
 built while step n runs (when a row's draw needs token n first, a grammar's mask, the
 forward pass is queued ahead and the draw is built after the read, while that pass runs).
 
-Two kinds of step share this loop: a speculative request running alone verifies its drafts
-(k+1 positions of its row in one pass, drawn position by position, the cache rewound past
-the first miss), and in a distributed group rank 0 broadcasts each drawn token, which the
+Two kinds of step share this loop: a verify step, when rows speculate (each row feeds its
+newest token and its own k_i drafts, or none, in one pass; draws go position by position
+with plain decoding's keys; each row's cache rows rewind past their own first miss; the
+batch's :class:`~.speculative.Pacer` measures whether verifying pays), and in a distributed
+group rank 0 broadcasts each drawn token, which the
 other ranks' :meth:`.ModelRunner.follow` feeds to the same forward passes. The scheduler
 sees a :class:`~.runner.ModelRunner`, never the engine.
 """
@@ -44,6 +46,7 @@ from .params import SamplingParams
 from .request import Completion, Request, StreamEvent
 from .runner import ModelRunner
 from .sampling import LogProbs, Sampler, sample_rows
+from .speculative import DraftBatch, ModelDrafter, Pacer
 from .threads import generation, on_generation_thread, stop_at_exit
 
 logger = logging.getLogger(__name__)
@@ -146,9 +149,7 @@ class _Row:
     last: int = -1  # the last token pushed
     first: tuple[mx.array, LogProbs | None] | None = None  # first token (lazy)
     finished: bool = False
-    plain: int = 0  # speculation: plain steps left in this stretch
-    stretch: tuple[float, int] | None = None  # ... its start time and tokens so far
-    drafting: bool = False  # the drafter has seen the prompt
+    drafting: bool = False  # speculation: the drafter has seen the prompt
 
     @property
     def prompt(self) -> list[int]:
@@ -409,6 +410,14 @@ class _Batch:
         self.bias: tuple[mx.array, mx.array, mx.array] | None = None
         self.pending_inputs: mx.array | None = None  # host tokens, when nothing is pipelined
         self.to_store: list[tuple[list[int], list[Any]]] = []
+        # Speculation: whether this batch verifies drafts (measured), its plain stretch
+        # (steps left, start time, tokens and prefill seconds so far), what was read.
+        self.pacer = Pacer()
+        self.stretch: tuple[int, float, int, float] | None = None
+        self.emitted = 0  # tokens pushed to rows
+        self.reads = 0  # plain steps read
+        self.prefill_s = 0.0  # seconds spent prefilling
+        self.draft_batches: dict[int, DraftBatch] = {}  # by draft model
 
     def members(self) -> list[_Row]:
         return [*self.rows, *self.prefilling]
@@ -485,7 +494,14 @@ class _Batch:
         if not self.rows:
             self.cache, self.pending, self.bias = None, None, None
             self.pending_inputs = None
+            self.pacer, self.stretch = Pacer(), None  # the next batch measures afresh
+            self.draft_batches = {}
             return
+        if any(r.req.speculation is not None for r in joined):
+            self.pacer.joined()
+            if self.stretch is not None:  # speculation was off: it tries again soon
+                n, t0, e0, p0 = self.stretch
+                self.stretch = (min(n, self.reads + Pacer.RETRY), t0, e0, p0)
         if changed:
             self.bias = _bias(self.rows)
         if nxt is not None:
@@ -501,86 +517,177 @@ class _Batch:
             self.pending = None
             self.pending_inputs = mx.array([r.last for r in self.rows], dtype=mx.int32)
 
-    # -- speculation: a request alone verifies its drafts -----------------------------------
+    # -- speculation: every row verifies its own drafts in one pass --------------------------
+    def _spec_rows(self) -> list[_Row]:
+        return [r for r in self.rows if r.req.speculation is not None and not r.finished]
+
     def _may_speculate(self) -> bool:
         """Whether the next step may verify drafts (then no plain step is queued ahead)."""
-        if len(self.rows) != 1 or self.prefilling or self.s._waiting:
-            return False
-        r = self.rows[0]
-        return r.req.speculation is not None and r.stretch is None and not r.finished
+        return self.group is None and self.stretch is None and bool(self._spec_rows())
 
     def _speculating(self) -> bool:
-        """Whether this step verifies drafts: a speculative request alone (nobody joining or
-        waiting), between its plain stretches (measured, or paused; see Speculation)."""
-        if len(self.rows) != 1 or self.rows[0].req.speculation is None:
+        """Whether this step verifies drafts: some row speculates, the batch is between its
+        plain stretches (measured, or paused; see :class:`Pacer`)."""
+        if self.group is not None:
             return False
-        r = self.rows[0]
-        spec = r.req.speculation
-        if r.stretch is not None:
-            t0, n0 = r.stretch
-            done = len(r.req.generated) - n0
-            if done < r.plain and not r.finished:
+        if self.stretch is not None:
+            n, t0, e0, p0 = self.stretch
+            if self.reads < n and self.rows:
                 return False  # the stretch goes on, pipelined
-            spec.record(0, 0, done, time.perf_counter() - t0)
-            r.stretch = None
-        if r.finished or self.prefilling or self.s._waiting:
+            self.stretch = None
+            seconds = time.perf_counter() - t0 - (self.prefill_s - p0)
+            self.pacer.record(0, self.emitted - e0, seconds)
+        if not self._spec_rows():
             return False
-        n = spec.plain_steps()
+        n = self.pacer.plain_steps()
         if n:
-            r.plain, r.stretch = n, (time.perf_counter(), len(r.req.generated))
+            self._plain_stretch(n)
             return False
         return True
 
+    def _plain_stretch(self, n: int) -> None:
+        """The next ``n`` steps decode plainly (pipelined), measured."""
+        self.reads = 0
+        self.stretch = (n, time.perf_counter(), self.emitted, self.prefill_s)
+
     def _speculate(self) -> None:
-        """One verify step: the newest token and k drafts through the model at once, drawn
-        position by position with plain decoding's keys while the drafts hold; the cache
-        is rewound past the first miss."""
-        (r,) = self.rows
-        if self.pending is not None:  # the plain step in flight: its token first
+        """One verify step for the batch: every row feeds its newest token and its drafts
+        (none: it rides along at one token) in one pass, drawn position by position with
+        plain decoding's keys; each row's cache is rewound past its first miss. Joining
+        rows prefill as in a plain step."""
+        if self.pending is not None:  # the plain step in flight: its tokens first
             step, self.pending = self.pending, None
             self._read(step)
-        if not r.finished:
-            try:
-                self._verify(r)
-            except Exception as exc:  # its drafter, its draws: the row's own
-                self._fail(r, exc)
+        joined = self._prefill()
+        self.flush()
+        for r in joined:
+            self._read_first(r)
+        self._update_rows(None, [r for r in joined if not r.finished])
+        if self.rows and not self._verify():
+            # Nothing to guess in any row: a few plain steps (measured).
+            self._plain_stretch(Pacer.MEASURE)
+            self.pending = self._build(self.pending_inputs)
+            return
         self.flush()
         self._update_rows(None, [])
 
-    def _verify(self, r: _Row) -> None:
-        spec = r.req.speculation
-        assert spec is not None
-        if not r.drafting:  # a draft model prefills the prompt once
-            spec.start(r.req.prompt_ids)
-            r.drafting = True
-        t0 = time.perf_counter()
-        before = len(r.req.generated)  # the newest, r.last, is not in the cache yet
-        room = r.req.max_tokens - before - 1
+    def _drafts(self, rows: list[_Row]) -> list[list[int]]:
+        """Each row's drafts (empty: the row rides along at one token); the rows drafting
+        with one draft model draft together (see :class:`DraftBatch`)."""
         vocab = self.runner.vocab_size
-        drafts = [t for t in spec.propose(r.req.prompt_ids + r.req.generated)[:room]]
-        drafts = [t for t in drafts if 0 <= t < vocab] if room > 0 else []
-        if not drafts:  # nothing to guess: a few plain steps
-            r.plain, r.stretch = 8, (t0, before)
-            return
-        spec.drafted += len(drafts)
-        inputs = mx.array([[r.last, *drafts]], dtype=mx.int32)
-        logits = self.runner.forward(inputs, self.cache)[0]
-        accepted = emitted = 0
-        for i in range(len(drafts) + 1):
-            with mx.stream(self._stream()):
-                ids, lp = r.req.sample(logits[i : i + 1])
-            emitted += 1
-            self._push(r, int(ids.item()), lp)
-            if r.finished or i == len(drafts) or r.last != drafts[i]:
+        out: list[list[int]] = [[] for _ in rows]
+        by_model: dict[int, list[int]] = {}
+        for i, r in enumerate(rows):
+            spec = r.req.speculation
+            room = r.req.max_tokens - len(r.req.generated) - 1
+            if spec is None or r.finished or room <= 0 or not r.drafting:
+                continue
+            if isinstance(spec.drafter, ModelDrafter):
+                by_model.setdefault(id(spec.drafter.model), []).append(i)
+                continue
+            try:  # its drafter is the row's own: a failure fails the row alone
+                out[i] = spec.propose(r.req.prompt_ids + r.req.generated)[:room]
+            except Exception as exc:
+                self._fail(r, exc)
+        for key in [k for k in self.draft_batches if k not in by_model]:
+            self.draft_batches.pop(key).propose([], [], [])  # its rows left: free the cache
+        for key, idx in by_model.items():
+            specs = [rows[i].req.speculation for i in idx]
+            group = self.draft_batches.get(key)
+            if group is None:
+                group = self.draft_batches[key] = DraftBatch(specs[0].drafter.model)
+            try:
+                drafts = group.propose(
+                    [s.drafter for s in specs],
+                    [rows[i].req.prompt_ids + rows[i].req.generated for i in idx],
+                    [s.k for s in specs],
+                )
+            except Exception as exc:  # the draft model failed: its rows fail, alone
+                self.draft_batches.pop(key, None)
+                for i in idx:
+                    self._fail(rows[i], exc)
+                continue
+            for i, d in zip(idx, drafts, strict=True):
+                out[i] = d[: rows[i].req.max_tokens - len(rows[i].req.generated) - 1]
+        return [[t for t in d if 0 <= t < vocab] for d in out]
+
+    def _verify(self) -> bool:
+        """Verify every row's drafts; False (nothing run) when no row has any."""
+        rows = list(self.rows)
+        for r in rows:  # a draft model's prompt prefill is not the verify step's cost
+            spec = r.req.speculation
+            if spec is not None and not r.drafting and not r.finished:
+                try:
+                    spec.start(r.req.prompt_ids)
+                    r.drafting = True
+                except Exception as exc:
+                    self._fail(r, exc)
+        t0 = time.perf_counter()
+        drafts = self._drafts(rows)
+        if not any(drafts):
+            return False
+        width = 1 + max(len(d) for d in drafts)
+        inputs = mx.array(
+            [[r.last, *d] + [0] * (width - 1 - len(d)) for r, d in zip(rows, drafts, strict=True)],
+            dtype=mx.int32,
+        )
+        # The head runs only where a draw may come: each row's 1 + k_i positions.
+        where, base = [], []
+        for i, d in enumerate(drafts):
+            base.append(len(where))
+            where += [i * width + t for t in range(1 + len(d))]
+        logits = self.runner.forward_at(inputs, self.cache, where)
+        for r, d in zip(rows, drafts, strict=True):
+            if r.req.speculation is not None and d:
+                r.req.speculation.drafted += len(d)
+        accepted = [0] * len(rows)
+        alive = [i for i, r in enumerate(rows) if not r.finished]
+        emitted = 0
+        for t in range(width):
+            alive = [i for i in alive if t <= len(drafts[i])]
+            if not alive:
                 break
-            accepted += 1
-            spec.accepted += 1
-        # Valid: the newest token and the accepted drafts; the token drawn last is fed next.
-        miss = len(drafts) - accepted
-        if miss and any(c.trim(miss) != miss for c in self.cache or []):
+            part = rows if len(alive) == len(rows) else [rows[i] for i in alive]
+            at = mx.take(logits, mx.array([base[i] + t for i in alive], dtype=mx.int32), 0)
+            ids, lp = self._draw(part, at, bias=self.bias if part is rows else _bias(part))
+            mx.eval(ids, *([] if lp is None else vars(lp).values()))
+            tokens, lps = ids.tolist(), _host(lp)
+            still = []
+            for j, i in enumerate(alive):
+                r = rows[i]
+                if r.finished:  # failed in its draw
+                    continue
+                one = None
+                if lps is not None and r.req.logprobs is not None:
+                    k = r.req.logprobs
+                    one = LogProbs(lps[0][j], lps[1][j, :k], lps[2][j, :k])  # type: ignore[arg-type]
+                emitted += 1
+                self._push(r, tokens[j], one)
+                if r.finished or t == len(drafts[i]) or r.last != drafts[i][t]:
+                    continue
+                accepted[i] += 1
+                still.append(i)
+            alive = still
+        # Kept: each row's newest token and its accepted drafts; the token drawn last is
+        # fed next.
+        back = [width - 1 - a for a in accepted]
+        if self.solo:
+            got = [min(c.trim(back[0]) for c in self.cache or [])] if back[0] else [0]
+        else:
+            got = back
+            for layer in self.cache or []:
+                if list(layer.rewind(back)) != back:
+                    got = []
+        if got != back:
             raise RuntimeError("a KV cache could not rewind a rejected draft")
-        r.cached += 1 + accepted
-        spec.record(len(drafts), accepted, emitted, time.perf_counter() - t0)
+        for i, r in enumerate(rows):
+            r.cached += 1 + accepted[i]
+            spec = r.req.speculation
+            if spec is not None and drafts[i]:
+                spec.accepted += accepted[i]
+                spec.observe(len(drafts[i]), accepted[i])
+        self.pacer.record(sum(len(d) for d in drafts), emitted, time.perf_counter() - t0)
+        return True
 
     # -- a distributed group: rank 0 drives, the others follow ------------------------------
     def _start_group_request(self, r: _Row) -> None:
@@ -621,6 +728,22 @@ class _Batch:
     def _sample(self, rows: list[_Row], logits: mx.array, ahead: bool = False) -> _Step:
         """Draw every row's token from ``logits`` (lazy, queued); rows that have finished
         draw unmasked, thrown away."""
+        ids, lp = self._draw(rows, logits, ahead, bias=self.bias)
+        mx.async_eval(ids, *([] if lp is None else vars(lp).values()))
+        for r in rows:
+            r.cached += 1
+        return _Step(rows, ids, lp)
+
+    def _draw(
+        self,
+        rows: list[_Row],
+        logits: mx.array,
+        ahead: bool = False,
+        *,
+        bias: tuple[mx.array, mx.array, mx.array] | None,
+    ) -> tuple[mx.array, LogProbs | None]:
+        """The rows' draws (lazy) from ``logits`` (one row each), every row with its own
+        processors, mask, penalties, ``bias`` (the rows' own) and its next key."""
         with mx.stream(self._stream()):
             masks: list[mx.array | None] = []
             if any(r.req.processors or r.req.sync for r in rows):
@@ -639,9 +762,7 @@ class _Batch:
             opts = [r.req.sampler.next_options(r.req.logprobs) for r in rows]
             mask = _masks(masks, logits.shape[-1]) if any(m is not None for m in masks) else None
             try:
-                ids, lp = sample_rows(
-                    logits, opts, history=_history(rows), bias=self.bias, mask=mask
-                )
+                ids, lp = sample_rows(logits, opts, history=_history(rows), bias=bias, mask=mask)
             except ValueError:
                 # A row's options do not fit (checked at submit; a request changed since):
                 # fail those rows and draw the others; none found: the batch's own error.
@@ -661,16 +782,20 @@ class _Batch:
                     self.group.end()
                 else:
                     ids = self.group.share(ids)[:1]
-        mx.async_eval(ids, *([] if lp is None else vars(lp).values()))
-        for r in rows:
-            r.cached += 1
-        return _Step(rows, ids, lp)
+        return ids, lp
 
     # -- prefill --------------------------------------------------------------------------
     def _prefill(self) -> list[_Row]:
         """Up to ``prefill_chunk`` prompt tokens of joining requests (with nothing decoding,
         at least the first request's whole prompt); returns those whose prefill ended
         (their first token queued)."""
+        t0 = time.perf_counter()
+        try:
+            return self._prefill_chunk()
+        finally:
+            self.prefill_s += time.perf_counter() - t0
+
+    def _prefill_chunk(self) -> list[_Row]:
         joined: list[_Row] = []
         budget = self.s.prefill_chunk
         whole = not self.rows
@@ -722,8 +847,8 @@ class _Batch:
             return n
         r.joining = True
         if r.req.speculation is not None and self.group is None:
-            # A speculative request feeds its prompt's last token in its first verify step
-            # (so its first token can be guessed too); in a batch, in its first plain step.
+            # A speculative request feeds its prompt's last token in its first step (a
+            # verify step guesses its first token too).
             r.last, r.cached = prompt[-1], r.done
             return 0
         last = mx.array(prompt[r.done :], dtype=mx.int32)
@@ -745,6 +870,7 @@ class _Batch:
     # -- reading tokens -------------------------------------------------------------------
     def _read(self, step: _Step) -> None:
         tokens = step.ids.tolist()
+        self.reads += 1
         if self.group is not None:
             self.group.progress()
         lps = _host(step.lp)
@@ -773,6 +899,7 @@ class _Batch:
 
     def _push(self, r: _Row, token: int, lp: LogProbs | None) -> None:
         r.last = token
+        self.emitted += 1
         try:
             for event in r.req.push(token, lp):
                 r.handle._emit(event)

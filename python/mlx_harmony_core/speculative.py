@@ -98,12 +98,106 @@ class ModelDrafter:
         return out
 
 
+class DraftBatch:
+    """The rows of a batch that draft with one draft model, drafting together: one batched
+    forward pass per draft token for all of them, on one batch cache where each row
+    rewinds by its own amount. Rows join with the cache their drafter prefilled and leave
+    when they stop drafting."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.cache: list[Any] | None = None
+        self.members: list[ModelDrafter] = []
+
+    def _leave_all_but(self, drafters: Sequence[ModelDrafter]) -> None:
+        keep = [i for i, m in enumerate(self.members) if any(m is d for d in drafters)]
+        if len(keep) == len(self.members):
+            return
+        for i, m in enumerate(self.members):
+            if i not in keep:
+                m.cache, m.fed = None, []  # its rows are in the batch cache: start over
+        self.members = [self.members[i] for i in keep]
+        if not keep:
+            self.cache = None
+        else:
+            for layer in self.cache or []:
+                layer.filter(keep)
+
+    def _join(self, d: ModelDrafter, tokens: Sequence[int]) -> bool:
+        from .kv_cache import make_batch_cache
+
+        if d.cache is None:
+            d.start(tokens)
+        assert d.cache is not None
+        if self.cache is None:
+            self.cache = make_batch_cache(d.cache)
+            if self.cache is None:  # caches that cannot batch: this drafter drafts alone
+                return False
+        for layer, c in zip(self.cache, d.cache, strict=True):
+            layer.insert(c)
+        d.cache = None
+        self.members.append(d)
+        return True
+
+    def propose(
+        self, drafters: Sequence[ModelDrafter], tokens: Sequence[Sequence[int]], ks: Sequence[int]
+    ) -> list[list[int]]:
+        """Each drafter's greedy drafts (``ks[i]`` of them) after ``tokens[i]``."""
+        self._leave_all_but(drafters)
+        if not drafters:
+            return []
+        for d, t in zip(drafters, tokens, strict=True):
+            if not any(m is d for m in self.members) and not self._join(d, t):
+                return [d.propose(t, k) for d, t, k in zip(drafters, tokens, ks, strict=True)]
+        assert self.cache is not None
+        at = {id(m): i for i, m in enumerate(self.members)}
+        rows = [at[id(d)] for d in drafters]
+        seqs: list[list[int]] = [[] for _ in self.members]
+        for d, t in zip(drafters, tokens, strict=True):
+            seqs[at[id(d)]] = list(t)
+        # Catch up: each row rewinds to what it shares with its tokens, then feeds the rest.
+        back, new = [], []
+        for m, seq in zip(self.members, seqs, strict=True):
+            common, limit = 0, min(len(m.fed), len(seq) - 1)
+            while common < limit and m.fed[common] == seq[common]:
+                common += 1
+            back.append(len(m.fed) - common)
+            new.append(seq[common:])
+        for layer in self.cache:
+            if list(layer.rewind(back)) != back:  # a window cannot rewind that far
+                members = list(self.members)
+                self.members, self.cache = [], None
+                for m in members:
+                    m.cache, m.fed = None, []
+                return self.propose(drafters, tokens, ks)
+        width = max(len(n) for n in new)
+        x = mx.array([n + [0] * (width - len(n)) for n in new], dtype=mx.int32)
+        logits = self.model(x, cache=self.cache)
+        last = mx.array([len(n) - 1 for n in new], dtype=mx.int32)
+        logits = mx.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
+        pads = [width - len(n) for n in new]
+        if any(pads):
+            for layer in self.cache:
+                layer.rewind(pads)
+        k = max(ks)
+        out: list[list[int]] = [[] for _ in self.members]
+        for step in range(k):
+            ids = mx.argmax(logits, axis=-1)
+            for i, t in enumerate(ids.tolist()):
+                out[i].append(t)
+            if step + 1 < k:
+                logits = self.model(ids[:, None].astype(mx.int32), cache=self.cache)[:, -1, :]
+        # The last draft was never fed: each cache holds the context and drafts but the last.
+        for m, seq, o in zip(self.members, seqs, out, strict=True):
+            m.fed = [*seq, *o[:-1]]
+        return [out[r][:kk] for r, kk in zip(rows, ks, strict=True)]
+
+
 class Speculation:
     """One request's speculation: its drafter, how many tokens to draft, and the counts.
 
-    ``k`` follows the acceptance rate; when a verify step costs more per token it yields
-    than a plain step does, speculation pauses (16 plain steps, then 32), and after three
-    such tries in a row it stays off, so it is never much slower than plain decoding.
+    ``k`` follows this request's acceptance rate (see :meth:`observe`); whether its batch
+    speculates at all is the batch's :class:`Pacer`'s call.
     """
 
     def __init__(self, drafter: Any, num_draft: int = NUM_DRAFT) -> None:
@@ -113,46 +207,73 @@ class Speculation:
         self.drafted = 0
         self.accepted = 0
         self._rate = 0.5  # acceptance per drafted token (EMA)
-        self._spec_s: float | None = None  # seconds per emitted token, speculating (EMA)
-        self._plain_s: float | None = None  # seconds per token, plain steps (EMA)
-        self._pause = 0
-        self._backoff = 16
-        self._fails = 0  # tries in a row that did not pay
 
     def start(self, prompt: Sequence[int]) -> None:
         self.drafter.start(prompt)
 
-    def plain_steps(self) -> int:
-        """Tokens to decode plainly now (0: speculate): a measured stretch first, and the
-        pause when speculation has not been paying."""
-        if self._plain_s is None:
-            return 8
-        n, self._pause = self._pause, 0
-        return n
-
     def propose(self, tokens: Sequence[int]) -> list[int]:
         return self.drafter.propose(tokens, self.k)
 
-    def record(self, drafted: int, accepted: int, emitted: int, seconds: float) -> None:
-        """One finished step, for the adaptation: ``drafted`` guesses, ``accepted`` of them
-        kept, ``emitted`` tokens (the caller counts :attr:`drafted` / :attr:`accepted` as
-        it goes: a reply can end inside a step)."""
-        if drafted == 0:
-            self._plain_s = _ema(self._plain_s, seconds / max(1, emitted))
+    def observe(self, drafted: int, accepted: int) -> None:
+        """One verify step of this request: ``drafted`` guesses, ``accepted`` of them kept
+        (the caller counts :attr:`drafted` / :attr:`accepted` as it goes)."""
+        if drafted <= 0:
             return
         self._rate = 0.8 * self._rate + 0.2 * (accepted / drafted)
-        self._spec_s = _ema(self._spec_s, seconds / max(1, emitted))
         # Draft about as far as the guesses usually hold, within [1, k_max].
         expected = self._rate / max(1e-3, 1 - self._rate)
         self.k = max(1, min(self.k_max, round(expected) + 1))
-        if self._plain_s is not None and self._spec_s > 1.02 * self._plain_s:
+
+
+class Pacer:
+    """Whether a batch speculates: it compares the measured seconds per emitted token of
+    verify steps and of plain steps. The first step verifies, then a stretch of plain steps
+    is measured; when verifying costs more per token, speculation pauses (16 plain steps,
+    then 32, ...), and after three such tries in a row it stays off until the batch
+    empties, so it is never much slower than plain decoding."""
+
+    MEASURE = 8  # plain steps in a measured stretch
+    RETRY = 16  # plain steps before a new speculative row tries again
+
+    def __init__(self) -> None:
+        self._spec_s: float | None = None  # seconds per emitted token, verifying (EMA)
+        self._plain_s: float | None = None  # seconds per emitted token, plain steps (EMA)
+        self._pause = 0
+        self._backoff = 16
+        self._fails = 0  # tries in a row that did not pay
+
+    def plain_steps(self) -> int:
+        """Plain steps to run now (0: verify): the measured stretch after the first verify
+        step, and the pause when speculation has not been paying."""
+        if self._plain_s is None and self._spec_s is not None:
+            return self.MEASURE
+        n, self._pause = self._pause, 0
+        return n
+
+    def joined(self) -> None:
+        """A speculative request joined the batch: its drafts deserve new tries (the
+        caller cuts a running plain stretch to :attr:`RETRY` steps)."""
+        self._fails, self._backoff = 0, 16
+        self._pause = min(self._pause, self.RETRY)
+
+    def record(self, drafted: int, emitted: int, seconds: float) -> None:
+        """A finished verify step (``drafted`` > 0) or plain stretch (``drafted`` 0) that
+        emitted ``emitted`` tokens over all rows in ``seconds``."""
+        per = seconds / max(1, emitted)
+        if drafted == 0:
+            self._plain_s = _ema(self._plain_s, per)
+            return
+        self._spec_s = _ema(self._spec_s, per)
+        if self._plain_s is None:
+            return
+        if self._spec_s > 1.02 * self._plain_s:
             self._fails += 1
-            # Three tries that did not pay: off for the rest of the reply (a draft model
-            # must also catch up on every token it skipped, each time it tries again).
+            # Three tries that did not pay: off (a draft model must also catch up on
+            # every token it skipped, each time it tries again).
             self._pause = self._backoff if self._fails < 3 else 2**31
             self._backoff = min(256, self._backoff * 2)
             self._spec_s = None
-        elif self._plain_s is not None and self._spec_s < self._plain_s:
+        elif self._spec_s < self._plain_s:
             self._backoff, self._fails = 16, 0
 
 
@@ -203,4 +324,3 @@ def make_speculation(
             param="draft_model",
         )
     return Speculation(ModelDrafter(model), k)
-

@@ -1,0 +1,235 @@
+"""Speculation for every row of a batch: per-row rewinds of the batch cache (against single
+caches), and batched verification through the scheduler (every row's tokens equal the same
+request decoded alone and plainly)."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import mlx_harmony_core as mhc
+from mlx_harmony_core.kv_cache import (
+    BatchKVCache,
+    KVCache,
+    QuantizedKVCache,
+    RotatingKVCache,
+    make_batch_cache,
+)
+from mlx_harmony_core.speculative import Pacer
+
+GREEDY = mhc.SamplingParams(temperature=0.0)
+COPY = "Repeat after me: the quick brown fox jumps over the lazy dog, twice. " * 3
+
+
+def _attend(q, k, v, mask):
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask)
+
+
+def _randn(rng, *shape):
+    return mx.array(rng.normal(size=shape).astype(np.float32))
+
+
+# -- the batch cache: each row rewinds by its own amount ------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: KVCache(),
+        lambda: RotatingKVCache(8, 0, 6),
+        lambda: RotatingKVCache(8, 0, "all"),
+        lambda: QuantizedKVCache(8, 0),
+    ],
+    ids=["full", "window", "window-all", "quantized"],
+)
+def test_rows_rewind_alone_and_attend_like_single_caches(rng, make):
+    """Every step writes T columns for every row and each row keeps its own number of
+    them (a verify step): every query's attention equals its single cache's, step after
+    step past the window, through joins, leaves and the squeezing out of holes."""
+    singles, batch, order = [], make_batch_cache([make()])[0], []
+    for step in range(60):
+        if step in (0, 4, 13, 30):
+            c = make()
+            n = int(rng.integers(1, 20))
+            c.update_and_fetch(_randn(rng, 1, 2, n, 16), _randn(rng, 1, 2, n, 16))
+            singles.append(c)
+            batch.insert(c)
+            order.append(len(singles) - 1)
+        if step == 35:
+            batch.filter([i for i in range(len(order)) if i != 1])
+            order.pop(1)
+        B, T = len(order), int(rng.integers(1, 5))
+        q, k, v = _randn(rng, B, 4, T, 16), _randn(rng, B, 2, T, 16), _randn(rng, B, 2, T, 16)
+        mask = batch.make_mask(T, return_array=True)
+        assert batch.offset.tolist() == [singles[s].offset for s in order]
+        kb, vb = batch.update_and_fetch(k, v)
+        out = _attend(q, kb, vb, mask)
+        keep = [int(rng.integers(1, T + 1)) for _ in order]
+        for row, s in enumerate(order):
+            m1 = singles[s].make_mask(T, return_array=True) if T > 1 else None
+            ks, vs = singles[s].update_and_fetch(k[row : row + 1], v[row : row + 1])
+            ref = _attend(q[row : row + 1], ks, vs, m1)
+            assert mx.abs(out[row : row + 1] - ref).max().item() < 1e-5, (step, row)
+            assert singles[s].trim(T - keep[row]) == T - keep[row]
+        assert batch.rewind([T - n for n in keep]) == [T - n for n in keep]
+        assert batch.positions == [singles[s].offset for s in order]
+    assert batch.width < 60 * 4  # holes were squeezed out
+    for row, s in enumerate(order):
+        got, want = batch.extract(row), singles[s]
+        assert got.kind == want.kind and got.offset == want.offset
+        tail = min(a.shape[2] for a in (*got.state, *want.state))
+        for a, b in zip(got.state, want.state, strict=True):
+            assert mx.array_equal(a[:, :, -tail:], b[:, :, -tail:]).item()
+
+
+def test_rewind_limits_and_bad_input(rng):
+    batch = BatchKVCache(4, 0)
+    c = RotatingKVCache(4, 0, 0)
+    for _ in range(10):  # one at a time: the window wraps and keeps only its tokens
+        c.update_and_fetch(_randn(rng, 1, 2, 1, 16), _randn(rng, 1, 2, 1, 16))
+    batch.insert(c)
+    d = RotatingKVCache(4, 0, 0)
+    d.update_and_fetch(_randn(rng, 1, 2, 2, 16), _randn(rng, 1, 2, 2, 16))
+    batch.insert(d)
+    # Each row rewinds at most what it can (its window must stay held).
+    assert batch.trimmable(0) == c.trimmable() and batch.trimmable(1) == 2
+    assert batch.rewind([100, 1]) == [c.trimmable(), 1]
+    assert batch.held(1) == 1
+    with pytest.raises(ValueError, match="one count per row"):
+        batch.rewind([1])
+    with pytest.raises(ValueError, match=">= 0"):
+        batch.rewind([0, -1])
+    with pytest.raises(ValueError, match="no row 2"):
+        batch.trimmable(2)
+
+
+# -- batched verification through the scheduler --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def other(tmp_path_factory):
+    """An unrelated random model with the same vocabulary: its drafts are almost never right."""
+    path = mhc.make_test_model(tmp_path_factory.mktemp("m") / "other", preset="demo", seed=7)
+    return mhc.load(path)
+
+
+def _mix(engine, other):
+    """8 requests: prompt lookup, draft models (right and wrong), none, a token mask, a stop
+    string, penalties, seeded sampling; long enough to pass the demo's 128-token window."""
+    vocab = engine.vocab_size
+    allowed = np.ones(vocab, bool)
+    allowed[[13, 220, 290]] = False
+    mask = mhc.pack_mask(allowed)
+    seeded = mhc.SamplingParams(temperature=0.8, top_p=0.9, seed=3)
+    penal = mhc.SamplingParams(temperature=0.0, repetition_penalty=1.2, presence_penalty=0.3)
+    return [
+        (COPY, GREEDY, {"max_tokens": 160, "speculative": "ngram"}),
+        (COPY, GREEDY, {"max_tokens": 150, "speculative": "draft", "draft_model": engine}),
+        ("Count to ten.", GREEDY, {"max_tokens": 140}),
+        (COPY, GREEDY, {"max_tokens": 90, "speculative": "ngram", "token_mask": lambda r: mask}),
+        ("Say hello.", seeded, {"max_tokens": 120, "speculative": "ngram"}),
+        (COPY, penal, {"max_tokens": 130, "speculative": "draft", "draft_model": other}),
+        (
+            "Tell a story " * 6,
+            seeded,
+            {"max_tokens": 100, "speculative": "draft", "draft_model": engine},
+        ),
+        (
+            COPY + " end",
+            GREEDY,
+            {"max_tokens": 140, "speculative": "ngram"},  # a stop string: set from its text
+        ),
+    ]
+
+
+def _plain(engine, prompt, params, opts):
+    plain = {k: v for k, v in opts.items() if k not in ("speculative", "draft_model")}
+    return engine.generate(prompt, params, ignore_eos=True, **plain)
+
+
+def test_eight_rows_speculate_together_and_equal_plain_decoding(demo_engine, other):
+    cases = _mix(demo_engine, other)
+    text = _plain(demo_engine, *cases[7]).text
+    cases[7][2]["stop"] = [text[len(text) // 2 : len(text) // 2 + 5]]
+    want = [_plain(demo_engine, p, sp, o) for p, sp, o in cases]
+    demo_engine.reset_cache()
+    demo_engine.batching(max_batch=8, prefill_chunk=64)
+    handles = [demo_engine.submit(p, sp, ignore_eos=True, **o) for p, sp, o in cases]
+    got = [h.result(timeout=600) for h in handles]
+    demo_engine.reset_cache()
+    for i, (a, b) in enumerate(zip(want, got, strict=True)):
+        assert b.tokens == a.tokens, i
+        assert (b.text, b.finish_reason) == (a.text, a.finish_reason), i
+    assert got[7].finish_reason == "stop"
+    assert got[0].usage.drafted_tokens > 0 and got[0].usage.accepted_tokens > 0
+    assert got[1].usage.accepted_tokens == got[1].usage.drafted_tokens > 0  # drafts itself
+
+
+def test_rows_join_leave_and_cancel_while_others_verify(demo_engine):
+    prompts = [COPY, COPY + " again", "A list of colours:", COPY[:80]]
+    want = [_plain(demo_engine, p, GREEDY, {"max_tokens": 120}) for p in prompts]
+    demo_engine.reset_cache()
+    demo_engine.batching(max_batch=8, prefill_chunk=32)
+    spec = {"max_tokens": 120, "speculative": "ngram"}
+    first = demo_engine.submit(prompts[0], GREEDY, ignore_eos=True, **spec)
+    doomed = demo_engine.submit(COPY, GREEDY, ignore_eos=True, **spec)
+    events = iter(first)
+    for _ in range(20):  # the first verifies well before the others arrive
+        next(events)
+    late = [
+        demo_engine.submit(p, GREEDY, ignore_eos=True, **(spec if i % 2 else {"max_tokens": 120}))
+        for i, p in enumerate(prompts[1:])
+    ]
+    for i, _ in enumerate(doomed):
+        if i == 25:  # cancelled between (or inside) its verify steps
+            doomed.cancel()
+    for _ in events:
+        pass
+    assert first.result().tokens == want[0].tokens
+    d = doomed.result()
+    assert d.finish_reason == "cancelled" and len(d.tokens) < 120
+    assert d.tokens == want[0].tokens[: len(d.tokens)]
+    assert [h.result(timeout=300).tokens for h in late] == [w.tokens for w in want[1:]]
+    demo_engine.reset_cache()
+
+
+def test_cancel_inside_a_verify_step(demo_engine):
+    """A cancellation seen while a verify step pushes its row's tokens ends that row there
+    (its sink cancels it from inside the step); the other row goes on with its plain
+    tokens."""
+    want = _plain(demo_engine, COPY, GREEDY, {"max_tokens": 80})
+    demo_engine.reset_cache()
+    demo_engine.batching(max_batch=8)
+    events = []
+    box = {}
+
+    def sink(item):
+        events.append(item)
+        if len(events) == 30:
+            box["h"].cancel()
+
+    spec = {"max_tokens": 80, "speculative": "ngram"}
+    box["h"] = h = demo_engine.submit(COPY, GREEDY, ignore_eos=True, sink=sink, **spec)
+    rest = demo_engine.submit(COPY, GREEDY, ignore_eos=True, max_tokens=80)
+    assert rest.result(timeout=300).tokens == want.tokens
+    assert h._done.wait(300) and h.completion is not None
+    assert h.completion.finish_reason == "cancelled"
+    assert h.completion.tokens == want.tokens[: len(h.completion.tokens)]
+    assert len(h.completion.tokens) < 80
+    demo_engine.reset_cache()
+
+
+def test_pacer_turns_speculation_off_when_it_does_not_pay():
+    p = Pacer()
+    assert p.plain_steps() == 0  # the first step verifies
+    p.record(4, 2, 1.0)  # 0.5 s per token verifying
+    assert p.plain_steps() == Pacer.MEASURE
+    p.record(0, 8, 0.8)  # 0.1 s per token plainly
+    for pause in (16, 32, 0):  # a try that does not pay: a pause, doubling
+        assert p.plain_steps() == 0
+        p.record(4, 2, 1.0)
+        if pause:
+            assert p.plain_steps() == pause
+    assert p.plain_steps() > 10**6  # off after three tries that did not pay
+    p.joined()  # a new speculative row: tries again, pausing 16 steps when it does not pay
+    p.record(4, 2, 1.0)
+    assert p.plain_steps() == 16
