@@ -701,7 +701,8 @@ class _Batch:
                 mx.reset_peak_memory()
             if self.group is not None:
                 self._start_group_request(r)
-            r.cache, r.done = self.runner.take(r.prompt)
+            take = r.req.take_cache or self.runner.take  # a tool loop's own cache first
+            r.cache, r.done = take(r.prompt)
             r.req.cached_tokens = r.done
         prompt = r.prompt
         left = len(prompt) - r.done
@@ -819,7 +820,9 @@ class _Batch:
                 cache = self.cache if self.solo else [c.extract(batch_row) for c in self.cache]
             if cache is not None and tokens:
                 mx.async_eval([c.state for c in cache])
-                self.to_store.append((tokens, cache))
+                hold = r.req.hold_cache  # a tool loop keeps it for the reply's continuation
+                if hold is None or not hold(tokens, cache):
+                    self.to_store.append((tokens, cache))
         r.cache = None
         self.s._left(1)
         if failed is not None:
