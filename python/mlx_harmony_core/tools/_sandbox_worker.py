@@ -1,6 +1,6 @@
 """The sandboxed process behind the built-in ``python`` tool (standard library only).
 
-Run as ``python -I -u _sandbox_worker.py CONFIG_JSON`` by :mod:`.python_sandbox`, never
+Run as ``python -I _sandbox_worker.py CONFIG_JSON`` by :mod:`.python_sandbox`, never
 imported for its side effects. It isolates itself before it runs any of the model's code:
 
 1. Linux: new network and PID namespaces (plus a user namespace when not root). The first
@@ -184,11 +184,22 @@ def format_error(exc: BaseException) -> str:
     return "".join(traceback.format_exception(type(exc), exc, tb))
 
 
+def _flush(*_: object) -> None:
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        with contextlib.suppress(Exception):
+            stream.flush()
+
+
 def repl(req_fd: int, resp_fd: int, max_chars: int) -> None:
     """Serve cells until the parent closes the request pipe."""
+    import signal
+
     ns: dict = {"__name__": "__main__", "__builtins__": builtins}
     me = os.getpid()
     out, err = sys.stdout, sys.stderr
+    # stdout is block-buffered (printing is cheap); before a time-limit kill the parent sends
+    # SIGUSR1 so the output so far is flushed and reaches the model
+    signal.signal(signal.SIGUSR1, _flush)
     n = 0
     while True:
         msg = read_msg(req_fd)
@@ -202,10 +213,9 @@ def repl(req_fd: int, resp_fd: int, max_chars: int) -> None:
         except BaseException as exc:  # noqa: BLE001 - SystemExit too: the notebook survives
             error = format_error(exc)[-max_chars:]
         if os.getpid() != me:
+            _flush()
             os._exit(0)  # a process the cell forked finished the cell: it must not answer
-        for stream in (sys.stdout, sys.stderr, out, err):
-            with contextlib.suppress(Exception):
-                stream.flush()
+        _flush()
         write_msg(resp_fd, {"value": value, "error": error})
 
 
@@ -222,6 +232,9 @@ def _init_and_wait(child: int) -> None:
 
 
 def main() -> None:
+    import signal
+
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # only the REPL acts on it (see repl)
     cfg = json.loads(sys.argv[1])
     req_fd, resp_fd = int(cfg["req_fd"]), int(cfg["resp_fd"])
     features: list[str] = []

@@ -108,7 +108,7 @@ class _Session:
             "uid": _sandbox_uid(),
             "keep_read": not _install_readable(),
         }
-        cmd = [sys.executable, "-I", "-u", str(WORKER), json.dumps(cfg)]
+        cmd = [sys.executable, "-I", str(WORKER), json.dumps(cfg)]
         if sys.platform == "darwin" and shutil.which("sandbox-exec"):
             cmd = ["sandbox-exec", "-p", MACOS_PROFILE, *cmd]
         env = {
@@ -201,7 +201,7 @@ class _Session:
         body = json.dumps({"code": code}).encode("utf-8")
         self._send(struct.pack(">I", len(body)) + body, deadline)
         reply, out, dropped = self._wait_reply(deadline)
-        if dropped:
+        if dropped and reply is not None:
             out += f"\n[... {dropped} more characters of output truncated ...]"
         if reply is not None:
             parts = [p for p in (out.rstrip("\n"), reply.get("value"), reply.get("error")) if p]
@@ -212,6 +212,9 @@ class _Session:
                 None,
             )
         if time.monotonic() >= deadline:
+            out, dropped = self._last_output(out, dropped)
+            if dropped:
+                out += f"\n[... {dropped} more characters of output truncated ...]"
             self.kill()
             reason = f"it ran past the time limit ({timeout:.1f} s)"
         else:
@@ -221,6 +224,16 @@ class _Session:
             "variables and files from earlier calls are lost."
         )
         return (f"{out.rstrip()}\n{msg}" if out.strip() else msg), "incomplete", reason
+
+    def _last_output(self, out: str, dropped: int) -> tuple[str, int]:
+        """At the time limit: ask the REPL to flush what it printed (SIGUSR1) and take it."""
+        if self.proc is None:
+            return out, dropped
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGUSR1)
+        _, more, more_dropped = self._wait_reply(time.monotonic() + 0.2)
+        room = self.opts.python_output_chars - len(out)
+        return out + more[:room], dropped + more_dropped + max(0, len(more) - room)
 
     def _send(self, data: bytes, deadline: float) -> None:
         """Write a request without blocking past the deadline (the pipe may be full)."""
