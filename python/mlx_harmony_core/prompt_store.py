@@ -33,7 +33,7 @@ import threading
 import time
 import zlib
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -167,7 +167,6 @@ class _Job:
     layers: list[tuple[str, dict[str, int], list[np.ndarray], list[str]]]
     trimmable: int
     nbytes: int
-    supersedes: list[StoreEntry] = field(default_factory=list)
 
 
 @dataclass
@@ -314,13 +313,6 @@ class PromptStore:
                 self.stats.dropped += 1
                 logger.info("prompt cache: the writer is behind; a %d-token cache skipped", len(t))
                 return False
-            supersedes = [
-                e
-                for e in self._entries.values()
-                if len(e.tokens) <= len(t)
-                and len(t) - len(e.tokens) <= trimmable
-                and _common(e.tokens, t) == len(e.tokens)
-            ]
         layers = []
         for c in cache:
             arrays = list(c.state)
@@ -331,7 +323,7 @@ class PromptStore:
             self._pending.append(t)
             self._pending_bytes += nbytes
         self._start_writer()
-        self._queue.put(_Job(t, layers, trimmable, nbytes, supersedes))
+        self._queue.put(_Job(t, layers, trimmable, nbytes))
         return True
 
     # -- lifetime --------------------------------------------------------------------------------
@@ -519,15 +511,23 @@ class PromptStore:
             )
             return
         now = time.time()
+        t = job.tokens
         with self._lock:
-            self._entries[path] = StoreEntry(path, job.tokens, size, now, job.trimmable)
+            # Files this one extends (and can rewind to) are superseded: they go.
+            gone = [
+                e.path
+                for e in self._entries.values()
+                if e.path != path
+                and len(e.tokens) <= len(t)
+                and len(t) - len(e.tokens) <= job.trimmable
+                and _common(e.tokens, t) == len(e.tokens)
+            ]
+            for p in gone:
+                del self._entries[p]
+            self._entries[path] = StoreEntry(path, t, size, now, job.trimmable)
             self.stats.writes += 1
-            for old in job.supersedes:
-                if old.path != path:
-                    self._entries.pop(old.path, None)
-        for old in job.supersedes:
-            if old.path != path:
-                old.path.unlink(missing_ok=True)
+        for p in gone:
+            p.unlink(missing_ok=True)
         logger.info(
             "prompt cache: stored %d tokens (%.1f MB) in %s",
             len(job.tokens),
@@ -579,6 +579,12 @@ def attach(
     )
     runner.prompt_store = store
     return store
+
+
+def beside(log_path: str | os.PathLike[str]) -> Path:
+    """The prompt cache directory of a chat log: ``chat.json`` -> ``chat.json.kv``."""
+    path = Path(log_path)
+    return path.with_name(path.name + ".kv")
 
 
 # -- the file format ----------------------------------------------------------------------------

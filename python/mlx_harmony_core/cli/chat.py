@@ -52,6 +52,16 @@ def run(args: argparse.Namespace) -> int:
         color=sys.stdout.isatty(),
         options=spec_options(args),
     )
+    store = None
+    if path is not None and session.engine.runner.group is None:
+        from ..prompt_store import attach, beside
+
+        # The conversation's KV cache beside its log: a resumed chat prefills only what is new.
+        store = attach(session.engine, beside(path), min_tokens=1, max_entries=1)
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401  (line editing and history for input())
-    return repl(session)
+    try:
+        return repl(session)
+    finally:
+        if store is not None:
+            store.close()

@@ -59,6 +59,11 @@ def run(args: argparse.Namespace) -> int:
         prefix_cache_bytes=values["prefix_cache_bytes"],
     )
     assert sock is not None
+    store = None
+    if values["prompt_cache_dir"]:  # long prompt prefixes kept on disk across restarts
+        from ..prompt_store import attach
+
+        store = attach(engine, values["prompt_cache_dir"], max_bytes=values["prompt_cache_bytes"])
     name = args.model_name or Path(args.model.rstrip("/")).name or args.model
     values.update(
         model_name=name,
@@ -74,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"chat page: http://{args.host}:{port}/", flush=True)
     serve(engine, host=args.host, port=port, options=options, sock=sock)
     print("server stopped", flush=True)
+    if store is not None:
+        store.close()  # queued caches are written before the process exits
     release_group(args.group)
     sys.stderr.flush()
     # The generation thread is parked; skip interpreter teardown, which can race MLX's

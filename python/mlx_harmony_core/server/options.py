@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ..prompt_store import DEFAULT_MAX_BYTES as PROMPT_CACHE_BYTES
+from ..prompt_store import MIN_MAX_BYTES as PROMPT_CACHE_MIN_BYTES
 from ..scheduler import MAX_BATCH, PREFILL_CHUNK
 
 MIB = 2**20
@@ -125,6 +127,18 @@ class ServerOptions:
     prefix_cache_entries: int = option(64, "KV caches kept for prefix reuse")
     prefix_cache_bytes: int = option(
         2048 * MIB, "prefix cache bound", name="--prefix-cache-mb", scale=MIB
+    )
+    # KV caches of long prompt prefixes on disk, kept across restarts (prompt_store.py).
+    prompt_cache_dir: str | None = option(
+        None, "keep KV caches of long prompt prefixes in DIR, across restarts (default: off)"
+    )
+    prompt_cache_bytes: int = option(
+        PROMPT_CACHE_BYTES,
+        f"bound of --prompt-cache-dir, least recently used evicted first (>= "
+        f"{PROMPT_CACHE_MIN_BYTES // MIB}; %(default)s)",
+        name="--prompt-cache-mb",
+        gt=0,
+        scale=MIB,
     )
     # The Responses API's stored responses (server/store.py).
     store: bool = option(
