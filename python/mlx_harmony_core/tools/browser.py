@@ -49,7 +49,7 @@ class _State:
 
     def add(self, page: Page, max_pages: int) -> int:
         self.stack.append(page)
-        self.cite.append((page.cite_url, page.title))
+        self.cite.append((page.cite_url, page.cite_title or page.title))
         live = [i for i, p in enumerate(self.stack) if p is not None]
         for i in live[: max(0, len(live) - max_pages)]:
             self.stack[i] = None
@@ -283,7 +283,10 @@ class Browser:
         if url.startswith("local://"):
             if self.index is None:
                 raise FetchError(f"Error fetching URL `{url}`: there is no local index here")
-            page = self.index.open(url)
+            try:
+                page = self.index.open(url)
+            except FetchError as exc:
+                raise FetchError(f"Error fetching URL `{url[:1024]}`: {exc}") from exc
         else:
             try:
                 got = fetch(
@@ -350,6 +353,7 @@ class Browser:
             urls=urls,
             snippets=snippets,
             cite_url=page.cite_url,
+            cite_title=page.title,
         )
         if page.cite_url:
             details["sources"] = [{"type": "url", "url": page.cite_url}]

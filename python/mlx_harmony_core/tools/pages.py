@@ -40,6 +40,7 @@ class Page:
     # search / find results: link id -> line to open at (None: the page's top)
     snippets: dict[str, int | None] | None = None
     cite_url: str | None = None  # what a citation of this page points at (None: nothing)
+    cite_title: str | None = None  # the cited page's title when not this one's (find results)
     _lines: list[str] | None = field(default=None, repr=False)
 
     @property
@@ -202,7 +203,7 @@ def _tidy(text: str) -> str:
 def text_to_page(text: str, url: str, title: str | None = None) -> Page:
     """A plain-text (or Markdown) document as a page; the title is its first ``#`` heading,
     else the last part of the URL."""
-    text = _clean(text.replace("\r\n", "\n"))
+    text = _clean(text.replace("\r\n", "\n")).rstrip()
     if title is None:
         m = re.search(r"^#\s+(.+)$", text, re.MULTILINE)
         title = m.group(1).strip() if m else domain_of(url) or url
