@@ -18,9 +18,13 @@ from __future__ import annotations
 import ast
 import builtins
 import contextlib
+import ctypes
 import json
 import linecache
 import os
+import resource
+import select
+import signal
 import struct
 import sys
 import traceback
@@ -38,8 +42,6 @@ SIGKILL = 9
 
 
 def _libc():  # noqa: ANN202 - ctypes handle
-    import ctypes
-
     return ctypes.CDLL(None, use_errno=True)
 
 
@@ -85,8 +87,6 @@ def enter_namespaces(features: list[str]) -> bool:
     uid, gid = os.geteuid(), os.getegid()
     flags = CLONE_NEWNET | CLONE_NEWPID | (0 if root else CLONE_NEWUSER)
     if libc.unshare(flags) != 0:
-        import ctypes
-
         features.append(f"no-namespaces(errno={ctypes.get_errno()})")
         return False
     if not root:
@@ -101,7 +101,6 @@ def enter_namespaces(features: list[str]) -> bool:
 
 def set_limits(cfg: dict, features: list[str]) -> None:
     """Resource limits for the REPL process and everything it starts."""
-    import resource
 
     def lim(name: str, soft: int, hard: int | None = None) -> None:
         what = getattr(resource, name, None)
@@ -145,8 +144,6 @@ def drop_privileges(cfg: dict, features: list[str]) -> None:
     os.setuid(uid)
     features.append(f"uid={uid}")
     if keep_read:
-        import ctypes
-
         header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, self
         bit = 1 << CAP_DAC_READ_SEARCH
         data = (ctypes.c_uint32 * 6)(bit, bit, bit, 0, 0, 0)  # effective, permitted, inheritable
@@ -192,8 +189,6 @@ def _flush(*_: object) -> None:
 
 def repl(req_fd: int, resp_fd: int, max_chars: int) -> None:
     """Serve cells until the parent closes the request pipe."""
-    import signal
-
     ns: dict = {"__name__": "__main__", "__builtins__": builtins}
     me = os.getpid()
     out, err = sys.stdout, sys.stderr
@@ -232,8 +227,6 @@ def _init_and_wait(child: int) -> None:
 
 
 def main() -> None:
-    import signal
-
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # only the REPL acts on it (see repl)
     cfg = json.loads(sys.argv[1])
     req_fd, resp_fd = int(cfg["req_fd"]), int(cfg["resp_fd"])
@@ -249,8 +242,6 @@ def main() -> None:
             os._exit(128 - code if code < 0 else code)
         os.close(alive_w)
         _libc().prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0)
-        import select
-
         if select.select([alive_r], [], [], 0)[0]:
             os._exit(1)  # the outer process died before the death signal was armed
         os.close(alive_r)

@@ -248,7 +248,7 @@ class _Session:
 
     def terminate(self) -> None:
         """Signal the process tree to die (safe while another thread is in a call)."""
-        if self.proc is not None:
+        if self.proc is not None and self.proc.returncode is None:  # not reaped: pid is ours
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
             with contextlib.suppress(ProcessLookupError):
@@ -262,6 +262,10 @@ class _Session:
             if exiting:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     code = self.proc.wait(timeout=2)
+            # the group too: without namespaces, what the code forked is only in W's group
+            # (a group id is not reused while any member lives)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
             self.terminate()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 code = self.proc.wait(timeout=5) if code is None else code
