@@ -258,7 +258,12 @@ def test_declaration_names_and_bad_calls():
 
         content = t.system_content(oh.SystemContent.new())
         assert list(content.tools) == ["python"]
-        assert "time out after 7.0 seconds" in content.tools["python"].description
+        description = content.tools["python"].description
+        assert "time out after 7.0 seconds" in description
+        from mlx_harmony_core.tools.python_sandbox import network_blocked
+
+        internet = "disabled" if network_blocked() else "UNKNOWN"
+        assert description.endswith(f"Internet access for this session is {internet}.")
         assert t.handles("python") and not t.handles("browser.search")
         r = t.run(ToolCall("browser.search", "{}", "s"))
         assert (r.status, r.text) == (

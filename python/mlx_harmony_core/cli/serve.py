@@ -11,7 +11,6 @@ import argparse
 import logging
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 from ..server.options import ServerOptions
@@ -23,6 +22,7 @@ from .common import (
     release_group,
     spec_options,
 )
+from .serve_models import build_pool, model_specs, several
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +30,13 @@ logger = logging.getLogger(__name__)
 def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     """The ``serve`` subcommand."""
     v = sub.add_parser("serve", parents=parents, help="OpenAI-compatible HTTP server")
-    v.add_argument("--model", "-m", default="demo", help="model directory, HF repo id, or 'demo'")
+    v.add_argument(
+        "--model",
+        "-m",
+        action="append",
+        help="model directory, .gguf file, HF repo id, or 'demo'; NAME=PATH names it; "
+        "repeat to serve several (the first is the default)",
+    )
     add_option_flags(v, ServerOptions)
     add_kv_flags(v.add_argument_group("model loading"))
     v.set_defaults(func=run)
@@ -49,22 +55,26 @@ def run(args: argparse.Namespace) -> int:
         logger.warning(
             "serving on %s without --api-key: anyone who can reach it can use it", args.host
         )
+    specs = model_specs(args, values)  # a bad -m / models file entry: an error, exit 2
+    args.model = specs[0].path
     leader = args.group is None or args.group.leader
     # A taken port is one clear line, before loading (rank 0 alone serves).
     sock = bind(args.host, args.port) if leader else None
-    engine = load_engine(
-        args.model,
-        args,
-        prefix_cache_entries=values["prefix_cache_entries"],
-        prefix_cache_bytes=values["prefix_cache_bytes"],
-    )
+    engine: Any = None
+    if not several(specs, values):
+        engine = load_engine(
+            args.model,
+            args,
+            prefix_cache_entries=values["prefix_cache_entries"],
+            prefix_cache_bytes=values["prefix_cache_bytes"],
+        )
     assert sock is not None
     store = None
     if values["prompt_cache_dir"]:  # long prompt prefixes kept on disk across restarts
         from ..prompt_store import attach
 
         store = attach(engine, values["prompt_cache_dir"], max_bytes=values["prompt_cache_bytes"])
-    name = args.model_name or Path(args.model.rstrip("/")).name or args.model
+    name = args.model_name or specs[0].name
     values.update(
         model_name=name,
         api_key=key,
@@ -73,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
         **spec_options(args),
     )
     options = ServerOptions(**values)
+    if engine is None:  # several models: each loads on first use (or now: --preload)
+        engine = build_pool(args, specs, options)
     port = sock.getsockname()[1]
     print(f"serving {name} on http://{args.host}:{port}/v1", flush=True)
     if options.web:

@@ -158,3 +158,21 @@ class ServerOptions:
         "log lines as plain text, or one JSON object each (a request's: id, model, endpoint, "
         "status, tokens, TTFT, duration, finish reason, client)",
     )
+    # Several models in one server (server/pool.py): -m NAME=PATH repeated, or a models file.
+    models_file: str | None = option(
+        None, "JSON or TOML file of the models to serve (names, paths, adapters, options)"
+    )
+    model_ttl_s: float | None = option(
+        None, "several models: unload one idle this many seconds", name="--model-ttl", gt=0
+    )
+    memory_budget_bytes: int | None = option(
+        None,
+        "several models: memory for their weights (default: 3/4 of the available memory)",
+        name="--memory-budget-mb",
+        gt=0,
+        scale=MIB,
+    )
+    lazy_load: bool = option(
+        True, "several models: load all at startup (default: each on first use)",
+        name="--preload", negate=True,
+    )  # fmt: skip

@@ -31,6 +31,9 @@ __all__ = ["BUILTIN_TOOL_NAMES", "BuiltinToolOptions", "BuiltinTools", "ToolCall
 
 def python_description(options: BuiltinToolOptions) -> str:
     """The reference's ``python`` tool description, with this sandbox's real limits."""
+    from .python_sandbox import network_blocked
+
+    internet = "disabled" if network_blocked() else "UNKNOWN"
     return (
         "Use this tool to execute Python code in your chain of thought. The code will not be "
         "shown to the user. This tool should be used for internal reasoning, but not for code "
@@ -40,7 +43,7 @@ def python_description(options: BuiltinToolOptions) -> str:
         "stateful Jupyter notebook environment. python will respond with the output of the "
         f"execution or time out after {options.python_timeout_s:.1f} seconds. The current "
         "working directory can be used to save files for this conversation. Internet access "
-        "for this session is disabled."
+        f"for this session is {internet}."
     )
 
 

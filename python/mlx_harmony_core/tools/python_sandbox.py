@@ -9,6 +9,7 @@ limit kills its session; the next call in that conversation starts fresh and say
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 import logging
@@ -64,6 +65,22 @@ def _install_readable() -> bool:
     import pydantic  # an installed package (site-packages), next to numpy & co.
 
     return _readable_by_others(Path(os.__file__)) and _readable_by_others(Path(pydantic.__file__))
+
+
+@functools.lru_cache(maxsize=1)
+def network_blocked() -> bool:
+    """Whether sandboxed code gets no network here: Linux when a network namespace can be
+    made (probed once in a throwaway process), macOS when ``sandbox-exec`` exists."""
+    if sys.platform == "darwin":
+        return shutil.which("sandbox-exec") is not None
+    if not sys.platform.startswith("linux"):
+        return False
+    flags = "0x40000000" if os.geteuid() == 0 else "0x50000000"  # NEWNET (| NEWUSER)
+    probe = f"import ctypes, sys; sys.exit(ctypes.CDLL(None).unshare({flags}) != 0)"
+    try:
+        return subprocess.run([sys.executable, "-I", "-c", probe], timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
 
 
 def _signal_reason(code: int | None, opts: BuiltinToolOptions) -> str:
