@@ -77,15 +77,17 @@ class EngineClient(Protocol):
 class LocalClient:
     """:class:`EngineClient` for an engine in this process: requests go to its
     continuous-batching scheduler, configured from ``options`` (up to ``max_batch`` decode
-    together, at most ``max_queue`` wait)."""
+    together, at most ``max_queue`` wait). ``worker``: the thread its scheduler runs on
+    (a :func:`~mlx_harmony_core.threads.worker`; default: the generation thread)."""
 
-    def __init__(self, engine: Any, options: ServerOptions) -> None:
+    def __init__(self, engine: Any, options: ServerOptions, worker: Any = None) -> None:
         self.engine = engine
         self.scheduler = engine.batching(
             max_batch=options.max_batch,
             max_queue=options.max_queue,
             kv_budget_bytes=options.kv_budget_bytes,
             prefill_chunk=options.prefill_chunk,
+            **({} if worker is None else {"worker": worker}),
         )
 
     @property
