@@ -88,19 +88,30 @@ class LocalIndex:
         db.commit()
 
     def _scan(self) -> dict[str, tuple[int, int]]:
-        """Indexable files under the folder: relative path -> (mtime_ns, size)."""
+        """Indexable files under the folder: relative path -> (mtime_ns, size). Plain
+        ``os.scandir`` (pathlib costs more than the stat calls here); hidden names and
+        symlinked folders are skipped."""
         found: dict[str, tuple[int, int]] = {}
-        for root, dirs, files in os.walk(self.folder):
-            dirs[:] = [d for d in dirs if not d.startswith(".")]
-            for name in files:
-                if name.startswith(".") or not name.lower().endswith(INDEX_EXTENSIONS):
-                    continue
-                path = Path(root) / name
-                try:
-                    st = path.stat()
-                except OSError:
-                    continue
-                found[path.relative_to(self.folder).as_posix()] = (st.st_mtime_ns, st.st_size)
+        stack = [""]
+        while stack:
+            rel_dir = stack.pop()
+            try:
+                entries = os.scandir(os.path.join(self.folder, rel_dir))
+            except OSError:
+                continue
+            with entries:
+                for entry in entries:
+                    if entry.name.startswith("."):
+                        continue
+                    rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            stack.append(rel)
+                        elif entry.name.lower().endswith(INDEX_EXTENSIONS):
+                            st = entry.stat()
+                            found[rel] = (st.st_mtime_ns, st.st_size)
+                    except OSError:
+                        continue
         return found
 
     def refresh(self) -> int:
