@@ -416,3 +416,33 @@ def test_no_backend_and_unknown_tool():
         BuiltinTools(["browse"])
     with pytest.raises(ValueError, match="search_url must start with http"):
         BuiltinToolOptions(search_url="localhost:8080")
+
+
+def test_tls_certificates_are_verified(tmp_path):
+    """An https server with a self-signed certificate is refused (verification is on)."""
+    import shutil
+    import ssl
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+         "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    httpd = _Server(("127.0.0.1", 0), _Handler)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"https://127.0.0.1:{httpd.server_address[1]}/page.html"
+        with BuiltinTools(["browser"], BuiltinToolOptions(browser_allow_private=True)) as t:
+            r = call(t, "browser.open", {"id": url})
+        assert r.status == "failed"
+        assert r.text.startswith(f"Error fetching URL `{url}`: TLS with 127.0.0.1 failed: ")
+        assert "CERTIFICATE_VERIFY_FAILED" in r.text
+    finally:
+        httpd.shutdown()

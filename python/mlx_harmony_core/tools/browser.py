@@ -96,6 +96,7 @@ class Browser:
             self.index = LocalIndex(
                 options.browser_index, options.browser_index_db, options.fetch_max_bytes
             )
+            self.index.refresh()  # built (or brought up to date) at startup, not on a call
             self.backends.append(self.index)
         if options.search_url is not None:
             self.backends.append(SearxngSearch(options.search_url, options.fetch_max_bytes))
