@@ -193,6 +193,22 @@ def test_network_is_unreachable(tools):
     assert r.text.endswith("OSError: [Errno 101] Network is unreachable\n")
 
 
+def test_forged_replies_end_the_session(tools):
+    run(tools, "w = 1", "forge")
+    code = (
+        "import os\nfor fd in range(3, 64):\n    try:\n        os.write(fd, b'\\xff' * 4)\n"
+        "    except OSError:\n        pass\n"
+    )
+    r = run(tools, code, "forge")
+    assert (r.status, r.text) == (
+        "failed",
+        "The python tool failed: the sandbox sent a malformed reply (the code wrote to its pipe)",
+    )
+    assert run(tools, "w", "forge").text.startswith(
+        "[The earlier python session was reset (the sandbox sent a malformed reply"
+    )
+
+
 def test_process_exit_is_reported(tools):
     run(tools, "a = 1", "exit")
     r = run(tools, "import os\nos._exit(3)", "exit")

@@ -35,6 +35,7 @@ WORKER = Path(__file__).with_name("_sandbox_worker.py")
 NO_OUTPUT = (
     "[WARN] No output available. Use print() to output anything to stdout to receive the output"
 )
+MALFORMED = "the sandbox sent a malformed reply (the code wrote to its pipe)"
 # macOS: Seatbelt profile that denies every network operation (the rest is allowed).
 MACOS_PROFILE = "(version 1)(allow default)(deny network*)"
 _uids = itertools.count()
@@ -175,9 +176,18 @@ class _Session:
             # the reply frame may already be buffered
             if len(self._buf) >= 4:
                 n = struct.unpack(">I", self._buf[:4])[0]
+                # the code can write to this pipe too: a frame larger than any real reply (two
+                # capped strings, JSON-escaped) or not an object ends the session
+                if n > 16 * limit + 65536:
+                    raise RuntimeError(MALFORMED)
                 if len(self._buf) >= 4 + n:
-                    reply = json.loads(self._buf[4 : 4 + n].decode("utf-8"))
+                    try:
+                        reply = json.loads(self._buf[4 : 4 + n].decode("utf-8"))
+                    except ValueError:
+                        reply = None
                     self._buf = self._buf[4 + n :]
+                    if not isinstance(reply, dict):
+                        raise RuntimeError(MALFORMED)
                     break
             left = deadline - time.monotonic()
             if left <= 0 or self.resp_r not in fds:
@@ -333,7 +343,10 @@ class PythonSandbox:
                 code, limit, max(0.01, limit - (time.monotonic() - t0))
             )
         except Exception as exc:  # noqa: BLE001 - the model reads it; the server goes on
-            logger.exception("python tool: session %s failed to run code", session)
+            if str(exc) == MALFORMED:
+                logger.warning("python tool: session %s: %s", session, exc)
+            else:
+                logger.exception("python tool: session %s failed to run code", session)
             sess.kill()
             text, status = f"The python tool failed: {exc}", "failed"
             reason = None if fresh else str(exc)
