@@ -139,7 +139,7 @@ class ModelPool:
         self._closing = threading.Event()
         self._reaper: threading.Thread | None = None
         if self.ttl_s is not None:
-            self._reaper = threading.Thread(target=self._reap, name="mhc-model-ttl", daemon=True)
+            self._reaper = threading.Thread(target=self._reap, name="mhc-pool-ttl", daemon=True)
             self._reaper.start()
 
     # -- the app's view ---------------------------------------------------------------------
