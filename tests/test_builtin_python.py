@@ -193,6 +193,17 @@ def test_network_is_unreachable(tools):
     assert r.text.endswith("OSError: [Errno 101] Network is unreachable\n")
 
 
+def test_sessions_cannot_touch_each_other(tools):
+    run(tools, "secret = 42\nimport os", "victim")
+    uid_a = run(tools, "os.getuid()", "victim").text
+    r = run(tools, "import os, signal\nos.kill(-1, signal.SIGKILL)", "attacker")
+    # kill(-1) reaches only what the attacker may signal: its own namespace/uid
+    assert r.status in ("completed", "failed", "incomplete")
+    assert run(tools, "secret", "victim").text == "42"
+    if os.geteuid() == 0:
+        assert run(tools, "import os; os.getuid()", "attacker2").text != uid_a
+
+
 def test_forged_replies_end_the_session(tools):
     run(tools, "w = 1", "forge")
     code = (

@@ -38,14 +38,31 @@ NO_OUTPUT = (
 MALFORMED = "the sandbox sent a malformed reply (the code wrote to its pipe)"
 # macOS: Seatbelt profile that denies every network operation (the rest is allowed).
 MACOS_PROFILE = "(version 1)(allow default)(deny network*)"
-_uids = itertools.count()
+UID_SLOTS = 10_000  # uids per server process (more than python_max_sessions allows)
+_uid_lock = threading.Lock()
+_uids_in_use: set[int] = set()
+_uid_slot = itertools.count()
 
 
-def _sandbox_uid() -> int | None:
-    """An unused uid for a root server's sessions (unique per session; high, unnamed range)."""
+def _claim_uid() -> int | None:
+    """An unused uid for a root server's session: unique among this process's live sessions
+    (two sessions sharing one could signal each other and share the process limit); a high,
+    unnamed range offset by the server's pid. None when not root."""
     if not hasattr(os, "geteuid") or os.geteuid() != 0:
         return None
-    return 2_000_000_000 + (os.getpid() % 1_000_000) * 1000 + next(_uids) % 1000
+    base = 2_000_000_000 + (os.getpid() % 100_000) * UID_SLOTS
+    with _uid_lock:
+        for _ in range(UID_SLOTS):
+            uid = base + next(_uid_slot) % UID_SLOTS  # round robin: a freed uid rests longest
+            if uid not in _uids_in_use:
+                _uids_in_use.add(uid)
+                return uid
+    raise RuntimeError("no free sandbox uid")
+
+
+def _release_uid(uid: int | None) -> None:
+    with _uid_lock:
+        _uids_in_use.discard(uid)  # type: ignore[arg-type]
 
 
 def _readable_by_others(path: Path) -> bool:
@@ -108,10 +125,12 @@ class _Session:
         self.workdir = tempfile.mkdtemp(prefix="mhc-python-")
         self.features: list[str] = []
         self.proc: subprocess.Popen[bytes] | None = None
+        self.uid: int | None = None
         self._buf = b""
 
     def start(self, deadline: float) -> None:
         """Start the process and wait for it to report its sandbox is in place."""
+        self.uid = _claim_uid()
         req_r, self.req_w = os.pipe()
         self.resp_r, resp_w = os.pipe()
         cfg = {
@@ -123,7 +142,7 @@ class _Session:
             "file_mb": self.opts.python_file_mb,
             "max_procs": self.opts.python_max_procs,
             "output_chars": self.opts.python_output_chars,
-            "uid": _sandbox_uid(),
+            "uid": self.uid,
             "keep_read": not _install_readable(),
         }
         cmd = [sys.executable, "-I", str(WORKER), json.dumps(cfg)]
@@ -305,6 +324,8 @@ class _Session:
                 os.close(getattr(self, fd))
                 setattr(self, fd, -1)
         shutil.rmtree(self.workdir, ignore_errors=True)
+        _release_uid(self.uid)
+        self.uid = None
         return code
 
 
