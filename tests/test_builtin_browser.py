@@ -25,6 +25,29 @@ or <a href="https://example.org/x">elsewhere</a>.</p>
 SECOND = "<html><head><title>Second</title></head><body><p>Madrid is in Spain.</p></body></html>"
 
 
+def make_pdf(lines: list[str]) -> bytes:
+    """A minimal one-page PDF showing ``lines`` in Helvetica (written by hand)."""
+    content = "BT /F1 12 Tf 72 720 Td 14 TL " + " ".join(f"({t}) Tj T*" for t in lines) + " ET"
+    objs = [
+        "<< /Type /Catalog /Pages 2 0 R >>",
+        "<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R "
+        "/Resources << /Font << /F1 5 0 R >> >> >>",
+        f"<< /Length {len(content)} >>\nstream\n{content}\nendstream",
+        "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+    ]
+    out = b"%PDF-1.4\n"
+    offsets = []
+    for i, obj in enumerate(objs, 1):
+        offsets.append(len(out))
+        out += f"{i} 0 obj\n{obj}\nendobj\n".encode()
+    xref = len(out)
+    out += f"xref\n0 {len(objs) + 1}\n0000000000 65535 f \n".encode()
+    out += b"".join(f"{off:010d} 00000 n \n".encode() for off in offsets)
+    out += f"trailer\n<< /Size {len(objs) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode()
+    return out
+
+
 class _Handler(BaseHTTPRequestHandler):
     routes: dict[str, tuple[int, dict[str, str], bytes]] = {}
     seen_hosts: list[str] = []
@@ -84,6 +107,8 @@ def server():
         "/image.png": (200, {"Content-Type": "image/png"}, b"\x89PNG"),
         "/slow": (200, html, b"<p>late</p>"),
         "/forbidden-search/search": (403, {}, b"forbidden"),
+        "/report.pdf": (200, {"Content-Type": "application/pdf"}, make_pdf(["Revenue grew 40%."])),
+        "/broken.pdf": (200, {"Content-Type": "application/pdf"}, b"%PDF-1.4 junk"),
     }
     httpd = _Server(("127.0.0.1", 0), _Handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
@@ -251,7 +276,7 @@ def test_http_pages_open_click_find_cite(server):
         r = call(t, "browser.open", {"id": f"{server}/image.png"})
         assert r.text == (
             f"Error fetching URL `{server}/image.png`: unsupported content type image/png "
-            "(the browser reads HTML and text)"
+            "(the browser reads HTML, text and PDF)"
         )
         r = call(t, "browser.open", {"id": f"{server}/missing"})
         assert r.text == f"Error fetching URL `{server}/missing`: HTTP 404 Not Found"
@@ -446,3 +471,29 @@ def test_tls_certificates_are_verified(tmp_path):
         assert "CERTIFICATE_VERIFY_FAILED" in r.text
     finally:
         httpd.shutdown()
+
+
+def test_pdf_documents(docs, tmp_path, server):
+    pytest.importorskip("pypdf")
+    (docs / "report.pdf").write_bytes(
+        make_pdf(["Quarterly report", "Revenue grew by forty percent."])
+    )
+    (docs / "broken.pdf").write_bytes(b"%PDF-1.4 not really")
+    opts = BuiltinToolOptions(
+        browser_index=docs, browser_index_db=tmp_path / "p.sqlite", browser_allow_private=True
+    )
+    with BuiltinTools(["browser"], opts) as t:
+        r = call(t, "browser.search", {"query": "revenue"})
+        assert (
+            "【0†report.pdf†report.pdf】 Quarterly report Revenue grew by forty percent." in r.text
+        )
+        r = call(t, "browser.open", {"id": 0})
+        assert r.text == (
+            "[1] report.pdf (local://report.pdf)\n**viewing lines [0 - 1] of 1**\n\n"
+            "L0: Quarterly report\nL1: Revenue grew by forty percent."
+        )
+        r = call(t, "browser.open", {"id": f"{server}/report.pdf"})
+        assert r.text.endswith("**viewing lines [0 - 0] of 0**\n\nL0: Revenue grew 40%.")
+        r = call(t, "browser.open", {"id": f"{server}/broken.pdf"})
+        assert r.status == "failed"
+        assert r.text.startswith(f"Error fetching URL `{server}/broken.pdf`: cannot read the PDF: ")

@@ -17,7 +17,15 @@ from urllib.parse import quote, unquote
 
 from .fetch import FetchError, FetchTimeout, fetch
 from .options import BuiltinToolOptions
-from .pages import Page, domain_of, html_to_page, strip_links, text_to_page
+from .pages import (
+    Page,
+    domain_of,
+    html_to_page,
+    pdf_available,
+    pdf_to_page,
+    strip_links,
+    text_to_page,
+)
 from .results import ToolCall, ToolResult
 from .search import LocalIndex, SearchBackend, SearchHit, SearxngSearch
 
@@ -305,10 +313,12 @@ class Browser:
                 page = text_to_page(text, got.url, title=None if not view_source else got.url)
             elif "html" in ctype:
                 page = html_to_page(got.body, got.url, got.charset)
+            elif ctype == "application/pdf":
+                page = self._pdf(got.body, got.url, got.truncated, url)
             else:
                 raise FetchError(
                     f"Error fetching URL `{url[:1024]}`: unsupported content type {ctype} "
-                    "(the browser reads HTML and text)"
+                    "(the browser reads HTML, text and PDF)"
                 )
             if got.truncated:
                 page.text += f"\n\n[... page truncated at {self.opts.fetch_max_bytes} bytes ...]"
@@ -322,6 +332,22 @@ class Browser:
         while len(state.cache) > self.opts.browser_max_pages:
             state.cache.popitem(last=False)
         return page
+
+    def _pdf(self, body: bytes, final_url: str, truncated: bool, url: str) -> Page:
+        if not pdf_available():
+            raise FetchError(
+                f"Error fetching URL `{url[:1024]}`: this server cannot read PDFs (the "
+                "optional pypdf package is not installed)"
+            )
+        if truncated:
+            raise FetchError(
+                f"Error fetching URL `{url[:1024]}`: the PDF is larger than "
+                f"{self.opts.fetch_max_bytes} bytes"
+            )
+        try:
+            return pdf_to_page(body, final_url)
+        except ValueError as exc:
+            raise FetchError(f"Error fetching URL `{url[:1024]}`: {exc}") from exc
 
     def _find(self, state: _State, args: dict[str, Any], details: dict[str, Any]) -> str:
         pattern = args.get("pattern")

@@ -200,6 +200,29 @@ def _tidy(text: str) -> str:
     return "\n".join(lines).strip("\n")
 
 
+def pdf_available() -> bool:
+    """Whether PDFs can be read (the optional ``pypdf`` package: ``mlx-harmony-core[pdf]``)."""
+    import importlib.util
+
+    return importlib.util.find_spec("pypdf") is not None
+
+
+def pdf_to_page(data: bytes, url: str) -> Page:
+    """A PDF's text (pages separated by an empty line) as a page; ValueError if unreadable."""
+    import io
+
+    import pypdf
+
+    try:
+        reader = pypdf.PdfReader(io.BytesIO(data))
+        texts = [(page.extract_text() or "").strip() for page in reader.pages]
+        meta = reader.metadata
+        title = str(meta.title).strip() if meta is not None and meta.title else None
+    except Exception as exc:  # noqa: BLE001 - pypdf raises many kinds on a bad file
+        raise ValueError(f"cannot read the PDF: {exc}") from exc
+    return text_to_page("\n\n".join(t for t in texts if t), url, title=title)
+
+
 def text_to_page(text: str, url: str, title: str | None = None) -> Page:
     """A plain-text (or Markdown) document as a page; the title is its first ``#`` heading,
     else the last part of the URL."""

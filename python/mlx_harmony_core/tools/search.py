@@ -1,5 +1,6 @@
 """Search backends of the browser tool, behind one small interface: a local document index
-(SQLite FTS5 over a folder of text, Markdown and HTML) and SearXNG's JSON API."""
+(SQLite FTS5 over a folder of text, Markdown, HTML and, with pypdf, PDF) and SearXNG's JSON
+API."""
 
 from __future__ import annotations
 
@@ -17,11 +18,11 @@ from typing import Protocol
 from urllib.parse import quote, unquote, urlencode, urlsplit
 
 from .fetch import FetchError, fetch
-from .pages import Page, html_to_page, strip_links, text_to_page
+from .pages import Page, html_to_page, pdf_available, pdf_to_page, strip_links, text_to_page
 
 logger = logging.getLogger(__name__)
 
-INDEX_EXTENSIONS = (".txt", ".md", ".markdown", ".html", ".htm")
+INDEX_EXTENSIONS = (".txt", ".md", ".markdown", ".html", ".htm", ".pdf")
 SCHEMA_VERSION = "1"
 
 
@@ -65,6 +66,9 @@ class LocalIndex:
         self.db_path = Path(db) if db is not None else home() / "browser-index" / f"{digest}.sqlite"
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes
+        self.pdf = pdf_available()
+        if not self.pdf:
+            logger.info("browser index: PDF files are skipped (install pypdf to index them)")
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.db_path, check_same_thread=False)
         self._setup()
@@ -107,7 +111,9 @@ class LocalIndex:
                     try:
                         if entry.is_dir(follow_symlinks=False):
                             stack.append(rel)
-                        elif entry.name.lower().endswith(INDEX_EXTENSIONS):
+                        elif entry.name.lower().endswith(INDEX_EXTENSIONS) and (
+                            self.pdf or not entry.name.lower().endswith(".pdf")
+                        ):
                             st = entry.stat()
                             found[rel] = (st.st_mtime_ns, st.st_size)
                     except OSError:
@@ -133,19 +139,20 @@ class LocalIndex:
                 if old is not None and old[:2] == (mtime, size):
                     continue
                 page = self._read(rel)
-                if page is None:
-                    continue
                 if old is not None:
                     db.execute("DELETE FROM docs WHERE rowid=?", (old[2],))
                     db.execute("DELETE FROM files WHERE id=?", (old[2],))
+                # an unreadable file is remembered too (no text), so it is not re-read until
+                # it changes
                 cur = db.execute(
                     "INSERT INTO files(path, mtime_ns, size, title) VALUES(?,?,?,?)",
-                    (rel, mtime, size, page.title),
+                    (rel, mtime, size, page.title if page is not None else None),
                 )
-                db.execute(
-                    "INSERT INTO docs(rowid, title, body) VALUES(?,?,?)",
-                    (cur.lastrowid, page.title, strip_links(page.text)),
-                )
+                if page is not None:
+                    db.execute(
+                        "INSERT INTO docs(rowid, title, body) VALUES(?,?,?)",
+                        (cur.lastrowid, page.title, strip_links(page.text)),
+                    )
                 changed += 1
             db.commit()
         if changed:
@@ -164,6 +171,12 @@ class LocalIndex:
         url = local_url(rel)
         if rel.lower().endswith((".html", ".htm")):
             return html_to_page(data, url)
+        if rel.lower().endswith(".pdf"):
+            try:
+                return pdf_to_page(data, url)
+            except ValueError as exc:
+                logger.warning("browser index: %s: %s", path, exc)
+                return None
         return text_to_page(data.decode("utf-8", "replace"), url)
 
     def search(self, query: str, topn: int, timeout_s: float) -> list[SearchHit]:
