@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import mlx_harmony_core as mhc
+from mlx_harmony_core import prompt_file as pf
 from mlx_harmony_core import prompt_store as ps
 from mlx_harmony_core.kv_cache import KVCache, QuantizedKVCache, RotatingKVCache
 from mlx_harmony_core.threads import generation
@@ -362,7 +363,7 @@ def test_a_full_disk_leaves_no_half_file_and_the_request_unaffected(
 ):
     baseline = generate(fresh, messages())
     fresh.prefix_cache.clear()
-    real = ps._write_chunks
+    real = pf.write_chunks
     calls = []
 
     def full_disk(f, chunks):
@@ -373,7 +374,7 @@ def test_a_full_disk_leaves_no_half_file_and_the_request_unaffected(
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(f, chunks)
 
-    monkeypatch.setattr(ps, "_write_chunks", full_disk)
+    monkeypatch.setattr(pf, "write_chunks", full_disk)
     store = ps.attach(fresh, tmp_path, min_tokens=16)
     with caplog.at_level(logging.WARNING, logger="mlx_harmony_core.prompt_store"):
         c = generate(fresh, messages())
@@ -382,7 +383,7 @@ def test_a_full_disk_leaves_no_half_file_and_the_request_unaffected(
     assert calls and files(tmp_path) == []  # no temp file, no entry
     assert store.stats.write_errors == 1 and len(store) == 0
     assert "disk full" in caplog.text
-    monkeypatch.setattr(ps, "_write_chunks", real)
+    monkeypatch.setattr(pf, "write_chunks", real)
     generate(fresh, messages(), n=3)  # the store goes on once there is room
     fresh.prefix_cache.clear()
     assert store.flush(60) and len(store) == 1

@@ -12,10 +12,9 @@ memory (numpy) and builds the arrays of a loaded one; a writer thread of this mo
 files (temp + fsync + rename) and evicts, and touches no MLX array. Nothing here can fail a
 request: a file that cannot be written, read or trusted is logged and skipped.
 
-File layout (little-endian): ``MAGIC`` (8 bytes), format version (u32), header length (u64),
-header CRC-32 (u32), the JSON header, then the arrays' raw bytes back to back (their CRC-32
-is in the header). The directory is bounded in bytes with least-recently-used eviction:
-a file's mtime is its last use, so the order survives restarts.
+Files (:mod:`.prompt_file`) are checked before use: a header and payload checksum, the
+format version and the model identity. The directory is bounded in bytes with
+least-recently-used eviction: a file's mtime is its last use, so the order survives restarts.
 """
 
 from __future__ import annotations
@@ -28,11 +27,9 @@ import json
 import logging
 import os
 import queue
-import struct
 import threading
 import time
-import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,44 +37,24 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from ._paths import public_mode
+from . import prompt_file as pf
 from ._version import __version__
-from .kv_cache import Cache, empty_cache
+from .kv_cache import Cache
+from .prompt_file import (
+    FORMAT_VERSION,
+    SUFFIX,
+    TMP_PREFIX,
+    CacheFileError,
+)
 
 logger = logging.getLogger(__name__)
 
 MIB = 2**20
-MAGIC = b"MHCKVPC\n"
-FORMAT_VERSION = 1
-SUFFIX = ".mhckv"
-TMP_PREFIX = ".mhckv-tmp-"
 # The one source of the store's defaults and limits (``serve`` flags and ``chat`` use them).
 DEFAULT_MAX_BYTES = 4096 * MIB
 MIN_MAX_BYTES = 1 * MIB
 MIN_TOKENS = 128  # shorter prefixes prefill faster than a file is found, read and checked
 STALE_TMP_S = 3600.0  # a temp file this old is a crashed write's, not another process's
-_PREAMBLE = struct.Struct("<8sIQI")
-_MX_TO_NP = {
-    "float32": np.float32,
-    "float16": np.float16,
-    "bfloat16": np.uint16,  # numpy has no bfloat16: its bits travel as uint16
-    "uint32": np.uint32,
-    "int32": np.int32,
-    "uint8": np.uint8,
-    "int8": np.int8,
-    "uint16": np.uint16,
-    "int16": np.int16,
-}
-
-
-class CacheFileError(ValueError):
-    """A cache file that cannot be used, and why: ``"corrupt"`` (ours, and deleted),
-    ``"version"`` (ours, another format version: left to LRU eviction), ``"foreign"`` (not
-    ours, or another model's: left alone) or ``"unusable"`` (left alone)."""
-
-    def __init__(self, message: str, *, reason: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 # -- model identity ---------------------------------------------------------------------------
@@ -164,7 +141,7 @@ class StoreEntry:
 @dataclass
 class _Job:
     tokens: np.ndarray
-    layers: list[tuple[str, dict[str, int], list[np.ndarray], list[str]]]
+    layers: pf.Layers
     trimmable: int
     nbytes: int
 
@@ -257,10 +234,10 @@ class PromptStore:
         its file cannot be used (logged; removed from the store, deleted if it is ours)."""
         start = time.perf_counter()
         try:
-            header, payload = _read(entry.path)
+            header, payload = pf.read(entry.path)
             if header.get("identity") != self.key:
                 raise CacheFileError("it was made for another model or build", reason="foreign")
-            caches = _build(header, payload)
+            caches = pf.build(header, payload)
             extra = len(entry.tokens) - n
             for c in caches:
                 if c.trim(extra) != extra:
@@ -317,7 +294,7 @@ class PromptStore:
         for c in cache:
             arrays = list(c.state)
             dtypes = [str(a.dtype).rsplit(".", 1)[-1] for a in arrays]
-            host = [_host(a) for a in arrays]
+            host = [pf.host_copy(a) for a in arrays]
             layers.append((c.kind, {k: int(v) for k, v in c.meta().items()}, host, dtypes))
         with self._lock:
             self._pending.append(t)
@@ -379,7 +356,7 @@ class PromptStore:
                 continue  # not a cache file: none of our business
             try:
                 with open(path, "rb") as f:
-                    header = _read_header(f)
+                    header = pf.read_header(f)
             except OSError as exc:
                 logger.warning("prompt cache: cannot read %s (%s); skipped", path, exc)
                 continue
@@ -496,9 +473,10 @@ class PromptStore:
     def _write(self, job: _Job) -> None:
         name = hashlib.sha256(self.key.encode() + job.tokens.tobytes()).hexdigest()[:40]
         path = self.directory / (name + SUFFIX)
-        header, chunks = _encode(self.key, self.identity, job)
+        made_by = {k: self.identity[k] for k in ("package", "mlx", "model") if k in self.identity}
+        header, chunks = pf.encode(self.key, made_by, job.tokens, job.layers, job.trimmable)
         try:
-            size = write_atomically(path, header, chunks)
+            size = pf.write_atomically(path, header, chunks)
         except OSError as exc:
             with self._lock:
                 self.stats.write_errors += 1
@@ -560,7 +538,7 @@ def attach(
 ) -> PromptStore:
     """Open a :class:`PromptStore` in ``directory`` for ``engine``'s model and let its runner
     use it (loading prefixes from it, offering finished caches to it). Call before serving:
-    it evaluates a few small arrays of the model."""
+    it evaluates a few small arrays of the model. A store attached before is closed."""
     runner = engine.runner
     if runner.group is not None:
         raise ValueError("a prompt cache on disk does not work with a distributed group")
@@ -577,7 +555,9 @@ def attach(
         max_entries=max_entries,
         model=runner.model,
     )
-    runner.prompt_store = store
+    old, runner.prompt_store = runner.prompt_store, store
+    if old is not None:
+        old.close()
     return store
 
 
@@ -585,153 +565,6 @@ def beside(log_path: str | os.PathLike[str]) -> Path:
     """The prompt cache directory of a chat log: ``chat.json`` -> ``chat.json.kv``."""
     path = Path(log_path)
     return path.with_name(path.name + ".kv")
-
-
-# -- the file format ----------------------------------------------------------------------------
-def write_atomically(path: Path, header: bytes, chunks: Iterable[memoryview | bytes]) -> int:
-    """Write ``header`` and ``chunks`` to a temp file beside ``path``, fsync, rename over
-    ``path``; returns the size. On any error the temp file is removed and the error raised."""
-    tmp = path.with_name(f"{TMP_PREFIX}{os.getpid()}-{threading.get_ident()}-{path.name}")
-    size = 0
-    try:
-        with open(tmp, "wb") as f:
-            size += _write_chunks(f, [header])
-            size += _write_chunks(f, chunks)
-            f.flush()
-            os.fsync(f.fileno())
-        public_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    with contextlib.suppress(OSError):  # the rename survives a crash once the dir is synced
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    return size
-
-
-def _write_chunks(f: Any, chunks: Iterable[memoryview | bytes]) -> int:
-    n = 0
-    for chunk in chunks:
-        n += f.write(chunk)
-    return n
-
-
-def _encode(key: str, identity: dict[str, Any], job: _Job) -> tuple[bytes, list[memoryview]]:
-    chunks: list[memoryview] = []
-    layers = []
-    offset, crc = 0, 0
-    for kind, meta, arrays, dtypes in job.layers:
-        specs = []
-        for a, dtype in zip(arrays, dtypes, strict=True):
-            view = memoryview(np.ascontiguousarray(a)).cast("B")
-            specs.append(
-                {"dtype": dtype, "shape": list(a.shape), "offset": offset, "nbytes": view.nbytes}
-            )
-            crc = zlib.crc32(view, crc)
-            chunks.append(view)
-            offset += view.nbytes
-        layers.append({"kind": kind, "meta": meta, "arrays": specs})
-    header = {
-        "identity": key,
-        "made_by": {k: identity[k] for k in ("package", "mlx", "model") if k in identity},
-        "tokens": job.tokens.tolist(),
-        "trimmable": job.trimmable,
-        "layers": layers,
-        "payload_bytes": offset,
-        "payload_crc32": crc,
-        "created": time.time(),
-    }
-    body = json.dumps(header, separators=(",", ":")).encode()
-    pre = _PREAMBLE.pack(MAGIC, FORMAT_VERSION, len(body), zlib.crc32(body))
-    return pre + body, chunks
-
-
-def _read_header(f: Any) -> dict[str, Any]:
-    """The checked header of the open cache file ``f`` (its payload is checked only by
-    :func:`_read`)."""
-    pre = f.read(_PREAMBLE.size)
-    if pre[:8] != MAGIC:
-        raise CacheFileError("not a prompt cache file of mlx-harmony-core", reason="foreign")
-    if len(pre) < _PREAMBLE.size:
-        raise CacheFileError("truncated (its preamble is cut short)", reason="corrupt")
-    _, version, hlen, hcrc = _PREAMBLE.unpack(pre)
-    if version != FORMAT_VERSION:
-        raise CacheFileError(
-            f"has format version {version}; this build reads {FORMAT_VERSION}",
-            reason="version",
-        )
-    size = os.fstat(f.fileno()).st_size
-    if _PREAMBLE.size + hlen > size:
-        raise CacheFileError("truncated (its header is cut short)", reason="corrupt")
-    body = f.read(hlen)
-    if zlib.crc32(body) != hcrc:
-        raise CacheFileError("corrupt (header checksum mismatch)", reason="corrupt")
-    try:
-        header = json.loads(body)
-    except ValueError:
-        raise CacheFileError("corrupt (header is not JSON)", reason="corrupt") from None
-    if not (
-        isinstance(header, dict)
-        and isinstance(header.get("identity"), str)
-        and isinstance(header.get("tokens"), list)
-        and all(isinstance(t, int) for t in header["tokens"])
-        and isinstance(header.get("layers"), list)
-        and isinstance(header.get("trimmable"), int)
-        and isinstance(header.get("payload_bytes"), int)
-    ):
-        raise CacheFileError("corrupt (header lacks fields)", reason="corrupt")
-    if _PREAMBLE.size + hlen + header["payload_bytes"] != size:
-        raise CacheFileError("truncated (its size does not match its header)", reason="corrupt")
-    return header
-
-
-def _read(path: Path) -> tuple[dict[str, Any], bytearray]:
-    with open(path, "rb") as f:
-        header = _read_header(f)
-        payload = bytearray(int(header["payload_bytes"]))
-        if f.readinto(payload) != len(payload):
-            raise CacheFileError("truncated (payload cut short)", reason="corrupt")
-    if zlib.crc32(payload) != header.get("payload_crc32"):
-        raise CacheFileError("corrupt (payload checksum mismatch)", reason="corrupt")
-    return header, payload
-
-
-def _build(header: dict[str, Any], payload: bytearray) -> list[Any]:
-    caches = []
-    n_tokens = len(header["tokens"])
-    for layer in header["layers"]:
-        arrays = []
-        for spec in layer["arrays"]:
-            np_dtype = _MX_TO_NP.get(spec["dtype"])
-            if np_dtype is None:
-                raise CacheFileError(f"corrupt (unknown dtype {spec['dtype']!r})", reason="corrupt")
-            host = np.frombuffer(
-                payload, dtype=np_dtype, count=int(np.prod(spec["shape"])), offset=spec["offset"]
-            ).reshape(spec["shape"])
-            a = mx.array(host)
-            if spec["dtype"] == "bfloat16":
-                a = a.view(mx.bfloat16)
-            arrays.append(a)
-        meta = {k: int(v) for k, v in layer["meta"].items()}
-        if meta.get("offset") != n_tokens:
-            raise CacheFileError(
-                "corrupt (a layer's offset is not its token count)", reason="corrupt"
-            )
-        c = empty_cache(layer["kind"], meta)
-        c.restore(arrays, meta)
-        caches.append(c)
-    return caches
-
-
-def _host(a: mx.array) -> np.ndarray:
-    """A host copy of an evaluated array (bfloat16 as its uint16 bits)."""
-    if a.dtype == mx.bfloat16:
-        a = a.view(mx.uint16)
-    return np.array(a, copy=True)
 
 
 def _common(a: np.ndarray, b: np.ndarray) -> int:

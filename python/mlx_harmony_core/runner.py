@@ -75,7 +75,7 @@ class ModelRunner:
             # A longer prefix on disk than in memory: load it (None if its file is unusable).
             entry, n = store.find(prompt, longer_than=self.prefix_cache.longest(prompt))
             loaded = store.load(entry, n) if entry is not None else None
-            if loaded is not None:
+            if loaded is not None and len(loaded) == len(self.new_cache()):
                 return loaded, n
         cache, common = self.prefix_cache.take(prompt)
         if cache is None:
