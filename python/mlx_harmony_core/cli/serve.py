@@ -23,6 +23,7 @@ from .common import (
     spec_options,
 )
 from .serve_models import build_pool, model_specs, several
+from .tool_flags import add_tool_flags, tool_names, tool_options
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
         "repeat to serve several (the first is the default)",
     )
     add_option_flags(v, ServerOptions)
+    add_tool_flags(v, loop=False)  # --tools and --max-tool-calls are ServerOptions'
     add_kv_flags(v.add_argument_group("model loading"))
     v.set_defaults(func=run)
 
@@ -50,6 +52,12 @@ def run(args: argparse.Namespace) -> int:
 
     log_only()  # a server's output is a log: loading progress as log lines
     values = option_values(args, ServerOptions)
+    try:  # --tools python,browser (or python browser); the tools' own limits
+        values["tools"] = tuple(n for t in values["tools"] for n in tool_names(t))
+        values["tool_options"] = tool_options(args) if values["tools"] else None
+    except (ValueError, argparse.ArgumentTypeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     key = values["api_key"] or os.environ.get("MLX_HARMONY_CORE_API_KEY") or None
     if args.host not in ("127.0.0.1", "localhost", "::1") and not key:
         logger.warning(

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ..options import MAX_TOOL_CALLS
 from ..prompt_store import DEFAULT_MAX_BYTES as PROMPT_CACHE_BYTES
 from ..prompt_store import MIN_MAX_BYTES as PROMPT_CACHE_MIN_BYTES
 from ..scheduler import MAX_BATCH, PREFILL_CHUNK
@@ -176,3 +177,11 @@ class ServerOptions:
         True, "several models: load all at startup (default: each on first use)",
         name="--preload", negate=True,
     )  # fmt: skip
+    # Built-in tools (tool_loop.py): run only when enabled here AND declared by a request.
+    tools: tuple[str, ...] = option(
+        (), "built-in tools requests may use: python, browser (off unless named)"
+    )
+    max_tool_calls: int = option(
+        MAX_TOOL_CALLS, "built-in tool calls run per reply, at most (%(default)s)", ge=0
+    )
+    tool_options: Any = None  # a tools.options.BuiltinToolOptions (its fields are flags too)
