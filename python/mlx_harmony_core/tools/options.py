@@ -38,7 +38,9 @@ class BuiltinToolOptions(BaseModel):
         600.0, ge=1.0, le=7 * 86400.0, description="an idle python session ends after (seconds)"
     )
     browser_index: Path | None = Field(
-        None, description="folder of .txt/.md/.html documents to search offline (SQLite FTS5)"
+        None,
+        description="folder of .txt/.md/.html (.pdf with pypdf) documents to search offline "
+        "(SQLite FTS5)",
     )
     browser_index_db: Path | None = Field(
         None,
