@@ -204,6 +204,31 @@ def test_sessions_cannot_touch_each_other(tools):
         assert run(tools, "import os; os.getuid()", "attacker2").text != uid_a
 
 
+def test_a_background_writer_does_not_hold_the_call(tools):
+    t0 = time.monotonic()
+    r = run(tools, "import subprocess\nsubprocess.Popen(['yes'])\n'started'", "yes")
+    assert time.monotonic() - t0 < 3
+    assert r.status == "completed" and r.text.endswith("'started'")
+    tools.end_session("yes")  # ends `yes` too
+
+
+def test_works_when_the_server_has_over_1024_open_files():
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip("cannot open 1200 files here")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    fds = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        with BuiltinTools(["python"]) as t:
+            assert t.run(ToolCall("python", "6 * 7", "fds")).text == "42"
+    finally:
+        for fd in fds:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
 def test_forged_replies_end_the_session(tools):
     run(tools, "w = 1", "forge")
     code = (

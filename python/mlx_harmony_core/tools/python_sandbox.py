@@ -78,6 +78,7 @@ def _readable_by_others(path: Path) -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=1)
 def _install_readable() -> bool:
     """Can an unprivileged uid import the standard library and the installed packages?"""
     import pydantic  # an installed package (site-packages), next to numpy & co.
@@ -99,6 +100,15 @@ def network_blocked() -> bool:
         return subprocess.run([sys.executable, "-I", "-c", probe], timeout=30).returncode == 0
     except (OSError, subprocess.SubprocessError):
         return False
+
+
+def _readable(fds: list[int], timeout: float) -> list[int]:
+    """The fds of ``fds`` ready to read (or at EOF) within ``timeout`` seconds. poll, not
+    select: a busy server's fds can be above select's limit of 1024."""
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    return [fd for fd, _ in poller.poll(max(0.0, timeout) * 1000)]
 
 
 def _signal_reason(code: int | None, opts: BuiltinToolOptions) -> str:
@@ -211,8 +221,7 @@ class _Session:
             left = deadline - time.monotonic()
             if left <= 0 or self.resp_r not in fds:
                 break
-            ready, _, _ = select.select(fds, [], [], left)
-            for fd in ready:
+            for fd in _readable(fds, left):
                 data = os.read(fd, 1 << 16)
                 if fd == self.resp_r:
                     if not data:
@@ -225,8 +234,11 @@ class _Session:
                     kept_n += len(data)
                 else:
                     dropped += len(data)
-        # what was written before the reply is already in the pipe: take it too
-        while self.out_fd in fds and select.select([self.out_fd], [], [], 0)[0]:
+        # what was written before the reply is already in the pipe: take it too (bounded: a
+        # process the code left running may keep writing)
+        for _ in range(64):
+            if self.out_fd not in fds or not _readable([self.out_fd], 0):
+                break
             data = os.read(self.out_fd, 1 << 16)
             if not data:
                 break
@@ -288,7 +300,9 @@ class _Session:
             try:
                 data = data[os.write(self.req_w, data) :]
             except BlockingIOError:
-                select.select([], [self.req_w], [], max(0.0, deadline - time.monotonic()))
+                poller = select.poll()
+                poller.register(self.req_w, select.POLLOUT)
+                poller.poll(max(0.0, deadline - time.monotonic()) * 1000)
             except OSError:
                 return  # the process is gone; the reply wait reports why
 
