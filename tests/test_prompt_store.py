@@ -147,12 +147,19 @@ def test_a_restarted_server_serves_a_long_system_prompt_from_disk(tmp_path):
     proc, url = _start_server(cache, log)
     try:
         again, usage2 = _chat(url)
+        with urllib.request.urlopen(url.removesuffix("/v1") + "/metrics", timeout=60) as r:
+            metrics = r.read().decode()
     finally:
         _stop(proc)
     cached = usage2["prompt_tokens_details"]["cached_tokens"]
     assert cached > 0.9 * usage2["prompt_tokens"]  # the system prompt and more came from disk
     assert again == first  # as the uncached run
     assert "loaded" in log.read_text() and "prompt cache" in log.read_text()
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {s.name: s.value for f in text_string_to_metric_families(metrics) for s in f.samples}
+    assert samples["mhc:prefix_cache_disk_hits_total"] == cached
+    assert samples["mhc:prefix_cache_hits_total"] == cached
 
 
 # -- through the engine --------------------------------------------------------------------------

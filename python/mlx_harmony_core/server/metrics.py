@@ -210,6 +210,16 @@ class _EngineGauges:
                     "Grammars compiled", name, grammars.compiles)  # fmt: skip
                 add(CounterMetricFamily, "mhc:structured_grammar_compile_seconds",
                     "Seconds spent compiling grammars", name, grammars.compile_seconds)  # fmt: skip
+            # The prompt cache on disk (prompt_store.py): its hits are in prefix_cache_hits too.
+            disk = getattr(getattr(engine, "runner", None), "prompt_store", None)
+            if disk is not None:
+                add(CounterMetricFamily, "mhc:prefix_cache_disk_hits",
+                    "Prompt tokens loaded from the prompt cache on disk", name,
+                    disk.stats.hit_tokens)  # fmt: skip
+                add(CounterMetricFamily, "mhc:prefix_cache_disk_writes",
+                    "Prompt caches written to disk", name, disk.stats.writes)  # fmt: skip
+                gauge("mhc:prefix_cache_disk_bytes", "Bytes of this model's prompt cache files",
+                      name, disk.nbytes)  # fmt: skip
         if pool is not None:
             stats = pool.stats()
             for name, m in stats["models"].items():
