@@ -51,9 +51,11 @@ def make_pdf(lines: list[str]) -> bytes:
 class _Handler(BaseHTTPRequestHandler):
     routes: dict[str, tuple[int, dict[str, str], bytes]] = {}
     seen_hosts: list[str] = []
+    seen_paths: list[str] = []
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
         self.seen_hosts.append(self.headers.get("Host", ""))
+        self.seen_paths.append(self.path)
         parts = urlsplit(self.path)
         if parts.path == "/slow":
             time.sleep(2)
@@ -280,6 +282,9 @@ def test_http_pages_open_click_find_cite(server):
         )
         r = call(t, "browser.open", {"id": f"{server}/missing"})
         assert r.text == f"Error fetching URL `{server}/missing`: HTTP 404 Not Found"
+        r = call(t, "browser.open", {"id": f"{server}/sécond page.html?q=a b"})
+        assert r.text == f"Error fetching URL `{server}/sécond page.html?q=a b`: HTTP 404 Not Found"
+        assert _Handler.seen_paths[-1] == "/s%C3%A9cond%20page.html?q=a%20b"
         r = call(t, "browser.open", {"id": f"{server}/page.html", "view_source": True})
         assert "L0: <html><head><title>Capitals</title></head><body>" in r.text
 

@@ -17,11 +17,12 @@ import ssl
 import time
 from dataclasses import dataclass
 from email.message import Message
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 logger = logging.getLogger(__name__)
 
 USER_AGENT = "mlx-harmony-core-browser/0.1"
+URL_SAFE = "/%:@!$&'()*+,;=-._~"
 _resolver = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="browser-dns")
 
 
@@ -125,6 +126,10 @@ def fetch(
         host = parts.hostname
         if not host:
             raise FetchError(f"the URL {url!r} has no host")
+        try:  # an internationalized name goes out (DNS, Host header, TLS) in its ASCII form
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError as exc:
+            raise FetchError(f"bad host name in {url!r}") from exc
         try:
             port = parts.port or (443 if parts.scheme == "https" else 80)
         except ValueError as exc:
@@ -134,9 +139,10 @@ def fetch(
         conn = _Pinned(host, port)
         conn.sock = sock  # already connected (and TLS-wrapped) to the checked address
         try:
-            path = parts.path or "/"
+            # spaces and non-ASCII characters percent-encoded; what is encoded stays
+            path = quote(parts.path or "/", safe=URL_SAFE)
             if parts.query:
-                path += "?" + parts.query
+                path += "?" + quote(parts.query, safe=URL_SAFE + "?")
             conn.request(
                 "GET",
                 path,
@@ -162,7 +168,7 @@ def fetch(
             )
         except TimeoutError as exc:
             raise FetchTimeout(f"fetching {url} timed out after {timeout_s:g} s") from exc
-        except (OSError, http.client.HTTPException) as exc:
+        except (OSError, ValueError, http.client.HTTPException) as exc:  # InvalidURL: ValueError
             raise FetchError(f"fetching {url} failed: {exc}") from exc
         finally:
             sock.close()
