@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import ctypes
 import gc
 import logging
 import threading
@@ -380,6 +382,7 @@ class ModelPool:
             held.clear()
             gc.collect()
             mx.clear_cache()
+            _trim_heap()
 
         e.worker.put(drop)
 
@@ -464,6 +467,13 @@ def _estimate(spec: ModelSpec) -> int:
         path = Path(spec.path or "").expanduser()
         files = [path] if path.is_file() else list(path.glob("*.safetensors"))
     return sum(f.stat().st_size for f in files if f.is_file())
+
+
+def _trim_heap() -> None:
+    """Give freed heap memory back to the system (glibc keeps it otherwise: a GGUF load's
+    many small buffers left ~110 of 150 MB resident after the unload; measured)."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: its allocator decides
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _mb(n: int) -> str:
