@@ -252,3 +252,37 @@ def test_continuation_reuses_the_held_cache(engine):
     # all but (at most) the tool message and primer came from the held cache.
     assert c.usage.prompt_tokens == first_prompt + len(script.seen[1])
     assert c.usage.cached_prompt_tokens >= first_prompt + leg1 - 1
+
+
+@pytest.mark.slow
+def test_random_demo_model_with_real_tools_100_replies():
+    """The random-weight demo model with the real python and browser tools enabled: 100
+    sampled replies (batched), none raises; whatever it calls is answered."""
+    eng = mhc.load("demo")
+    try:
+        prompts = [
+            {"messages": [{"role": "user", "content": f"question {i}"}], "params": p}
+            for i in range(100)
+            for p in [mhc.SamplingParams(temperature=1.0, seed=i)]
+        ]
+        out = eng.generate_batch(
+            prompts, builtin_tools=["python", "browser"], max_tokens=24, max_tool_calls=2
+        )
+        assert len(out) == 100
+        assert {c.finish_reason for c in out} <= {"stop", "length", "tool_calls"}
+        assert all(c.usage.completion_tokens <= 24 for c in out)
+    finally:
+        eng.close_tools()
+
+
+def test_real_python_tool_keeps_state_across_calls(engine):
+    """The sandboxed python tool (not a stand-in): a variable set by one call is read by
+    the next in the same reply."""
+    script = ScriptProcessor([python_call("x = 6 * 7"), python_call("print(x + 1)"), final("43")])
+    c = engine.generate("go", GREEDY, builtin_tools=["python"], logits_processors=[script])
+    assert c.text == "43"
+    assert c.builtin_calls[1].result.text.strip() == "43"
+    assert c.builtin_calls[1].result.status == "completed"
+    assert "43\n<|end|><|start|>assistant" in decode(script.seen[2]) or decode(
+        script.seen[2]
+    ).endswith("43<|end|><|start|>assistant")
