@@ -286,3 +286,25 @@ def test_real_python_tool_keeps_state_across_calls(engine):
     assert "43\n<|end|><|start|>assistant" in decode(script.seen[2]) or decode(
         script.seen[2]
     ).endswith("43<|end|><|start|>assistant")
+
+
+def test_two_tool_replies_batched_together(engine):
+    """Rows of one batch: each leaves for its tool (its cache extracted from the batch) and
+    rejoins from it; the answers and the cached counts are each reply's own."""
+    with_tools(engine, ("python",), delay=0.2)
+    scripts = [ScriptProcessor([python_call(f"print({n})"), final(f"answer {n}")]) for n in (1, 2)]
+    handles = [
+        engine.submit(
+            f"question number {n} " * 10,
+            GREEDY,
+            builtin_tools=["python"],
+            logits_processors=[s],
+        )
+        for n, s in zip((1, 2), scripts, strict=True)
+    ]
+    results = [h.result() for h in handles]
+    assert [c.text for c in results] == ["answer 1", "answer 2"]
+    for c, s in zip(results, scripts, strict=True):
+        assert c.builtin_calls[0].result.text.strip() == c.text[-1]
+        leg1 = len(python_call("print(1)"))
+        assert c.usage.cached_prompt_tokens >= len(s.seen[0]) + leg1 - 1

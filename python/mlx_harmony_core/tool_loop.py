@@ -10,7 +10,8 @@ held for it, out of the shared prefix cache's reach), the tool runs on a small w
 continuation rejoins the scheduler from that cache: only the tool message is prefilled.
 At most ``max_tool_calls`` calls run per reply; later ones are answered with an error
 message to the model. Function tools (``functions.*``) still end the reply, as without
-the loop.
+the loop. (A request whose reply is constrained, by ``response_format`` or strict function
+tools, has a grammar that leaves no room for a built-in call.)
 
 The front ends see one stream: the legs' deltas (a built-in call's text with
 ``kind == BUILTIN_CALL``), a :class:`ToolEvent` when a call starts running and one when it
@@ -204,6 +205,8 @@ class ToolLoop:
         self.handle._emit(item)
 
     def _leg_ended(self) -> None:
+        if self._ended:  # the leg failed (its error ended the reply)
+            return
         leg = self.leg
         call = self._pending_call(leg)
         if call is None or self.handle.cancelled or not self.legs:
