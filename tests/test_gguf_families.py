@@ -69,6 +69,23 @@ FAMILIES = {
         dict(add_layer_norm_eps=1e-5),
     ),
     "olmo2": (dict(model_type="olmo2"), {}),
+    "granite": (
+        dict(
+            model_type="granite",
+            attention_multiplier=0.2,
+            embedding_multiplier=3.0,
+            residual_multiplier=0.5,
+            logits_scaling=4.0,
+            attention_bias=False,
+            mlp_bias=False,
+        ),
+        dict(
+            add_attention_scale=0.2,
+            add_embedding_scale=3.0,
+            add_residual_scale=0.5,
+            add_logit_scale=4.0,
+        ),
+    ),
 }
 _ARCH = {"mixtral": "llama"}  # llama.cpp writes Mixtral as a llama file with experts
 
@@ -122,6 +139,7 @@ def test_registry_names_the_new_families():
         ("gemma3", "gemma3_text"),
         ("starcoder2", "starcoder2"),
         ("olmo2", "olmo2"),
+        ("granite", "granite"),
     ]:
         assert archs[arch] == model_type
     assert family_for(model_type="mixtral").name == "llama"

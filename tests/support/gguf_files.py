@@ -64,7 +64,7 @@ def write_gguf(path, arch, config, weights, *, qtype=None, tokenizer=None, meta=
             base, suffix = name, "weight"
         g = f"{_gguf_name(table, base)}.{suffix}"
         a = np.asarray(a, dtype=np.float32)
-        if arch == "llama" and base.endswith(("q_proj", "k_proj")):
+        if arch in ("llama", "granite") and base.endswith(("q_proj", "k_proj")):
             heads = config["num_attention_heads" if "q_proj" in base else "num_key_value_heads"]
             a = _permute(a, heads)
         if arch in ("gemma", "gemma2", "gemma3") and base.endswith("norm"):

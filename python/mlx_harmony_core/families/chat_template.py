@@ -17,6 +17,7 @@ __all__ = [
     "GEMMA",
     "GEMMA2",
     "GEMMA3",
+    "GRANITE",
     "LLAMA",
     "OLMO2",
     "PHI3",
@@ -124,6 +125,19 @@ def gemma3_config(get: MetadataGetter, common: dict[str, Any]) -> dict[str, Any]
     return common
 
 
+def granite_config(get: MetadataGetter, common: dict[str, Any]) -> dict[str, Any]:
+    """Granite: llama's layout with four multipliers (llama.cpp's ``*_scale`` keys)."""
+    common.update(
+        attention_multiplier=float(get("attention.scale", 1.0)),
+        embedding_multiplier=float(get("embedding_scale", 1.0)),
+        residual_multiplier=float(get("residual_scale", 1.0)),
+        logits_scaling=float(get("logit_scale", 1.0)),
+        attention_bias=False,
+        mlp_bias=False,
+    )
+    return common
+
+
 def starcoder2_config(get: MetadataGetter, common: dict[str, Any]) -> dict[str, Any]:
     """StarCoder2 uses LayerNorm: its epsilon is ``layer_norm_epsilon``."""
     common["norm_epsilon"] = float(get("attention.layer_norm_epsilon", 1e-5))
@@ -189,6 +203,15 @@ STARCODER2 = register(
         ("starcoder2",),
         gguf_architectures=("starcoder2",),
         gguf_config=starcoder2_config,
+    )
+)
+GRANITE = register(
+    Family(
+        "granite",
+        ("granite",),
+        gguf_architectures=("granite",),
+        gguf_config=granite_config,
+        fix_tensor=llama_tensor,
     )
 )
 OLMO2 = register(Family("olmo2", ("olmo2",), gguf_architectures=("olmo2",)))
