@@ -229,6 +229,29 @@ def test_works_when_the_server_has_over_1024_open_files():
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
+def test_file_system_is_read_only_but_the_working_directory(tools):
+    r = run(tools, "open('/tmp/x', 'w')", "fs")
+    features = _features(tools, "fs")
+    if "read-only-root" not in features or "tmpfs-workdir" not in features:
+        pytest.skip("no private mount namespace here (see the README)")
+    assert r.text.endswith("OSError: [Errno 30] Read-only file system: '/tmp/x'\n")
+    r = run(tools, "open('notes.txt', 'w').write('kept')\nopen('notes.txt').read()", "fs")
+    assert r.text == "'kept'"
+    # /proc shows the sandbox's own processes only: its init and the REPL
+    r = run(tools, "import os\nsorted(int(p) for p in os.listdir('/proc') if p.isdigit())", "fs")
+    assert r.text == "[1, 2]"
+
+
+def test_working_directory_space_is_bounded():
+    opts = BuiltinToolOptions(python_disk_mb=16, python_file_mb=8)
+    with BuiltinTools(["python"], opts) as t:
+        code = "for i in range(4):\n    open(f'f{i}', 'wb').write(b'x' * (6 << 20))"
+        r = t.run(ToolCall("python", code, "disk"))
+        if "tmpfs-workdir" not in t._python._sessions["disk"].features:
+            pytest.skip("no private mount namespace here (see the README)")
+    assert r.text.endswith("OSError: [Errno 28] No space left on device\n")
+
+
 def test_forged_replies_end_the_session(tools):
     run(tools, "w = 1", "forge")
     code = (

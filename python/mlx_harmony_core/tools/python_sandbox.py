@@ -150,6 +150,7 @@ class _Session:
             "cpu_s": self.opts.python_cpu_s,
             "memory_mb": self.opts.python_memory_mb,
             "file_mb": self.opts.python_file_mb,
+            "disk_mb": self.opts.python_disk_mb,
             "max_procs": self.opts.python_max_procs,
             "output_chars": self.opts.python_output_chars,
             "uid": self.uid,
@@ -337,7 +338,11 @@ class _Session:
             with contextlib.suppress(AttributeError, OSError):
                 os.close(getattr(self, fd))
                 setattr(self, fd, -1)
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        for _ in range(3):  # processes of a killed namespace may still be exiting
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            if not os.path.exists(self.workdir):
+                break
+            time.sleep(0.05)
         _release_uid(self.uid)
         self.uid = None
         return code
