@@ -48,7 +48,7 @@ CAP_DAC_READ_SEARCH = 2
 SIGKILL = 9
 
 
-def _libc():  # noqa: ANN202 - ctypes handle
+def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
 
 
@@ -86,7 +86,8 @@ def _write_file(path: str, text: str) -> None:
 
 
 def enter_namespaces(features: list[str]) -> bool:
-    """Unshare network + PID (+ user when unprivileged) namespaces; True when it worked."""
+    """Unshare network + PID (+ user when unprivileged) namespaces, then a mount namespace;
+    True when the first worked."""
     if not sys.platform.startswith("linux"):
         return False
     libc = _libc()
@@ -111,9 +112,18 @@ def enter_namespaces(features: list[str]) -> bool:
 
 
 def _mount(
-    libc, source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None
-) -> bool:  # noqa: ANN001
-    enc = lambda v: None if v is None else v.encode()  # noqa: E731
+    libc: ctypes.CDLL,
+    source: str | None,
+    target: str,
+    fstype: str | None,
+    flags: int,
+    data: str | None = None,
+) -> bool:
+    """mount(2); True when it worked."""
+
+    def enc(v: str | None) -> bytes | None:
+        return None if v is None else v.encode()
+
     libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
     return libc.mount(enc(source), enc(target), enc(fstype), flags, enc(data)) == 0
 
