@@ -242,6 +242,22 @@ def test_file_system_is_read_only_but_the_working_directory(tools):
     assert r.text == "[1, 2]"
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux capabilities")
+def test_no_capabilities_and_no_remount(tools):
+    code = (
+        "import ctypes\n"
+        "caps = [l.split()[1] for l in open('/proc/self/status') if l.startswith('CapEff')]\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "rc = libc.mount(None, b'/', None, 32, None)  # MS_REMOUNT, read-write\n"
+        "caps[0], rc, ctypes.get_errno()"
+    )
+    r = run(tools, code, "caps")
+    if "mount-namespace" not in _features(tools, "caps"):
+        pytest.skip("no private mount namespace here (see the README)")
+    # nothing, or only CAP_DAC_READ_SEARCH (root server, Python install unreadable by others)
+    assert r.text in ("('0000000000000000', -1, 1)", "('0000000000000004', -1, 1)")
+
+
 def test_working_directory_space_is_bounded():
     opts = BuiltinToolOptions(python_disk_mb=16, python_file_mb=8)
     with BuiltinTools(["python"], opts) as t:

@@ -45,6 +45,10 @@ PR_SET_NO_NEW_PRIVS = 38
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_RAISE = 2
 CAP_DAC_READ_SEARCH = 2
+PR_CAPBSET_DROP = 24
+PR_SET_SECUREBITS = 28
+# NOROOT, NO_SETUID_FIXUP, KEEP_CAPS and NO_CAP_AMBIENT_RAISE, each with its lock
+SECUREBITS_LOCKED_DOWN = 0xFF & ~(1 << 4)
 SIGKILL = 9
 
 
@@ -214,6 +218,21 @@ def drop_privileges(cfg: dict, features: list[str]) -> None:
         features.append("CAP_DAC_READ_SEARCH")
 
 
+def drop_capabilities(features: list[str]) -> None:
+    """In our own user namespace the REPL is its root, with every capability there (it could
+    remount the file system writable): drop them all, for good (securebits: uid 0 gains none
+    back through exec)."""
+    libc = _libc()
+    for cap in range(64):
+        libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)
+    if libc.prctl(PR_SET_SECUREBITS, SECUREBITS_LOCKED_DOWN, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "cannot lock the securebits")
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)
+    if libc.capset(header, (ctypes.c_uint32 * 6)()) != 0:
+        raise OSError(ctypes.get_errno(), "cannot drop capabilities")
+    features.append("no-capabilities")
+
+
 def run_cell(code: str, ns: dict, name: str, max_chars: int) -> str | None:
     """Execute a cell like a notebook: the last expression's repr is returned (None if the
     cell does not end in an expression or its value is None)."""
@@ -315,6 +334,8 @@ def main() -> None:
     os.chdir(cfg["workdir"])
     set_limits(cfg, features)
     drop_privileges(cfg, features)
+    if "user-namespace" in features:
+        drop_capabilities(features)
     write_msg(resp_fd, {"ready": True, "features": features, "pid": os.getpid()})
     repl(req_fd, resp_fd, int(cfg["output_chars"]))
 
