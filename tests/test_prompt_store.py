@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -512,3 +513,45 @@ def test_a_resumed_chat_prefills_only_what_is_new(tmp_path):
     child = spawn(log)
     assert turn(child, "And then?") == (p2, in_session)
     quit_(child)
+
+
+# -- off the critical path --------------------------------------------------------------------------
+def test_requests_never_wait_for_the_writer(fresh, tmp_path, monkeypatch):
+    gate = threading.Event()
+    real = pf.write_chunks
+
+    def slow_disk(f, chunks):
+        assert gate.wait(120)  # the file waits; requests go on meanwhile
+        return real(f, chunks)
+
+    monkeypatch.setattr(pf, "write_chunks", slow_disk)
+    store = ps.attach(fresh, tmp_path, min_tokens=16)
+    generate(fresh, messages())
+    fresh.prefix_cache.clear()
+    c = generate(fresh, messages("Something else entirely, and longer than before."))
+    assert c.usage.completion_tokens > 0
+    assert len(store) == 0 and not store.flush(0.1)  # nothing written yet
+    gate.set()
+    assert store.flush(120) and len(store) >= 1
+
+
+# -- the in-memory prefix cache's lookup -----------------------------------------------------------
+def test_prefix_cache_common_prefix_matches_the_obvious_reference():
+    from mlx_harmony_core.prefix_cache import PrefixCache, _common
+
+    def reference(a, b):
+        n = 0
+        for x, y in zip(a, b, strict=False):
+            if x != y:
+                break
+            n += 1
+        return n
+
+    rng = np.random.default_rng(5)
+    for _ in range(3000):
+        a = rng.integers(0, 3, rng.integers(0, 40)).tolist()
+        b = a[: rng.integers(0, len(a) + 1)] + rng.integers(0, 3, rng.integers(0, 6)).tolist()
+        assert _common(a, b) == _common(b, a) == reference(a, b)
+    pc = PrefixCache(max_entries=2)
+    pc.put([1, 2, 3, 4], fake_cache(4))
+    assert pc.longest((1, 2, 3, 9, 9)) == 3  # a tuple prompt is compared as a list
