@@ -204,6 +204,20 @@ def test_sessions_cannot_touch_each_other(tools):
         assert run(tools, "import os; os.getuid()", "attacker2").text != uid_a
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux process model")
+def test_a_process_that_leaves_the_group_is_killed_too(tools):
+    code = "import subprocess\nsubprocess.Popen(['setsid', 'sleep', '60'])\nimport os\nos.getuid()"
+    r = run(tools, code, "setsid")
+    uid = int(r.text)
+    if os.geteuid() != 0:
+        pytest.skip("checked by uid as root")
+    tools.end_session("setsid")
+    deadline = time.monotonic() + 5
+    while _pids_of_uid(uid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _pids_of_uid(uid)
+
+
 def test_a_background_writer_does_not_hold_the_call(tools):
     t0 = time.monotonic()
     r = run(tools, "import subprocess\nsubprocess.Popen(['yes'])\n'started'", "yes")
