@@ -308,3 +308,44 @@ def test_two_tool_replies_batched_together(engine):
         assert c.builtin_calls[0].result.text.strip() == c.text[-1]
         leg1 = len(python_call("print(1)"))
         assert c.usage.cached_prompt_tokens >= len(s.seen[0]) + leg1 - 1
+
+
+def test_real_browser_search_open_find_and_cite(engine, tmp_path):
+    """The real browser over a local FTS5 index built from a temp folder: search -> open ->
+    find -> an answer whose citation becomes a url_citation."""
+    from mlx_harmony_core.tools.options import BuiltinToolOptions
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "mlx.md").write_text(
+        "# MLX\n\nMLX is an array framework for machine learning research.\n"
+        "It runs on Apple silicon with unified memory.\n"
+    )
+    engine.enable_tools(
+        ["browser"], BuiltinToolOptions(browser_index=docs, browser_index_db=tmp_path / "i.db")
+    )
+    script = ScriptProcessor(
+        [
+            browser_call("search", {"query": "apple silicon"}),
+            browser_call("open", {"id": 0}),
+            browser_call("find", {"pattern": "unified"}),
+            final("It runs on Apple silicon【1†L3-L3】."),
+        ]
+    )
+    c = engine.generate("where does mlx run?", GREEDY, builtin_tools=["browser"],
+                        logits_processors=[script])  # fmt: skip
+    assert [r.result.status for r in c.builtin_calls] == ["completed"] * 3
+    assert [r.result.details["action"]["type"] for r in c.builtin_calls] == [
+        "search",
+        "open_page",
+        "find",
+    ]
+    seen = decode(script.seen[3])
+    assert (
+        "<|start|>browser.find to=assistant<|channel|>analysis<|message|>[2] Find results" in seen
+    )
+    assert "It runs on Apple silicon with unified memory.<|end|><|start|>assistant" in seen
+    text, annotations = c.cited
+    assert annotations[0]["url"] == "local://mlx.md" and annotations[0]["title"] == "MLX"
+    span = text[annotations[0]["start_index"] : annotations[0]["end_index"]]
+    assert "local://mlx.md" in span and "【" not in text
