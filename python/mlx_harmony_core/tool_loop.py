@@ -316,9 +316,13 @@ class ToolLoop:
         params = leg.sampler.params
         if params.seed is not None:  # each leg draws its own keys (draw indices restart)
             params = params.model_copy(update={"seed": params.seed + 7919 * len(self.legs)})
+        budget = self.first.options.max_reasoning_tokens
+        if budget is not None:  # the reply's reasoning budget, not each leg's
+            budget = max(0, budget - sum(c.usage.reasoning_tokens for c in self.legs))
         options = leg.options.model_copy(
             update={
                 "max_tokens": left,
+                "max_reasoning_tokens": budget,
                 "builtin_tools": None,
                 "tool_choice": None,
                 "truncate": False,
