@@ -555,3 +555,20 @@ def test_prefix_cache_common_prefix_matches_the_obvious_reference():
     pc = PrefixCache(max_entries=2)
     pc.put([1, 2, 3, 4], fake_cache(4))
     assert pc.longest((1, 2, 3, 9, 9)) == 3  # a tuple prompt is compared as a list
+
+
+def test_a_chat_whose_cache_directory_cannot_be_made_goes_on(tmp_path):
+    pexpect = pytest.importorskip("pexpect")
+    log = tmp_path / "c.json"
+    ps.beside(log).write_text("a file where the directory would go")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TERM": "dumb"}
+    args = ["-m", "mlx_harmony_core.cli", "chat", "--chat", str(log), "--max-tokens", "3"]
+    child = pexpect.spawn(sys.executable, args, env=env, encoding="utf-8", timeout=180)
+    child.expect_exact("warning: the chat's KV cache is not kept on disk")
+    child.expect_exact(">>> ")
+    child.sendline("Hi")
+    child.expect(r"\[(\d+) prompt")
+    child.expect_exact(">>> ")
+    child.sendline("\\quit")
+    child.expect(pexpect.EOF)
+    assert json.loads(log.read_text())["messages"][1]["role"] == "assistant"
