@@ -572,3 +572,11 @@ def test_a_chat_whose_cache_directory_cannot_be_made_goes_on(tmp_path):
     child.sendline("\\quit")
     child.expect(pexpect.EOF)
     assert json.loads(log.read_text())["messages"][1]["role"] == "assistant"
+
+
+def test_serve_with_a_bound_below_the_minimum_is_a_clear_error(tmp_path):
+    cmd = [sys.executable, "-m", "mlx_harmony_core.cli", "serve", "--port", "0"]
+    cmd += ["--prompt-cache-dir", str(tmp_path), "--prompt-cache-mb", "0.5"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert "prompt cache bound must be at least 1 MB" in done.stderr
