@@ -580,3 +580,26 @@ def test_serve_with_a_bound_below_the_minimum_is_a_clear_error(tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
     assert "prompt cache bound must be at least 1 MB" in done.stderr
+
+
+def test_quantized_kv_caches_restart_exactly(tmp_path):
+    engine = mhc.load("demo", cache_options={"kv_bits": 8})
+    try:
+        baseline = generate(engine, messages())
+        engine.prefix_cache.clear()
+        ps.attach(engine, tmp_path, min_tokens=16)
+        generate(engine, messages())
+        store = restart(engine, tmp_path, min_tokens=16)
+        again = generate(engine, messages())
+        assert again.usage.cached_prompt_tokens == again.usage.prompt_tokens - 1
+        assert again.text == baseline.text
+        kinds = {layer["kind"] for layer in _header(store.entries()[0].path)["layers"]}
+        assert "QuantizedKVCache" in kinds
+    finally:
+        if engine.runner.prompt_store is not None:
+            engine.runner.prompt_store.close()
+
+
+def _header(path):
+    with open(path, "rb") as f:
+        return pf.read_header(f)
