@@ -217,13 +217,15 @@ class ModelPool:
         blocking the event loop, for a load in progress). 404 for an unknown name, 503 when
         it cannot fit the memory budget, 500 when it fails to load."""
         e = self.entry(name)
-        if e.spec.base is not None and e.client is None:
-            base = await self.acquire(e.spec.base)  # held while the adapters load on it
-            try:
-                return await self._acquire(e, base.entry)
-            finally:
-                base.release()
-        return await self._acquire(e, None)
+        if e.spec.base is None:
+            return await self._acquire(e, None)
+        # An adapter entry: its base first (counters only when loaded), held while the
+        # adapters load on it (always, so an unload between two checks cannot slip in).
+        base = await self.acquire(e.spec.base)
+        try:
+            return await self._acquire(e, base.entry)
+        finally:
+            base.release()
 
     async def _acquire(self, e: _Entry, base: _Entry | None) -> Lease:
         with self._lock:
