@@ -433,3 +433,15 @@ def test_serve_two_models_and_a_bad_models_file(tmp_path, second):
         text, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, text
     assert "Traceback" not in text
+
+
+def test_preload_loads_every_model_before_serving(second):
+    pool = ModelPool(
+        [ModelSpec("demo", "demo"), ModelSpec("second", str(second))],
+        ServerOptions(lazy_load=False),
+    )
+    pool.preload()  # what serve --preload does before it binds the app
+    assert [pool.entries[n].state for n in pool.names] == ["loaded", "loaded"]
+    assert all(m["loads"] == 1 for m in pool.stats()["models"].values())
+    pool.shutdown()
+    assert pool.wait_idle(30)
