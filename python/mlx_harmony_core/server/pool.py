@@ -74,6 +74,7 @@ class _Entry:
         self.worker = worker(f"mhc-model-{index}")
         self.engine: Any = None
         self.client: Any = None  # counted, metered LocalClient while loaded
+        self.store: Any = None  # its prompt cache on disk (--prompt-cache-dir) while loaded
         self.loading: concurrent.futures.Future[None] | None = None
         self.users = 0  # leases and submitted requests
         self.pins = 0  # loaded adapter entries sharing these weights
@@ -328,6 +329,11 @@ class ModelPool:
 
                 engine = self._load(e.spec, e.opts)
                 nbytes = own_bytes(engine.model)
+            store = None
+            if e.opts.prompt_cache_dir:  # each model its own files (keyed by identity)
+                from ..prompt_store import attach
+
+                store = attach(engine, e.opts.prompt_cache_dir, max_bytes=e.opts.prompt_cache_bytes)
             client = LocalClient(engine, e.opts, worker=e.worker)
         except BaseException:
             with self._lock:
@@ -338,7 +344,7 @@ class ModelPool:
             raise
         seconds = time.perf_counter() - start
         with self._lock:
-            e.engine, e.client = engine, self.wrap(e.name, client)
+            e.engine, e.client, e.store = engine, self.wrap(e.name, client), store
             e.nbytes, e.load_seconds, e.loading = nbytes, seconds, None
             e.loads += 1
             used = sum(x.need() for x in self.entries.values() if x.state != "unloaded")
@@ -371,7 +377,7 @@ class ModelPool:
     def _unload(self, e: _Entry, why: str) -> None:
         """Drop ``e`` (idle) now; its memory is freed on its worker thread."""
         held = [e.engine, e.client]
-        e.engine = e.client = None
+        store, e.engine, e.client, e.store = e.store, None, None, None
         e.unloads += 1
         if e.spec.base is not None:
             self.entries[e.spec.base].pins -= 1
@@ -381,6 +387,8 @@ class ModelPool:
             import mlx.core as mx
 
             held[1].shutdown()
+            if store is not None:  # its queued caches are written before the model goes
+                store.close()
             held.clear()
             gc.collect()
             mx.clear_cache()
@@ -407,6 +415,14 @@ class ModelPool:
             clients = [e.client for e in self.entries.values() if e.client is not None]
         for c in clients:
             c.shutdown()
+
+    def close_stores(self) -> None:
+        """Write every loaded model's queued prompt caches to disk (after :meth:`shutdown`,
+        before the process exits)."""
+        with self._lock:
+            stores = [e.store for e in self.entries.values() if e.store is not None]
+        for store in stores:
+            store.close()
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until every model's loop and worker thread is parked."""
