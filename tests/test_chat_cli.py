@@ -193,7 +193,8 @@ def test_builtin_tools_shown_dimmed_logged_and_resumed(tmp_path):
     child.sendline("again?")
     child.expect_exact("It is 42.")
     child.expect(turn_end)
-    child.sendeof()
+    child.expect_exact(">>> ")
+    child.sendline("\\quit")  # (a Ctrl-D sent before the prompt reads can be lost)
     child.expect(pexpect.EOF)
     data = json.loads(log.read_text())
     assert [m["role"] for m in data["messages"]] == ["user", "assistant"] * 2
