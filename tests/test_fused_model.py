@@ -4,7 +4,6 @@ windows, YaRN RoPE) and the real SmolLM2 (Llama)."""
 
 import mlx.core as mx
 import numpy as np
-import pytest
 
 import mlx_harmony_core as mhc
 from mlx_harmony_core.cpu import fused

@@ -203,7 +203,8 @@ def test_attention_grad_matches_mlx(rng):
         return mx.grad(lambda q, k, v: op(q, k, v, scale=0.5).sum(), argnums=(0, 1, 2))(q, k, v)
 
     for a, b in zip(
-        g(_core.scaled_dot_product_attention), g(mx.fast.scaled_dot_product_attention),
+        g(_core.scaled_dot_product_attention),
+        g(mx.fast.scaled_dot_product_attention),
         strict=True,
     ):
         close(a, b)

@@ -24,7 +24,15 @@ import mlx.nn as nn
 
 from .. import _core
 
-__all__ = ["ENV", "active", "info", "kernels", "kernels_enabled", "switched_layers", "use_quant_kernels"]
+__all__ = [
+    "ENV",
+    "active",
+    "info",
+    "kernels",
+    "kernels_enabled",
+    "switched_layers",
+    "use_quant_kernels",
+]
 
 logger = logging.getLogger(__name__)
 
