@@ -31,12 +31,31 @@ def _compare(model, prompt, steps, rtol) -> None:
         np.testing.assert_allclose(a, b, rtol=0, atol=rtol * scale)
 
 
-def test_demo_model_fused_matches_mlx(demo_engine):
+class _Counting:
+    """``_core`` with its fused ops counted (the layers really take the fused path)."""
+
+    def __init__(self, core) -> None:
+        self.core, self.calls = core, {}
+
+    def __getattr__(self, name):
+        fn = getattr(self.core, name)
+
+        def counted(*args, **kwargs):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return fn(*args, **kwargs)
+
+        return counted
+
+
+def test_demo_model_fused_matches_mlx(demo_engine, monkeypatch):
     model = demo_engine.model
+    counting = _Counting(fused._core)
+    monkeypatch.setattr(fused, "_core", counting)
     assert isinstance(model.model.norm, fused.FusedRMSNorm)
     # Past the demo's sliding window so the rotating caches wrap.
     prompt = [int(t) for t in np.random.default_rng(0).integers(10, 1000, 150)]
     _compare(model, prompt, 6, rtol=1e-4 if model.model.norm.weight.dtype == mx.float32 else 2e-2)
+    assert {"rms_norm", "rope", "scaled_dot_product_attention"} <= set(counting.calls)
 
 
 def test_smollm2_fused_matches_mlx(smollm2_path):
