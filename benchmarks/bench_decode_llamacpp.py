@@ -141,10 +141,11 @@ def test_smollm2_ours_vs_llama_cpp(smollm2_path):
     for run in engines.values():  # warm up
         run(prompt[:16], 4)
     rows: dict[str, list[Row]] = {}
-    for _ in range(rounds):
+    title = f"SmolLM2-135M Q4_1, {prompt_n} + {gen} tokens, {threads} threads"
+    for k in range(rounds):
         for name, run in engines.items():
             rows.setdefault(name, []).append(run(prompt, gen))
-    print(_report(f"SmolLM2-135M Q4_1, {prompt_n} + {gen} tokens, {threads} threads", rows))
+        print(_report(f"{title}, after round {k + 1}", rows), flush=True)
     for runs in rows.values():
         assert all(r["decode"] > 0 and r["prefill"] > 0 for r in runs)
 
