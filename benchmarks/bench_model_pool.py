@@ -15,6 +15,7 @@ The real SmolLM2 GGUF joins the demo model where it is available.
 import asyncio
 import gc
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -111,7 +112,8 @@ def test_unload_frees_memory(model_path, tmp_path):
         f"(+{mb(loaded - before)}), unloaded {mb(after)} (-{mb(loaded - after)}), "
         f"reloaded {mb(reloaded)}, unloaded again {mb(again)}"
     )
-    assert loaded - after > 0.5 * (loaded - before)  # most of it came back
+    if sys.platform == "linux":  # RSS read from /proc; the C heap trimmed (glibc)
+        assert loaded - after > 0.5 * (loaded - before)  # most of it came back
 
 
 def test_adapter_entry_memory(tmp_path):

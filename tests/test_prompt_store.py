@@ -555,3 +555,51 @@ def test_prefix_cache_common_prefix_matches_the_obvious_reference():
     pc = PrefixCache(max_entries=2)
     pc.put([1, 2, 3, 4], fake_cache(4))
     assert pc.longest((1, 2, 3, 9, 9)) == 3  # a tuple prompt is compared as a list
+
+
+def test_a_chat_whose_cache_directory_cannot_be_made_goes_on(tmp_path):
+    pexpect = pytest.importorskip("pexpect")
+    log = tmp_path / "c.json"
+    ps.beside(log).write_text("a file where the directory would go")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TERM": "dumb"}
+    args = ["-m", "mlx_harmony_core.cli", "chat", "--chat", str(log), "--max-tokens", "3"]
+    child = pexpect.spawn(sys.executable, args, env=env, encoding="utf-8", timeout=180)
+    child.expect_exact("warning: the chat's KV cache is not kept on disk")
+    child.expect_exact(">>> ")
+    child.sendline("Hi")
+    child.expect(r"\[(\d+) prompt")
+    child.expect_exact(">>> ")
+    child.sendline("\\quit")
+    child.expect(pexpect.EOF)
+    assert json.loads(log.read_text())["messages"][1]["role"] == "assistant"
+
+
+def test_serve_with_a_bound_below_the_minimum_is_a_clear_error(tmp_path):
+    cmd = [sys.executable, "-m", "mlx_harmony_core.cli", "serve", "--port", "0"]
+    cmd += ["--prompt-cache-dir", str(tmp_path), "--prompt-cache-mb", "0.5"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert "prompt cache bound must be at least 1 MB" in done.stderr
+
+
+def test_quantized_kv_caches_restart_exactly(tmp_path):
+    engine = mhc.load("demo", cache_options={"kv_bits": 8})
+    try:
+        baseline = generate(engine, messages())
+        engine.prefix_cache.clear()
+        ps.attach(engine, tmp_path, min_tokens=16)
+        generate(engine, messages())
+        store = restart(engine, tmp_path, min_tokens=16)
+        again = generate(engine, messages())
+        assert again.usage.cached_prompt_tokens == again.usage.prompt_tokens - 1
+        assert again.text == baseline.text
+        kinds = {layer["kind"] for layer in _header(store.entries()[0].path)["layers"]}
+        assert "QuantizedKVCache" in kinds
+    finally:
+        if engine.runner.prompt_store is not None:
+            engine.runner.prompt_store.close()
+
+
+def _header(path):
+    with open(path, "rb") as f:
+        return pf.read_header(f)

@@ -279,3 +279,26 @@ def test_tool_flags_come_from_the_tools_options():
     assert chat.tools == ["python"] and chat.max_tool_calls == 2
     with pytest.raises(SystemExit):
         parser.parse_args(["chat", "--tools", "shell"])
+
+
+def test_python_state_lives_on_across_a_response_chain(served):
+    url, _ = served
+    c = client(url)
+    ci = [{"type": "code_interpreter", "container": {"type": "auto"}}]
+    outputs = ["code_interpreter_call.outputs"]
+    use(python_call("y = 5"), final("set"))
+    first = c.responses.create(model="demo", input="set y", tools=ci)
+    use(python_call("print(y)"), final("printed"))
+    second = c.responses.create(
+        model="demo", input="print y", tools=ci, include=outputs, previous_response_id=first.id
+    )
+    third = c.responses.create(
+        model="demo", input="print y", tools=ci, include=outputs, previous_response_id=second.id
+    )
+    for r in (second, third):
+        call = next(o for o in r.output if o.type == "code_interpreter_call")
+        assert call.outputs[0].logs == "5\n"
+    use(python_call("print(y)"), final("printed"))
+    fresh = c.responses.create(model="demo", input="print y", tools=ci, include=outputs)
+    call = next(o for o in fresh.output if o.type == "code_interpreter_call")
+    assert "NameError" in call.outputs[0].logs and call.status == "failed"

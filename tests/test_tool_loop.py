@@ -22,7 +22,7 @@ from support.tool_script import (
     toks,
 )
 
-builtin()  # the tools' module, or its stand-in until it is there
+builtin()  # the tools' module (ToolCall, ToolResult)
 GREEDY = mhc.SamplingParams(temperature=0)
 
 
@@ -349,3 +349,20 @@ def test_real_browser_search_open_find_and_cite(engine, tmp_path):
     assert annotations[0]["url"] == "local://mlx.md" and annotations[0]["title"] == "MLX"
     span = text[annotations[0]["start_index"] : annotations[0]["end_index"]]
     assert "local://mlx.md" in span and "【" not in text
+
+
+def test_reasoning_budget_is_the_replys(engine):
+    """max_reasoning_tokens bounds the reasoning of the whole reply, across its legs."""
+    with_tools(engine, ("python",))
+    script = ScriptProcessor(
+        [python_call("print(1)", "one two three"), python_call("print(2)", "four five six")]
+    )
+    c = engine.generate(
+        "go",
+        GREEDY,
+        builtin_tools=["python"],
+        logits_processors=[script],
+        max_reasoning_tokens=4,
+        max_tokens=120,
+    )
+    assert c.usage.reasoning_tokens <= 4

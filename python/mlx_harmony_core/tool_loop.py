@@ -32,7 +32,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import mlx.core as mx
+
 from .errors import InvalidRequestError
+from .prefix_cache import PrefixCache
 from .request import Completion, Request, StreamEvent, Timings, Usage
 from .scheduler import END, Handle, Sink
 
@@ -155,8 +158,6 @@ class ToolLoop:
         goes on with a tool call, so that the shared prefix cache cannot evict it."""
         if self._pending_call(self.leg) is None or self.handle.cancelled:
             return False
-        import mlx.core as mx
-
         mx.eval([c.state for c in cache])  # it may be handed out from another thread
         self._held = (list(tokens), cache)
         return True
@@ -164,8 +165,6 @@ class ToolLoop:
     def _take(self, prompt: Sequence[int]) -> tuple[list[Any], int]:
         """The continuation's cache: the held one (rewound to what ``prompt`` shares with
         it), else whatever the prefix cache has."""
-        from .prefix_cache import PrefixCache
-
         held, self._held = self._held, None
         if held is not None:
             one = PrefixCache(None, 1)
@@ -316,9 +315,13 @@ class ToolLoop:
         params = leg.sampler.params
         if params.seed is not None:  # each leg draws its own keys (draw indices restart)
             params = params.model_copy(update={"seed": params.seed + 7919 * len(self.legs)})
+        budget = self.first.options.max_reasoning_tokens
+        if budget is not None:  # the reply's reasoning budget, not each leg's
+            budget = max(0, budget - sum(c.usage.reasoning_tokens for c in self.legs))
         options = leg.options.model_copy(
             update={
                 "max_tokens": left,
+                "max_reasoning_tokens": budget,
                 "builtin_tools": None,
                 "tool_choice": None,
                 "truncate": False,
