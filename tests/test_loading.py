@@ -39,7 +39,11 @@ def test_logits_equal_mlx_lm_loader():
     ours, _, _ = mhc.load_model(path)
     theirs, _ = mlx_lm_load_model(path)
     tokens = mx.array([[200006, 1428, 200008, 13225, 1354, 0, 11, 3862, 200007]])
-    np.testing.assert_array_equal(np.array(ours(tokens)), np.array(theirs(tokens)))
+    # Bit-equal on MLX's ops; the fused CPU primitives are within rounding (test_fused_model).
+    from mlx_harmony_core.cpu.fused import fused
+
+    with fused(False):
+        np.testing.assert_array_equal(np.array(ours(tokens)), np.array(theirs(tokens)))
 
 
 def test_make_test_model_shapes_and_files(tmp_path):

@@ -9,13 +9,14 @@ void init_sampling(nb::module_& m);
 void init_stop(nb::module_& m);
 void init_cache(nb::module_& m);
 void init_quant(nb::module_& m);
+void init_fused(nb::module_& m);
 } // namespace mlx_harmony_core
 
 NB_MODULE(_core, m) {
   // mx.array must be registered before our signatures mention it.
   nb::module_::import_("mlx.core");
   m.doc() = "C++ core of mlx-harmony-core: sampler, KV caches, stop matching, "
-            "quantized matmuls.";
+            "quantized matmuls, fused decode primitives.";
   // Module-wide: an index out of range in any area is the caller's ValueError.
   nb::register_exception_translator([](const std::exception_ptr& p, void*) {
     try {
@@ -28,4 +29,5 @@ NB_MODULE(_core, m) {
   mlx_harmony_core::init_stop(m);
   mlx_harmony_core::init_cache(m);
   mlx_harmony_core::init_quant(m);
+  mlx_harmony_core::init_fused(m);
 }

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import mlx.core as mx
 
 from .experts import use_dense_experts
+from .fused import fused_enabled, use_fused_layers
 from .quant import kernels_enabled, use_quant_kernels
 
 if TYPE_CHECKING:
@@ -22,7 +23,8 @@ EXPERTS_ENV = "MLX_HARMONY_CORE_EXPERTS"  # "mlx" = MLX's own expert path
 
 
 def use_cpu_layers(model: nn.Module) -> None:
-    """On a CPU device: float experts expert by expert, quantized layers on our kernels."""
+    """On a CPU device: float experts expert by expert, quantized layers on our kernels,
+    RMSNorm / RoPE / attention on our fused primitives."""
     if mx.default_device() == mx.cpu and os.environ.get(EXPERTS_ENV) != "mlx":
         n = use_dense_experts(model)
         if n:
@@ -31,3 +33,7 @@ def use_cpu_layers(model: nn.Module) -> None:
         n = use_quant_kernels(model)
         if n:
             logger.info("%d quantized layers run on mlx-harmony-core's CPU kernels", n)
+    if fused_enabled():
+        n = use_fused_layers(model)
+        if n:
+            logger.info("%d layers run on mlx-harmony-core's fused CPU primitives", n)

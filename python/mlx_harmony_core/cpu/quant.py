@@ -24,7 +24,15 @@ import mlx.nn as nn
 
 from .. import _core
 
-__all__ = ["ENV", "info", "kernels", "kernels_enabled", "switched_layers", "use_quant_kernels"]
+__all__ = [
+    "ENV",
+    "active",
+    "info",
+    "kernels",
+    "kernels_enabled",
+    "switched_layers",
+    "use_quant_kernels",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +47,11 @@ def kernels_enabled() -> bool:
     """Whether loading switches quantized layers to our kernels: on a CPU device, unless
     ``MLX_HARMONY_CORE_QUANT_KERNELS=mlx``."""
     return os.environ.get(ENV, "").lower() != "mlx" and mx.default_device() == mx.cpu
+
+
+def active() -> bool:
+    """Whether switched layers run on our kernels now (False inside ``kernels(False)``)."""
+    return _active
 
 
 @contextlib.contextmanager

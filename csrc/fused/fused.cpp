@@ -1,0 +1,597 @@
+#include "fused/fused.h"
+
+#include "mlx/allocator.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/fast.h"
+#include "mlx/ops.h"
+#include "mlx/transforms.h"
+#include "quant/pool.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <sstream>
+#include <stdexcept>
+
+// Hot loops built for AVX2+FMA too, picked at load time (GCC/Clang on x86).
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && \
+    !defined(__AVX2__)
+#define MHC_CLONES __attribute__((target_clones("avx2,fma", "default")))
+#else
+#define MHC_CLONES
+#endif
+
+namespace mlx_harmony_core::fused {
+
+namespace {
+
+bool float_like(mx::Dtype t) {
+  return t == mx::float32 || t == mx::float16 || t == mx::bfloat16;
+}
+
+bool on_cpu(const mx::Stream& s) {
+  return s.device == mx::Device::cpu;
+}
+
+// Work (multiply-adds) from which a kernel splits over the thread pool.
+constexpr int64_t kParallelWork = 1 << 16;
+
+void parallel(int64_t n, int64_t work, const std::function<void(int64_t)>& f) {
+  if (n > 1 && work >= kParallelWork) {
+    quant::Pool::instance().run(n, f);
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      f(i);
+    }
+  }
+}
+
+MHC_CLONES float dot(const float* a, const float* b, int64_t n) {
+  float s = 0.f;
+  for (int64_t i = 0; i < n; ++i) {
+    s += a[i] * b[i];
+  }
+  return s;
+}
+
+MHC_CLONES void axpy(float a, const float* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    y[i] += a * x[i];
+  }
+}
+
+MHC_CLONES float sum_squares(const float* a, int64_t n) {
+  float s = 0.f;
+  for (int64_t i = 0; i < n; ++i) {
+    s += a[i] * a[i];
+  }
+  return s;
+}
+
+template <class T>
+void load_t(const T* p, int64_t stride, int64_t n, float* out) {
+  if (stride == 1) {
+    for (int64_t i = 0; i < n; ++i) {
+      out[i] = static_cast<float>(p[i]);
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      out[i] = static_cast<float>(p[i * stride]);
+    }
+  }
+}
+
+// n elements of a from element offset `off`, `stride` apart, as floats.
+// Returns a pointer into a itself when it holds contiguous float32 there.
+const float* load(const mx::array& a,
+                  int64_t off,
+                  int64_t stride,
+                  int64_t n,
+                  float* buf) {
+  switch (a.dtype()) {
+    case mx::float32:
+      if (stride == 1) {
+        return a.data<float>() + off;
+      }
+      load_t(a.data<float>() + off, stride, n, buf);
+      break;
+    case mx::float16:
+      load_t(a.data<mx::float16_t>() + off, stride, n, buf);
+      break;
+    case mx::bfloat16:
+      load_t(a.data<mx::bfloat16_t>() + off, stride, n, buf);
+      break;
+    case mx::bool_:
+      load_t(a.data<bool>() + off, stride, n, buf);
+      break;
+    default:
+      throw std::invalid_argument("[fused] unsupported dtype");
+  }
+  return buf;
+}
+
+// Rounds v to dtype t and back (what storing it as t keeps).
+float round_to(float v, mx::Dtype t) {
+  if (t == mx::float16) {
+    return static_cast<float>(static_cast<mx::float16_t>(v));
+  }
+  if (t == mx::bfloat16) {
+    return static_cast<float>(static_cast<mx::bfloat16_t>(v));
+  }
+  return v;
+}
+
+// Stores n floats at element offset off of the (contiguous) output.
+void store(const float* y, mx::array& out, int64_t off, int64_t n) {
+  switch (out.dtype()) {
+    case mx::float32:
+      std::memcpy(out.data<float>() + off, y, n * sizeof(float));
+      break;
+    case mx::float16: {
+      auto* o = out.data<mx::float16_t>() + off;
+      for (int64_t i = 0; i < n; ++i) {
+        o[i] = static_cast<mx::float16_t>(y[i]);
+      }
+      break;
+    }
+    default: {
+      auto* o = out.data<mx::bfloat16_t>() + off;
+      for (int64_t i = 0; i < n; ++i) {
+        o[i] = static_cast<mx::bfloat16_t>(y[i]);
+      }
+    }
+  }
+}
+
+// Element offset of row r (all axes but the last) of a, in a's strides.
+int64_t row_offset(const mx::array& a, int64_t r) {
+  int64_t off = 0;
+  for (int d = int(a.ndim()) - 2; d >= 0; --d) {
+    const int64_t n = a.shape(d);
+    off += (r % n) * a.strides()[d];
+    r /= n;
+  }
+  return off;
+}
+
+std::vector<mx::array> weak(const std::vector<mx::array>& inputs) {
+  std::vector<mx::array> v;
+  v.reserve(inputs.size());
+  for (auto& a : inputs) {
+    v.push_back(mx::array::unsafe_weak_copy(a));
+  }
+  return v;
+}
+
+std::string key_of(std::initializer_list<double> values) {
+  std::ostringstream s;
+  s.precision(17);
+  for (double v : values) {
+    s << v << ',';
+  }
+  return s.str();
+}
+
+// ---- RMSNorm: inputs x[, w] ------------------------------------------------
+
+void run_rms_norm(std::vector<mx::array>& in, mx::array& out, float eps) {
+  const mx::array& x = in[0];
+  const int64_t D = x.shape(-1);
+  const int64_t rows = D ? int64_t(x.size()) / D : 0;
+  const int64_t xs = x.strides().back();
+  const mx::Dtype t = out.dtype();
+  std::vector<float> wbuf(D);
+  const float* w = in.size() > 1 ? load(in[1], 0, in[1].strides()[0], D,
+                                        wbuf.data())
+                                 : nullptr;
+  parallel(rows, rows * D, [&](int64_t r) {
+    thread_local std::vector<float> buf;
+    buf.resize(2 * D);
+    const float* row = load(x, row_offset(x, r), xs, D, buf.data());
+    float* y = buf.data() + D;
+    const float n = 1.f / std::sqrt(sum_squares(row, D) / float(D) + eps);
+    for (int64_t i = 0; i < D; ++i) {
+      // MLX rounds x * n to the output dtype before the weight multiplies.
+      y[i] = round_to(row[i] * n, t);
+    }
+    if (w) {
+      for (int64_t i = 0; i < D; ++i) {
+        y[i] *= w[i];
+      }
+    }
+    store(y, out, r * D, D);
+  });
+}
+
+// ---- RoPE: inputs x, offset[, freqs] ---------------------------------------
+
+struct RopeSpec {
+  int dims;
+  bool traditional;
+  float base;
+  float scale;
+};
+
+void run_rope(std::vector<mx::array>& in, mx::array& out, RopeSpec sp) {
+  const mx::array& x = in[0];
+  const mx::array& offset = in[1];
+  const int nd = x.ndim();
+  const int64_t D = x.shape(-1), T = x.shape(-2);
+  const int64_t rows = D ? int64_t(x.size()) / D : 0;
+  const int64_t B = x.shape(0), per_batch = B ? rows / B : 0;
+  const int half = sp.dims / 2;
+  std::vector<float> inv(half);
+  if (in.size() > 2) {
+    std::vector<float> fbuf(half);
+    const float* f =
+        load(in[2], 0, in[2].strides().empty() ? 1 : in[2].strides()[0], half,
+             fbuf.data());
+    for (int i = 0; i < half; ++i) {
+      inv[i] = 1.f / f[i];
+    }
+  } else {
+    const float step = std::log(sp.base) / half;
+    for (int i = 0; i < half; ++i) {
+      inv[i] = std::exp(float(-i) * step);
+    }
+  }
+  std::vector<int64_t> offs(offset.size());
+  for (size_t i = 0; i < offset.size(); ++i) {
+    const int64_t o = offset.ndim() ? i * offset.strides()[0] : 0;
+    offs[i] = offset.data<int32_t>()[o];
+  }
+  const int64_t xs = x.strides().back();
+  const mx::Dtype t = out.dtype();
+  (void)nd;
+  parallel(rows, rows * D * 4, [&](int64_t r) {
+    thread_local std::vector<float> buf;
+    buf.resize(2 * D + 2 * half);
+    const float* row = load(x, row_offset(x, r), xs, D, buf.data());
+    float* y = buf.data() + D;
+    float* c = y + D;
+    float* s = c + half;
+    const int64_t tpos = r % T;
+    const int64_t b = r / per_batch;
+    const float pos =
+        (float(tpos) + float(offs.size() > 1 ? offs[b] : offs[0])) * sp.scale;
+    for (int i = 0; i < half; ++i) {
+      const float theta = pos * inv[i];
+      c[i] = round_to(std::cos(theta), t);
+      s[i] = round_to(std::sin(theta), t);
+    }
+    if (sp.traditional) {
+      for (int i = 0; i < half; ++i) {
+        const float x1 = row[2 * i], x2 = row[2 * i + 1];
+        y[2 * i] = x1 * c[i] - x2 * s[i];
+        y[2 * i + 1] = x1 * s[i] + x2 * c[i];
+      }
+    } else {
+      for (int i = 0; i < half; ++i) {
+        const float x1 = row[i], x2 = row[i + half];
+        y[i] = x1 * c[i] - x2 * s[i];
+        y[i + half] = x1 * s[i] + x2 * c[i];
+      }
+    }
+    for (int64_t i = sp.dims; i < D; ++i) {
+      y[i] = row[i];
+    }
+    store(y, out, r * D, D);
+  });
+}
+
+// ---- Attention: inputs q, k, v[, mask][, sinks] ----------------------------
+
+struct SdpaSpec {
+  float scale;
+  bool causal;
+  bool has_mask;
+  bool has_sinks;
+};
+
+void run_sdpa(std::vector<mx::array>& in, mx::array& out, SdpaSpec sp) {
+  const mx::array &q = in[0], &k = in[1], &v = in[2];
+  const mx::array* mask = sp.has_mask ? &in[3] : nullptr;
+  const mx::array* sinks = sp.has_sinks ? &in.back() : nullptr;
+  const int64_t B = q.shape(0), Hq = q.shape(1), Lq = q.shape(2),
+                D = q.shape(3);
+  const int64_t Hk = k.shape(1), Lk = k.shape(2), Dv = v.shape(3);
+  const int64_t rep = Hq / Hk;
+  const float lowest = std::numeric_limits<float>::lowest();
+  const auto& qs = q.strides();
+  const auto& ks = k.strides();
+  const auto& vs = v.strides();
+  // One task per (batch, query head): its rows share the keys read.
+  parallel(B * Hq, B * Hq * Lq * Lk * (D + Dv), [&](int64_t task) {
+    const int64_t b = task / Hq, h = task % Hq, hk = h / rep;
+    thread_local std::vector<float> buf;
+    buf.resize(D + D + Dv + Dv + Lk + Lk);
+    float* qrow = buf.data();
+    float* kbuf = qrow + D;
+    float* vbuf = kbuf + D;
+    float* acc = vbuf + Dv;
+    float* scores = acc + Dv;
+    float* mrow = scores + Lk;
+    const float sink =
+        sinks ? load(*sinks, h * sinks->strides()[0], 1, 1, kbuf)[0] : 0.f;
+    const int64_t kbase = b * ks[0] + hk * ks[1];
+    const int64_t vbase = b * vs[0] + hk * vs[1];
+    for (int64_t i = 0; i < Lq; ++i) {
+      const float* qr = load(q, b * qs[0] + h * qs[1] + i * qs[2], qs[3], D,
+                             kbuf);
+      for (int64_t d = 0; d < D; ++d) {
+        qrow[d] = qr[d] * sp.scale;
+      }
+      const int64_t last = sp.causal ? i + (Lk - Lq) : Lk - 1;
+      const float* m = nullptr;
+      if (mask) {
+        const auto& ms = mask->strides();
+        m = load(*mask, b * ms[0] + h * ms[1] + i * ms[2], ms[3], Lk, mrow);
+      }
+      float mx_score = sinks ? sink : lowest;
+      for (int64_t j = 0; j < Lk; ++j) {
+        float sc;
+        if (j > last) {
+          sc = lowest;
+        } else {
+          const float* kr =
+              load(k, kbase + j * ks[2], ks[3], D, kbuf);
+          sc = dot(qrow, kr, D);
+          if (m) {
+            if (mask->dtype() == mx::bool_) {
+              sc = m[j] != 0.f ? sc : lowest;
+            } else {
+              sc += m[j];
+            }
+          }
+        }
+        scores[j] = sc;
+        mx_score = std::max(mx_score, sc);
+      }
+      float total = sinks ? std::exp(sink - mx_score) : 0.f;
+      for (int64_t j = 0; j < Lk; ++j) {
+        scores[j] = std::exp(scores[j] - mx_score);
+        total += scores[j];
+      }
+      std::fill(acc, acc + Dv, 0.f);
+      const float norm = 1.f / total;
+      for (int64_t j = 0; j < Lk; ++j) {
+        const float p = scores[j] * norm;
+        if (p == 0.f) {
+          continue;
+        }
+        const float* vr = load(v, vbase + j * vs[2], vs[3], Dv, vbuf);
+        axpy(p, vr, acc, Dv);
+      }
+      store(acc, out, ((b * Hq + h) * Lq + i) * Dv, Dv);
+    }
+  });
+}
+
+} // namespace
+
+// ---- FusedPrimitive ---------------------------------------------------------
+
+void FusedPrimitive::eval_cpu(const std::vector<mx::array>& inputs,
+                              mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  for (auto& in : inputs) {
+    encoder.set_input_array(in);
+  }
+  encoder.set_output_array(out);
+  encoder.dispatch([ins = weak(inputs),
+                    out = mx::array::unsafe_weak_copy(out),
+                    run = run_]() mutable { run(ins, out); });
+}
+
+void FusedPrimitive::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error(std::string(name_) +
+                           " runs on the CPU; on a GPU stream the op returns "
+                           "MLX's own");
+}
+
+std::vector<mx::array>
+FusedPrimitive::vjp(const std::vector<mx::array>& primals,
+                    const std::vector<mx::array>& cotangents,
+                    const std::vector<int>& argnums,
+                    const std::vector<mx::array>&) {
+  auto fn = [f = fallback_](const std::vector<mx::array>& xs) {
+    return f(xs);
+  };
+  auto [_, vjps] = mx::vjp(fn, primals, cotangents);
+  std::vector<mx::array> outs;
+  for (int a : argnums) {
+    outs.push_back(vjps[a]);
+  }
+  return outs;
+}
+
+std::vector<mx::array>
+FusedPrimitive::jvp(const std::vector<mx::array>& primals,
+                    const std::vector<mx::array>& tangents,
+                    const std::vector<int>& argnums) {
+  std::vector<mx::array> all;
+  for (size_t i = 0, j = 0; i < primals.size(); ++i) {
+    if (j < argnums.size() && int(i) == argnums[j]) {
+      all.push_back(tangents[j++]);
+    } else {
+      all.push_back(mx::zeros_like(primals[i]));
+    }
+  }
+  auto fn = [f = fallback_](const std::vector<mx::array>& xs) {
+    return f(xs);
+  };
+  return mx::jvp(fn, primals, all).second;
+}
+
+std::pair<std::vector<mx::array>, std::vector<int>>
+FusedPrimitive::vmap(const std::vector<mx::array>& inputs,
+                     const std::vector<int>& axes) {
+  auto fn = [f = fallback_](const std::vector<mx::array>& xs) {
+    return f(xs);
+  };
+  auto outs = mx::vmap(fn, axes)(inputs);
+  return {outs, std::vector<int>(outs.size(), 0)};
+}
+
+bool FusedPrimitive::is_equivalent(const mx::Primitive& other) const {
+  auto* o = dynamic_cast<const FusedPrimitive*>(&other);
+  return o && std::strcmp(o->name_, name_) == 0 && o->key_ == key_;
+}
+
+// ---- ops --------------------------------------------------------------------
+
+mx::array rms_norm(const mx::array& x,
+                   const std::optional<mx::array>& weight,
+                   float eps,
+                   mx::StreamOrDevice s_) {
+  auto ref = mx::fast::rms_norm(x, weight, eps, s_);
+  const mx::Stream s = mx::to_stream(s_);
+  if (!on_cpu(s) || !float_like(x.dtype()) || !float_like(ref.dtype())) {
+    return ref;
+  }
+  const mx::Dtype t = ref.dtype();
+  std::vector<mx::array> inputs{x};
+  if (weight) {
+    inputs.push_back(mx::astype(*weight, t, s));
+  }
+  const bool has_weight = weight.has_value();
+  auto fallback = [eps, has_weight, s](std::vector<mx::array> in) {
+    return std::vector<mx::array>{mx::fast::rms_norm(
+        in[0],
+        has_weight ? std::optional<mx::array>(in[1]) : std::nullopt,
+        eps,
+        s)};
+  };
+  return mx::array(
+      x.shape(),
+      t,
+      std::make_shared<FusedPrimitive>(
+          s,
+          "FusedRMSNorm",
+          key_of({eps, double(has_weight)}),
+          fallback,
+          [eps](std::vector<mx::array>& in, mx::array& out) {
+            run_rms_norm(in, out, eps);
+          }),
+      std::move(inputs));
+}
+
+mx::array rope(const mx::array& x,
+               int dims,
+               bool traditional,
+               std::optional<float> base,
+               float scale,
+               const mx::array& offset,
+               const std::optional<mx::array>& freqs,
+               mx::StreamOrDevice s_) {
+  // MLX's op validates the arguments (and is the result off the CPU).
+  auto ref =
+      mx::fast::rope(x, dims, traditional, base, scale, offset, freqs, s_);
+  const mx::Stream s = mx::to_stream(s_);
+  if (!on_cpu(s) || !float_like(x.dtype()) ||
+      (freqs && !float_like(freqs->dtype())) || (!freqs && !base)) {
+    return ref;
+  }
+  std::vector<mx::array> inputs{x, mx::astype(offset, mx::int32, s)};
+  if (freqs) {
+    inputs.push_back(*freqs);
+  }
+  const RopeSpec spec{dims, traditional, base.value_or(0.f), scale};
+  const bool has_freqs = freqs.has_value();
+  auto fallback = [spec, has_freqs, s](std::vector<mx::array> in) {
+    return std::vector<mx::array>{mx::fast::rope(
+        in[0],
+        spec.dims,
+        spec.traditional,
+        has_freqs ? std::nullopt : std::optional<float>(spec.base),
+        spec.scale,
+        in[1],
+        has_freqs ? std::optional<mx::array>(in[2]) : std::nullopt,
+        s)};
+  };
+  return mx::array(
+      x.shape(),
+      x.dtype(),
+      std::make_shared<FusedPrimitive>(
+          s,
+          "FusedRoPE",
+          key_of({double(dims),
+                  double(traditional),
+                  spec.base,
+                  scale,
+                  double(has_freqs)}),
+          fallback,
+          [spec](std::vector<mx::array>& in, mx::array& out) {
+            run_rope(in, out, spec);
+          }),
+      std::move(inputs));
+}
+
+mx::array sdpa(const mx::array& q,
+               const mx::array& k,
+               const mx::array& v,
+               float scale,
+               const std::string& mask_mode,
+               const std::optional<mx::array>& mask_arr,
+               const std::optional<mx::array>& sinks,
+               mx::StreamOrDevice s_) {
+  auto ref = mx::fast::scaled_dot_product_attention(
+      q, k, v, scale, mask_mode, mask_arr, sinks, false, s_);
+  const mx::Stream s = mx::to_stream(s_);
+  const mx::Dtype t = ref.dtype();
+  if (!on_cpu(s) || !float_like(t) || q.shape(2) > kMaxQueryRows ||
+      k.shape(2) == 0 || q.size() == 0 || (mask_arr && mask_mode != "array")) {
+    return ref;
+  }
+  const bool causal = mask_mode == "causal";
+  const bool has_mask = mask_arr.has_value();
+  const bool has_sinks = sinks.has_value();
+  std::vector<mx::array> inputs{
+      mx::astype(q, t, s), mx::astype(k, t, s), mx::astype(v, t, s)};
+  if (has_mask) {
+    auto shape = q.shape();
+    shape.back() = k.shape(2);
+    auto m = mask_arr->dtype() == mx::bool_ ? *mask_arr
+                                            : mx::astype(*mask_arr, t, s);
+    inputs.push_back(mx::broadcast_to(m, shape, s));
+  }
+  if (has_sinks) {
+    inputs.push_back(mx::astype(*sinks, t, s));
+  }
+  const SdpaSpec spec{scale, causal, has_mask, has_sinks};
+  auto fallback = [spec, s](std::vector<mx::array> in) {
+    std::optional<mx::array> mask, sk;
+    if (spec.has_mask) {
+      mask = in[3];
+    }
+    if (spec.has_sinks) {
+      sk = in.back();
+    }
+    return std::vector<mx::array>{mx::fast::scaled_dot_product_attention(
+        in[0],
+        in[1],
+        in[2],
+        spec.scale,
+        spec.causal ? "causal" : (spec.has_mask ? "array" : ""),
+        mask,
+        sk,
+        false,
+        s)};
+  };
+  return mx::array(
+      ref.shape(),
+      t,
+      std::make_shared<FusedPrimitive>(
+          s,
+          "FusedAttention",
+          key_of({scale, double(causal), double(has_mask), double(has_sinks)}),
+          fallback,
+          [spec](std::vector<mx::array>& in, mx::array& out) {
+            run_sdpa(in, out, spec);
+          }),
+      std::move(inputs));
+}
+
+} // namespace mlx_harmony_core::fused

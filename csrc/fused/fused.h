@@ -1,0 +1,88 @@
+// Fused CPU primitives for the decode step: RMSNorm (+ weight), RoPE and
+// attention of a few query rows over a KV cache (masks, sinks, GQA). Each op
+// takes mx.fast's arguments, builds one primitive on a CPU stream and returns
+// MLX's own op anywhere else (a GPU stream, shapes or dtypes it does not take).
+// The primitives' transforms (vjp, jvp, vmap) are MLX's op's.
+#pragma once
+
+#include "mlx/array.h"
+#include "mlx/primitives.h"
+#include "mlx/utils.h"
+
+#include <functional>
+#include <optional>
+#include <string>
+
+namespace mlx_harmony_core::fused {
+
+namespace mx = mlx::core;
+
+// Query rows up to which attention runs on our kernel (decode, a few draft
+// tokens); longer prompts go to MLX's matmul-based op, which threads its GEMMs.
+constexpr int kMaxQueryRows = 16;
+
+mx::array rms_norm(const mx::array& x,
+                   const std::optional<mx::array>& weight,
+                   float eps,
+                   mx::StreamOrDevice s = {});
+
+// offset: a scalar or one per batch row (int32 or another integer type).
+mx::array rope(const mx::array& x,
+               int dims,
+               bool traditional,
+               std::optional<float> base,
+               float scale,
+               const mx::array& offset,
+               const std::optional<mx::array>& freqs,
+               mx::StreamOrDevice s = {});
+
+// mask_mode: "" (none), "causal" or "array" (mask_arr: bool or additive).
+mx::array sdpa(const mx::array& q,
+               const mx::array& k,
+               const mx::array& v,
+               float scale,
+               const std::string& mask_mode,
+               const std::optional<mx::array>& mask_arr,
+               const std::optional<mx::array>& sinks,
+               mx::StreamOrDevice s = {});
+
+// One output, evaluated on the CPU by a plain function of the (weak) inputs;
+// transforms go through `fallback` (MLX's op on the same inputs).
+class FusedPrimitive : public mx::UnaryPrimitive {
+public:
+  using Fallback = std::function<std::vector<mx::array>(std::vector<mx::array>)>;
+  using Run = std::function<void(std::vector<mx::array>&, mx::array&)>;
+
+  FusedPrimitive(mx::Stream stream,
+                 const char* name,
+                 std::string key,
+                 Fallback fallback,
+                 Run run)
+      : mx::UnaryPrimitive(stream), name_(name), key_(std::move(key)),
+        fallback_(std::move(fallback)), run_(std::move(run)) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals,
+                             const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums,
+                             const std::vector<mx::array>& outputs) override;
+  std::vector<mx::array> jvp(const std::vector<mx::array>& primals,
+                             const std::vector<mx::array>& tangents,
+                             const std::vector<int>& argnums) override;
+  std::pair<std::vector<mx::array>, std::vector<int>>
+  vmap(const std::vector<mx::array>& inputs,
+       const std::vector<int>& axes) override;
+  bool is_equivalent(const mx::Primitive& other) const override;
+  const char* name() const override {
+    return name_;
+  }
+
+private:
+  const char* name_;
+  std::string key_; // the parameters: equal keys compute the same function
+  Fallback fallback_;
+  Run run_;
+};
+
+} // namespace mlx_harmony_core::fused

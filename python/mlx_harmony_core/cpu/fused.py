@@ -1,0 +1,183 @@
+"""Fused CPU primitives behind mlx-lm's layers: RMSNorm, RoPE and decode attention.
+
+On MLX's CPU backend ``mx.fast.rms_norm``, ``mx.fast.rope`` and
+``mx.fast.scaled_dot_product_attention`` are compositions of small ops (a RoPE is ~20, a
+decode attention runs two GEMVs through the BLAS whose idle threads then spin); a decode step
+of a 30-layer model ran ~2000 of them. Our extension has each as one primitive (``_core``'s
+``rms_norm``, ``rope``, ``scaled_dot_product_attention``: float32 arithmetic, results within
+float32 rounding of MLX's). Loading on a CPU device switches a model's ``nn.RMSNorm`` and
+RoPE layers to them and its module's attention function to :func:`attention`; they fall back
+to MLX's ops on a GPU stream, inside :func:`~.quant.kernels` ``(False)`` (mlx-lm as its users
+run it), and for what they do not take (a quantized KV cache, long query blocks).
+``MLX_HARMONY_CORE_FUSED=mlx`` turns the switch off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .. import _core
+from . import quant
+
+__all__ = ["ENV", "attention", "fused", "fused_enabled", "use_fused_layers"]
+
+ENV = "MLX_HARMONY_CORE_FUSED"  # "mlx" = MLX's own ops
+
+
+def fused_enabled() -> bool:
+    """Whether loading switches layers to the fused primitives: on a CPU device, unless
+    ``MLX_HARMONY_CORE_FUSED=mlx``."""
+    return os.environ.get(ENV, "").lower() != "mlx" and mx.default_device() == mx.cpu
+
+
+_active = True
+
+
+@contextlib.contextmanager
+def fused(enabled: bool) -> Iterator[None]:
+    """Run switched layers on the fused primitives (True) or MLX's ops (False) in the block."""
+    global _active
+    before, _active = _active, enabled
+    try:
+        yield
+    finally:
+        _active = before
+
+
+def _on() -> bool:
+    return _active and quant.active()
+
+
+class FusedRMSNorm(nn.RMSNorm):
+    """``nn.RMSNorm`` as one CPU primitive."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if not _on():
+            return super().__call__(x)
+        return _core.rms_norm(x, self["weight"], self.eps)
+
+
+class FusedRoPE(nn.RoPE):
+    """``nn.RoPE`` as one CPU primitive."""
+
+    def __call__(self, x: mx.array, offset: int | mx.array = 0) -> mx.array:
+        if not _on():
+            return super().__call__(x, offset)
+        return _core.rope(
+            x,
+            self.dims,
+            traditional=self.traditional,
+            base=self.base,
+            scale=self.scale,
+            offset=offset,
+        )
+
+
+def _rope_classes() -> dict[type, type]:
+    """mlx-lm's RoPE variants that precompute frequencies -> their fused subclasses."""
+    try:
+        from mlx_lm.models.rope_utils import Llama3RoPE, YarnRoPE
+    except ImportError:  # pragma: no cover - mlx-lm is a dependency
+        return {}
+
+    class FusedLlama3RoPE(Llama3RoPE):  # type: ignore[misc, valid-type]
+        """mlx-lm's ``Llama3RoPE`` as one CPU primitive."""
+
+        def __call__(self, x: mx.array, offset: int | mx.array = 0) -> mx.array:
+            if not _on():
+                return super().__call__(x, offset)
+            return _core.rope(
+                x,
+                self.dims,
+                traditional=self.traditional,
+                base=None,
+                scale=1.0,
+                offset=offset,
+                freqs=self._freqs,
+            )
+
+    class FusedYarnRoPE(YarnRoPE):  # type: ignore[misc, valid-type]
+        """mlx-lm's ``YarnRoPE`` (GPT-OSS) as one CPU primitive."""
+
+        def __call__(
+            self,
+            x: mx.array,
+            offset: int | mx.array = 0,
+            scale: float = 1.0,
+            inverse: bool = False,
+        ) -> mx.array:
+            if not _on() or inverse:
+                return super().__call__(x, offset, scale, inverse)
+            if self.mscale != 1.0:
+                x = x.at[..., : self.dims].multiply(self.mscale)
+            return _core.rope(
+                x,
+                self.dims,
+                traditional=self.traditional,
+                base=None,
+                scale=scale,
+                offset=offset,
+                freqs=self._freqs,
+            )
+
+    return {Llama3RoPE: FusedLlama3RoPE, YarnRoPE: FusedYarnRoPE}
+
+
+_ROPES: list[dict[type, type]] = []
+
+
+def attention(
+    queries: mx.array,
+    keys: Any,
+    values: Any,
+    cache: Any,
+    scale: float,
+    mask: Any,
+    sinks: mx.array | None = None,
+) -> mx.array:
+    """mlx-lm's ``scaled_dot_product_attention`` (same arguments): our fused primitive for
+    plain caches, mlx-lm's function for quantized ones and when switched off."""
+    from mlx_lm.models.base import scaled_dot_product_attention
+
+    if not _on() or hasattr(cache, "bits") or not isinstance(keys, mx.array):
+        return scaled_dot_product_attention(
+            queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks
+        )
+    return _core.scaled_dot_product_attention(
+        queries, keys, values, scale=scale, mask=mask, sinks=sinks
+    )
+
+
+def use_fused_layers(model: nn.Module) -> int:
+    """Switch ``model``'s RMSNorm and RoPE layers to the fused primitives and its modules'
+    attention function to :func:`attention`; returns how many layers were switched."""
+    if not _ROPES:
+        _ROPES.append({nn.RMSNorm: FusedRMSNorm, nn.RoPE: FusedRoPE, **_rope_classes()})
+    swaps = _ROPES[0]
+    switched = 0
+    modules: set[str] = set()
+    for _, module in model.named_modules():
+        target = swaps.get(type(module))
+        if target is not None:
+            module.__class__ = target
+            switched += 1
+        modules.add(type(module).__module__)
+    # mlx-lm's model files call the attention function they imported from .base.
+    for name in modules:
+        mod = sys.modules.get(name)
+        if (
+            mod is not None
+            and name.startswith("mlx_lm.models.")
+            and getattr(mod, "scaled_dot_product_attention", None) is not None
+            and mod.scaled_dot_product_attention is not attention
+        ):
+            mod.scaled_dot_product_attention = attention
+            switched += 1
+    return switched
