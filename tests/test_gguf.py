@@ -83,7 +83,7 @@ def _add_tokenizer(w, hf):
     special = {t["id"] for t in data["added_tokens"] if t["special"]}
     merges = [" ".join(m) if isinstance(m, list) else m for m in data["model"]["merges"]]
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
+    w.add_tokenizer_pre("gpt-2")  # a GPT-2-style BPE, as llama.cpp names it
     w.add_token_list(tokens)
     w.add_token_types([3 if i in special else 1 for i in range(len(tokens))])
     w.add_token_merges(merges)

@@ -73,12 +73,21 @@ class PrefixCache:
         with self._lock:
             return self._take(prompt)
 
-    def _take(self, prompt: Sequence[int]) -> tuple[list[Any] | None, int]:
+    def longest(self, prompt: Sequence[int]) -> int:
+        """How many tokens of ``prompt`` :meth:`take` would reuse (nothing is taken)."""
+        with self._lock:
+            return self._best(prompt)[1]
+
+    def _best(self, prompt: Sequence[int]) -> tuple[_Entry | None, int]:
         best, best_n = None, 0
         for e in self._entries:
             n = min(_common(e.tokens, prompt), len(prompt) - 1)
             if n > best_n and _can_rewind(e, n):
                 best, best_n = e, n
+        return best, best_n
+
+    def _take(self, prompt: Sequence[int]) -> tuple[list[Any] | None, int]:
+        best, best_n = self._best(prompt)
         if best is None:
             return None, 0
         self._entries.remove(best)
