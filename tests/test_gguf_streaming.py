@@ -282,11 +282,12 @@ def _bytes(a):
 
 # The reference's -8 d and -128 d overflow float16 for the largest scales: as intended.
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
-@pytest.mark.parametrize("threads", [1, 2, 3])
-def test_cpp_loader_equals_numpy_reference(tmp_path, monkeypatch, threads):
+@pytest.mark.parametrize(("threads", "huge"), [(1, True), (2, True), (3, False)])
+def test_cpp_loader_equals_numpy_reference(tmp_path, monkeypatch, threads, huge):
     from mlx_harmony_core import _core
 
     monkeypatch.setattr(ours, "LOAD_THREADS", threads)
+    monkeypatch.setattr(ours, "LOAD_HUGE_PAGES", huge)
     rng = np.random.default_rng(threads)
     shapes = [(3, 64), (5, 7, 96), (1, 32), (2, 2, 2, 32), (257, 320)]
     tensors = [

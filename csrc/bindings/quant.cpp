@@ -125,6 +125,7 @@ void init_quant(nb::module_& m) {
         "type"_a,
         "shape"_a,
         "threads"_a,
+        "huge_pages"_a = true,
         nb::call_guard<nb::gil_scoped_release>(),
         "One GGUF tensor read from an open file into new MLX arrays in "
         "MLX's layout: [weight] for F32/F16/BF16, [codes, scales, biases] "

@@ -139,8 +139,8 @@ void read_exact(int fd, uint8_t* dst, int64_t n, int64_t offset) {
   }
 }
 
-// Fresh memory is faulted in 2 MiB pages where the kernel allows it (about
-// 1 s per GiB in 4 KiB faults on the VM we measured, most of a load's time).
+// Fresh memory faulted in 2 MiB pages where the kernel allows it: fewer faults
+// and TLB misses, but the kernel may compact memory to find them.
 void advise_huge(void* ptr, size_t nbytes) {
 #if defined(MADV_HUGEPAGE)
   constexpr uintptr_t huge = uintptr_t(2) << 20;
@@ -157,7 +157,7 @@ struct Out {
   uint8_t* data;
 };
 
-Out new_array(const mx::Shape& shape, mx::Dtype dtype) {
+Out new_array(const mx::Shape& shape, mx::Dtype dtype, bool huge_pages) {
   size_t n = size_t(dtype.size());
   for (auto d : shape) {
     n *= size_t(d);
@@ -169,7 +169,9 @@ Out new_array(const mx::Shape& shape, mx::Dtype dtype) {
     throw std::runtime_error("cannot allocate " + std::to_string(n) +
                              " bytes for a tensor");
   }
-  advise_huge(ptr, n);
+  if (huge_pages) {
+    advise_huge(ptr, n);
+  }
   return {mx::array(std::move(data), shape, dtype), ptr};
 }
 
@@ -285,7 +287,8 @@ std::vector<mx::array> load_gguf_tensor(int fd,
                                         int64_t offset,
                                         int type,
                                         const std::vector<int64_t>& shape,
-                                        int threads) {
+                                        int threads,
+                                        bool huge_pages) {
   if (!gguf_type_supported(type)) {
     throw std::invalid_argument("GGML type " + std::to_string(type) +
                                 " is not one load_gguf_tensor converts");
@@ -309,7 +312,7 @@ std::vector<mx::array> load_gguf_tensor(int fd,
   if (type == kF32 || type == kF16 || type == kBF16) {
     mx::Dtype dtype =
         type == kF32 ? mx::float32 : (type == kF16 ? mx::float16 : mx::bfloat16);
-    Out out = new_array(mshape, dtype);
+    Out out = new_array(mshape, dtype, huge_pages);
     const int64_t nbytes = count * int64_t(dtype.size());
     parallel((nbytes + kFloatStep - 1) / kFloatStep, threads,
              [&](int64_t s0, int64_t s1) {
@@ -331,12 +334,12 @@ std::vector<mx::array> load_gguf_tensor(int fd,
   code_shape.back() = mx::ShapeElem(shape.back() * bits / 32);
   mx::Shape scale_shape = mshape;
   scale_shape.back() = mx::ShapeElem(shape.back() / 32);
-  Out codes = new_array(code_shape, mx::uint32);
-  Out scales = new_array(scale_shape, type == kMXFP4 ? mx::uint8 : mx::float16);
+  Out codes = new_array(code_shape, mx::uint32, huge_pages);
+  Out scales = new_array(scale_shape, type == kMXFP4 ? mx::uint8 : mx::float16, huge_pages);
   std::vector<mx::array> result{codes.array, scales.array};
   uint8_t* biases = nullptr;
   if (type != kMXFP4) {
-    Out b = new_array(scale_shape, mx::float16);
+    Out b = new_array(scale_shape, mx::float16, huge_pages);
     biases = b.data;
     result.push_back(b.array);
   }

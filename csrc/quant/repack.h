@@ -22,13 +22,15 @@ bool gguf_type_supported(int type);
 // `offset` of the open file `fd`) as evaluated MLX arrays: {weight} for float
 // types (BF16 as bfloat16); {codes (uint32), scales, biases} for affine types
 // (Q4_0, Q4_1, Q8_0: 4/8-bit, groups of 32) and {codes, scales (uint8 E8M0)}
-// for MXFP4. `threads` (>= 1) threads read and convert it. Throws
+// for MXFP4. `threads` (>= 1) threads read and convert it. `huge_pages`:
+// the arrays' memory is advised as transparent huge pages. Throws
 // std::invalid_argument for a type or shape it cannot convert and
 // std::runtime_error when the file cannot be read (ends early, I/O error).
 std::vector<mx::array> load_gguf_tensor(int fd,
                                         int64_t offset,
                                         int type,
                                         const std::vector<int64_t>& shape,
-                                        int threads);
+                                        int threads,
+                                        bool huge_pages);
 
 } // namespace mlx_harmony_core::quant

@@ -505,6 +505,8 @@ def _quantized_modules(plan: list[tuple[str, TensorInfo]]) -> dict[str, tuple[in
 # Threads reading and converting one tensor in the C++ loader (pread from the page cache
 # and the repack both scale with cores; past 4 the memory bus is the limit).
 LOAD_THREADS = max(1, min(4, os.cpu_count() or 1))
+# Whether the loaded arrays' memory is advised as transparent huge pages (MADV_HUGEPAGE).
+LOAD_HUGE_PAGES = True
 
 
 def read_tensor(gguf: GGUFFile, source: Any, info: TensorInfo) -> dict[str, mx.array]:
@@ -520,7 +522,7 @@ def read_tensor(gguf: GGUFFile, source: Any, info: TensorInfo) -> dict[str, mx.a
         return tensor_arrays(gguf, source, info)
     try:
         arrays = _core.load_gguf_tensor(
-            source.fd, info.offset, info.type, list(info.shape), LOAD_THREADS
+            source.fd, info.offset, info.type, list(info.shape), LOAD_THREADS, LOAD_HUGE_PAGES
         )
     except (ValueError, RuntimeError) as exc:
         raise ModelLoadError(f"{gguf.path}: tensor {info.name}: {exc}") from exc
