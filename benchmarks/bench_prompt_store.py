@@ -98,7 +98,7 @@ def test_demo_prefix_from_disk_vs_prefill(benchmark, tmp_path, n_tokens):
     benchmark.pedantic(load, rounds=ROUNDS, iterations=1)
 
 
-@pytest.mark.parametrize("n_tokens", [512, 2048] if FULL else [32])
+@pytest.mark.parametrize("n_tokens", [512, 1024] if FULL else [32])
 def test_smollm2_prefix_from_disk_vs_prefill(benchmark, tmp_path, smollm2_path, n_tokens):
     engine = mhc.load(smollm2_path)
     prefill_s, disk_s, nbytes, offer_s, load = compare(engine, n_tokens, tmp_path, ROUNDS)

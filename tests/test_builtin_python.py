@@ -204,6 +204,20 @@ def test_sessions_cannot_touch_each_other(tools):
         assert run(tools, "import os; os.getuid()", "attacker2").text != uid_a
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux process model")
+def test_a_process_that_leaves_the_group_is_killed_too(tools):
+    code = "import subprocess\nsubprocess.Popen(['setsid', 'sleep', '60'])\nimport os\nos.getuid()"
+    r = run(tools, code, "setsid")
+    uid = int(r.text)
+    if os.geteuid() != 0:
+        pytest.skip("checked by uid as root")
+    tools.end_session("setsid")
+    deadline = time.monotonic() + 5
+    while _pids_of_uid(uid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _pids_of_uid(uid)
+
+
 def test_a_background_writer_does_not_hold_the_call(tools):
     t0 = time.monotonic()
     r = run(tools, "import subprocess\nsubprocess.Popen(['yes'])\n'started'", "yes")
@@ -227,6 +241,45 @@ def test_works_when_the_server_has_over_1024_open_files():
         for fd in fds:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_file_system_is_read_only_but_the_working_directory(tools):
+    r = run(tools, "open('/tmp/x', 'w')", "fs")
+    features = _features(tools, "fs")
+    if "read-only-root" not in features or "tmpfs-workdir" not in features:
+        pytest.skip("no private mount namespace here (see the README)")
+    assert r.text.endswith("OSError: [Errno 30] Read-only file system: '/tmp/x'\n")
+    r = run(tools, "open('notes.txt', 'w').write('kept')\nopen('notes.txt').read()", "fs")
+    assert r.text == "'kept'"
+    # /proc shows the sandbox's own processes only: its init and the REPL
+    r = run(tools, "import os\nsorted(int(p) for p in os.listdir('/proc') if p.isdigit())", "fs")
+    assert r.text == "[1, 2]"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux capabilities")
+def test_no_capabilities_and_no_remount(tools):
+    code = (
+        "import ctypes\n"
+        "caps = [l.split()[1] for l in open('/proc/self/status') if l.startswith('CapEff')]\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "rc = libc.mount(None, b'/', None, 32, None)  # MS_REMOUNT, read-write\n"
+        "caps[0], rc, ctypes.get_errno()"
+    )
+    r = run(tools, code, "caps")
+    if "mount-namespace" not in _features(tools, "caps"):
+        pytest.skip("no private mount namespace here (see the README)")
+    # nothing, or only CAP_DAC_READ_SEARCH (root server, Python install unreadable by others)
+    assert r.text in ("('0000000000000000', -1, 1)", "('0000000000000004', -1, 1)")
+
+
+def test_working_directory_space_is_bounded():
+    opts = BuiltinToolOptions(python_disk_mb=16, python_file_mb=8)
+    with BuiltinTools(["python"], opts) as t:
+        code = "for i in range(4):\n    open(f'f{i}', 'wb').write(b'x' * (6 << 20))"
+        r = t.run(ToolCall("python", code, "disk"))
+        if "tmpfs-workdir" not in t._python._sessions["disk"].features:
+            pytest.skip("no private mount namespace here (see the README)")
+    assert r.text.endswith("OSError: [Errno 28] No space left on device\n")
 
 
 def test_forged_replies_end_the_session(tools):

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -512,3 +513,93 @@ def test_a_resumed_chat_prefills_only_what_is_new(tmp_path):
     child = spawn(log)
     assert turn(child, "And then?") == (p2, in_session)
     quit_(child)
+
+
+# -- off the critical path --------------------------------------------------------------------------
+def test_requests_never_wait_for_the_writer(fresh, tmp_path, monkeypatch):
+    gate = threading.Event()
+    real = pf.write_chunks
+
+    def slow_disk(f, chunks):
+        assert gate.wait(120)  # the file waits; requests go on meanwhile
+        return real(f, chunks)
+
+    monkeypatch.setattr(pf, "write_chunks", slow_disk)
+    store = ps.attach(fresh, tmp_path, min_tokens=16)
+    generate(fresh, messages())
+    fresh.prefix_cache.clear()
+    c = generate(fresh, messages("Something else entirely, and longer than before."))
+    assert c.usage.completion_tokens > 0
+    assert len(store) == 0 and not store.flush(0.1)  # nothing written yet
+    gate.set()
+    assert store.flush(120) and len(store) >= 1
+
+
+# -- the in-memory prefix cache's lookup -----------------------------------------------------------
+def test_prefix_cache_common_prefix_matches_the_obvious_reference():
+    from mlx_harmony_core.prefix_cache import PrefixCache, _common
+
+    def reference(a, b):
+        n = 0
+        for x, y in zip(a, b, strict=False):
+            if x != y:
+                break
+            n += 1
+        return n
+
+    rng = np.random.default_rng(5)
+    for _ in range(3000):
+        a = rng.integers(0, 3, rng.integers(0, 40)).tolist()
+        b = a[: rng.integers(0, len(a) + 1)] + rng.integers(0, 3, rng.integers(0, 6)).tolist()
+        assert _common(a, b) == _common(b, a) == reference(a, b)
+    pc = PrefixCache(max_entries=2)
+    pc.put([1, 2, 3, 4], fake_cache(4))
+    assert pc.longest((1, 2, 3, 9, 9)) == 3  # a tuple prompt is compared as a list
+
+
+def test_a_chat_whose_cache_directory_cannot_be_made_goes_on(tmp_path):
+    pexpect = pytest.importorskip("pexpect")
+    log = tmp_path / "c.json"
+    ps.beside(log).write_text("a file where the directory would go")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TERM": "dumb"}
+    args = ["-m", "mlx_harmony_core.cli", "chat", "--chat", str(log), "--max-tokens", "3"]
+    child = pexpect.spawn(sys.executable, args, env=env, encoding="utf-8", timeout=180)
+    child.expect_exact("warning: the chat's KV cache is not kept on disk")
+    child.expect_exact(">>> ")
+    child.sendline("Hi")
+    child.expect(r"\[(\d+) prompt")
+    child.expect_exact(">>> ")
+    child.sendline("\\quit")
+    child.expect(pexpect.EOF)
+    assert json.loads(log.read_text())["messages"][1]["role"] == "assistant"
+
+
+def test_serve_with_a_bound_below_the_minimum_is_a_clear_error(tmp_path):
+    cmd = [sys.executable, "-m", "mlx_harmony_core.cli", "serve", "--port", "0"]
+    cmd += ["--prompt-cache-dir", str(tmp_path), "--prompt-cache-mb", "0.5"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert "prompt cache bound must be at least 1 MB" in done.stderr
+
+
+def test_quantized_kv_caches_restart_exactly(tmp_path):
+    engine = mhc.load("demo", cache_options={"kv_bits": 8})
+    try:
+        baseline = generate(engine, messages())
+        engine.prefix_cache.clear()
+        ps.attach(engine, tmp_path, min_tokens=16)
+        generate(engine, messages())
+        store = restart(engine, tmp_path, min_tokens=16)
+        again = generate(engine, messages())
+        assert again.usage.cached_prompt_tokens == again.usage.prompt_tokens - 1
+        assert again.text == baseline.text
+        kinds = {layer["kind"] for layer in _header(store.entries()[0].path)["layers"]}
+        assert "QuantizedKVCache" in kinds
+    finally:
+        if engine.runner.prompt_store is not None:
+            engine.runner.prompt_store.close()
+
+
+def _header(path):
+    with open(path, "rb") as f:
+        return pf.read_header(f)

@@ -256,3 +256,49 @@ def test_tools_the_server_did_not_enable_are_a_400(plain):
         json={"messages": [{"role": "user", "content": "hi"}], "builtin_tools": ["shell"]},
     )
     assert r.status_code == 400
+
+
+def test_tool_flags_come_from_the_tools_options():
+    from mlx_harmony_core.cli import build_parser
+    from mlx_harmony_core.cli.common import option_values
+    from mlx_harmony_core.cli.tool_flags import tool_names, tool_options
+
+    parser = build_parser()
+    args = parser.parse_args(
+        ["serve", "--tools", "python,browser", "--python-timeout-s", "5",
+         "--browser-allow-private", "--max-tool-calls", "3"]
+    )  # fmt: skip
+    values = option_values(args, ServerOptions)
+    assert values["max_tool_calls"] == 3
+    assert [n for t in values["tools"] for n in tool_names(t)] == ["python", "browser"]
+    opts = tool_options(args)
+    assert opts.python_timeout_s == 5 and opts.browser_allow_private
+    with pytest.raises(ValueError, match="--python-timeout-s"):
+        tool_options(parser.parse_args(["serve", "--python-timeout-s", "0"]))
+    chat = parser.parse_args(["chat", "--tools", "python", "--max-tool-calls", "2"])
+    assert chat.tools == ["python"] and chat.max_tool_calls == 2
+    with pytest.raises(SystemExit):
+        parser.parse_args(["chat", "--tools", "shell"])
+
+
+def test_python_state_lives_on_across_a_response_chain(served):
+    url, _ = served
+    c = client(url)
+    ci = [{"type": "code_interpreter", "container": {"type": "auto"}}]
+    outputs = ["code_interpreter_call.outputs"]
+    use(python_call("y = 5"), final("set"))
+    first = c.responses.create(model="demo", input="set y", tools=ci)
+    use(python_call("print(y)"), final("printed"))
+    second = c.responses.create(
+        model="demo", input="print y", tools=ci, include=outputs, previous_response_id=first.id
+    )
+    third = c.responses.create(
+        model="demo", input="print y", tools=ci, include=outputs, previous_response_id=second.id
+    )
+    for r in (second, third):
+        call = next(o for o in r.output if o.type == "code_interpreter_call")
+        assert call.outputs[0].logs == "5\n"
+    use(python_call("print(y)"), final("printed"))
+    fresh = c.responses.create(model="demo", input="print y", tools=ci, include=outputs)
+    call = next(o for o in fresh.output if o.type == "code_interpreter_call")
+    assert "NameError" in call.outputs[0].logs and call.status == "failed"

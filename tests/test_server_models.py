@@ -433,3 +433,48 @@ def test_serve_two_models_and_a_bad_models_file(tmp_path, second):
         text, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, text
     assert "Traceback" not in text
+
+
+def test_preload_loads_every_model_before_serving(second):
+    pool = ModelPool(
+        [ModelSpec("demo", "demo"), ModelSpec("second", str(second))],
+        ServerOptions(lazy_load=False),
+    )
+    pool.preload()  # what serve --preload does before it binds the app
+    assert [pool.entries[n].state for n in pool.names] == ["loaded", "loaded"]
+    assert all(m["loads"] == 1 for m in pool.stats()["models"].values())
+    pool.shutdown()
+    assert pool.wait_idle(30)
+
+
+def test_each_model_keeps_its_prompt_cache_on_disk(second, tmp_path):
+    """--prompt-cache-dir with several models: a model unloaded by its TTL writes its long
+    prefixes to disk and, loaded again, serves them from there (the other model's files,
+    keyed by another identity, are never used for it)."""
+    system = "You are a careful assistant. " * 60  # well past the store's 128-token minimum
+    body = [{"role": "system", "content": system}, {"role": "user", "content": "hi"}]
+    opts = ServerOptions(model_ttl_s=0.5, prompt_cache_dir=str(tmp_path / "kv"))
+    pool = ModelPool([ModelSpec("demo", "demo"), ModelSpec("second", str(second))], opts)
+    with ServerThread(pool, opts) as url:
+
+        def ask(model):
+            r = httpx.post(
+                url + "/v1/chat/completions",
+                json={"model": model, "messages": body, "max_tokens": 3, "temperature": 0},
+                timeout=120,
+            )
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        first = {m: ask(m) for m in ("demo", "second")}
+        assert all(
+            f["usage"]["prompt_tokens_details"]["cached_tokens"] == 0 for f in first.values()
+        )
+        wait_for(lambda: set(states(url).values()) == {"unloaded"})  # stores closed: on disk
+        assert len(list((tmp_path / "kv").iterdir())) >= 2
+        for model in ("second", "demo"):
+            again = ask(model)
+            usage = again["usage"]
+            assert usage["prompt_tokens_details"]["cached_tokens"] > 0.8 * usage["prompt_tokens"]
+            assert again["choices"][0]["message"] == first[model]["choices"][0]["message"]
+    pool.close_stores()

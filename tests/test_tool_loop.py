@@ -252,3 +252,117 @@ def test_continuation_reuses_the_held_cache(engine):
     # all but (at most) the tool message and primer came from the held cache.
     assert c.usage.prompt_tokens == first_prompt + len(script.seen[1])
     assert c.usage.cached_prompt_tokens >= first_prompt + leg1 - 1
+
+
+@pytest.mark.slow
+def test_random_demo_model_with_real_tools_100_replies():
+    """The random-weight demo model with the real python and browser tools enabled: 100
+    sampled replies (batched), none raises; whatever it calls is answered."""
+    eng = mhc.load("demo")
+    try:
+        prompts = [
+            {"messages": [{"role": "user", "content": f"question {i}"}], "params": p}
+            for i in range(100)
+            for p in [mhc.SamplingParams(temperature=1.0, seed=i)]
+        ]
+        out = eng.generate_batch(
+            prompts, builtin_tools=["python", "browser"], max_tokens=24, max_tool_calls=2
+        )
+        assert len(out) == 100
+        assert {c.finish_reason for c in out} <= {"stop", "length", "tool_calls"}
+        assert all(c.usage.completion_tokens <= 24 for c in out)
+    finally:
+        eng.close_tools()
+
+
+def test_real_python_tool_keeps_state_across_calls(engine):
+    """The sandboxed python tool (not a stand-in): a variable set by one call is read by
+    the next in the same reply."""
+    script = ScriptProcessor([python_call("x = 6 * 7"), python_call("print(x + 1)"), final("43")])
+    c = engine.generate("go", GREEDY, builtin_tools=["python"], logits_processors=[script])
+    assert c.text == "43"
+    assert c.builtin_calls[1].result.text.strip() == "43"
+    assert c.builtin_calls[1].result.status == "completed"
+    assert "43\n<|end|><|start|>assistant" in decode(script.seen[2]) or decode(
+        script.seen[2]
+    ).endswith("43<|end|><|start|>assistant")
+
+
+def test_two_tool_replies_batched_together(engine):
+    """Rows of one batch: each leaves for its tool (its cache extracted from the batch) and
+    rejoins from it; the answers and the cached counts are each reply's own."""
+    with_tools(engine, ("python",), delay=0.2)
+    scripts = [ScriptProcessor([python_call(f"print({n})"), final(f"answer {n}")]) for n in (1, 2)]
+    handles = [
+        engine.submit(
+            f"question number {n} " * 10,
+            GREEDY,
+            builtin_tools=["python"],
+            logits_processors=[s],
+        )
+        for n, s in zip((1, 2), scripts, strict=True)
+    ]
+    results = [h.result() for h in handles]
+    assert [c.text for c in results] == ["answer 1", "answer 2"]
+    for c, s in zip(results, scripts, strict=True):
+        assert c.builtin_calls[0].result.text.strip() == c.text[-1]
+        leg1 = len(python_call("print(1)"))
+        assert c.usage.cached_prompt_tokens >= len(s.seen[0]) + leg1 - 1
+
+
+def test_real_browser_search_open_find_and_cite(engine, tmp_path):
+    """The real browser over a local FTS5 index built from a temp folder: search -> open ->
+    find -> an answer whose citation becomes a url_citation."""
+    from mlx_harmony_core.tools.options import BuiltinToolOptions
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "mlx.md").write_text(
+        "# MLX\n\nMLX is an array framework for machine learning research.\n"
+        "It runs on Apple silicon with unified memory.\n"
+    )
+    engine.enable_tools(
+        ["browser"], BuiltinToolOptions(browser_index=docs, browser_index_db=tmp_path / "i.db")
+    )
+    script = ScriptProcessor(
+        [
+            browser_call("search", {"query": "apple silicon"}),
+            browser_call("open", {"id": 0}),
+            browser_call("find", {"pattern": "unified"}),
+            final("It runs on Apple silicon【1†L3-L3】."),
+        ]
+    )
+    c = engine.generate("where does mlx run?", GREEDY, builtin_tools=["browser"],
+                        logits_processors=[script])  # fmt: skip
+    assert [r.result.status for r in c.builtin_calls] == ["completed"] * 3
+    assert [r.result.details["action"]["type"] for r in c.builtin_calls] == [
+        "search",
+        "open_page",
+        "find",
+    ]
+    seen = decode(script.seen[3])
+    assert (
+        "<|start|>browser.find to=assistant<|channel|>analysis<|message|>[2] Find results" in seen
+    )
+    assert "It runs on Apple silicon with unified memory.<|end|><|start|>assistant" in seen
+    text, annotations = c.cited
+    assert annotations[0]["url"] == "local://mlx.md" and annotations[0]["title"] == "MLX"
+    span = text[annotations[0]["start_index"] : annotations[0]["end_index"]]
+    assert "local://mlx.md" in span and "【" not in text
+
+
+def test_reasoning_budget_is_the_replys(engine):
+    """max_reasoning_tokens bounds the reasoning of the whole reply, across its legs."""
+    with_tools(engine, ("python",))
+    script = ScriptProcessor(
+        [python_call("print(1)", "one two three"), python_call("print(2)", "four five six")]
+    )
+    c = engine.generate(
+        "go",
+        GREEDY,
+        builtin_tools=["python"],
+        logits_processors=[script],
+        max_reasoning_tokens=4,
+        max_tokens=120,
+    )
+    assert c.usage.reasoning_tokens <= 4

@@ -447,6 +447,14 @@ class Engine:
         window). ``raw=True`` decodes the reply as plain text (for raw completions).
         ``should_stop`` is polled after each token; when it returns True the reply ends
         with ``finish_reason="cancelled"``.
+
+        ``builtin_tools`` (``["python"]``, ``["python", "browser"]``) declares GPT-OSS's
+        built-in tools and runs them when the reply calls them; the reply then goes on (see
+        :mod:`.tool_loop`): at most ``max_tool_calls`` calls run (16), ``tool_session``
+        keys the tools' state (python variables, pages) across replies (by default each
+        reply has its own). The calls that ran are the completion's ``builtin_calls``; the
+        tools are made with ``engine.builtin_tool_options`` on first use, or enabled up
+        front with :meth:`enable_tools`.
         """
         yield from self.run(self.request(messages, params, **options), progress)
 

@@ -54,6 +54,7 @@ MIB = 2**20
 DEFAULT_MAX_BYTES = 4096 * MIB
 MIN_MAX_BYTES = 1 * MIB
 MIN_TOKENS = 128  # shorter prefixes prefill faster than a file is found, read and checked
+MAX_PENDING = 1024 * MIB  # host copies waiting for the writer (one alone may be larger)
 STALE_TMP_S = 3600.0  # a temp file this old is a crashed write's, not another process's
 
 
@@ -286,7 +287,7 @@ class PromptStore:
             )
             return False
         with self._lock:
-            if self._pending_bytes + nbytes > self.max_bytes:
+            if self._pending and self._pending_bytes + nbytes > min(self.max_bytes, MAX_PENDING):
                 self.stats.dropped += 1
                 logger.info("prompt cache: the writer is behind; a %d-token cache skipped", len(t))
                 return False

@@ -10,7 +10,8 @@ held for it, out of the shared prefix cache's reach), the tool runs on a small w
 continuation rejoins the scheduler from that cache: only the tool message is prefilled.
 At most ``max_tool_calls`` calls run per reply; later ones are answered with an error
 message to the model. Function tools (``functions.*``) still end the reply, as without
-the loop.
+the loop. (A request whose reply is constrained, by ``response_format`` or strict function
+tools, has a grammar that leaves no room for a built-in call.)
 
 The front ends see one stream: the legs' deltas (a built-in call's text with
 ``kind == BUILTIN_CALL``), a :class:`ToolEvent` when a call starts running and one when it
@@ -31,7 +32,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import mlx.core as mx
+
 from .errors import InvalidRequestError
+from .prefix_cache import PrefixCache
 from .request import Completion, Request, StreamEvent, Timings, Usage
 from .scheduler import END, Handle, Sink
 
@@ -154,8 +158,6 @@ class ToolLoop:
         goes on with a tool call, so that the shared prefix cache cannot evict it."""
         if self._pending_call(self.leg) is None or self.handle.cancelled:
             return False
-        import mlx.core as mx
-
         mx.eval([c.state for c in cache])  # it may be handed out from another thread
         self._held = (list(tokens), cache)
         return True
@@ -163,8 +165,6 @@ class ToolLoop:
     def _take(self, prompt: Sequence[int]) -> tuple[list[Any], int]:
         """The continuation's cache: the held one (rewound to what ``prompt`` shares with
         it), else whatever the prefix cache has."""
-        from .prefix_cache import PrefixCache
-
         held, self._held = self._held, None
         if held is not None:
             one = PrefixCache(None, 1)
@@ -204,6 +204,8 @@ class ToolLoop:
         self.handle._emit(item)
 
     def _leg_ended(self) -> None:
+        if self._ended:  # the leg failed (its error ended the reply)
+            return
         leg = self.leg
         call = self._pending_call(leg)
         if call is None or self.handle.cancelled or not self.legs:
@@ -313,9 +315,13 @@ class ToolLoop:
         params = leg.sampler.params
         if params.seed is not None:  # each leg draws its own keys (draw indices restart)
             params = params.model_copy(update={"seed": params.seed + 7919 * len(self.legs)})
+        budget = self.first.options.max_reasoning_tokens
+        if budget is not None:  # the reply's reasoning budget, not each leg's
+            budget = max(0, budget - sum(c.usage.reasoning_tokens for c in self.legs))
         options = leg.options.model_copy(
             update={
                 "max_tokens": left,
+                "max_reasoning_tokens": budget,
                 "builtin_tools": None,
                 "tool_choice": None,
                 "truncate": False,

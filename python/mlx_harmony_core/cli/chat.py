@@ -70,7 +70,10 @@ def run(args: argparse.Namespace) -> int:
         from ..prompt_store import attach, beside
 
         # The conversation's KV cache beside its log: a resumed chat prefills only what is new.
-        store = attach(session.engine, beside(path), min_tokens=1, max_entries=1)
+        try:
+            store = attach(session.engine, beside(path), min_tokens=1, max_entries=1)
+        except ValueError as exc:  # say so; the chat itself goes on
+            print(f"warning: the chat's KV cache is not kept on disk: {exc}", file=sys.stderr)
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401  (line editing and history for input())
     try:

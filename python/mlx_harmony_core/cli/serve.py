@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         )
     assert sock is not None
     store = None
-    if values["prompt_cache_dir"]:  # long prompt prefixes kept on disk across restarts
+    if values["prompt_cache_dir"] and engine is not None:  # prefixes kept across restarts
         from ..prompt_store import attach
 
         store = attach(engine, values["prompt_cache_dir"], max_bytes=values["prompt_cache_bytes"])
@@ -101,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
     print("server stopped", flush=True)
     if store is not None:
         store.close()  # queued caches are written before the process exits
+    elif hasattr(engine, "close_stores"):  # several models: each model's store
+        engine.close_stores()
     release_group(args.group)
     sys.stderr.flush()
     # The generation thread is parked; skip interpreter teardown, which can race MLX's

@@ -23,8 +23,6 @@ def model_specs(args: argparse.Namespace, values: dict[str, Any]) -> list[ModelS
     if not specs:
         specs = [ModelSpec(name="demo", path="demo")]
     check_specs(specs)
-    if several(specs, values) and values.get("prompt_cache_dir"):
-        raise ValueError("--prompt-cache-dir works with one model; serve the others apart")
     return specs
 
 

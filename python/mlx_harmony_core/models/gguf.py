@@ -459,6 +459,16 @@ def gguf_config(gguf: GGUFFile) -> dict[str, Any]:
 # -- weights ------------------------------------------------------------------------------------
 
 
+# mlx-lm stacks a layer's experts as ``switch_mlp.*``; llama.cpp's name tables know the
+# Hugging Face names (``experts.*``; Mixtral's ``experts.w1/w3/w2``).
+_EXPERT_ALIASES = (
+    ("switch_mlp.gate_proj", "experts.w1"),
+    ("switch_mlp.up_proj", "experts.w3"),
+    ("switch_mlp.down_proj", "experts.w2"),
+    ("switch_mlp", "experts"),
+)
+
+
 def _names(model: nn.Module, arch: str, layers: int) -> dict[str, list[str]]:
     """mlx-lm parameter path -> the GGUF tensor names it may have (llama.cpp's tables)."""
     import gguf as gguf_names
@@ -472,6 +482,9 @@ def _names(model: nn.Module, arch: str, layers: int) -> dict[str, list[str]]:
         if suffix not in ("weight", "bias"):
             base, suffix = path, ""
         name = table.get_name(base)
+        for ours, theirs in _EXPERT_ALIASES:
+            if name is None and ours in base:
+                name = table.get_name(base.replace(ours, theirs))
         if name is not None:  # a bare parameter (GPT-OSS's sinks) is stored as NAME.weight
             out[path] = [f"{name}.{suffix}"] if suffix else [name, f"{name}.weight"]
     return out

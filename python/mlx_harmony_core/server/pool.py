@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import ctypes
 import gc
 import logging
 import threading
@@ -72,6 +74,7 @@ class _Entry:
         self.worker = worker(f"mhc-model-{index}")
         self.engine: Any = None
         self.client: Any = None  # counted, metered LocalClient while loaded
+        self.store: Any = None  # its prompt cache on disk (--prompt-cache-dir) while loaded
         self.loading: concurrent.futures.Future[None] | None = None
         self.users = 0  # leases and submitted requests
         self.pins = 0  # loaded adapter entries sharing these weights
@@ -215,13 +218,15 @@ class ModelPool:
         blocking the event loop, for a load in progress). 404 for an unknown name, 503 when
         it cannot fit the memory budget, 500 when it fails to load."""
         e = self.entry(name)
-        if e.spec.base is not None and e.client is None:
-            base = await self.acquire(e.spec.base)  # held while the adapters load on it
-            try:
-                return await self._acquire(e, base.entry)
-            finally:
-                base.release()
-        return await self._acquire(e, None)
+        if e.spec.base is None:
+            return await self._acquire(e, None)
+        # An adapter entry: its base first (counters only when loaded), held while the
+        # adapters load on it (always, so an unload between two checks cannot slip in).
+        base = await self.acquire(e.spec.base)
+        try:
+            return await self._acquire(e, base.entry)
+        finally:
+            base.release()
 
     async def _acquire(self, e: _Entry, base: _Entry | None) -> Lease:
         with self._lock:
@@ -324,6 +329,11 @@ class ModelPool:
 
                 engine = self._load(e.spec, e.opts)
                 nbytes = own_bytes(engine.model)
+            store = None
+            if e.opts.prompt_cache_dir:  # each model its own files (keyed by identity)
+                from ..prompt_store import attach
+
+                store = attach(engine, e.opts.prompt_cache_dir, max_bytes=e.opts.prompt_cache_bytes)
             client = LocalClient(engine, e.opts, worker=e.worker)
         except BaseException:
             with self._lock:
@@ -334,7 +344,7 @@ class ModelPool:
             raise
         seconds = time.perf_counter() - start
         with self._lock:
-            e.engine, e.client = engine, self.wrap(e.name, client)
+            e.engine, e.client, e.store = engine, self.wrap(e.name, client), store
             e.nbytes, e.load_seconds, e.loading = nbytes, seconds, None
             e.loads += 1
             used = sum(x.need() for x in self.entries.values() if x.state != "unloaded")
@@ -367,7 +377,7 @@ class ModelPool:
     def _unload(self, e: _Entry, why: str) -> None:
         """Drop ``e`` (idle) now; its memory is freed on its worker thread."""
         held = [e.engine, e.client]
-        e.engine = e.client = None
+        store, e.engine, e.client, e.store = e.store, None, None, None
         e.unloads += 1
         if e.spec.base is not None:
             self.entries[e.spec.base].pins -= 1
@@ -377,9 +387,12 @@ class ModelPool:
             import mlx.core as mx
 
             held[1].shutdown()
+            if store is not None:  # its queued caches are written before the model goes
+                store.close()
             held.clear()
             gc.collect()
             mx.clear_cache()
+            _trim_heap()
 
         e.worker.put(drop)
 
@@ -402,6 +415,14 @@ class ModelPool:
             clients = [e.client for e in self.entries.values() if e.client is not None]
         for c in clients:
             c.shutdown()
+
+    def close_stores(self) -> None:
+        """Write every loaded model's queued prompt caches to disk (after :meth:`shutdown`,
+        before the process exits)."""
+        with self._lock:
+            stores = [e.store for e in self.entries.values() if e.store is not None]
+        for store in stores:
+            store.close()
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until every model's loop and worker thread is parked."""
@@ -464,6 +485,13 @@ def _estimate(spec: ModelSpec) -> int:
         path = Path(spec.path or "").expanduser()
         files = [path] if path.is_file() else list(path.glob("*.safetensors"))
     return sum(f.stat().st_size for f in files if f.is_file())
+
+
+def _trim_heap() -> None:
+    """Give freed heap memory back to the system (glibc keeps it otherwise: a GGUF load's
+    many small buffers left ~110 of 150 MB resident after the unload; measured)."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: its allocator decides
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _mb(n: int) -> str:

@@ -120,6 +120,8 @@ class Plan:
     prev_tokens: dict[str, list[int]] | None = None
     # The built-in tools the request declares (and the server runs): python, browser.
     builtin: list[str] = field(default_factory=list)
+    # The first stored response of the conversation (its tools' state is keyed by it).
+    root: str | None = None
 
 
 def plan(req: ResponsesRequest, service: ResponsesService, opts: ServerOptions) -> Plan:
@@ -160,6 +162,7 @@ def plan(req: ResponsesRequest, service: ResponsesService, opts: ServerOptions) 
         )
     history: list[dict[str, Any]] = []
     prev_tokens = None
+    root = None
     if req.previous_response_id is not None:
         if service.store is None:
             raise APIError(
@@ -176,6 +179,7 @@ def plan(req: ResponsesRequest, service: ResponsesService, opts: ServerOptions) 
                 code="not_found",
             )
         history = found
+        root = _root(service.store, req.previous_response_id)
         if history and history[-1]["type"] in ("function_call", "custom_tool_call"):
             prev_tokens = service.store.tokens(req.previous_response_id)
     if req.input is None and not history:
@@ -202,7 +206,19 @@ def plan(req: ResponsesRequest, service: ResponsesService, opts: ServerOptions) 
         echo_tools(req.tools),
         prev_tokens,
         builtin,
+        root,
     )
+
+
+def _root(store: ResponseStore, response_id: str, hops: int = 10000) -> str:
+    """The first stored response of the conversation ``response_id`` continues."""
+    for _ in range(hops):
+        found = store.get(response_id)
+        prev = found.get("previous_response_id") if found else None
+        if not prev or store.get(prev) is None:
+            break
+        response_id = prev
+    return response_id
 
 
 def continued(client: EngineClient, p: Plan, render: dict[str, Any]) -> list[int] | None:
@@ -250,10 +266,11 @@ async def create_response(
         if req.max_tool_calls is not None:
             limit = min(limit, req.max_tool_calls)
         tool_loop = {"builtin_tools": p.builtin, "max_tool_calls": limit}
+    writer = ResponsesWriter(p, opts, client, service, max_tokens)
+    if p.builtin and p.store:  # python's variables live on in the responses that continue it
+        tool_loop["tool_session"] = f"resp_{p.root or writer.id}"
     logprobs = (req.top_logprobs or 0) if LOGPROBS in p.include else None
     fmt = response_format(req.text)
-
-    writer = ResponsesWriter(p, opts, client, service, max_tokens)
 
     def build() -> Any:
         request = client.request(

@@ -3,9 +3,11 @@
 Run as ``python -I _sandbox_worker.py CONFIG_JSON`` by :mod:`.python_sandbox`, never
 imported for its side effects. It isolates itself before it runs any of the model's code:
 
-1. Linux: new network and PID namespaces (plus a user namespace when not root). The first
-   child is the namespace's init; when it dies the kernel kills everything left inside, so
-   killing this process (init gets ``PR_SET_PDEATHSIG``) stops every process the code forked.
+1. Linux: new network, PID and mount namespaces (plus a user namespace when not root). The
+   first child is the namespace's init; when it dies the kernel kills everything left inside,
+   so killing this process (init gets ``PR_SET_PDEATHSIG``) stops every process the code
+   forked. Init makes every mount read-only, mounts a private /proc and a size-limited tmpfs
+   on the working directory.
 2. The REPL process sets its resource limits (CPU, address space, file size, processes, no
    core files), and as root switches to an unused uid so ``RLIMIT_NPROC`` is enforced
    (the kernel exempts uid 0) and the code cannot signal or write what that uid does not own.
@@ -32,16 +34,25 @@ import traceback
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
 CLONE_NEWPID = 0x20000000
+CLONE_NEWNS = 0x00020000
+MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
+MS_REC, MS_PRIVATE = 0x4000, 0x40000
+SYS_MOUNT_SETATTR = 442  # the same number on every architecture (added in Linux 5.12)
+AT_FDCWD, AT_RECURSIVE, MOUNT_ATTR_RDONLY = -100, 0x8000, 0x1
 PR_SET_PDEATHSIG = 1
 PR_SET_KEEPCAPS = 8
 PR_SET_NO_NEW_PRIVS = 38
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_RAISE = 2
 CAP_DAC_READ_SEARCH = 2
+PR_CAPBSET_DROP = 24
+PR_SET_SECUREBITS = 28
+# NOROOT, NO_SETUID_FIXUP, KEEP_CAPS and NO_CAP_AMBIENT_RAISE, each with its lock
+SECUREBITS_LOCKED_DOWN = 0xFF & ~(1 << 4)
 SIGKILL = 9
 
 
-def _libc():  # noqa: ANN202 - ctypes handle
+def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
 
 
@@ -79,7 +90,8 @@ def _write_file(path: str, text: str) -> None:
 
 
 def enter_namespaces(features: list[str]) -> bool:
-    """Unshare network + PID (+ user when unprivileged) namespaces; True when it worked."""
+    """Unshare network + PID (+ user when unprivileged) namespaces, then a mount namespace;
+    True when the first worked."""
     if not sys.platform.startswith("linux"):
         return False
     libc = _libc()
@@ -96,7 +108,59 @@ def enter_namespaces(features: list[str]) -> bool:
         _write_file("/proc/self/gid_map", f"0 {gid} 1")
         features.append("user-namespace")
     features += ["network-namespace", "pid-namespace"]
+    # A private mount namespace, only if its propagation can be cut from the host's first
+    # (else a mount made inside would appear outside): then init mounts (see private_mounts).
+    if libc.unshare(CLONE_NEWNS) == 0 and _mount(libc, None, "/", None, MS_REC | MS_PRIVATE):
+        features.append("mount-namespace")
     return True
+
+
+def _mount(
+    libc: ctypes.CDLL,
+    source: str | None,
+    target: str,
+    fstype: str | None,
+    flags: int,
+    data: str | None = None,
+) -> bool:
+    """mount(2); True when it worked."""
+
+    def enc(v: str | None) -> bytes | None:
+        return None if v is None else v.encode()
+
+    libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
+    return libc.mount(enc(source), enc(target), enc(fstype), flags, enc(data)) == 0
+
+
+def private_mounts(cfg: dict, features: list[str]) -> None:
+    """In the namespace's init, inside the private mount namespace: every mount read-only,
+    /proc showing only the sandbox's processes, the working directory a size-limited tmpfs
+    (the only writable place), a small tmpfs /dev/shm. Each step is skipped if refused."""
+    libc = _libc()
+
+    class MountAttr(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_uint64) for n in ("set", "clr", "propagation", "userns_fd")]
+
+    attr = MountAttr(MOUNT_ATTR_RDONLY, 0, 0, 0)
+    libc.syscall.restype = ctypes.c_long
+    rc = libc.syscall(
+        ctypes.c_long(SYS_MOUNT_SETATTR),
+        ctypes.c_int(AT_FDCWD),
+        ctypes.c_char_p(b"/"),
+        ctypes.c_uint(AT_RECURSIVE),
+        ctypes.byref(attr),
+        ctypes.c_size_t(ctypes.sizeof(attr)),
+    )
+    if rc == 0:
+        features.append("read-only-root")
+    if _mount(libc, "proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC):
+        features.append("private-proc")
+    owner = cfg.get("uid") if os.geteuid() == 0 else None
+    opts = f"size={int(cfg['disk_mb'])}m,mode=0700" + (f",uid={owner},gid={owner}" if owner else "")
+    if _mount(libc, "tmpfs", cfg["workdir"], "tmpfs", MS_NOSUID | MS_NODEV, opts):
+        features.append("tmpfs-workdir")
+    if os.path.isdir("/dev/shm"):
+        _mount(libc, "tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "size=64m,mode=1777")
 
 
 def set_limits(cfg: dict, features: list[str]) -> None:
@@ -152,6 +216,21 @@ def drop_privileges(cfg: dict, features: list[str]) -> None:
         # ambient: a subprocess (e.g. another python) can read the install too
         libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, CAP_DAC_READ_SEARCH, 0, 0)
         features.append("CAP_DAC_READ_SEARCH")
+
+
+def drop_capabilities(features: list[str]) -> None:
+    """In our own user namespace the REPL is its root, with every capability there (it could
+    remount the file system writable): drop them all, for good (securebits: uid 0 gains none
+    back through exec)."""
+    libc = _libc()
+    for cap in range(64):
+        libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)
+    if libc.prctl(PR_SET_SECUREBITS, SECUREBITS_LOCKED_DOWN, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "cannot lock the securebits")
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)
+    if libc.capset(header, (ctypes.c_uint32 * 6)()) != 0:
+        raise OSError(ctypes.get_errno(), "cannot drop capabilities")
+    features.append("no-capabilities")
 
 
 def run_cell(code: str, ns: dict, name: str, max_chars: int) -> str | None:
@@ -245,6 +324,8 @@ def main() -> None:
         if select.select([alive_r], [], [], 0)[0]:
             os._exit(1)  # the outer process died before the death signal was armed
         os.close(alive_r)
+        if "mount-namespace" in features:
+            private_mounts(cfg, features)
         child = os.fork()
         if child:
             os.close(req_fd)
@@ -253,6 +334,8 @@ def main() -> None:
     os.chdir(cfg["workdir"])
     set_limits(cfg, features)
     drop_privileges(cfg, features)
+    if "user-namespace" in features:
+        drop_capabilities(features)
     write_msg(resp_fd, {"ready": True, "features": features, "pid": os.getpid()})
     repl(req_fd, resp_fd, int(cfg["output_chars"]))
 

@@ -28,6 +28,12 @@ class BuiltinToolOptions(BaseModel):
     python_file_mb: int = Field(
         64, ge=1, le=1 << 20, description="largest file python code may write (MiB)"
     )
+    python_disk_mb: int = Field(
+        256,
+        ge=1,
+        le=1 << 20,
+        description="space of a python session's working directory (MiB; in memory on Linux)",
+    )
     python_max_procs: int = Field(
         32, ge=1, le=4096, description="processes/threads a python session may run at once"
     )

@@ -111,6 +111,35 @@ def _readable(fds: list[int], timeout: float) -> list[int]:
     return [fd for fd, _ in poller.poll(max(0.0, timeout) * 1000)]
 
 
+def _kill_uid(uid: int) -> None:
+    """SIGKILL every process whose real uid is ``uid`` (a session's own uid, as root, when no
+    PID namespace holds its processes). Each is signalled through a pidfd opened before its
+    uid is read, so a reused pid can never be hit."""
+    if uid < 2_000_000_000 or not hasattr(os, "pidfd_open"):
+        return
+    for _ in range(5):  # what was forking meanwhile is caught by the next pass
+        hit = 0
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                fd = os.pidfd_open(int(entry))
+            except OSError:
+                continue
+            try:
+                with open(f"/proc/{entry}/status") as f:
+                    real = next(int(line.split()[1]) for line in f if line.startswith("Uid:"))
+                if real == uid:
+                    signal.pidfd_send_signal(fd, signal.SIGKILL)
+                    hit += 1
+            except (OSError, StopIteration, ValueError):
+                pass
+            finally:
+                os.close(fd)
+        if not hit:
+            return
+
+
 def _signal_reason(code: int | None, opts: BuiltinToolOptions) -> str:
     """Why the session's process ended, in words for the model."""
     if code is not None and code > 128:
@@ -150,6 +179,7 @@ class _Session:
             "cpu_s": self.opts.python_cpu_s,
             "memory_mb": self.opts.python_memory_mb,
             "file_mb": self.opts.python_file_mb,
+            "disk_mb": self.opts.python_disk_mb,
             "max_procs": self.opts.python_max_procs,
             "output_chars": self.opts.python_output_chars,
             "uid": self.uid,
@@ -333,11 +363,17 @@ class _Session:
                 code = 128 - code
             if self.proc.stdout is not None:
                 self.proc.stdout.close()
+            if "pid-namespace" not in self.features and self.uid is not None:
+                _kill_uid(self.uid)  # a process that left the group (setsid) still has the uid
         for fd in ("req_w", "resp_r"):
             with contextlib.suppress(AttributeError, OSError):
                 os.close(getattr(self, fd))
                 setattr(self, fd, -1)
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        for _ in range(3):  # processes of a killed namespace may still be exiting
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            if not os.path.exists(self.workdir):
+                break
+            time.sleep(0.05)
         _release_uid(self.uid)
         self.uid = None
         return code
