@@ -146,7 +146,7 @@ def pytest_sessionfinish(session, exitstatus):
         tr.section("loading a GGUF: min / median / max over alternating runs, one process each")
         tr.write_line(
             f"{'engine':22s} {'ready (load + 1 token) s':>24s} {'open s':>23s} "
-            f"{'peak RSS GiB':>23s} {'RSS after GiB':>23s}"
+            f"{'peak RSS GiB':>23s} {'RSS after GiB':>23s} {'CPU s (load+1 token)':>23s}"
         )
         for name, runs, _size in LOAD_ROWS:
             if not runs:
@@ -156,7 +156,8 @@ def pytest_sessionfinish(session, exitstatus):
                 f"{name:22s} {_spread([r['ready'] for r in runs])} "
                 f"{_spread([r['open'] for r in runs])} "
                 f"{_spread([r['peak'] for r in runs], 2**-30)} "
-                f"{_spread([r['rss'] for r in runs], 2**-30)}"
+                f"{_spread([r['rss'] for r in runs], 2**-30)} "
+                f"{_spread([r.get('cpu', 0.0) for r in runs])}"
             )
         tr.write_line(f"file: {LOAD_ROWS[-1][2] / 1e9:.1f} GB")
     if STRUCTURED_ROWS:

@@ -233,3 +233,102 @@ def test_convert_streams_into_shards(big_gguf, tmp_path):
     b = mhc.load(path).model
     prompt = mx.array([[5, 17, 3, 99, 42, 7]])
     assert mx.array_equal(a(prompt), b(prompt)).item()
+
+
+# -- the C++ loader (one pass from the file into the final arrays) vs numpy's ----------------
+# Scales that stress the bias arithmetic: zeros, subnormals, the largest halves (-8 d and
+# -128 d overflow to -inf), infinities, and ordinary values.
+_SPECIAL_HALVES = np.array(
+    [0x0000, 0x8000, 0x0001, 0x03FF, 0x8200, 0x7BFF, 0xFBFF, 0x7C00, 0xFC00, 0x3C00, 0x5800],
+    dtype=np.uint16,
+)
+
+
+def _raw_tensor(kind, shape, rng):
+    """Random bytes laid out as GGML ``kind`` blocks for a tensor of ``shape``; half-float
+    scales drawn partly from :data:`_SPECIAL_HALVES`."""
+    count = int(np.prod(shape))
+    _, block, size = ours.GGML_TYPES[kind]
+    raw = rng.integers(0, 256, count // block * size, dtype=np.uint8)
+    if kind in ours._LAYOUTS:
+        layout = ours._LAYOUTS[kind]
+        dtype = np.dtype([(n, t, (k,)) if k > 1 else (n, t) for n, t, k in layout])
+        blocks = raw.view(dtype)
+        for name, t, _ in layout:
+            if t == "<f2":  # finite random halves, with the special ones mixed in
+                vals = rng.standard_normal(blocks.size).astype(np.float16).view(np.uint16)
+                pick = rng.random(blocks.size) < 0.3
+                vals[pick] = rng.choice(_SPECIAL_HALVES, pick.sum())
+                blocks[name] = vals.view(np.float16)
+    return raw.tobytes()
+
+
+def _write_raw(tmp_path, tensors, pad=7):
+    """A file holding each raw tensor at an odd offset; returns its path and infos."""
+    path = tmp_path / "raw.bin"
+    infos, pos = [], pad
+    with open(path, "wb") as f:
+        f.write(b"\0" * pad)
+        for i, (kind, shape, data) in enumerate(tensors):
+            infos.append(ours.TensorInfo(f"t{i}", shape, kind, pos, len(data)))
+            f.write(data + b"\0" * pad)
+            pos += len(data) + pad
+    return path, infos
+
+
+def _bytes(a):
+    return np.asarray(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a).reshape(-1).view(np.uint8)
+
+
+# The reference's -8 d and -128 d overflow float16 for the largest scales: as intended.
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+@pytest.mark.parametrize(("threads", "huge"), [(1, True), (2, True), (3, False)])
+def test_cpp_loader_equals_numpy_reference(tmp_path, monkeypatch, threads, huge):
+    from mlx_harmony_core import _core
+
+    monkeypatch.setattr(ours, "LOAD_THREADS", threads)
+    monkeypatch.setattr(ours, "LOAD_HUGE_PAGES", huge)
+    rng = np.random.default_rng(threads)
+    shapes = [(3, 64), (5, 7, 96), (1, 32), (2, 2, 2, 32), (257, 320)]
+    tensors = [
+        (kind, shape, _raw_tensor(kind, shape, rng))
+        for kind in (2, 3, 8, 39, 0, 1, 30)
+        for shape in shapes
+    ]
+    tensors.append((0, (), np.float32(3.5).tobytes()))  # a scalar
+    tensors.append((1, (0, 4), b""))  # empty
+    path, infos = _write_raw(tmp_path, tensors)
+    header = ours.GGUFFile(path, 3, {})
+    data = path.read_bytes()
+    with ours.FileSource(path) as src:
+        for info in infos:
+            assert _core.gguf_type_supported(info.type)
+            got = ours.read_tensor(header, src, info)
+            want = ours.tensor_arrays(header, data, info)
+            assert got.keys() == want.keys(), info
+            for k in want:
+                a, b = got[k], want[k]
+                assert (a.dtype, a.shape) == (b.dtype, b.shape), (info, k)
+                assert np.array_equal(_bytes(a), _bytes(b)), (info.type_name, info.shape, k)
+
+
+def test_cpp_loader_refuses_what_it_cannot_read(tmp_path):
+    from mlx_harmony_core import _core
+
+    rng = np.random.default_rng(0)
+    data = _raw_tensor(39, (4, 64), rng)
+    path, (info,) = _write_raw(tmp_path, [(39, (4, 64), data)], pad=0)
+    header = ours.GGUFFile(path, 3, {})
+    with ours.FileSource(path) as src:
+        # The file ends inside the tensor: a ModelLoadError naming it, not a crash.
+        short = ours.TensorInfo("cut", (8, 64), 39, info.offset, 2 * info.nbytes)
+        with pytest.raises(mhc.ModelLoadError, match="cut.*ends at byte"):
+            ours.read_tensor(header, src, short)
+        odd = ours.TensorInfo("odd", (4, 48), 39, info.offset, info.nbytes)
+        with pytest.raises(mhc.ModelLoadError, match="odd.*blocks of 32"):
+            ours.read_tensor(header, src, odd)
+        with pytest.raises(ValueError, match="GGML type 12"):
+            _core.load_gguf_tensor(src.fd, 0, 12, [4, 256], 1)
+        with pytest.raises(ValueError, match="threads"):
+            _core.load_gguf_tensor(src.fd, 0, 39, [4, 64], 0)
+    assert not _core.gguf_type_supported(12)  # Q4_K: numpy's path (or its refusal)

@@ -3,6 +3,7 @@
 #include "quant/kernel.h"
 #include "quant/matmul.h"
 #include "quant/pool.h"
+#include "quant/repack.h"
 
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
@@ -117,6 +118,22 @@ void init_quant(nb::module_& m) {
       "set_quant_parallel_bytes",
       [](int64_t bytes) { quant::set_parallel_bytes(bytes); },
       "bytes"_a);
+  m.def("load_gguf_tensor",
+        &quant::load_gguf_tensor,
+        "fd"_a,
+        "offset"_a,
+        "type"_a,
+        "shape"_a,
+        "threads"_a,
+        "huge_pages"_a = true,
+        nb::call_guard<nb::gil_scoped_release>(),
+        "One GGUF tensor read from an open file into new MLX arrays in "
+        "MLX's layout: [weight] for F32/F16/BF16, [codes, scales, biases] "
+        "for Q4_0/Q4_1/Q8_0, [codes, scales] for MXFP4.");
+  m.def("gguf_type_supported",
+        &quant::gguf_type_supported,
+        "type"_a,
+        "Whether load_gguf_tensor converts this GGML type.");
 }
 
 } // namespace mlx_harmony_core

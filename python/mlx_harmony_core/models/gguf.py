@@ -515,6 +515,33 @@ def _quantized_modules(plan: list[tuple[str, TensorInfo]]) -> dict[str, tuple[in
     }
 
 
+# Threads reading and converting one tensor in the C++ loader (pread from the page cache
+# and the repack both scale with cores; past 4 the memory bus is the limit).
+LOAD_THREADS = max(1, min(4, os.cpu_count() or 1))
+# Whether the loaded arrays' memory is advised as transparent huge pages (MADV_HUGEPAGE).
+LOAD_HUGE_PAGES = True
+
+
+def read_tensor(gguf: GGUFFile, source: Any, info: TensorInfo) -> dict[str, mx.array]:
+    """One GGUF tensor as evaluated MLX arrays, as :func:`tensor_arrays` gives them.
+
+    From a :class:`FileSource`, types the C++ loader knows (F32, F16, BF16, Q4_0, Q4_1,
+    Q8_0, MXFP4) go from the file to their final arrays in one pass on
+    :data:`LOAD_THREADS` threads; anything else goes through :func:`tensor_arrays`
+    (numpy), which is also the reference the C++ path equals bit for bit."""
+    from .. import _core
+
+    if not isinstance(source, FileSource) or not _core.gguf_type_supported(info.type):
+        return tensor_arrays(gguf, source, info)
+    try:
+        arrays = _core.load_gguf_tensor(
+            source.fd, info.offset, info.type, list(info.shape), LOAD_THREADS, LOAD_HUGE_PAGES
+        )
+    except (ValueError, RuntimeError) as exc:
+        raise ModelLoadError(f"{gguf.path}: tensor {info.name}: {exc}") from exc
+    return dict(zip(("", "scales", "biases"), arrays, strict=False))
+
+
 def _stream_weights(
     gguf: GGUFFile,
     plan: list[tuple[str, TensorInfo]],
@@ -533,7 +560,7 @@ def _stream_weights(
     try:
         with FileSource(gguf.path) as src:
             for path, info in plan:
-                arrays = tensor_arrays(gguf, src, info)
+                arrays = read_tensor(gguf, src, info)
                 stem = info.name.rsplit(".", 1)[0]
                 if fix is not None:
                     arrays = fix(stem, arrays, config, info.type in _FLOAT)
