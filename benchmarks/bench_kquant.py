@@ -85,12 +85,21 @@ def test_kquant_gemv_bandwidth():
 
 
 def _files(smollm2_path: Path) -> dict[str, Path]:
-    d = Path(smollm2_path).parent
-    return {
-        "Q4_1": Path(smollm2_path),
-        "Q4_K_M": d / "SmolLM2-135M-Instruct.Q4_K_M.gguf",
-        "Q6_K": d / "SmolLM2-135M-Instruct.Q6_K.gguf",
-    }
+    """The Q4_1 file and llama.cpp's Q4_K_M / Q6_K ones: the user's cache's
+    (make_kquant_smollm2.py), else made next to the Q4_1 file (needs llama-cpp-python)."""
+    from mlx_harmony_core.models.llama_quantize import kquant_smollm2
+
+    out = {"Q4_1": Path(smollm2_path)}
+    made = Path("~/.cache/mlx-harmony-core/models").expanduser()
+    for ftype in ("Q4_K_M", "Q6_K"):
+        path = made / f"SmolLM2-135M-Instruct.{ftype}.gguf"
+        if not path.is_file():
+            try:
+                path = kquant_smollm2(ftype, Path(smollm2_path).parent)
+            except ImportError:
+                continue
+        out[ftype] = path
+    return out
 
 
 def _llama_decode_tps(path: Path, prompt: list[int], steps: int) -> float:
@@ -108,9 +117,9 @@ def _llama_decode_tps(path: Path, prompt: list[int], steps: int) -> float:
 
 
 def test_smollm2_kquant_decode(smollm2_path):
-    files = {k: p for k, p in _files(smollm2_path).items() if p.is_file()}
+    files = _files(smollm2_path)
     if "Q4_K_M" not in files:
-        pytest.skip("no Q4_K_M SmolLM2: run benchmarks/make_kquant_smollm2.py (llama-cpp-python)")
+        pytest.skip("no Q4_K_M SmolLM2: llama-cpp-python is not installed to make one")
     try:
         import llama_cpp  # noqa: F401
 
