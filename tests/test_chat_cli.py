@@ -132,3 +132,69 @@ def test_generate_uses_prompt_config_and_flags_win(tmp_path):
     config.write_text('{"max_tokens": 3, "colour": 1}')
     out = subprocess.run([*cmd, "--prompt-config", str(config)], capture_output=True, text=True)
     assert out.returncode == 2 and "unknown field 'colour'" in out.stderr
+
+
+def test_builtin_tools_shown_dimmed_logged_and_resumed(tmp_path):
+    """chat --tools python in a terminal: each call and its result dimmed, recorded in the
+    log; a resumed chat goes on (the model is the demo one, scripted to call python)."""
+    from pathlib import Path
+
+    call = "<|channel|>analysis to=python code<|message|>{}<|call|>"
+    script = tmp_path / "script.json"
+    script.write_text(
+        json.dumps(
+            [
+                call.format("x = 6 * 7"),
+                call.format("print(x)"),
+                "<|channel|>final<|message|>It is 42.<|return|>",
+            ]
+        )
+    )
+    log = tmp_path / "tools.json"
+    runner = str(Path(__file__).parent / "support" / "scripted_chat.py")
+    args = ["--chat", str(log), "--tools", "python", "--max-tokens", "200"]
+
+    def start():
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TERM": "dumb"}
+        child = pexpect.spawn(
+            sys.executable,
+            [runner, str(script), "chat", *args],
+            env=env,
+            encoding="utf-8",
+            timeout=TIMEOUT,
+            dimensions=(40, 200),
+        )
+        child.expect_exact(">>> ")
+        return child
+
+    child = start()
+    child.sendline("what is 6 * 7?")
+    child.expect_exact("\x1b[2m\r\n[python] x = 6 * 7")
+    child.expect_exact("[python: completed")
+    child.expect_exact("[python] print(x)")
+    child.expect(r"\[python: completed, [0-9.]+ s\]\r\n42\r\n")
+    child.expect_exact("It is 42.")
+    turn_end = r"\| (length|stop) \| peak \d+ MiB\]"
+    child.expect(turn_end)
+    child.expect_exact(">>> ")
+    child.sendline("\\quit")
+    child.expect(pexpect.EOF)
+    data = json.loads(log.read_text())
+    reply = data["messages"][1]
+    assert reply["content"] == "It is 42."
+    calls = reply["builtin_calls"]
+    assert [(c["recipient"], c["arguments"], c["status"]) for c in calls] == [
+        ("python", "x = 6 * 7", "completed"),
+        ("python", "print(x)", "completed"),
+    ]
+    assert calls[1]["output"].strip() == "42"
+
+    child = start()  # resumed: the history is kept, the tools run again
+    child.sendline("again?")
+    child.expect_exact("It is 42.")
+    child.expect(turn_end)
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    data = json.loads(log.read_text())
+    assert [m["role"] for m in data["messages"]] == ["user", "assistant"] * 2
+    assert len(data["messages"][3]["builtin_calls"]) == 2

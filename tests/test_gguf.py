@@ -16,79 +16,8 @@ gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 from gguf import quants  # noqa: E402
 
-
-# -- writing files the way llama.cpp's converter does ------------------------------------------
-def _table(arch, layers):
-    archs = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}
-    return gguf.get_tensor_name_map(archs[arch], layers)
-
-
-def _permute(w, heads):  # llama.cpp's convert_hf_to_gguf.LlamaModel.permute
-    return (
-        w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-    )
-
-
-def write_gguf(path, arch, config, weights, *, qtype=None, tokenizer=None, meta=None):
-    """``weights``: mlx-lm names -> float32 numpy arrays. 2-D weights wider than 32 are
-    stored as ``qtype`` when given (else F32)."""
-    table = _table(arch, config["num_hidden_layers"])
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(config["num_hidden_layers"])
-    w.add_embedding_length(config["hidden_size"])
-    w.add_feed_forward_length(config["intermediate_size"])
-    w.add_head_count(config["num_attention_heads"])
-    w.add_head_count_kv(config["num_key_value_heads"])
-    w.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-5))
-    w.add_rope_freq_base(config.get("rope_theta", 10000.0))
-    w.add_context_length(config.get("max_position_embeddings", 2048))
-    if "head_dim" in config:
-        w.add_key_length(config["head_dim"])
-        w.add_value_length(config["head_dim"])
-    for key, value in (meta or {}).items():
-        getattr(w, key)(value)
-    if tokenizer is not None:
-        _add_tokenizer(w, tokenizer)
-    for name, a in weights.items():
-        base, _, suffix = name.rpartition(".")
-        if suffix not in ("weight", "bias"):
-            base, suffix = name, "weight"
-        g = f"{table.get_name(base)}.{suffix}"
-        a = np.asarray(a, dtype=np.float32)
-        if arch == "llama" and base.endswith(("q_proj", "k_proj")):
-            heads = config["num_attention_heads" if "q_proj" in base else "num_key_value_heads"]
-            a = _permute(a, heads)
-        if arch == "gemma" and base.endswith("norm"):
-            a = a + 1
-        kind = qtype(g, a) if callable(qtype) else qtype
-        if kind is not None and a.ndim >= 2 and a.shape[-1] % 32 == 0:
-            w.add_tensor(g, quants.quantize(a, kind), raw_dtype=kind)
-        else:
-            w.add_tensor(g, a)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
-
-def _add_tokenizer(w, hf):
-    """A Hugging Face BPE tokenizer's vocabulary as llama.cpp's tokenizer.ggml.* keys."""
-    data = json.loads(hf.backend_tokenizer.to_str())
-    vocab = data["model"]["vocab"]
-    for t in data["added_tokens"]:
-        vocab[t["content"]] = t["id"]
-    tokens = [None] * (max(vocab.values()) + 1)
-    for t, i in vocab.items():
-        tokens[i] = t
-    special = {t["id"] for t in data["added_tokens"] if t["special"]}
-    merges = [" ".join(m) if isinstance(m, list) else m for m in data["model"]["merges"]]
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_types([3 if i in special else 1 for i in range(len(tokens))])
-    w.add_token_merges(merges)
-    w.add_eos_token_id(hf.convert_tokens_to_ids(hf.eos_token))
-    w.add_chat_template(hf.chat_template)
+from support.gguf_files import random_model as _random_model  # noqa: E402
+from support.gguf_files import write_gguf  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -195,21 +124,6 @@ ARCHS = {
     "gemma": dict(model_type="gemma", head_dim=16),
     "phi3": dict(model_type="phi3"),
 }
-
-
-def _random_model(config, seed=0):
-    from mlx.utils import tree_flatten
-    from mlx_lm.utils import _get_classes
-
-    model_class, args_class = _get_classes(config)
-    mx.random.seed(seed)
-    model = model_class(args_class.from_dict(config))
-    params = {
-        k: mx.random.normal(v.shape) * (0.02 if v.ndim > 1 else 1.0) + (1.0 if v.ndim == 1 else 0)
-        for k, v in tree_flatten(model.parameters())
-    }
-    model.load_weights(list(params.items()))
-    return model, {k: np.array(v) for k, v in params.items()}
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))

@@ -11,6 +11,7 @@ from mlx_harmony_core.options import (
     MAX_TOKENS,
     RENDER,
     SPECULATION,
+    TOOLS,
     RequestOptions,
     fields_in,
 )
@@ -24,12 +25,13 @@ def test_defaults_come_from_the_schema(demo_engine):
     assert fields_in(RENDER) == RENDER_OPTIONS
     assert {"response_format", "regex", "grammar", "max_reasoning_tokens"} == fields_in(GUIDE)
     assert {"speculative", "draft_model", "num_draft"} == fields_in(SPECULATION)
+    assert {"builtin_tools", "max_tool_calls", "tool_session"} == fields_in(TOOLS)
 
 
 def test_every_field_has_a_group_and_a_description():
     for name, field in RequestOptions.model_fields.items():
         assert field.description, name
-        assert field.json_schema_extra["group"] in ("request", RENDER, GUIDE, SPECULATION)
+        assert field.json_schema_extra["group"] in ("request", RENDER, GUIDE, SPECULATION, TOOLS)
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ from .chat_format import ANSWER, REASONING
 from .chat_log import ChatLog, chat_path
 from .config import PromptConfig, resolve_settings
 from .messages import check_text
+from .tool_loop import ToolEvent
 
 DIM = "\033[2m"
 RESET = "\033[0m"
@@ -161,6 +162,9 @@ class ChatSession:
                 if event.completion is not None:
                     completion = event.completion
                     break
+                if isinstance(event, ToolEvent):  # a built-in tool call: shown dimmed
+                    printer.tool(event)
+                    continue
                 if event.recipient:
                     continue
                 parts.setdefault(event.kind, []).append(event.delta)
@@ -201,6 +205,19 @@ class ReplyPrinter:
             self.end_reasoning()
             self.out.write("\n\n")
         self.out.write(delta)
+        self.out.flush()
+
+    def tool(self, event: ToolEvent, limit: int = 1200) -> None:
+        """A built-in tool call as it starts (the code or arguments) and ends (its
+        status, time and output, cut at ``limit`` characters), dimmed."""
+        self.end_reasoning()
+        if event.phase == "running":
+            text = f"\n[{event.recipient}] {event.call.arguments.strip()}\n"
+        else:
+            r = event.result
+            out = r.text if len(r.text) <= limit else r.text[:limit] + " [...]"
+            text = f"[{event.recipient}: {r.status}, {r.duration_s:.1f} s]\n{out.rstrip()}\n\n"
+        self.out.write(f"{DIM}{text}{RESET}" if self.color else text)
         self.out.flush()
 
     def end_reasoning(self) -> None:

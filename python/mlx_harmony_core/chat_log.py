@@ -38,6 +38,20 @@ class LoggedToolCall(BaseModel):
     arguments: str
 
 
+class LoggedBuiltinCall(BaseModel):
+    """A built-in tool call the engine ran during a reply (python, browser.*), and what
+    the tool answered."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    recipient: str
+    arguments: str
+    status: str
+    output: str
+    duration_s: float = 0.0
+
+
 class LoggedMessage(BaseModel):
     """One message; assistant turns also record how they were generated."""
 
@@ -49,6 +63,8 @@ class LoggedMessage(BaseModel):
     channel: str | None = None
     reasoning: str | None = None
     tool_calls: list[LoggedToolCall] | None = None
+    # Built-in tool calls of this reply (part of its reasoning: not sent back to the model).
+    builtin_calls: list[LoggedBuiltinCall] | None = None
     tool_call_id: str | None = None
     name: str | None = None
     # assistant turns: what made them
@@ -107,6 +123,18 @@ class ChatLog(BaseModel):
             channel="final",
             reasoning=completion.reasoning or None,
             tool_calls=[LoggedToolCall(**vars(c)) for c in completion.tool_calls] or None,
+            builtin_calls=[
+                LoggedBuiltinCall(
+                    id=b.id,
+                    recipient=b.call.recipient,
+                    arguments=b.call.arguments,
+                    status=b.result.status if b.result is not None else "incomplete",
+                    output=b.result.text if b.result is not None else "",
+                    duration_s=getattr(b.result, "duration_s", 0.0) or 0.0,
+                )
+                for b in getattr(completion, "builtin_calls", None) or []
+            ]
+            or None,
             model=model,
             params=params.model_dump(exclude_defaults=True) if params is not None else None,
             finish_reason=completion.finish_reason,

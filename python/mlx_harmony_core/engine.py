@@ -21,7 +21,7 @@ from .chat_format import ChatFormat
 from .distributed import is_peer_error
 from .errors import ContextLengthError, InvalidRequestError, RequestTypeError
 from .messages import MessagesLike, normalize_messages, role
-from .options import GUIDE, RENDER, SPECULATION, RequestOptions
+from .options import GUIDE, RENDER, SPECULATION, TOOLS, RequestOptions
 from .params import SamplingParams
 from .prefix_cache import PrefixCache
 from .request import (
@@ -36,6 +36,8 @@ from .runner import ModelRunner
 from .scheduler import Handle, Scheduler, Sink
 from .speculative import make_speculation
 from .structured import make_guide
+from .threads import generation
+from .tool_loop import ToolLoop, builtin_system
 
 if TYPE_CHECKING:
     from .distributed import Group
@@ -110,6 +112,12 @@ class Engine:
         )
         self._scheduler: Scheduler | None = None
         self._scheduler_lock = threading.Lock()
+        # Built-in tools by name (python, browser): made on first use with
+        # ``builtin_tool_options``, or enabled up front (the server: only those).
+        self.builtin_tools: dict[str, Any] = {}
+        self.builtin_tool_options: Any = None  # a tools.builtin.BuiltinToolOptions
+        self.builtin_tools_fixed = False  # True: requests may use only the enabled ones
+        self._tools_lock = threading.Lock()
 
     @property
     def model(self) -> Any:
@@ -166,6 +174,49 @@ class Engine:
     def tokenizer(self) -> Any:
         """The mlx-lm tokenizer when the format is a chat template (else ``None``)."""
         return getattr(self.chat_format, "tokenizer", None)
+
+    # -- built-in tools ----------------------------------------------------------------------
+    def enable_tools(self, names: Sequence[str], options: Any = None) -> None:
+        """Enable the built-in tools ``names`` (``python``, ``browser``) with ``options`` (a
+        :class:`~mlx_harmony_core.tools.builtin.BuiltinToolOptions`); from then on requests
+        may ask for these only (a server's operator enables them, requests opt in)."""
+        from .tools.builtin import BuiltinTools
+
+        with self._tools_lock:
+            self.builtin_tool_options = options
+            for name in _tool_names(names):
+                if name not in self.builtin_tools:
+                    self.builtin_tools[name] = BuiltinTools([name], options)
+            self.builtin_tools_fixed = True
+
+    def tools_for(self, names: Sequence[str]) -> dict[str, Any]:
+        """The built-in tools ``names`` (made on first use unless :meth:`enable_tools`
+        fixed the set; then asking for another is an :class:`InvalidRequestError`)."""
+        from .tools.builtin import BuiltinTools
+
+        wanted = _tool_names(names)
+        with self._tools_lock:
+            for name in wanted:
+                if name in self.builtin_tools:
+                    continue
+                if self.builtin_tools_fixed:
+                    enabled = ", ".join(sorted(self.builtin_tools)) or "none"
+                    raise InvalidRequestError(
+                        f"the built-in tool {name!r} is not enabled here (enabled: {enabled})",
+                        param="builtin_tools",
+                    )
+                self.builtin_tools[name] = BuiltinTools([name], self.builtin_tool_options)
+            return {name: self.builtin_tools[name] for name in wanted}
+
+    def close_tools(self) -> None:
+        """Stop the built-in tools' sessions (their processes) and forget them."""
+        with self._tools_lock:
+            tools, self.builtin_tools = self.builtin_tools, {}
+        for t in tools.values():
+            try:
+                t.close()
+            except Exception:
+                logger.debug("closing a built-in tool failed", exc_info=True)
 
     # -- prompts ---------------------------------------------------------------------------
     def render(self, messages: MessagesLike | Sequence[int], **options: Any) -> list[int]:
@@ -241,6 +292,15 @@ class Engine:
         elif kwargs:
             options = RequestOptions.of({**options.model_dump(exclude_unset=True), **kwargs})
         render_options = options.group(RENDER)
+        names = options.group(TOOLS).get("builtin_tools")
+        if names and not options.raw and not _is_token_ids(messages):
+            if self.chat_format.name != "harmony":
+                raise InvalidRequestError(
+                    "built-in tools (python, browser) need a GPT-OSS (Harmony) model",
+                    param="builtin_tools",
+                )
+            tools = self.tools_for(names)
+            render_options = {**render_options, "system_tools": builtin_system(tools.values())}
         guide_options = options.group(GUIDE)
         spec_options = options.group(SPECULATION)
         max_tokens = options.max_tokens
@@ -303,7 +363,36 @@ class Engine:
         """Drive ``req`` to its end on the scheduler, yielding its events (the last one has
         the completion); ``progress(done, total)`` is called as the prompt is prefilled."""
         req.progress = progress
-        yield from self.batching().run(req)
+        worker = getattr(self.batching(), "worker", generation)
+        if threading.current_thread().name == worker.name:
+            raise RuntimeError(
+                "a request cannot be run from the generation thread (it would wait on itself)"
+            )
+        handle = self.start(req)
+        try:
+            yield from handle
+        finally:
+            if not handle.done:
+                handle.cancel()
+                for _ in handle:  # its last events: the cache is back before we return
+                    pass
+
+    def start(self, req: Request, sink: Sink | None = None) -> Handle:
+        """Queue ``req`` (from :meth:`request`) on the scheduler; with ``builtin_tools`` its
+        reply runs them and goes on (see :mod:`.tool_loop`). Thread-safe; returns the
+        :class:`~.scheduler.Handle` at once (events go to ``sink`` when given)."""
+        o = req.options
+        if o.builtin_tools and not o.raw:
+            loop = ToolLoop(
+                self,
+                req,
+                self.tools_for(o.builtin_tools),
+                max_tool_calls=o.max_tool_calls,
+                session=o.tool_session,
+                sink=sink,
+            )
+            return loop.start()
+        return self.batching().submit(req, sink=sink)
 
     def follow(self, message: dict[str, Any]) -> None:
         """A follower rank: run rank 0's request ``message`` (see :meth:`.ModelRunner.follow`)."""
@@ -358,6 +447,14 @@ class Engine:
         window). ``raw=True`` decodes the reply as plain text (for raw completions).
         ``should_stop`` is polled after each token; when it returns True the reply ends
         with ``finish_reason="cancelled"``.
+
+        ``builtin_tools`` (``["python"]``, ``["python", "browser"]``) declares GPT-OSS's
+        built-in tools and runs them when the reply calls them; the reply then goes on (see
+        :mod:`.tool_loop`): at most ``max_tool_calls`` calls run (16), ``tool_session``
+        keys the tools' state (python variables, pages) across replies (by default each
+        reply has its own). The calls that ran are the completion's ``builtin_calls``; the
+        tools are made with ``engine.builtin_tool_options`` on first use, or enabled up
+        front with :meth:`enable_tools`.
         """
         yield from self.run(self.request(messages, params, **options), progress)
 
@@ -389,7 +486,7 @@ class Engine:
         ``cancel()`` to stop it; requests submitted together decode in one batch.
         """
         req = self.request(messages, params, **options)
-        return self.batching().submit(req, sink=sink)
+        return self.start(req, sink=sink)
 
     def generate_batch(
         self,
@@ -418,8 +515,7 @@ class Engine:
             else:
                 messages = item
             requests.append(self.request(messages, item_params, **own))
-        sched = self.batching()
-        handles = [sched.submit(r) for r in requests]
+        handles = [self.start(r) for r in requests]
         return [h.result() for h in handles]
 
     def generate(
@@ -449,6 +545,24 @@ def _format_from(encoding: Any, tokenizer: Any) -> ChatFormat:
     from .harmony import HarmonyFormat
 
     return HarmonyFormat(encoding)
+
+
+def _tool_names(names: Sequence[str]) -> list[str]:
+    """``names`` checked against the built-in tools (a string may list them: "python,browser")."""
+    from .tools.builtin import BUILTIN_TOOL_NAMES
+
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    out: list[str] = []
+    for name in names:
+        if name not in BUILTIN_TOOL_NAMES:
+            raise InvalidRequestError(
+                f"unknown built-in tool {name!r}; choose from {', '.join(BUILTIN_TOOL_NAMES)}",
+                param="builtin_tools",
+            )
+        if name not in out:
+            out.append(name)
+    return out
 
 
 def _materialize(model: Any) -> None:

@@ -9,7 +9,7 @@ import logging
 import os
 import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -133,8 +133,13 @@ def build_conversation(
     conversation_start_date: str | None = None,
     tools: Sequence[Any] | None = None,
     tool_choice: ToolChoice = None,
+    system_tools: Callable[[SystemContent], SystemContent] | None = None,
 ) -> Conversation:
     """Turn chat messages into a Harmony ``Conversation``.
+
+    ``system_tools`` declares built-in tools (``python``, ``browser``) in the system message:
+    it takes the system content and returns it with the tools added (see
+    :meth:`~mlx_harmony_core.tools.builtin.BuiltinTools.system_content`).
 
     OpenAI-style ``system`` and ``developer`` messages become the developer instructions
     (Harmony's own system message carries identity, dates and reasoning effort); ``tools``
@@ -145,6 +150,8 @@ def build_conversation(
     system = _system_content(
         reasoning_effort, model_identity, knowledge_cutoff, conversation_start_date
     )
+    if system_tools is not None:
+        system = system_tools(system)
     described = tool_descriptions(tools)
     choice_name(tool_choice, {t.name for t in described})  # validate before rendering
     items = normalize_messages(messages)
@@ -340,6 +347,17 @@ class HarmonyStream:
         while len(self._ids) <= i:
             self._ids.append(f"call_{uuid.uuid4().hex[:24]}")
         return self._ids[i]
+
+    def last_call(self) -> tuple[str, str, str] | None:
+        """The last message's ``(recipient, channel, text)`` when it is addressed to a tool
+        outside ``functions.*`` (a built-in tool: ``python``, ``browser.search``...); else
+        ``None``. A reply that ended at ``<|call|>`` calls it."""
+        if self._parser is None or not self.messages:
+            return None
+        m = self.messages[-1]
+        if not m.recipient or m.recipient.startswith("functions.") or m.recipient == "assistant":
+            return None
+        return m.recipient, m.channel, "".join(m.text)
 
     def tool_calls(self) -> list[ToolCall]:
         """Calls addressed to ``functions.*`` (Harmony's function-tool namespace)."""

@@ -194,21 +194,31 @@ def load_cache(
         )
     caches = []
     for i, layer in enumerate(json.loads(header["layers"])):
-        kind = layer["kind"]
         meta = {k: int(v) for k, v in layer["meta"].items()}
-        if kind == "KVCache":
-            c = KVCache()
-        elif kind == "RotatingKVCache":
-            c = RotatingKVCache(meta["max_size"], meta["keep"], 0)
-        elif kind == "QuantizedKVCache":
-            c = QuantizedKVCache(meta["bits"], meta["group_size"])
-        else:
-            raise ValueError(f"{path}: unknown cache kind {kind!r}")
+        try:
+            c = empty_cache(layer["kind"], meta)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
         c.restore([arrays[f"{i}.{j}"] for j in range(layer["arrays"])], meta)
         caches.append(c)
     if model is not None and len(caches) != len(getattr(model, "layers", caches)):
         raise ValueError(f"{path} has {len(caches)} layers; the model has {len(model.layers)}")
     return caches, json.loads(header.get("metadata", "{}"))
+
+
+def empty_cache(kind: str, meta: Mapping[str, int]) -> Any:
+    """An empty cache of ``kind`` (a cache's ``kind``) for ``restore(arrays, meta)`` with
+    ``meta`` (its ``meta()``); ``ValueError`` for an unknown kind or missing settings."""
+    try:
+        if kind == "KVCache":
+            return KVCache()
+        if kind == "RotatingKVCache":
+            return RotatingKVCache(int(meta["max_size"]), int(meta["keep"]), 0)
+        if kind == "QuantizedKVCache":
+            return QuantizedKVCache(int(meta["bits"]), int(meta["group_size"]))
+    except KeyError as exc:
+        raise ValueError(f"{kind} settings lack {exc}") from None
+    raise ValueError(f"unknown cache kind {kind!r}")
 
 
 def _checksum(arrays: Mapping[str, mx.array]) -> str:

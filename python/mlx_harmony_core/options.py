@@ -21,8 +21,10 @@ from .params import FIELDS
 from .speculative import DRAFTERS, MAX_DRAFT
 
 MAX_TOKENS = 512  # the reply length limit when none is given (every front end)
+MAX_TOOL_CALLS = 16  # built-in tool calls run per reply when none is given (every front end)
 
 RENDER, GUIDE, SPECULATION, REQUEST = "render", "guide", "speculation", "request"
+TOOLS = "tools"  # the built-in tools' loop (see tool_loop.py)
 
 
 def _in(group: str, description: str) -> dict[str, Any]:
@@ -68,6 +70,17 @@ class RequestOptions(BaseModel):
     conversation_start_date: str | None = Field(None, **_in(RENDER, "today's date, for the model"))
     tools: Sequence[Any] | None = Field(None, **_in(RENDER, "function tools (OpenAI's shape)"))
     tool_choice: Any = Field(None, **_in(RENDER, "auto, none, required or a named tool"))
+
+    # Built-in tools the engine runs itself (see tool_loop.py).
+    builtin_tools: Sequence[str] | None = Field(
+        None, **_in(TOOLS, "built-in tools to declare and run: python, browser")
+    )
+    max_tool_calls: StrictInt = Field(
+        MAX_TOOL_CALLS, ge=0, le=1000, **_in(TOOLS, "built-in tool calls run per reply")
+    )
+    tool_session: str | None = Field(
+        None, **_in(TOOLS, "the conversation key of the tools' state (python variables, pages)")
+    )
 
     # Constraints on the reply (see structured.py).
     response_format: Any = Field(None, **_in(GUIDE, "OpenAI's response_format"))

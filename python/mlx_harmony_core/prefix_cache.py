@@ -30,12 +30,18 @@ def cache_nbytes(cache: Sequence[Any]) -> int:
 
 
 def _common(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
+    """Length of the common prefix; slice comparisons (C speed) halve the range each time."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 class PrefixCache:
@@ -73,12 +79,22 @@ class PrefixCache:
         with self._lock:
             return self._take(prompt)
 
-    def _take(self, prompt: Sequence[int]) -> tuple[list[Any] | None, int]:
+    def longest(self, prompt: Sequence[int]) -> int:
+        """How many tokens of ``prompt`` :meth:`take` would reuse (nothing is taken)."""
+        with self._lock:
+            return self._best(prompt)[1]
+
+    def _best(self, prompt: Sequence[int]) -> tuple[_Entry | None, int]:
+        prompt = prompt if isinstance(prompt, list) else list(prompt)  # entries hold lists
         best, best_n = None, 0
         for e in self._entries:
             n = min(_common(e.tokens, prompt), len(prompt) - 1)
             if n > best_n and _can_rewind(e, n):
                 best, best_n = e, n
+        return best, best_n
+
+    def _take(self, prompt: Sequence[int]) -> tuple[list[Any] | None, int]:
+        best, best_n = self._best(prompt)
         if best is None:
             return None, 0
         self._entries.remove(best)

@@ -84,6 +84,10 @@ class Completion:
     stop_sequence: str | None = None
     # The logprobs of the answer's tokens only (no control, reasoning or tool-call tokens).
     content_logprobs: list[TokenLogprob] | None = None
+    # Built-in tool calls the engine ran in this reply (tool_loop.BuiltinCall), in order.
+    builtin_calls: list[Any] = field(default_factory=list)
+    # With the browser: the answer with its citations resolved, and url_citation annotations.
+    cited: tuple[str, list[dict[str, Any]]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -169,6 +173,11 @@ class Request:
         self.reasoning_tokens = 0
         self.finish: str | None = None
         self.cached_tokens = 0
+        # A tool loop's hooks (see tool_loop.py): ``hold_cache(tokens, cache) -> bool`` takes
+        # the finished row's cache for the reply's continuation; ``take_cache(prompt)`` gives
+        # the continuation that cache (else the prefix cache's) as ``(cache, cached tokens)``.
+        self.hold_cache: Callable[[list[int], list[Any]], bool] | None = None
+        self.take_cache: Callable[[Sequence[int]], tuple[list[Any], int]] | None = None
         self.t0 = started if started is not None else time.perf_counter()
         self.t_first = self.t0
         self._window = self.sampler.window(prompt_ids)

@@ -19,13 +19,15 @@ from .prefix_cache import PrefixCache
 
 if TYPE_CHECKING:
     from .distributed import Group
+    from .prompt_store import PromptStore
 
 
 class ModelRunner:
     """Runs ``model`` (mlx-lm's calling convention ``model(tokens, cache=...)``).
 
     ``prefix_cache`` keeps finished requests' caches for reuse (``reuse_cache=False``: none);
-    ``group`` is the distributed group the model is sharded over (``None``: one process).
+    ``group`` is the distributed group the model is sharded over (``None``: one process);
+    ``prompt_store`` (set by :func:`.prompt_store.attach`) keeps long prefixes on disk.
     """
 
     def __init__(
@@ -48,6 +50,8 @@ class ModelRunner:
         self.reuse_cache = reuse_cache
         self.prefix_cache = prefix_cache if prefix_cache is not None else PrefixCache()
         self.group = group
+        # KV caches of long prefixes on disk (prompt_store.attach sets it; None: none).
+        self.prompt_store: PromptStore | None = None
         # MLX streams belong to the thread that made them: one per generating thread.
         self._local = threading.local()
 
@@ -65,7 +69,15 @@ class ModelRunner:
     def take(self, prompt: Sequence[int]) -> tuple[list[Any], int]:
         """A cache holding the longest reusable prefix of ``prompt``, and its length (a fresh
         cache and 0 when nothing can be reused)."""
-        cache, common = self.prefix_cache.take(list(prompt))
+        prompt = list(prompt)
+        store = self.prompt_store
+        if store is not None and store.serves(self.model):
+            # A longer prefix on disk than in memory: load it (None if its file is unusable).
+            entry, n = store.find(prompt, longer_than=self.prefix_cache.longest(prompt))
+            loaded = store.load(entry, n) if entry is not None else None
+            if loaded is not None and len(loaded) == len(self.new_cache()):
+                return loaded, n
+        cache, common = self.prefix_cache.take(prompt)
         if cache is None:
             return self.new_cache(), 0
         return cache, common
@@ -73,6 +85,9 @@ class ModelRunner:
     def keep(self, tokens: Sequence[int], cache: list[Any]) -> None:
         """Offer a finished request's cache (holding exactly ``tokens``) for reuse."""
         if self.reuse_cache and tokens:
+            store = self.prompt_store
+            if store is not None and store.serves(self.model):
+                store.offer(tokens, cache)  # copied to host now, before anyone reuses it
             self.prefix_cache.put(list(tokens), cache)
 
     def forward(self, inputs: mx.array, cache: Any) -> mx.array:

@@ -44,7 +44,7 @@ from .params import SamplingParams
 from .request import Completion, Request, StreamEvent
 from .runner import ModelRunner
 from .sampling import LogProbs, Sampler, sample_rows
-from .threads import generation, on_generation_thread, stop_at_exit
+from .threads import generation, stop_at_exit
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +177,8 @@ class Scheduler:
     requests (default: half the memory available when the scheduler starts): a request
     joins only when the batch's worst case (every row at its prompt + ``max_tokens``) fits,
     and one that cannot fit even alone is refused. ``prefill_chunk`` bounds how many
-    prompt tokens run between two decode steps.
+    prompt tokens run between two decode steps. ``worker`` (a
+    :func:`~.threads.worker`) is the thread its loop runs on (default: the generation thread).
 
     Models whose caches cannot batch (state other than attention K/V) run with
     ``max_batch`` 1.
@@ -191,6 +192,7 @@ class Scheduler:
         max_queue: int | None = None,
         kv_budget_bytes: int | None = None,
         prefill_chunk: int = PREFILL_CHUNK,
+        worker: Any = None,
     ) -> None:
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
@@ -208,6 +210,9 @@ class Scheduler:
             )
             runner = runner.runner  # type: ignore[attr-defined]
         self.runner = runner
+        # The thread the loop runs on (a threads.worker; default: the process's generation
+        # thread). A server holding several models gives each its own.
+        self.worker = worker if worker is not None else generation
         template = runner.new_cache()
         self._template = template
         self.batchable = make_batch_cache(template) is not None
@@ -292,7 +297,7 @@ class Scheduler:
             self.idle.clear()
             if not self._posted:
                 self._posted = True
-                on_generation_thread(self._run)
+                self.worker.put(self._run)
         return handle
 
     @property
@@ -329,7 +334,7 @@ class Scheduler:
         with self._lock:
             if not self._posted and self._waiting:
                 self._posted = True
-                on_generation_thread(self._run)
+                self.worker.put(self._run)
 
     # -- the loop (generation thread) ------------------------------------------------------
     def _admit(self) -> bool:
@@ -380,7 +385,7 @@ class Scheduler:
     def run(self, request: Request) -> Iterator[StreamEvent]:
         """Submit ``request`` and yield its events as they are decoded (the caller's
         thread waits; a consumer that stops early cancels the request)."""
-        if threading.current_thread().name == generation.name:
+        if threading.current_thread().name == self.worker.name:
             raise RuntimeError(
                 "a request cannot be run from the generation thread (it would wait on itself)"
             )
@@ -701,7 +706,8 @@ class _Batch:
                 mx.reset_peak_memory()
             if self.group is not None:
                 self._start_group_request(r)
-            r.cache, r.done = self.runner.take(r.prompt)
+            take = r.req.take_cache or self.runner.take  # a tool loop's own cache first
+            r.cache, r.done = take(r.prompt)
             r.req.cached_tokens = r.done
         prompt = r.prompt
         left = len(prompt) - r.done
@@ -819,7 +825,9 @@ class _Batch:
                 cache = self.cache if self.solo else [c.extract(batch_row) for c in self.cache]
             if cache is not None and tokens:
                 mx.async_eval([c.state for c in cache])
-                self.to_store.append((tokens, cache))
+                hold = r.req.hold_cache  # a tool loop keeps it for the reply's continuation
+                if hold is None or not hold(tokens, cache):
+                    self.to_store.append((tokens, cache))
         r.cache = None
         self.s._left(1)
         if failed is not None:

@@ -77,6 +77,20 @@ class _Worker:
 
 generation = _Worker("mhc-generation")
 preparation = _Worker("mhc-prepare")
+# Further generation threads by name (one per model a server holds): made once, never stopped.
+_named: dict[str, _Worker] = {generation.name: generation}
+_named_lock = threading.Lock()
+
+
+def worker(name: str) -> _Worker:
+    """The long-lived worker thread called ``name`` (made on first use, then the same one:
+    a model unloaded and loaded again reuses its thread; threads that ran MLX work never
+    exit before the interpreter)."""
+    with _named_lock:
+        w = _named.get(name)
+        if w is None:
+            w = _named[name] = _Worker(name)
+        return w
 
 
 def on_generation_thread(fn: Callable[[], None]) -> None:
@@ -97,7 +111,10 @@ def stop_at_exit(fn: Callable[[], None]) -> None:
 def _drain(*_: Any) -> None:
     for stop in _at_exit:
         stop()
-    generation.wait_idle(30)
+    with _named_lock:
+        workers = list(_named.values())
+    for w in workers:
+        w.wait_idle(30)
     preparation.wait_idle(5)
 
 

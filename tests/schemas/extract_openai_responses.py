@@ -34,6 +34,15 @@ ROOTS = [
     "ResponseFunctionCallArgumentsDoneEvent",
     "ResponseCustomToolCallInputDeltaEvent",
     "ResponseCustomToolCallInputDoneEvent",
+    "ResponseCodeInterpreterCallInProgressEvent",
+    "ResponseCodeInterpreterCallCodeDeltaEvent",
+    "ResponseCodeInterpreterCallCodeDoneEvent",
+    "ResponseCodeInterpreterCallInterpretingEvent",
+    "ResponseCodeInterpreterCallCompletedEvent",
+    "ResponseWebSearchCallInProgressEvent",
+    "ResponseWebSearchCallSearchingEvent",
+    "ResponseWebSearchCallCompletedEvent",
+    "ResponseOutputTextAnnotationAddedEvent",
 ]
 DROP = ("description", "x-oaiMeta", "example", "examples", "title")
 

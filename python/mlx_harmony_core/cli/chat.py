@@ -15,6 +15,7 @@ from .common import (
     model_and_config,
     spec_options,
 )
+from .tool_flags import add_tool_flags, tool_options
 
 
 def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
@@ -29,6 +30,7 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     )
     add_prompt_flags(c, chat=True)
     add_sampling_flags(c)
+    add_tool_flags(c)
     c.set_defaults(func=run)
 
 
@@ -42,16 +44,41 @@ def run(args: argparse.Namespace) -> int:
     model, config = model_and_config(args, chat_model=log.model)
     if args.profile:
         log.profile = args.profile
+    options = spec_options(args)
+    engine = load_engine(model, args)
+    if args.tools:  # the python variables and pages of this chat persist across its turns
+        try:
+            engine.enable_tools(args.tools, tool_options(args))
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        options.update(builtin_tools=args.tools, tool_session=f"chat_{log.id}")
+        if args.max_tool_calls is not None:
+            options["max_tool_calls"] = args.max_tool_calls
     session = ChatSession(
-        engine=load_engine(model, args),
+        engine=engine,
         model_name=model,
         prompt_config=config,
         log=log,
         cli=cli_settings(args),
         path=path,
         color=sys.stdout.isatty(),
-        options=spec_options(args),
+        options=options,
     )
+    store = None
+    if path is not None and session.engine.runner.group is None:
+        from ..prompt_store import attach, beside
+
+        # The conversation's KV cache beside its log: a resumed chat prefills only what is new.
+        try:
+            store = attach(session.engine, beside(path), min_tokens=1, max_entries=1)
+        except ValueError as exc:  # say so; the chat itself goes on
+            print(f"warning: the chat's KV cache is not kept on disk: {exc}", file=sys.stderr)
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401  (line editing and history for input())
-    return repl(session)
+    try:
+        return repl(session)
+    finally:
+        if store is not None:
+            store.close()
+        engine.close_tools()

@@ -36,6 +36,7 @@ from ..errors import ModelLoadError
 from ..families import family_for, gguf_architectures
 from ..progress import BIG_FILE, ProgressBar
 from .gguf_kquants import KQUANTS, decode, pack_bits
+from .gguf_tokenizer import eos_ids, gguf_tokenizer, gguf_tokenizer_wrapper  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
@@ -83,34 +84,6 @@ _QUANTIZED = {
     39: (4, 32, "mxfp4"),
     **{k: (bits, group, "affine") for k, (bits, group, _) in KQUANTS.items()},
 }
-
-# llama.cpp's pre-tokenizer regexes (llama-vocab.cpp), by tokenizer.ggml.pre.
-_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-_LLAMA3 = (
-    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|"
-    r"\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2 = (
-    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|"
-    r"\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_O200K = (
-    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+"
-    r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}|"
-    r" ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-PRE_TOKENIZERS: dict[str, tuple[str, ...]] = {
-    "default": (_GPT2,),
-    "gpt2": (_GPT2,),
-    "smollm": (r"\p{N}", _GPT2),  # digits one by one, then GPT-2's
-    "llama-bpe": (_LLAMA3,),
-    "llama3": (_LLAMA3,),
-    "qwen2": (_QWEN2,),
-    "deepseek-r1-qwen": (_QWEN2,),
-    "gpt-4o": (_O200K,),
-}
-
 
 # -- the file ---------------------------------------------------------------------------------
 
@@ -528,6 +501,16 @@ def gguf_config(gguf: GGUFFile) -> dict[str, Any]:
 # -- weights ------------------------------------------------------------------------------------
 
 
+# mlx-lm stacks a layer's experts as ``switch_mlp.*``; llama.cpp's name tables know the
+# Hugging Face names (``experts.*``; Mixtral's ``experts.w1/w3/w2``).
+_EXPERT_ALIASES = (
+    ("switch_mlp.gate_proj", "experts.w1"),
+    ("switch_mlp.up_proj", "experts.w3"),
+    ("switch_mlp.down_proj", "experts.w2"),
+    ("switch_mlp", "experts"),
+)
+
+
 def _names(model: nn.Module, arch: str, layers: int) -> dict[str, list[str]]:
     """mlx-lm parameter path -> the GGUF tensor names it may have (llama.cpp's tables)."""
     import gguf as gguf_names
@@ -541,6 +524,9 @@ def _names(model: nn.Module, arch: str, layers: int) -> dict[str, list[str]]:
         if suffix not in ("weight", "bias"):
             base, suffix = path, ""
         name = table.get_name(base)
+        for ours, theirs in _EXPERT_ALIASES:
+            if name is None and ours in base:
+                name = table.get_name(base.replace(ours, theirs))
         if name is not None:  # a bare parameter (GPT-OSS's sinks) is stored as NAME.weight
             out[path] = [f"{name}.{suffix}"] if suffix else [name, f"{name}.weight"]
     return out
@@ -749,157 +735,6 @@ def quantization_config(quantized: dict[str, tuple[int, int, str]]) -> dict[str,
         if spec != (bits, group, mode):
             out[p] = {"bits": spec[0], "group_size": spec[1], "mode": spec[2]}
     return out
-
-
-# -- tokenizer ----------------------------------------------------------------------------------
-
-
-def gguf_tokenizer_wrapper(gguf: GGUFFile) -> Any:
-    """The file's tokenizer as mlx-lm wraps one (``TokenizerWrapper``), with its end-of-turn
-    ids: what a chat-template format needs."""
-    from mlx_lm.tokenizer_utils import TokenizerWrapper
-
-    tokenizer = gguf_tokenizer(gguf)
-    return TokenizerWrapper(tokenizer, eos_token_ids=eos_ids(gguf, tokenizer))
-
-
-def gguf_tokenizer(gguf: GGUFFile) -> Any:
-    """A Hugging Face fast tokenizer (``PreTrainedTokenizerFast``) built from the file's
-    ``tokenizer.ggml.*`` metadata and ``tokenizer.chat_template``."""
-    from transformers import PreTrainedTokenizerFast
-
-    meta = gguf.metadata
-    kind = meta.get("tokenizer.ggml.model")
-    tokens = meta.get("tokenizer.ggml.tokens")
-    if not tokens:
-        raise ModelLoadError(f"{gguf.path} has no tokenizer.ggml.tokens")
-    if kind == "gpt2":
-        backend = _bpe_tokenizer(gguf, tokens)
-    elif kind == "llama":
-        backend = _spm_tokenizer(gguf, tokens)
-    else:
-        raise ModelLoadError(
-            f"{gguf.path}: tokenizer model {kind!r} is not supported (gpt2, llama)"
-        )
-
-    def special(key: str) -> str | None:
-        i = meta.get(f"tokenizer.ggml.{key}_token_id")
-        return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
-
-    bos = special("bos")
-    if bos is not None and meta.get("tokenizer.ggml.add_bos_token", kind == "llama"):
-        from tokenizers import processors
-
-        backend.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A",
-            pair=f"{bos} $A {bos} $B",
-            special_tokens=[(bos, int(meta["tokenizer.ggml.bos_token_id"]))],
-        )
-    template = meta.get("tokenizer.chat_template")
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token=bos,
-        eos_token=special("eos"),
-        unk_token=special("unknown"),
-        pad_token=special("padding"),
-        chat_template=template if isinstance(template, str) else None,
-        clean_up_tokenization_spaces=False,
-    )
-
-
-def _special_tokens(gguf: GGUFFile, tokens: list[str]) -> list[Any]:
-    from tokenizers import AddedToken
-
-    types = gguf.metadata.get("tokenizer.ggml.token_type")
-    if types is None:
-        return []
-    # 3: control (special), 4: user defined (added, not special).
-    return [
-        AddedToken(tokens[i], special=int(t) == 3, normalized=False)
-        for i, t in enumerate(types)
-        if int(t) in (3, 4)
-    ]
-
-
-def _bpe_tokenizer(gguf: GGUFFile, tokens: list[str]) -> Any:
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-
-    merges = [tuple(m.split(" ", 1)) for m in gguf.metadata.get("tokenizer.ggml.merges", [])]
-    pre = str(gguf.metadata.get("tokenizer.ggml.pre", "default"))
-    patterns = PRE_TOKENIZERS.get(pre)
-    if patterns is None:
-        logger.warning("%s: pre-tokenizer %r is not known; using GPT-2's", gguf.path, pre)
-        patterns = PRE_TOKENIZERS["default"]
-    vocab = {t: i for i, t in enumerate(tokens)}
-    tok = Tokenizer(models.BPE(vocab, merges, ignore_merges=pre in ("llama-bpe", "llama3")))
-    steps = [pre_tokenizers.Split(Regex(p), behavior="isolated") for p in patterns]
-    steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False))
-    tok.pre_tokenizer = pre_tokenizers.Sequence(steps)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_tokens(_special_tokens(gguf, tokens))
-    return tok
-
-
-def _spm_tokenizer(gguf: GGUFFile, tokens: list[str]) -> Any:
-    """SentencePiece BPE (llama, gemma, phi3): merges rebuilt from the pieces' scores, as
-    Hugging Face's own converter does."""
-    from tokenizers import Tokenizer, decoders, models, normalizers
-
-    scores = gguf.metadata.get("tokenizer.ggml.scores")
-    vocab = {t: i for i, t in enumerate(tokens)}
-    score = (lambda i: float(scores[i])) if scores is not None else (lambda i: -float(i))
-    merges = []
-    for piece, i in vocab.items():
-        for k in range(1, len(piece)):
-            left, right = piece[:k], piece[k:]
-            if left in vocab and right in vocab:
-                merges.append((score(i), vocab[left], vocab[right], left, right))
-    merges.sort(key=lambda m: (-m[0], m[1], m[2]))
-    unk = gguf.metadata.get("tokenizer.ggml.unknown_token_id")
-    tok = Tokenizer(
-        models.BPE(
-            vocab,
-            [(m[3], m[4]) for m in merges],
-            unk_token=tokens[int(unk)] if unk is not None else None,
-            byte_fallback=True,
-            fuse_unk=True,
-        )
-    )
-    steps = [normalizers.Replace(" ", "▁")]
-    if gguf.metadata.get("tokenizer.ggml.add_space_prefix", True):
-        steps.insert(0, normalizers.Prepend("▁"))
-    tok.normalizer = normalizers.Sequence(steps)
-    tok.decoder = decoders.Sequence(
-        [
-            decoders.Replace("▁", " "),
-            decoders.ByteFallback(),
-            decoders.Fuse(),
-            *(
-                [decoders.Strip(" ", 1, 0)]
-                if gguf.metadata.get("tokenizer.ggml.add_space_prefix", True)
-                else []
-            ),
-        ]
-    )
-    tok.add_tokens(_special_tokens(gguf, tokens))
-    return tok
-
-
-def eos_ids(gguf: GGUFFile, tokenizer: Any) -> list[int]:
-    """The end-of-turn ids: the file's eos, plus the chat template's turn end if named."""
-    ids = []
-    eos = gguf.metadata.get("tokenizer.ggml.eos_token_id")
-    if eos is not None:
-        ids.append(int(eos))
-    for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
-        if key in gguf.metadata:
-            ids.append(int(gguf.metadata[key]))
-    vocab = tokenizer.get_vocab()
-    for name in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>"):
-        template = gguf.metadata.get("tokenizer.chat_template") or ""
-        if name in vocab and name in template:
-            ids.append(vocab[name])
-    return sorted(set(ids))
 
 
 # -- saving as an mlx-lm directory --------------------------------------------------------------

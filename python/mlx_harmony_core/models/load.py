@@ -243,7 +243,7 @@ def load(
 
     start = time.perf_counter()
     if is_gguf(path_or_name):
-        from .gguf import gguf_tokenizer_wrapper
+        from .gguf_tokenizer import gguf_tokenizer_wrapper
 
         if adapter_path is not None:
             raise ModelLoadError(

@@ -4,12 +4,15 @@ signals, shutdown).
 Each route is a small function that takes what it needs from ``app.state`` (the engine
 client, the options) and calls its endpoint's logic. Generation is the engine's:
 requests decode together on its continuous-batching scheduler (one generation thread);
-the event loop only parses, streams and guards.
+the event loop only parses, streams and guards. A server of several models
+(:class:`~.pool.ModelPool`) holds the model a request names for that request: its own
+client and options, its own scheduler and thread.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import logging
 import signal
@@ -33,6 +36,7 @@ from .guards import BodyGuard, KeyGuard, LocalGuard
 from .metrics import CONTENT_TYPE_LATEST, MeteredClient, MetricsGuard, ServerMetrics
 from .models import get_model, health, list_models
 from .options import ServerOptions
+from .pool import Lease, ModelPool
 from .protocol import (
     APIError,
     ChatRequest,
@@ -50,6 +54,7 @@ from .responses import (
     get_response,
     list_input_items,
 )
+from .serving import requested_model
 from .tokenize import detokenize, tokenize
 
 logger = logging.getLogger(__name__)
@@ -57,10 +62,10 @@ logger = logging.getLogger(__name__)
 ERRORS = {
     400: "invalid request (bad JSON, field, value or prompt)",
     401: "missing or wrong API key",
-    404: "model not served",
+    404: "model not served (the message lists those served)",
     413: "request body too large",
     415: "body not sent as application/json",
-    503: "queue full or shutting down (see Retry-After)",
+    503: "queue full, model cannot fit the memory budget, or shutting down (see Retry-After)",
 }
 
 
@@ -104,20 +109,41 @@ async def model_route(name: str, http: HTTPRequest) -> dict[str, Any]:
     return get_model(name, state.client, state.options, state.started)
 
 
+async def use_model(http: HTTPRequest) -> Lease:
+    """The model a request's body names, held for the request: the one served, or a pool's
+    (404 for a name it does not hold, 503 when it cannot be loaded now; a load in progress
+    is awaited)."""
+    state = http.app.state
+    if state.pool is None:
+        return Lease(state.client, state.options)
+    return await state.pool.acquire(await requested_model(http))
+
+
 async def chat_route(http: HTTPRequest) -> Response:
     """``POST /v1/chat/completions``."""
-    return await chat_completion(http, http.app.state.client, http.app.state.options)
+    lease = await use_model(http)
+    try:
+        return await chat_completion(http, lease.client, lease.opts)
+    finally:
+        lease.release()
 
 
 async def completions_route(http: HTTPRequest) -> Response:
     """``POST /v1/completions``."""
-    return await completion(http, http.app.state.client, http.app.state.options)
+    lease = await use_model(http)
+    try:
+        return await completion(http, lease.client, lease.opts)
+    finally:
+        lease.release()
 
 
 async def responses_route(http: HTTPRequest) -> Response:
     """``POST /v1/responses``."""
-    state = http.app.state
-    return await create_response(http, state.client, state.options, state.responses)
+    lease = await use_model(http)
+    try:
+        return await create_response(http, lease.client, lease.opts, http.app.state.responses)
+    finally:
+        lease.release()
 
 
 async def get_response_route(response_id: str, http: HTTPRequest) -> dict[str, Any]:
@@ -137,12 +163,20 @@ async def input_items_route(response_id: str, http: HTTPRequest) -> dict[str, An
 
 async def tokenize_route(http: HTTPRequest) -> dict[str, Any]:
     """``POST /tokenize``."""
-    return await tokenize(http, http.app.state.client, http.app.state.options)
+    lease = await use_model(http)
+    try:
+        return await tokenize(http, lease.client, lease.opts)
+    finally:
+        lease.release()
 
 
 async def detokenize_route(http: HTTPRequest) -> dict[str, Any]:
     """``POST /detokenize``."""
-    return await detokenize(http, http.app.state.client, http.app.state.options)
+    lease = await use_model(http)
+    try:
+        return await detokenize(http, lease.client, lease.opts)
+    finally:
+        lease.release()
 
 
 async def metrics_route(http: HTTPRequest) -> Response:
@@ -197,16 +231,27 @@ def create_app(engine: Any, options: ServerOptions | None = None) -> Any:
     """The ASGI app serving ``engine`` (which it then owns: nothing else may use it).
 
     ``engine`` is an :class:`~mlx_harmony_core.Engine` (served on its batching scheduler,
-    see :class:`LocalClient`) or anything that implements :class:`EngineClient`. The
+    see :class:`LocalClient`), anything that implements :class:`EngineClient`, or a
+    :class:`~.pool.ModelPool` (several models, the request's ``model`` picks one). The
     returned app has ``client`` (the engine client) and ``fastapi`` (the inner app).
     """
     opts = options or ServerOptions()
-    client: EngineClient = engine if isinstance(engine, EngineClient) else LocalClient(engine, opts)
+    pool = engine if isinstance(engine, ModelPool) else None
+    if pool is not None:
+        opts = dataclasses.replace(opts, model_name=pool.default)
+        client: EngineClient = pool
+    else:
+        client = engine if isinstance(engine, EngineClient) else LocalClient(engine, opts)
     app = FastAPI(
         title="mlx-harmony-core", version=opts.version or "0", docs_url=None, redoc_url=None
     )
     metrics = ServerMetrics(client, opts.model_name) if opts.metrics else None
-    app.state.client = MeteredClient(client, metrics)  # counted, and in the request log
+    app.state.pool = pool
+    if pool is not None:  # each model's client counted, and in the request log
+        pool.wrap = lambda name, c: MeteredClient(c, metrics, name)
+        app.state.client = pool
+    else:
+        app.state.client = MeteredClient(client, metrics)  # counted, and in the request log
     app.state.metrics = metrics
     app.state.options = opts
     app.state.started = int(time.time())

@@ -28,6 +28,18 @@ async def chat_completion(http: HTTPRequest, client: EngineClient, opts: ServerO
         render["tool_choice"] = req.tool_choice
     elif req.tool_choice not in (None, "none", "auto"):
         raise APIError(400, "tool_choice needs tools", param="tool_choice")
+    for i, name in enumerate(req.builtin_tools or []):  # enabled twice: server and request
+        if name not in opts.tools:
+            on = ", ".join(opts.tools) or "none"
+            raise APIError(
+                400,
+                f"builtin_tools[{i}] is {name!r}, which this server does not run (enabled: "
+                f"{on}; start it with serve --tools {name})",
+                param=f"builtin_tools[{i}]",
+            )
+    if req.builtin_tools:
+        render["builtin_tools"] = list(dict.fromkeys(req.builtin_tools))
+        render["max_tool_calls"] = opts.max_tool_calls
     top = req.top_logprobs if req.logprobs else None
     if req.top_logprobs and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")

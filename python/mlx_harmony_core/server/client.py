@@ -77,16 +77,20 @@ class EngineClient(Protocol):
 class LocalClient:
     """:class:`EngineClient` for an engine in this process: requests go to its
     continuous-batching scheduler, configured from ``options`` (up to ``max_batch`` decode
-    together, at most ``max_queue`` wait)."""
+    together, at most ``max_queue`` wait). ``worker``: the thread its scheduler runs on
+    (a :func:`~mlx_harmony_core.threads.worker`; default: the generation thread)."""
 
-    def __init__(self, engine: Any, options: ServerOptions) -> None:
+    def __init__(self, engine: Any, options: ServerOptions, worker: Any = None) -> None:
         self.engine = engine
         self.scheduler = engine.batching(
             max_batch=options.max_batch,
             max_queue=options.max_queue,
             kv_budget_bytes=options.kv_budget_bytes,
             prefill_chunk=options.prefill_chunk,
+            **({} if worker is None else {"worker": worker}),
         )
+        if options.tools:  # requests may then ask for these (and only these)
+            engine.enable_tools(options.tools, options.tool_options)
 
     @property
     def context_length(self) -> int | None:
@@ -121,12 +125,14 @@ class LocalClient:
         return self.engine.token_bytes()
 
     def submit(self, request: Any, sink: Sink) -> Cancellable:
-        """Queue ``request`` on the scheduler."""
-        return self.scheduler.submit(request, sink=sink)
+        """Queue ``request`` on the scheduler (with built-in tools, its reply's loop)."""
+        return self.engine.start(request, sink=sink)
 
     def shutdown(self) -> None:
-        """Shut the scheduler down (see :meth:`EngineClient.shutdown`)."""
+        """Shut the scheduler down (see :meth:`EngineClient.shutdown`) and the built-in
+        tools' sessions."""
         self.scheduler.shutdown()
+        self.engine.close_tools()
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait for the scheduler's generation loop to park."""

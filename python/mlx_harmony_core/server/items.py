@@ -47,6 +47,17 @@ OUTPUTS = ("function_call_output", "custom_tool_call_output")
 ROLES = ("user", "system", "developer", "assistant")
 TEXT_PARTS = ("input_text", "output_text", "text", "refusal")
 MAX_ITEMS = 4096  # input items in one request
+# Built-in tools: the Responses tool types and the engine's tool each stands for.
+BUILTIN_TOOLS = {
+    "code_interpreter": "python",
+    "web_search": "browser",
+    "web_search_2025_08_26": "browser",
+    "web_search_preview": "browser",
+    "web_search_preview_2025_03_11": "browser",
+}
+# Their output items: kept in a conversation, never sent back to the model (they are
+# part of a turn's reasoning, which Harmony drops once the turn has its final answer).
+BUILTIN_CALLS = ("code_interpreter_call", "web_search_call")
 
 
 def new_id(kind: str) -> str:
@@ -247,6 +258,8 @@ def normalize_input(
             if kind == "function_call":
                 call["status"] = "completed"
             out.append(call)
+        elif kind in BUILTIN_CALLS:
+            out.append({**item, "id": item_id or new_id(kind), "type": kind})
         elif kind in OUTPUTS:
             output = item.get("output")
             if not isinstance(output, str):
@@ -263,7 +276,8 @@ def normalize_input(
         else:
             raise bad(
                 f"{param} has type {kind!r}; supported: message, reasoning, function_call, "
-                "function_call_output, custom_tool_call, custom_tool_call_output",
+                "function_call_output, custom_tool_call, custom_tool_call_output, "
+                "code_interpreter_call, web_search_call",
                 f"{param}.type",
             )
     return out
@@ -307,6 +321,8 @@ def to_messages(items: Sequence[Mapping[str, Any]], instructions: str | None) ->
 
     for item in items:
         kind = item["type"]
+        if kind in BUILTIN_CALLS:
+            continue  # a built-in call: the model's own reasoning (see BUILTIN_CALLS)
         if kind == "reasoning":
             if current is not None and (current["content"] or current["tool_calls"]):
                 current = None  # reasoning starts the next assistant message
@@ -394,9 +410,12 @@ def engine_tools(tools: list[Any] | None) -> list[dict[str, Any]]:
         if not isinstance(tool, Mapping):
             raise bad(f"{param} must be an object", param)
         kind = tool.get("type")
+        if kind in BUILTIN_TOOLS:
+            continue  # see builtin_tools
         if kind not in FIELDS:
             raise bad(
-                f"{param} has type {kind!r}; this server runs function and custom tools",
+                f"{param} has type {kind!r}; this server runs function, custom, "
+                "code_interpreter and web_search tools",
                 f"{param}.type",
             )
         unknown = set(tool) - FIELDS[kind]
@@ -429,11 +448,36 @@ def engine_tools(tools: list[Any] | None) -> list[dict[str, Any]]:
     return out
 
 
+def builtin_tools(tools: list[Any] | None, enabled: Sequence[str]) -> list[str]:
+    """The engine's built-in tools the request declares (``code_interpreter`` is
+    ``python``, ``web_search`` / ``web_search_preview`` are ``browser``); a 400 naming
+    ``tools[i]`` for one the server was not started with (``serve --tools``)."""
+    names: list[str] = []
+    for i, tool in enumerate(tools or []):
+        if not isinstance(tool, Mapping) or tool.get("type") not in BUILTIN_TOOLS:
+            continue
+        name = BUILTIN_TOOLS[tool["type"]]
+        if name not in enabled:
+            on = ", ".join(enabled) or "none"
+            raise bad(
+                f"tools[{i}] ({tool['type']}) needs the built-in {name} tool, which this server "
+                f"does not run (enabled: {on}; start it with serve --tools {name})",
+                f"tools[{i}].type",
+            )
+        if name not in names:
+            names.append(name)
+    return names
+
+
 def echo_tools(tools: list[Any] | None) -> list[dict[str, Any]]:
     """The tools as a response shows them (OpenAI's shapes, defaults filled in)."""
     out = []
     for tool in tools or []:
-        if tool["type"] == "custom":
+        if tool["type"] == "code_interpreter":
+            out.append({"container": {"type": "auto"}, **tool})
+        elif tool["type"] in BUILTIN_TOOLS:
+            out.append(dict(tool))
+        elif tool["type"] == "custom":
             out.append({"format": {"type": "text"}, **tool})
         else:
             out.append({"description": None, "parameters": None, "strict": False, **tool})

@@ -104,21 +104,32 @@ class ServerMetrics:
             buckets=TOKEN_BUCKETS, registry=r,
         )  # fmt: skip
         self.registry.register(_EngineGauges(client, model_name))
-        # Children bound once: finishing a request touches no label lookup but the reason's.
-        self._bound = [
-            c.labels(model_name)
-            for c in (
-                self.prompt_tokens, self.generation_tokens, self.prefix_cache_queries,
-                self.prefix_cache_hits, self.spec_drafted, self.spec_accepted, self.ttft,
-                self.itl, self.e2e, self.request_prompt, self.request_generation,
-            )
-        ]  # fmt: skip
+        self._by_model: dict[str, list[Any]] = {}
+        self._bound = self.bound(model_name)
 
-    def finished(self, completion: Any) -> None:
-        """Count one finished request (its ``Completion``): called once, at its end."""
+    def bound(self, model_name: str) -> list[Any]:
+        """The per-request children of ``model_name``, bound once: finishing a request
+        touches no label lookup but the reason's."""
+        children = self._by_model.get(model_name)
+        if children is None:
+            children = self._by_model[model_name] = [
+                c.labels(model_name)
+                for c in (
+                    self.prompt_tokens, self.generation_tokens, self.prefix_cache_queries,
+                    self.prefix_cache_hits, self.spec_drafted, self.spec_accepted, self.ttft,
+                    self.itl, self.e2e, self.request_prompt, self.request_generation,
+                )
+            ]  # fmt: skip
+        return children
+
+    def finished(self, completion: Any, model_name: str | None = None) -> None:
+        """Count one finished request (its ``Completion``) of ``model_name`` (default: the
+        server's model): called once, at its end."""
         u, t = completion.usage, completion.timings
-        prompt, gen, queries, hits, drafted, accepted, ttft, itl, e2e, rp, rg = self._bound
-        self.request_success.labels(self.model_name, completion.finish_reason or "stop").inc()
+        bound = self._bound if model_name is None else self.bound(model_name)
+        prompt, gen, queries, hits, drafted, accepted, ttft, itl, e2e, rp, rg = bound
+        name = self.model_name if model_name is None else model_name
+        self.request_success.labels(name, completion.finish_reason or "stop").inc()
         prompt.inc(u.prompt_tokens)
         gen.inc(u.completion_tokens)
         queries.inc(u.prompt_tokens)
@@ -150,49 +161,81 @@ class _EngineGauges:
         return []
 
     def collect(self) -> Iterator[Metric]:
-        """The scheduler's queue, batch and KV use; load time; grammar compiles."""
-        name = [self.model_name]
-
-        def gauge(metric: str, doc: str, value: float) -> GaugeMetricFamily:
-            g = GaugeMetricFamily(metric, doc, labels=["model_name"])
-            g.add_metric(name, value)
-            return g
-
-        sched = getattr(self.client, "scheduler", None)
-        if sched is not None and hasattr(sched, "stats"):
-            s = sched.stats()
-            yield gauge("mhc:num_requests_running", "Requests prefilling or decoding", s["running"])
-            yield gauge("mhc:num_requests_waiting", "Requests waiting to join", s["waiting"])
-            yield gauge("mhc:batch_size", "Rows in the running batch", s["batch"])
-            yield gauge("mhc:kv_cache_usage_bytes", "KV budget reserved", s["kv_bytes"])
-            yield gauge("mhc:kv_cache_budget_bytes", "KV budget", s["kv_budget_bytes"])
-            yield gauge(
-                "mhc:kv_cache_usage_perc",
-                "Fraction of the KV budget reserved",
-                s["kv_bytes"] / s["kv_budget_bytes"] if s["kv_budget_bytes"] else 0.0,
-            )
+        """The scheduler's queue, batch and KV use; load time; grammar compiles (per model:
+        every loaded one of a server holding several, see :mod:`.pool`)."""
+        pool = self.client if hasattr(self.client, "loaded") else None
+        if pool is not None:
+            models = [(n, c, e) for n, c, e in pool.loaded()]
         else:
-            yield gauge(
-                "mhc:num_requests_running", "Requests waiting or running", self.client.pending
+            models = [(self.model_name, self.client, getattr(self.client, "engine", None))]
+        families: dict[str, Metric] = {}
+
+        def add(kind: type, metric: str, doc: str, name: str, value: float) -> None:
+            family = families.get(metric)
+            if family is None:
+                family = families[metric] = kind(metric, doc, labels=["model_name"])
+            family.add_metric([name], value)
+
+        def gauge(metric: str, doc: str, name: str, value: float) -> None:
+            add(GaugeMetricFamily, metric, doc, name, value)
+
+        for name, client, engine in models:
+            sched = getattr(client, "scheduler", None)
+            if sched is not None and hasattr(sched, "stats"):
+                s = sched.stats()
+                gauge("mhc:num_requests_running", "Requests prefilling or decoding", name,
+                      s["running"])  # fmt: skip
+                gauge("mhc:num_requests_waiting", "Requests waiting to join", name, s["waiting"])
+                gauge("mhc:batch_size", "Rows in the running batch", name, s["batch"])
+                gauge("mhc:kv_cache_usage_bytes", "KV budget reserved", name, s["kv_bytes"])
+                gauge("mhc:kv_cache_budget_bytes", "KV budget", name, s["kv_budget_bytes"])
+                gauge(
+                    "mhc:kv_cache_usage_perc",
+                    "Fraction of the KV budget reserved",
+                    name,
+                    s["kv_bytes"] / s["kv_budget_bytes"] if s["kv_budget_bytes"] else 0.0,
+                )
+            else:
+                gauge("mhc:num_requests_running", "Requests waiting or running", name,
+                      client.pending)  # fmt: skip
+            load_s = getattr(engine, "load_seconds", None)
+            if load_s is not None:
+                gauge("mhc:model_load_time_seconds", "Seconds the model took to load", name,
+                      load_s)  # fmt: skip
+            grammars = getattr(getattr(engine, "chat_format", None), "__dict__", {}).get(
+                "_grammars"
             )
-        engine = getattr(self.client, "engine", None)
-        load_s = getattr(engine, "load_seconds", None)
-        if load_s is not None:
-            yield gauge("mhc:model_load_time_seconds", "Seconds the model took to load", load_s)
-        grammars = getattr(getattr(engine, "chat_format", None), "__dict__", {}).get("_grammars")
-        if grammars is not None:
-            c = CounterMetricFamily(
-                "mhc:structured_grammar_compiles", "Grammars compiled", labels=["model_name"]
+            if grammars is not None:
+                add(CounterMetricFamily, "mhc:structured_grammar_compiles",
+                    "Grammars compiled", name, grammars.compiles)  # fmt: skip
+                add(CounterMetricFamily, "mhc:structured_grammar_compile_seconds",
+                    "Seconds spent compiling grammars", name, grammars.compile_seconds)  # fmt: skip
+            # The prompt cache on disk (prompt_store.py): its hits are in prefix_cache_hits too.
+            disk = getattr(getattr(engine, "runner", None), "prompt_store", None)
+            if disk is not None:
+                add(CounterMetricFamily, "mhc:prefix_cache_disk_hits",
+                    "Prompt tokens loaded from the prompt cache on disk", name,
+                    disk.stats.hit_tokens)  # fmt: skip
+                add(CounterMetricFamily, "mhc:prefix_cache_disk_writes",
+                    "Prompt caches written to disk", name, disk.stats.writes)  # fmt: skip
+                gauge("mhc:prefix_cache_disk_bytes", "Bytes of this model's prompt cache files",
+                      name, disk.nbytes)  # fmt: skip
+        if pool is not None:
+            stats = pool.stats()
+            for name, m in stats["models"].items():
+                gauge("mhc:model_loaded", "1 while the model is loaded", name, int(m["loaded"]))
+                gauge("mhc:model_memory_bytes", "Bytes of weights the model holds (or reserves "
+                      "while loading)", name, m["bytes"])  # fmt: skip
+                add(CounterMetricFamily, "mhc:model_loads", "Times the model was loaded", name,
+                    m["loads"])  # fmt: skip
+                add(CounterMetricFamily, "mhc:model_unloads", "Times the model was unloaded",
+                    name, m["unloads"])  # fmt: skip
+            budget = GaugeMetricFamily(
+                "mhc:model_memory_budget_bytes", "Memory budget for the models' weights"
             )
-            c.add_metric(name, grammars.compiles)
-            yield c
-            c = CounterMetricFamily(
-                "mhc:structured_grammar_compile_seconds",
-                "Seconds spent compiling grammars",
-                labels=["model_name"],
-            )
-            c.add_metric(name, grammars.compile_seconds)
-            yield c
+            budget.add_metric([], stats["budget_bytes"])
+            yield budget
+        yield from families.values()
 
 
 class MeteredClient:
@@ -200,8 +243,10 @@ class MeteredClient:
     the current HTTP request's log record (see :mod:`.requestlog`); any other member is
     ``client``'s."""
 
-    def __init__(self, client: EngineClient, metrics: ServerMetrics | None) -> None:
-        self.client, self.metrics = client, metrics
+    def __init__(
+        self, client: EngineClient, metrics: ServerMetrics | None, model_name: str | None = None
+    ) -> None:
+        self.client, self.metrics, self.model_name = client, metrics, model_name
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.client, name)
@@ -220,12 +265,15 @@ class MeteredClient:
         """Submit through ``client``; the request's last event is counted and recorded."""
         finished = self.metrics.finished if self.metrics is not None else None
         record = CURRENT.get()
+        name = self.model_name
+        if record is not None and name is not None:
+            record.model = name  # a server of several models: the one that answered
 
         def metered(item: Any) -> None:
             done = getattr(item, "completion", None)
             if done is not None:
                 if finished is not None:
-                    finished(done)
+                    finished(done, name)
                 if record is not None:
                     record.add(done)
             sink(item)

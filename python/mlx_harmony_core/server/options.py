@@ -11,6 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ..options import MAX_TOOL_CALLS
+from ..prompt_store import DEFAULT_MAX_BYTES as PROMPT_CACHE_BYTES
+from ..prompt_store import MIN_MAX_BYTES as PROMPT_CACHE_MIN_BYTES
 from ..scheduler import MAX_BATCH, PREFILL_CHUNK
 
 MIB = 2**20
@@ -126,6 +129,18 @@ class ServerOptions:
     prefix_cache_bytes: int = option(
         2048 * MIB, "prefix cache bound", name="--prefix-cache-mb", scale=MIB
     )
+    # KV caches of long prompt prefixes on disk, kept across restarts (prompt_store.py).
+    prompt_cache_dir: str | None = option(
+        None, "keep KV caches of long prompt prefixes in DIR, across restarts (default: off)"
+    )
+    prompt_cache_bytes: int = option(
+        PROMPT_CACHE_BYTES,
+        f"bound of --prompt-cache-dir, least recently used evicted first (>= "
+        f"{PROMPT_CACHE_MIN_BYTES // MIB}; %(default)s)",
+        name="--prompt-cache-mb",
+        gt=0,
+        scale=MIB,
+    )
     # The Responses API's stored responses (server/store.py).
     store: bool = option(
         True,
@@ -144,3 +159,29 @@ class ServerOptions:
         "log lines as plain text, or one JSON object each (a request's: id, model, endpoint, "
         "status, tokens, TTFT, duration, finish reason, client)",
     )
+    # Several models in one server (server/pool.py): -m NAME=PATH repeated, or a models file.
+    models_file: str | None = option(
+        None, "JSON or TOML file of the models to serve (names, paths, adapters, options)"
+    )
+    model_ttl_s: float | None = option(
+        None, "several models: unload one idle this many seconds", name="--model-ttl", gt=0
+    )
+    memory_budget_bytes: int | None = option(
+        None,
+        "several models: memory for their weights (default: 3/4 of the available memory)",
+        name="--memory-budget-mb",
+        gt=0,
+        scale=MIB,
+    )
+    lazy_load: bool = option(
+        True, "several models: load all at startup (default: each on first use)",
+        name="--preload", negate=True,
+    )  # fmt: skip
+    # Built-in tools (tool_loop.py): run only when enabled here AND declared by a request.
+    tools: tuple[str, ...] = option(
+        (), "built-in tools requests may use: python, browser (off unless named)"
+    )
+    max_tool_calls: int = option(
+        MAX_TOOL_CALLS, "built-in tool calls run per reply, at most (%(default)s)", ge=0
+    )
+    tool_options: Any = None  # a tools.options.BuiltinToolOptions (its fields are flags too)

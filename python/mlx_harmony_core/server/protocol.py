@@ -220,6 +220,11 @@ class ChatRequest(SamplingFields):  # type: ignore[misc,valid-type]
         None, description="text, json_object or json_schema: enforced token by token"
     )
     max_reasoning_tokens: int | None = reasoning_budget_field()  # an extension
+    builtin_tools: list[str] | None = Field(
+        None,
+        description="an extension: built-in tools the engine runs in the reply (python, "
+        "browser); the server must be started with them (serve --tools)",
+    )
 
     def effort(self) -> str:
         """The reasoning effort: ``reasoning_effort`` or ``reasoning.effort`` (a 400 when

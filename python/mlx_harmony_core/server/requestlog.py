@@ -145,7 +145,7 @@ class RequestLog:
             await self.app(scope, receive, sending)
         finally:
             CURRENT.reset(token)
-            if record.completions:
+            if record.completions and record.model is None:
                 record.model = self.model_name
             fields = record.fields()
             logger.info("%s", _text(fields), extra={"request": fields})

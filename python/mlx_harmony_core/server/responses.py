@@ -28,9 +28,11 @@ from fastapi.responses import Response
 
 from .._paths import home
 from ..chat_format import REASONING, TOOL_CALL
+from ..tool_loop import BUILTIN_CALL, ToolEvent
 from .client import EngineClient
 from .items import (
     ReasoningSealer,
+    builtin_tools,
     check_calls,
     echo_tools,
     engine_tool_choice,
@@ -116,6 +118,10 @@ class Plan:
     # The previous response's prompt and reply token ids, when it ended in a tool call:
     # the continuation extends them (the prefix cache then holds all but the new input).
     prev_tokens: dict[str, list[int]] | None = None
+    # The built-in tools the request declares (and the server runs): python, browser.
+    builtin: list[str] = field(default_factory=list)
+    # The first stored response of the conversation (its tools' state is keyed by it).
+    root: str | None = None
 
 
 def plan(req: ResponsesRequest, service: ResponsesService, opts: ServerOptions) -> Plan:
@@ -156,6 +162,7 @@ def plan(req: ResponsesRequest, service: ResponsesService, opts: ServerOptions) 
         )
     history: list[dict[str, Any]] = []
     prev_tokens = None
+    root = None
     if req.previous_response_id is not None:
         if service.store is None:
             raise APIError(
@@ -172,6 +179,7 @@ def plan(req: ResponsesRequest, service: ResponsesService, opts: ServerOptions) 
                 code="not_found",
             )
         history = found
+        root = _root(service.store, req.previous_response_id)
         if history and history[-1]["type"] in ("function_call", "custom_tool_call"):
             prev_tokens = service.store.tokens(req.previous_response_id)
     if req.input is None and not history:
@@ -179,8 +187,9 @@ def plan(req: ResponsesRequest, service: ResponsesService, opts: ServerOptions) 
     items = normalize_input(req.input if req.input is not None else [], service.sealer)
     check_calls(history, items)
     tools = engine_tools(req.tools)
+    builtin = builtin_tools(req.tools, opts.tools)
     tool_choice = engine_tool_choice(req.tool_choice, tools)
-    if tool_choice not in (None, "none", "auto") and not tools:
+    if tool_choice not in (None, "none", "auto") and not tools and not builtin:
         raise APIError(400, "tool_choice needs tools", param="tool_choice")
     messages = to_messages([*history, *items], req.instructions)
     store = req.store and service.store is not None
@@ -196,7 +205,20 @@ def plan(req: ResponsesRequest, service: ResponsesService, opts: ServerOptions) 
         store,
         echo_tools(req.tools),
         prev_tokens,
+        builtin,
+        root,
     )
+
+
+def _root(store: ResponseStore, response_id: str, hops: int = 10000) -> str:
+    """The first stored response of the conversation ``response_id`` continues."""
+    for _ in range(hops):
+        found = store.get(response_id)
+        prev = found.get("previous_response_id") if found else None
+        if not prev or store.get(prev) is None:
+            break
+        response_id = prev
+    return response_id
 
 
 def continued(client: EngineClient, p: Plan, render: dict[str, Any]) -> list[int] | None:
@@ -238,10 +260,17 @@ async def create_response(
     if p.tools:
         render["tools"] = p.tools
         render["tool_choice"] = p.tool_choice
+    tool_loop: dict[str, Any] = {}
+    if p.builtin:  # enabled twice: by the server (--tools) and by this request's tools
+        limit = opts.max_tool_calls
+        if req.max_tool_calls is not None:
+            limit = min(limit, req.max_tool_calls)
+        tool_loop = {"builtin_tools": p.builtin, "max_tool_calls": limit}
+    writer = ResponsesWriter(p, opts, client, service, max_tokens)
+    if p.builtin and p.store:  # python's variables live on in the responses that continue it
+        tool_loop["tool_session"] = f"resp_{p.root or writer.id}"
     logprobs = (req.top_logprobs or 0) if LOGPROBS in p.include else None
     fmt = response_format(req.text)
-
-    writer = ResponsesWriter(p, opts, client, service, max_tokens)
 
     def build() -> Any:
         request = client.request(
@@ -255,6 +284,7 @@ async def create_response(
             truncate=req.truncation == "auto",
             **speculation(opts),
             **render,
+            **tool_loop,
         )
         writer.prompt_ids = getattr(request, "prompt_ids", None)
         return request
@@ -472,7 +502,9 @@ class ResponsesWriter:
         events = []
         if item["type"] != "custom_tool_call":
             item["status"] = status
-        if item["type"] == "custom_tool_call":
+        if item["type"] in ("code_interpreter_call", "web_search_call"):  # never ran
+            item["status"] = "incomplete" if item["type"] == "code_interpreter_call" else "failed"
+        elif item["type"] == "custom_tool_call":
             item["input"] = call_args if call_args is not None else text.strip()
             events.append(
                 self._event("response.custom_tool_call_input.done", **where, input=item["input"])
@@ -496,9 +528,13 @@ class ResponsesWriter:
                 if ENCRYPTED in self.plan.include:
                     item["encrypted_content"] = self.service.sealer.seal(text)
             else:
+                events += self._citations(item, where)
                 events.append(
                     self._event(
-                        "response.output_text.done", **where, text=text, logprobs=part["logprobs"]
+                        "response.output_text.done",
+                        **where,
+                        text=part["text"],
+                        logprobs=part["logprobs"],
                     )
                 )
             events.append(
@@ -507,6 +543,36 @@ class ResponsesWriter:
         events.append(
             self._event("response.output_item.done", output_index=index, item=copy.deepcopy(item))
         )
+        return events
+
+    def _citations(self, item: dict[str, Any], where: dict[str, Any]) -> list[dict[str, Any]]:
+        """The browser's citations in the answer: its text with them resolved and their
+        ``url_citation`` annotations (one ``annotation.added`` event each)."""
+        c = self.completion
+        part = item["content"][0]
+        cited = getattr(c, "cited", None) if c is not None else None
+        if not cited or part["text"] != c.text:
+            return []
+        part["text"], annotations = cited[0], []
+        events = []
+        for i, a in enumerate(cited[1]):
+            annotation = {
+                "type": "url_citation",
+                "url": a["url"],
+                "title": a.get("title") or a["url"],
+                "start_index": a["start_index"],
+                "end_index": a["end_index"],
+            }
+            annotations.append(annotation)
+            events.append(
+                self._event(
+                    "response.output_text.annotation.added",
+                    **where,
+                    annotation_index=i,
+                    annotation=annotation,
+                )
+            )
+        part["annotations"] = annotations
         return events
 
     # -- the writer protocol --
@@ -523,6 +589,8 @@ class ResponsesWriter:
         """The events one engine event makes."""
         if event.completion is not None:
             return self._finish(event.completion)
+        if event.kind == BUILTIN_CALL:
+            return self._builtin(event)
         if not event.delta:
             return []
         if event.kind == TOOL_CALL or event.recipient:
@@ -534,6 +602,80 @@ class ResponsesWriter:
             out += self._close("completed")
             out += self._open(*key)
         return out + self._delta(event.delta, getattr(event, "logprobs", None))
+
+    # -- built-in tools: code_interpreter_call and web_search_call items --
+
+    def _builtin(self, event: Any) -> list[dict[str, Any]]:
+        """A built-in call's events: python's code streams into a ``code_interpreter_call``
+        (in progress, code deltas, interpreting, completed); a browser action is a
+        ``web_search_call`` (in progress, searching, completed) once the call is whole."""
+        python = event.recipient == "python"
+        kind = "code_interpreter_call" if python else "web_search_call"
+        out: list[dict[str, Any]] = []
+        if self.key != (kind, event.call_id):
+            if not python and not isinstance(event, ToolEvent):
+                return []  # a browser call's arguments: its action is shown when it runs
+            out += self._close("completed")
+            out += self._open_builtin(kind, event)
+        index = len(self.output) - 1
+        item = self.output[index]
+        where = {"output_index": index, "item_id": item["id"]}
+        if not isinstance(event, ToolEvent):  # python's code as it is written
+            if event.delta:
+                item["code"] += event.delta
+                out.append(
+                    self._event("response.code_interpreter_call_code.delta", **where,
+                                delta=event.delta)
+                )  # fmt: skip
+            return out
+        if event.phase == "running":
+            if python:
+                item["code"] = event.call.arguments
+                out.append(
+                    self._event("response.code_interpreter_call_code.done", **where,
+                                code=item["code"])
+                )  # fmt: skip
+                out.append(self._event("response.code_interpreter_call.interpreting", **where))
+            else:
+                out.append(self._event("response.web_search_call.searching", **where))
+            return out
+        result = event.result
+        self.key = None
+        item["status"] = {"failed": "failed", "incomplete": "incomplete"}.get(
+            result.status, "completed"
+        )
+        if python:
+            if "code_interpreter_call.outputs" in self.plan.include:
+                item["outputs"] = [{"type": "logs", "logs": result.text}]
+            out.append(self._event("response.code_interpreter_call.completed", **where))
+        else:
+            if item["status"] == "incomplete":  # not among a web search call's states
+                item["status"] = "failed"
+            item["action"] = _action(
+                (result.details or {}).get("action") or item["action"],
+                (result.details or {}).get("sources"),
+                "web_search_call.action.sources" in self.plan.include,
+            )
+            out.append(self._event("response.web_search_call.completed", **where))
+        out.append(
+            self._event("response.output_item.done", output_index=index, item=copy.deepcopy(item))
+        )
+        return out
+
+    def _open_builtin(self, kind: str, event: Any) -> list[dict[str, Any]]:
+        index = len(self.output)
+        self.key, self.text = (kind, event.call_id), []
+        item: dict[str, Any] = {"id": event.call_id, "type": kind, "status": "in_progress"}
+        if kind == "code_interpreter_call":
+            item.update(container_id=f"cntr_{self.id[5:]}", code="", outputs=None)
+        else:
+            item["action"] = _action(_browser_action(event), None, False)
+        self.output.append(item)
+        where = {"output_index": index, "item_id": item["id"]}
+        return [
+            self._event("response.output_item.added", output_index=index, item=dict(item)),
+            self._event(f"response.{kind}.in_progress", **where),
+        ]
 
     def _finish(self, completion: Any) -> list[dict[str, Any]]:
         self.completion = completion
@@ -581,6 +723,38 @@ class ResponsesWriter:
         self.error = {"code": "server_error", "message": err.message}
         error["_then"] = self._event("response.failed", response=self.response())
         return error
+
+
+def _browser_action(event: Any) -> dict[str, Any]:
+    """A browser call's action from its arguments (the tool's own report replaces it)."""
+    import json
+
+    try:
+        args = json.loads(event.call.arguments or "{}")
+    except (ValueError, AttributeError):
+        args = {}
+    args = args if isinstance(args, dict) else {}
+    action = event.recipient.removeprefix("browser.")
+    if action == "search":
+        return {"type": "search", "query": str(args.get("query", ""))}
+    if action == "find":
+        return {"type": "find", "pattern": str(args.get("pattern", "")), "url": ""}
+    url = args.get("id") if isinstance(args.get("id"), str) else None
+    return {"type": "open_page", "url": url}
+
+
+def _action(action: dict[str, Any], sources: Any, with_sources: bool) -> dict[str, Any]:
+    """A browser action in OpenAI's shapes (``find`` is ``find_in_page``; a search's
+    ``sources`` only when ``include`` asks for them)."""
+    out = dict(action)
+    if out.get("type") == "find":
+        out["type"] = "find_in_page"
+        out["url"] = out.get("url") or ""
+    if out.get("type") == "search":
+        out.pop("sources", None)
+        if with_sources and sources:
+            out["sources"] = [{"type": "url", "url": s["url"]} for s in sources if "url" in s]
+    return out
 
 
 # -- stored responses ---------------------------------------------------------------------------

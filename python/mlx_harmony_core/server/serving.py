@@ -9,6 +9,7 @@ notices at its next token.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,6 +64,19 @@ async def read_body(model: type[BaseModel], http: HTTPRequest) -> Any:
     if len(body) > 2**16:
         return await asyncio.to_thread(parse_body, model, body)
     return parse_body(model, body)
+
+
+async def requested_model(http: HTTPRequest) -> str | None:
+    """The ``model`` a request's JSON body names (None when it names none, or the body is
+    not a JSON object: the endpoint's own parsing answers that). The body is read once:
+    the endpoint reads it again from Starlette's cache."""
+    body = await http.body()
+    try:
+        data = await asyncio.to_thread(json.loads, body) if len(body) > 2**16 else json.loads(body)
+    except ValueError:
+        return None
+    name = data.get("model") if isinstance(data, dict) else None
+    return name if isinstance(name, str) else None
 
 
 def check_model(name: str | None, opts: ServerOptions) -> None:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 from ..chat_format import ANSWER, REASONING
+from ..tool_loop import BUILTIN_CALL, ToolEvent
 from .choices import Choice
 from .client import EngineClient
 from .options import ServerOptions
@@ -280,6 +281,15 @@ class ChatWriter(CompletionWriter):
     def _choice(self, i: int, delta: dict[str, Any], **extra: Any) -> dict[str, Any]:
         return {"index": i, "delta": delta, "logprobs": None, "finish_reason": None, **extra}
 
+    def add(self, item: Any) -> None:
+        """Take in one engine event; built-in tool calls join the reasoning."""
+        i, event = self._split(item)
+        shown = builtin_reasoning(event)
+        if shown is None:
+            super().add(item)
+        elif shown:
+            self.parts[i]["reasoning"].append(shown)
+
     def start(self) -> list[dict[str, Any]]:
         """Chunks before the first event: each choice's role."""
         return [
@@ -305,6 +315,11 @@ class ChatWriter(CompletionWriter):
         if self.ended:
             return []
         i, event = self._split(item)
+        shown = builtin_reasoning(event)
+        if shown is not None:  # a built-in tool call (the engine ran it): shown as reasoning
+            self.add(item)
+            delta = {"reasoning_content": shown, "reasoning": shown}
+            return [self.chunk([self._choice(i, delta)])] if shown else []
         if event.completion is None:
             self.add(item)
             if not event.delta:
@@ -331,6 +346,20 @@ class ChatWriter(CompletionWriter):
             out.append(self.chunk([self._choice(i, {"tool_calls": calls})]))
         out.append(self.chunk([self._choice(i, {}, finish_reason=finish_reason(c.finish_reason))]))
         return out + self.usage_chunk()
+
+
+def builtin_reasoning(event: Any) -> str | None:
+    """The reasoning text a built-in tool call shows in chat completions: the call when it
+    starts, the tool's output when done (``""``: its code as written, shown with the call;
+    ``None``: not a built-in call's event)."""
+    if event.completion is not None or event.kind != BUILTIN_CALL:
+        return None
+    if not isinstance(event, ToolEvent):
+        return ""
+    if event.phase == "running":
+        return f"\n[{event.recipient}] {event.call.arguments.strip()}\n"
+    r = event.result
+    return f"[{event.recipient}: {r.status}]\n{r.text.rstrip()}\n\n"
 
 
 class TextWriter(CompletionWriter):
