@@ -22,7 +22,7 @@ from support.tool_script import (
     toks,
 )
 
-builtin()  # the tools' module, or its stand-in until it is there
+builtin()  # the tools' module (ToolCall, ToolResult)
 GREEDY = mhc.SamplingParams(temperature=0)
 
 

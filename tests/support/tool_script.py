@@ -163,34 +163,7 @@ class FakeTools:
 
 
 def builtin() -> Any:
-    """``mlx_harmony_core.tools.builtin``; where it is not there yet, a stand-in module with
-    its interface (ToolCall, ToolResult, BUILTIN_TOOL_NAMES, BuiltinTools = FakeTools)."""
-    import importlib
-    import sys
-    import types
-    from dataclasses import dataclass, field
+    """``mlx_harmony_core.tools.builtin`` (ToolCall, ToolResult, BUILTIN_TOOL_NAMES, ...)."""
+    from mlx_harmony_core.tools import builtin as module
 
-    try:
-        return importlib.import_module("mlx_harmony_core.tools.builtin")
-    except ImportError:
-        pass
-
-    @dataclass(frozen=True)
-    class ToolCall:
-        recipient: str
-        arguments: str
-        session: str
-
-    @dataclass
-    class ToolResult:
-        author: str
-        text: str
-        status: str
-        duration_s: float = 0.0
-        details: dict[str, Any] = field(default_factory=dict)
-
-    mod = types.ModuleType("mlx_harmony_core.tools.builtin")
-    mod.ToolCall, mod.ToolResult, mod.BuiltinTools = ToolCall, ToolResult, FakeTools
-    mod.BUILTIN_TOOL_NAMES = ("python", "browser")
-    sys.modules[mod.__name__] = mod
-    return mod
+    return module
