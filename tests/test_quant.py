@@ -178,13 +178,14 @@ def test_gather_qmm_lhs_indices_and_plain_layout():
     np.testing.assert_allclose(np.array(out), np.array(ref), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("bits", [2, 3, 5, 6])
-def test_other_widths_fall_back_to_mlx(bits):
-    assert not _core.quant_supported("affine", bits, 64)
-    w, s, b = quantized((64, 128), "affine", bits, 64, bits)
+@pytest.mark.parametrize("mode,bits,gs", [("mxfp8", 8, 32), ("nvfp4", 4, 16)])
+def test_other_modes_fall_back_to_mlx(mode, bits, gs):
+    # (affine 2/3/5/6-bit weights run on our kernels: tests/test_gguf_kquants.py)
+    assert not _core.quant_supported(mode, bits, gs)
+    w, s, b = quantized((64, 128), mode, bits, gs, bits)
     x = mx.random.normal((2, 128))
-    out = _core.quantized_matmul(x, w, s, b, group_size=64, bits=bits)
-    ref = mx.quantized_matmul(x, w, s, b, group_size=64, bits=bits)
+    out = _core.quantized_matmul(x, w, s, b, group_size=gs, bits=bits, mode=mode)
+    ref = mx.quantized_matmul(x, w, s, b, group_size=gs, bits=bits, mode=mode)
     assert mx.array_equal(out, ref)
 
 

@@ -9,7 +9,9 @@
 
 namespace mlx_harmony_core::quant {
 
-enum class Format : int { Affine4, Affine8, Mxfp4 };
+// AffineN: any width from 2 to 8 bits (`bits`) as a bit stream; 4- and 8-bit
+// weights take it only in groups of 16 (Affine4/Affine8 have their own kernels).
+enum class Format : int { Affine4, Affine8, Mxfp4, AffineN };
 enum class ScaleType : int { F32, F16, BF16, E8M0 };
 
 // One matrix in MLX's layout: `rows` rows of `cols` values packed along the
@@ -22,9 +24,12 @@ struct QMatrix {
   int group = 32;
   Format format = Format::Affine4;
   ScaleType scale_type = ScaleType::F32;
+  int bits = 4;
 
   int64_t row_bytes() const {
-    return format == Format::Affine8 ? cols : cols / 2;
+    return format == Format::AffineN  ? cols * bits / 8
+           : format == Format::Affine8 ? cols
+                                       : cols / 2;
   }
   int64_t groups() const {
     return cols / group;

@@ -96,7 +96,7 @@ struct Prepared {
 void prepare(const Isa& isa, const Job& job, Prepared& p) {
   const QMatrix& a = job.a;
   const int64_t K = a.cols, G = a.groups();
-  if (a.format == Format::Affine8) {
+  if (a.format == Format::Affine8 || a.format == Format::AffineN) {
     p.x.assign(job.x, job.x + job.nx * K);
   } else {
     p.x.resize(job.nx * K);

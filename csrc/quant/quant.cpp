@@ -126,9 +126,12 @@ QMatrix matrix(const Weights& wt,
                const QuantSpec& spec,
                int64_t e) {
   QMatrix a;
-  a.format = spec.mode == "mxfp4" ? Format::Mxfp4
-             : spec.bits == 8     ? Format::Affine8
-                                  : Format::Affine4;
+  const bool wide = spec.group_size >= 32; // Affine4/Affine8 take 32 and up
+  a.format = spec.mode == "mxfp4"         ? Format::Mxfp4
+             : spec.bits == 8 && wide     ? Format::Affine8
+             : spec.bits == 4 && wide     ? Format::Affine4
+                                          : Format::AffineN;
+  a.bits = spec.bits;
   a.group = spec.group_size;
   a.scale_type = scale_type(scales.dtype());
   a.rows = w.shape(-2);
@@ -303,12 +306,75 @@ int out_dims(const mx::array& w, const QuantSpec& spec) {
   return spec.transpose ? w.shape(-2) : w.shape(-1) * 32 / spec.bits;
 }
 
+// MLX's quantized matmul has no groups of 16 (GGUF's Q2_K, Q3_K, Q6_K), but
+// mx::dequantize has: MLX's answer for them is to dequantize and multiply.
+constexpr int kSmallGroup = 16;
+
+bool small_group(const std::string& mode, std::optional<int> group_size) {
+  return mode == "affine" && group_size == kSmallGroup;
+}
+
+mx::array dequant_matmul(const mx::array& x,
+                         const mx::array& w,
+                         const mx::array& scales,
+                         const std::optional<mx::array>& biases,
+                         bool transpose,
+                         int group_size,
+                         int bits,
+                         mx::StreamOrDevice s) {
+  if (!biases) {
+    throw std::invalid_argument(
+        "[quantized_matmul] affine weights need biases");
+  }
+  auto wf = mx::dequantize(w,
+                           scales,
+                           biases,
+                           group_size,
+                           bits,
+                           "affine",
+                           std::nullopt,
+                           std::nullopt,
+                           s);
+  if (transpose) {
+    wf = mx::swapaxes(wf, -1, -2, s);
+  }
+  return mx::astype(mx::matmul(x, wf, s), x.dtype(), s);
+}
+
+// The transforms for groups of 16 (MLX's quantized matmul has none to lend):
+// with respect to x only, as MLX's own op (the weights are integer codes).
+mx::array small_weights(const std::vector<mx::array>& in,
+                        const QuantSpec& spec,
+                        mx::Stream s) {
+  auto wf = mx::dequantize(in[1],
+                           in[2],
+                           in.size() > 3 ? std::optional<mx::array>(in[3])
+                                         : std::nullopt,
+                           kSmallGroup,
+                           spec.bits,
+                           "affine",
+                           std::nullopt,
+                           in[0].dtype(),
+                           s);
+  return spec.transpose ? wf : mx::swapaxes(wf, -1, -2, s); // (out, in)
+}
+
+void x_only(const std::vector<int>& argnums) {
+  for (int a : argnums) {
+    if (a != 0) {
+      throw std::invalid_argument(
+          "[quantized_matmul] derivatives are taken with respect to x only");
+    }
+  }
+}
+
 } // namespace
 
 bool quant_supported(const std::string& mode, int bits, int group_size) {
   if (mode == "affine") {
-    return (bits == 4 || bits == 8) &&
-           (group_size == 32 || group_size == 64 || group_size == 128);
+    return bits >= 2 && bits <= 8 && bits != 7 &&
+           (group_size == 16 || group_size == 32 || group_size == 64 ||
+            group_size == 128);
   }
   return mode == "mxfp4" && bits == 4 && group_size == 32;
 }
@@ -322,6 +388,23 @@ mx::array quantized_matmul(const mx::array& x,
                            std::optional<int> bits,
                            const std::string& mode,
                            mx::StreamOrDevice s) {
+  if (small_group(mode, group_size)) {
+    const int nbits = bits.value_or(4);
+    auto ref = dequant_matmul(
+        x, w, scales, biases, transpose, kSmallGroup, nbits, s);
+    if (!ref.has_primitive() ||
+        ref.primitive().stream().device != mx::Device::cpu || w.ndim() != 2 ||
+        !float_like(x.dtype()) || !scales_ok(mode, scales) ||
+        !quant_supported(mode, nbits, kSmallGroup)) {
+      return ref;
+    }
+    return mx::array(ref.shape(),
+                     ref.dtype(),
+                     std::make_shared<QuantMatmul>(
+                         ref.primitive().stream(),
+                         QuantSpec{kSmallGroup, nbits, mode, transpose}),
+                     {x, w, scales, *biases});
+  }
   auto ref = mx::quantized_matmul(
       x, w, scales, biases, transpose, group_size, bits, mode, s);
   if (!is_node(ref, "QuantizedMatmul") ||
@@ -427,6 +510,12 @@ QuantPrimitive::vjp(const std::vector<mx::array>& primals,
                     const std::vector<mx::array>& cotangents,
                     const std::vector<int>& argnums,
                     const std::vector<mx::array>& outputs) {
+  if (spec_.group_size == kSmallGroup) {
+    x_only(argnums);
+    // y = x @ W^T with W (out, in): dx = dy @ W
+    return {mx::matmul(
+        cotangents[0], small_weights(primals, spec_, stream()), stream())};
+  }
   auto ref = reference(primals);
   return cast_like(
       ref.primitive().vjp(ref.inputs(), cotangents, argnums, outputs),
@@ -438,6 +527,11 @@ std::vector<mx::array>
 QuantPrimitive::jvp(const std::vector<mx::array>& primals,
                     const std::vector<mx::array>& tangents,
                     const std::vector<int>& argnums) {
+  if (spec_.group_size == kSmallGroup) {
+    x_only(argnums);
+    auto w = small_weights(primals, spec_, stream());
+    return {mx::matmul(tangents[0], mx::swapaxes(w, -1, -2, stream()), stream())};
+  }
   auto ref = reference(primals);
   return ref.primitive().jvp(
       ref.inputs(), cast_tangents(tangents, ref, argnums), argnums);
@@ -446,6 +540,22 @@ QuantPrimitive::jvp(const std::vector<mx::array>& primals,
 std::pair<std::vector<mx::array>, std::vector<int>>
 QuantPrimitive::vmap(const std::vector<mx::array>& inputs,
                      const std::vector<int>& axes) {
+  if (spec_.group_size == kSmallGroup) {
+    for (size_t i = 1; i < axes.size(); ++i) {
+      if (axes[i] >= 0) {
+        throw std::invalid_argument(
+            "[quantized_matmul] vmap over the quantized weights is not "
+            "supported for groups of 16; vmap over x");
+      }
+    }
+    if (axes[0] < 0) {
+      return {{reference(inputs)}, {-1}};
+    }
+    auto in = inputs;
+    // x's mapped axis first, then the product over its rows as usual
+    in[0] = mx::moveaxis(inputs[0], axes[0], 0, stream());
+    return {{reference(in)}, {0}};
+  }
   auto ref = reference(inputs);
   return ref.primitive().vmap(ref.inputs(), axes);
 }
@@ -486,6 +596,17 @@ QuantMatmul::QuantMatmul(mx::Stream stream, QuantSpec spec)
     : QuantPrimitive(stream, std::move(spec), run_qmm_inputs) {}
 
 mx::array QuantMatmul::reference(const std::vector<mx::array>& in) {
+  if (spec_.group_size == kSmallGroup) {
+    return dequant_matmul(in[0],
+                          in[1],
+                          in[2],
+                          in.size() > 3 ? std::optional<mx::array>(in[3])
+                                        : std::nullopt,
+                          spec_.transpose,
+                          kSmallGroup,
+                          spec_.bits,
+                          stream());
+  }
   return mx::quantized_matmul(in[0],
                               in[1],
                               in[2],

@@ -26,12 +26,16 @@ from .. import _core
 
 __all__ = [
     "ENV",
+    "MLX_GROUPS",
+    "SmallGroupQuantizedEmbedding",
+    "SmallGroupQuantizedLinear",
     "active",
     "info",
     "kernels",
     "kernels_enabled",
     "switched_layers",
     "use_quant_kernels",
+    "use_small_groups",
 ]
 
 logger = logging.getLogger(__name__)
@@ -65,7 +69,24 @@ def kernels(enabled: bool) -> Iterator[None]:
         _active = before
 
 
+# Groups MLX's quantized matmul takes; GGUF's Q2_K/Q3_K/Q6_K come in groups of 16.
+MLX_GROUPS = (32, 64, 128)
+
+
+def _dequantized(layer: Any, weight: str = "weight") -> mx.array:
+    return mx.dequantize(
+        layer[weight],
+        layer["scales"],
+        layer.get("biases"),
+        group_size=layer.group_size,
+        bits=layer.bits,
+        mode=layer.mode,
+    )
+
+
 def _qmm(x: mx.array, layer: Any, weight: str = "weight") -> mx.array:
+    if not _active and layer.group_size not in MLX_GROUPS:  # what MLX runs: dequantize
+        return (x @ _dequantized(layer, weight).T).astype(x.dtype)
     op = _core.quantized_matmul if _active else mx.quantized_matmul
     return op(
         x,
@@ -92,6 +113,48 @@ class FastQuantizedEmbedding(nn.QuantizedEmbedding):
 
     def as_linear(self, x: mx.array) -> mx.array:
         return _qmm(x, self)
+
+
+class SmallGroupQuantizedLinear(nn.QuantizedLinear):
+    """``nn.QuantizedLinear`` with groups MLX's quantized matmul does not take (16): MLX
+    dequantizes and multiplies (our kernels, where switched in, run them directly)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        out = (x @ _dequantized(self).T).astype(x.dtype)
+        return out + self["bias"] if "bias" in self else out
+
+
+class SmallGroupQuantizedEmbedding(nn.QuantizedEmbedding):
+    """``nn.QuantizedEmbedding`` with groups of 16 (lookups dequantize; MLX takes those)."""
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return (x @ _dequantized(self).T).astype(x.dtype)
+
+
+def use_small_groups(model: Any, specs: dict[str, tuple[int, int, str]]) -> None:
+    """Regroup ``model``'s quantized layers at ``specs`` (path -> (bits, group, mode)) to
+    groups MLX cannot quantize to (16): the layers were made with groups of 32; their scales
+    and biases are reshaped for the weights to load, and they run as
+    :class:`SmallGroupQuantizedLinear` / :class:`SmallGroupQuantizedEmbedding`."""
+    classes = {
+        nn.QuantizedLinear: SmallGroupQuantizedLinear,
+        nn.QuantizedEmbedding: SmallGroupQuantizedEmbedding,
+    }
+    for path, module in model.named_modules():
+        spec = specs.get(path)
+        if spec is None:
+            continue
+        target = classes.get(type(module))
+        if target is None:
+            raise ValueError(
+                f"{path}: {type(module).__name__} cannot hold groups of {spec[1]} (GGUF "
+                "Q2_K/Q3_K/Q6_K); load the model with dequantize=True"
+            )
+        rows, cols = module["weight"].shape[0], module["weight"].shape[1] * 32 // spec[0]
+        module.group_size = spec[1]
+        module.scales = mx.zeros((rows, cols // spec[1]), mx.float32)
+        module.biases = mx.zeros((rows, cols // spec[1]), mx.float32)
+        module.__class__ = target
 
 
 def _fast_switch_class() -> type | None:
@@ -139,6 +202,8 @@ def use_quant_kernels(model: Any) -> int:
     swaps: dict[type, type] = {
         nn.QuantizedLinear: FastQuantizedLinear,
         nn.QuantizedEmbedding: FastQuantizedEmbedding,
+        SmallGroupQuantizedLinear: FastQuantizedLinear,
+        SmallGroupQuantizedEmbedding: FastQuantizedEmbedding,
     }
     if switch is not None:
         swaps[switch.__mro__[1]] = switch

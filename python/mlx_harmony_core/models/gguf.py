@@ -9,8 +9,9 @@ how each differs (its config keys, what llama.cpp's converter changed in its ten
 row permutation of ``llama`` models, Gemma's norm offset), its model family says
 (:mod:`mlx_harmony_core.families`).
 Quantized tensors stay quantized where MLX has the format (Q4_0, Q4_1 and Q8_0 as MLX
-affine 4/8-bit with groups of 32, MXFP4 as MLX ``mxfp4``); F32/F16/BF16 load as stored;
-any other type is refused by name.
+affine 4/8-bit with groups of 32, MXFP4 as MLX ``mxfp4``; the K-quants and Q5_0/Q5_1 as
+affine 2-6 bit, exactly: :mod:`.gguf_kquants`); F32/F16/BF16 load as stored; any other type
+is refused by name.
 """
 
 from __future__ import annotations
@@ -30,9 +31,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..cpu.quant import MLX_GROUPS
 from ..errors import ModelLoadError
 from ..families import family_for, gguf_architectures
 from ..progress import BIG_FILE, ProgressBar
+from .gguf_kquants import KQUANTS, decode, pack_bits
 from .gguf_tokenizer import eos_ids, gguf_tokenizer, gguf_tokenizer_wrapper  # noqa: F401
 
 logger = logging.getLogger(__name__)
@@ -79,6 +82,7 @@ _QUANTIZED = {
     3: (4, 32, "affine"),
     8: (8, 32, "affine"),
     39: (4, 32, "mxfp4"),
+    **{k: (bits, group, "affine") for k, (bits, group, _) in KQUANTS.items()},
 }
 
 # -- the file ---------------------------------------------------------------------------------
@@ -334,7 +338,8 @@ def tensor_arrays(
     if info.type not in _FLOAT and info.type not in _QUANTIZED:
         raise ModelLoadError(
             f"{gguf.path}: tensor {info.name} is {info.type_name}, which does not load "
-            "(supported: F32, F16, BF16, Q4_0, Q4_1, Q8_0, MXFP4); re-quantize the model "
+            "(supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, "
+            "Q5_K, Q6_K, MXFP4); re-quantize the model "
             "with one of those, e.g. llama-quantize ... Q8_0"
         )
     src = source if hasattr(source, "readinto") else _BufferSource(source)
@@ -346,6 +351,8 @@ def tensor_arrays(
             src.readinto(flat[a : a + chunk_bytes], info.offset + a)
         arr = out.done()
         return {"": arr.view(mx.bfloat16) if info.type == 30 else arr}
+    if info.type in KQUANTS:
+        return _kquant_arrays(src, info, chunk_bytes)
     lead = info.shape[:-1]
     rows = math.prod(lead) if lead else 1
     cols = info.shape[-1]
@@ -395,9 +402,44 @@ def tensor_arrays(
     return out
 
 
+def _kquant_arrays(src: Any, info: TensorInfo, chunk_bytes: int) -> dict[str, mx.array]:
+    """A K-quant or Q5_0/Q5_1 tensor in MLX's affine layout (:mod:`.gguf_kquants`)."""
+    _, block, block_bytes = GGML_TYPES[info.type]
+    bits, group, scale_dtype = KQUANTS[info.type]
+    lead = info.shape[:-1]
+    rows = math.prod(lead) if lead else 1
+    cols = info.shape[-1]
+    if cols % block:
+        raise ModelLoadError(
+            f"tensor {info.name}: {cols} columns are not whole {info.type_name} blocks of {block}"
+        )
+    blocks = cols // block
+    w = _Out((*lead, cols * bits // 32), mx.uint32)
+    codes = w.np.view(np.uint8).reshape(rows, cols * bits // 8)
+    kind = mx.float32 if scale_dtype == np.float32 else mx.float16
+    scales = _Out((*lead, cols // group), kind)
+    biases = _Out((*lead, cols // group), kind)
+    s = scales.np.reshape(rows, cols // group)
+    b = biases.np.reshape(rows, cols // group)
+    row_bytes = blocks * block_bytes
+    step = max(1, chunk_bytes // row_bytes)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        raw = src.read(info.offset + r0 * row_bytes, (r1 - r0) * row_bytes)
+        q, sc, bias = decode(info.type, raw.reshape(-1, block_bytes))
+        codes[r0:r1] = pack_bits(q.reshape(r1 - r0, cols), bits)
+        s[r0:r1] = sc.reshape(r1 - r0, -1)
+        b[r0:r1] = bias.reshape(r1 - r0, -1)
+    return {"": w.done(), "scales": scales.done(), "biases": biases.done()}
+
+
 def loaded_bytes(info: TensorInfo, dequantize: bool = False) -> int:
     """Bytes ``info``'s tensor takes in memory once loaded (float32 if ``dequantize``)."""
     count = math.prod(info.shape) if info.shape else 1
+    if info.type in KQUANTS:
+        bits, group, scale_dtype = KQUANTS[info.type]
+        per_group = group * bits // 8 + 2 * np.dtype(scale_dtype).itemsize
+        return count * 4 if dequantize else count // group * per_group
     if info.type in _QUANTIZED:
         return count * 4 if dequantize else count // 32 * _LOADED_BLOCK[info.type]
     return count * _LOADED_FLOAT.get(info.type, 0) or info.nbytes
@@ -506,12 +548,14 @@ def _plan(gguf: GGUFFile, model: nn.Module, config: dict[str, Any]) -> list[tupl
     return plan
 
 
-def _quantized_modules(plan: list[tuple[str, TensorInfo]]) -> dict[str, tuple[int, int, str]]:
+def _quantized_modules(
+    plan: list[tuple[str, TensorInfo]], exclude: frozenset[int] = frozenset()
+) -> dict[str, tuple[int, int, str]]:
     """The modules whose tensors stay quantized: path -> (bits, group size, mode)."""
     return {
         path.rsplit(".", 1)[0]: _QUANTIZED[info.type]
         for path, info in plan
-        if info.type in _QUANTIZED
+        if info.type in _QUANTIZED and info.type not in exclude
     }
 
 
@@ -548,10 +592,12 @@ def _stream_weights(
     config: dict[str, Any],
     dequantize: bool,
     what: str = "loading",
+    float_types: frozenset[int] = frozenset(),
 ) -> Iterator[dict[str, mx.array]]:
     """Each planned tensor's evaluated MLX arrays under mlx-lm names (``{path: weight}``,
     plus the module's ``scales``/``biases`` when quantized), one tensor at a time: the file
-    is read with ``pread`` (never mapped), and nothing but the arrays yielded is kept."""
+    is read with ``pread`` (never mapped), and nothing but the arrays yielded is kept.
+    Quantized tensors load as float32 if ``dequantize`` or their type is in ``float_types``."""
     family = family_for(arch=gguf.architecture)
     fix = family.fix_tensor if family is not None else None
     progress = ProgressBar(
@@ -564,17 +610,8 @@ def _stream_weights(
                 stem = info.name.rsplit(".", 1)[0]
                 if fix is not None:
                     arrays = fix(stem, arrays, config, info.type in _FLOAT)
-                if dequantize and info.type in _QUANTIZED:
-                    bits, group, mode = _QUANTIZED[info.type]
-                    full = mx.dequantize(
-                        arrays[""],
-                        arrays["scales"],
-                        arrays.get("biases"),
-                        group_size=group,
-                        bits=bits,
-                        mode=mode,
-                    )
-                    arrays = {"": full.astype(mx.float32)}
+                if info.type in _QUANTIZED and (dequantize or info.type in float_types):
+                    arrays = {"": dequantize_arrays(arrays, info.type)}
                 mx.eval(arrays)
                 module = path.rsplit(".", 1)[0]
                 out = {path: arrays.pop("")}
@@ -586,6 +623,22 @@ def _stream_weights(
     finally:
         progress.close()
         mx.clear_cache()
+
+
+def dequantize_arrays(arrays: dict[str, mx.array], kind: int) -> mx.array:
+    """A quantized tensor's MLX arrays (:func:`tensor_arrays`) as float32, computed in
+    float32 (the stored scales are exact there): equal to the ``gguf`` package's dequantizer."""
+    bits, group, mode = _QUANTIZED[kind]
+    biases = arrays.get("biases")
+    full = mx.dequantize(
+        arrays[""],
+        arrays["scales"] if mode == "mxfp4" else arrays["scales"].astype(mx.float32),
+        biases.astype(mx.float32) if biases is not None else None,
+        group_size=group,
+        bits=bits,
+        mode=mode,
+    )
+    return full.astype(mx.float32)
 
 
 def _build_model(config: dict[str, Any]) -> nn.Module:
@@ -601,10 +654,16 @@ def _quantize(model: nn.Module, quantized: dict[str, tuple[int, int, str]]) -> N
         if spec is None or not hasattr(module, "to_quantized"):
             return False
         bits, group, mode = spec
-        return {"bits": bits, "group_size": group, "mode": mode}
+        # MLX cannot quantize to groups of 16: made with 32, regrouped below.
+        return {"bits": bits, "group_size": max(group, 32), "mode": mode}
 
     if quantized:
         nn.quantize(model, class_predicate=predicate)
+        small = {p: s for p, s in quantized.items() if s[1] not in MLX_GROUPS}
+        if small:
+            from ..cpu.quant import use_small_groups
+
+            use_small_groups(model, small)
 
 
 def weight_bytes(gguf: GGUFFile, dequantize: bool = False) -> int:
@@ -734,7 +793,10 @@ def save_mlx(
     check_memory(gguf, dequantize=dequantize, keep=shard_bytes)
     model = _model_for(gguf, config)
     plan = _plan(gguf, model, config)
-    quantized = {} if dequantize else _quantized_modules(plan)
+    # mlx-lm runs MLX's quantized matmul, which has no groups of 16: those types (Q2_K, Q3_K,
+    # Q6_K) are written as float32, which holds them exactly.
+    float_types = frozenset(k for k, s in _QUANTIZED.items() if s[1] not in MLX_GROUPS)
+    quantized = {} if dequantize else _quantized_modules(plan, exclude=float_types)
     config["quantization"] = quantization_config(quantized)
     _quantize(model, quantized)
     expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
@@ -745,7 +807,7 @@ def save_mlx(
         if size >= shard_bytes:
             n, size = n + 1, 0
         shard_of.append(n)
-        size += loaded_bytes(info, dequantize)
+        size += loaded_bytes(info, dequantize or info.type in float_types)
     count = n + 1
     names = (
         ["model.safetensors"]
@@ -765,7 +827,9 @@ def save_mlx(
     index: dict[str, str] = {}
     shard: dict[str, mx.array] = {}
     current = 0
-    arrays_in_order = _stream_weights(gguf, plan, config, dequantize, what="converting")
+    arrays_in_order = _stream_weights(
+        gguf, plan, config, dequantize, what="converting", float_types=float_types
+    )
     for i, arrays in enumerate(arrays_in_order):
         if shard_of[i] != current:
             _write_shard(target / names[current], shard, index)
@@ -786,7 +850,7 @@ def save_mlx(
             f"{len(missing)} parameters are missing ({missing[0]}, ...)"
         )
     if count > 1:
-        total = sum(a for a in (loaded_bytes(info, dequantize) for _, info in plan))
+        total = sum(loaded_bytes(info, dequantize or info.type in float_types) for _, info in plan)
         atomic_write_text(
             target / "model.safetensors.index.json",
             json.dumps({"metadata": {"total_size": total}, "weight_map": index}, indent=1) + "\n",
