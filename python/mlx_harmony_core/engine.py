@@ -33,7 +33,7 @@ from .request import (
     Usage,
 )
 from .runner import ModelRunner
-from .scheduler import Handle, Scheduler, Sink
+from .scheduler import Handle, Scheduler, Sink, events, not_on
 from .speculative import make_speculation
 from .structured import make_guide
 from .threads import generation
@@ -363,19 +363,8 @@ class Engine:
         """Drive ``req`` to its end on the scheduler, yielding its events (the last one has
         the completion); ``progress(done, total)`` is called as the prompt is prefilled."""
         req.progress = progress
-        worker = getattr(self.batching(), "worker", generation)
-        if threading.current_thread().name == worker.name:
-            raise RuntimeError(
-                "a request cannot be run from the generation thread (it would wait on itself)"
-            )
-        handle = self.start(req)
-        try:
-            yield from handle
-        finally:
-            if not handle.done:
-                handle.cancel()
-                for _ in handle:  # its last events: the cache is back before we return
-                    pass
+        not_on(getattr(self.batching(), "worker", generation))
+        yield from events(self.start(req))
 
     def start(self, req: Request, sink: Sink | None = None) -> Handle:
         """Queue ``req`` (from :meth:`request`) on the scheduler; with ``builtin_tools`` its

@@ -386,18 +386,28 @@ class Scheduler:
     def run(self, request: Request) -> Iterator[StreamEvent]:
         """Submit ``request`` and yield its events as they are decoded (the caller's
         thread waits; a consumer that stops early cancels the request)."""
-        if threading.current_thread().name == self.worker.name:
-            raise RuntimeError(
-                "a request cannot be run from the generation thread (it would wait on itself)"
-            )
-        handle = self.submit(request)
-        try:
-            yield from handle
-        finally:
-            if not handle.done:
-                handle.cancel()
-                for _ in handle:  # its last events: the cache is back before we return
-                    pass
+        not_on(self.worker)
+        yield from events(self.submit(request))
+
+
+def not_on(worker: Any) -> None:
+    """Refuse to wait for a request on ``worker``'s thread (it would wait on itself)."""
+    if threading.current_thread().name == worker.name:
+        raise RuntimeError(
+            "a request cannot be run from the generation thread (it would wait on itself)"
+        )
+
+
+def events(handle: Handle) -> Iterator[StreamEvent]:
+    """``handle``'s events on the caller's thread; a consumer that stops early cancels the
+    request and waits for its last events (its cache is back before this returns)."""
+    try:
+        yield from handle
+    finally:
+        if not handle.done:
+            handle.cancel()
+            for _ in handle:
+                pass
 
 
 class _Batch:

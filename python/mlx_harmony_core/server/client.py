@@ -74,6 +74,28 @@ class EngineClient(Protocol):
         ...
 
 
+class ClientWrapper:
+    """An engine client that adds to another one (``self.client``): what it does not
+    define itself is the wrapped client's."""
+
+    client: Any
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "client":  # not set yet: no recursion through __getattr__
+            raise AttributeError(name)
+        return getattr(self.client, name)
+
+    @property
+    def context_length(self) -> int | None:
+        """The wrapped client's window."""
+        return self.client.context_length
+
+    @property
+    def pending(self) -> int:
+        """The wrapped client's waiting and running requests."""
+        return self.client.pending
+
+
 class LocalClient:
     """:class:`EngineClient` for an engine in this process: requests go to its
     continuous-batching scheduler, configured from ``options`` (up to ``max_batch`` decode

@@ -24,7 +24,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from .client import Cancellable, EngineClient, Sink
+from .client import Cancellable, ClientWrapper, EngineClient, Sink
 from .requestlog import CURRENT, endpoint_of
 
 __all__ = ["CONTENT_TYPE_LATEST", "MeteredClient", "MetricsGuard", "ServerMetrics", "endpoint_of"]
@@ -238,7 +238,7 @@ class _EngineGauges:
         yield from families.values()
 
 
-class MeteredClient:
+class MeteredClient(ClientWrapper):
     """``client`` with every finished request counted (``metrics``, if any) and added to
     the current HTTP request's log record (see :mod:`.requestlog`); any other member is
     ``client``'s."""
@@ -247,19 +247,6 @@ class MeteredClient:
         self, client: EngineClient, metrics: ServerMetrics | None, model_name: str | None = None
     ) -> None:
         self.client, self.metrics, self.model_name = client, metrics, model_name
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.client, name)
-
-    @property
-    def context_length(self) -> int | None:
-        """The client's window."""
-        return self.client.context_length
-
-    @property
-    def pending(self) -> int:
-        """The client's waiting and running requests."""
-        return self.client.pending
 
     def submit(self, request: Any, sink: Sink) -> Cancellable:
         """Submit through ``client``; the request's last event is counted and recorded."""

@@ -36,7 +36,7 @@ from typing import Any
 
 from ..scheduler import END, available_memory
 from ..threads import worker
-from .client import Cancellable, LocalClient, Sink
+from .client import Cancellable, ClientWrapper, LocalClient, Sink
 from .model_specs import ModelSpec, check_specs
 from .options import ServerOptions
 from .protocol import APIError
@@ -434,26 +434,13 @@ class ModelPool:
         return ok and all(w.wait_idle(max(0.0, deadline - time.monotonic())) for w in workers)
 
 
-class _Counted:
+class _Counted(ClientWrapper):
     """A loaded model's client, counting each submitted request as a holder of the model
     until its last event (so a model with running requests is never unloaded); any other
     member is the client's."""
 
     def __init__(self, e: _Entry) -> None:
         self._entry, self.client = e, e.client
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.client, name)
-
-    @property
-    def context_length(self) -> int | None:
-        """The model's window."""
-        return self.client.context_length
-
-    @property
-    def pending(self) -> int:
-        """The model's waiting and running requests."""
-        return self.client.pending
 
     def submit(self, request: Any, sink: Sink) -> Cancellable:
         """Submit; the model is held until the request's :data:`END`."""
