@@ -47,13 +47,18 @@ def adapters(tmp_path_factory):
 def test_logits_equal_mlx_lm_with_the_same_adapters(adapters, monkeypatch):
     from mlx_lm import load as lm_load
 
+    from mlx_harmony_core.cpu.fused import fused
+
     monkeypatch.setenv(EXPERTS_ENV, "mlx")  # MLX's own expert path, as mlx-lm runs it
     path = demo_model_path()
     ref, _ = lm_load(str(path), adapter_path=str(adapters))
     ours = mhc.load(path, adapter_path=adapters)
     plain = mhc.load(path)
     ids = mx.array([ours.render([{"role": "user", "content": "Hello there"}])])
-    want, got = ref(ids), ours.model(ids)
+    # MLX's own ops on both sides: the loaded weights and adapters are what must be equal
+    # (our fused CPU primitives are within float32 rounding of MLX's ops, not bit-equal).
+    with fused(False):
+        want, got = ref(ids), ours.model(ids)
     assert mx.array_equal(want, got).item()
     assert not mx.allclose(plain.model(ids), got).item()  # the adapters change the model
 
