@@ -1,6 +1,7 @@
 """Tensor parallelism on one machine: 1 rank vs 2 ring ranks on 127.0.0.1, same model.
 
     MHC_BENCH_DIST=1 python -m pytest benchmarks/bench_distributed.py -s   # README numbers
+    MHC_BENCH_DIST=1 MHC_BENCH_DIST_MAIN=/work/main/.venv/bin/python ...  # + main's group
 
 Two ranks share this machine's two cores, so no speed-up is expected: this reports the
 step time with 1 and 2 ranks, each rank's memory, and the time one step spends in
@@ -10,6 +11,7 @@ Without ``MHC_BENCH_DIST`` it runs the demo model briefly, as a test (CI).
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +20,7 @@ import mlx.core as mx
 import pytest
 
 import mlx_harmony_core as mhc
-from conftest import DIST_ROWS
+from conftest import DIST_BATCH_ROWS, DIST_ROWS
 from mlx_harmony_core.testing import free_port
 
 FULL = bool(os.environ.get("MHC_BENCH_DIST"))
@@ -60,3 +62,59 @@ def test_one_rank_vs_two(tmp_path_factory):
     for r, (mem, w) in enumerate(zip(*b["memory_mb"], strict=True)):
         DIST_ROWS.append((f"[{name}] rank {r}: weights", w, a["memory_mb"][1], "MiB"))
         DIST_ROWS.append((f"[{name}] rank {r}: active memory", mem, a["memory_mb"][0], "MiB"))
+
+
+def _group(model: Path, out: Path, args: list[str], python: str = sys.executable) -> dict:
+    """``distributed_step.py`` on 2 ring ranks on 127.0.0.1 (started as mlx.launch would)."""
+    hosts = out.with_suffix(".hosts.json")
+    hosts.write_text(json.dumps([[f"127.0.0.1:{free_port()}"] for _ in range(2)]))
+    env = {**os.environ, "MLX_HOSTFILE": str(hosts), "OPENBLAS_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen(
+            [python, str(STEP), str(model), str(out), *args], env={**env, "MLX_RANK": str(r)}
+        )
+        for r in range(2)
+    ]
+    assert [p.wait(timeout=900) for p in procs] == [0, 0]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.skipif(not mx.distributed.is_available("ring"), reason="no ring backend")
+def test_group_batches_concurrent_clients(tmp_path):
+    """8 concurrent clients on a 2-rank group: aggregate decode tok/s batched vs one request
+    at a time (what a group did before it batched), alternating rounds in one group.
+
+    ``MHC_BENCH_DIST_MAIN=/path/to/python`` (a checkout of the main branch's venv) also runs
+    the main branch's own group, alternating launches with this one: its "batched" rounds
+    are one at a time too (main refuses to batch in a group)."""
+    from mlx_harmony_core.models.builder import demo_model_path
+
+    model = demo_model_path()
+    tokens, rounds = ("64", "3") if FULL else ("8", "1")
+    args = [tokens, "group", "clients", "8", rounds]
+    main = os.environ.get("MHC_BENCH_DIST_MAIN")
+    ours, theirs = [], []
+    for i in range(int(rounds) if main else 1):
+        ours.append(
+            _group(model, tmp_path / f"ours{i}.json", [*args[:-1], "1" if main else rounds])
+        )
+        if main:
+            theirs.append(_group(model, tmp_path / f"main{i}.json", [*args[:-1], "1"], main))
+    batched = [t for r in ours for t in r["batched"]]
+    alone = [t for r in ours for t in r["one_at_a_time"]]
+    med = statistics.median
+    load = os.getloadavg()[0]
+    DIST_BATCH_ROWS.append(
+        (
+            f"[demo] 8 clients x {tokens} tokens, aggregate (load {load:.1f})",
+            med(batched),
+            med(alone),
+            "tok/s",
+        )
+    )
+    if theirs:
+        main_tps = [t for r in theirs for t in r["one_at_a_time"] + r["batched"]]
+        DIST_BATCH_ROWS.append(
+            ("[demo] ... vs the main branch's group", med(batched), med(main_tps), "tok/s")
+        )
+    assert all(t > 0 for t in batched + alone)

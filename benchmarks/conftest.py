@@ -92,6 +92,7 @@ LOAD_ROWS: list[tuple[str, list[dict[str, float]], int]] = []
 
 # (case, 2 ranks, 1 rank, unit): tensor parallelism on this machine.
 DIST_ROWS: list[tuple[str, float, float, str]] = []
+DIST_BATCH_ROWS: list[tuple[str, float, float, str]] = []
 
 
 def _spread(values: list[float], scale: float = 1.0) -> str:
@@ -141,6 +142,13 @@ def pytest_sessionfinish(session, exitstatus):
         DIST_ROWS,
         "distributed (ring, 127.0.0.1): 2 ranks vs 1 rank on the same 2 cores",
         ("2 ranks", "1 rank"),
+    )
+    _pairs(
+        tr,
+        DIST_BATCH_ROWS,
+        "a 2-rank group serving concurrent clients: batched vs one at a time, same run",
+        ("batched", "one/time"),
+        ratio=True,
     )
     if LOAD_ROWS:
         tr.section("loading a GGUF: min / median / max over alternating runs, one process each")

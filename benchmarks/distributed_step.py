@@ -1,8 +1,16 @@
 """Run by every rank (benchmarks/bench_distributed.py; also alone, as the 1-rank baseline):
-decode speed of MODEL, per-rank memory, and the latency of the collectives one step makes."""
+decode speed of MODEL, per-rank memory, and the latency of the collectives one step makes.
+
+``distributed_step.py MODEL OUT TOKENS group clients N ROUNDS``: rank 0 serves N concurrent
+clients (distinct prompts, greedy, TOKENS tokens each), in alternating rounds one at a time
+(``max_batch=1``, what a group did before it batched) and batched (``max_batch=N``); OUT gets
+the aggregate tok/s of every round. The same file runs under another checkout's Python (the
+benchmark's baseline of the main branch) with its own mlx_harmony_core.
+"""
 
 import json
 import sys
+import threading
 import time
 
 # isort: off
@@ -48,6 +56,13 @@ def main() -> int:
         comm_us = (per * (2 * engine.config["num_hidden_layers"] + 2) + gather) * 1e6
         if not group.leader:
             return distributed.follow(engine)
+    if len(sys.argv) > 5 and sys.argv[5] == "clients":
+        result = clients(engine, tokens, int(sys.argv[6]), int(sys.argv[7]))
+        with open(out, "w") as f:
+            json.dump(result, f)
+        if group is not None:
+            group.send(None)
+        return 0
     msgs = [{"role": "user", "content": "Write a long story."}]
     params = mhc.SamplingParams(temperature=0)
     engine.generate(msgs, params=params, max_tokens=4)  # warm up
@@ -60,6 +75,37 @@ def main() -> int:
     if group is not None:
         group.send(None)
     return 0
+
+
+def clients(engine: object, tokens: int, n: int, rounds: int) -> dict[str, list[float]]:
+    """Aggregate decode tok/s of ``n`` concurrent clients, one at a time vs batched."""
+    params = mhc.SamplingParams(temperature=0)
+
+    def run(batch: int) -> float:
+        engine.batching(max_batch=batch)  # type: ignore[attr-defined]
+        done: list[int] = []
+
+        def client(i: int) -> None:
+            msgs = [{"role": "user", "content": f"Client {i}: write a long story about {i}."}]
+            r = engine.generate(msgs, params=params, max_tokens=tokens, ignore_eos=True)  # type: ignore[attr-defined]
+            done.append(r.usage.completion_tokens)
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        seconds = time.perf_counter() - t0
+        assert len(done) == n and all(d == tokens for d in done), done
+        return sum(done) / seconds
+
+    run(n)  # warm up
+    out: dict[str, list[float]] = {"one_at_a_time": [], "batched": []}
+    for _ in range(rounds):
+        out["one_at_a_time"].append(run(1))
+        out["batched"].append(run(n))
+    return out
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -16,10 +17,11 @@ import pytest
 from mlx.utils import tree_flatten
 
 import mlx_harmony_core as mhc
-from mlx_harmony_core.errors import InvalidRequestError, ModelLoadError
+from mlx_harmony_core.errors import ModelLoadError
 from mlx_harmony_core.testing import free_port
 
 HERE = Path(__file__).parent
+BATCH_PROBE = HERE / "support" / "distributed_batch_probe.py"
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.skipif(
     not mx.distributed.is_available("ring"), reason="MLX built without the ring backend"
@@ -165,13 +167,54 @@ class FakeGroup:
     size, rank, leader, broken = 2, 0, True, None
 
 
-def test_requests_a_group_cannot_run(model_dir):
-    engine = mhc.load(model_dir)
-    engine.runner.group = FakeGroup()  # the check, without launching a group
-    with pytest.raises(InvalidRequestError, match="speculative"):
-        engine.request([{"role": "user", "content": "hi"}], speculative="ngram")
+def test_requests_a_group_cannot_run():
     with pytest.raises(ModelLoadError, match="GGUF"):
         mhc.load("model.gguf", group=FakeGroup())
+
+
+def _probe():
+    spec = importlib.util.spec_from_file_location("batch_probe", BATCH_PROBE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_two_ranks_batch_eight_requests_like_one_process(model_dir, tmp_path):
+    """8 requests at once in one group batch (greedy, seeded, a stop string, penalties,
+    prompt lookup, a shared long prefix from the prefix cache, one leaving early), then a
+    cancelled one: every reply equals the same request decoded alone in one process."""
+    out = tmp_path / "out.json"
+    procs = start(
+        [sys.executable, str(BATCH_PROBE), str(model_dir), str(out)], hostfile(tmp_path), tmp_path
+    )
+    assert wait(procs, tmp_path) == [0, 0], logs(tmp_path)
+    got = json.loads(out.read_text())
+    probe = _probe()
+    single = mhc.load(model_dir)
+    alone = [
+        probe.submit(single, {**spec, "speculative": None}).result()
+        for spec in probe.requests(got["cut"])
+    ]
+    assert got["first"] == alone[0].text
+    assert got["texts"] == [c.text for c in alone]
+    assert got["finish"] == [c.finish_reason for c in alone]
+    assert got["cut"] and got["finish"][2] == "stop"
+    assert got["drafted"][3] > 0  # prompt lookup verified drafts in the batch
+    assert sum(n > 100 for n in got["cached"]) >= 6  # the shared prefix came from the cache
+    text, finish = got["cancelled"]
+    assert finish == "cancelled" and alone[0].text.startswith(text)
+    assert got["after"] == alone[7].text
+
+
+def test_a_follower_out_of_step_fails_the_group(model_dir, tmp_path):
+    out = tmp_path / "out.json"
+    cmd = [sys.executable, str(BATCH_PROBE), str(model_dir), str(out), "--out-of-step", "3"]
+    procs = start(cmd, hostfile(tmp_path), tmp_path)
+    assert wait(procs, tmp_path) == [0, 1], logs(tmp_path)
+    got = json.loads(out.read_text())
+    assert got["ok"]
+    assert got["second"].startswith("GroupError") and "out of step" in got["second"]
+    assert got["third"].startswith("GroupError") and got["third_s"] < 1
 
 
 def _serve(model_dir, tmp_path, *extra):

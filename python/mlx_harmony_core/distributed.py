@@ -2,29 +2,34 @@
 distributed layer (``mx.distributed``: ring over TCP, MPI, JACCL), launched with ``mlx.launch``.
 
 Every rank loads only its shard (mlx-lm's ``Model.shard()`` for tensor parallelism, the
-model's ``pipeline()`` where a family has only that) and runs the same decode loop; rank 0
+model's ``pipeline()`` where a family has only that) and runs the same batch steps; rank 0
 alone talks to the user (CLI output, chat log, HTTP server) and the others follow it:
 
-- Requests reach the followers as control messages over the group itself (JSON through an
-  ``all_sum``, rank 0 contributing the bytes, the others zeros): only what the forward passes
-  need (the prompt ids and the token budget) travels; everything that can fail is checked on
-  rank 0 first, so a bad request never reaches the others.
-- Tokens: every rank runs the same forward passes, so every rank has the same logits, but rank
-  0 alone samples with the request's controls (grammars, stop strings, penalties live there),
-  and its token is broadcast in the graph (one 8-byte ``all_sum`` per step, carrying a
-  "go on" bit). Bitwise-equal logits on every rank are not something to bet on across
-  machines; one broadcast makes every rank feed the very same token.
-- Ending (a stop, a cancel, an error on rank 0): rank 0 sends one last broadcast with the
-  bit cleared in place of the next token, so the followers never wait for a step that will
-  not come. A rank that dies makes the others' next collective fail within seconds
+- Rank 0's scheduler batches requests as in one process (:mod:`.distributed_batch`): it
+  decides admissions, prefill chunks, joins, leaves, cancellations, prefix-cache takes and
+  stores, plain or verify steps (its drafts) and rewinds. Everything a step does to the
+  caches goes to the followers in one control message per step (JSON through an
+  ``all_sum``, rank 0 contributing the bytes, the others zeros), sent before any collective
+  of the step runs; a :class:`Follower` applies the same operations in the same order, so
+  every rank runs the same forward passes over the same batch caches.
+- Tokens: every rank computes the same logits, but rank 0 alone samples with the requests'
+  controls (grammars, stop strings, penalties live there); the tokens it drew for every row
+  (plain or verified) travel in the next step's message, so every rank feeds the very same
+  tokens. Bitwise-equal logits on every rank are not something to bet on across machines.
+- The prefix cache of every rank holds the same entries: rank 0 sends which prefix each
+  prompt reused and how many entries remain after each store (a follower checks it finds the
+  same prefix, so a rank that drifted is caught before it runs a different forward pass).
+- A step counter rides in every message's header, both ways (rank 0 sends the step, each
+  follower the step it expects): a follower that fell out of step fails the group on every
+  rank at once. A rank that dies makes the others' next collective fail within seconds
   (the ring backend reports the lost peer): the group is then marked broken and every later
   request gets a :class:`~.errors.GroupError` instead of a hang. A collective can also
   stall instead of failing (MLX's ring backend does, now and then, when a peer dies
-  mid-step): a watchdog fails the request and the group after ``timeout_s`` without progress
-  (a step or a prefill chunk); a CLI run, stuck for good, exits with the message.
+  mid-step): a watchdog fails the running requests and the group after ``timeout_s``
+  without progress (a step or a prefill chunk); a CLI run, stuck for good, exits with the
+  message.
 
-Prefix reuse across requests is off in a group (each rank would have to evict the same caches
-at the same time); speculative decoding and batching run one request at a time.
+A prompt cache on disk (``prompt_store``) is not used in a group: only rank 0 could read it.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from .errors import GroupError
 
@@ -47,8 +53,9 @@ __all__ = ["Group", "current", "follow", "init", "shard_vocab"]
 
 logger = logging.getLogger(__name__)
 
-# Control message sizes ride in a fixed 2-int header: (kind, byte length).
-_RUN, _EXIT = 1, 2
+# Control messages ride behind a fixed 4-int header: (kind, byte length, step, the step the
+# followers expect, summed).
+_STEP, _EXIT = 1, 2
 # Seconds a request may go without a step or a prefill chunk before the group is declared
 # lost (a chunk of a large model's prefill over slow links can take a few seconds).
 TIMEOUT_S = 30.0
@@ -65,10 +72,13 @@ class Group:
         self.timeout_s = timeout_s
         self.broken: str | None = None  # why the group can no longer run requests
         self.released = False  # rank 0 told the others to exit
+        self.steps = 0  # rank 0: step messages sent (the followers count theirs)
         self._lock = threading.Lock()
         self._since: float | None = None  # last progress of the running request
         self._on_stall: list[Callable[[BaseException], None]] = []
         self._watchdog: threading.Thread | None = None
+        self._idle = threading.Event()  # no request running (rank 0: the batch is empty)
+        self._idle.set()
 
     def info(self) -> dict[str, object]:
         """Size, rank and backend (for :func:`mlx_harmony_core.backend_info`)."""
@@ -109,6 +119,7 @@ class Group:
         """A request starts: from now on the watchdog expects progress every ``timeout_s``."""
         with self._lock:
             self._since = time.monotonic()
+            self._idle.clear()
             if self._watchdog is None:
                 self._watchdog = threading.Thread(
                     target=self._watch, name="mhc-group-watchdog", daemon=True
@@ -119,6 +130,7 @@ class Group:
         """The request ended: nothing to watch until the next."""
         with self._lock:
             self._since = None
+            self._idle.set()
 
     def progress(self) -> None:
         """A step or a chunk went through."""
@@ -165,56 +177,67 @@ class Group:
         except RuntimeError as exc:
             raise self.lost(exc) from exc
 
-    # -- control messages (rank 0 -> everyone), between requests ---------------------------
+    # -- control messages (rank 0 -> everyone), one per step ------------------------------
     def _all_sum(self, a: mx.array) -> mx.array:
         # On the caller's stream: in order with the decode loop's collectives.
         out = mx.distributed.all_sum(a, group=self.group)
         mx.eval(out)
         return out
 
-    def send(self, message: dict[str, Any] | None) -> None:
-        """Rank 0: send ``message`` to every rank (None: tell them to exit)."""
-        data = b"" if message is None else json.dumps(message).encode()
-        kind = _EXIT if message is None else _RUN
+    def out_of_step(self, why: str) -> GroupError:
+        """Mark the group broken because a rank no longer mirrors rank 0's steps."""
+        return self.lost(RuntimeError(f"a rank fell out of step: {why}"))
+
+    def send(self, message: dict[str, Any] | None, step: int = 0) -> None:
+        """Rank 0: send ``message`` (step ``step``'s operations) to every rank (None: tell
+        them to exit). Each follower answers with the step it expects, in the same
+        collective: a follower out of step is a :class:`GroupError`."""
+        data = b"" if message is None else json.dumps(message, separators=(",", ":")).encode()
+        kind = _EXIT if message is None else _STEP
+        if message is None and not self._idle.wait(self.timeout_s):
+            # The scheduler's last message (the batch went idle) must go first.
+            logger.warning("rank 0: releasing the group while a request still runs")
 
         def go() -> None:
-            self._all_sum(mx.array([kind, len(data)], dtype=mx.int32))
+            header = self._all_sum(mx.array([kind, len(data), step, 0], dtype=mx.int32))
+            expected = int(header[3].item())
+            if kind == _STEP and expected != (self.size - 1) * step:
+                raise self.out_of_step(
+                    f"rank 0 is at step {step}, the followers expect {expected} in all"
+                )
             if data:
-                self._all_sum(mx.array(list(data), dtype=mx.int32))
+                self._all_sum(_pack(data))
 
         self.collective(go)
 
-    def receive(self) -> dict[str, Any] | None:
-        """Followers: the next message from rank 0 (None: exit)."""
+    def receive(self, step: int = 0) -> dict[str, Any] | None:
+        """Followers: the next message from rank 0 (None: exit); ``step``: the step this
+        rank expects (a mismatch is a :class:`GroupError` on every rank)."""
 
         def go() -> dict[str, Any] | None:
-            kind, n = self._all_sum(mx.zeros((2,), dtype=mx.int32)).tolist()
+            header = self._all_sum(mx.array([0, 0, 0, step], dtype=mx.int32))
+            kind, n, sent, _ = header.tolist()
             if kind == _EXIT:
                 return None
-            data = bytes(self._all_sum(mx.zeros((n,), dtype=mx.int32)).tolist()) if n else b""
-            return json.loads(data)
+            if sent != step:
+                raise self.out_of_step(f"rank {self.rank} expects step {step}, rank 0 sent {sent}")
+            data = _unpack(self._all_sum(mx.zeros(((n + 3) // 4,), dtype=mx.int32)), n)
+            return json.loads(data) if n else {}
 
         return self.collective(go)
 
     def barrier(self) -> None:
         self.collective(lambda: self._all_sum(mx.zeros((1,), dtype=mx.int32)))
 
-    # -- in the decode loop -----------------------------------------------------------------
-    def share(self, ids: mx.array | None, go: bool = True) -> mx.array:
-        """(token, go) from rank 0, lazily, as two int32: rank 0 passes its sampled id
-        (shape (1,)), the followers None."""
-        if self.leader:
-            assert ids is not None
-            vec = mx.concatenate(
-                [ids.reshape(1).astype(mx.int32), mx.array([1 if go else 0], dtype=mx.int32)]
-            )
-        else:
-            vec = mx.zeros((2,), dtype=mx.int32)
-        return mx.distributed.all_sum(vec, group=self.group)
 
-    def end(self) -> None:
-        """Rank 0: the broadcast that takes the place of a step that will not come."""
-        self.collective(lambda: mx.eval(self.share(mx.zeros((1,), dtype=mx.int32), go=False)))
+def _pack(data: bytes) -> mx.array:
+    """Bytes as int32 words (zero-padded): a sum with the others' zeros keeps them."""
+    pad = data + b"\0" * (-len(data) % 4)
+    return mx.array(np.frombuffer(pad, dtype=np.int32))
+
+
+def _unpack(words: mx.array, n: int) -> bytes:
+    return np.array(words, dtype=np.int32).tobytes()[:n]
 
 
 def is_peer_error(exc: BaseException) -> bool:
@@ -347,20 +370,178 @@ def _launched_with(name: str) -> bool:
     return env[name] in os.environ
 
 
+class Follower:
+    """A follower rank's copy of rank 0's batch: the same row caches, batch caches and
+    prefix cache, changed by the operations of each step message (see
+    :class:`~.distributed_batch.GroupBatch`, which records them on rank 0), in order.
+
+    Operations (JSON lists, the first item names it): ``take`` (a row's prompt and the
+    prefix rank 0 reused), ``chunk`` (n prompt tokens of a row), ``first`` (a row's last
+    prompt token, its logits drawn on rank 0), ``retire`` (a row leaves: its cache kept for
+    the prefix cache or not), ``filter`` (batch rows kept), ``join`` (rows inserted),
+    ``store`` (a kept cache into the prefix cache, with the entry count after it), ``clear``,
+    ``decode`` (one token per batch row), ``verify`` (each row's token and drafts, the
+    positions the head runs at) and ``rewind`` (each row's rejected drafts)."""
+
+    def __init__(self, runner: Any) -> None:
+        from .kv_cache import make_batch_cache
+
+        self.runner = runner
+        self.group: Group = runner.group
+        self.step = 0
+        self.rows: dict[int, _FollowedRow] = {}
+        self.batch: list[int] = []  # row ids in batch order
+        self.cache: list[Any] | None = None
+        self.stash: list[tuple[list[int], list[Any]]] = []  # retired caches to store
+        self.solo = make_batch_cache(runner.new_cache()) is None
+        # Rank 0 says how many entries stay after each store: no eviction of our own (a
+        # rank's share of a cache may weigh differently than rank 0's).
+        runner.prefix_cache.max_bytes = None
+
+    def receive(self) -> dict[str, Any] | None:
+        """The next step's message (None: exit)."""
+        return self.group.receive(self.step + 1)
+
+    def apply(self, message: dict[str, Any]) -> None:
+        """Run one step: its operations, then every forward pass of it evaluated in order."""
+        group = self.group
+        self.step += 1
+        try:
+            with mx.stream(self.runner.stream()):
+                for op in message.get("ops", []):
+                    out = getattr(self, "_" + op[0])(*op[1:])
+                    if out is not None:  # a forward pass: evaluated as rank 0 evaluates it
+                        mx.eval(out)
+                        group.progress()
+        except GroupError:
+            raise
+        except Exception as exc:  # this rank can no longer mirror rank 0: the group is lost
+            raise group.lost(exc) from exc
+        if message.get("idle"):
+            group.finish()
+        else:
+            group.begin()
+
+    # -- the operations ---------------------------------------------------------------------
+    def _take(self, rid: int, prompt: list[int], reused: int) -> None:
+        cache, n = self.runner.prefix_cache.take(prompt)
+        if cache is None:
+            cache, n = self.runner.new_cache(), 0
+        if n != reused:
+            raise self.group.out_of_step(
+                f"rank {self.group.rank} reuses {n} prompt tokens where rank 0 reused {reused}"
+            )
+        self.rows[rid] = _FollowedRow(prompt, cache, prompt[:n])
+
+    def _chunk(self, rid: int, n: int) -> list[mx.array]:
+        row = self.rows[rid]
+        part = row.prompt[len(row.tokens) : len(row.tokens) + n]
+        self.runner.forward(mx.array(part, dtype=mx.int32)[None], row.cache)
+        row.tokens += part
+        return [c.state for c in row.cache]
+
+    def _first(self, rid: int) -> mx.array:
+        row = self.rows[rid]
+        rest = row.prompt[len(row.tokens) :]
+        row.tokens += rest
+        return self.runner.forward(mx.array(rest, dtype=mx.int32)[None], row.cache)[:, -1, :]
+
+    def _retire(self, rid: int, batch_row: int | None, stored: bool, count: int) -> None:
+        row = self.rows.pop(rid)
+        if not stored:
+            return
+        if batch_row is None:
+            cache = row.cache
+        else:
+            assert self.cache is not None
+            cache = self.cache if self.solo else [c.extract(batch_row) for c in self.cache]
+        if len(row.tokens) != count:
+            raise self.group.out_of_step(
+                f"rank {self.group.rank} holds {len(row.tokens)} tokens of a row, rank 0 {count}"
+            )
+        self.stash.append((row.tokens, cache))
+
+    def _filter(self, keep: list[int]) -> None:
+        if self.solo or not keep:
+            self.cache = None
+        else:
+            for layer in self.cache or []:
+                layer.filter(keep)
+        self.batch = [self.batch[i] for i in keep]
+
+    def _join(self, rids: list[int]) -> None:
+        from .kv_cache import make_batch_cache
+
+        for rid in rids:
+            row = self.rows[rid]
+            if self.solo:
+                self.cache = row.cache
+            else:
+                if self.cache is None:
+                    self.cache = make_batch_cache(row.cache)
+                for layer, c in zip(self.cache or [], row.cache, strict=True):
+                    layer.insert(c)
+            row.cache = []
+            self.batch.append(rid)
+
+    def _store(self, count: int) -> None:
+        tokens, cache = self.stash.pop(0)
+        mx.eval([c.state for c in cache])
+        pc = self.runner.prefix_cache
+        pc.put(tokens, cache)
+        pc.keep_newest(count)
+        if len(pc) != count:
+            raise self.group.out_of_step(
+                f"rank {self.group.rank} keeps {len(pc)} prefix-cache entries, rank 0 {count}"
+            )
+
+    def _clear(self) -> None:
+        self.runner.prefix_cache.clear()
+
+    def _decode(self, tokens: list[int]) -> mx.array:
+        for rid, t in zip(self.batch, tokens, strict=True):
+            self.rows[rid].tokens.append(t)
+        inputs = mx.array(tokens, dtype=mx.int32)[:, None]
+        return self.runner.forward(inputs, self.cache)[:, -1, :]
+
+    def _verify(self, inputs: list[list[int]], where: list[int]) -> mx.array:
+        for rid, fed in zip(self.batch, inputs, strict=True):
+            self.rows[rid].tokens += fed
+        return self.runner.forward_at(mx.array(inputs, dtype=mx.int32), self.cache, where)
+
+    def _rewind(self, back: list[int]) -> None:
+        if self.solo:
+            got = [min(c.trim(back[0]) for c in self.cache or [])] if back[0] else [0]
+        else:
+            got = back
+            for layer in self.cache or []:
+                if list(layer.rewind(back)) != back:
+                    got = []
+        if got != back:
+            raise RuntimeError("a KV cache could not rewind a rejected draft")
+        for rid, n in zip(self.batch, back, strict=True):
+            if n:
+                del self.rows[rid].tokens[-n:]
+
+
+class _FollowedRow:
+    """A row on a follower: its prompt, its own cache until it joins, the tokens cached."""
+
+    def __init__(self, prompt: list[int], cache: list[Any], tokens: list[int]) -> None:
+        self.prompt, self.cache, self.tokens = prompt, cache, list(tokens)
+
+
 def follow(engine: Any) -> int:
-    """A follower rank's life: run every request rank 0 sends, until it says exit.
+    """A follower rank's life: mirror every step rank 0 sends, until it says exit.
     Returns the process exit code (1 when the group broke)."""
-    group: Group = engine.group
+    follower = engine.runner._follower = Follower(engine.runner)
+    group = follower.group
     while True:
         try:
-            message = group.receive()
-        except GroupError as exc:
-            logger.error("rank %d: %s", group.rank, exc)
-            return 1
-        if message is None:
-            return 0
-        try:
-            engine.follow(message)
+            message = follower.receive()
+            if message is None:
+                return 0
+            follower.apply(message)
         except GroupError as exc:
             logger.error("rank %d: %s", group.rank, exc)
             return 1

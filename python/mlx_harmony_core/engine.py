@@ -92,8 +92,6 @@ class Engine:
     ) -> None:
         self.chat_format = chat_format or _format_from(encoding, tokenizer)
         group = group if group is not None and group.size > 1 else None
-        if group is not None:
-            reuse_cache = False  # every rank would have to evict alike; see distributed.py
         self.config = dict(config or {})
         self.context_length = context_length or self.config.get("max_position_embeddings")
         self.vocab_size = int(self.config.get("vocab_size") or self.chat_format.vocab_size)
@@ -338,11 +336,6 @@ class Engine:
                 raw=raw,
                 **guide_options,
             )
-        if self.group is not None and spec_options.get("speculative"):
-            raise InvalidRequestError(
-                "speculative decoding does not run in a distributed group; leave it off",
-                param="speculative",
-            )
         speculation = make_speculation(vocab_size=self.vocab_size, **spec_options)
         req = Request(
             self.chat_format,
@@ -356,7 +349,6 @@ class Engine:
             started=t0,
         )
         req.check(self.vocab_size)
-        req.lockstep = self.group is not None
         return req
 
     def run(self, req: Request, progress: Progress | None = None) -> Iterator[StreamEvent]:
@@ -384,7 +376,7 @@ class Engine:
         return self.batching().submit(req, sink=sink)
 
     def follow(self, message: dict[str, Any]) -> None:
-        """A follower rank: run rank 0's request ``message`` (see :meth:`.ModelRunner.follow`)."""
+        """A follower rank: apply rank 0's step ``message`` (see :meth:`.ModelRunner.follow`)."""
         self.runner.follow(message)
 
     def reset_cache(self) -> None:

@@ -61,6 +61,7 @@ class PrefixCache:
         self.max_entries = max_entries
         self._entries: list[_Entry] = []  # least recently used first
         self._lock = threading.RLock()
+        self.clears = 0  # times cleared (a distributed group's ranks clear together)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -72,6 +73,13 @@ class PrefixCache:
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+            self.clears += 1
+
+    def keep_newest(self, n: int) -> None:
+        """Evict the least recently used entries beyond ``n`` (a distributed group's
+        followers evict as rank 0 did)."""
+        with self._lock:
+            del self._entries[: max(0, len(self._entries) - n)]
 
     def take(self, prompt: Sequence[int]) -> tuple[list[Any] | None, int]:
         """A cache holding the longest reusable prefix of ``prompt`` (at least one prompt

@@ -147,9 +147,6 @@ class Request:
         self.token_mask: TokenMask | None = o.token_mask
         self.guide = guide
         self.speculation = speculation  # a speculative.Speculation, or None
-        # In a distributed group rank 0 draws each token after reading the last one, so the
-        # end of a reply is known before the next step's broadcast (see distributed.py).
-        self.lockstep = False
         self.should_stop = o.should_stop
         # Called as prompt chunks run: (tokens done, prompt length); on the decode thread.
         self.progress: Callable[[int, int], None] | None = None
@@ -214,7 +211,7 @@ class Request:
     def sync(self) -> bool:
         """True when each step's sampling needs the previous token on the host (a token
         mask, a grammar): the forward pass is still queued ahead, the draw after the read."""
-        return self.token_mask is not None or self.guide is not None or self.lockstep
+        return self.token_mask is not None or self.guide is not None
 
     # -- sampling (lazy: a pipelined loop builds step n+1 before step n is read) -----------
     def prepare(self, logits: mx.array) -> tuple[mx.array, mx.array | None]:

@@ -124,48 +124,12 @@ class ModelRunner:
             hidden = self.model.model(inputs, cache)
             return head(mx.take(hidden.reshape(b * t, -1), idx, axis=0))
 
-    def prefill(self, prompt: mx.array, cache: list[Any]) -> mx.array:
-        """Run all but the last token of ``prompt`` (T,) in chunks (evaluated); returns the
-        rest. A follower rank's prefill: the same chunks rank 0's scheduler runs alone."""
-        done = 0
-        while prompt.size - done > 1:
-            n = min(self.prefill_step_size, prompt.size - done - 1)
-            self.forward(prompt[None, done : done + n], cache)
-            mx.eval([c.state for c in cache])
-            done += n
-            if self.group is not None:
-                self.group.progress()
-        return prompt[done:]
-
     def follow(self, message: dict[str, Any]) -> None:
-        """A follower rank: run rank 0's request ``message`` (its prompt ids and token
-        budget) through the same forward passes, feeding the tokens rank 0 broadcasts.
+        """A follower rank: apply rank 0's step ``message`` to this rank's copy of the batch
+        (see :class:`~.distributed.Follower`)."""
+        from .distributed import Follower
 
-        Rank 0's scheduler runs a request of a group alone, one token a step: the forward
-        pass of token k is queued before it is read, and then rank 0 either draws and
-        broadcasts token k+1 or broadcasts "stop" (see :meth:`.Group.share`)."""
-        from .distributed import is_peer_error
-
-        group = self.group
-        assert group is not None and not group.leader
-        n = int(message["max_tokens"])
-        self.prefill_step_size = int(message.get("prefill_step", self.prefill_step_size))
-        try:
-            with group.running(), mx.stream(self.stream()):
-                cache = self.new_cache()
-                rest = self.prefill(mx.array(message["prompt"], dtype=mx.int32), cache)
-                logits = self.model(rest[None], cache=cache)
-                for k in range(n):
-                    shared = group.share(None)  # rank 0's token for this step, and "go on"
-                    mx.async_eval(logits)
-                    mx.async_eval(shared)
-                    if k + 1 < n:  # built while waiting; run only if rank 0 goes on
-                        nxt = self.model(shared[None, :1], cache=cache)
-                    if not shared[1].item() or k + 1 >= n:
-                        break
-                    group.progress()
-                    logits = nxt
-        except RuntimeError as exc:
-            if is_peer_error(exc):
-                raise group.lost(exc) from exc
-            raise
+        follower = getattr(self, "_follower", None)
+        if follower is None:
+            follower = self._follower = Follower(self)
+        follower.apply(message)

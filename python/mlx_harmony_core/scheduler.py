@@ -16,9 +16,9 @@ forward pass is queued ahead and the draw is built after the read, while that pa
 Two kinds of step share this loop: a verify step, when rows speculate (each row feeds its
 newest token and its own k_i drafts, or none, in one pass; draws go position by position
 with plain decoding's keys; each row's cache rows rewind past their own first miss; the
-batch's :class:`~.speculative.Pacer` measures whether verifying pays), and in a distributed
-group rank 0 broadcasts each drawn token, which the
-other ranks' :meth:`.ModelRunner.follow` feeds to the same forward passes. The scheduler
+batch's :class:`~.speculative.Pacer` measures whether verifying pays). In a distributed
+group, rank 0's batch is a :class:`~.distributed_batch.GroupBatch`: the same steps, each
+sent to the other ranks, which mirror it (:class:`~.distributed.Follower`). The scheduler
 sees a :class:`~.runner.ModelRunner`, never the engine.
 """
 
@@ -220,9 +220,6 @@ class Scheduler:
         if not self.batchable and max_batch > 1:
             logger.info("this model's caches cannot batch: one request at a time")
             max_batch = 1
-        if runner.group is not None and max_batch > 1:
-            logger.info("a distributed group runs one request at a time")
-            max_batch = 1
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
@@ -244,7 +241,7 @@ class Scheduler:
         self.closing = threading.Event()
         self.idle = threading.Event()
         self.idle.set()
-        self._batch = _Batch(self)
+        self._batch = _Batch(self) if runner.group is None else _group_batch(self)
         me = weakref.ref(self)
         stop_at_exit(lambda: (s := me()) is not None and s.shutdown())
 
@@ -388,6 +385,13 @@ class Scheduler:
         thread waits; a consumer that stops early cancels the request)."""
         not_on(self.worker)
         yield from events(self.submit(request))
+
+
+def _group_batch(sched: Scheduler) -> _Batch:
+    """Rank 0's batch in a distributed group (its steps go to the followers)."""
+    from .distributed_batch import GroupBatch
+
+    return GroupBatch(sched)
 
 
 def not_on(worker: Any) -> None:
