@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import mlx.core as mx
@@ -284,6 +285,34 @@ def test_server_on_rank_0(model_dir, tmp_path):
         )
         assert r.choices[0].message.content == single.text
         assert time.monotonic() - t0 < 30  # the group is still in step
+
+        # 8 clients at once, decoded in one batch: each reply is the one-process reply.
+        engine = mhc.load(model_dir)
+        asks = [
+            ([{"role": "user", "content": f"Client {i} asks."}], i % 2 and 100 + i, 12 + 3 * i)
+            for i in range(8)
+        ]
+
+        def ask(item):
+            messages, seed, n = item
+            temperature = 1.0 if seed else 0
+            return (
+                client.chat.completions.create(
+                    model="demo",
+                    messages=messages,
+                    temperature=temperature,
+                    seed=seed or None,
+                    max_tokens=n,
+                )
+                .choices[0]
+                .message.content
+            )
+
+        with ThreadPoolExecutor(8) as pool:
+            replies = list(pool.map(ask, asks))
+        for (messages, seed, n), reply in zip(asks, replies, strict=True):
+            params = mhc.SamplingParams(temperature=1.0 if seed else 0, seed=seed or None)
+            assert reply == engine.generate(messages, params=params, max_tokens=n).text
     finally:
         procs[0].send_signal(signal.SIGINT)
     assert wait(procs, tmp_path, 60) == [0, 0], logs(tmp_path)  # rank 0 released rank 1
@@ -298,6 +327,12 @@ def test_a_dead_rank_is_an_error_not_a_hang(model_dir, tmp_path):
             base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=60
         )
         msgs = [{"role": "user", "content": "hi"}]
+        others = [
+            client.chat.completions.create(
+                model="demo", messages=msgs, max_tokens=5000, stream=True
+            )
+            for _ in range(3)
+        ]
         stream = client.chat.completions.create(
             model="demo", messages=msgs, max_tokens=5000, stream=True
         )
@@ -308,6 +343,11 @@ def test_a_dead_rank_is_an_error_not_a_hang(model_dir, tmp_path):
                     procs[1].kill()
                     t0 = time.monotonic()
         assert t0 is not None and time.monotonic() - t0 < 15
+        for other in others:  # the rows decoding beside it fail too
+            with pytest.raises(openai.APIError, match="lost a rank"):
+                for _ in other:
+                    pass
+        assert time.monotonic() - t0 < 15
         with pytest.raises(openai.APIStatusError) as err:
             client.chat.completions.create(model="demo", messages=msgs, max_tokens=5)
         assert err.value.status_code == 503 and "restart every rank" in str(err.value)

@@ -56,7 +56,6 @@ class GroupBatch(_Batch):
         group = sched.runner.group
         assert group is not None and group.leader
         self.g = group
-        self.group = None  # the base class's steps run as in one process; sent from here
         self.real = sched.runner
         self.runner = _LeaderRunner(sched.runner, self)  # type: ignore[assignment]
         self.ops: list[list[Any]] = []  # since the last message
@@ -64,6 +63,7 @@ class GroupBatch(_Batch):
         # done), evaluated in order once the message is out.
         self.lazy: list[tuple[Any, _Row | None, int]] = []
         self.firsts: list[tuple[_Row, mx.array]] = []  # rows to draw a first token for
+        self.joined: list[_Row] = []  # prefilled this step, joining at its end
         self.sent = False
         self.width = 0  # the last verify step's tokens per row
         self.watching = False
@@ -108,7 +108,7 @@ class GroupBatch(_Batch):
         self.sent = False
         self.flush()
         speculate = bool(self.rows) and self._speculating()
-        joined = self._prefill()
+        joined = self.joined = self._prefill()
         if self.rows and not (speculate and self._verify_step()):
             if speculate:  # nothing to guess in any row: a few plain steps (measured)
                 self._plain_stretch(Pacer.MEASURE)
@@ -128,6 +128,10 @@ class GroupBatch(_Batch):
                 self._retire(r)
             self._read_first(r)
         self._update_rows(None, [r for r in joined if not r.finished])
+        self.joined = []
+
+    def members(self) -> list[_Row]:
+        return [*super().members(), *self.joined]
 
     def _verify_step(self) -> bool:
         """A verify step (base :meth:`_verify`); the rows' rewinds go in the next message."""
@@ -234,7 +238,7 @@ class GroupBatch(_Batch):
         """The followers can no longer be known to mirror this batch: the group is lost."""
         error = exc if isinstance(exc, GroupError) else self.g.lost(exc)
         super().fail_all(error)
-        self.ops, self.lazy, self.firsts = [], [], []
+        self.ops, self.lazy, self.firsts, self.joined = [], [], [], []
         self.rids.clear()
         self.watching = False
         self.g.set_stall_handler(None)

@@ -420,7 +420,6 @@ class _Batch:
     def __init__(self, sched: Scheduler) -> None:
         self.s = sched
         self.runner = sched.runner
-        self.group = sched.runner.group
         self.rows: list[_Row] = []
         self.solo = not sched.batchable  # rows run on their own caches, one at a time
         self.prefilling: deque[_Row] = deque()
@@ -451,7 +450,7 @@ class _Batch:
         sync = any(r.req.sync for r in self.rows)
         nxt = None
         ahead: tuple[list[_Row], mx.array] | None = None
-        # Rows that end at the unread token need no next step (a group's followers run none).
+        # Rows that end at the unread token need no next step.
         last = all(len(r.req.generated) + 1 >= r.req.max_tokens for r in self.rows)
         if self.pending is not None and not last:  # queued before step n is read
             if sync:  # a row's draw needs token n on the host: only the forward pass now
@@ -463,14 +462,10 @@ class _Batch:
         if self.pending is not None:
             self._read(self.pending)
         self.flush()
-        if self.group is None:
-            for r in joined:
-                self._read_first(r)
+        for r in joined:
+            self._read_first(r)
         if ahead is not None:  # masks are computed while the forward pass runs
-            if self.group is not None and all(r.finished for r in ahead[0]):
-                self._end_group_step()
-            else:
-                nxt = self._sample(*ahead)
+            nxt = self._sample(*ahead)
         self._update_rows(nxt, [r for r in joined if not r.finished])
         if self.pending is None and self.rows and not self._may_speculate():
             self.pending = self._build(self.pending_inputs)
@@ -503,13 +498,6 @@ class _Batch:
             for r in joined:
                 r.cache = None
             self.rows += joined
-        if joined and self.group is not None:
-            # A group reads a first token after the forward pass of it is queued, as the
-            # followers run it (see ModelRunner.follow): it is the pending step.
-            (r,) = self.rows
-            assert r.first is not None and nxt is None
-            nxt, r.first = _Step([r], *r.first), None
-            joined = []
         if not self.rows:
             self.cache, self.pending, self.bias = None, None, None
             self.pending_inputs = None
@@ -542,13 +530,11 @@ class _Batch:
 
     def _may_speculate(self) -> bool:
         """Whether the next step may verify drafts (then no plain step is queued ahead)."""
-        return self.group is None and self.stretch is None and bool(self._spec_rows())
+        return self.stretch is None and bool(self._spec_rows())
 
     def _speculating(self) -> bool:
         """Whether this step verifies drafts: some row speculates, the batch is between its
         plain stretches (measured, or paused; see :class:`Pacer`)."""
-        if self.group is not None:
-            return False
         if self.stretch is not None:
             n, t0, e0, p0 = self.stretch
             if self.reads < n and self.rows:
@@ -708,28 +694,6 @@ class _Batch:
         self.pacer.record(sum(len(d) for d in drafts), emitted, time.perf_counter() - t0)
         return True
 
-    # -- a distributed group: rank 0 drives, the others follow ------------------------------
-    def _start_group_request(self, r: _Row) -> None:
-        """Send ``r`` to the followers, which run the same forward passes from now on."""
-        group = self.group
-        assert group is not None
-        group.begin()
-        group.set_stall_handler(lambda error: _stalled(r, error))
-        with mx.stream(self._stream()):  # ordered with the decode loop's collectives
-            group.send(
-                {
-                    "prompt": r.req.prompt_ids,
-                    "max_tokens": r.req.max_tokens,
-                    "prefill_step": self.runner.prefill_step_size,  # the same chunks
-                }
-            )
-
-    def _end_group_step(self) -> None:
-        """The broadcast in place of a draw that will not come (the reply ended)."""
-        assert self.group is not None
-        with mx.stream(self._stream()):
-            self.group.end()
-
     # -- building a step ------------------------------------------------------------------
     def _stream(self) -> Any:
         return self.runner.stream()
@@ -796,11 +760,6 @@ class _Batch:
             for i, r in enumerate(rows):
                 if r.req.window is not None or r.req.processors:
                     r.req.advance(ids[i : i + 1])
-            if self.group is not None:  # every rank feeds rank 0's token, or stops
-                if all(r.finished for r in rows):
-                    self.group.end()
-                else:
-                    ids = self.group.share(ids)[:1]
         return ids, lp
 
     # -- prefill --------------------------------------------------------------------------
@@ -843,8 +802,6 @@ class _Batch:
         if r.cache is None:
             if not self.rows:  # a request's peak memory, unless others are decoding
                 mx.reset_peak_memory()
-            if self.group is not None:
-                self._start_group_request(r)
             take = r.req.take_cache or self.runner.take  # a tool loop's own cache first
             r.cache, r.done = take(r.prompt)
             r.req.cached_tokens = r.done
@@ -862,11 +819,9 @@ class _Batch:
                 r.req.progress(r.done, len(prompt))
             else:
                 mx.async_eval([c.state for c in r.cache])
-            if self.group is not None:
-                self.group.progress()
             return n
         r.joining = True
-        if r.req.speculation is not None and self.group is None:
+        if r.req.speculation is not None:
             # A speculative request feeds its prompt's last token in its first step (a
             # verify step guesses its first token too).
             r.last, r.cached = prompt[-1], r.done
@@ -874,14 +829,7 @@ class _Batch:
         last = mx.array(prompt[r.done :], dtype=mx.int32)
         logits = self.runner.forward(last[None], r.cache)[:, -1, :]
         with mx.stream(self._stream()):
-            try:
-                first = r.req.sample(logits)
-            except Exception:
-                if self.group is not None:  # the followers wait for this draw
-                    self.group.end()
-                raise
-            if self.group is not None:  # every rank feeds rank 0's token
-                first = (self.group.share(first[0])[:1], first[1])
+            first = r.req.sample(logits)
         mx.async_eval(first[0], *([] if first[1] is None else vars(first[1]).values()))
         r.first = first
         r.done = r.cached = len(prompt)
@@ -891,8 +839,6 @@ class _Batch:
     def _read(self, step: _Step) -> None:
         tokens = step.ids.tolist()
         self.reads += 1
-        if self.group is not None:
-            self.group.progress()
         lps = _host(step.lp)
         for i, r in enumerate(step.rows):
             if r.finished:
@@ -955,9 +901,6 @@ class _Batch:
     def _retire(self, r: _Row, batch_row: int | None = None) -> None:
         """End ``r``: keep its cache for prefix reuse, send its last events."""
         failed = r.handle.error
-        if self.group is not None:
-            self.group.set_stall_handler(None)
-            self.group.finish()
         if failed is None and self.runner.reuse_cache:
             if batch_row is None:  # never joined: its own cache holds the prompt so far
                 tokens, cache = r.prompt[: r.done], r.cache
@@ -1010,12 +953,6 @@ class _Batch:
         self.rows, self.prefilling = [], deque()
         self.cache, self.pending, self.bias = None, None, None
         self.to_store.clear()
-
-
-def _stalled(r: _Row, error: BaseException) -> None:
-    """A distributed group stalled (the watchdog's thread): end the request now."""
-    r.handle._emit(error)
-    r.handle._emit(END)
 
 
 def _history(rows: Sequence[_Row]) -> mx.array | None:
