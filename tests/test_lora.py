@@ -10,7 +10,7 @@ import mlx_harmony_core as mhc
 from mlx_harmony_core.cpu.layers import EXPERTS_ENV
 from mlx_harmony_core.errors import ModelLoadError
 from mlx_harmony_core.models.builder import demo_model_path
-from support.lora import write_adapters
+from mlx_harmony_core.testing import write_adapters
 
 
 @pytest.fixture(scope="module")

@@ -28,8 +28,7 @@ from mlx_harmony_core.server.model_specs import (
     read_models_file,
 )
 from mlx_harmony_core.server.pool import ModelPool
-from mlx_harmony_core.testing import ServerThread, free_port
-from support.lora import write_adapters
+from mlx_harmony_core.testing import ServerThread, free_port, write_adapters
 
 MSG = [{"role": "user", "content": "hi"}]
 
