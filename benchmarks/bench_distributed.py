@@ -6,7 +6,10 @@
 Two ranks share this machine's two cores, so no speed-up is expected: this reports the
 step time with 1 and 2 ranks, each rank's memory, and the time one step spends in
 collectives (an all_sum of the hidden state twice per layer, plus the token broadcast).
-Without ``MHC_BENCH_DIST`` it runs the demo model briefly, as a test (CI).
+``test_group_batches_concurrent_clients``: 8 concurrent clients on a 2-rank group,
+aggregate tok/s batched vs one request at a time (and vs the main branch's group with
+``MHC_BENCH_DIST_MAIN``). Without ``MHC_BENCH_DIST`` it runs the demo model briefly, as a
+test (CI).
 """
 
 import json
