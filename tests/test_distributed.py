@@ -406,3 +406,23 @@ def test_info_shows_the_group():
     assert run.returncode == 0, run.stdout + run.stderr
     for rank in (0, 1):
         assert f"distributed: {{'size': 2, 'rank': {rank}, 'backend': 'ring'}}" in run.stdout
+
+
+def test_message_bytes_and_prefix_cache_mirroring():
+    """Control messages survive the int32 packing (any length); a follower's prefix cache
+    evicts down to rank 0's entry count, oldest first, and clears are counted."""
+    from mlx_harmony_core.distributed import _pack, _unpack
+    from mlx_harmony_core.prefix_cache import PrefixCache
+
+    for data in (b"", b"{", b'{"ops":[["decode",[1,2,3]]]}', bytes(range(256)) * 3):
+        assert _unpack(_pack(data), len(data)) == data
+    pc = PrefixCache(max_entries=8)
+    for i in range(4):
+        pc.put([i, i + 1], [])
+    pc.keep_newest(2)
+    assert [e.tokens for e in pc._entries] == [[2, 3], [3, 4]]
+    pc.keep_newest(5)
+    assert len(pc) == 2
+    clears = pc.clears
+    pc.clear()
+    assert pc.clears == clears + 1 and len(pc) == 0
