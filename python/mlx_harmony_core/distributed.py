@@ -53,9 +53,11 @@ __all__ = ["Group", "current", "follow", "init", "shard_vocab"]
 
 logger = logging.getLogger(__name__)
 
-# Control messages ride behind a fixed 4-int header: (kind, byte length, step, the step the
-# followers expect, summed).
+# Control messages ride in a fixed header: (kind, byte length, step, the step the followers
+# expect, summed), then up to _INLINE int32 words of the message itself (a decode step's fit:
+# one collective); a longer message follows in a second collective.
 _STEP, _EXIT = 1, 2
+_INLINE = 64
 # Seconds a request may go without a step or a prefill chunk before the group is declared
 # lost (a chunk of a large model's prefill over slow links can take a few seconds).
 TIMEOUT_S = 30.0
@@ -198,14 +200,21 @@ class Group:
             # The scheduler's last message (the batch went idle) must go first.
             logger.warning("rank 0: releasing the group while a request still runs")
 
+        inline = len(data) <= 4 * _INLINE
+        words = np.zeros(4 + _INLINE, dtype=np.int32)
+        words[:4] = [kind, len(data), step, 0]
+        if inline and data:
+            packed = np.array(_pack(data))
+            words[4 : 4 + packed.size] = packed
+
         def go() -> None:
-            header = self._all_sum(mx.array([kind, len(data), step, 0], dtype=mx.int32))
+            header = self._all_sum(mx.array(words))
             expected = int(header[3].item())
             if kind == _STEP and expected != (self.size - 1) * step:
                 raise self.out_of_step(
                     f"rank 0 is at step {step}, the followers expect {expected} in all"
                 )
-            if data:
+            if not inline:
                 self._all_sum(_pack(data))
 
         self.collective(go)
@@ -215,13 +224,18 @@ class Group:
         rank expects (a mismatch is a :class:`GroupError` on every rank)."""
 
         def go() -> dict[str, Any] | None:
-            header = self._all_sum(mx.array([0, 0, 0, step], dtype=mx.int32))
-            kind, n, sent, _ = header.tolist()
+            words = np.zeros(4 + _INLINE, dtype=np.int32)
+            words[3] = step
+            header = self._all_sum(mx.array(words))
+            kind, n, sent, _ = header[:4].tolist()
             if kind == _EXIT:
                 return None
             if sent != step:
                 raise self.out_of_step(f"rank {self.rank} expects step {step}, rank 0 sent {sent}")
-            data = _unpack(self._all_sum(mx.zeros(((n + 3) // 4,), dtype=mx.int32)), n)
+            if n <= 4 * _INLINE:
+                data = _unpack(header[4:], n)
+            else:
+                data = _unpack(self._all_sum(mx.zeros(((n + 3) // 4,), dtype=mx.int32)), n)
             return json.loads(data) if n else {}
 
         return self.collective(go)
