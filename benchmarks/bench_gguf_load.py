@@ -35,8 +35,9 @@ ROUNDS = int(os.environ.get("MHC_BENCH_ROUNDS", "2"))
 # ours: the file mapped, Q8_0/MXFP4 computed on its blocks (the CPU default); "repacked":
 # the C++ one-pass reader into MLX's layout (MLX_HARMONY_CORE_GGUF_MAP=0, what a GPU load
 # does); "numpy": the same streamed load through the numpy converter (the reference).
-# MHC_BENCH_DECODE=N: each run also times N single-token decode steps after the first
-# (forward pass with a KV cache only; llama.cpp: N evals of one token).
+# MHC_BENCH_DECODE=N: each run then prefills 64 tokens (every expert's pages touched) and
+# times N single-token decode steps after the first (forward pass with a KV cache only;
+# llama.cpp: N evals of one token).
 DECODE = int(os.environ.get("MHC_BENCH_DECODE", "0"))
 ENGINES = (
     "ours (GGUF)",
@@ -81,6 +82,8 @@ if engine.startswith("llama.cpp"):
     llm.eval([200005])
     t2 = time.perf_counter()
     c2 = cpu()
+    if decode:  # a prefill first: every expert's pages in memory before the timed steps
+        llm.eval([1000 + 37 * i for i in range(64)])
     for i in range(decode):
         if i == 1:
             t3 = time.perf_counter()
@@ -103,6 +106,8 @@ else:
     mx.eval(model(mx.array([[200005]]), cache=cache))
     t2 = time.perf_counter()
     c2 = cpu()
+    if decode:  # a prefill first: every expert's pages in memory before the timed steps
+        mx.eval(model(mx.array([[1000 + 37 * i for i in range(64)]]), cache=cache))
     for i in range(decode):
         if i == 1:
             t3 = time.perf_counter()
