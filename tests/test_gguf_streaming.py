@@ -167,6 +167,9 @@ except OSError:
     reset = False
 base = status("VmRSS")
 model = None
+if mode == "mapped":  # not populated: the file's pages (page cache) would count in VmHWM
+    from mlx_harmony_core.models import gguf
+    gguf.MAP_POPULATE = False
 if mode in ("new", "mapped"):
     model = mhc.load(path).model
 elif mode == "old":

@@ -46,10 +46,12 @@ void init_gguf(nb::module_& m) {
                           "object and every such array are gone.")
       .def(
           "__init__",
-          [](FileMapping* self, const std::string& path) {
-            new (self) FileMapping(path);
+          [](FileMapping* self, const std::string& path, bool populate) {
+            new (self) FileMapping(path, populate);
           },
-          "path"_a)
+          "path"_a,
+          "populate"_a = false,
+          nb::call_guard<nb::gil_scoped_release>())
       .def_prop_ro("size", &FileMapping::size, "The file's size in bytes.");
   // Arrays hold the mapping through a shared_ptr: the Python object owns one.
   m.def(

@@ -557,7 +557,7 @@ bool BlockMatmul::is_equivalent(const mx::Primitive& other) const {
 
 // -- mapped files --------------------------------------------------------------
 
-FileMapping::FileMapping(const std::string& path) {
+FileMapping::FileMapping(const std::string& path, bool populate) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) {
     throw std::runtime_error("cannot open " + path + ": " + std::strerror(errno));
@@ -568,13 +568,26 @@ FileMapping::FileMapping(const std::string& path) {
     throw std::runtime_error(path + " is empty or cannot be read");
   }
   size_ = size_t(st.st_size);
-  void* p = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
+  int flags = MAP_PRIVATE;
+#if defined(MAP_POPULATE)
+  // Page tables filled now (as llama.cpp maps): else every first touch of a
+  // 4 KB page in decode is a fault, measured 2.7x slower per token at first.
+  if (populate) {
+    flags |= MAP_POPULATE;
+  }
+#endif
+  void* p = ::mmap(nullptr, size_, PROT_READ, flags, fd, 0);
   const int err = errno;
   ::close(fd); // the mapping keeps the file
   if (p == MAP_FAILED) {
     throw std::runtime_error("cannot map " + path + ": " + std::strerror(err));
   }
   base_ = static_cast<uint8_t*>(p);
+#if !defined(MAP_POPULATE)
+  if (populate) {
+    ::madvise(base_, size_, MADV_WILLNEED);
+  }
+#endif
 }
 
 FileMapping::~FileMapping() {

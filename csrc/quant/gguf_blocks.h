@@ -113,7 +113,9 @@ private:
 // it is unmapped when the mapping object and the last such array are gone.
 class FileMapping {
 public:
-  explicit FileMapping(const std::string& path); // throws std::runtime_error
+  // populate: read the file and fill the page tables now (MAP_POPULATE; macOS:
+  // MADV_WILLNEED). Throws std::runtime_error.
+  FileMapping(const std::string& path, bool populate);
   ~FileMapping();
   FileMapping(const FileMapping&) = delete;
   FileMapping& operator=(const FileMapping&) = delete;
