@@ -32,10 +32,16 @@ from mlx_harmony_core.models.gguf_builder import make_test_gguf
 
 FULL = bool(os.environ.get("MHC_BENCH_GGUF_20B"))
 ROUNDS = int(os.environ.get("MHC_BENCH_ROUNDS", "2"))
-# ours: the C++ one-pass reader; "numpy": the same streamed load through the numpy
-# converter (the reference, and the loader before the C++ reader).
+# ours: the file mapped, Q8_0/MXFP4 computed on its blocks (the CPU default); "repacked":
+# the C++ one-pass reader into MLX's layout (MLX_HARMONY_CORE_GGUF_MAP=0, what a GPU load
+# does); "numpy": the same streamed load through the numpy converter (the reference).
+# MHC_BENCH_DECODE=N: each run then prefills 64 tokens (every expert's pages touched) and
+# times N single-token decode steps after the first (forward pass with a KV cache only;
+# llama.cpp: N evals of one token).
+DECODE = int(os.environ.get("MHC_BENCH_DECODE", "0"))
 ENGINES = (
     "ours (GGUF)",
+    "ours repacked (GGUF)",
     "ours numpy (GGUF)",
     "ours (mlx-lm dir)",
     "llama.cpp",
@@ -46,7 +52,7 @@ ENGINES = (
 # process's peak resident memory (the file's mapped pages count for llama.cpp's mmap).
 _RUN = r"""
 import json, resource, sys, time
-engine, path = sys.argv[1:3]
+engine, path, decode = sys.argv[1], sys.argv[2], int(sys.argv[3])
 
 def cpu():
     r = resource.getrusage(resource.RUSAGE_SELF)
@@ -75,6 +81,14 @@ if engine.startswith("llama.cpp"):
     t1 = time.perf_counter()
     llm.eval([200005])
     t2 = time.perf_counter()
+    c2 = cpu()
+    if decode:  # a prefill first: every expert's pages in memory before the timed steps
+        llm.eval([1000 + 37 * i for i in range(64)])
+    for i in range(decode):
+        if i == 1:
+            t3 = time.perf_counter()
+        llm.eval([200006 + i % 7])
+    t4 = time.perf_counter()
 else:
     import mlx_harmony_core as mhc
     import mlx.core as mx
@@ -87,23 +101,54 @@ else:
     c0, t0 = cpu(), time.perf_counter()
     model = mhc.load(path).model
     t1 = time.perf_counter()
-    mx.eval(model(mx.array([[200005]])))
+    from mlx_lm.models.cache import make_prompt_cache
+    cache = make_prompt_cache(model)
+    mx.eval(model(mx.array([[200005]]), cache=cache))
     t2 = time.perf_counter()
-print(json.dumps({"open": t1 - t0, "ready": t2 - t0, "cpu": cpu() - c0, "peak": status("VmHWM"),
-                  "rss": status("VmRSS"), "base": base}))
+    c2 = cpu()
+    if decode:  # a prefill first: every expert's pages in memory before the timed steps
+        mx.eval(model(mx.array([[1000 + 37 * i for i in range(64)]]), cache=cache))
+    for i in range(decode):
+        if i == 1:
+            t3 = time.perf_counter()
+        mx.eval(model(mx.array([[200006 + i % 7]]), cache=cache))
+    t4 = time.perf_counter()
+tps = (decode - 1) / (t4 - t3) if decode > 1 else 0.0
+print(json.dumps({"open": t1 - t0, "ready": t2 - t0, "cpu": c2 - c0, "peak": status("VmHWM"),
+                  "rss": status("VmRSS"), "base": base, "decode_tps": tps}))
 """
 
 
-def _run(engine: str, path: Path) -> dict[str, float]:
+def _cached(path: Path) -> float:
+    """The share of ``path`` in the page cache now (util-linux ``fincore``; -1 without it).
+    Nothing is dropped from the cache: the machine is shared."""
+    try:
+        out = subprocess.run(
+            ["fincore", "--bytes", "--noheadings", "--raw", "-o", "RES", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout.split()
+        return int(out[0]) / path.stat().st_size if out else -1.0
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return -1.0
+
+
+def _run(engine: str, path: Path, decode: int = 0) -> dict[str, float]:
+    env = dict(os.environ)
+    if engine.startswith("ours repacked"):
+        env["MLX_HARMONY_CORE_GGUF_MAP"] = "0"
+    cached = _cached(path) if path.is_file() else -1.0
     proc = subprocess.run(
-        [sys.executable, "-c", _RUN, engine, str(path)],
+        [sys.executable, "-c", _RUN, engine, str(path), str(decode)],
         capture_output=True,
         text=True,
         timeout=1800,
+        env=env,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"{engine} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "cached": cached}
 
 
 def _have_llama_cpp() -> bool:
@@ -150,8 +195,14 @@ def test_gpt_oss_20b_gguf_load_vs_llama_cpp():
     for r in range(ROUNDS):
         order = list(engines) if r % 2 == 0 else list(reversed(engines))
         for name in order:
-            runs[name].append(_run(name, engines[name]))
+            runs[name].append(_run(name, engines[name], DECODE))
     size = path.stat().st_size
     for name, rs in runs.items():
         LOAD_ROWS.append((name, rs, size))
+    for name, rs in runs.items():  # notes: page cache before each run, decode speed
+        cache = " ".join(f"{r['cached']:.0%}" for r in rs)
+        tps = " ".join(f"{r['decode_tps']:.2f}" for r in rs)
+        LOAD_ROWS.append((f"  {name}: file in page cache before each run {cache}", [], size))
+        if DECODE > 1:
+            LOAD_ROWS.append((f"  {name}: decode tok/s (steps 2-{DECODE}) {tps}", [], size))
     assert all(r["ready"] > 0 for rs in runs.values() for r in rs)

@@ -123,7 +123,7 @@ def test_streamed_load_equals_the_whole_file_load(big_gguf, caplog):
     path, _ = big_gguf
     assert path.stat().st_size > 250e6
     with caplog.at_level(logging.INFO, logger="mlx_harmony_core.progress"):
-        model, config, header = ours.load_gguf(path)
+        model, config, header = ours.load_gguf(path, mapped=False)
     # Not a terminal: progress as log lines (mlx_harmony_core.progress).
     assert any("loading big.gguf: 100%" in r.getMessage() for r in caplog.records)
     q = config["quantization"]
@@ -167,7 +167,10 @@ except OSError:
     reset = False
 base = status("VmRSS")
 model = None
-if mode == "new":
+if mode == "mapped":  # not populated: the file's pages (page cache) would count in VmHWM
+    from mlx_harmony_core.models import gguf
+    gguf.MAP_POPULATE = False
+if mode in ("new", "mapped"):
     model = mhc.load(path).model
 elif mode == "old":
     sys.path.insert(0, sys.argv[5])
@@ -183,7 +186,8 @@ print(json.dumps({"base": base, "peak": peak, "final": final, "reset": reset}))
 
 
 def _measure(mode, path, demo, out="", extra=""):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # "new": the streamed (repacked) load; "mapped": the CPU default, the file mapped
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", ours.MAP_ENV: "1" if mode == "mapped" else "0"}
     proc = subprocess.run(
         [sys.executable, "-c", _MEASURE, mode, str(path), str(demo), str(out), str(extra)],
         capture_output=True,
@@ -216,7 +220,7 @@ def test_load_peaks_within_model_plus_one_tensor(big_gguf):
     )
 
 
-def test_convert_streams_into_shards(big_gguf, tmp_path):
+def test_convert_streams_into_shards(big_gguf, tmp_path, monkeypatch):
     path, demo = big_gguf
     shard = 64 * 2**20
     out = tmp_path / "mlx"
@@ -230,9 +234,102 @@ def test_convert_streams_into_shards(big_gguf, tmp_path):
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == {f.name for f in files}
     a = mhc.load(out).model
+    monkeypatch.setenv(ours.MAP_ENV, "0")  # the same repacked arrays as the shards
     b = mhc.load(path).model
     prompt = mx.array([[5, 17, 3, 99, 42, 7]])
     assert mx.array_equal(a(prompt), b(prompt)).item()
+
+
+# -- the file mapped (the CPU default): views of it, computed on GGUF's own blocks ------------
+def test_mapped_load_fits_a_budget_below_the_file(big_gguf):
+    """A GGUF larger than the budget its load is given loads within it: only the tensors that
+    are converted (none here: Q8_0, MXFP4 and F32) take memory of their own."""
+    path, demo = big_gguf
+    header = ours.read_gguf(path)
+    converted = sum(
+        ours.loaded_bytes(t) for t in header.tensors.values() if t.type not in (0, 1, 8, 30, 39)
+    )
+    budget = converted + SLACK
+    assert path.stat().st_size > 4 * budget
+    got = _measure("mapped", path, demo)
+    assert got["final"] > 250e6  # the parameters: views of the file
+    assert got["peak"] - got["base"] <= budget, ((got["peak"] - got["base"]) / 2**20, budget)
+
+
+def _cpu_model(path, **kw):
+    from mlx_harmony_core.cpu.layers import use_cpu_layers
+
+    model = ours.load_gguf(path, **kw)[0]
+    use_cpu_layers(model)  # as mhc.load does: the repacked path runs on our kernels
+    return model
+
+
+def _rel(a, b):
+    a, b = np.array(a, np.float64), np.array(b, np.float64)
+    return np.abs(a - b).max() / np.abs(b).max()
+
+
+def test_mapped_gpt_oss_logits_equal_the_repacked_load(big_gguf):
+    from mlx_harmony_core.cpu.gguf_blocks import GgufEmbedding, GgufLinear, GgufSwitchLinear
+
+    path, _ = big_gguf
+    mapped = _cpu_model(path, mapped=True)
+    layer = mapped.model.layers[0]
+    assert isinstance(layer.mlp.experts.up_proj, GgufSwitchLinear)
+    assert isinstance(layer.self_attn.q_proj, GgufLinear)
+    assert isinstance(mapped.model.embed_tokens, GgufEmbedding)
+    repacked = _cpu_model(path, mapped=False)
+    for prompt in ([[5, 17, 3, 99, 42, 7, 1000, 20000] * 3], [[20000]]):  # prefill, decode
+        a, b = mapped(mx.array(prompt)), repacked(mx.array(prompt))
+        assert a.shape == b.shape
+        assert _rel(a, b) < 1e-5  # float32 rounding: both compute the same exact values
+
+
+def test_mapped_llama_logits_equal_the_exact_values(tmp_path):
+    """A llama-shaped Q8_0 GGUF (q/k rows permuted by llama.cpp's converter, tied head):
+    mapped, its logits equal the float32-dequantized model's within float32 rounding; the
+    repacked load's within its own (8-bit affine kernels) tolerance."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from gguf import GGMLQuantizationType as Q
+
+    from mlx_harmony_core.cpu.gguf_blocks import GgufEmbedding, GgufLinear
+    from support.gguf_files import random_model, write_gguf
+
+    config = {
+        "model_type": "llama",
+        "num_hidden_layers": 2,
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "vocab_size": 300,
+        "tie_word_embeddings": True,
+        "max_position_embeddings": 512,
+    }
+    _, weights = random_model(config)
+    path = tmp_path / "llama.gguf"
+    write_gguf(path, "llama", config, weights, qtype=Q.Q8_0)
+    mapped = _cpu_model(path, mapped=True)
+    assert isinstance(mapped.model.layers[0].self_attn.q_proj, GgufLinear)
+    assert isinstance(mapped.model.embed_tokens, GgufEmbedding)
+    exact = ours.load_gguf(path, dequantize=True)[0]
+    repacked = _cpu_model(path, mapped=False)
+    for prompt in ([[5, 17, 3, 99, 42, 7] * 4], [[42]]):
+        a = mapped(mx.array(prompt))
+        assert _rel(a, exact(mx.array(prompt))) < 1e-5
+        assert _rel(a, repacked(mx.array(prompt))) < 2e-3
+
+
+def test_opting_out_of_the_mapping_repacks(big_gguf, monkeypatch):
+    path, _ = big_gguf
+    monkeypatch.setenv(ours.MAP_ENV, "0")
+    assert not ours.map_enabled()
+    model = ours.load_gguf(path)[0]
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "QuantizedLinear"
 
 
 # -- the C++ loader (one pass from the file into the final arrays) vs numpy's ----------------

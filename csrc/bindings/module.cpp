@@ -10,6 +10,7 @@ void init_stop(nb::module_& m);
 void init_cache(nb::module_& m);
 void init_quant(nb::module_& m);
 void init_fused(nb::module_& m);
+void init_gguf(nb::module_& m);
 } // namespace mlx_harmony_core
 
 NB_MODULE(_core, m) {
@@ -30,4 +31,5 @@ NB_MODULE(_core, m) {
   mlx_harmony_core::init_cache(m);
   mlx_harmony_core::init_quant(m);
   mlx_harmony_core::init_fused(m);
+  mlx_harmony_core::init_gguf(m);
 }

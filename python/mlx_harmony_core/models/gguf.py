@@ -586,6 +586,70 @@ def read_tensor(gguf: GGUFFile, source: Any, info: TensorInfo) -> dict[str, mx.a
     return dict(zip(("", "scales", "biases"), arrays, strict=False))
 
 
+# Whether a load on a CPU device maps the file and computes on GGUF's own blocks ("0" turns
+# it off: every tensor is repacked into MLX's layout, as on a GPU).
+MAP_ENV = "MLX_HARMONY_CORE_GGUF_MAP"
+# Whether the mapping is populated at load (the file read, page tables filled, as llama.cpp
+# does): without it decode faults on every first touch of a page (2.7x slower at first).
+MAP_POPULATE = True
+# Float types whose stored bytes are the loaded array: mapped as they are.
+_MAPPED_FLOAT = {0: "float32", 1: "float16", 30: "bfloat16"}
+
+
+def map_enabled() -> bool:
+    """Whether :func:`load_gguf` maps the file (a CPU device, unless ``MLX_HARMONY_CORE_GGUF_MAP=0``)."""
+    return os.environ.get(MAP_ENV, "1") != "0" and mx.default_device() == mx.cpu
+
+
+def _block_modules(model: nn.Module, plan: list[tuple[str, TensorInfo]]) -> dict[str, nn.Module]:
+    """The block-kernel layers replacing ``model``'s modules whose weights are Q8_0/MXFP4
+    (path -> new layer); other modules load repacked."""
+    from ..cpu.gguf_blocks import BLOCK_TYPES, block_layer
+
+    modules = dict(model.named_modules())
+    out = {}
+    for path, info in plan:
+        module_path, _, leaf = path.rpartition(".")
+        if leaf != "weight" or info.type not in BLOCK_TYPES or not info.shape:
+            continue
+        if info.shape[-1] % 32:
+            continue
+        raw = (*info.shape[:-1], info.shape[-1] // 32 * BLOCK_TYPES[info.type][1])
+        layer = block_layer(modules.get(module_path), info.type, raw)
+        if layer is not None:
+            out[module_path] = layer
+    return out
+
+
+def _replace_modules(model: nn.Module, layers: dict[str, nn.Module]) -> None:
+    for path, layer in layers.items():
+        *parents, leaf = path.split(".")
+        parent: Any = model
+        for p in parents:
+            parent = parent[int(p)] if isinstance(parent, list) else getattr(parent, p)
+        if isinstance(parent, list):
+            parent[int(leaf)] = layer
+        else:
+            setattr(parent, leaf, layer)
+
+
+def _mapped_arrays(mapping: Any, info: TensorInfo, block: bool) -> dict[str, mx.array]:
+    """``info``'s tensor as a view of the mapped file: floats as stored, block types as
+    (..., row_bytes) uint8 rows of GGUF blocks."""
+    from .. import _core
+
+    if block:
+        from ..cpu.gguf_blocks import BLOCK_TYPES
+
+        shape = [*info.shape[:-1], info.shape[-1] // 32 * BLOCK_TYPES[info.type][1]]
+        return {"": _core.gguf_mapped_array(mapping, info.offset, shape, "uint8")}
+    return {
+        "": _core.gguf_mapped_array(
+            mapping, info.offset, list(info.shape), _MAPPED_FLOAT[info.type]
+        )
+    }
+
+
 def _stream_weights(
     gguf: GGUFFile,
     plan: list[tuple[str, TensorInfo]],
@@ -593,11 +657,15 @@ def _stream_weights(
     dequantize: bool,
     what: str = "loading",
     float_types: frozenset[int] = frozenset(),
+    mapping: Any = None,
+    block_paths: frozenset[str] = frozenset(),
 ) -> Iterator[dict[str, mx.array]]:
     """Each planned tensor's evaluated MLX arrays under mlx-lm names (``{path: weight}``,
     plus the module's ``scales``/``biases`` when quantized), one tensor at a time: the file
     is read with ``pread`` (never mapped), and nothing but the arrays yielded is kept.
-    Quantized tensors load as float32 if ``dequantize`` or their type is in ``float_types``."""
+    Quantized tensors load as float32 if ``dequantize`` or their type is in ``float_types``.
+    With a ``mapping`` (a ``_core.GgufMapping`` of the file), float tensors and the weights at
+    ``block_paths`` (block-kernel layers) are views of it instead: no copy, no read."""
     family = family_for(arch=gguf.architecture)
     fix = family.fix_tensor if family is not None else None
     progress = ProgressBar(
@@ -606,11 +674,17 @@ def _stream_weights(
     try:
         with FileSource(gguf.path) as src:
             for path, info in plan:
-                arrays = read_tensor(gguf, src, info)
+                block = path in block_paths
+                if mapping is not None and (block or info.type in _MAPPED_FLOAT):
+                    arrays = _mapped_arrays(mapping, info, block)
+                else:
+                    arrays = read_tensor(gguf, src, info)
                 stem = info.name.rsplit(".", 1)[0]
                 if fix is not None:
                     arrays = fix(stem, arrays, config, info.type in _FLOAT)
-                if info.type in _QUANTIZED and (dequantize or info.type in float_types):
+                if block:
+                    pass  # stays in GGUF's blocks
+                elif info.type in _QUANTIZED and (dequantize or info.type in float_types):
                     arrays = {"": dequantize_arrays(arrays, info.type)}
                 mx.eval(arrays)
                 module = path.rsplit(".", 1)[0]
@@ -709,26 +783,40 @@ def check_memory(
 
 
 def load_gguf(
-    path: str | os.PathLike[str], *, dequantize: bool = False
+    path: str | os.PathLike[str], *, dequantize: bool = False, mapped: bool | None = None
 ) -> tuple[nn.Module, dict[str, Any], GGUFFile]:
     """Load a GGUF file into an mlx-lm model. Returns (model, config, header).
 
-    Tensor by tensor: each is read from the file, converted into its final MLX arrays and
+    ``mapped`` (default: :func:`map_enabled`, i.e. on a CPU device): the file is memory-mapped
+    and float tensors and Q8_0/MXFP4 weights are views of it, computed on GGUF's own blocks
+    (:mod:`mlx_harmony_core.cpu.gguf_blocks`); only other types are converted. Otherwise
+    tensor by tensor: each is read from the file, converted into its final MLX arrays and
     evaluated before the next is read, so the load peaks at about the loaded model plus
     one tensor. ``dequantize=True`` turns quantized weights into float32 (faster than
-    MLX's CPU quantized kernels today, 8x the memory of 4-bit).
+    MLX's CPU quantized kernels today, 8x the memory of 4-bit; never mapped).
     """
     gguf = read_gguf(path)
     config = gguf_config(gguf)
+    mapped = (map_enabled() if mapped is None else mapped) and not dequantize
     check_memory(gguf, dequantize=dequantize)
     model = _model_for(gguf, config)
     plan = _plan(gguf, model, config)
     quantized = {} if dequantize else _quantized_modules(plan)
     if not dequantize:
         config["quantization"] = quantization_config(quantized)
-    _quantize(model, quantized)
+    blocks = _block_modules(model, plan) if mapped else {}
+    _quantize(model, {p: q for p, q in quantized.items() if p not in blocks})
+    _replace_modules(model, blocks)
+    mapping = None
+    if mapped:
+        from .. import _core
+
+        mapping = _core.GgufMapping(str(gguf.path), populate=MAP_POPULATE)
     weights: dict[str, mx.array] = {}
-    for arrays in _stream_weights(gguf, plan, config, dequantize):
+    block_paths = frozenset(f"{p}.weight" for p in blocks)
+    for arrays in _stream_weights(
+        gguf, plan, config, dequantize, mapping=mapping, block_paths=block_paths
+    ):
         weights.update(arrays)
     try:
         model.load_weights(list(weights.items()), strict=True)
@@ -738,6 +826,10 @@ def load_gguf(
         ) from exc
     del weights
     mx.eval(model.parameters())
+    if blocks:
+        logger.info(
+            "%s: %d layers compute on the mapped file's GGUF blocks", gguf.path.name, len(blocks)
+        )
     return model, config, gguf
 
 
