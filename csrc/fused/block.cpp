@@ -7,8 +7,10 @@
 #include "mlx/ops.h"
 #include "mlx/transforms.h"
 #include "quant/matmul.h"
+#include "quant/pool.h"
 #include "quant/quant.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <sstream>
@@ -153,23 +155,72 @@ struct Lin {
   }
 };
 
+// Weight bytes of a step's GEMVs from which they are split over the pool's
+// threads (each thread a share of every matrix's rows): below it waking a
+// worker costs more than it saves.
+constexpr int64_t kSplitBytes = 96 << 10;
+
+int64_t scale_bytes(quant::ScaleType t) {
+  return t == quant::ScaleType::F32 ? 4 : t == quant::ScaleType::E8M0 ? 1 : 2;
+}
+
+// Rows [r0, r1) of a as a matrix of their own.
+quant::QMatrix rows_of(const quant::QMatrix& a, int64_t r0, int64_t r1) {
+  quant::QMatrix b = a;
+  const int64_t sb = a.groups() * scale_bytes(a.scale_type);
+  b.rows = r1 - r0;
+  b.w = a.w + r0 * a.row_bytes();
+  b.scales = static_cast<const uint8_t*>(a.scales) + r0 * sb;
+  if (a.biases) {
+    b.biases = static_cast<const uint8_t*>(a.biases) + r0 * sb;
+  }
+  return b;
+}
+
 // y_j (R x rows_j) = x (R x cols) @ a_j^T + bias_j, rounded as MLX stores
-// each op's result in t; all GEMVs in one parallel pass.
+// each op's result in t. The GEMVs run in one pass: every thread of the pool
+// takes its share of each matrix's rows (matmul_t on it runs them alone).
 void linears(std::vector<Lin*> lins,
              const float* x,
              int64_t R,
              std::vector<std::vector<float>*> ys,
              mx::Dtype t) {
-  std::vector<quant::Job> jobs(lins.size());
+  int64_t bytes = 0;
   for (size_t j = 0; j < lins.size(); ++j) {
-    const int64_t N = lins[j]->a.rows;
-    ys[j]->assign(R * N, 0.f);
-    jobs[j] = {lins[j]->a, x, R, std::vector<float*>(R)};
-    for (int64_t r = 0; r < R; ++r) {
-      jobs[j].y[r] = ys[j]->data() + r * N;
-    }
+    ys[j]->assign(R * lins[j]->a.rows, 0.f);
+    bytes += lins[j]->a.rows * lins[j]->a.row_bytes();
   }
-  quant::matmul_t(jobs);
+  auto& pool = quant::Pool::instance();
+  int parts = bytes >= kSplitBytes ? std::max(1, pool.threads()) : 1;
+  // matmul_t threads big passes (and the BLAS route for many rows) itself;
+  // split here only where it would run a share on its calling thread alone.
+  if (R >= quant::gemm_rows() || bytes / parts >= quant::parallel_bytes()) {
+    parts = 1;
+  }
+  auto part = [&](int64_t p) {
+    std::vector<quant::Job> jobs;
+    for (size_t j = 0; j < lins.size(); ++j) {
+      const quant::QMatrix& a = lins[j]->a;
+      // Shares in whole blocks of 16 rows, as the kernels' row tiles.
+      const int64_t blocks = (a.rows + 15) / 16;
+      const int64_t r0 = std::min(a.rows, blocks * p / parts * 16);
+      const int64_t r1 = std::min(a.rows, blocks * (p + 1) / parts * 16);
+      if (r1 <= r0) {
+        continue;
+      }
+      quant::Job job{rows_of(a, r0, r1), x, R, std::vector<float*>(R)};
+      for (int64_t r = 0; r < R; ++r) {
+        job.y[r] = ys[j]->data() + r * a.rows + r0;
+      }
+      jobs.push_back(std::move(job));
+    }
+    quant::matmul_t(jobs);
+  };
+  if (parts > 1) {
+    pool.run(parts, part);
+  } else {
+    part(0);
+  }
   for (size_t j = 0; j < lins.size(); ++j) {
     const int64_t N = lins[j]->a.rows;
     std::vector<float>& y = *ys[j];
