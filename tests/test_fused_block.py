@@ -169,11 +169,17 @@ def test_bad_input(rng):
 def test_grad_matches_mlx(rng):
     B, L, D, H, hd, F = 1, 2, 64, 2, 32, 128
     attn, x, w = rand(rng, (B, H, L, hd)), rand(rng, (B, L, D)), rand(rng, (D,))
-    o, gate, up = linear(rng, D, H * hd, mx.float32), linear(rng, F, D, mx.float32), linear(rng, F, D, mx.float32)
+    o, gate, up = (
+        linear(rng, D, H * hd, mx.float32),
+        linear(rng, F, D, mx.float32),
+        linear(rng, F, D, mx.float32),
+    )
     down = linear(rng, D, F, mx.float32)
 
     def g(fn):
-        return mx.grad(lambda a, x: fn(a, x, o, w, 1e-5, gate, up, down).sum(), argnums=(0, 1))(attn, x)
+        return mx.grad(lambda a, x: fn(a, x, o, w, 1e-5, gate, up, down).sum(), argnums=(0, 1))(
+            attn, x
+        )
 
     for a, b in zip(g(_core.block_attn_out_mlp), g(ref_out_mlp), strict=True):
         close(a, b)
@@ -191,9 +197,7 @@ def tiny_llama(rng, *, bits=4, group=32):
         rope_theta=10000.0, tie_word_embeddings=True,
     )  # fmt: skip
     model = llama.Model(args)
-    model.update(
-        nn.utils.tree_map(lambda p: rand(rng, p.shape, scale=0.3), model.parameters())
-    )
+    model.update(nn.utils.tree_map(lambda p: rand(rng, p.shape, scale=0.3), model.parameters()))
     nn.quantize(model, group_size=group, bits=bits)
     use_cpu_layers(model)
     mx.eval(model.parameters())
@@ -205,7 +209,9 @@ def _steps(model, prompt, steps, new_cache):
     out = [model(mx.array(prompt)[None], cache=cache)[:, -1]]
     tok = prompt[-1]
     for k in range(steps):
-        inputs = mx.array([[tok, (tok + 7) % 300]]) if k == 1 else mx.array([[tok]])  # a 2-row verify
+        inputs = (
+            mx.array([[tok, (tok + 7) % 300]]) if k == 1 else mx.array([[tok]])
+        )  # a 2-row verify
         logits = model(inputs, cache=cache)[:, -1]
         out.append(logits)
         tok = int(mx.argmax(logits).item())

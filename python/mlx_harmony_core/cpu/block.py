@@ -74,9 +74,7 @@ def block_classes() -> dict[type, type]:
             )
             return None if any(p is None for p in parts) else parts
 
-        def __call__(
-            self, x: mx.array, mask: Any = None, cache: Any = None
-        ) -> mx.array:
+        def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
             args = None
             if (
                 fused._on()

@@ -152,7 +152,6 @@ def _rope_classes() -> dict[type, type]:
 _ROPES: list[dict[type, type]] = []
 
 
-
 def attention(
     queries: mx.array,
     keys: Any,
