@@ -22,7 +22,6 @@ import concurrent.futures as cf
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ import mlx_harmony_core as mhc
 from conftest import BATCH_ROWS
 from mlx_harmony_core.harmony import HarmonyFormat
 from mlx_harmony_core.models.builder import make_test_model
-from mlx_harmony_core.testing import free_port
+from mlx_harmony_core.testing import ServerProcess, free_port
 
 NO_END = {"200002": -100, "200012": -100, "199999": -100, "200007": -100}
 SAMPLING = {"greedy": {"temperature": 0.0}, "top_p": {"temperature": 1.0, "top_p": 0.9}}
@@ -76,35 +75,9 @@ def _command(kind: str, model: Path, port: int, batch: int) -> list[str]:
     return [sys.executable, "-c", code]
 
 
-class _Server:
-    def __init__(self, kind: str, model: Path, batch: int) -> None:
-        self.kind = kind
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-        self.proc = subprocess.Popen(
-            _command(kind, model, self.port, batch),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env=env,
-        )
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(self.url + "/v1/models", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the {kind} server did not start")
-            time.sleep(0.3)
-
-    def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+def _server(kind: str, model: Path, batch: int) -> ServerProcess:
+    port = free_port()
+    return ServerProcess(_command(kind, model, port, batch), port)
 
 
 def _request(url: str, prompt: str, tokens: int, sampling: dict) -> tuple[float, float, int]:
@@ -167,7 +140,7 @@ def test_batching_servers(benchmark):
     modes = ["greedy"] if quick else env("MHC_BENCH_MODES", ",".join(SAMPLING)).split(",")
     rounds = 1 if quick else int(env("MHC_BENCH_ROUNDS", "3"))
     tokens, per_client = (4, 1) if quick else (64, int(env("MHC_BENCH_PER_CLIENT", "2")))
-    servers = {k: _Server(k, model, 16) for k in kinds}
+    servers = {k: _server(k, model, 16) for k in kinds}
     try:
         for s in servers.values():  # warm-up: first compile and caches
             _request(s.url, _prompts(1)[0], 4, SAMPLING["greedy"])

@@ -8,25 +8,33 @@ unloading gives back.
   unloaded it (and after a reload), and what an adapter entry sharing the base adds
   against loading the base with the adapters separately. Printed; checked loosely (the
   unload gives back most of what the load took).
+- ``test_switching_vs_mlx_lm_server``: two models served at once, requests alternating
+  between them: our ``serve -m a=... -m b=...`` against ``mlx_lm server`` (which holds one
+  model and loads the other when a request names it), both as processes on the same model
+  directories, alternating rounds; the median request latency of each and the ratio.
+  ``MHC_BENCH_PRESET=small`` uses the 0.24B model (the demo loads in well under a second).
 
 The real SmolLM2 GGUF joins the demo model where it is available.
 """
 
 import asyncio
 import gc
-import json
+import os
+import statistics
 import sys
 import time
 from pathlib import Path
 
+import httpx
 import mlx.core as mx
 import pytest
 
 import mlx_harmony_core as mhc
-from mlx_harmony_core.models.builder import demo_model_path
+from mlx_harmony_core.models.builder import demo_model_path, make_test_model
 from mlx_harmony_core.server import ServerOptions
 from mlx_harmony_core.server.model_specs import ModelSpec
 from mlx_harmony_core.server.pool import ModelPool
+from mlx_harmony_core.testing import ServerProcess, free_port, write_adapters
 
 LORA = {
     "fine_tune_type": "lora",
@@ -118,17 +126,7 @@ def test_unload_frees_memory(model_path, tmp_path):
 
 def test_adapter_entry_memory(tmp_path):
     """RSS an adapter entry adds next to its loaded base, against a separate load."""
-    from mlx.utils import tree_flatten
-    from mlx_lm import load as lm_load
-    from mlx_lm.tuner.utils import linear_to_lora_layers
-
-    model, _ = lm_load(str(demo_model_path()))
-    model.freeze()
-    linear_to_lora_layers(model, LORA["num_layers"], LORA["lora_parameters"])
-    params = {k: mx.random.normal(v.shape) * 0.05 for k, v in tree_flatten(model.trainable_parameters())}  # fmt: skip
-    mx.save_safetensors(str(tmp_path / "adapters.safetensors"), params)
-    (tmp_path / "adapter_config.json").write_text(json.dumps(LORA))
-    del model, params
+    write_adapters(tmp_path, seed=0, config=LORA)
     gc.collect()
     specs = [ModelSpec("base", "demo"), ModelSpec("tuned", base="base", adapter_path=str(tmp_path))]
     pool = ModelPool(specs, ServerOptions())
@@ -148,3 +146,42 @@ def test_adapter_entry_memory(tmp_path):
     del separate
     # RSS moves by allocator noise too (freed pages reused): only a real copy (MBs) counts.
     assert shared <= max(separate_cost, 8 << 20)
+
+
+def _ask(url: str, model: str) -> float:
+    body = {"model": model, "prompt": "Hello there", "max_tokens": 4, "temperature": 0.0}
+    start = time.perf_counter()
+    r = httpx.post(url + "/v1/completions", json=body, timeout=600)
+    assert r.status_code == 200, r.text
+    return time.perf_counter() - start
+
+
+def test_switching_vs_mlx_lm_server(benchmark, tmp_path_factory):
+    preset = os.environ.get("MHC_BENCH_PRESET", "demo")
+    root = tmp_path_factory.mktemp("switch")
+    dirs = [make_test_model(root / f"m{s}", preset=preset, seed=s) for s in (0, 1)]
+    rounds, per_round = (1, 2) if benchmark.disabled else (3, 6)
+    ports = free_port(), free_port()
+    ours_cmd = [sys.executable, "-m", "mlx_harmony_core.cli", "serve", "--port", str(ports[0])]
+    ours_cmd += ["-m", f"a={dirs[0]}", "-m", f"b={dirs[1]}"]
+    lm_cmd = [sys.executable, "-m", "mlx_lm", "server", "--model", str(dirs[0])]
+    lm_cmd += ["--port", str(ports[1]), "--log-level", "WARNING"]
+    names = {"ours": ["a", "b"], "mlx_lm": [str(d) for d in dirs]}
+    times: dict[str, list[float]] = {"ours": [], "mlx_lm": []}
+    with ServerProcess(ours_cmd, ports[0]) as ours, ServerProcess(lm_cmd, ports[1]) as lm:
+        urls = {"ours": ours, "mlx_lm": lm}
+        for kind, url in urls.items():  # warm-up: each model once
+            for name in names[kind]:
+                _ask(url, name)
+        for r in range(rounds):
+            for kind in ("ours", "mlx_lm") if r % 2 == 0 else ("mlx_lm", "ours"):
+                times[kind] += [_ask(urls[kind], names[kind][i % 2]) for i in range(per_round)]
+    ours_s, lm_s = statistics.median(times["ours"]), statistics.median(times["mlx_lm"])
+    print(
+        f"\ntwo {preset} models, requests alternating: ours {ours_s * 1000:.0f} ms, "
+        f"mlx_lm server {lm_s * 1000:.0f} ms per request (median); mlx_lm/ours "
+        f"{lm_s / ours_s:.1f}x"
+    )
+    benchmark.extra_info.update(ours_ms=ours_s * 1000, mlx_lm_ms=lm_s * 1000)
+    benchmark.group = "model switching"
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)

@@ -8,6 +8,9 @@ Side by side in one run, alternating rounds: "prefill" runs the prefix through t
 the caches (evaluated). The file was just written, so it is read from the OS page cache, as a
 restarted server reading a recently used prefix would. Also shown: what offering a cache costs
 the generation thread (the host copy; the file is written on the store's own thread).
+Beside them, mlx-lm's way to the same end (``mlx_lm.cache_prompt`` writes a prompt cache,
+``load_prompt_cache`` reads it back): the same prefix through the same model into mlx-lm's
+caches, saved with ``save_prompt_cache`` and timed loading (evaluated), in the same rounds.
 Without the variable (and under ``--benchmark-disable``) the sizes are small: a smoke test.
 """
 
@@ -32,9 +35,31 @@ def _prefill(runner, tokens):
     return cache
 
 
+def _mlx_lm_file(model, tokens, path):
+    """mlx-lm's prompt cache of ``tokens`` for ``model``, written as ``mlx_lm.cache_prompt``
+    writes it; returns the path."""
+    from mlx_lm.models.cache import make_prompt_cache, save_prompt_cache
+
+    cache = make_prompt_cache(model)
+    for i in range(0, len(tokens), 512):
+        model(mx.array([tokens[i : i + 512]], dtype=mx.int32), cache=cache)
+        mx.eval([c.state for c in cache])
+    save_prompt_cache(str(path), cache)
+    return path
+
+
+def _mlx_lm_load(path):
+    from mlx_lm.models.cache import load_prompt_cache
+
+    cache = load_prompt_cache(str(path))
+    mx.eval([c.state for c in cache])
+    return cache
+
+
 def compare(engine, n_tokens, directory, rounds):
-    """Median seconds of prefilling ``n_tokens`` and of loading them from disk, the file's
-    size, and the host copy's cost; alternating rounds."""
+    """Median seconds of prefilling ``n_tokens``, of loading them from disk, and of mlx-lm's
+    ``load_prompt_cache`` of the same prefix, the file's size, and the host copy's cost;
+    alternating rounds."""
     runner = engine.runner
     vocab = min(engine.vocab_size, 30000)
     tokens = [(7919 * i + 13) % (vocab - 100) + 50 for i in range(n_tokens + 1)]
@@ -50,7 +75,8 @@ def compare(engine, n_tokens, directory, rounds):
     offer_s = time.perf_counter() - start
     assert store.flush(600)
     (entry,) = store.entries()
-    prefill, disk = [], []
+    lm_path = _mlx_lm_file(runner.model, tokens[:n_tokens], directory / "mlx_lm.safetensors")
+    prefill, disk, lm = [], [], []
     for _ in range(rounds):
         start = time.perf_counter()
         _prefill(runner, tokens)
@@ -60,6 +86,9 @@ def compare(engine, n_tokens, directory, rounds):
         loaded = store.load(found, n)
         disk.append(time.perf_counter() - start)
         assert loaded is not None and n == n_tokens
+        start = time.perf_counter()
+        _mlx_lm_load(lm_path)
+        lm.append(time.perf_counter() - start)
     # Exactness: the loaded caches hold what the prefill computed.
     for a, b in zip(cache, loaded, strict=True):
         for x, y in zip(a.state, b.state, strict=True):
@@ -69,14 +98,18 @@ def compare(engine, n_tokens, directory, rounds):
         found, n = store.find(tokens + [1])
         return store.load(found, n)
 
-    return statistics.median(prefill), statistics.median(disk), entry.nbytes, offer_s, load_once
+    times = statistics.median(prefill), statistics.median(disk), statistics.median(lm)
+    return times, entry.nbytes, offer_s, load_once
 
 
-def report(benchmark, name, n_tokens, prefill_s, disk_s, nbytes, offer_s):
+def report(benchmark, name, n_tokens, times, nbytes, offer_s):
+    prefill_s, disk_s, lm_s = times
     line = (
         f"{name}: {n_tokens} tokens, {nbytes / ps.MIB:.1f} MB on disk | prefill "
         f"{prefill_s * 1000:.0f} ms | disk load {disk_s * 1000:.1f} ms | "
-        f"ratio prefill/disk {prefill_s / disk_s:.1f}x | offer (host copy) {offer_s * 1000:.1f} ms"
+        f"mlx-lm load_prompt_cache {lm_s * 1000:.1f} ms | ratio prefill/disk "
+        f"{prefill_s / disk_s:.1f}x, mlx-lm/ours {lm_s / disk_s:.2f}x | "
+        f"offer (host copy) {offer_s * 1000:.1f} ms"
     )
     print("\n" + line)
     benchmark.extra_info.update(
@@ -84,6 +117,7 @@ def report(benchmark, name, n_tokens, prefill_s, disk_s, nbytes, offer_s):
         file_mb=round(nbytes / ps.MIB, 2),
         prefill_ms=round(prefill_s * 1000, 1),
         disk_ms=round(disk_s * 1000, 2),
+        mlx_lm_ms=round(lm_s * 1000, 2),
         ratio=round(prefill_s / disk_s, 2),
         offer_ms=round(offer_s * 1000, 2),
     )
@@ -92,8 +126,8 @@ def report(benchmark, name, n_tokens, prefill_s, disk_s, nbytes, offer_s):
 @pytest.mark.parametrize("n_tokens", [512, 2048] if FULL else [32])
 def test_demo_prefix_from_disk_vs_prefill(benchmark, tmp_path, n_tokens):
     engine = mhc.load("demo")
-    prefill_s, disk_s, nbytes, offer_s, load = compare(engine, n_tokens, tmp_path, ROUNDS)
-    report(benchmark, "demo", n_tokens, prefill_s, disk_s, nbytes, offer_s)
+    times, nbytes, offer_s, load = compare(engine, n_tokens, tmp_path, ROUNDS)
+    report(benchmark, "demo", n_tokens, times, nbytes, offer_s)
     benchmark.group = f"prompt store: demo, {n_tokens}-token prefix from disk"
     benchmark.pedantic(load, rounds=ROUNDS, iterations=1)
 
@@ -101,7 +135,7 @@ def test_demo_prefix_from_disk_vs_prefill(benchmark, tmp_path, n_tokens):
 @pytest.mark.parametrize("n_tokens", [512, 1024] if FULL else [32])
 def test_smollm2_prefix_from_disk_vs_prefill(benchmark, tmp_path, smollm2_path, n_tokens):
     engine = mhc.load(smollm2_path)
-    prefill_s, disk_s, nbytes, offer_s, load = compare(engine, n_tokens, tmp_path, ROUNDS)
-    report(benchmark, "SmolLM2-135M Q4_1", n_tokens, prefill_s, disk_s, nbytes, offer_s)
+    times, nbytes, offer_s, load = compare(engine, n_tokens, tmp_path, ROUNDS)
+    report(benchmark, "SmolLM2-135M Q4_1", n_tokens, times, nbytes, offer_s)
     benchmark.group = f"prompt store: SmolLM2, {n_tokens}-token prefix from disk"
     benchmark.pedantic(load, rounds=ROUNDS, iterations=1)

@@ -5,43 +5,18 @@ import json
 
 import mlx.core as mx
 import pytest
-from mlx.utils import tree_flatten
 
 import mlx_harmony_core as mhc
 from mlx_harmony_core.cpu.layers import EXPERTS_ENV
 from mlx_harmony_core.errors import ModelLoadError
 from mlx_harmony_core.models.builder import demo_model_path
-
-CONFIG = {
-    "fine_tune_type": "lora",
-    "num_layers": 2,
-    "lora_parameters": {
-        "rank": 4,
-        "scale": 4.0,
-        "dropout": 0.0,
-        "keys": ["self_attn.q_proj", "self_attn.v_proj", "self_attn.o_proj"],
-    },
-}
+from mlx_harmony_core.testing import write_adapters
 
 
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory):
     """Random LoRA weights for the demo model, written as mlx-lm writes them."""
-    from mlx_lm import load as lm_load
-    from mlx_lm.tuner.utils import linear_to_lora_layers
-
-    model, _ = lm_load(str(demo_model_path()))
-    model.freeze()
-    linear_to_lora_layers(model, CONFIG["num_layers"], CONFIG["lora_parameters"])
-    mx.random.seed(3)
-    params = {
-        k: mx.random.normal(v.shape) * 0.05 for k, v in tree_flatten(model.trainable_parameters())
-    }
-    assert params and all("lora_" in k for k in params)
-    out = tmp_path_factory.mktemp("adapters")
-    mx.save_safetensors(str(out / "adapters.safetensors"), params)
-    (out / "adapter_config.json").write_text(json.dumps(CONFIG))
-    return out
+    return write_adapters(tmp_path_factory.mktemp("adapters"), seed=3)
 
 
 def test_logits_equal_mlx_lm_with_the_same_adapters(adapters, monkeypatch):

@@ -28,19 +28,9 @@ from mlx_harmony_core.server.model_specs import (
     read_models_file,
 )
 from mlx_harmony_core.server.pool import ModelPool
-from mlx_harmony_core.testing import ServerThread, free_port
+from mlx_harmony_core.testing import ServerThread, free_port, write_adapters
 
 MSG = [{"role": "user", "content": "hi"}]
-LORA = {
-    "fine_tune_type": "lora",
-    "num_layers": 2,
-    "lora_parameters": {
-        "rank": 4,
-        "scale": 4.0,
-        "dropout": 0.0,
-        "keys": ["self_attn.q_proj", "self_attn.v_proj", "self_attn.o_proj"],
-    },
-}
 
 
 @pytest.fixture(scope="module")
@@ -52,19 +42,7 @@ def second(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory) -> Path:
     """Random LoRA weights for the demo model in mlx-lm's adapter format."""
-    from mlx.utils import tree_flatten
-    from mlx_lm import load as lm_load
-    from mlx_lm.tuner.utils import linear_to_lora_layers
-
-    model, _ = lm_load(str(demo_model_path()))
-    model.freeze()
-    linear_to_lora_layers(model, LORA["num_layers"], LORA["lora_parameters"])
-    mx.random.seed(5)
-    params = {k: mx.random.normal(v.shape) * 0.05 for k, v in tree_flatten(model.trainable_parameters())}  # fmt: skip
-    out = tmp_path_factory.mktemp("adapters")
-    mx.save_safetensors(str(out / "adapters.safetensors"), params)
-    (out / "adapter_config.json").write_text(json.dumps(LORA))
-    return out
+    return write_adapters(tmp_path_factory.mktemp("adapters"), seed=5)
 
 
 def chat(url: str, model: str | None, max_tokens: int = 3, **extra) -> httpx.Response:

@@ -1,4 +1,5 @@
-"""Stand-in models for tests: a model that emits a chosen token sequence."""
+"""What tests and benchmarks share: a model that emits a chosen token sequence, random LoRA
+adapters, the server on a thread or as a process."""
 
 from __future__ import annotations
 
@@ -137,3 +138,90 @@ class ServerThread:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self._thread.join(timeout=30)
+
+
+class ServerProcess:
+    """An OpenAI-compatible server (ours, or a peer's such as ``mlx_lm server``) started as
+    its own process from ``command``, listening on ``port``; ready once ``/v1/models``
+    answers. ``close()`` (or leaving the ``with`` block) stops it."""
+
+    def __init__(self, command: Sequence[str], port: int, timeout_s: float = 300) -> None:
+        import os
+        import subprocess
+        import time
+
+        import httpx
+
+        self.url = f"http://127.0.0.1:{port}"
+        env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+        self.proc = subprocess.Popen(
+            list(command), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
+        )
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                if httpx.get(self.url + "/v1/models", timeout=5).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                raise RuntimeError(f"the server {' '.join(command[:4])}... did not start")
+            time.sleep(0.3)
+
+    def close(self) -> None:
+        """Stop the process (terminate, then kill after 20 s)."""
+        import subprocess
+
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def __enter__(self) -> str:
+        return self.url
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+LORA_CONFIG: dict[str, Any] = {
+    "fine_tune_type": "lora",
+    "num_layers": 2,
+    "lora_parameters": {
+        "rank": 4,
+        "scale": 4.0,
+        "dropout": 0.0,
+        "keys": ["self_attn.q_proj", "self_attn.v_proj", "self_attn.o_proj"],
+    },
+}
+
+
+def write_adapters(out: Any, seed: int, config: dict[str, Any] | None = None) -> Any:
+    """Write random LoRA weights for the demo model into the directory ``out``, as mlx-lm
+    writes them (``adapters.safetensors`` + ``adapter_config.json``, ``config`` defaulting
+    to :data:`LORA_CONFIG`); returns ``out``."""
+    import json
+    from pathlib import Path
+
+    from mlx.utils import tree_flatten
+    from mlx_lm import load as lm_load
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    from .models.builder import demo_model_path
+
+    config = config or LORA_CONFIG
+    out = Path(out)
+    model, _ = lm_load(str(demo_model_path()))
+    model.freeze()
+    linear_to_lora_layers(model, config["num_layers"], config["lora_parameters"])
+    mx.random.seed(seed)
+    params = dict(tree_flatten(model.trainable_parameters()))
+    params = {k: mx.random.normal(v.shape) * 0.05 for k, v in params.items()}
+    if not params or not all("lora_" in k for k in params):
+        raise RuntimeError("linear_to_lora_layers made no LoRA parameters")
+    mx.save_safetensors(str(out / "adapters.safetensors"), params)
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    return out

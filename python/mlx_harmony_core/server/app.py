@@ -19,7 +19,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import uvicorn
@@ -119,31 +119,33 @@ async def use_model(http: HTTPRequest) -> Lease:
     return await state.pool.acquire(await requested_model(http))
 
 
-async def chat_route(http: HTTPRequest) -> Response:
-    """``POST /v1/chat/completions``."""
-    lease = await use_model(http)
-    try:
-        return await chat_completion(http, lease.client, lease.opts)
-    finally:
-        lease.release()
+def leased(
+    name: str, endpoint: Callable[..., Awaitable[Any]], doc: str
+) -> Callable[..., Awaitable[Any]]:
+    """A POST route that holds the model its body names (:func:`use_model`) while
+    ``endpoint(http, client, opts)`` runs, and lets it go however the endpoint ends."""
+
+    async def route(http: HTTPRequest) -> Any:
+        lease = await use_model(http)
+        try:
+            return await endpoint(http, lease.client, lease.opts)
+        finally:
+            lease.release()
+
+    route.__name__ = route.__qualname__ = name  # FastAPI's operation ids come from it
+    route.__doc__ = doc
+    return route
 
 
-async def completions_route(http: HTTPRequest) -> Response:
-    """``POST /v1/completions``."""
-    lease = await use_model(http)
-    try:
-        return await completion(http, lease.client, lease.opts)
-    finally:
-        lease.release()
+async def _create_response(http: HTTPRequest, client: EngineClient, opts: Any) -> Response:
+    return await create_response(http, client, opts, http.app.state.responses)
 
 
-async def responses_route(http: HTTPRequest) -> Response:
-    """``POST /v1/responses``."""
-    lease = await use_model(http)
-    try:
-        return await create_response(http, lease.client, lease.opts, http.app.state.responses)
-    finally:
-        lease.release()
+chat_route = leased("chat_route", chat_completion, "``POST /v1/chat/completions``.")
+completions_route = leased("completions_route", completion, "``POST /v1/completions``.")
+responses_route = leased("responses_route", _create_response, "``POST /v1/responses``.")
+tokenize_route = leased("tokenize_route", tokenize, "``POST /tokenize``.")
+detokenize_route = leased("detokenize_route", detokenize, "``POST /detokenize``.")
 
 
 async def get_response_route(response_id: str, http: HTTPRequest) -> dict[str, Any]:
@@ -159,24 +161,6 @@ async def delete_response_route(response_id: str, http: HTTPRequest) -> dict[str
 async def input_items_route(response_id: str, http: HTTPRequest) -> dict[str, Any]:
     """``GET /v1/responses/{response_id}/input_items``."""
     return await list_input_items(http, http.app.state.responses)
-
-
-async def tokenize_route(http: HTTPRequest) -> dict[str, Any]:
-    """``POST /tokenize``."""
-    lease = await use_model(http)
-    try:
-        return await tokenize(http, lease.client, lease.opts)
-    finally:
-        lease.release()
-
-
-async def detokenize_route(http: HTTPRequest) -> dict[str, Any]:
-    """``POST /detokenize``."""
-    lease = await use_model(http)
-    try:
-        return await detokenize(http, lease.client, lease.opts)
-    finally:
-        lease.release()
 
 
 async def metrics_route(http: HTTPRequest) -> Response:
