@@ -1,3 +1,4 @@
+#include "fused/block.h"
 #include "fused/fused.h"
 
 #include "mlx/ops.h"
@@ -5,6 +6,8 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
+#include <nanobind/stl/vector.h>
 #include <nanobind/stl/variant.h>
 
 #include <variant>
@@ -15,6 +18,36 @@ using namespace nb::literals;
 namespace mlx_harmony_core {
 
 namespace mx = mlx::core;
+
+namespace {
+
+// A quantized linear from Python: (w, scales, biases, bias, group_size, bits,
+// mode), biases and bias None where absent.
+using LinearTuple = std::tuple<mx::array,
+                               mx::array,
+                               std::optional<mx::array>,
+                               std::optional<mx::array>,
+                               int,
+                               int,
+                               std::string>;
+
+fused::QLinear linear(const LinearTuple& t) {
+  return {std::get<0>(t),
+          std::get<1>(t),
+          std::get<2>(t),
+          std::get<3>(t),
+          std::get<4>(t),
+          std::get<5>(t),
+          std::get<6>(t)};
+}
+
+mx::array offset_array(const std::variant<int, mx::array>& offset) {
+  return std::holds_alternative<int>(offset)
+             ? mx::array(std::get<int>(offset), mx::int32)
+             : std::get<mx::array>(offset);
+}
+
+} // namespace
 
 void init_fused(nb::module_& m) {
   m.def("rms_norm",
@@ -85,6 +118,93 @@ void init_fused(nb::module_& m) {
       "stream"_a = nb::none(),
       "``mx.fast.scaled_dot_product_attention``: one fused primitive on a CPU "
       "stream for up to 16 query rows (decode), MLX's op otherwise.");
+
+  m.def(
+      "block_attn_in",
+      [](const mx::array& x,
+         const mx::array& norm_weight,
+         float eps,
+         const LinearTuple& q,
+         const LinearTuple& k,
+         const LinearTuple& v,
+         int n_heads,
+         int n_kv_heads,
+         int rope_dims,
+         bool rope_traditional,
+         std::optional<float> rope_base,
+         float rope_scale,
+         const std::optional<mx::array>& rope_freqs,
+         const std::variant<int, mx::array>& offset,
+         mx::StreamOrDevice s) {
+        auto out = fused::attn_in(
+            x,
+            norm_weight,
+            eps,
+            {linear(q), linear(k), linear(v)},
+            n_heads,
+            n_kv_heads,
+            {rope_dims, rope_traditional, rope_base, rope_scale, rope_freqs},
+            offset_array(offset),
+            s);
+        return std::make_tuple(out[0], out[1], out[2]);
+      },
+      "x"_a,
+      "norm_weight"_a,
+      "eps"_a,
+      "q"_a,
+      "k"_a,
+      "v"_a,
+      nb::kw_only(),
+      "n_heads"_a,
+      "n_kv_heads"_a,
+      "rope_dims"_a,
+      "rope_traditional"_a,
+      "rope_base"_a.none(),
+      "rope_scale"_a,
+      "rope_freqs"_a = nb::none(),
+      "offset"_a,
+      "stream"_a = nb::none(),
+      "A decoder block's attention input for a few rows: RMSNorm(x) * "
+      "norm_weight through the quantized q/k/v linears (each a tuple (w, "
+      "scales, biases, bias, group_size, bits, mode)), heads split and "
+      "RoPE'd at ``offset``: (q, k, v) as (B, heads, L, head_dim). One "
+      "primitive on a CPU stream for up to 16 rows; MLX-level ops "
+      "otherwise.");
+  m.def(
+      "block_attn_out_mlp",
+      [](const mx::array& attn,
+         const mx::array& x,
+         const LinearTuple& o,
+         const mx::array& norm_weight,
+         float eps,
+         const LinearTuple& gate,
+         const LinearTuple& up,
+         const LinearTuple& down,
+         mx::StreamOrDevice s) {
+        return fused::attn_out_mlp(attn,
+                                   x,
+                                   linear(o),
+                                   norm_weight,
+                                   eps,
+                                   linear(gate),
+                                   linear(up),
+                                   linear(down),
+                                   s);
+      },
+      "attn"_a,
+      "x"_a,
+      "o"_a,
+      "norm_weight"_a,
+      "eps"_a,
+      "gate"_a,
+      "up"_a,
+      "down"_a,
+      nb::kw_only(),
+      "stream"_a = nb::none(),
+      "The rest of a llama-style decoder block for a few rows: h = x + "
+      "o(attn as (B, L, heads * head_dim)); h + down(silu(gate(n)) * up(n)) "
+      "with n = RMSNorm(h) * norm_weight. One primitive on a CPU stream for up "
+      "to 16 rows; MLX-level ops otherwise.");
 }
 
 } // namespace mlx_harmony_core

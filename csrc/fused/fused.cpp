@@ -1,4 +1,5 @@
 #include "fused/fused.h"
+#include "fused/common.h"
 
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
@@ -24,7 +25,7 @@
 
 namespace mlx_harmony_core::fused {
 
-namespace {
+namespace detail {
 
 bool float_like(mx::Dtype t) {
   return t == mx::float32 || t == mx::float16 || t == mx::bfloat16;
@@ -172,6 +173,12 @@ std::string key_of(std::initializer_list<double> values) {
   }
   return s.str();
 }
+
+} // namespace detail
+
+namespace {
+
+using namespace detail;
 
 // ---- RMSNorm: inputs x[, w] ------------------------------------------------
 

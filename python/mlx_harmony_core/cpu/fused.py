@@ -30,6 +30,10 @@ __all__ = ["ENV", "attention", "fused", "fused_enabled", "use_fused_layers"]
 
 ENV = "MLX_HARMONY_CORE_FUSED"  # "mlx" = MLX's own ops
 
+# What the fused block primitives take of a RoPE layer: (dims, traditional, base, scale,
+# freqs).
+RopeArgs = tuple[int, bool, float | None, float, mx.array | None]
+
 
 def fused_enabled() -> bool:
     """Whether loading switches layers to the fused primitives: on a CPU device, unless
@@ -67,6 +71,10 @@ class FusedRMSNorm(nn.RMSNorm):
 class FusedRoPE(nn.RoPE):
     """``nn.RoPE`` as one CPU primitive."""
 
+    def fused_args(self) -> RopeArgs | None:
+        """(dims, traditional, base, scale, freqs) for the fused block primitives."""
+        return (self.dims, self.traditional, self.base, self.scale, None)
+
     def __call__(self, x: mx.array, offset: int | mx.array = 0) -> mx.array:
         if not _on():
             return super().__call__(x, offset)
@@ -90,6 +98,10 @@ def _rope_classes() -> dict[type, type]:
     class FusedLlama3RoPE(Llama3RoPE):  # type: ignore[misc, valid-type]
         """mlx-lm's ``Llama3RoPE`` as one CPU primitive."""
 
+        def fused_args(self) -> RopeArgs | None:
+            """(dims, traditional, base, scale, freqs) for the fused block primitives."""
+            return (self.dims, self.traditional, None, 1.0, self._freqs)
+
         def __call__(self, x: mx.array, offset: int | mx.array = 0) -> mx.array:
             if not _on():
                 return super().__call__(x, offset)
@@ -105,6 +117,13 @@ def _rope_classes() -> dict[type, type]:
 
     class FusedYarnRoPE(YarnRoPE):  # type: ignore[misc, valid-type]
         """mlx-lm's ``YarnRoPE`` (GPT-OSS) as one CPU primitive."""
+
+        def fused_args(self) -> RopeArgs | None:
+            """(dims, traditional, base, scale, freqs) for the fused block primitives;
+            ``None`` where the inputs are scaled first (mscale)."""
+            if self.mscale != 1.0:
+                return None
+            return (self.dims, self.traditional, None, 1.0, self._freqs)
 
         def __call__(
             self,
@@ -156,10 +175,20 @@ def attention(
 
 
 def use_fused_layers(model: nn.Module) -> int:
-    """Switch ``model``'s RMSNorm and RoPE layers to the fused primitives and its modules'
-    attention function to :func:`attention`; returns how many layers were switched."""
+    """Switch ``model``'s RMSNorm and RoPE layers to the fused primitives, llama-style
+    decoder blocks to :mod:`.block`'s two-primitive decode step and its modules' attention
+    function to :func:`attention`; returns how many layers were switched."""
+    from .block import block_classes
+
     if not _ROPES:
-        _ROPES.append({nn.RMSNorm: FusedRMSNorm, nn.RoPE: FusedRoPE, **_rope_classes()})
+        _ROPES.append(
+            {
+                nn.RMSNorm: FusedRMSNorm,
+                nn.RoPE: FusedRoPE,
+                **_rope_classes(),
+                **block_classes(),
+            }
+        )
     swaps = _ROPES[0]
     switched = 0
     modules: set[str] = set()

@@ -1,0 +1,699 @@
+#include "fused/block.h"
+
+#include "fused/common.h"
+#include "fused/fused.h"
+#include "mlx/allocator.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/ops.h"
+#include "mlx/transforms.h"
+#include "quant/matmul.h"
+#include "quant/pool.h"
+#include "quant/quant.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <sstream>
+#include <stdexcept>
+
+namespace mlx_harmony_core::fused {
+
+namespace {
+
+using namespace detail;
+
+// Where a QLinear's arrays sit in a primitive's inputs, and its quantization.
+struct LinSpec {
+  int at = 0; // index of w; scales, [biases], [bias] follow
+  int group = 32, bits = 4;
+  std::string mode;
+  bool has_biases = false, has_bias = false;
+  int64_t rows = 0, cols = 0;
+};
+
+LinSpec push_linear(std::vector<mx::array>& inputs, const QLinear& l) {
+  LinSpec sp;
+  sp.at = int(inputs.size());
+  sp.group = l.group_size;
+  sp.bits = l.bits;
+  sp.mode = l.mode;
+  sp.has_biases = l.biases.has_value();
+  sp.has_bias = l.bias.has_value();
+  sp.rows = l.w.ndim() == 2 ? l.w.shape(0) : 0;
+  sp.cols = l.w.ndim() == 2 ? int64_t(l.w.shape(1)) * 32 / l.bits : 0;
+  inputs.push_back(l.w);
+  inputs.push_back(l.scales);
+  if (l.biases) {
+    inputs.push_back(*l.biases);
+  }
+  if (l.bias) {
+    inputs.push_back(*l.bias);
+  }
+  return sp;
+}
+
+std::string spec_key(const LinSpec& l) {
+  std::ostringstream s;
+  s << l.group << ',' << l.bits << ',' << l.mode << ',' << l.has_biases << ','
+    << l.has_bias << ',' << l.rows << ',' << l.cols << ';';
+  return s.str();
+}
+
+// What our kernels and this fused path take of a linear fed `cols` inputs.
+bool linear_ok(const QLinear& l, int64_t cols, mx::Dtype t) {
+  if (l.w.ndim() != 2 || l.w.dtype() != mx::uint32 || l.scales.ndim() != 2 ||
+      l.bits <= 0 || !quant_supported(l.mode, l.bits, l.group_size)) {
+    return false;
+  }
+  const bool mxfp4 = l.mode == "mxfp4";
+  if (mxfp4 ? l.scales.dtype() != mx::uint8 || l.biases.has_value()
+            : !float_like(l.scales.dtype()) || !l.biases ||
+                  l.biases->dtype() != l.scales.dtype()) {
+    return false;
+  }
+  if (int64_t(l.w.shape(1)) * 32 / l.bits != cols ||
+      l.scales.shape(0) != l.w.shape(0) ||
+      int64_t(l.scales.shape(1)) * l.group_size != cols) {
+    return false;
+  }
+  return !l.bias || (l.bias->dtype() == t && l.bias->ndim() == 1 &&
+                     l.bias->shape(0) == l.w.shape(0));
+}
+
+// The linear of spec `l` in `in`, as MLX-level ops (the reference path).
+mx::array ref_linear(const mx::array& x,
+                     const std::vector<mx::array>& in,
+                     const LinSpec& l,
+                     mx::Stream s) {
+  int k = l.at + 2;
+  std::optional<mx::array> biases;
+  if (l.has_biases) {
+    biases = in[k++];
+  }
+  auto y = mlx_harmony_core::quantized_matmul(
+      x, in[l.at], in[l.at + 1], biases, true, l.group, l.bits, l.mode, s);
+  return l.has_bias ? mx::add(y, in[k], s) : y;
+}
+
+// ---- evaluation ---------------------------------------------------------------
+
+// A's bytes in row-major order: a itself, or a copy into buf (strided views).
+const uint8_t* row_major(const mx::array& a, std::vector<uint8_t>& buf) {
+  if (a.flags().row_contiguous) {
+    return a.data<uint8_t>();
+  }
+  const size_t item = a.itemsize();
+  buf.resize(a.size() * item);
+  const uint8_t* src = a.data<uint8_t>();
+  for (size_t i = 0; i < a.size(); ++i) {
+    int64_t off = 0, rest = int64_t(i);
+    for (int d = int(a.ndim()) - 1; d >= 0; --d) {
+      off += (rest % a.shape(d)) * a.strides()[d];
+      rest /= a.shape(d);
+    }
+    std::memcpy(buf.data() + i * item, src + off * item, item);
+  }
+  return buf.data();
+}
+
+// One linear's matrix and bias for the kernels, from the evaluated inputs.
+struct Lin {
+  quant::QMatrix a;
+  std::vector<float> bias; // empty: none
+  std::vector<uint8_t> wb, sb, bb;
+
+  Lin(const std::vector<mx::array>& in, const LinSpec& l) {
+    const mx::array& w = in[l.at];
+    const mx::array& sc = in[l.at + 1];
+    int k = l.at + 2;
+    const bool wide = l.group >= 32;
+    a.format = l.mode == "mxfp4"         ? quant::Format::Mxfp4
+               : l.bits == 8 && wide     ? quant::Format::Affine8
+               : l.bits == 4 && wide     ? quant::Format::Affine4
+                                         : quant::Format::AffineN;
+    a.bits = l.bits;
+    a.group = l.group;
+    a.scale_type = sc.dtype() == mx::float16    ? quant::ScaleType::F16
+                   : sc.dtype() == mx::bfloat16 ? quant::ScaleType::BF16
+                   : sc.dtype() == mx::uint8    ? quant::ScaleType::E8M0
+                                                : quant::ScaleType::F32;
+    a.rows = l.rows;
+    a.cols = l.cols;
+    a.w = row_major(w, wb);
+    a.scales = row_major(sc, sb);
+    if (l.has_biases) {
+      a.biases = row_major(in[k++], bb);
+    }
+    if (l.has_bias) {
+      bias.resize(l.rows);
+      const mx::array& b = in[k];
+      const float* p = load(b, 0, b.strides()[0], l.rows, bias.data());
+      if (p != bias.data()) {
+        std::memcpy(bias.data(), p, l.rows * sizeof(float));
+      }
+    }
+  }
+};
+
+// Weight bytes of a step's GEMVs from which they are split over the pool's
+// threads (each thread a share of every matrix's rows): below it waking a
+// worker costs more than it saves.
+constexpr int64_t kSplitBytes = 96 << 10;
+
+int64_t scale_bytes(quant::ScaleType t) {
+  return t == quant::ScaleType::F32 ? 4 : t == quant::ScaleType::E8M0 ? 1 : 2;
+}
+
+// Rows [r0, r1) of a as a matrix of their own.
+quant::QMatrix rows_of(const quant::QMatrix& a, int64_t r0, int64_t r1) {
+  quant::QMatrix b = a;
+  const int64_t sb = a.groups() * scale_bytes(a.scale_type);
+  b.rows = r1 - r0;
+  b.w = a.w + r0 * a.row_bytes();
+  b.scales = static_cast<const uint8_t*>(a.scales) + r0 * sb;
+  if (a.biases) {
+    b.biases = static_cast<const uint8_t*>(a.biases) + r0 * sb;
+  }
+  return b;
+}
+
+// y_j (R x rows_j) = x (R x cols) @ a_j^T + bias_j, rounded as MLX stores
+// each op's result in t. The GEMVs run in one pass: every thread of the pool
+// takes its share of each matrix's rows (matmul_t on it runs them alone).
+void linears(std::vector<Lin*> lins,
+             const float* x,
+             int64_t R,
+             std::vector<std::vector<float>*> ys,
+             mx::Dtype t) {
+  int64_t bytes = 0;
+  for (size_t j = 0; j < lins.size(); ++j) {
+    ys[j]->assign(R * lins[j]->a.rows, 0.f);
+    bytes += lins[j]->a.rows * lins[j]->a.row_bytes();
+  }
+  auto& pool = quant::Pool::instance();
+  int parts = bytes >= kSplitBytes ? std::max(1, pool.threads()) : 1;
+  // matmul_t threads big passes (and the BLAS route for many rows) itself;
+  // split here only where it would run a share on its calling thread alone.
+  if (R >= quant::gemm_rows() || bytes / parts >= quant::parallel_bytes()) {
+    parts = 1;
+  }
+  auto part = [&](int64_t p) {
+    std::vector<quant::Job> jobs;
+    for (size_t j = 0; j < lins.size(); ++j) {
+      const quant::QMatrix& a = lins[j]->a;
+      // Shares in whole blocks of 16 rows, as the kernels' row tiles.
+      const int64_t blocks = (a.rows + 15) / 16;
+      const int64_t r0 = std::min(a.rows, blocks * p / parts * 16);
+      const int64_t r1 = std::min(a.rows, blocks * (p + 1) / parts * 16);
+      if (r1 <= r0) {
+        continue;
+      }
+      quant::Job job{rows_of(a, r0, r1), x, R, std::vector<float*>(R)};
+      for (int64_t r = 0; r < R; ++r) {
+        job.y[r] = ys[j]->data() + r * a.rows + r0;
+      }
+      jobs.push_back(std::move(job));
+    }
+    quant::matmul_t(jobs);
+  };
+  if (parts > 1) {
+    pool.run(parts, part);
+  } else {
+    part(0);
+  }
+  for (size_t j = 0; j < lins.size(); ++j) {
+    const int64_t N = lins[j]->a.rows;
+    std::vector<float>& y = *ys[j];
+    const std::vector<float>& b = lins[j]->bias;
+    for (int64_t r = 0; r < R; ++r) {
+      float* yr = y.data() + r * N;
+      if (b.empty()) {
+        if (t != mx::float32) {
+          for (int64_t n = 0; n < N; ++n) {
+            yr[n] = round_to(yr[n], t);
+          }
+        }
+      } else {
+        for (int64_t n = 0; n < N; ++n) {
+          yr[n] = round_to(round_to(yr[n], t) + b[n], t);
+        }
+      }
+    }
+  }
+}
+
+// out (R x D) = RMSNorm(rows) * w, rounded like MLX's op (x * n in t first).
+void rms_rows(const float* x,
+              int64_t R,
+              int64_t D,
+              const float* w,
+              float eps,
+              mx::Dtype t,
+              float* out) {
+  for (int64_t r = 0; r < R; ++r) {
+    const float* row = x + r * D;
+    const float n = 1.f / std::sqrt(sum_squares(row, D) / float(D) + eps);
+    for (int64_t i = 0; i < D; ++i) {
+      out[r * D + i] = round_to(round_to(row[i] * n, t) * w[i], t);
+    }
+  }
+}
+
+struct InSpec {
+  float eps;
+  int heads, kv_heads;
+  int dims;
+  bool traditional;
+  float base;
+  float scale;
+  bool has_freqs;
+  LinSpec q, k, v;
+  int offset_at;
+};
+
+void run_attn_in(std::vector<mx::array>& in,
+                 std::vector<mx::array>& outs,
+                 const InSpec& sp) {
+  const mx::array& x = in[0];
+  const mx::Dtype t = outs[0].dtype();
+  const int64_t B = x.shape(0), L = x.shape(1), D = x.shape(2), R = B * L;
+  std::vector<float> xf(R * D), wbuf(D), xn(R * D);
+  for (int64_t r = 0; r < R; ++r) {
+    const float* p =
+        load(x, row_offset(x, r), x.strides().back(), D, xf.data() + r * D);
+    if (p != xf.data() + r * D) {
+      std::memcpy(xf.data() + r * D, p, D * sizeof(float));
+    }
+  }
+  const float* w = load(in[1], 0, in[1].strides()[0], D, wbuf.data());
+  rms_rows(xf.data(), R, D, w, sp.eps, t, xn.data());
+
+  Lin lq(in, sp.q), lk(in, sp.k), lv(in, sp.v);
+  std::vector<float> yq, yk, yv;
+  linears({&lq, &lk, &lv}, xn.data(), R, {&yq, &yk, &yv}, t);
+
+  // RoPE's inverse frequencies, as MLX's op computes them.
+  const int64_t hd = sp.q.rows / sp.heads, hdv = sp.v.rows / sp.kv_heads;
+  const int half = sp.dims / 2;
+  std::vector<float> inv(half);
+  if (sp.has_freqs) {
+    const mx::array& f = in[sp.offset_at + 1];
+    std::vector<float> fbuf(half);
+    const float* fp =
+        load(f, 0, f.strides().empty() ? 1 : f.strides()[0], half, fbuf.data());
+    for (int i = 0; i < half; ++i) {
+      inv[i] = 1.f / fp[i];
+    }
+  } else {
+    const float step = std::log(sp.base) / half;
+    for (int i = 0; i < half; ++i) {
+      inv[i] = std::exp(float(-i) * step);
+    }
+  }
+  const mx::array& offset = in[sp.offset_at];
+  std::vector<int64_t> offs(offset.size());
+  for (size_t i = 0; i < offset.size(); ++i) {
+    offs[i] = offset.data<int32_t>()[offset.ndim() ? i * offset.strides()[0]
+                                                    : 0];
+  }
+  std::vector<float> c(half), s(half), y(std::max(hd, hdv));
+  auto rope_heads = [&](const std::vector<float>& src,
+                        int heads,
+                        mx::array& out,
+                        int64_t b,
+                        int64_t l) {
+    const int64_t N = heads * hd;
+    for (int h = 0; h < heads; ++h) {
+      const float* row = src.data() + (b * L + l) * N + h * hd;
+      if (sp.traditional) {
+        for (int i = 0; i < half; ++i) {
+          const float x1 = row[2 * i], x2 = row[2 * i + 1];
+          y[2 * i] = x1 * c[i] - x2 * s[i];
+          y[2 * i + 1] = x1 * s[i] + x2 * c[i];
+        }
+      } else {
+        for (int i = 0; i < half; ++i) {
+          const float x1 = row[i], x2 = row[i + half];
+          y[i] = x1 * c[i] - x2 * s[i];
+          y[i + half] = x1 * s[i] + x2 * c[i];
+        }
+      }
+      for (int64_t i = sp.dims; i < hd; ++i) {
+        y[i] = row[i];
+      }
+      store(y.data(), out, ((b * heads + h) * L + l) * hd, hd);
+    }
+  };
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t l = 0; l < L; ++l) {
+      const float pos =
+          (float(l) + float(offs.size() > 1 ? offs[b] : offs[0])) * sp.scale;
+      for (int i = 0; i < half; ++i) {
+        const float theta = pos * inv[i];
+        c[i] = round_to(std::cos(theta), t);
+        s[i] = round_to(std::sin(theta), t);
+      }
+      rope_heads(yq, sp.heads, outs[0], b, l);
+      rope_heads(yk, sp.kv_heads, outs[1], b, l);
+      for (int h = 0; h < sp.kv_heads; ++h) {
+        store(yv.data() + (b * L + l) * sp.v.rows + h * hdv,
+              outs[2],
+              ((b * sp.kv_heads + h) * L + l) * hdv,
+              hdv);
+      }
+    }
+  }
+}
+
+struct OutSpec {
+  float eps;
+  LinSpec o, gate, up, down;
+  int norm_at;
+};
+
+void run_attn_out_mlp(std::vector<mx::array>& in,
+                      mx::array& out,
+                      const OutSpec& sp) {
+  const mx::array& attn = in[0];
+  const mx::array& x = in[1];
+  const mx::Dtype t = out.dtype();
+  const int64_t B = x.shape(0), L = x.shape(1), D = x.shape(2), R = B * L;
+  const int64_t H = attn.shape(1), hd = attn.shape(3), Din = H * hd;
+  const auto& as = attn.strides();
+  std::vector<float> a(R * Din), buf(hd);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t l = 0; l < L; ++l) {
+      for (int64_t h = 0; h < H; ++h) {
+        const float* p =
+            load(attn, b * as[0] + h * as[1] + l * as[2], as[3], hd, buf.data());
+        std::memcpy(a.data() + (b * L + l) * Din + h * hd, p, hd * sizeof(float));
+      }
+    }
+  }
+  Lin lo(in, sp.o);
+  std::vector<float> yo;
+  linears({&lo}, a.data(), R, {&yo}, t);
+  // h = x + o(attn), in t.
+  std::vector<float> h(R * D), xb(D), hn(R * D), wbuf(D);
+  for (int64_t r = 0; r < R; ++r) {
+    const float* xr = load(x, row_offset(x, r), x.strides().back(), D, xb.data());
+    for (int64_t i = 0; i < D; ++i) {
+      h[r * D + i] = round_to(xr[i] + yo[r * D + i], t);
+    }
+  }
+  const mx::array& nw = in[sp.norm_at];
+  const float* w = load(nw, 0, nw.strides()[0], D, wbuf.data());
+  rms_rows(h.data(), R, D, w, sp.eps, t, hn.data());
+  Lin lg(in, sp.gate), lu(in, sp.up);
+  std::vector<float> g, u;
+  linears({&lg, &lu}, hn.data(), R, {&g, &u}, t);
+  // SwiGLU as mlx-lm writes it: (g * sigmoid(g)) * u, each op stored in t.
+  for (size_t i = 0; i < g.size(); ++i) {
+    const float sg = round_to(1.f / (1.f + std::exp(-g[i])), t);
+    g[i] = round_to(round_to(g[i] * sg, t) * u[i], t);
+  }
+  Lin ld(in, sp.down);
+  std::vector<float> d;
+  linears({&ld}, g.data(), R, {&d}, t);
+  for (int64_t i = 0; i < R * D; ++i) {
+    h[i] += d[i];
+  }
+  store(h.data(), out, 0, R * D);
+}
+
+// ---- references (MLX-level ops: a GPU stream, transforms, what we skip) ----
+
+std::vector<mx::array> ref_attn_in(const std::vector<mx::array>& in,
+                                   const InSpec& sp,
+                                   mx::Stream s) {
+  const mx::array& x = in[0];
+  const int B = x.shape(0), L = x.shape(1);
+  auto xn = rms_norm(x, in[1], sp.eps, s);
+  auto heads = [&](const mx::array& y, int n) {
+    return mx::transpose(mx::reshape(y, {B, L, n, -1}, s), {0, 2, 1, 3}, s);
+  };
+  auto q = heads(ref_linear(xn, in, sp.q, s), sp.heads);
+  auto k = heads(ref_linear(xn, in, sp.k, s), sp.kv_heads);
+  auto v = heads(ref_linear(xn, in, sp.v, s), sp.kv_heads);
+  const mx::array& off = in[sp.offset_at];
+  std::optional<mx::array> freqs;
+  std::optional<float> base;
+  if (sp.has_freqs) {
+    freqs = in[sp.offset_at + 1];
+  } else {
+    base = sp.base;
+  }
+  q = rope(q, sp.dims, sp.traditional, base, sp.scale, off, freqs, s);
+  k = rope(k, sp.dims, sp.traditional, base, sp.scale, off, freqs, s);
+  return {q, k, v};
+}
+
+mx::array ref_attn_out_mlp(const std::vector<mx::array>& in,
+                           const OutSpec& sp,
+                           mx::Stream s) {
+  const mx::array &attn = in[0], &x = in[1];
+  const int B = x.shape(0), L = x.shape(1);
+  auto a = mx::reshape(mx::transpose(attn, {0, 2, 1, 3}, s), {B, L, -1}, s);
+  auto h = mx::add(x, ref_linear(a, in, sp.o, s), s);
+  auto n = rms_norm(h, in[sp.norm_at], sp.eps, s);
+  auto g = ref_linear(n, in, sp.gate, s);
+  auto u = ref_linear(n, in, sp.up, s);
+  auto act = mx::multiply(mx::multiply(g, mx::sigmoid(g, s), s), u, s);
+  return mx::add(h, ref_linear(act, in, sp.down, s), s);
+}
+
+std::string lin_keys(std::initializer_list<const LinSpec*> ls) {
+  std::string k;
+  for (auto* l : ls) {
+    k += spec_key(*l);
+  }
+  return k;
+}
+
+} // namespace
+
+// ---- FusedMulti ---------------------------------------------------------------
+
+void FusedMulti::eval_cpu(const std::vector<mx::array>& inputs,
+                          std::vector<mx::array>& outputs) {
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  for (auto& in : inputs) {
+    encoder.set_input_array(in);
+  }
+  std::vector<mx::array> outs;
+  for (auto& o : outputs) {
+    o.set_data(mx::allocator::malloc(o.nbytes()));
+    encoder.set_output_array(o);
+    outs.push_back(mx::array::unsafe_weak_copy(o));
+  }
+  encoder.dispatch(
+      [ins = weak(inputs), outs = std::move(outs), run = run_]() mutable {
+        run(ins, outs);
+      });
+}
+
+void FusedMulti::eval_gpu(const std::vector<mx::array>&,
+                          std::vector<mx::array>&) {
+  throw std::runtime_error(std::string(name_) +
+                           " runs on the CPU; on a GPU stream the op returns "
+                           "MLX's own");
+}
+
+// The fallback as a function of the inputs at argnums only (the others, such
+// as quantized weights, have no derivative).
+std::function<std::vector<mx::array>(const std::vector<mx::array>&)>
+of_args(const FusedMulti::Fallback& f,
+        const std::vector<mx::array>& primals,
+        const std::vector<int>& argnums) {
+  return [f, primals, argnums](const std::vector<mx::array>& xs) {
+    auto all = primals;
+    for (size_t i = 0; i < argnums.size(); ++i) {
+      all[argnums[i]] = xs[i];
+    }
+    return f(all);
+  };
+}
+
+std::vector<mx::array> picked(const std::vector<mx::array>& primals,
+                              const std::vector<int>& argnums) {
+  std::vector<mx::array> v;
+  for (int a : argnums) {
+    v.push_back(primals[a]);
+  }
+  return v;
+}
+
+std::vector<mx::array> FusedMulti::vjp(const std::vector<mx::array>& primals,
+                                       const std::vector<mx::array>& cotangents,
+                                       const std::vector<int>& argnums,
+                                       const std::vector<mx::array>&) {
+  return mx::vjp(of_args(fallback_, primals, argnums),
+                 picked(primals, argnums),
+                 cotangents)
+      .second;
+}
+
+std::vector<mx::array> FusedMulti::jvp(const std::vector<mx::array>& primals,
+                                       const std::vector<mx::array>& tangents,
+                                       const std::vector<int>& argnums) {
+  return mx::jvp(of_args(fallback_, primals, argnums),
+                 picked(primals, argnums),
+                 tangents)
+      .second;
+}
+
+std::pair<std::vector<mx::array>, std::vector<int>>
+FusedMulti::vmap(const std::vector<mx::array>& inputs,
+                 const std::vector<int>& axes) {
+  auto fn = [f = fallback_](const std::vector<mx::array>& xs) {
+    return f(xs);
+  };
+  auto outs = mx::vmap(fn, axes)(inputs);
+  return {outs, std::vector<int>(outs.size(), 0)};
+}
+
+bool FusedMulti::is_equivalent(const mx::Primitive& other) const {
+  auto* o = dynamic_cast<const FusedMulti*>(&other);
+  return o && std::strcmp(o->name_, name_) == 0 && o->key_ == key_;
+}
+
+// ---- ops ------------------------------------------------------------------------
+
+std::vector<mx::array> attn_in(const mx::array& x,
+                               const mx::array& norm_w,
+                               float eps,
+                               const std::vector<QLinear>& qkv,
+                               int n_heads,
+                               int n_kv_heads,
+                               const RopeArgs& rp,
+                               const mx::array& offset,
+                               mx::StreamOrDevice s_) {
+  if (qkv.size() != 3) {
+    throw std::invalid_argument("[attn_in] qkv takes three linears: q, k, v");
+  }
+  if (n_heads <= 0 || n_kv_heads <= 0) {
+    throw std::invalid_argument("[attn_in] head counts must be positive");
+  }
+  const mx::Stream s = mx::to_stream(s_);
+  std::vector<mx::array> inputs{x, norm_w};
+  InSpec sp{eps,
+            n_heads,
+            n_kv_heads,
+            rp.dims,
+            rp.traditional,
+            rp.base.value_or(0.f),
+            rp.scale,
+            rp.freqs.has_value(),
+            {},
+            {},
+            {},
+            0};
+  sp.q = push_linear(inputs, qkv[0]);
+  sp.k = push_linear(inputs, qkv[1]);
+  sp.v = push_linear(inputs, qkv[2]);
+  sp.offset_at = int(inputs.size());
+  inputs.push_back(mx::astype(offset, mx::int32, s));
+  if (rp.freqs) {
+    inputs.push_back(*rp.freqs);
+  }
+  const mx::Dtype t = x.dtype();
+  const int64_t D = x.ndim() == 3 ? x.shape(2) : 0;
+  const int64_t hd = sp.q.rows / n_heads;
+  const bool fits =
+      on_cpu(s) && x.ndim() == 3 && x.size() > 0 &&
+      x.shape(1) <= kMaxBlockRows && float_like(t) && norm_w.ndim() == 1 &&
+      norm_w.shape(0) == D && mx::promote_types(x.dtype(), norm_w.dtype()) == t &&
+      linear_ok(qkv[0], D, t) && linear_ok(qkv[1], D, t) &&
+      linear_ok(qkv[2], D, t) && sp.q.rows % n_heads == 0 &&
+      sp.k.rows == n_kv_heads * hd && sp.v.rows % n_kv_heads == 0 &&
+      n_heads % n_kv_heads == 0 && rp.dims > 0 && rp.dims % 2 == 0 &&
+      rp.dims <= hd && (rp.freqs || rp.base) &&
+      (!rp.freqs || (float_like(rp.freqs->dtype()) &&
+                     rp.freqs->size() == size_t(rp.dims / 2))) &&
+      mx::issubdtype(offset.dtype(), mx::integer) &&
+      (offset.ndim() == 0 ||
+       (offset.ndim() == 1 && (offset.shape(0) == x.shape(0) ||
+                               offset.shape(0) == 1)));
+  if (!fits) {
+    return ref_attn_in(inputs, sp, s);
+  }
+  const int B = x.shape(0), L = x.shape(1);
+  const int hdv = int(sp.v.rows / n_kv_heads);
+  std::ostringstream key;
+  key.precision(9);
+  key << eps << ',' << n_heads << ',' << n_kv_heads << ',' << rp.dims << ','
+      << rp.traditional << ',' << sp.base << ',' << rp.scale << ','
+      << sp.has_freqs << ';' << lin_keys({&sp.q, &sp.k, &sp.v});
+  auto fallback = [sp, s](std::vector<mx::array> in) {
+    return ref_attn_in(in, sp, s);
+  };
+  return mx::array::make_arrays(
+      {{B, n_heads, L, int(hd)},
+       {B, n_kv_heads, L, int(hd)},
+       {B, n_kv_heads, L, hdv}},
+      {t, t, t},
+      std::make_shared<FusedMulti>(
+          s,
+          "FusedAttnIn",
+          key.str(),
+          fallback,
+          [sp](std::vector<mx::array>& in, std::vector<mx::array>& outs) {
+            run_attn_in(in, outs, sp);
+          }),
+      inputs);
+}
+
+mx::array attn_out_mlp(const mx::array& attn,
+                       const mx::array& x,
+                       const QLinear& o,
+                       const mx::array& norm_w,
+                       float eps,
+                       const QLinear& gate,
+                       const QLinear& up,
+                       const QLinear& down,
+                       mx::StreamOrDevice s_) {
+  const mx::Stream s = mx::to_stream(s_);
+  std::vector<mx::array> inputs{attn, x};
+  OutSpec sp{eps, {}, {}, {}, {}, 0};
+  sp.o = push_linear(inputs, o);
+  sp.norm_at = int(inputs.size());
+  inputs.push_back(norm_w);
+  sp.gate = push_linear(inputs, gate);
+  sp.up = push_linear(inputs, up);
+  sp.down = push_linear(inputs, down);
+  const mx::Dtype t = x.dtype();
+  const int64_t D = x.ndim() == 3 ? x.shape(2) : 0;
+  const bool fits =
+      on_cpu(s) && x.ndim() == 3 && x.size() > 0 &&
+      x.shape(1) <= kMaxBlockRows && float_like(t) && attn.ndim() == 4 &&
+      attn.dtype() == t && attn.shape(0) == x.shape(0) &&
+      attn.shape(2) == x.shape(1) && norm_w.ndim() == 1 &&
+      norm_w.shape(0) == D && mx::promote_types(x.dtype(), norm_w.dtype()) == t &&
+      linear_ok(o, int64_t(attn.shape(1)) * attn.shape(3), t) &&
+      sp.o.rows == D && linear_ok(gate, D, t) && linear_ok(up, D, t) &&
+      sp.gate.rows == sp.up.rows && linear_ok(down, sp.gate.rows, t) &&
+      sp.down.rows == D;
+  if (!fits) {
+    return ref_attn_out_mlp(inputs, sp, s);
+  }
+  std::ostringstream key;
+  key.precision(9);
+  key << eps << ';' << lin_keys({&sp.o, &sp.gate, &sp.up, &sp.down});
+  auto fallback = [sp, s](std::vector<mx::array> in) {
+    return std::vector<mx::array>{ref_attn_out_mlp(in, sp, s)};
+  };
+  return mx::array::make_arrays(
+      {x.shape()},
+      {t},
+      std::make_shared<FusedMulti>(
+          s,
+          "FusedAttnOutMLP",
+          key.str(),
+          fallback,
+          [sp](std::vector<mx::array>& in, std::vector<mx::array>& outs) {
+            run_attn_out_mlp(in, outs[0], sp);
+          }),
+      inputs)[0];
+}
+
+} // namespace mlx_harmony_core::fused

@@ -1,0 +1,34 @@
+// Helpers the fused CPU primitives share (defined in fused.cpp): reading
+// rows of MLX arrays as floats, rounding to and storing in their dtypes.
+#pragma once
+
+#include "mlx/array.h"
+
+#include <functional>
+#include <initializer_list>
+#include <string>
+#include <vector>
+
+namespace mlx_harmony_core::fused::detail {
+
+namespace mx = mlx::core;
+
+bool float_like(mx::Dtype t);
+bool on_cpu(const mx::Stream& s);
+// Runs f(0 .. n-1), over the thread pool when `work` is large enough.
+void parallel(int64_t n, int64_t work, const std::function<void(int64_t)>& f);
+float sum_squares(const float* a, int64_t n);
+// n elements of a from element offset off, stride apart, as floats (a pointer
+// into a itself when it holds contiguous float32 there, else into buf).
+const float*
+load(const mx::array& a, int64_t off, int64_t stride, int64_t n, float* buf);
+// v rounded to dtype t and back (what storing it as t keeps).
+float round_to(float v, mx::Dtype t);
+// Stores n floats at element offset off of the (contiguous) output.
+void store(const float* y, mx::array& out, int64_t off, int64_t n);
+// Element offset of row r (all axes but the last) of a, in a's strides.
+int64_t row_offset(const mx::array& a, int64_t r);
+std::vector<mx::array> weak(const std::vector<mx::array>& inputs);
+std::string key_of(std::initializer_list<double> values);
+
+} // namespace mlx_harmony_core::fused::detail
