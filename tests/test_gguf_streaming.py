@@ -285,15 +285,17 @@ def test_mapped_gpt_oss_logits_equal_the_repacked_load(big_gguf):
         assert _rel(a, b) < 1e-5  # float32 rounding: both compute the same exact values
 
 
-def test_mapped_llama_logits_equal_the_exact_values(tmp_path):
+def test_mapped_llama_logits_equal_the_exact_values(tmp_path, monkeypatch):
     """A llama-shaped Q8_0 GGUF (q/k rows permuted by llama.cpp's converter, tied head):
     mapped, its logits equal the float32-dequantized model's within float32 rounding; the
-    repacked load's within its own (8-bit affine kernels) tolerance."""
+    repacked load's within its own (8-bit affine kernels) tolerance. With the fused CPU
+    decoder block on, its dense linears stay repacked (that primitive takes our layout)."""
     import sys
 
     sys.path.insert(0, str(Path(__file__).parent))
     from gguf import GGMLQuantizationType as Q
 
+    from mlx_harmony_core.cpu import fused
     from mlx_harmony_core.cpu.gguf_blocks import GgufEmbedding, GgufLinear
     from support.gguf_files import random_model, write_gguf
 
@@ -313,6 +315,10 @@ def test_mapped_llama_logits_equal_the_exact_values(tmp_path):
     _, weights = random_model(config)
     path = tmp_path / "llama.gguf"
     write_gguf(path, "llama", config, weights, qtype=Q.Q8_0)
+    fused_layers = _cpu_model(path, mapped=True)
+    assert not isinstance(fused_layers.model.layers[0].self_attn.q_proj, GgufLinear)
+    assert isinstance(fused_layers.model.embed_tokens, GgufEmbedding)
+    monkeypatch.setenv(fused.ENV, "mlx")  # every Q8_0 weight on the block kernels
     mapped = _cpu_model(path, mapped=True)
     assert isinstance(mapped.model.layers[0].self_attn.q_proj, GgufLinear)
     assert isinstance(mapped.model.embed_tokens, GgufEmbedding)

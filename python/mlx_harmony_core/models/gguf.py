@@ -603,16 +603,25 @@ def map_enabled() -> bool:
 
 def _block_modules(model: nn.Module, plan: list[tuple[str, TensorInfo]]) -> dict[str, nn.Module]:
     """The block-kernel layers replacing ``model``'s modules whose weights are Q8_0/MXFP4
-    (path -> new layer); other modules load repacked."""
+    (path -> new layer); other modules load repacked. Dense linears inside a decoder block
+    the CPU runs fused (:mod:`..cpu.block`) stay repacked: that primitive takes our layout."""
+    from ..cpu.block import block_classes
+    from ..cpu.fused import fused_enabled
     from ..cpu.gguf_blocks import BLOCK_TYPES, block_layer
 
     modules = dict(model.named_modules())
+    fusable = tuple(block_classes()) if fused_enabled() else ()
+    fused = [p + "." for p, m in modules.items() if fusable and isinstance(m, fusable)]
     out = {}
     for path, info in plan:
         module_path, _, leaf = path.rpartition(".")
         if leaf != "weight" or info.type not in BLOCK_TYPES or not info.shape:
             continue
         if info.shape[-1] % 32:
+            continue
+        if isinstance(modules.get(module_path), nn.Linear) and any(
+            module_path.startswith(p) for p in fused
+        ):
             continue
         raw = (*info.shape[:-1], info.shape[-1] // 32 * BLOCK_TYPES[info.type][1])
         layer = block_layer(modules.get(module_path), info.type, raw)
