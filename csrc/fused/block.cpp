@@ -95,26 +95,8 @@ mx::array ref_linear(const mx::array& x,
   return l.has_bias ? mx::add(y, in[k], s) : y;
 }
 
-// ---- evaluation ---------------------------------------------------------------
-
-// A's bytes in row-major order: a itself, or a copy into buf (strided views).
-const uint8_t* row_major(const mx::array& a, std::vector<uint8_t>& buf) {
-  if (a.flags().row_contiguous) {
-    return a.data<uint8_t>();
-  }
-  const size_t item = a.itemsize();
-  buf.resize(a.size() * item);
-  const uint8_t* src = a.data<uint8_t>();
-  for (size_t i = 0; i < a.size(); ++i) {
-    int64_t off = 0, rest = int64_t(i);
-    for (int d = int(a.ndim()) - 1; d >= 0; --d) {
-      off += (rest % a.shape(d)) * a.strides()[d];
-      rest /= a.shape(d);
-    }
-    std::memcpy(buf.data() + i * item, src + off * item, item);
-  }
-  return buf.data();
-}
+// ---- evaluation
+// ---------------------------------------------------------------
 
 // One linear's matrix and bias for the kernels, from the evaluated inputs.
 struct Lin {
@@ -127,10 +109,10 @@ struct Lin {
     const mx::array& sc = in[l.at + 1];
     int k = l.at + 2;
     const bool wide = l.group >= 32;
-    a.format = l.mode == "mxfp4"         ? quant::Format::Mxfp4
-               : l.bits == 8 && wide     ? quant::Format::Affine8
-               : l.bits == 4 && wide     ? quant::Format::Affine4
-                                         : quant::Format::AffineN;
+    a.format = l.mode == "mxfp4"     ? quant::Format::Mxfp4
+               : l.bits == 8 && wide ? quant::Format::Affine8
+               : l.bits == 4 && wide ? quant::Format::Affine4
+                                     : quant::Format::AffineN;
     a.bits = l.bits;
     a.group = l.group;
     a.scale_type = sc.dtype() == mx::float16    ? quant::ScaleType::F16
@@ -313,8 +295,8 @@ void run_attn_in(std::vector<mx::array>& in,
   const mx::array& offset = in[sp.offset_at];
   std::vector<int64_t> offs(offset.size());
   for (size_t i = 0; i < offset.size(); ++i) {
-    offs[i] = offset.data<int32_t>()[offset.ndim() ? i * offset.strides()[0]
-                                                    : 0];
+    offs[i] =
+        offset.data<int32_t>()[offset.ndim() ? i * offset.strides()[0] : 0];
   }
   std::vector<float> c(half), s(half), y(std::max(hd, hdv));
   auto rope_heads = [&](const std::vector<float>& src,
@@ -325,22 +307,7 @@ void run_attn_in(std::vector<mx::array>& in,
     const int64_t N = heads * hd;
     for (int h = 0; h < heads; ++h) {
       const float* row = src.data() + (b * L + l) * N + h * hd;
-      if (sp.traditional) {
-        for (int i = 0; i < half; ++i) {
-          const float x1 = row[2 * i], x2 = row[2 * i + 1];
-          y[2 * i] = x1 * c[i] - x2 * s[i];
-          y[2 * i + 1] = x1 * s[i] + x2 * c[i];
-        }
-      } else {
-        for (int i = 0; i < half; ++i) {
-          const float x1 = row[i], x2 = row[i + half];
-          y[i] = x1 * c[i] - x2 * s[i];
-          y[i + half] = x1 * s[i] + x2 * c[i];
-        }
-      }
-      for (int64_t i = sp.dims; i < hd; ++i) {
-        y[i] = row[i];
-      }
+      rotate(row, c.data(), s.data(), half, hd, sp.traditional, y.data());
       store(y.data(), out, ((b * heads + h) * L + l) * hd, hd);
     }
   };
@@ -384,9 +351,10 @@ void run_attn_out_mlp(std::vector<mx::array>& in,
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t l = 0; l < L; ++l) {
       for (int64_t h = 0; h < H; ++h) {
-        const float* p =
-            load(attn, b * as[0] + h * as[1] + l * as[2], as[3], hd, buf.data());
-        std::memcpy(a.data() + (b * L + l) * Din + h * hd, p, hd * sizeof(float));
+        const float* p = load(
+            attn, b * as[0] + h * as[1] + l * as[2], as[3], hd, buf.data());
+        std::memcpy(
+            a.data() + (b * L + l) * Din + h * hd, p, hd * sizeof(float));
       }
     }
   }
@@ -396,7 +364,8 @@ void run_attn_out_mlp(std::vector<mx::array>& in,
   // h = x + o(attn), in t.
   std::vector<float> h(R * D), xb(D), hn(R * D), wbuf(D);
   for (int64_t r = 0; r < R; ++r) {
-    const float* xr = load(x, row_offset(x, r), x.strides().back(), D, xb.data());
+    const float* xr =
+        load(x, row_offset(x, r), x.strides().back(), D, xb.data());
     for (int64_t i = 0; i < D; ++i) {
       h[r * D + i] = round_to(xr[i] + yo[r * D + i], t);
     }
@@ -423,9 +392,8 @@ void run_attn_out_mlp(std::vector<mx::array>& in,
 
 // ---- references (MLX-level ops: a GPU stream, transforms, what we skip) ----
 
-std::vector<mx::array> ref_attn_in(const std::vector<mx::array>& in,
-                                   const InSpec& sp,
-                                   mx::Stream s) {
+std::vector<mx::array>
+ref_attn_in(const std::vector<mx::array>& in, const InSpec& sp, mx::Stream s) {
   const mx::array& x = in[0];
   const int B = x.shape(0), L = x.shape(1);
   auto xn = rms_norm(x, in[1], sp.eps, s);
@@ -472,7 +440,8 @@ std::string lin_keys(std::initializer_list<const LinSpec*> ls) {
 
 } // namespace
 
-// ---- FusedMulti ---------------------------------------------------------------
+// ---- FusedMulti
+// ---------------------------------------------------------------
 
 void FusedMulti::eval_cpu(const std::vector<mx::array>& inputs,
                           std::vector<mx::array>& outputs) {
@@ -486,10 +455,9 @@ void FusedMulti::eval_cpu(const std::vector<mx::array>& inputs,
     encoder.set_output_array(o);
     outs.push_back(mx::array::unsafe_weak_copy(o));
   }
-  encoder.dispatch(
-      [ins = weak(inputs), outs = std::move(outs), run = run_]() mutable {
-        run(ins, outs);
-      });
+  encoder.dispatch([ins = weak(inputs),
+                    outs = std::move(outs),
+                    run = run_]() mutable { run(ins, outs); });
 }
 
 void FusedMulti::eval_gpu(const std::vector<mx::array>&,
@@ -545,9 +513,7 @@ std::vector<mx::array> FusedMulti::jvp(const std::vector<mx::array>& primals,
 std::pair<std::vector<mx::array>, std::vector<int>>
 FusedMulti::vmap(const std::vector<mx::array>& inputs,
                  const std::vector<int>& axes) {
-  auto fn = [f = fallback_](const std::vector<mx::array>& xs) {
-    return f(xs);
-  };
+  auto fn = [f = fallback_](const std::vector<mx::array>& xs) { return f(xs); };
   auto outs = mx::vmap(fn, axes)(inputs);
   return {outs, std::vector<int>(outs.size(), 0)};
 }
@@ -557,7 +523,8 @@ bool FusedMulti::is_equivalent(const mx::Primitive& other) const {
   return o && std::strcmp(o->name_, name_) == 0 && o->key_ == key_;
 }
 
-// ---- ops ------------------------------------------------------------------------
+// ---- ops
+// ------------------------------------------------------------------------
 
 std::vector<mx::array> attn_in(const mx::array& x,
                                const mx::array& norm_w,
@@ -599,21 +566,22 @@ std::vector<mx::array> attn_in(const mx::array& x,
   const mx::Dtype t = x.dtype();
   const int64_t D = x.ndim() == 3 ? x.shape(2) : 0;
   const int64_t hd = sp.q.rows / n_heads;
-  const bool fits =
-      on_cpu(s) && x.ndim() == 3 && x.size() > 0 &&
-      x.shape(1) <= kMaxBlockRows && float_like(t) && norm_w.ndim() == 1 &&
-      norm_w.shape(0) == D && mx::promote_types(x.dtype(), norm_w.dtype()) == t &&
-      linear_ok(qkv[0], D, t) && linear_ok(qkv[1], D, t) &&
-      linear_ok(qkv[2], D, t) && sp.q.rows % n_heads == 0 &&
-      sp.k.rows == n_kv_heads * hd && sp.v.rows % n_kv_heads == 0 &&
-      n_heads % n_kv_heads == 0 && rp.dims > 0 && rp.dims % 2 == 0 &&
-      rp.dims <= hd && (rp.freqs || rp.base) &&
-      (!rp.freqs || (float_like(rp.freqs->dtype()) &&
-                     rp.freqs->size() == size_t(rp.dims / 2))) &&
-      mx::issubdtype(offset.dtype(), mx::integer) &&
-      (offset.ndim() == 0 ||
-       (offset.ndim() == 1 && (offset.shape(0) == x.shape(0) ||
-                               offset.shape(0) == 1)));
+  const bool fits = on_cpu(s) && x.ndim() == 3 && x.size() > 0 &&
+                    x.shape(1) <= kMaxBlockRows && float_like(t) &&
+                    norm_w.ndim() == 1 && norm_w.shape(0) == D &&
+                    mx::promote_types(x.dtype(), norm_w.dtype()) == t &&
+                    linear_ok(qkv[0], D, t) && linear_ok(qkv[1], D, t) &&
+                    linear_ok(qkv[2], D, t) && sp.q.rows % n_heads == 0 &&
+                    sp.k.rows == n_kv_heads * hd &&
+                    sp.v.rows % n_kv_heads == 0 && n_heads % n_kv_heads == 0 &&
+                    rp.dims > 0 && rp.dims % 2 == 0 && rp.dims <= hd &&
+                    (rp.freqs || rp.base) &&
+                    (!rp.freqs || (float_like(rp.freqs->dtype()) &&
+                                   rp.freqs->size() == size_t(rp.dims / 2))) &&
+                    mx::issubdtype(offset.dtype(), mx::integer) &&
+                    (offset.ndim() == 0 ||
+                     (offset.ndim() == 1 &&
+                      (offset.shape(0) == x.shape(0) || offset.shape(0) == 1)));
   if (!fits) {
     return ref_attn_in(inputs, sp, s);
   }
@@ -663,16 +631,17 @@ mx::array attn_out_mlp(const mx::array& attn,
   sp.down = push_linear(inputs, down);
   const mx::Dtype t = x.dtype();
   const int64_t D = x.ndim() == 3 ? x.shape(2) : 0;
-  const bool fits =
-      on_cpu(s) && x.ndim() == 3 && x.size() > 0 &&
-      x.shape(1) <= kMaxBlockRows && float_like(t) && attn.ndim() == 4 &&
-      attn.dtype() == t && attn.shape(0) == x.shape(0) &&
-      attn.shape(2) == x.shape(1) && norm_w.ndim() == 1 &&
-      norm_w.shape(0) == D && mx::promote_types(x.dtype(), norm_w.dtype()) == t &&
-      linear_ok(o, int64_t(attn.shape(1)) * attn.shape(3), t) &&
-      sp.o.rows == D && linear_ok(gate, D, t) && linear_ok(up, D, t) &&
-      sp.gate.rows == sp.up.rows && linear_ok(down, sp.gate.rows, t) &&
-      sp.down.rows == D;
+  const bool fits = on_cpu(s) && x.ndim() == 3 && x.size() > 0 &&
+                    x.shape(1) <= kMaxBlockRows && float_like(t) &&
+                    attn.ndim() == 4 && attn.dtype() == t &&
+                    attn.shape(0) == x.shape(0) &&
+                    attn.shape(2) == x.shape(1) && norm_w.ndim() == 1 &&
+                    norm_w.shape(0) == D &&
+                    mx::promote_types(x.dtype(), norm_w.dtype()) == t &&
+                    linear_ok(o, int64_t(attn.shape(1)) * attn.shape(3), t) &&
+                    sp.o.rows == D && linear_ok(gate, D, t) &&
+                    linear_ok(up, D, t) && sp.gate.rows == sp.up.rows &&
+                    linear_ok(down, sp.gate.rows, t) && sp.down.rows == D;
   if (!fits) {
     return ref_attn_out_mlp(inputs, sp, s);
   }

@@ -31,4 +31,32 @@ int64_t row_offset(const mx::array& a, int64_t r);
 std::vector<mx::array> weak(const std::vector<mx::array>& inputs);
 std::string key_of(std::initializer_list<double> values);
 
+// One head's RoPE: its first 2 * half values rotated by the angles' (c, s)
+// (traditional: adjacent pairs, else the two halves), the rest (up to n)
+// copied.
+inline void rotate(const float* x,
+                   const float* c,
+                   const float* s,
+                   int half,
+                   int64_t n,
+                   bool traditional,
+                   float* y) {
+  if (traditional) {
+    for (int i = 0; i < half; ++i) {
+      const float x1 = x[2 * i], x2 = x[2 * i + 1];
+      y[2 * i] = x1 * c[i] - x2 * s[i];
+      y[2 * i + 1] = x1 * s[i] + x2 * c[i];
+    }
+  } else {
+    for (int i = 0; i < half; ++i) {
+      const float x1 = x[i], x2 = x[i + half];
+      y[i] = x1 * c[i] - x2 * s[i];
+      y[i + half] = x1 * s[i] + x2 * c[i];
+    }
+  }
+  for (int64_t i = 2 * int64_t(half); i < n; ++i) {
+    y[i] = x[i];
+  }
+}
+
 } // namespace mlx_harmony_core::fused::detail

@@ -1,6 +1,6 @@
 #include "fused/fused.h"
-#include "fused/common.h"
 
+#include "fused/common.h"
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/fast.h"
@@ -16,7 +16,7 @@
 #include <stdexcept>
 
 // Hot loops built for AVX2+FMA too, picked at load time (GCC/Clang on x86).
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && \
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) &&        \
     !defined(__AVX2__)
 #define MHC_CLONES __attribute__((target_clones("avx2,fma", "default")))
 #else
@@ -85,29 +85,26 @@ void load_t(const T* p, int64_t stride, int64_t n, float* out) {
 
 // n elements of a from element offset `off`, `stride` apart, as floats.
 // Returns a pointer into a itself when it holds contiguous float32 there.
-const float* load(const mx::array& a,
-                  int64_t off,
-                  int64_t stride,
-                  int64_t n,
-                  float* buf) {
+const float*
+load(const mx::array& a, int64_t off, int64_t stride, int64_t n, float* buf) {
   switch (a.dtype()) {
-    case mx::float32:
-      if (stride == 1) {
-        return a.data<float>() + off;
-      }
-      load_t(a.data<float>() + off, stride, n, buf);
-      break;
-    case mx::float16:
-      load_t(a.data<mx::float16_t>() + off, stride, n, buf);
-      break;
-    case mx::bfloat16:
-      load_t(a.data<mx::bfloat16_t>() + off, stride, n, buf);
-      break;
-    case mx::bool_:
-      load_t(a.data<bool>() + off, stride, n, buf);
-      break;
-    default:
-      throw std::invalid_argument("[fused] unsupported dtype");
+  case mx::float32:
+    if (stride == 1) {
+      return a.data<float>() + off;
+    }
+    load_t(a.data<float>() + off, stride, n, buf);
+    break;
+  case mx::float16:
+    load_t(a.data<mx::float16_t>() + off, stride, n, buf);
+    break;
+  case mx::bfloat16:
+    load_t(a.data<mx::bfloat16_t>() + off, stride, n, buf);
+    break;
+  case mx::bool_:
+    load_t(a.data<bool>() + off, stride, n, buf);
+    break;
+  default:
+    throw std::invalid_argument("[fused] unsupported dtype");
   }
   return buf;
 }
@@ -126,22 +123,22 @@ float round_to(float v, mx::Dtype t) {
 // Stores n floats at element offset off of the (contiguous) output.
 void store(const float* y, mx::array& out, int64_t off, int64_t n) {
   switch (out.dtype()) {
-    case mx::float32:
-      std::memcpy(out.data<float>() + off, y, n * sizeof(float));
-      break;
-    case mx::float16: {
-      auto* o = out.data<mx::float16_t>() + off;
-      for (int64_t i = 0; i < n; ++i) {
-        o[i] = static_cast<mx::float16_t>(y[i]);
-      }
-      break;
+  case mx::float32:
+    std::memcpy(out.data<float>() + off, y, n * sizeof(float));
+    break;
+  case mx::float16: {
+    auto* o = out.data<mx::float16_t>() + off;
+    for (int64_t i = 0; i < n; ++i) {
+      o[i] = static_cast<mx::float16_t>(y[i]);
     }
-    default: {
-      auto* o = out.data<mx::bfloat16_t>() + off;
-      for (int64_t i = 0; i < n; ++i) {
-        o[i] = static_cast<mx::bfloat16_t>(y[i]);
-      }
+    break;
+  }
+  default: {
+    auto* o = out.data<mx::bfloat16_t>() + off;
+    for (int64_t i = 0; i < n; ++i) {
+      o[i] = static_cast<mx::bfloat16_t>(y[i]);
     }
+  }
   }
 }
 
@@ -189,9 +186,9 @@ void run_rms_norm(std::vector<mx::array>& in, mx::array& out, float eps) {
   const int64_t xs = x.strides().back();
   const mx::Dtype t = out.dtype();
   std::vector<float> wbuf(D);
-  const float* w = in.size() > 1 ? load(in[1], 0, in[1].strides()[0], D,
-                                        wbuf.data())
-                                 : nullptr;
+  const float* w = in.size() > 1
+                       ? load(in[1], 0, in[1].strides()[0], D, wbuf.data())
+                       : nullptr;
   parallel(rows, rows * D, [&](int64_t r) {
     thread_local std::vector<float> buf;
     buf.resize(2 * D);
@@ -231,9 +228,11 @@ void run_rope(std::vector<mx::array>& in, mx::array& out, RopeSpec sp) {
   std::vector<float> inv(half);
   if (in.size() > 2) {
     std::vector<float> fbuf(half);
-    const float* f =
-        load(in[2], 0, in[2].strides().empty() ? 1 : in[2].strides()[0], half,
-             fbuf.data());
+    const float* f = load(in[2],
+                          0,
+                          in[2].strides().empty() ? 1 : in[2].strides()[0],
+                          half,
+                          fbuf.data());
     for (int i = 0; i < half; ++i) {
       inv[i] = 1.f / f[i];
     }
@@ -267,22 +266,7 @@ void run_rope(std::vector<mx::array>& in, mx::array& out, RopeSpec sp) {
       c[i] = round_to(std::cos(theta), t);
       s[i] = round_to(std::sin(theta), t);
     }
-    if (sp.traditional) {
-      for (int i = 0; i < half; ++i) {
-        const float x1 = row[2 * i], x2 = row[2 * i + 1];
-        y[2 * i] = x1 * c[i] - x2 * s[i];
-        y[2 * i + 1] = x1 * s[i] + x2 * c[i];
-      }
-    } else {
-      for (int i = 0; i < half; ++i) {
-        const float x1 = row[i], x2 = row[i + half];
-        y[i] = x1 * c[i] - x2 * s[i];
-        y[i + half] = x1 * s[i] + x2 * c[i];
-      }
-    }
-    for (int64_t i = sp.dims; i < D; ++i) {
-      y[i] = row[i];
-    }
+    rotate(row, c, s, half, D, sp.traditional, y);
     store(y, out, r * D, D);
   });
 }
@@ -324,8 +308,8 @@ void run_sdpa(std::vector<mx::array>& in, mx::array& out, SdpaSpec sp) {
     const int64_t kbase = b * ks[0] + hk * ks[1];
     const int64_t vbase = b * vs[0] + hk * vs[1];
     for (int64_t i = 0; i < Lq; ++i) {
-      const float* qr = load(q, b * qs[0] + h * qs[1] + i * qs[2], qs[3], D,
-                             kbuf);
+      const float* qr =
+          load(q, b * qs[0] + h * qs[1] + i * qs[2], qs[3], D, kbuf);
       for (int64_t d = 0; d < D; ++d) {
         qrow[d] = qr[d] * sp.scale;
       }
@@ -341,8 +325,7 @@ void run_sdpa(std::vector<mx::array>& in, mx::array& out, SdpaSpec sp) {
         if (j > last) {
           sc = lowest;
         } else {
-          const float* kr =
-              load(k, kbase + j * ks[2], ks[3], D, kbuf);
+          const float* kr = load(k, kbase + j * ks[2], ks[3], D, kbuf);
           sc = dot(qrow, kr, D);
           if (m) {
             if (mask->dtype() == mx::bool_) {
@@ -403,9 +386,7 @@ FusedPrimitive::vjp(const std::vector<mx::array>& primals,
                     const std::vector<mx::array>& cotangents,
                     const std::vector<int>& argnums,
                     const std::vector<mx::array>&) {
-  auto fn = [f = fallback_](const std::vector<mx::array>& xs) {
-    return f(xs);
-  };
+  auto fn = [f = fallback_](const std::vector<mx::array>& xs) { return f(xs); };
   auto [_, vjps] = mx::vjp(fn, primals, cotangents);
   std::vector<mx::array> outs;
   for (int a : argnums) {
@@ -426,18 +407,14 @@ FusedPrimitive::jvp(const std::vector<mx::array>& primals,
       all.push_back(mx::zeros_like(primals[i]));
     }
   }
-  auto fn = [f = fallback_](const std::vector<mx::array>& xs) {
-    return f(xs);
-  };
+  auto fn = [f = fallback_](const std::vector<mx::array>& xs) { return f(xs); };
   return mx::jvp(fn, primals, all).second;
 }
 
 std::pair<std::vector<mx::array>, std::vector<int>>
 FusedPrimitive::vmap(const std::vector<mx::array>& inputs,
                      const std::vector<int>& axes) {
-  auto fn = [f = fallback_](const std::vector<mx::array>& xs) {
-    return f(xs);
-  };
+  auto fn = [f = fallback_](const std::vector<mx::array>& xs) { return f(xs); };
   auto outs = mx::vmap(fn, axes)(inputs);
   return {outs, std::vector<int>(outs.size(), 0)};
 }
@@ -471,18 +448,17 @@ mx::array rms_norm(const mx::array& x,
         eps,
         s)};
   };
-  return mx::array(
-      x.shape(),
-      t,
-      std::make_shared<FusedPrimitive>(
-          s,
-          "FusedRMSNorm",
-          key_of({eps, double(has_weight)}),
-          fallback,
-          [eps](std::vector<mx::array>& in, mx::array& out) {
-            run_rms_norm(in, out, eps);
-          }),
-      std::move(inputs));
+  return mx::array(x.shape(),
+                   t,
+                   std::make_shared<FusedPrimitive>(
+                       s,
+                       "FusedRMSNorm",
+                       key_of({eps, double(has_weight)}),
+                       fallback,
+                       [eps](std::vector<mx::array>& in, mx::array& out) {
+                         run_rms_norm(in, out, eps);
+                       }),
+                   std::move(inputs));
 }
 
 mx::array rope(const mx::array& x,
@@ -518,22 +494,21 @@ mx::array rope(const mx::array& x,
         has_freqs ? std::optional<mx::array>(in[2]) : std::nullopt,
         s)};
   };
-  return mx::array(
-      x.shape(),
-      x.dtype(),
-      std::make_shared<FusedPrimitive>(
-          s,
-          "FusedRoPE",
-          key_of({double(dims),
-                  double(traditional),
-                  spec.base,
-                  scale,
-                  double(has_freqs)}),
-          fallback,
-          [spec](std::vector<mx::array>& in, mx::array& out) {
-            run_rope(in, out, spec);
-          }),
-      std::move(inputs));
+  return mx::array(x.shape(),
+                   x.dtype(),
+                   std::make_shared<FusedPrimitive>(
+                       s,
+                       "FusedRoPE",
+                       key_of({double(dims),
+                               double(traditional),
+                               spec.base,
+                               scale,
+                               double(has_freqs)}),
+                       fallback,
+                       [spec](std::vector<mx::array>& in, mx::array& out) {
+                         run_rope(in, out, spec);
+                       }),
+                   std::move(inputs));
 }
 
 mx::array sdpa(const mx::array& q,

@@ -6,33 +6,17 @@
 #include "quant/gguf_blocks_common.h"
 #include "quant/matmul.h"
 #include "quant/pool.h"
-
-#include <fcntl.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
+#include "quant/quant.h"
 
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <cstring>
+#include <fcntl.h>
 #include <stdexcept>
-
-// The BLAS MLX itself calls (see quant/matmul.cpp).
-extern "C" void cblas_sgemm(int order,
-                            int trans_a,
-                            int trans_b,
-                            int m,
-                            int n,
-                            int k,
-                            float alpha,
-                            const float* a,
-                            int lda,
-                            const float* b,
-                            int ldb,
-                            float beta,
-                            float* c,
-                            int ldc);
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 namespace mlx_harmony_core::gguf {
 
@@ -169,36 +153,14 @@ void gemm(const BlockIsa& isa, int type, const BlockJob& job) {
 
 // -- arrays ------------------------------------------------------------------
 
-// A row-major copy of a's bytes when a is strided; a's own data otherwise.
-const uint8_t* row_major(const mx::array& a, std::vector<uint8_t>& buf) {
-  if (a.flags().row_contiguous) {
-    return a.data<uint8_t>();
-  }
-  const size_t item = a.itemsize();
-  const int nd = a.ndim();
-  buf.resize(a.size() * item);
-  const uint8_t* src = a.data<uint8_t>();
-  std::vector<int64_t> idx(nd, 0);
-  int64_t off = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    std::memcpy(buf.data() + i * item, src + off * item, item);
-    for (int d = nd - 1; d >= 0; --d) {
-      off += a.strides()[d];
-      if (++idx[d] < a.shape(d)) {
-        break;
-      }
-      off -= a.strides()[d] * a.shape(d);
-      idx[d] = 0;
-    }
-  }
-  return buf.data();
-}
-
 int64_t cols_of(int type, int64_t row_bytes) {
   return row_bytes / block_bytes(type) * 32;
 }
 
-void run_dense(mx::array& out, const mx::array& x, const mx::array& w, int type) {
+void run_dense(mx::array& out,
+               const mx::array& x,
+               const mx::array& w,
+               int type) {
   std::vector<uint8_t> xb, wb;
   const auto* xf = reinterpret_cast<const float*>(row_major(x, xb));
   const uint8_t* wp = row_major(w, wb);
@@ -309,14 +271,15 @@ void check_weights(const mx::array& w, int ndim, int type, const char* op) {
                                 "-d uint8 array of GGUF blocks");
   }
   if (w.shape(-1) % block_bytes(type) != 0) {
-    throw std::invalid_argument(
-        std::string("[") + op + "] a weight row of " +
-        std::to_string(w.shape(-1)) + " bytes is not whole blocks of " +
-        std::to_string(block_bytes(type)));
+    throw std::invalid_argument(std::string("[") + op + "] a weight row of " +
+                                std::to_string(w.shape(-1)) +
+                                " bytes is not whole blocks of " +
+                                std::to_string(block_bytes(type)));
   }
 }
 
-mx::array as_input(const mx::array& x, int64_t K, const char* op, mx::Stream s) {
+mx::array
+as_input(const mx::array& x, int64_t K, const char* op, mx::Stream s) {
   if (!mx::issubdtype(x.dtype(), mx::floating) || x.dtype() == mx::float64) {
     throw std::invalid_argument(std::string("[") + op +
                                 "] x must be float32, float16 or bfloat16");
@@ -352,10 +315,7 @@ const BlockIsa& block_isa_generic() {
 
 const BlockIsa* block_isa_avx2() {
 #if defined(MHC_HAVE_X86_KERNELS)
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                 __builtin_cpu_supports("f16c")
-             ? avx2::get()
-             : nullptr;
+  return quant::cpu_has_avx2() ? avx2::get() : nullptr;
 #else
   return nullptr;
 #endif
@@ -444,10 +404,8 @@ mx::array block_matmul_op(const mx::array& x,
   auto xf = as_input(x, cols_of(type, w.shape(1)), op, st);
   auto shape = x.shape();
   shape.back() = w.shape(0);
-  auto out = mx::array(shape,
-                       mx::float32,
-                       std::make_shared<BlockMatmul>(st, type, 0),
-                       {xf, w});
+  auto out = mx::array(
+      shape, mx::float32, std::make_shared<BlockMatmul>(st, type, 0), {xf, w});
   return mx::astype(out, x.dtype(), st);
 }
 
@@ -464,7 +422,8 @@ mx::array block_gather_op(const mx::array& x,
     throw std::invalid_argument("[gguf_gather_matmul] x must be (..., M, K)");
   }
   if (!mx::issubdtype(indices.dtype(), mx::integer)) {
-    throw std::invalid_argument("[gguf_gather_matmul] indices must be integers");
+    throw std::invalid_argument(
+        "[gguf_gather_matmul] indices must be integers");
   }
   auto xf = as_input(x, cols_of(type, w.shape(2)), op, st);
   // As mx.gather_qmm: x's batch dims broadcast against the indices'.
@@ -555,14 +514,16 @@ bool BlockMatmul::is_equivalent(const mx::Primitive& other) const {
   return o && o->type_ == type_ && o->kind_ == kind_;
 }
 
-// -- mapped files --------------------------------------------------------------
+// -- mapped files
+// --------------------------------------------------------------
 
 FileMapping::FileMapping(const std::string& path, bool populate) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) {
-    throw std::runtime_error("cannot open " + path + ": " + std::strerror(errno));
+    throw std::runtime_error("cannot open " + path + ": " +
+                             std::strerror(errno));
   }
-  struct stat st{};
+  struct stat st {};
   if (::fstat(fd, &st) != 0 || st.st_size <= 0) {
     ::close(fd);
     throw std::runtime_error(path + " is empty or cannot be read");
@@ -628,10 +589,9 @@ mx::array make_mapped_array(const std::shared_ptr<FileMapping>& map,
   // The header slot before the data lies inside the file (its header).
   if (offset < int64_t(sizeof(size_t)) || nbytes < 0 ||
       uint64_t(offset + nbytes) > map->size()) {
-    throw std::invalid_argument("mapped array: bytes [" +
-                                std::to_string(offset) + ", " +
-                                std::to_string(offset + nbytes) +
-                                ") are outside the file");
+    throw std::invalid_argument(
+        "mapped array: bytes [" + std::to_string(offset) + ", " +
+        std::to_string(offset + nbytes) + ") are outside the file");
   }
   auto* ptr = const_cast<uint8_t*>(map->data()) + offset;
   if (mapped_arrays_zero_copy()) {

@@ -26,10 +26,7 @@ const Isa* isa_avx512() {
 
 const Isa* isa_avx2() {
 #if defined(MHC_HAVE_X86_KERNELS)
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                 __builtin_cpu_supports("f16c")
-             ? avx2::get()
-             : nullptr;
+  return cpu_has_avx2() ? avx2::get() : nullptr;
 #else
   return nullptr;
 #endif

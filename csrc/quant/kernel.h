@@ -9,8 +9,20 @@
 
 namespace mlx_harmony_core::quant {
 
+// Whether this CPU runs the AVX2 kernels (AVX2 with FMA and F16C); false where
+// they are not built.
+inline bool cpu_has_avx2() {
+#if defined(MHC_HAVE_X86_KERNELS)
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c");
+#else
+  return false;
+#endif
+}
+
 // AffineN: any width from 2 to 8 bits (`bits`) as a bit stream; 4- and 8-bit
-// weights take it only in groups of 16 (Affine4/Affine8 have their own kernels).
+// weights take it only in groups of 16 (Affine4/Affine8 have their own
+// kernels).
 enum class Format : int { Affine4, Affine8, Mxfp4, AffineN };
 enum class ScaleType : int { F32, F16, BF16, E8M0 };
 
@@ -27,7 +39,7 @@ struct QMatrix {
   int bits = 4;
 
   int64_t row_bytes() const {
-    return format == Format::AffineN  ? cols * bits / 8
+    return format == Format::AffineN   ? cols * bits / 8
            : format == Format::Affine8 ? cols
                                        : cols / 2;
   }

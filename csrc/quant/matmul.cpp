@@ -6,23 +6,6 @@
 #include <atomic>
 #include <cstring>
 
-// The BLAS MLX itself calls: the OpenBLAS shim on Linux (loaded globally
-// before mlx.core), Accelerate on macOS.
-extern "C" void cblas_sgemm(int order,
-                            int trans_a,
-                            int trans_b,
-                            int m,
-                            int n,
-                            int k,
-                            float alpha,
-                            const float* a,
-                            int lda,
-                            const float* b,
-                            int ldb,
-                            float beta,
-                            float* c,
-                            int ldc);
-
 namespace mlx_harmony_core::quant {
 
 namespace {

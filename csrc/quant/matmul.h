@@ -6,6 +6,23 @@
 
 #include <vector>
 
+// The BLAS MLX itself calls: the OpenBLAS shim on Linux (loaded globally
+// before mlx.core), Accelerate on macOS.
+extern "C" void cblas_sgemm(int order,
+                            int trans_a,
+                            int trans_b,
+                            int m,
+                            int n,
+                            int k,
+                            float alpha,
+                            const float* a,
+                            int lda,
+                            const float* b,
+                            int ldb,
+                            float beta,
+                            float* c,
+                            int ldc);
+
 namespace mlx_harmony_core::quant {
 
 // Rows of x at or above which dequantizing tiles for the BLAS beats the GEMV.

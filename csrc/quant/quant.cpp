@@ -32,31 +32,6 @@ bool scales_ok(const std::string& mode, const mx::array& scales) {
                          : float_like(scales.dtype());
 }
 
-// A row-major view of a's data: a itself, or a copy into buf.
-const uint8_t* row_major(const mx::array& a, std::vector<uint8_t>& buf) {
-  if (a.flags().row_contiguous) {
-    return a.data<uint8_t>();
-  }
-  const size_t item = a.itemsize();
-  const int nd = a.ndim();
-  buf.resize(a.size() * item);
-  const uint8_t* src = a.data<uint8_t>();
-  std::vector<int64_t> idx(nd, 0);
-  int64_t off = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    std::memcpy(buf.data() + i * item, src + off * item, item);
-    for (int d = nd - 1; d >= 0; --d) {
-      off += a.strides()[d];
-      if (++idx[d] < a.shape(d)) {
-        break;
-      }
-      off -= a.strides()[d] * a.shape(d);
-      idx[d] = 0;
-    }
-  }
-  return buf.data();
-}
-
 // a's values as row-major float32: a itself when it is that already.
 const float* as_float(const mx::array& a, std::vector<float>& out) {
   std::vector<uint8_t> buf;
@@ -127,10 +102,10 @@ QMatrix matrix(const Weights& wt,
                int64_t e) {
   QMatrix a;
   const bool wide = spec.group_size >= 32; // Affine4/Affine8 take 32 and up
-  a.format = spec.mode == "mxfp4"         ? Format::Mxfp4
-             : spec.bits == 8 && wide     ? Format::Affine8
-             : spec.bits == 4 && wide     ? Format::Affine4
-                                          : Format::AffineN;
+  a.format = spec.mode == "mxfp4"     ? Format::Mxfp4
+             : spec.bits == 8 && wide ? Format::Affine8
+             : spec.bits == 4 && wide ? Format::Affine4
+                                      : Format::AffineN;
   a.bits = spec.bits;
   a.group = spec.group_size;
   a.scale_type = scale_type(scales.dtype());
@@ -370,6 +345,30 @@ void x_only(const std::vector<int>& argnums) {
 
 } // namespace
 
+const uint8_t* row_major(const mx::array& a, std::vector<uint8_t>& buf) {
+  if (a.flags().row_contiguous) {
+    return a.data<uint8_t>();
+  }
+  const size_t item = a.itemsize();
+  const int nd = a.ndim();
+  buf.resize(a.size() * item);
+  const uint8_t* src = a.data<uint8_t>();
+  std::vector<int64_t> idx(nd, 0);
+  int64_t off = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    std::memcpy(buf.data() + i * item, src + off * item, item);
+    for (int d = nd - 1; d >= 0; --d) {
+      off += a.strides()[d];
+      if (++idx[d] < a.shape(d)) {
+        break;
+      }
+      off -= a.strides()[d] * a.shape(d);
+      idx[d] = 0;
+    }
+  }
+  return buf.data();
+}
+
 bool quant_supported(const std::string& mode, int bits, int group_size) {
   if (mode == "affine") {
     return bits >= 2 && bits <= 8 && bits != 7 &&
@@ -390,8 +389,8 @@ mx::array quantized_matmul(const mx::array& x,
                            mx::StreamOrDevice s) {
   if (small_group(mode, group_size)) {
     const int nbits = bits.value_or(4);
-    auto ref = dequant_matmul(
-        x, w, scales, biases, transpose, kSmallGroup, nbits, s);
+    auto ref =
+        dequant_matmul(x, w, scales, biases, transpose, kSmallGroup, nbits, s);
     if (!ref.has_primitive() ||
         ref.primitive().stream().device != mx::Device::cpu || w.ndim() != 2 ||
         !float_like(x.dtype()) || !scales_ok(mode, scales) ||
@@ -530,7 +529,8 @@ QuantPrimitive::jvp(const std::vector<mx::array>& primals,
   if (spec_.group_size == kSmallGroup) {
     x_only(argnums);
     auto w = small_weights(primals, spec_, stream());
-    return {mx::matmul(tangents[0], mx::swapaxes(w, -1, -2, stream()), stream())};
+    return {
+        mx::matmul(tangents[0], mx::swapaxes(w, -1, -2, stream()), stream())};
   }
   auto ref = reference(primals);
   return ref.primitive().jvp(

@@ -11,10 +11,15 @@
 
 #include <optional>
 #include <string>
+#include <vector>
 
 namespace mlx_harmony_core {
 
 namespace mx = mlx::core;
+
+// A row-major view of a's bytes: a's own data, or a copy into buf when a is
+// strided (the kernels read rows of plain memory).
+const uint8_t* row_major(const mx::array& a, std::vector<uint8_t>& buf);
 
 // Whether our kernels take (mode, bits, group_size); else MLX's do.
 bool quant_supported(const std::string& mode, int bits, int group_size);

@@ -48,6 +48,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .errors import GroupError
+from .kv_cache import rewind_rows
 
 __all__ = ["Group", "current", "follow", "init", "shard_vocab"]
 
@@ -524,15 +525,7 @@ class Follower:
         return self.runner.forward_at(mx.array(inputs, dtype=mx.int32), self.cache, where)
 
     def _rewind(self, back: list[int]) -> None:
-        if self.solo:
-            got = [min(c.trim(back[0]) for c in self.cache or [])] if back[0] else [0]
-        else:
-            got = back
-            for layer in self.cache or []:
-                if list(layer.rewind(back)) != back:
-                    got = []
-        if got != back:
-            raise RuntimeError("a KV cache could not rewind a rejected draft")
+        rewind_rows(self.cache, back, self.solo)
         for rid, n in zip(self.batch, back, strict=True):
             if n:
                 del self.rows[rid].tokens[-n:]

@@ -80,6 +80,21 @@ def make_batch_cache(caches: Sequence[Any]) -> list[Any] | None:
     return out
 
 
+def rewind_rows(caches: Sequence[Any] | None, back: list[int], solo: bool) -> None:
+    """Rewind each row of a batch's caches by its own ``back[i]`` tokens (a lone row's
+    caches with ``trim``); raises ``RuntimeError`` when a cache cannot (the rows' tokens
+    would no longer match their caches)."""
+    if solo:
+        got = [min(c.trim(back[0]) for c in caches or [])] if back[0] else [0]
+    else:
+        got = back
+        for layer in caches or []:
+            if list(layer.rewind(back)) != back:
+                got = []
+    if got != back:
+        raise RuntimeError("a KV cache could not rewind a rejected draft")
+
+
 def kv_bytes_per_token(model: Any, caches: Sequence[Any]) -> list[int]:
     """Bytes per token each layer's cache holds, measured by running two tokens through
     ``caches`` (fresh ones: they are used up)."""

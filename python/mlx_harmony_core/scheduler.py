@@ -41,7 +41,7 @@ import numpy as np
 
 from .distributed import is_peer_error
 from .errors import CapacityError
-from .kv_cache import kv_bytes, kv_bytes_per_token, make_batch_cache
+from .kv_cache import kv_bytes, kv_bytes_per_token, make_batch_cache, rewind_rows
 from .params import SamplingParams
 from .request import Completion, Request, StreamEvent
 from .runner import ModelRunner
@@ -676,15 +676,7 @@ class _Batch:
         # Kept: each row's newest token and its accepted drafts; the token drawn last is
         # fed next.
         back = [width - 1 - a for a in accepted]
-        if self.solo:
-            got = [min(c.trim(back[0]) for c in self.cache or [])] if back[0] else [0]
-        else:
-            got = back
-            for layer in self.cache or []:
-                if list(layer.rewind(back)) != back:
-                    got = []
-        if got != back:
-            raise RuntimeError("a KV cache could not rewind a rejected draft")
+        rewind_rows(self.cache, back, self.solo)
         for i, r in enumerate(rows):
             r.cached += 1 + accepted[i]
             spec = r.req.speculation
