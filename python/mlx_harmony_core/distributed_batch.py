@@ -20,7 +20,7 @@ from typing import Any
 import mlx.core as mx
 
 from .errors import GroupError
-from .scheduler import END, Scheduler, _Batch, _Row
+from .scheduler import END, Batch, Row, Scheduler
 from .speculative import Pacer
 
 logger = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class _LeaderRunner:
         return logits
 
 
-class GroupBatch(_Batch):
+class GroupBatch(Batch):
     """The scheduler's batch on rank 0 of a group (see the module's docstring)."""
 
     def __init__(self, sched: Scheduler) -> None:
@@ -61,9 +61,9 @@ class GroupBatch(_Batch):
         self.ops: list[list[Any]] = []  # since the last message
         # This step's forward passes (outputs, row whose prefill progress to report, tokens
         # done), evaluated in order once the message is out.
-        self.lazy: list[tuple[Any, _Row | None, int]] = []
-        self.firsts: list[tuple[_Row, mx.array]] = []  # rows to draw a first token for
-        self.joined: list[_Row] = []  # prefilled this step, joining at its end
+        self.lazy: list[tuple[Any, Row | None, int]] = []
+        self.firsts: list[tuple[Row, mx.array]] = []  # rows to draw a first token for
+        self.joined: list[Row] = []  # prefilled this step, joining at its end
         self.sent = False
         self.width = 0  # the last verify step's tokens per row
         self.watching = False
@@ -130,7 +130,7 @@ class GroupBatch(_Batch):
         self._update_rows(None, [r for r in joined if not r.finished])
         self.joined = []
 
-    def members(self) -> list[_Row]:
+    def members(self) -> list[Row]:
         return [*super().members(), *self.joined]
 
     def _verify_step(self) -> bool:
@@ -152,7 +152,7 @@ class GroupBatch(_Batch):
         return logits
 
     # -- prefill: planned on the host, run once the message is out -------------------------
-    def _prefill_one(self, r: _Row, budget: int, whole: bool) -> int:
+    def _prefill_one(self, r: Row, budget: int, whole: bool) -> int:
         if r.cache is None:
             if not self.rows:  # a request's peak memory, unless others are decoding
                 mx.reset_peak_memory()
@@ -184,7 +184,7 @@ class GroupBatch(_Batch):
         r.done = r.cached = len(prompt)
         return 1
 
-    def _take(self, r: _Row) -> None:
+    def _take(self, r: Row) -> None:
         """The longest cached prefix of ``r``'s prompt (the tool loop's own cache and the
         prompt cache on disk are rank 0's alone: not used in a group)."""
         self._sync_clears()
@@ -198,7 +198,7 @@ class GroupBatch(_Batch):
         self.record("take", rid, list(r.prompt), n)
 
     # -- leaving and joining ----------------------------------------------------------------
-    def _retire(self, r: _Row, batch_row: int | None = None) -> None:
+    def _retire(self, r: Row, batch_row: int | None = None) -> None:
         rid = self.rids.pop(id(r), None)
         r.req.hold_cache = None  # a tool loop's held cache would be rank 0's alone
         n = len(self.to_store)
@@ -208,7 +208,7 @@ class GroupBatch(_Batch):
             count = len(self.to_store[-1][0]) if stored else 0
             self.record("retire", rid, batch_row, stored, count)
 
-    def _update_rows(self, nxt: Any, joined: list[_Row]) -> None:
+    def _update_rows(self, nxt: Any, joined: list[Row]) -> None:
         keep = [i for i, r in enumerate(self.rows) if not r.finished]
         gone = len(keep) < len(self.rows)
         super()._update_rows(nxt, joined)

@@ -19,6 +19,7 @@ import mlx.core as mx
 
 from .chat_format import ChatFormat
 from .distributed import is_peer_error
+from .distributed_batch import GroupBatch
 from .errors import ContextLengthError, InvalidRequestError, RequestTypeError
 from .messages import MessagesLike, normalize_messages, role
 from .options import GUIDE, RENDER, SPECULATION, TOOLS, RequestOptions
@@ -449,7 +450,8 @@ class Engine:
             if old is None or options:
                 if old is not None and not old.idle.wait(timeout=5):
                     raise RuntimeError("the scheduler is busy; reconfigure it when idle")
-                self._scheduler = Scheduler(self.runner, **options)
+                group = GroupBatch if self.runner.group is not None else None
+                self._scheduler = Scheduler(self.runner, batch_class=group, **options)
             return self._scheduler
 
     def submit(

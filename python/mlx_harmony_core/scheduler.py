@@ -136,7 +136,7 @@ class Handle:
 
 
 @dataclass
-class _Row:
+class Row:
     """A request in the scheduler: waiting, prefilling, or a row of the batch."""
 
     req: Request
@@ -160,7 +160,7 @@ class _Row:
 class _Step:
     """A decode step built for ``rows``; ``inputs`` feed the next step (current rows)."""
 
-    rows: list[_Row]
+    rows: list[Row]
     ids: mx.array
     lp: LogProbs | None
     inputs: mx.array = field(init=False)
@@ -180,6 +180,8 @@ class Scheduler:
     and one that cannot fit even alone is refused. ``prefill_chunk`` bounds how many
     prompt tokens run between two decode steps. ``worker`` (a
     :func:`~.threads.worker`) is the thread its loop runs on (default: the generation thread).
+    ``batch_class`` makes the batch (default :class:`Batch`; a distributed group's is
+    :class:`~.distributed_batch.GroupBatch`, which :meth:`Engine.batching` passes).
 
     Models whose caches cannot batch (state other than attention K/V) run with
     ``max_batch`` 1.
@@ -194,6 +196,7 @@ class Scheduler:
         kv_budget_bytes: int | None = None,
         prefill_chunk: int = PREFILL_CHUNK,
         worker: Any = None,
+        batch_class: Callable[[Scheduler], Batch] | None = None,
     ) -> None:
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
@@ -235,13 +238,18 @@ class Scheduler:
             except Exception:  # a model that fails here fails its requests, with their errors
                 logger.debug("could not measure the KV cache per token", exc_info=True)
         self._lock = threading.Lock()
-        self._waiting: deque[_Row] = deque()
+        self._waiting: deque[Row] = deque()
         self._admitted = 0  # prefilling or running
         self._posted = False
         self.closing = threading.Event()
         self.idle = threading.Event()
         self.idle.set()
-        self._batch = _Batch(self) if runner.group is None else _group_batch(self)
+        if runner.group is not None and batch_class is None:
+            raise ValueError(
+                "a distributed group's scheduler batches through "
+                "distributed_batch.GroupBatch: use engine.batching()"
+            )
+        self._batch = (batch_class or Batch)(self)
         me = weakref.ref(self)
         stop_at_exit(lambda: (s := me()) is not None and s.shutdown())
 
@@ -273,7 +281,7 @@ class Scheduler:
                 "lower max_tokens or shorten the prompt",
                 code="kv_budget",
             )
-        row = _Row(request, handle, need)
+        row = Row(request, handle, need)
         own = request.should_stop  # the caller's, kept
 
         def should_stop() -> bool:
@@ -387,13 +395,6 @@ class Scheduler:
         yield from events(self.submit(request))
 
 
-def _group_batch(sched: Scheduler) -> _Batch:
-    """Rank 0's batch in a distributed group (its steps go to the followers)."""
-    from .distributed_batch import GroupBatch
-
-    return GroupBatch(sched)
-
-
 def not_on(worker: Any) -> None:
     """Refuse to wait for a request on ``worker``'s thread (it would wait on itself)."""
     if threading.current_thread().name == worker.name:
@@ -414,15 +415,15 @@ def events(handle: Handle) -> Iterator[StreamEvent]:
                 pass
 
 
-class _Batch:
+class Batch:
     """The scheduler's state on the generation thread."""
 
     def __init__(self, sched: Scheduler) -> None:
         self.s = sched
         self.runner = sched.runner
-        self.rows: list[_Row] = []
+        self.rows: list[Row] = []
         self.solo = not sched.batchable  # rows run on their own caches, one at a time
-        self.prefilling: deque[_Row] = deque()
+        self.prefilling: deque[Row] = deque()
         self.cache: list[Any] | None = None
         self.pending: _Step | None = None
         self.bias: tuple[mx.array, mx.array, mx.array] | None = None
@@ -437,7 +438,7 @@ class _Batch:
         self.prefill_s = 0.0  # seconds spent prefilling
         self.draft_batches: dict[int, DraftBatch] = {}  # by draft model
 
-    def members(self) -> list[_Row]:
+    def members(self) -> list[Row]:
         return [*self.rows, *self.prefilling]
 
     def empty(self) -> bool:
@@ -449,7 +450,7 @@ class _Batch:
             return self._speculate()
         sync = any(r.req.sync for r in self.rows)
         nxt = None
-        ahead: tuple[list[_Row], mx.array] | None = None
+        ahead: tuple[list[Row], mx.array] | None = None
         # Rows that end at the unread token need no next step.
         last = all(len(r.req.generated) + 1 >= r.req.max_tokens for r in self.rows)
         if self.pending is not None and not last:  # queued before step n is read
@@ -470,7 +471,7 @@ class _Batch:
         if self.pending is None and self.rows and not self._may_speculate():
             self.pending = self._build(self.pending_inputs)
 
-    def _update_rows(self, nxt: _Step | None, joined: list[_Row]) -> None:
+    def _update_rows(self, nxt: _Step | None, joined: list[Row]) -> None:
         """Retire finished rows, insert joined ones; set what the next step feeds."""
         gone = [i for i, r in enumerate(self.rows) if r.finished]
         for i in gone:
@@ -525,7 +526,7 @@ class _Batch:
             self.pending_inputs = mx.array([r.last for r in self.rows], dtype=mx.int32)
 
     # -- speculation: every row verifies its own drafts in one pass --------------------------
-    def _spec_rows(self) -> list[_Row]:
+    def _spec_rows(self) -> list[Row]:
         return [r for r in self.rows if r.req.speculation is not None and not r.finished]
 
     def _may_speculate(self) -> bool:
@@ -576,7 +577,7 @@ class _Batch:
         self.flush()
         self._update_rows(None, [])
 
-    def _drafts(self, rows: list[_Row]) -> list[list[int]]:
+    def _drafts(self, rows: list[Row]) -> list[list[int]]:
         """Each row's drafts (empty: the row rides along at one token); the rows drafting
         with one draft model draft together (see :class:`DraftBatch`)."""
         vocab = self.runner.vocab_size
@@ -700,7 +701,7 @@ class _Batch:
         processors and masks are not asked for it."""
         return self._sample(list(self.rows), self._forward(inputs), ahead)
 
-    def _sample(self, rows: list[_Row], logits: mx.array, ahead: bool = False) -> _Step:
+    def _sample(self, rows: list[Row], logits: mx.array, ahead: bool = False) -> _Step:
         """Draw every row's token from ``logits`` (lazy, queued); rows that have finished
         draw unmasked, thrown away."""
         ids, lp = self._draw(rows, logits, ahead, bias=self.bias)
@@ -711,7 +712,7 @@ class _Batch:
 
     def _draw(
         self,
-        rows: list[_Row],
+        rows: list[Row],
         logits: mx.array,
         ahead: bool = False,
         *,
@@ -755,7 +756,7 @@ class _Batch:
         return ids, lp
 
     # -- prefill --------------------------------------------------------------------------
-    def _prefill(self) -> list[_Row]:
+    def _prefill(self) -> list[Row]:
         """Up to ``prefill_chunk`` prompt tokens of joining requests (with nothing decoding,
         at least the first request's whole prompt); returns those whose prefill ended
         (their first token queued)."""
@@ -765,8 +766,8 @@ class _Batch:
         finally:
             self.prefill_s += time.perf_counter() - t0
 
-    def _prefill_chunk(self) -> list[_Row]:
-        joined: list[_Row] = []
+    def _prefill_chunk(self) -> list[Row]:
+        joined: list[Row] = []
         budget = self.s.prefill_chunk
         whole = not self.rows
         while self.prefilling and (budget > 0 or (whole and not joined)):
@@ -788,7 +789,7 @@ class _Batch:
                 joined.append(r)
         return joined
 
-    def _prefill_one(self, r: _Row, budget: int, whole: bool) -> int:
+    def _prefill_one(self, r: Row, budget: int, whole: bool) -> int:
         """One chunk of ``r``'s prompt, or its last token and first draw (queued: then
         ``r.first`` is set); returns the prompt tokens it ran."""
         if r.cache is None:
@@ -841,7 +842,7 @@ class _Batch:
                 lp = LogProbs(lps[0][i], lps[1][i, :k], lps[2][i, :k])  # type: ignore[arg-type]
             self._push(r, tokens[i], lp)
 
-    def _read_first(self, r: _Row) -> None:
+    def _read_first(self, r: Row) -> None:
         if r.first is None:  # it draws its first token in its first step
             return
         ids, lp = r.first
@@ -855,7 +856,7 @@ class _Batch:
         if r.finished:
             self._retire(r)
 
-    def _push(self, r: _Row, token: int, lp: LogProbs | None) -> None:
+    def _push(self, r: Row, token: int, lp: LogProbs | None) -> None:
         r.last = token
         self.emitted += 1
         try:
@@ -867,7 +868,7 @@ class _Batch:
         if r.req.finish is not None:
             r.finished = True
 
-    def _fail(self, r: _Row, exc: BaseException) -> None:
+    def _fail(self, r: Row, exc: BaseException) -> None:
         """End ``r`` with its own error (it leaves at the next retirement); the other rows
         go on untouched."""
         if not isinstance(exc, ValueError):  # the caller's mistakes are ValueErrors
@@ -878,7 +879,7 @@ class _Batch:
         if r.handle.error is None:
             r.handle.error = exc
 
-    def _fail_unfit(self, rows: Sequence[_Row], vocab: int) -> set[int]:
+    def _fail_unfit(self, rows: Sequence[Row], vocab: int) -> set[int]:
         """Fail the rows whose sampler options do not fit ``vocab``; their indices."""
         bad = set()
         for i, r in enumerate(rows):
@@ -890,7 +891,7 @@ class _Batch:
         return bad
 
     # -- leaving --------------------------------------------------------------------------
-    def _retire(self, r: _Row, batch_row: int | None = None) -> None:
+    def _retire(self, r: Row, batch_row: int | None = None) -> None:
         """End ``r``: keep its cache for prefix reuse, send its last events."""
         failed = r.handle.error
         if failed is None and self.runner.reuse_cache:
@@ -913,7 +914,7 @@ class _Batch:
                 r.handle._emit(event)
         r.handle._emit(END)
 
-    def refuse(self, r: _Row, error: BaseException | None) -> None:
+    def refuse(self, r: Row, error: BaseException | None) -> None:
         """End a request that never ran: cancelled, or refused (``error``)."""
         if error is not None:
             r.handle._emit(error)
@@ -947,7 +948,7 @@ class _Batch:
         self.to_store.clear()
 
 
-def _history(rows: Sequence[_Row]) -> mx.array | None:
+def _history(rows: Sequence[Row]) -> mx.array | None:
     """Every row's penalty window, right-aligned and padded with -1 (None if no row has one)."""
     windows = [r.req.window for r in rows]
     if all(w is None for w in windows):
@@ -965,7 +966,7 @@ def _history(rows: Sequence[_Row]) -> mx.array | None:
 
 
 def _bias(
-    rows: Sequence[_Row], skip: Collection[int] = ()
+    rows: Sequence[Row], skip: Collection[int] = ()
 ) -> tuple[mx.array, mx.array, mx.array] | None:
     """Every row's logit bias concatenated, with row offsets (None if no row has one);
     rows in ``skip`` have none."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import mlx.core as mx
@@ -174,22 +174,14 @@ def attention(
     )
 
 
-def use_fused_layers(model: nn.Module) -> int:
-    """Switch ``model``'s RMSNorm and RoPE layers to the fused primitives, llama-style
-    decoder blocks to :mod:`.block`'s two-primitive decode step and its modules' attention
-    function to :func:`attention`; returns how many layers were switched."""
-    from .block import block_classes
-
+def use_fused_layers(model: nn.Module, blocks: Mapping[type, type] | None = None) -> int:
+    """Switch ``model``'s RMSNorm and RoPE layers to the fused primitives, decoder blocks
+    to their fused classes in ``blocks`` (:func:`.block.block_classes`: llama-style blocks'
+    two-primitive decode step) and its modules' attention function to :func:`attention`;
+    returns how many layers were switched."""
     if not _ROPES:
-        _ROPES.append(
-            {
-                nn.RMSNorm: FusedRMSNorm,
-                nn.RoPE: FusedRoPE,
-                **_rope_classes(),
-                **block_classes(),
-            }
-        )
-    swaps = _ROPES[0]
+        _ROPES.append({nn.RMSNorm: FusedRMSNorm, nn.RoPE: FusedRoPE, **_rope_classes()})
+    swaps = {**_ROPES[0], **(blocks or {})}
     switched = 0
     modules: set[str] = set()
     for _, module in model.named_modules():
