@@ -32,25 +32,29 @@ bool block_type_supported(int type);
 // Bytes of one block of 32 values of `type` (throws for other types).
 int block_bytes(int type);
 
-// One instruction set's kernels over rows [n0, n1) of a block matrix.
+// y[r][n] = <row n of w, x row r> for n in [n0, n1), r < nx; x rows are
+// `cols` floats (every ISA's block GEMV has this type).
+using BlockGemv = void(int type,
+                       const uint8_t* w,
+                       int64_t row_bytes,
+                       const float* const* x,
+                       int nx,
+                       float* const* y,
+                       int64_t n0,
+                       int64_t n1);
+// Rows [r0, r1) of w as floats, (r1 - r0) x cols, row-major.
+using BlockDequant = void(int type,
+                          const uint8_t* w,
+                          int64_t row_bytes,
+                          int64_t r0,
+                          int64_t r1,
+                          float* out);
+
+// One instruction set's kernels over rows of a block matrix.
 struct BlockIsa {
   const char* name;
-  // y[r][n] = <row n of w, x row r> for r < nx; x rows are `cols` floats.
-  void (*gemv)(int type,
-               const uint8_t* w,
-               int64_t row_bytes,
-               const float* const* x,
-               int nx,
-               float* const* y,
-               int64_t n0,
-               int64_t n1);
-  // Rows [r0, r1) of w as floats, (r1 - r0) x cols, row-major.
-  void (*dequant)(int type,
-                  const uint8_t* w,
-                  int64_t row_bytes,
-                  int64_t r0,
-                  int64_t r1,
-                  float* out);
+  BlockGemv* gemv;
+  BlockDequant* dequant;
 };
 
 const BlockIsa& block_isa_generic();

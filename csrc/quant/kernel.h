@@ -48,24 +48,27 @@ struct QMatrix {
   }
 };
 
+// y[r][n] = <row n of a, x row r> for n in [n0, n1) and r < nx. x holds nx
+// rows of a.cols floats (deinterleaved for 4-bit formats); xsum holds each
+// row's per-group sums (affine formats' bias term).
+using Gemv = void(const QMatrix& a,
+                  const float* x,
+                  const float* xsum,
+                  int nx,
+                  float* const* y,
+                  int64_t n0,
+                  int64_t n1);
+// Rows [r0, r1) of a as floats in natural order, (r1 - r0) x a.cols.
+using Dequant = void(const QMatrix& a, int64_t r0, int64_t r1, float* out);
+
 // The kernels of one instruction set.
 struct Isa {
   const char* name;
   // 4-bit formats read x deinterleaved in chunks of this many values: the
   // even elements of a chunk, then the odd ones (see deinterleave()).
   int chunk;
-  // y[r][n] = <row n of a, x row r> for n in [n0, n1) and r < nx. x holds nx
-  // rows of a.cols floats (deinterleaved for 4-bit formats); xsum holds each
-  // row's per-group sums (affine formats' bias term).
-  void (*gemv)(const QMatrix& a,
-               const float* x,
-               const float* xsum,
-               int nx,
-               float* const* y,
-               int64_t n0,
-               int64_t n1);
-  // Rows [r0, r1) of a as floats in natural order, (r1 - r0) x a.cols.
-  void (*dequant)(const QMatrix& a, int64_t r0, int64_t r1, float* out);
+  Gemv* gemv;
+  Dequant* dequant;
 };
 
 const Isa* isa_avx512(); // nullptr where not built

@@ -1,6 +1,7 @@
 #include "quant/repack.h"
 
 #include "mlx/allocator.h"
+#include "quant/gguf_blocks_common.h"
 
 #include <sys/mman.h>
 #include <unistd.h>
@@ -28,30 +29,8 @@ constexpr int64_t kStepBytes = 256 << 10;
 // Float tensors go straight from the file to the array, this much per pread.
 constexpr int64_t kFloatStep = 8 << 20;
 
-// Exact half -> float.
-float half_to_float(uint16_t h) {
-  uint32_t sign = uint32_t(h & 0x8000) << 16;
-  uint32_t exp = (h >> 10) & 0x1f;
-  uint32_t man = h & 0x3ff;
-  uint32_t bits;
-  if (exp == 0x1f) {
-    bits = sign | 0x7f800000u | (man << 13);
-  } else if (exp != 0) {
-    bits = sign | ((exp + 112) << 23) | (man << 13);
-  } else if (man == 0) {
-    bits = sign;
-  } else {  // subnormal: normalize
-    int shift = 0;
-    while (!(man & 0x400)) {
-      man <<= 1;
-      ++shift;
-    }
-    bits = sign | (uint32_t(113 - shift) << 23) | ((man & 0x3ff) << 13);
-  }
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
+using gguf::half_to_float; // exact half -> float, shared with the block kernels
+using gguf::load_u16;
 
 // float -> half rounding to nearest even, as numpy's npy_floatbits_to_halfbits
 // (so biases equal the reference's .astype(np.float16) bit for bit).
@@ -87,12 +66,6 @@ uint16_t float_to_half(float value) {
   }
   uint16_t h_sig = uint16_t(f_sig >> 13);
   return uint16_t(sign + h_sig + h_exp);  // a carry into the exponent is right
-}
-
-uint16_t load_u16(const uint8_t* p) {
-  uint16_t v;
-  std::memcpy(&v, p, 2);
-  return v;
 }
 
 // ggml's 16-byte 4-bit block (element j in the low nibble of byte j, j+16 in
