@@ -71,22 +71,26 @@ void gemm_t(const Isa& isa, Job& job) {
   }
 }
 
-// The GEMV inputs of one job: x in the kernel's layout and its group sums.
+// The GEMV inputs of one job: x in the kernel's layout (the job's own rows
+// where that is natural order) and its group sums.
 struct Prepared {
-  std::vector<float> x, xsum;
+  const float* x = nullptr;
+  std::vector<float> xbuf, xsum;
 };
 
 void prepare(const Isa& isa, const Job& job, Prepared& p) {
   const QMatrix& a = job.a;
   const int64_t K = a.cols, G = a.groups();
   if (a.format == Format::Affine8 || a.format == Format::AffineN) {
-    p.x.assign(job.x, job.x + job.nx * K);
+    p.x = job.x;
   } else {
-    p.x.resize(job.nx * K);
+    p.xbuf.resize(job.nx * K);
     for (int64_t r = 0; r < job.nx; ++r) {
-      deinterleave(job.x + r * K, K, isa.chunk, p.x.data() + r * K);
+      deinterleave(job.x + r * K, K, isa.chunk, p.xbuf.data() + r * K);
     }
+    p.x = p.xbuf.data();
   }
+  p.xsum.clear();
   if (a.format != Format::Mxfp4) {
     p.xsum.resize(job.nx * G);
     for (int64_t r = 0; r < job.nx; ++r) {
@@ -100,6 +104,24 @@ void prepare(const Isa& isa, const Job& job, Prepared& p) {
       }
     }
   }
+}
+
+struct Task {
+  size_t job;
+  int64_t n0, n1;
+};
+
+// A thread's GEMV scratch, reused across calls: a decode step makes hundreds
+// of small calls, and the pool's tasks only read the caller's.
+struct Scratch {
+  std::vector<size_t> small;
+  std::vector<Prepared> prep;
+  std::vector<Task> tasks;
+};
+
+Scratch& scratch() {
+  thread_local Scratch s;
+  return s;
 }
 
 } // namespace
@@ -124,7 +146,9 @@ void matmul_t(std::vector<Job>& jobs) {
   const Isa& isa = active();
   const int64_t big = gemm_rows();
   // GEMV jobs share one parallel pass: (job, block of output rows) tasks.
-  std::vector<size_t> small;
+  Scratch& sc = scratch();
+  std::vector<size_t>& small = sc.small;
+  small.clear();
   for (size_t j = 0; j < jobs.size(); ++j) {
     if (jobs[j].nx >= big) {
       gemm_t(isa, jobs[j]);
@@ -135,50 +159,53 @@ void matmul_t(std::vector<Job>& jobs) {
   if (small.empty()) {
     return;
   }
-  std::vector<Prepared> prep(small.size());
-  struct Task {
-    size_t job;
-    int64_t n0, n1;
-  };
-  std::vector<Task> tasks;
-  int64_t rows = 0;
-  for (size_t s = 0; s < small.size(); ++s) {
-    prepare(isa, jobs[small[s]], prep[s]);
-    rows += jobs[small[s]].a.rows;
+  std::vector<Prepared>& prep = sc.prep;
+  if (prep.size() < small.size()) {
+    prep.resize(small.size());
   }
-  int64_t bytes = 0;
+  int64_t rows = 0, bytes = 0;
   for (size_t s = 0; s < small.size(); ++s) {
     const QMatrix& a = jobs[small[s]].a;
+    prepare(isa, jobs[small[s]], prep[s]);
+    rows += a.rows;
     bytes += a.rows * a.row_bytes();
   }
   const bool parallel =
       bytes >= parallel_bytes_.load(std::memory_order_relaxed);
-  const int64_t step = parallel ? piece(rows, 16) : rows;
+  if (!parallel) { // several small jobs (a decode step's experts): this thread
+    for (size_t s = 0; s < small.size(); ++s) {
+      const Job& job = jobs[small[s]];
+      isa.gemv(job.a,
+               prep[s].x,
+               prep[s].xsum.empty() ? nullptr : prep[s].xsum.data(),
+               int(job.nx),
+               job.y.data(),
+               0,
+               job.a.rows);
+    }
+    return;
+  }
+  const int64_t step = piece(rows, 16);
+  std::vector<Task>& tasks = sc.tasks;
+  tasks.clear();
   for (size_t s = 0; s < small.size(); ++s) {
     const int64_t N = jobs[small[s]].a.rows;
     for (int64_t n0 = 0; n0 < N; n0 += step) {
       tasks.push_back({s, n0, std::min(N, n0 + step)});
     }
   }
-  auto task = [&](int64_t t) {
+  Pool::instance().run(int64_t(tasks.size()), [&](int64_t t) {
     const Task& k = tasks[t];
     const Job& job = jobs[small[k.job]];
     const Prepared& p = prep[k.job];
     isa.gemv(job.a,
-             p.x.data(),
+             p.x,
              p.xsum.empty() ? nullptr : p.xsum.data(),
              int(job.nx),
              job.y.data(),
              k.n0,
              k.n1);
-  };
-  if (!parallel) { // several small jobs (a decode step's experts): this thread
-    for (int64_t t = 0; t < int64_t(tasks.size()); ++t) {
-      task(t);
-    }
-    return;
-  }
-  Pool::instance().run(int64_t(tasks.size()), task);
+  });
 }
 
 void matmul_n(const QMatrix& a, const float* x, int64_t nx, float* y) {
