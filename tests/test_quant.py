@@ -233,6 +233,82 @@ def test_threads_and_paths_agree():
     )
 
 
+# (bits, group, scale dtype): each GEMV kernel family (4/8-bit bytes, the 2..8-bit stream
+# with groups of 16 and up) and each stored scale type; MXFP4 through mx.quantize.
+GEMV_LAYOUTS = [
+    (4, 32, mx.float16),
+    (4, 128, mx.bfloat16),
+    (8, 64, mx.float32),
+    (2, 16, mx.float32),
+    (3, 16, mx.float32),
+    (4, 16, mx.float16),
+    (5, 32, mx.float16),
+    (6, 16, mx.float32),
+    (6, 128, mx.bfloat16),
+    ("mxfp4", 32, mx.uint8),
+]
+
+
+def _random_layout(rng, bits, gs, dtype, n, k):
+    """Random codes, scales and biases of an affine layout (MXFP4: mx.quantize) and its
+    weights as float64."""
+    if bits == "mxfp4":
+        w, s = mx.quantize(
+            mx.array(rng.standard_normal((n, k)).astype(np.float32)),
+            group_size=gs,
+            bits=4,
+            mode="mxfp4",
+        )
+        w64 = np.array(mx.dequantize(w, s, group_size=gs, bits=4, mode="mxfp4", dtype=mx.float32))
+        return (w, s, None), w64.astype(np.float64)
+    from mlx_harmony_core.models.gguf_kquants import pack_bits
+
+    codes = rng.integers(0, 2**bits, (n, k))
+    w = np.ascontiguousarray(pack_bits(codes, bits)).view(np.uint32)
+    s = mx.array(rng.uniform(-0.1, 0.1, (n, k // gs)).astype(np.float32)).astype(dtype)
+    b = mx.array(rng.uniform(-0.5, 0.5, (n, k // gs)).astype(np.float32)).astype(dtype)
+    s64 = np.repeat(np.array(s.astype(mx.float32)).astype(np.float64), gs, axis=1)
+    b64 = np.repeat(np.array(b.astype(mx.float32)).astype(np.float64), gs, axis=1)
+    return (mx.array(w), s, b), codes * s64 + b64
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("bits,gs,dtype", GEMV_LAYOUTS)
+@pytest.mark.parametrize("groups", [3, 67])  # odd group counts; 67 crosses the 64-group chunk
+def test_gemv_every_row_count(isa, bits, gs, dtype, groups):
+    """x rows 1..16 against 37 output rows: within float32 rounding of float64, and each x
+    row's result bit-identical whatever the number of rows beside it (a batch of decode rows
+    equals each row alone) and however many threads split the output rows."""
+    _core.set_quant_isa(isa)
+    rng = np.random.default_rng(groups * 100 + gs + (bits if isinstance(bits, int) else 9))
+    if isinstance(bits, int) and groups * gs * bits % 32:
+        groups += 1  # whole uint32 words of codes per row (3-bit groups of 16 come in pairs)
+    k, n = groups * gs, 37
+    (w, s, b), w64 = _random_layout(rng, bits, gs, dtype, n, k)
+    mode, qbits = ("mxfp4", 4) if bits == "mxfp4" else ("affine", bits)
+    assert _core.quant_supported(mode, qbits, gs)
+    x = mx.array(rng.standard_normal((16, k)).astype(np.float32))
+    x64 = np.array(x).astype(np.float64)
+
+    def matmul(rows):
+        return np.array(_core.quantized_matmul(rows, w, s, b, True, gs, qbits, mode))
+
+    alone = np.concatenate([matmul(x[r : r + 1]) for r in range(16)])
+    check_close(mx.array(alone), x64, w64, True)
+    before = _core.quant_parallel_bytes()
+    try:
+        for threads, parallel_bytes in ((1, before), (2, 0)):  # 2: split into row blocks
+            _core.set_quant_threads(threads)
+            _core.set_quant_parallel_bytes(parallel_bytes)
+            for rows in range(1, 17):
+                out = matmul(x[:rows])
+                check_close(mx.array(out), x64[:rows], w64, True)
+                if rows < _core.quant_gemm_rows():  # the fused GEMV, not BLAS tiles
+                    np.testing.assert_array_equal(out, alone[:rows])
+    finally:
+        _core.set_quant_parallel_bytes(before)
+
+
 def test_concurrent_callers():
     """Two threads (each with its own MLX stream) share the kernel pool safely."""
     w, s, b = quantized((2048, 512), "affine", 8, 64, 4)
