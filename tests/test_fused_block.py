@@ -280,9 +280,7 @@ def test_kept_arguments_follow_weight_and_module_swaps(rng):
     assert first is not None and layer._fused_args() is first  # kept between calls
     # New weights through model.update: the kept tuple is rebuilt from the live arrays.
     qp = layer.self_attn.q_proj
-    model.update(
-        {"model": {"layers": [{"self_attn": {"q_proj": {"scales": qp.scales * 1.5}}}]}}
-    )
+    model.update({"model": {"layers": [{"self_attn": {"q_proj": {"scales": qp.scales * 1.5}}}]}})
     assert layer._fused_args() is not first
     after = both()
     assert not np.allclose(before[-1], after[-1])
