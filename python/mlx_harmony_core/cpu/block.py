@@ -4,12 +4,14 @@ mlx-lm's ``TransformerBlock`` runs ~27 MLX ops per token and layer (norms, seven
 GEMVs, reshapes and transposes, RoPE, the cache update, attention, SwiGLU, residual adds); on
 a 2-core CPU each op's dispatch and hand-off costs about what its arithmetic does. For a few
 query rows (decode, draft verification) :class:`FusedLlamaBlock` runs ``_core``'s
-``block_attn_in`` (RMSNorm -> q/k/v -> RoPE), the model's own cache update and
-:func:`.fused.attention`, then ``block_attn_out_mlp`` (o-proj -> residual -> RMSNorm ->
-gate/up -> SwiGLU -> down -> residual): 7 ops a layer. Its results are within float32
-rounding of the op-by-op path, which it takes for anything else: a GPU stream, long prompts,
-inside :func:`.fused.fused` ``(False)`` or :func:`.quant.kernels` ``(False)``, layers that
-are not on our quantized kernels.
+``block_attn_in`` (RMSNorm -> q/k/v -> RoPE), the cache update and the fused attention, then
+``block_attn_out_mlp`` (o-proj -> residual -> RMSNorm -> gate/up -> SwiGLU -> down ->
+residual): 7 ops a layer. With one of our single-sequence caches (or none) the whole step is
+one call into ``_core.FusedBlock.step``, whose weights were converted once; the block keeps
+that object while every array and submodule it came from is still the live one. Its results
+are within float32 rounding of the op-by-op path, which it takes for anything else: a GPU
+stream, long prompts, inside :func:`.fused.fused` ``(False)`` or :func:`.quant.kernels`
+``(False)``, layers that are not on our quantized kernels.
 """
 
 from __future__ import annotations
