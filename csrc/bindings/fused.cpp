@@ -1,16 +1,15 @@
-#include "cache/kv_cache.h"
-#include "fused/block.h"
 #include "fused/fused.h"
 
+#include "cache/kv_cache.h"
+#include "fused/block.h"
 #include "mlx/ops.h"
 
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
-#include <nanobind/stl/vector.h>
 #include <nanobind/stl/variant.h>
-
+#include <nanobind/stl/vector.h>
 #include <variant>
 
 namespace nb = nanobind;
@@ -91,8 +90,7 @@ struct Block {
       std::tie(k, v) = cache->update_and_fetch(k, v);
     }
     auto [mode, arr] = mask_of(mask);
-    auto attn =
-        fused::sdpa(qkv_out[0], k, v, scale, mode, arr, std::nullopt);
+    auto attn = fused::sdpa(qkv_out[0], k, v, scale, mode, arr, std::nullopt);
     return fused::attn_out_mlp(attn, x, o, norm2, eps2, gate, up, down);
   }
 };

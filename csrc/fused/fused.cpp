@@ -153,11 +153,11 @@ MHC_AVX2 void dots_avx2(const float* q,
       a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + d), a3);
     }
     // Horizontal sums of the four: [s0 s1 s2 s3] in one register.
-    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1),
-                                    _mm256_hadd_ps(a2, a3));
-    _mm_storeu_ps(scores + j,
-                  _mm_add_ps(_mm256_castps256_ps128(h),
-                             _mm256_extractf128_ps(h, 1)));
+    const __m256 h =
+        _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    _mm_storeu_ps(
+        scores + j,
+        _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
   }
   for (; j < n; ++j) {
     const float* kr = k + j * stride;
@@ -165,16 +165,16 @@ MHC_AVX2 void dots_avx2(const float* q,
     for (int64_t d = 0; d < D; d += 8) {
       a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(kr + d), a);
     }
-    const __m128 s = _mm_add_ps(_mm256_castps256_ps128(a),
-                                _mm256_extractf128_ps(a, 1));
+    const __m128 s =
+        _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
     scores[j] = _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
   }
 }
 
 bool has_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") &&
-                         __builtin_cpu_supports("fma");
+  static const bool ok =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return ok;
 }
 #endif
