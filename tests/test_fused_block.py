@@ -233,6 +233,16 @@ def test_llama_model_matches_op_by_op(rng, monkeypatch, kind):
     calls = {"n": 0}
     from mlx_harmony_core.cpu import block
 
+    fused_block = _core.FusedBlock
+
+    class Counted:  # a FusedBlock whose steps are counted
+        def __init__(self, *a):
+            self.inner = fused_block(*a)
+
+        def step(self, *a):
+            calls["n"] += 1
+            return self.inner.step(*a)
+
     orig = block._core.block_attn_in
 
     def counted(*a, **k):
@@ -240,6 +250,7 @@ def test_llama_model_matches_op_by_op(rng, monkeypatch, kind):
         return orig(*a, **k)
 
     monkeypatch.setattr(block._core, "block_attn_in", counted, raising=False)
+    monkeypatch.setattr(block._core, "FusedBlock", Counted, raising=False)
     prompt = [int(t) for t in rng.integers(0, 300, 30)]  # past the 24-token window
     ours = _steps(model, prompt, 5, CACHES[kind])
     assert calls["n"] >= 3 * 5
@@ -247,3 +258,35 @@ def test_llama_model_matches_op_by_op(rng, monkeypatch, kind):
         ref = _steps(model, prompt, 5, CACHES[kind])
     for a, b in zip(ours, ref, strict=True):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * np.abs(b).max())
+
+
+def test_kept_arguments_follow_weight_and_module_swaps(rng):
+    """The block keeps its argument tuple between calls; model.update, a swapped submodule
+    (as LoRA does) and a switched-off block still give the op-by-op logits."""
+    model = tiny_llama(rng)
+    layer = model.model.layers[0]
+    prompt = [int(t) for t in rng.integers(0, 300, 12)]
+
+    def both():
+        ours = _steps(model, prompt, 3, make_cache)
+        with fused.fused(False):
+            ref = _steps(model, prompt, 3, make_cache)
+        for a, b in zip(ours, ref, strict=True):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * np.abs(b).max())
+        return ours
+
+    before = both()
+    first = layer._fused_args()
+    assert first is not None and layer._fused_args() is first  # kept between calls
+    # New weights through model.update: the kept tuple is rebuilt from the live arrays.
+    qp = layer.self_attn.q_proj
+    model.update({"model": {"layers": [{"self_attn": {"q_proj": {"scales": qp.scales * 1.5}}}]}})
+    assert layer._fused_args() is not first
+    after = both()
+    assert not np.allclose(before[-1], after[-1])
+    # A new norm weight and a swapped-in module (not on our kernels: the op-by-op path).
+    layer.post_attention_layernorm.weight = layer.post_attention_layernorm.weight * 0.5
+    both()
+    layer.mlp.up_proj = nn.Linear(192, 320, bias=False)
+    assert layer._fused_args() is None
+    both()

@@ -170,6 +170,25 @@ def test_attention_matches_mlx_and_numpy(rng, dtype, lq, mask, sinks):
         )
 
 
+@pytest.mark.parametrize("d", [64, 20, 128])
+@pytest.mark.parametrize("lk", [1, 3, 4, 9, 517])
+def test_attention_key_counts_and_head_dims(rng, d, lk):
+    """Keys dotted four at a time and a vectorized exp: every tail (keys not a multiple of
+    four, head dims not of eight), over a cache-like buffer, with sinks and a window."""
+    b, hq, hk = 1, 4, 2
+    q = rand(rng, (b, hq, 1, d)) * 3
+    k = rand(rng, (b, hk, lk + 40, d))[:, :, :lk]
+    v = rand(rng, (b, hk, lk, d))
+    s = rand(rng, (hq,))
+    m = mx.array(np.arange(lk)[None] >= lk - 5)  # a sliding window of 5
+    scale = 1 / math.sqrt(d)
+    for mask, sinks in [(None, None), ("causal", s), (m, s)]:
+        ours = _core.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask, sinks=sinks)
+        np.testing.assert_allclose(
+            np.array(ours), sdpa_numpy(q, k, v, scale, mask, sinks), rtol=1e-5, atol=1e-5
+        )
+
+
 def test_attention_fully_masked_row_matches_mlx(rng):
     q, k, v = rand(rng, (1, 2, 1, 8)), rand(rng, (1, 2, 5, 8)), rand(rng, (1, 2, 5, 8))
     m = mx.zeros((1, 5), dtype=mx.bool_)

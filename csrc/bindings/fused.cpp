@@ -1,15 +1,15 @@
-#include "fused/block.h"
 #include "fused/fused.h"
 
+#include "cache/kv_cache.h"
+#include "fused/block.h"
 #include "mlx/ops.h"
 
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
-#include <nanobind/stl/vector.h>
 #include <nanobind/stl/variant.h>
-
+#include <nanobind/stl/vector.h>
 #include <variant>
 
 namespace nb = nanobind;
@@ -47,9 +47,132 @@ mx::array offset_array(const std::variant<int, mx::array>& offset) {
              : std::get<mx::array>(offset);
 }
 
+using MaskArg = std::variant<std::monostate, std::string, mx::array>;
+
+// An attention mask from Python as fused::sdpa takes it: (mode, array).
+std::pair<std::string, std::optional<mx::array>> mask_of(const MaskArg& mask) {
+  if (std::holds_alternative<std::string>(mask)) {
+    const std::string& mode = std::get<std::string>(mask);
+    if (mode != "causal") {
+      throw nb::value_error(
+          "mask must be None, 'causal' or an array (bool or additive)");
+    }
+    return {mode, std::nullopt};
+  }
+  if (std::holds_alternative<mx::array>(mask)) {
+    return {"array", std::get<mx::array>(mask)};
+  }
+  return {"", std::nullopt};
+}
+
+// A llama-style decoder block's weights and settings, converted from Python
+// once: step() runs its decode step (attn_in, the cache update, attention,
+// attn_out_mlp) in one call instead of three calls and ~40 argument
+// conversions per layer and token.
+struct Block {
+  mx::array norm1;
+  float eps1;
+  std::vector<fused::QLinear> qkv;
+  int heads, kv_heads;
+  fused::RopeArgs rope;
+  fused::QLinear o;
+  mx::array norm2;
+  float eps2;
+  fused::QLinear gate, up, down;
+  float scale;
+
+  mx::array step(const mx::array& x, Cache* cache, const MaskArg& mask) const {
+    const mx::array offset(cache ? cache->offset() : 0, mx::int32);
+    auto qkv_out =
+        fused::attn_in(x, norm1, eps1, qkv, heads, kv_heads, rope, offset);
+    mx::array k = qkv_out[1], v = qkv_out[2];
+    if (cache) {
+      std::tie(k, v) = cache->update_and_fetch(k, v);
+    }
+    auto [mode, arr] = mask_of(mask);
+    auto attn = fused::sdpa(qkv_out[0], k, v, scale, mode, arr, std::nullopt);
+    return fused::attn_out_mlp(attn, x, o, norm2, eps2, gate, up, down);
+  }
+};
+
 } // namespace
 
 void init_fused(nb::module_& m) {
+  nb::class_<Block>(m,
+                    "FusedBlock",
+                    "A llama-style decoder block for the fused decode step "
+                    "(see block_attn_in and block_attn_out_mlp).")
+      .def(
+          "__init__",
+          [](Block* self,
+             const mx::array& norm1,
+             float eps1,
+             const LinearTuple& q,
+             const LinearTuple& k,
+             const LinearTuple& v,
+             int heads,
+             int kv_heads,
+             int rope_dims,
+             bool rope_traditional,
+             std::optional<float> rope_base,
+             float rope_scale,
+             const std::optional<mx::array>& rope_freqs,
+             const LinearTuple& o,
+             const mx::array& norm2,
+             float eps2,
+             const LinearTuple& gate,
+             const LinearTuple& up,
+             const LinearTuple& down,
+             float scale) {
+            if (heads <= 0 || kv_heads <= 0) {
+              throw nb::value_error("head counts must be positive");
+            }
+            new (self) Block{norm1,
+                             eps1,
+                             {linear(q), linear(k), linear(v)},
+                             heads,
+                             kv_heads,
+                             {rope_dims,
+                              rope_traditional,
+                              rope_base,
+                              rope_scale,
+                              rope_freqs},
+                             linear(o),
+                             norm2,
+                             eps2,
+                             linear(gate),
+                             linear(up),
+                             linear(down),
+                             scale};
+          },
+          "norm1"_a,
+          "eps1"_a,
+          "q"_a,
+          "k"_a,
+          "v"_a,
+          "n_heads"_a,
+          "n_kv_heads"_a,
+          "rope_dims"_a,
+          "rope_traditional"_a,
+          "rope_base"_a.none(),
+          "rope_scale"_a,
+          "rope_freqs"_a.none(),
+          "o"_a,
+          "norm2"_a,
+          "eps2"_a,
+          "gate"_a,
+          "up"_a,
+          "down"_a,
+          "scale"_a)
+      .def("step",
+           &Block::step,
+           "x"_a,
+           "cache"_a.none(),
+           "mask"_a.none(),
+           "The block on x (B, L, D): block_attn_in at the cache's offset, "
+           "the cache's update_and_fetch (ours; None: no cache), attention "
+           "with ``mask`` (None, 'causal' or an array), block_attn_out_mlp.");
+
   m.def("rms_norm",
         &fused::rms_norm,
         "x"_a,
@@ -91,21 +214,10 @@ void init_fused(nb::module_& m) {
          const mx::array& k,
          const mx::array& v,
          float scale,
-         const std::variant<std::monostate, std::string, mx::array>& mask,
+         const MaskArg& mask,
          const std::optional<mx::array>& sinks,
          mx::StreamOrDevice s) {
-        std::string mode;
-        std::optional<mx::array> arr;
-        if (std::holds_alternative<std::string>(mask)) {
-          mode = std::get<std::string>(mask);
-          if (mode != "causal") {
-            throw nb::value_error(
-                "mask must be None, 'causal' or an array (bool or additive)");
-          }
-        } else if (std::holds_alternative<mx::array>(mask)) {
-          mode = "array";
-          arr = std::get<mx::array>(mask);
-        }
+        auto [mode, arr] = mask_of(mask);
         return fused::sdpa(q, k, v, scale, mode, arr, sinks, s);
       },
       "q"_a,
@@ -133,8 +245,8 @@ void init_fused(nb::module_& m) {
          bool rope_traditional,
          std::optional<float> rope_base,
          float rope_scale,
-         const std::optional<mx::array>& rope_freqs,
          const std::variant<int, mx::array>& offset,
+         const std::optional<mx::array>& rope_freqs,
          mx::StreamOrDevice s) {
         auto out = fused::attn_in(
             x,
@@ -154,15 +266,15 @@ void init_fused(nb::module_& m) {
       "q"_a,
       "k"_a,
       "v"_a,
-      nb::kw_only(),
       "n_heads"_a,
       "n_kv_heads"_a,
       "rope_dims"_a,
       "rope_traditional"_a,
       "rope_base"_a.none(),
       "rope_scale"_a,
-      "rope_freqs"_a = nb::none(),
       "offset"_a,
+      "rope_freqs"_a = nb::none(),
+      nb::kw_only(),
       "stream"_a = nb::none(),
       "A decoder block's attention input for a few rows: RMSNorm(x) * "
       "norm_weight through the quantized q/k/v linears (each a tuple (w, "

@@ -16,6 +16,10 @@
 #include <sstream>
 #include <stdexcept>
 
+#if defined(MHC_HAVE_X86_KERNELS)
+#include <immintrin.h>
+#endif
+
 // Hot loops built for AVX2+FMA too, picked at load time (GCC/Clang on x86).
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) &&        \
     !defined(__AVX2__)
@@ -50,11 +54,156 @@ void parallel(int64_t n, int64_t work, const std::function<void(int64_t)>& f) {
 }
 
 MHC_CLONES float dot(const float* a, const float* b, int64_t n) {
-  float s = 0.f;
-  for (int64_t i = 0; i < n; ++i) {
+  // Eight independent partial sums: the loop vectorizes (one sum would be a
+  // chain of dependent adds); the order is float32 rounding's business.
+  float acc[8] = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int j = 0; j < 8; ++j) {
+      acc[j] += a[i + j] * b[i + j];
+    }
+  }
+  float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) +
+            ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+  for (; i < n; ++i) {
     s += a[i] * b[i];
   }
   return s;
+}
+
+// scores[j] = q . k_j for n keys of D floats, `stride` floats apart.
+void dots_scalar(const float* q,
+                 const float* k,
+                 int64_t stride,
+                 int64_t n,
+                 int64_t D,
+                 float* scores) {
+  for (int64_t j = 0; j < n; ++j) {
+    scores[j] = dot(q, k + j * stride, D);
+  }
+}
+
+// out[j] = exp(x[j]) for n values (x <= 0 after the max is subtracted).
+void exps_scalar(const float* x, int64_t n, float* out) {
+  for (int64_t j = 0; j < n; ++j) {
+    out[j] = std::exp(x[j]);
+  }
+}
+
+#if defined(MHC_HAVE_X86_KERNELS)
+#define MHC_AVX2 __attribute__((target("avx2,fma")))
+
+MHC_AVX2 inline __m256 exp8(__m256 x) {
+  // Cephes' expf: x = n ln2 + r, exp(r) by a degree-6 polynomial (~1 ulp);
+  // below -87.3 (float32's smallest normal) the result is 0, as std::exp's
+  // rounds to about there.
+  const __m256 lo = _mm256_set1_ps(-87.33654f);
+  const __m256 zero_at = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(88.37626f));
+  __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(
+      x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(x, x), x);
+  p = _mm256_add_ps(p, _mm256_set1_ps(1.f));
+  const __m256i e = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  p = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  return _mm256_andnot_ps(zero_at, p);
+}
+
+MHC_AVX2 void exps_avx2(const float* x, int64_t n, float* out) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    _mm256_storeu_ps(out + j, exp8(_mm256_loadu_ps(x + j)));
+  }
+  if (j < n) {
+    alignas(32) float buf[8] = {};
+    std::memcpy(buf, x + j, (n - j) * sizeof(float));
+    _mm256_store_ps(buf, exp8(_mm256_load_ps(buf)));
+    std::memcpy(out + j, buf, (n - j) * sizeof(float));
+  }
+}
+
+// Four keys at a time against one query (D a multiple of 8): four
+// independent FMA chains, each key row read once.
+MHC_AVX2 void dots_avx2(const float* q,
+                        const float* k,
+                        int64_t stride,
+                        int64_t n,
+                        int64_t D,
+                        float* scores) {
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    const float* k0 = k + j * stride;
+    const float* k1 = k0 + stride;
+    const float* k2 = k1 + stride;
+    const float* k3 = k2 + stride;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t d = 0; d < D; d += 8) {
+      const __m256 qv = _mm256_loadu_ps(q + d);
+      a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + d), a0);
+      a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1 + d), a1);
+      a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + d), a2);
+      a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + d), a3);
+    }
+    // Horizontal sums of the four: [s0 s1 s2 s3] in one register.
+    const __m256 h =
+        _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    _mm_storeu_ps(
+        scores + j,
+        _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+  }
+  for (; j < n; ++j) {
+    const float* kr = k + j * stride;
+    __m256 a = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 8) {
+      a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(kr + d), a);
+    }
+    const __m128 s =
+        _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    scores[j] = _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+  }
+}
+
+bool has_avx2() {
+  static const bool ok =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+#endif
+
+// scores[j] = q . k_j (n keys, D floats each, `stride` apart), vectorized
+// where the CPU allows.
+void dots(const float* q,
+          const float* k,
+          int64_t stride,
+          int64_t n,
+          int64_t D,
+          float* scores) {
+#if defined(MHC_HAVE_X86_KERNELS)
+  if (D % 8 == 0 && has_avx2()) {
+    return dots_avx2(q, k, stride, n, D, scores);
+  }
+#endif
+  dots_scalar(q, k, stride, n, D, scores);
+}
+
+// out[j] = exp(x[j]), vectorized where the CPU allows.
+void exps(const float* x, int64_t n, float* out) {
+#if defined(MHC_HAVE_X86_KERNELS)
+  if (has_avx2()) {
+    return exps_avx2(x, n, out);
+  }
+#endif
+  exps_scalar(x, n, out);
 }
 
 MHC_CLONES void axpy(float a, const float* x, float* y, int64_t n) {
@@ -284,6 +433,9 @@ void run_sdpa(std::vector<mx::array>& in, mx::array& out, SdpaSpec sp) {
   const auto& qs = q.strides();
   const auto& ks = k.strides();
   const auto& vs = v.strides();
+  // Keys as float32 rows of D contiguous floats: dotted straight from there.
+  const float* k_rows =
+      k.dtype() == mx::float32 && ks[3] == 1 ? k.data<float>() : nullptr;
   // One task per (batch, query head): its rows share the keys read.
   parallel(B * Hq, B * Hq * Lq * Lk * (D + Dv), [&](int64_t task) {
     const int64_t b = task / Hq, h = task % Hq, hk = h / rep;
@@ -311,28 +463,39 @@ void run_sdpa(std::vector<mx::array>& in, mx::array& out, SdpaSpec sp) {
         const auto& ms = mask->strides();
         m = load(*mask, b * ms[0] + h * ms[1] + i * ms[2], ms[3], Lk, mrow);
       }
-      float mx_score = sinks ? sink : lowest;
-      for (int64_t j = 0; j < Lk; ++j) {
-        float sc;
-        if (j > last) {
-          sc = lowest;
+      // Keys past `last` are masked (causal); the rest are dotted in one
+      // pass where the keys are float32 rows (a cache's buffer), else row
+      // by row.
+      const int64_t n_keys = std::max<int64_t>(0, std::min(Lk, last + 1));
+      if (k_rows) {
+        dots(qrow, k_rows + kbase, ks[2], n_keys, D, scores);
+      } else {
+        for (int64_t j = 0; j < n_keys; ++j) {
+          scores[j] = dot(qrow, load(k, kbase + j * ks[2], ks[3], D, kbuf), D);
+        }
+      }
+      std::fill(scores + n_keys, scores + Lk, lowest);
+      if (m) {
+        if (mask->dtype() == mx::bool_) {
+          for (int64_t j = 0; j < n_keys; ++j) {
+            scores[j] = m[j] != 0.f ? scores[j] : lowest;
+          }
         } else {
-          const float* kr = load(k, kbase + j * ks[2], ks[3], D, kbuf);
-          sc = dot(qrow, kr, D);
-          if (m) {
-            if (mask->dtype() == mx::bool_) {
-              sc = m[j] != 0.f ? sc : lowest;
-            } else {
-              sc += m[j];
-            }
+          for (int64_t j = 0; j < n_keys; ++j) {
+            scores[j] += m[j];
           }
         }
-        scores[j] = sc;
-        mx_score = std::max(mx_score, sc);
       }
+      float mx_score = sinks ? sink : lowest;
+      for (int64_t j = 0; j < Lk; ++j) {
+        mx_score = std::max(mx_score, scores[j]);
+      }
+      for (int64_t j = 0; j < Lk; ++j) {
+        scores[j] -= mx_score;
+      }
+      exps(scores, Lk, scores);
       float total = sinks ? std::exp(sink - mx_score) : 0.f;
       for (int64_t j = 0; j < Lk; ++j) {
-        scores[j] = std::exp(scores[j] - mx_score);
         total += scores[j];
       }
       std::fill(acc, acc + Dv, 0.f);

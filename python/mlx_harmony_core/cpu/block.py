@@ -4,12 +4,14 @@ mlx-lm's ``TransformerBlock`` runs ~27 MLX ops per token and layer (norms, seven
 GEMVs, reshapes and transposes, RoPE, the cache update, attention, SwiGLU, residual adds); on
 a 2-core CPU each op's dispatch and hand-off costs about what its arithmetic does. For a few
 query rows (decode, draft verification) :class:`FusedLlamaBlock` runs ``_core``'s
-``block_attn_in`` (RMSNorm -> q/k/v -> RoPE), the model's own cache update and
-:func:`.fused.attention`, then ``block_attn_out_mlp`` (o-proj -> residual -> RMSNorm ->
-gate/up -> SwiGLU -> down -> residual): 7 ops a layer. Its results are within float32
-rounding of the op-by-op path, which it takes for anything else: a GPU stream, long prompts,
-inside :func:`.fused.fused` ``(False)`` or :func:`.quant.kernels` ``(False)``, layers that
-are not on our quantized kernels.
+``block_attn_in`` (RMSNorm -> q/k/v -> RoPE), the cache update and the fused attention, then
+``block_attn_out_mlp`` (o-proj -> residual -> RMSNorm -> gate/up -> SwiGLU -> down ->
+residual): 7 ops a layer. With one of our single-sequence caches (or none) the whole step is
+one call into ``_core.FusedBlock.step``, whose weights were converted once; the block keeps
+that object while every array and submodule it came from is still the live one. Its results
+are within float32 rounding of the op-by-op path, which it takes for anything else: a GPU
+stream, long prompts, inside :func:`.fused.fused` ``(False)`` or :func:`.quant.kernels`
+``(False)``, layers that are not on our quantized kernels.
 """
 
 from __future__ import annotations
@@ -24,15 +26,31 @@ from . import fused, quant
 
 __all__ = ["MAX_ROWS", "block_classes"]
 
+# Our caches: each returns float keys and values (the quantized ones dequantized), which
+# our attention primitive takes as they are (mlx-lm's quantized cache goes to fused.attention).
+_OUR_CACHES = frozenset(
+    (_core.KVCache, _core.RotatingKVCache, _core.QuantizedKVCache, _core.BatchKVCache)
+)
+# Those that FusedBlock.step updates itself (one sequence's: _core.Cache's).
+_STEP_CACHES = frozenset((_core.KVCache, _core.RotatingKVCache, _core.QuantizedKVCache))
+
 MAX_ROWS = 16  # query rows up to which the fused step runs (csrc/fused/block.h)
 
 Linear = tuple[mx.array, mx.array, mx.array | None, mx.array | None, int, int, str]
+# What an argument tuple was read from: (module, key, value) with ``module.get(key) is value``
+# (a module's arrays and submodules live in its dict) and (module, None, class).
+Checks = tuple[tuple[Any, str | None, Any], ...]
+
+_LINEAR_KEYS = ("weight", "scales", "biases", "bias", "global_scale")
 
 
-def _linear(layer: Any) -> Linear | None:
-    """A quantized linear on our kernels as the primitives take it; ``None`` otherwise."""
+def _linear(layer: Any, checks: list[tuple[Any, str | None, Any]]) -> Linear | None:
+    """A quantized linear on our kernels as the primitives take it; ``None`` otherwise.
+    Appends what it read to ``checks``."""
+    checks.append((layer, None, type(layer)))
     if not isinstance(layer, quant.FastQuantizedLinear) or "global_scale" in layer:
         return None
+    checks.extend((layer, k, layer.get(k)) for k in _LINEAR_KEYS)
     return (
         layer["weight"],
         layer["scales"],
@@ -44,10 +62,23 @@ def _linear(layer: Any) -> Linear | None:
     )
 
 
-def _norm(layer: Any) -> tuple[mx.array, float] | None:
+def _norm(layer: Any, checks: list[tuple[Any, str | None, Any]]) -> tuple[mx.array, float] | None:
+    checks.append((layer, None, type(layer)))
     if not isinstance(layer, nn.RMSNorm) or "weight" not in layer:
         return None
+    checks.append((layer, "weight", layer["weight"]))
     return layer["weight"], layer.eps
+
+
+def _valid(checks: Checks) -> bool:
+    """Whether every array and submodule ``checks`` recorded is still the live one."""
+    for module, key, value in checks:
+        if key is None:
+            if type(module) is not value:
+                return False
+        elif module.get(key) is not value:
+            return False
+    return True
 
 
 def block_classes() -> dict[type, type]:
@@ -61,18 +92,50 @@ def block_classes() -> dict[type, type]:
         """mlx-lm's llama ``TransformerBlock``, its decode step as two fused primitives."""
 
         def _fused_args(self) -> tuple[Any, ...] | None:
-            attn, mlp = self.self_attn, self.mlp
-            if type(attn) is not llama.Attention or type(mlp) is not llama.MLP:
-                return None
-            rope = getattr(attn.rope, "fused_args", None)
-            parts = (
-                _norm(self.input_layernorm),
-                _norm(self.post_attention_layernorm),
-                rope() if rope is not None else None,
-                *(_linear(getattr(attn, n)) for n in ("q_proj", "k_proj", "v_proj", "o_proj")),
-                *(_linear(getattr(mlp, n)) for n in ("gate_proj", "up_proj", "down_proj")),
+            # Reading ~30 arrays through nn.Module lookups per layer and token cost ~5% of
+            # a decode step: the tuple is kept and reused while every array and submodule
+            # it came from is still the live one (model.update, load_weights and LoRA
+            # swaps replace them, which rebuilds it).
+            memo = self.__dict__.get("_fused_memo")
+            if memo is not None and _valid(memo[0]):
+                return memo[1]
+            parts = self._read_fused_args()
+            object.__setattr__(self, "_fused_memo", parts)  # not a parameter: no dict entry
+            return parts[1]
+
+        def _read_fused_args(self) -> tuple[Checks, tuple[Any, ...] | None]:
+            checks: list[tuple[Any, str | None, Any]] = [(self, None, type(self))]
+            checks.extend(
+                (self, n, self.get(n))
+                for n in ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
             )
-            return None if any(p is None for p in parts) else parts
+            attn, mlp = self.self_attn, self.mlp
+            checks += [(attn, None, type(attn)), (mlp, None, type(mlp))]
+            if type(attn) is not llama.Attention or type(mlp) is not llama.MLP:
+                return tuple(checks), None
+            rope_layer = attn.rope
+            checks += [(attn, "rope", rope_layer), (rope_layer, None, type(rope_layer))]
+            checks.extend((rope_layer, k, v) for k, v in rope_layer.items())
+            rope = getattr(rope_layer, "fused_args", None)
+            names = ("q_proj", "k_proj", "v_proj", "o_proj")
+            checks.extend((attn, n, attn.get(n)) for n in names)
+            checks.extend((mlp, n, mlp.get(n)) for n in ("gate_proj", "up_proj", "down_proj"))
+            parts = (
+                _norm(self.input_layernorm, checks),
+                _norm(self.post_attention_layernorm, checks),
+                rope() if rope is not None else None,
+                *(_linear(getattr(attn, n), checks) for n in names),
+                *(_linear(getattr(mlp, n), checks) for n in ("gate_proj", "up_proj", "down_proj")),
+            )
+            if any(p is None for p in parts):
+                return tuple(checks), None
+            (w1, eps1), (w2, eps2), (dims, trad, base, scale, freqs), q, k, v, o, g, u, d = parts
+            # block_attn_in's arguments before the offset, the RoPE freqs after it,
+            # block_attn_out_mlp's after (attn, x), the attention's scale.
+            attn_in = (w1, eps1, q, k, v, attn.n_heads, attn.n_kv_heads, dims, trad, base, scale)
+            out_mlp = (o, w2, eps2, g, u, d)
+            whole = _core.FusedBlock(*attn_in, freqs, *out_mlp, attn.scale)
+            return tuple(checks), (whole, attn_in, freqs, out_mlp, attn.scale)
 
         def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
             args = None
@@ -85,28 +148,20 @@ def block_classes() -> dict[type, type]:
                 args = self._fused_args()
             if args is None:
                 return super().__call__(x, mask, cache)
-            (w1, eps1), (w2, eps2), rope, q, k, v, o, gate, up, down = args
-            attn = self.self_attn
-            dims, traditional, base, scale, freqs = rope
+            whole, attn_in, freqs, out_mlp, scale = args
+            if cache is None or type(cache) in _STEP_CACHES:  # the whole step in one call
+                return whole.step(x, cache, mask)
             queries, keys, values = _core.block_attn_in(
-                x,
-                w1,
-                eps1,
-                q,
-                k,
-                v,
-                n_heads=attn.n_heads,
-                n_kv_heads=attn.n_kv_heads,
-                rope_dims=dims,
-                rope_traditional=traditional,
-                rope_base=base,
-                rope_scale=scale,
-                rope_freqs=freqs,
-                offset=cache.offset if cache is not None else 0,
+                x, *attn_in, cache.offset if cache is not None else 0, freqs
             )
             if cache is not None:
                 keys, values = cache.update_and_fetch(keys, values)
-            out = fused.attention(queries, keys, values, cache, attn.scale, mask)
-            return _core.block_attn_out_mlp(out, x, o, w2, eps2, gate, up, down)
+            if type(cache) in _OUR_CACHES:
+                out = _core.scaled_dot_product_attention(
+                    queries, keys, values, scale=scale, mask=mask
+                )
+            else:
+                out = fused.attention(queries, keys, values, cache, scale, mask)
+            return _core.block_attn_out_mlp(out, x, *out_mlp)
 
     return {llama.TransformerBlock: FusedLlamaBlock}
