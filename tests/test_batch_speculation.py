@@ -252,6 +252,8 @@ def test_best_width_weighs_chances_against_cost():
     # A draft model's step costs too: a dear one narrows the step, then stops it.
     assert best_width([[0.9, 0.8, 0.7, 0.6]] * 8, 0.25, 0.5)[0] < 5
     assert best_width([[0.9, 0.8, 0.7, 0.6]] * 8, 0.25, 1.0)[0] == 1
+    # A width measured dearer than the linear guess loses to one measured cheaper.
+    assert best_width([[0.9, 0.8, 0.7, 0.6]] * 8, 0.25, measured={5: 3.0, 3: 1.3})[0] == 3
     with pytest.raises(ValueError, match=">= 0"):
         best_width([[0.5]], -0.1)
 
@@ -279,11 +281,12 @@ def test_drafts_and_kinds_of_prompt_lookup():
 
 def test_pacer_measures_costs_relative_to_a_plain_step():
     p = Pacer()
-    assert p.plain_steps() == Pacer.MEASURE  # no plain step measured yet
+    assert p.plain_steps() == Pacer.MEASURE and not p.needs_plain()  # nothing measured yet
     p.record_verify(5, 0.3, drafts=2, draft_s=0.1)  # kept until a plain step is measured
-    assert p.per_token == Pacer.PER_TOKEN and p.steps == 1
+    assert p.per_token == Pacer.PER_TOKEN and p.steps == 1 and p.needs_plain()
     p.record_plain(8, 0.8)  # 0.1 s a plain step
-    assert p.plain_s == pytest.approx(0.1) and p.steps == 9
+    assert p.plain_s == pytest.approx(0.1) and p.steps == 9 and not p.needs_plain()
+    assert p.passes == {5: pytest.approx(3.0)}
     assert p.plain_steps() == Pacer.LOOK
     # (0.3 / 0.1 - 1) / 4 = 0.5 per token; 0.1 / 2 / 0.1 = 0.5 per draft step.
     assert p.per_token == pytest.approx(0.7 * Pacer.PER_TOKEN + 0.3 * 0.5)
@@ -294,6 +297,21 @@ def test_pacer_measures_costs_relative_to_a_plain_step():
     assert not p.could_pay()
     assert p.best([[0.99]] * 8, drafting=True)[0] == 1
     assert p.best([[0.99]] * 8)[0] == 2  # prompt lookup costs no draft step
+
+
+def test_a_pass_that_does_not_grow_linearly_is_priced_by_its_width():
+    """A quantized model's matmul switches to dequantize + BLAS past a few rows: 2 tokens
+    per row cost as much as 5. Each width's measured cost is its own."""
+    p = Pacer()
+    p.record_plain(4, 0.4)
+    chances = [[0.9, 0.8, 0.7, 0.6]] * 8
+    assert p.best(chances)[0] == 5  # priors: linear
+    p.record_verify(5, 0.2)  # twice a plain step
+    assert p.passes[5] == pytest.approx(2.0)
+    p.record_verify(2, 0.2)  # as dear
+    assert p.passes[2] == pytest.approx(2.0)
+    assert p.best([[0.6]] * 8)[0] == 1  # one draft cannot pay for a doubled pass
+    assert p.best(chances)[0] == 5
 
 
 def test_drafts_that_never_hold_turn_off_and_try_again_rarely(demo_engine, other, fixed_costs):

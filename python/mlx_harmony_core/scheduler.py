@@ -709,6 +709,8 @@ class Batch:
         """Verify every row's drafts, as :meth:`_plan` says; False (nothing run) when no
         row has drafts worth a verify step."""
         rows = list(self.rows)
+        if self.pacer.needs_plain():  # one verify step on priors, then plain ones measured
+            return False
         width, ks, found = self._plan(rows)
         if width == 1:
             return False

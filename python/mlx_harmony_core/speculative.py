@@ -12,7 +12,7 @@ and seeded outputs are the plain decoder's tokens, only sooner.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import mlx.core as mx
@@ -275,26 +275,32 @@ class Speculation:
 
 
 def best_width(
-    chances: Sequence[Sequence[float]], per_token: float, per_draft: float = 0.0
+    chances: Sequence[Sequence[float]],
+    per_token: float,
+    per_draft: float = 0.0,
+    measured: Mapping[int, float] | None = None,
 ) -> tuple[int, float]:
     """The verify step's width W (tokens per row; 1: a plain step) that emits the most
     tokens per unit of cost, and that gain over a plain step.
 
     ``chances[i][t-1]`` is the chance that row i's first t drafts all hold (rows without
     drafts: empty); a step of width W emits, per row, 1 + the sum of its chances up to
-    W - 1, and costs ``1 + (per_token + per_draft) * (W - 1)`` plain steps (``per_token``:
-    each further token per row in the verify pass; ``per_draft``: each draft a draft
-    model runs for its rows, 0 for prompt lookup).
+    W - 1, and its pass costs ``measured[W]`` plain steps where measured, else
+    ``1 + per_token * (W - 1)`` (``per_token``: each further token per row), plus
+    ``per_draft * (W - 1)`` (each draft a draft model runs for its rows; 0 for prompt
+    lookup). Passes need not cost linearly: a quantized matmul may switch kernels as
+    rows grow.
     """
     if per_token < 0 or per_draft < 0:
         raise ValueError("step costs must be >= 0")
     rows = len(chances)
     if rows == 0:
         return 1, 1.0
+    measured = measured or {}
     best, gain = 1, 1.0
     for w in range(2, 2 + max((len(c) for c in chances), default=0)):
         emitted = rows + sum(sum(c[: w - 1]) for c in chances)
-        cost = 1 + (per_token + per_draft) * (w - 1)
+        cost = measured.get(w, 1 + per_token * (w - 1)) + per_draft * (w - 1)
         g = emitted / rows / cost
         if g > gain:
             best, gain = w, g
@@ -313,7 +319,7 @@ class Pacer:
     CPU). ``steps`` is the batch's clock (plain and verify steps) for rows that rest.
     """
 
-    MEASURE = 8  # plain steps in a measured stretch
+    MEASURE = 4  # plain steps in a measured stretch
     LOOK = 32  # plain steps between looks at every token (a glance after each read ends
     # a stretch sooner when drafts look worth it: a look costs a pipeline drain)
     RETRY = 4  # plain steps before a row that joined a plain stretch looks
@@ -325,6 +331,7 @@ class Pacer:
         self.plain_s: float | None = None  # seconds per plain step (EMA)
         self.per_token = self.PER_TOKEN
         self.per_draft = self.PER_DRAFT
+        self.passes: dict[int, float] = {}  # a verify pass's cost by width, measured (EMA)
         self._early: list[tuple[int, float, int, float]] = []  # verify steps before plain_s
         self.steps = 0  # plain steps and verify steps run (the batch's clock)
         self.verified = 0  # verify steps run
@@ -332,11 +339,17 @@ class Pacer:
     def best(self, chances: Sequence[Sequence[float]], drafting: bool = False) -> tuple[int, float]:
         """The best width for rows with these ``chances`` and its gain over a plain step
         (see :func:`best_width`; ``drafting``: some rows draft with a draft model)."""
-        return best_width(chances, self.per_token, self.per_draft if drafting else 0.0)
+        per_draft = self.per_draft if drafting else 0.0
+        return best_width(chances, self.per_token, per_draft, self.passes)
 
     def could_pay(self) -> bool:
         """Whether a draft model as fast as measured could pay even if every draft held."""
         return (self.per_token + self.per_draft) * self.MARGIN < 1
+
+    def needs_plain(self) -> bool:
+        """Whether a plain step must be measured before the next verify step (a verify
+        step ran, and its cost means nothing until a plain step's is known)."""
+        return self.plain_s is None and self.verified > 0
 
     def plain_steps(self) -> int:
         """Plain steps to run before the next look: a measured stretch until a plain step
@@ -368,8 +381,9 @@ class Pacer:
     def _costs(self, width: int, seconds: float, drafts: int, draft_s: float) -> None:
         assert self.plain_s is not None
         if width > 1:
-            per = (seconds / self.plain_s - 1) / (width - 1)
-            self.per_token = _ema(self.per_token, min(3.0, max(0.02, per)))
+            cost = min(1 + 3.0 * (width - 1), max(1.0, seconds / self.plain_s))
+            self.passes[width] = _ema(self.passes.get(width), cost)
+            self.per_token = _ema(self.per_token, max(0.02, (cost - 1) / (width - 1)))
         if drafts > 0:
             self.per_draft = _ema(self.per_draft, min(10.0, draft_s / drafts / self.plain_s))
 
