@@ -14,7 +14,12 @@ from mlx_harmony_core.kv_cache import (
     RotatingKVCache,
     make_batch_cache,
 )
-from mlx_harmony_core.speculative import Pacer
+from mlx_harmony_core.speculative import (
+    NgramDrafter,
+    Pacer,
+    Speculation,
+    best_width,
+)
 
 GREEDY = mhc.SamplingParams(temperature=0.0)
 COPY = "Repeat after me: the quick brown fox jumps over the lazy dog, twice. " * 3
@@ -146,7 +151,23 @@ def _plain(engine, prompt, params, opts):
     return engine.generate(prompt, params, ignore_eos=True, **plain)
 
 
-def test_eight_rows_speculate_together_and_equal_plain_decoding(demo_engine, other):
+@pytest.fixture
+def free_verify(monkeypatch):
+    """Verify steps cost nothing (fixed, never measured): every row with a draft worth its
+    position verifies it, whatever the machine's timings."""
+    monkeypatch.setattr(Pacer, "PER_TOKEN", 0.0)
+    monkeypatch.setattr(Pacer, "PER_DRAFT", 0.0)
+    monkeypatch.setattr(Pacer, "MARGIN", 1.0)
+    monkeypatch.setattr(Pacer, "_costs", lambda self, *a: None)
+
+
+@pytest.fixture
+def fixed_costs(monkeypatch):
+    """Step costs fixed at their priors (never measured): plans do not depend on timings."""
+    monkeypatch.setattr(Pacer, "_costs", lambda self, *a: None)
+
+
+def test_eight_rows_speculate_together_and_equal_plain_decoding(demo_engine, other, free_verify):
     cases = _mix(demo_engine, other)
     text = _plain(demo_engine, *cases[7]).text
     cases[7][2]["stop"] = [text[len(text) // 2 : len(text) // 2 + 5]]
@@ -218,18 +239,101 @@ def test_cancel_inside_a_verify_step(demo_engine):
     demo_engine.reset_cache()
 
 
-def test_pacer_turns_speculation_off_when_it_does_not_pay():
+def test_best_width_weighs_chances_against_cost():
+    # Nothing to guess, or guesses that cannot pay: plain steps.
+    assert best_width([[], []], 0.3) == (1, 1.0)
+    assert best_width([[0.1], []], 0.3)[0] == 1
+    assert best_width([], 0.3) == (1, 1.0)
+    # Copying rows: wide; the gain is tokens per row over the step's cost.
+    w, gain = best_width([[0.9, 0.8, 0.7, 0.6]] * 8, 0.25)
+    assert w == 5 and gain == pytest.approx((1 + 3.0) / (1 + 0.25 * 4))
+    # One copying row among eight does not pay for widening all eight.
+    assert best_width([[0.9, 0.8, 0.7, 0.6]] + [[]] * 7, 0.25)[0] == 1
+    # A draft model's step costs too: a dear one narrows the step, then stops it.
+    assert best_width([[0.9, 0.8, 0.7, 0.6]] * 8, 0.25, 0.5)[0] < 5
+    assert best_width([[0.9, 0.8, 0.7, 0.6]] * 8, 0.25, 1.0)[0] == 1
+    # A width measured dearer than the linear guess loses to one measured cheaper.
+    assert best_width([[0.9, 0.8, 0.7, 0.6]] * 8, 0.25, measured={5: 3.0, 3: 1.3})[0] == 3
+    with pytest.raises(ValueError, match=">= 0"):
+        best_width([[0.5]], -0.1)
+
+
+def test_chances_follow_a_rows_acceptance_by_kind():
+    spec = Speculation(NgramDrafter(), 4)
+    # Priors: a 3-gram's drafts are likelier than a 1-gram's (cut below MIN_CHANCE).
+    assert len(spec.chances(4, 3)) > len(spec.chances(4, 1)) == 1
+    for _ in range(4):
+        spec.observe(4, 4, 3)  # every 3-gram draft held
+    assert spec.chances(4, 3) == pytest.approx([spec.rate(3) ** t for t in range(1, 5)])
+    assert spec.rate(3) > 0.95
+    for _ in range(4):
+        spec.observe(4, 0, 3)  # a copy ended: the first draft missed
+    assert spec.chances(4, 3) == []
+    assert spec.rate(1) == pytest.approx(0.15)  # other kinds keep their own
+
+
+def test_drafts_and_kinds_of_prompt_lookup():
+    spec = Speculation(NgramDrafter(), 3)
+    assert spec.lookup([5, 6, 7, 8, 9, 5, 6, 7]) == ([8, 9, 5], 3)
+    assert spec.lookup([5, 6, 7, 1, 7]) == ([1, 7], 1)
+    assert spec.lookup([1, 2, 3]) == ([], 0)
+
+
+def test_pacer_measures_costs_relative_to_a_plain_step():
     p = Pacer()
-    assert p.plain_steps() == 0  # the first step verifies
-    p.record(4, 2, 1.0)  # 0.5 s per token verifying
-    assert p.plain_steps() == Pacer.MEASURE
-    p.record(0, 8, 0.8)  # 0.1 s per token plainly
-    for pause in (16, 32, 0):  # a try that does not pay: a pause, doubling
-        assert p.plain_steps() == 0
-        p.record(4, 2, 1.0)
-        if pause:
-            assert p.plain_steps() == pause
-    assert p.plain_steps() > 10**6  # off after three tries that did not pay
-    p.joined()  # a new speculative row: tries again, pausing 16 steps when it does not pay
-    p.record(4, 2, 1.0)
-    assert p.plain_steps() == 16
+    assert p.plain_steps() == Pacer.MEASURE and not p.needs_plain()  # nothing measured yet
+    p.record_verify(5, 0.3, drafts=2, draft_s=0.1)  # kept until a plain step is measured
+    assert p.per_token == Pacer.PER_TOKEN and p.steps == 1 and p.needs_plain()
+    p.record_plain(8, 0.8)  # 0.1 s a plain step
+    assert p.plain_s == pytest.approx(0.1) and p.steps == 9 and not p.needs_plain()
+    assert p.passes == {5: pytest.approx(3.0)}
+    assert p.plain_steps() == Pacer.LOOK
+    # (0.3 / 0.1 - 1) / 4 = 0.5 per token; 0.1 / 2 / 0.1 = 0.5 per draft step.
+    assert p.per_token == pytest.approx(0.7 * Pacer.PER_TOKEN + 0.3 * 0.5)
+    assert p.per_draft == pytest.approx(0.7 * Pacer.PER_DRAFT + 0.3 * 0.5)
+    assert p.could_pay()
+    for _ in range(20):  # a draft model as dear as the target: it can never pay
+        p.record_verify(2, 0.12, drafts=1, draft_s=0.1)
+    assert not p.could_pay()
+    assert p.best([[0.99]] * 8, drafting=True)[0] == 1
+    assert p.best([[0.99]] * 8)[0] == 2  # prompt lookup costs no draft step
+
+
+def test_a_pass_that_does_not_grow_linearly_is_priced_by_its_width():
+    """A quantized model's matmul switches to dequantize + BLAS past a few rows: 2 tokens
+    per row cost as much as 5. Each width's measured cost is its own."""
+    p = Pacer()
+    p.record_plain(4, 0.4)
+    chances = [[0.9, 0.8, 0.7, 0.6]] * 8
+    assert p.best(chances)[0] == 5  # priors: linear
+    p.record_verify(5, 0.2)  # twice a plain step
+    assert p.passes[5] == pytest.approx(2.0)
+    p.record_verify(2, 0.2)  # as dear
+    assert p.passes[2] == pytest.approx(2.0)
+    assert p.best([[0.6]] * 8)[0] == 1  # one draft cannot pay for a doubled pass
+    assert p.best(chances)[0] == 5
+
+
+def test_drafts_that_never_hold_turn_off_and_try_again_rarely(demo_engine, other, fixed_costs):
+    """A draft model whose drafts never hold tries one draft, rests 64 steps, tries again,
+    rests 128 (a try costs a catch-up pass); a row drafting for itself speculates
+    throughout. Every row's tokens are plain decoding's."""
+    spec_bad = {"speculative": "draft", "draft_model": other}
+    spec_good = {"speculative": "draft", "draft_model": demo_engine}
+    prompts = ["Tell me a story.", "Tell me another story.", COPY]
+    want = [_plain(demo_engine, p, GREEDY, {"max_tokens": 220}).tokens for p in prompts]
+    demo_engine.reset_cache()
+    demo_engine.batching(max_batch=8)
+    handles = [
+        demo_engine.submit(p, GREEDY, ignore_eos=True, max_tokens=220, **spec_bad)
+        for p in prompts[:2]
+    ]
+    got = [h.result(timeout=300) for h in handles]
+    assert [g.tokens for g in got] == want[:2]
+    for g in got:
+        assert 2 <= g.usage.drafted_tokens <= 3 and g.usage.accepted_tokens == 0
+    good = demo_engine.submit(prompts[2], GREEDY, ignore_eos=True, max_tokens=220, **spec_good)
+    g = good.result(timeout=300)
+    assert g.tokens == want[2]
+    assert g.usage.accepted_tokens == g.usage.drafted_tokens > 100
+    demo_engine.reset_cache()

@@ -16,7 +16,8 @@ forward pass is queued ahead and the draw is built after the read, while that pa
 Two kinds of step share this loop: a verify step, when rows speculate (each row feeds its
 newest token and its own k_i drafts, or none, in one pass; draws go position by position
 with plain decoding's keys; each row's cache rows rewind past their own first miss; the
-batch's :class:`~.speculative.Pacer` measures whether verifying pays). In a distributed
+batch's :class:`~.speculative.Pacer` weighs each row's chances that its drafts hold against
+the measured cost of a wider pass and picks the step's width, 1 being a plain stretch). In a distributed
 group, rank 0's batch is a :class:`~.distributed_batch.GroupBatch`: the same steps, each
 sent to the other ranks, which mirror it (:class:`~.distributed.Follower`). The scheduler
 sees a :class:`~.runner.ModelRunner`, never the engine.
@@ -24,6 +25,7 @@ sees a :class:`~.runner.ModelRunner`, never the engine.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import queue
@@ -46,7 +48,7 @@ from .params import SamplingParams
 from .request import Completion, Request, StreamEvent
 from .runner import ModelRunner
 from .sampling import LogProbs, Sampler, sample_rows
-from .speculative import DraftBatch, ModelDrafter, Pacer
+from .speculative import MAX_DRAFT, DraftBatch, ModelDrafter, Pacer
 from .threads import generation, stop_at_exit
 
 logger = logging.getLogger(__name__)
@@ -437,6 +439,8 @@ class Batch:
         self.reads = 0  # plain steps read
         self.prefill_s = 0.0  # seconds spent prefilling
         self.draft_batches: dict[int, DraftBatch] = {}  # by draft model
+        self.width = 0  # the last verify step's tokens per row
+        self.kinds: list[int] = []  # the kind of each row's drafts in the step planned last
 
     def members(self) -> list[Row]:
         return [*self.rows, *self.prefilling]
@@ -462,6 +466,7 @@ class Batch:
         joined = self._prefill()
         if self.pending is not None:
             self._read(self.pending)
+            self._glance()
         self.flush()
         for r in joined:
             self._read_first(r)
@@ -505,11 +510,9 @@ class Batch:
             self.pacer, self.stretch = Pacer(), None  # the next batch measures afresh
             self.draft_batches = {}
             return
-        if any(r.req.speculation is not None for r in joined):
-            self.pacer.joined()
-            if self.stretch is not None:  # speculation was off: it tries again soon
-                n, t0, e0, p0 = self.stretch
-                self.stretch = (min(n, self.reads + Pacer.RETRY), t0, e0, p0)
+        if self.stretch is not None and any(r.req.speculation is not None for r in joined):
+            n, t0, e0, p0 = self.stretch  # a plain stretch runs: the new row looks soon
+            self.stretch = (min(n, self.reads + Pacer.RETRY), t0, e0, p0)
         if changed:
             self.bias = _bias(self.rows)
         if nxt is not None:
@@ -534,33 +537,38 @@ class Batch:
         return self.stretch is None and bool(self._spec_rows())
 
     def _speculating(self) -> bool:
-        """Whether this step verifies drafts: some row speculates, the batch is between its
-        plain stretches (measured, or paused; see :class:`Pacer`)."""
+        """Whether this step looks at the rows' drafts (and verifies them when they are
+        worth it; see :meth:`_plan`): some row speculates and no plain stretch runs."""
         if self.stretch is not None:
             n, t0, e0, p0 = self.stretch
             if self.reads < n and self.rows:
                 return False  # the stretch goes on, pipelined
             self.stretch = None
             seconds = time.perf_counter() - t0 - (self.prefill_s - p0)
-            self.pacer.record(0, self.emitted - e0, seconds)
-        if not self._spec_rows():
-            return False
-        n = self.pacer.plain_steps()
-        if n:
-            self._plain_stretch(n)
-            return False
-        return True
+            self.pacer.record_plain(self.reads, seconds)
+        return bool(self._spec_rows())
 
     def _plain_stretch(self, n: int) -> None:
-        """The next ``n`` steps decode plainly (pipelined), measured."""
+        """The next ``n`` steps decode plainly (pipelined), measured; a look at the rows'
+        drafts after each read may end it sooner (see :meth:`_glance`)."""
         self.reads = 0
         self.stretch = (n, time.perf_counter(), self.emitted, self.prefill_s)
 
+    def _glance(self) -> None:
+        """During a plain stretch, after a read: when the rows' drafts (from the tokens
+        read so far; one token is still in flight) look worth a verify step, the stretch
+        ends after this step (the next step looks again with every token)."""
+        if self.stretch is None or not self.reads or not self._spec_rows():
+            return
+        if self._plan(list(self.rows), commit=False)[0] > 1:
+            n, t0, e0, p0 = self.stretch
+            self.stretch = (self.reads, t0, e0, p0)
+
     def _speculate(self) -> None:
         """One verify step for the batch: every row feeds its newest token and its drafts
-        (none: it rides along at one token) in one pass, drawn position by position with
-        plain decoding's keys; each row's cache is rewound past its first miss. Joining
-        rows prefill as in a plain step."""
+        (none: it rides along at one token) in one pass, drawn with plain decoding's keys;
+        each row's cache is rewound past its first miss. Joining rows prefill as in a plain
+        step. When no drafts are worth a verify step, a plain stretch starts instead."""
         if self.pending is not None:  # the plain step in flight: its tokens first
             step, self.pending = self.pending, None
             self._read(step)
@@ -570,33 +578,112 @@ class Batch:
             self._read_first(r)
         self._update_rows(None, [r for r in joined if not r.finished])
         if self.rows and not self._verify():
-            # Nothing to guess in any row: a few plain steps (measured).
-            self._plain_stretch(Pacer.MEASURE)
+            self._plain_stretch(self._rest())
             self.pending = self._build(self.pending_inputs)
             return
         self.flush()
         self._update_rows(None, [])
 
-    def _drafts(self, rows: list[Row]) -> list[list[int]]:
-        """Each row's drafts (empty: the row rides along at one token); the rows drafting
-        with one draft model draft together (see :class:`DraftBatch`)."""
-        vocab = self.runner.vocab_size
-        out: list[list[int]] = [[] for _ in rows]
+    def _rest(self) -> int:
+        """Plain steps before the next look: the pacer's, or fewer when a draft model's row
+        may try again sooner."""
+        n = self.pacer.plain_steps()
+        if self.pacer.could_pay():
+            for r in self._spec_rows():
+                spec = r.req.speculation
+                assert spec is not None
+                if isinstance(spec.drafter, ModelDrafter) and spec.retry_at > self.pacer.steps:
+                    n = min(n, spec.retry_at - self.pacer.steps)
+        return max(1, n)
+
+    def _plan(self, rows: list[Row], commit: bool = True) -> tuple[int, list[int], list[list[int]]]:
+        """The next step's width (1: plain) and, per row, how many drafts it verifies and
+        prompt lookup's drafts (a draft model's rows draft once the plan is made), from
+        each row's chances that its drafts hold and the pacer's measured step costs.
+
+        A draft model's row that has never drafted tries one draft (its cost and its
+        chances are measured only so); one left out of a plan rests (64 steps, doubling)
+        and tries one draft again after, if a draft model that fast could pay at all.
+        ``commit``: False for a glance (nothing changes)."""
+        pacer = self.pacer
+        chances: list[list[float]] = []
+        found: list[list[int]] = []
+        kinds: list[int] = []
+        model = [False] * len(rows)
+        probe = [False] * len(rows)
+        for i, r in enumerate(rows):
+            spec = r.req.speculation
+            room = min(r.req.max_tokens - len(r.req.generated) - 1, MAX_DRAFT)
+            ch: list[float] = []
+            drafts: list[int] = []
+            kind = 0
+            if spec is not None and not r.finished and room > 0:
+                if isinstance(spec.drafter, ModelDrafter):
+                    model[i] = True
+                    if spec.drafted == 0 or (spec.retry_at <= pacer.steps and pacer.could_pay()):
+                        if spec.backoff or spec.drafted == 0:  # a try: one draft
+                            probe[i] = True
+                            ch = [spec.rate()]
+                        else:
+                            ch = spec.chances(min(room, spec.k_max))
+                else:
+                    try:  # its drafter is the row's own: a failure fails the row alone
+                        drafts, kind = spec.lookup(r.req.prompt_ids + r.req.generated)
+                    except Exception as exc:
+                        if commit:
+                            self._fail(r, exc)
+                        drafts = []
+                    drafts = drafts[:room]
+                    ch = spec.chances(len(drafts), kind)
+            chances.append(ch)
+            found.append(drafts)
+            kinds.append(kind)
+        without = [[] if m else c for m, c in zip(model, chances, strict=True)]
+        w1, g1 = pacer.best(
+            chances, drafting=any(m and c for m, c in zip(model, chances, strict=True))
+        )
+        w0, g0 = pacer.best(without)
+        use_models = g1 > g0 and g1 >= pacer.MARGIN
+        width = w1 if use_models else w0 if g0 >= pacer.MARGIN else 1
+        if not use_models:
+            chances = without
+        if any(probe):  # tries are made whatever the plan: only they measure a draft model
+            width = max(width, 2)
+        ks = [min(len(c), width - 1) for c in chances]
+        for i, p in enumerate(probe):
+            if p:
+                ks[i] = 1
+        if commit:
+            self.kinds = kinds
+            for i, r in enumerate(rows):
+                spec = r.req.speculation
+                if model[i] and spec is not None and not ks[i] and spec.retry_at <= pacer.steps:
+                    # Left out of the plan: it rests, longer each time.
+                    spec.backoff = min(512, max(64, 2 * spec.backoff))
+                    spec.retry_at = pacer.steps + spec.backoff
+        return (width if any(ks) else 1), ks, found
+
+    def _model_drafts(
+        self, rows: list[Row], ks: list[int], out: list[list[int]]
+    ) -> tuple[int, float]:
+        """The draft models' drafts into ``out`` (``ks[i]`` for row i; the rows of one draft
+        model draft together, see :class:`DraftBatch`); returns the batched draft steps and
+        their seconds (a prompt's first prefill on the draft model not counted)."""
         by_model: dict[int, list[int]] = {}
         for i, r in enumerate(rows):
             spec = r.req.speculation
-            room = r.req.max_tokens - len(r.req.generated) - 1
-            if spec is None or r.finished or room <= 0 or not r.drafting:
-                continue
-            if isinstance(spec.drafter, ModelDrafter):
-                by_model.setdefault(id(spec.drafter.model), []).append(i)
-                continue
-            try:  # its drafter is the row's own: a failure fails the row alone
-                out[i] = spec.propose(r.req.prompt_ids + r.req.generated)[:room]
-            except Exception as exc:
-                self._fail(r, exc)
+            if spec is not None and ks[i] and isinstance(spec.drafter, ModelDrafter):
+                if not r.drafting and not r.finished:
+                    try:  # its prompt, on the draft model's own cache
+                        spec.start(r.req.prompt_ids)
+                        r.drafting = True
+                    except Exception as exc:
+                        self._fail(r, exc)
+                if r.drafting and not r.finished:
+                    by_model.setdefault(id(spec.drafter.model), []).append(i)
         for key in [k for k in self.draft_batches if k not in by_model]:
             self.draft_batches.pop(key).propose([], [], [])  # its rows left: free the cache
+        steps, t0 = 0, time.perf_counter()
         for key, idx in by_model.items():
             specs = [rows[i].req.speculation for i in idx]
             group = self.draft_batches.get(key)
@@ -606,33 +693,38 @@ class Batch:
                 drafts = group.propose(
                     [s.drafter for s in specs],
                     [rows[i].req.prompt_ids + rows[i].req.generated for i in idx],
-                    [s.k for s in specs],
+                    [ks[i] for i in idx],
                 )
             except Exception as exc:  # the draft model failed: its rows fail, alone
                 self.draft_batches.pop(key, None)
                 for i in idx:
                     self._fail(rows[i], exc)
                 continue
+            steps += max(ks[i] for i in idx)
             for i, d in zip(idx, drafts, strict=True):
-                out[i] = d[: rows[i].req.max_tokens - len(rows[i].req.generated) - 1]
-        return [[t for t in d if 0 <= t < vocab] for d in out]
+                out[i] = d[: ks[i]]
+        return steps, time.perf_counter() - t0
 
     def _verify(self) -> bool:
-        """Verify every row's drafts; False (nothing run) when no row has any."""
+        """Verify every row's drafts, as :meth:`_plan` says; False (nothing run) when no
+        row has drafts worth a verify step."""
         rows = list(self.rows)
-        for r in rows:  # a draft model's prompt prefill is not the verify step's cost
-            spec = r.req.speculation
-            if spec is not None and not r.drafting and not r.finished:
-                try:
-                    spec.start(r.req.prompt_ids)
-                    r.drafting = True
-                except Exception as exc:
-                    self._fail(r, exc)
-        t0 = time.perf_counter()
-        drafts = self._drafts(rows)
+        if self.pacer.needs_plain():  # one verify step on priors, then plain ones measured
+            return False
+        width, ks, found = self._plan(rows)
+        if width == 1:
+            return False
+        drafts = [f[:k] for f, k in zip(found, ks, strict=True)]
+        steps, draft_s = self._model_drafts(rows, ks, drafts)
+        vocab = self.runner.vocab_size
+        drafts = [
+            [] if r.finished else [t for t in d if 0 <= t < vocab]
+            for r, d in zip(rows, drafts, strict=True)
+        ]
         if not any(drafts):
             return False
-        width = 1 + max(len(d) for d in drafts)
+        t1 = time.perf_counter()
+        self.width = width = 1 + max(len(d) for d in drafts)
         inputs = mx.array(
             [[r.last, *d] + [0] * (width - 1 - len(d)) for r, d in zip(rows, drafts, strict=True)],
             dtype=mx.int32,
@@ -647,9 +739,89 @@ class Batch:
             if r.req.speculation is not None and d:
                 r.req.speculation.drafted += len(d)
         accepted = [0] * len(rows)
+        if self._fused_draws(rows, drafts, logits, accepted) is None:
+            self._draws(rows, drafts, logits, base, accepted)
+        self.pacer.record_verify(width, time.perf_counter() - t1, steps, draft_s)
+        # Kept: each row's newest token and its accepted drafts; the token drawn last is
+        # fed next.
+        back = [width - 1 - a for a in accepted]
+        rewind_rows(self.cache, back, self.solo)
+        for i, r in enumerate(rows):
+            r.cached += 1 + accepted[i]
+            spec = r.req.speculation
+            if spec is None or not drafts[i]:
+                continue
+            spec.accepted += accepted[i]
+            spec.observe(len(drafts[i]), accepted[i], self.kinds[i])
+            if isinstance(spec.drafter, ModelDrafter):
+                if accepted[i]:
+                    spec.backoff = 0
+                elif spec.backoff or spec.drafted == len(drafts[i]):
+                    # A try that kept nothing: the row rests, longer each time.
+                    spec.backoff = min(512, max(64, 2 * spec.backoff))
+                    spec.retry_at = self.pacer.steps + spec.backoff
+        return True
+
+    def _fused_draws(
+        self, rows: list[Row], drafts: list[list[int]], logits: mx.array, accepted: list[int]
+    ) -> int | None:
+        """Every row's draws at all its 1 + k_i positions in one sampler call (one wait, not
+        one per position); each row keeps its draws up to its first miss and its sampler
+        advances by the draws kept, so every kept draw is keyed as in plain decoding.
+        Returns the tokens pushed; None (nothing drawn) when a row needs its draws one at
+        a time: processors, grammar, penalties (their state follows the tokens drawn), or
+        a row failed before its draw."""
+        if any(
+            r.finished or r.req.processors or r.req.sync or r.req.window is not None for r in rows
+        ):
+            return None
+        part: list[Row] = []
+        opts = []
+        for r, d in zip(rows, drafts, strict=True):
+            first = r.req.sampler.next_options(r.req.logprobs)
+            for t in range(1 + len(d)):
+                o = copy.copy(first)
+                o.counter = first.counter + t  # draw n + t, as plain decoding keys it
+                part.append(r)
+                opts.append(o)
+        bias = self.bias if all(len(d) == 0 for d in drafts) else _bias(part)
+        try:
+            with mx.stream(self._stream()):
+                ids, lp = sample_rows(logits, opts, bias=bias)
+                mx.eval(ids, *([] if lp is None else vars(lp).values()))
+        except ValueError:  # a row's options do not fit: the position by position path
+            return None
+        tokens, lps = ids.tolist(), _host(lp)
+        emitted, at = 0, 0
+        for i, (r, d) in enumerate(zip(rows, drafts, strict=True)):
+            for t in range(1 + len(d)):
+                j = at + t
+                if t:  # the draw this position used
+                    r.req.sampler.next_options(r.req.logprobs)
+                one = None
+                if lps is not None and r.req.logprobs is not None:
+                    k = r.req.logprobs
+                    one = LogProbs(lps[0][j], lps[1][j, :k], lps[2][j, :k])  # type: ignore[arg-type]
+                emitted += 1
+                self._push(r, tokens[j], one)
+                if r.finished or t == len(d) or r.last != d[t]:
+                    break
+                accepted[i] += 1
+            at += 1 + len(d)
+        return emitted
+
+    def _draws(
+        self,
+        rows: list[Row],
+        drafts: list[list[int]],
+        logits: mx.array,
+        base: list[int],
+        accepted: list[int],
+    ) -> None:
+        """The rows' draws position by position (each position's draws see the tokens
+        before it: processors, grammar masks, penalty windows)."""
         alive = [i for i, r in enumerate(rows) if not r.finished]
-        emitted = 0
-        for t in range(width):
+        for t in range(1 + max(len(d) for d in drafts)):
             alive = [i for i in alive if t <= len(drafts[i])]
             if not alive:
                 break
@@ -667,25 +839,12 @@ class Batch:
                 if lps is not None and r.req.logprobs is not None:
                     k = r.req.logprobs
                     one = LogProbs(lps[0][j], lps[1][j, :k], lps[2][j, :k])  # type: ignore[arg-type]
-                emitted += 1
                 self._push(r, tokens[j], one)
                 if r.finished or t == len(drafts[i]) or r.last != drafts[i][t]:
                     continue
                 accepted[i] += 1
                 still.append(i)
             alive = still
-        # Kept: each row's newest token and its accepted drafts; the token drawn last is
-        # fed next.
-        back = [width - 1 - a for a in accepted]
-        rewind_rows(self.cache, back, self.solo)
-        for i, r in enumerate(rows):
-            r.cached += 1 + accepted[i]
-            spec = r.req.speculation
-            if spec is not None and drafts[i]:
-                spec.accepted += accepted[i]
-                spec.observe(len(drafts[i]), accepted[i])
-        self.pacer.record(sum(len(d) for d in drafts), emitted, time.perf_counter() - t0)
-        return True
 
     # -- building a step ------------------------------------------------------------------
     def _stream(self) -> Any:

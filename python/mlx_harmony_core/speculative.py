@@ -12,7 +12,7 @@ and seeded outputs are the plain decoder's tokens, only sooner.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import mlx.core as mx
@@ -41,6 +41,12 @@ class NgramDrafter:
         pass
 
     def propose(self, tokens: Sequence[int], k: int) -> list[int]:
+        return self.lookup(tokens, k)[0]
+
+    def lookup(self, tokens: Sequence[int], k: int) -> tuple[list[int], int]:
+        """The drafts and the length of the n-gram that found them (0: none found). A
+        longer match is a far better guess (SmolLM2 copying: 12% of 1-gram drafts held,
+        63% of 2-gram ones, 74% of 3-gram ones)."""
         n_tokens = len(tokens)
         for n in range(min(self.max_ngram, n_tokens - 1), self.min_ngram - 1, -1):
             tail = list(tokens[-n:])
@@ -49,8 +55,8 @@ class NgramDrafter:
                 if tokens[start] == tail[0] and list(tokens[start : start + n]) == tail:
                     follow = list(tokens[start + n : start + n + k])
                     if follow:
-                        return follow
-        return []
+                        return follow, n
+        return [], 0
 
 
 class ModelDrafter:
@@ -193,11 +199,24 @@ class DraftBatch:
         return [out[r][:kk] for r, kk in zip(rows, ks, strict=True)]
 
 
-class Speculation:
-    """One request's speculation: its drafter, how many tokens to draft, and the counts.
+# A row drafts its t-th token only while the chance that all t drafts hold is at least
+# this: a drafted position costs the output head and its draw even when the row rides along.
+MIN_CHANCE = 0.1
+# Chance that a draft holds, given the drafts before it held, before anything is measured:
+# by the n-gram's length for prompt lookup (measured on SmolLM2 copying: 0.12 / 0.63 /
+# 0.74), and for a draft model.
+NGRAM_PRIOR = (0.15, 0.5, 0.65)
+MODEL_PRIOR = 0.5
 
-    ``k`` follows this request's acceptance rate (see :meth:`observe`); whether its batch
-    speculates at all is the batch's :class:`Pacer`'s call.
+
+class Speculation:
+    """One request's speculation: its drafter and how often its drafts hold.
+
+    Each draft holds with some chance given the drafts before it held; the chance is
+    tracked per kind of guess (prompt lookup: by the length of the n-gram that found it;
+    a draft model: one kind). :meth:`chances` turns it into the chance that the first t
+    drafts all hold, which the batch's :class:`Pacer` weighs against what a wider verify
+    step costs. ``k`` is the most this request drafts in one step.
     """
 
     def __init__(self, drafter: Any, num_draft: int = NUM_DRAFT) -> None:
@@ -206,7 +225,9 @@ class Speculation:
         self.k = num_draft
         self.drafted = 0
         self.accepted = 0
-        self._rate = 0.5  # acceptance per drafted token (EMA)
+        self._rates: dict[int, float] = {}  # by kind of guess (EMA)
+        self.retry_at = 0  # a draft model that did not pay tries again at this batch step
+        self.backoff = 0  # plain steps before its next try (0: not backing off)
 
     def start(self, prompt: Sequence[int]) -> None:
         self.drafter.start(prompt)
@@ -214,67 +235,157 @@ class Speculation:
     def propose(self, tokens: Sequence[int]) -> list[int]:
         return self.drafter.propose(tokens, self.k)
 
-    def observe(self, drafted: int, accepted: int) -> None:
-        """One verify step of this request: ``drafted`` guesses, ``accepted`` of them kept
-        (the caller counts :attr:`drafted` / :attr:`accepted` as it goes)."""
+    def lookup(self, tokens: Sequence[int]) -> tuple[list[int], int]:
+        """A cheap drafter's drafts (up to ``k_max``) and their kind (prompt lookup: the
+        n-gram's length; a drafter without kinds: 0)."""
+        lookup = getattr(self.drafter, "lookup", None)
+        if lookup is None:
+            return list(self.drafter.propose(tokens, self.k_max)), 0
+        return lookup(tokens, self.k_max)
+
+    def rate(self, kind: int = 0) -> float:
+        """The chance that a draft of ``kind`` holds, given the drafts before it held."""
+        rate = self._rates.get(kind)
+        if rate is not None:
+            return rate
+        if isinstance(self.drafter, NgramDrafter):
+            return NGRAM_PRIOR[min(max(kind, 1), len(NGRAM_PRIOR)) - 1]
+        return MODEL_PRIOR
+
+    def chances(self, k: int, kind: int = 0) -> list[float]:
+        """The chance that the first t drafts all hold, for t = 1..k, cut where it falls
+        below :data:`MIN_CHANCE` (those drafts are not worth their positions)."""
+        rate, out, c = self.rate(kind), [], 1.0
+        for _ in range(k):
+            c *= rate
+            if c < MIN_CHANCE:
+                break
+            out.append(c)
+        return out
+
+    def observe(self, drafted: int, accepted: int, kind: int = 0) -> None:
+        """One verify step of this request: ``drafted`` guesses of ``kind``, ``accepted``
+        of them kept (the caller counts :attr:`drafted` / :attr:`accepted` as it goes)."""
         if drafted <= 0:
             return
-        self._rate = 0.8 * self._rate + 0.2 * (accepted / drafted)
-        # Draft about as far as the guesses usually hold, within [1, k_max].
-        expected = self._rate / max(1e-3, 1 - self._rate)
-        self.k = max(1, min(self.k_max, round(expected) + 1))
+        # The guesses tried are those kept and the first miss; a fast average (a copy
+        # starts and ends abruptly).
+        tried = accepted + (accepted < drafted)
+        self._rates[kind] = 0.5 * self.rate(kind) + 0.5 * (accepted / tried)
+
+
+def best_width(
+    chances: Sequence[Sequence[float]],
+    per_token: float,
+    per_draft: float = 0.0,
+    measured: Mapping[int, float] | None = None,
+) -> tuple[int, float]:
+    """The verify step's width W (tokens per row; 1: a plain step) that emits the most
+    tokens per unit of cost, and that gain over a plain step.
+
+    ``chances[i][t-1]`` is the chance that row i's first t drafts all hold (rows without
+    drafts: empty); a step of width W emits, per row, 1 + the sum of its chances up to
+    W - 1, and its pass costs ``measured[W]`` plain steps where measured, else
+    ``1 + per_token * (W - 1)`` (``per_token``: each further token per row), plus
+    ``per_draft * (W - 1)`` (each draft a draft model runs for its rows; 0 for prompt
+    lookup). Passes need not cost linearly: a quantized matmul may switch kernels as
+    rows grow.
+    """
+    if per_token < 0 or per_draft < 0:
+        raise ValueError("step costs must be >= 0")
+    rows = len(chances)
+    if rows == 0:
+        return 1, 1.0
+    measured = measured or {}
+    best, gain = 1, 1.0
+    for w in range(2, 2 + max((len(c) for c in chances), default=0)):
+        emitted = rows + sum(sum(c[: w - 1]) for c in chances)
+        cost = measured.get(w, 1 + per_token * (w - 1)) + per_draft * (w - 1)
+        g = emitted / rows / cost
+        if g > gain:
+            best, gain = w, g
+    return best, gain
 
 
 class Pacer:
-    """Whether a batch speculates: it compares the measured seconds per emitted token of
-    verify steps and of plain steps. The first step verifies, then a stretch of plain steps
-    is measured; when verifying costs more per token, speculation pauses (16 plain steps,
-    then 32, ...), and after three such tries in a row it stays off until the batch
-    empties, so it is never much slower than plain decoding."""
+    """What a batch's verify steps cost, measured, and whether a step verifies.
 
-    MEASURE = 8  # plain steps in a measured stretch
-    RETRY = 16  # plain steps before a new speculative row tries again
+    It keeps the seconds of a plain step (plain stretches, pipelined) and, relative to
+    it, what each further token per row adds to a verify pass and what a draft model's
+    batched draft step costs. :meth:`best` picks the width of the next verify step from
+    the rows' chances (see :func:`best_width`); below :attr:`MARGIN` the batch decodes a
+    plain stretch of :meth:`plain_steps` steps. Until a plain step is measured, costs are
+    priors (a verify pass of 8 SmolLM2 rows: +0.28 of a plain step per token per row,
+    CPU). ``steps`` is the batch's clock (plain and verify steps) for rows that rest.
+    """
+
+    MEASURE = 4  # plain steps in a measured stretch
+    LOOK = 32  # plain steps between looks at every token (a glance after each read ends
+    # a stretch sooner when drafts look worth it: a look costs a pipeline drain)
+    RETRY = 4  # plain steps before a row that joined a plain stretch looks
+    MARGIN = 1.03  # a verify step must promise this much over a plain one
+    PER_TOKEN = 0.28  # prior: a verify pass's cost per further token per row, in plain steps
+    PER_DRAFT = 0.25  # prior: a draft model's batched step, in plain steps
 
     def __init__(self) -> None:
-        self._spec_s: float | None = None  # seconds per emitted token, verifying (EMA)
-        self._plain_s: float | None = None  # seconds per emitted token, plain steps (EMA)
-        self._pause = 0
-        self._backoff = 16
-        self._fails = 0  # tries in a row that did not pay
+        self.plain_s: float | None = None  # seconds per plain step (EMA)
+        self.per_token = self.PER_TOKEN
+        self.per_draft = self.PER_DRAFT
+        self.passes: dict[int, float] = {}  # a verify pass's cost by width, measured (EMA)
+        self._early: list[tuple[int, float, int, float]] = []  # verify steps before plain_s
+        self.steps = 0  # plain steps and verify steps run (the batch's clock)
+        self.verified = 0  # verify steps run
+
+    def best(self, chances: Sequence[Sequence[float]], drafting: bool = False) -> tuple[int, float]:
+        """The best width for rows with these ``chances`` and its gain over a plain step
+        (see :func:`best_width`; ``drafting``: some rows draft with a draft model)."""
+        per_draft = self.per_draft if drafting else 0.0
+        return best_width(chances, self.per_token, per_draft, self.passes)
+
+    def could_pay(self) -> bool:
+        """Whether a draft model as fast as measured could pay even if every draft held."""
+        return (self.per_token + self.per_draft) * self.MARGIN < 1
+
+    def needs_plain(self) -> bool:
+        """Whether a plain step must be measured before the next verify step (a verify
+        step ran, and its cost means nothing until a plain step's is known)."""
+        return self.plain_s is None and self.verified > 0
 
     def plain_steps(self) -> int:
-        """Plain steps to run now (0: verify): the measured stretch after the first verify
-        step, and the pause when speculation has not been paying."""
-        if self._plain_s is None and self._spec_s is not None:
-            return self.MEASURE
-        n, self._pause = self._pause, 0
-        return n
+        """Plain steps to run before the next look: a measured stretch until a plain step
+        was measured, then :attr:`LOOK`."""
+        return self.MEASURE if self.plain_s is None else self.LOOK
 
-    def joined(self) -> None:
-        """A speculative request joined the batch: its drafts deserve new tries (the
-        caller cuts a running plain stretch to :attr:`RETRY` steps)."""
-        self._fails, self._backoff = 0, 16
-        self._pause = min(self._pause, self.RETRY)
+    def record_plain(self, steps: int, seconds: float) -> None:
+        """A plain stretch of ``steps`` steps ran in ``seconds``."""
+        if steps <= 0:
+            return
+        self.steps += steps
+        self.plain_s = _ema(self.plain_s, seconds / steps)
+        early, self._early = self._early, []
+        for width, verify_s, drafts, draft_s in early:
+            self._costs(width, verify_s, drafts, draft_s)
 
-    def record(self, drafted: int, emitted: int, seconds: float) -> None:
-        """A finished verify step (``drafted`` > 0) or plain stretch (``drafted`` 0) that
-        emitted ``emitted`` tokens over all rows in ``seconds``."""
-        per = seconds / max(1, emitted)
-        if drafted == 0:
-            self._plain_s = _ema(self._plain_s, per)
-            return
-        self._spec_s = _ema(self._spec_s, per)
-        if self._plain_s is None:
-            return
-        if self._spec_s > 1.02 * self._plain_s:
-            self._fails += 1
-            # Three tries that did not pay: off (a draft model must also catch up on
-            # every token it skipped, each time it tries again).
-            self._pause = self._backoff if self._fails < 3 else 2**31
-            self._backoff = min(256, self._backoff * 2)
-            self._spec_s = None
-        elif self._spec_s < self._plain_s:
-            self._backoff, self._fails = 16, 0
+    def record_verify(
+        self, width: int, seconds: float, drafts: int = 0, draft_s: float = 0.0
+    ) -> None:
+        """A verify step of ``width`` tokens per row whose pass and draws took ``seconds``,
+        after ``drafts`` batched draft-model steps that took ``draft_s``."""
+        self.steps += 1
+        self.verified += 1
+        if self.plain_s is None:  # costs are relative to a plain step: kept until one runs
+            self._early.append((width, seconds, drafts, draft_s))
+        else:
+            self._costs(width, seconds, drafts, draft_s)
+
+    def _costs(self, width: int, seconds: float, drafts: int, draft_s: float) -> None:
+        assert self.plain_s is not None
+        if width > 1:
+            cost = min(1 + 3.0 * (width - 1), max(1.0, seconds / self.plain_s))
+            self.passes[width] = _ema(self.passes.get(width), cost)
+            self.per_token = _ema(self.per_token, max(0.02, (cost - 1) / (width - 1)))
+        if drafts > 0:
+            self.per_draft = _ema(self.per_draft, min(10.0, draft_s / drafts / self.plain_s))
 
 
 def _ema(old: float | None, new: float) -> float:
