@@ -50,7 +50,16 @@ import numpy as np
 from .errors import GroupError
 from .kv_cache import rewind_rows
 
-__all__ = ["Group", "current", "follow", "init", "shard_vocab"]
+__all__ = [
+    "Group",
+    "current",
+    "follow",
+    "greedy_ids",
+    "greedy_step",
+    "init",
+    "shard_vocab",
+    "sharded_head",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -298,7 +307,8 @@ class ShardedEmbedding(nn.Module):
         n, r = group.size(), group.rank()
         self.per = -(-vocab // n)
         self.start, self.vocab = r * self.per, vocab
-        _rows(inner, self.start, min(vocab, self.start + self.per), self.per)
+        self.valid = max(0, min(vocab, self.start + self.per) - self.start)
+        _rows(inner, self.start, self.start + self.valid, self.per)
         self.inner = inner
         self.group = group
 
@@ -312,6 +322,10 @@ class ShardedEmbedding(nn.Module):
     def as_linear(self, x: mx.array) -> mx.array:
         return _gather_vocab(self.inner.as_linear(x), self.group, self.vocab)
 
+    def local_logits(self, x: mx.array) -> mx.array:
+        """This rank's slice of the logits (tied weights), ids ``start`` on; no collective."""
+        return self.inner.as_linear(x)[..., : self.valid]
+
 
 class ShardedHead(nn.Module):
     """An output layer (float or quantized) split by vocabulary rows; logits gathered."""
@@ -319,12 +333,17 @@ class ShardedHead(nn.Module):
     def __init__(self, inner: nn.Module, group: Any, vocab: int) -> None:
         super().__init__()
         per = -(-vocab // group.size())
-        start = group.rank() * per
-        _rows(inner, start, min(vocab, start + per), per)
+        self.start = group.rank() * per
+        self.valid = max(0, min(vocab, self.start + per) - self.start)
+        _rows(inner, self.start, self.start + self.valid, per)
         self.inner, self.group, self.vocab = inner, group, vocab
 
     def __call__(self, x: mx.array) -> mx.array:
         return _gather_vocab(self.inner(x), self.group, self.vocab)
+
+    def local_logits(self, x: mx.array) -> mx.array:
+        """This rank's slice of the logits, ids ``start`` on; no collective."""
+        return self.inner(x)[..., : self.valid]
 
 
 def _gather_vocab(part: mx.array, group: Any, vocab: int) -> mx.array:
@@ -332,6 +351,37 @@ def _gather_vocab(part: mx.array, group: Any, vocab: int) -> mx.array:
     moved = mx.moveaxis(part, -1, 0)
     whole = mx.distributed.all_gather(moved, group=group)
     return mx.moveaxis(whole, 0, -1)[..., :vocab]
+
+
+def sharded_head(model: nn.Module) -> ShardedHead | ShardedEmbedding | None:
+    """The vocabulary-split output head of ``model`` when its forward pass is known to end
+    in it (see :func:`~.runner.split_head`), else None."""
+    from .runner import split_head
+
+    head = split_head(model)
+    owner = getattr(head, "__self__", head)  # tied weights: the embedding's as_linear
+    return owner if isinstance(owner, ShardedHead | ShardedEmbedding) else None
+
+
+def greedy_ids(part: mx.array, start: int, group: Any) -> mx.array:
+    """Greedy draws (B,) int32 over the whole vocabulary from every rank's slice ``part``
+    (B, n) of the logits (ids ``start`` on), exchanging 3 numbers per row and rank instead
+    of the logits: the first id of the highest logit, as the fused sampler's greedy draw,
+    with its error codes (a NaN or +inf anywhere: ERROR_NON_FINITE; every logit -inf:
+    ERROR_NO_CANDIDATE). Every rank gets the same ids (the same gathered numbers)."""
+    from . import _core
+
+    x = part.astype(mx.float32)
+    best = mx.max(x, axis=-1)
+    idx = mx.argmax(x, axis=-1).astype(mx.float32) + start  # exact: ids < 2**24
+    bad = mx.any(mx.isnan(x) | mx.isposinf(x), axis=-1).astype(mx.float32)
+    every = mx.distributed.all_gather(mx.stack([best, idx, bad], axis=-1)[None], group=group)
+    maxima = every[..., 0]  # (ranks, B); ranks hold ascending id ranges
+    top = mx.max(maxima, axis=0)
+    first = mx.argmax((maxima == top).astype(mx.int32), axis=0)  # the lowest rank holding it
+    ids = mx.take_along_axis(every[..., 1], first[None], axis=0)[0].astype(mx.int32)
+    ids = mx.where(top == -mx.inf, _core.ERROR_NO_CANDIDATE, ids)
+    return mx.where(mx.any(every[..., 2] > 0, axis=0), _core.ERROR_NON_FINITE, ids)
 
 
 def shard_vocab(model: nn.Module, group: Any) -> bool:
@@ -395,7 +445,8 @@ class Follower:
     prompt token, its logits drawn on rank 0), ``retire`` (a row leaves: its cache kept for
     the prefix cache or not), ``filter`` (batch rows kept), ``join`` (rows inserted),
     ``store`` (a kept cache into the prefix cache, with the entry count after it), ``clear``,
-    ``decode`` (one token per batch row), ``verify`` (each row's token and drafts, the
+    ``decode`` (one token per batch row; greedy: only
+    the rows' best logits are exchanged, see :func:`greedy_step`), ``verify`` (each row's token and drafts, the
     positions the head runs at) and ``rewind`` (each row's rejected drafts)."""
 
     def __init__(self, runner: Any) -> None:
@@ -513,10 +564,12 @@ class Follower:
     def _clear(self) -> None:
         self.runner.prefix_cache.clear()
 
-    def _decode(self, tokens: list[int]) -> mx.array:
+    def _decode(self, tokens: list[int], greedy: bool = False) -> mx.array:
         for rid, t in zip(self.batch, tokens, strict=True):
             self.rows[rid].tokens.append(t)
         inputs = mx.array(tokens, dtype=mx.int32)[:, None]
+        if greedy:  # every row draws greedily: rank 0 takes its ids from greedy_ids
+            return greedy_step(self.runner, inputs, self.cache)
         return self.runner.forward(inputs, self.cache)[:, -1, :]
 
     def _verify(self, inputs: list[list[int]], where: list[int]) -> mx.array:
@@ -529,6 +582,17 @@ class Follower:
         for rid, n in zip(self.batch, back, strict=True):
             if n:
                 del self.rows[rid].tokens[-n:]
+
+
+def greedy_step(runner: Any, inputs: mx.array, cache: Any) -> mx.array:
+    """A decode step (lazy) of ``inputs`` (B, 1) whose rows all draw greedily: each rank
+    runs the output head over its slice of the vocabulary and the ranks exchange only each
+    row's best logit (:func:`greedy_ids`). The same collectives on every rank."""
+    head = sharded_head(runner.model)
+    assert head is not None
+    with mx.stream(runner.stream()):
+        hidden = runner.model.model(inputs, cache)[:, -1, :]
+        return greedy_ids(head.local_logits(hidden), head.start, runner.group.group)
 
 
 class _FollowedRow:
