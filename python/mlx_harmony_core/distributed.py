@@ -366,17 +366,31 @@ def sharded_head(model: nn.Module) -> ShardedHead | ShardedEmbedding | None:
 def greedy_ids(part: mx.array, start: int, group: Any) -> mx.array:
     """Greedy draws (B,) int32 over the whole vocabulary from every rank's slice ``part``
     (B, n) of the logits (ids ``start`` on), exchanging 3 numbers per row and rank instead
-    of the logits: the first id of the highest logit, as the fused sampler's greedy draw,
-    with its error codes (a NaN or +inf anywhere: ERROR_NON_FINITE; every logit -inf:
-    ERROR_NO_CANDIDATE). Every rank gets the same ids (the same gathered numbers)."""
-    from . import _core
+    of the logits (see :func:`best_of_slice`, :func:`best_of_ranks`). Every rank gets the
+    same ids: they come from the same gathered numbers."""
+    mine = best_of_slice(part, start)[None]
+    return best_of_ranks(mx.distributed.all_gather(mine, group=group))
 
+
+def best_of_slice(part: mx.array, start: int) -> mx.array:
+    """(B, 3) float32: each row's highest logit in ``part`` (B, n), the first id holding it
+    (``start`` + its index; exact in float32 below 2**24) and 1 where the row holds a NaN
+    or +inf (0 elsewhere)."""
     x = part.astype(mx.float32)
     best = mx.max(x, axis=-1)
-    idx = mx.argmax(x, axis=-1).astype(mx.float32) + start  # exact: ids < 2**24
+    idx = mx.argmax(x, axis=-1).astype(mx.float32) + start
     bad = mx.any(mx.isnan(x) | mx.isposinf(x), axis=-1).astype(mx.float32)
-    every = mx.distributed.all_gather(mx.stack([best, idx, bad], axis=-1)[None], group=group)
-    maxima = every[..., 0]  # (ranks, B); ranks hold ascending id ranges
+    return mx.stack([best, idx, bad], axis=-1)
+
+
+def best_of_ranks(every: mx.array) -> mx.array:
+    """The greedy ids (B,) int32 from every rank's :func:`best_of_slice` (ranks, B, 3),
+    ranks holding ascending id ranges: the first id of the highest logit, as the fused
+    sampler's greedy draw, with its error codes (a NaN or +inf anywhere:
+    ``ERROR_NON_FINITE``; every logit -inf: ``ERROR_NO_CANDIDATE``)."""
+    from . import _core
+
+    maxima = every[..., 0]
     top = mx.max(maxima, axis=0)
     first = mx.argmax((maxima == top).astype(mx.int32), axis=0)  # the lowest rank holding it
     ids = mx.take_along_axis(every[..., 1], first[None], axis=0)[0].astype(mx.int32)
