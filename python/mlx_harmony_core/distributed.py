@@ -459,9 +459,9 @@ class Follower:
     prompt token, its logits drawn on rank 0), ``retire`` (a row leaves: its cache kept for
     the prefix cache or not), ``filter`` (batch rows kept), ``join`` (rows inserted),
     ``store`` (a kept cache into the prefix cache, with the entry count after it), ``clear``,
-    ``decode`` (one token per batch row; greedy: only
-    the rows' best logits are exchanged, see :func:`greedy_step`), ``verify`` (each row's token and drafts, the
-    positions the head runs at) and ``rewind`` (each row's rejected drafts)."""
+    ``decode`` (one token per batch row), ``verify`` (each row's token and drafts, the
+    positions the head runs at) and ``rewind`` (each row's rejected drafts). A ``first`` or
+    ``decode`` marked greedy exchanges only each row's best logits (:func:`greedy_step`)."""
 
     def __init__(self, runner: Any) -> None:
         from .kv_cache import make_batch_cache
@@ -520,11 +520,14 @@ class Follower:
         row.tokens += part
         return [c.state for c in row.cache]
 
-    def _first(self, rid: int) -> mx.array:
+    def _first(self, rid: int, greedy: bool = False) -> mx.array:
         row = self.rows[rid]
         rest = row.prompt[len(row.tokens) :]
         row.tokens += rest
-        return self.runner.forward(mx.array(rest, dtype=mx.int32)[None], row.cache)[:, -1, :]
+        inputs = mx.array(rest, dtype=mx.int32)[None]
+        if greedy:  # rank 0 draws it greedily from the ranks' best logits
+            return greedy_step(self.runner, inputs, row.cache)
+        return self.runner.forward(inputs, row.cache)[:, -1, :]
 
     def _retire(self, rid: int, batch_row: int | None, stored: bool, count: int) -> None:
         row = self.rows.pop(rid)

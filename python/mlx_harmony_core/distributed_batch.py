@@ -199,11 +199,18 @@ class GroupBatch(Batch):
             # A speculative request feeds its prompt's last token in its first step.
             r.last, r.cached = prompt[-1], r.done
             return 0
-        self.record("first", rid)
         last = mx.array(prompt[r.done :], dtype=mx.int32)
-        logits = self.real.forward(last[None], r.cache)[:, -1, :]
-        self.lazy.append((logits, None, 0))
-        self.firsts.append((r, logits))
+        if self.head is not None and _plain_greedy(r):  # its best logit is all it needs
+            self.record("first", rid, True)
+            ids = greedy_step(self.real, last[None], r.cache)
+            r.req.sampler.next_options()  # a draw, as the sampler counts them
+            r.first = (ids, None)
+            self.lazy.append((ids, None, 0))
+        else:
+            self.record("first", rid)
+            logits = self.real.forward(last[None], r.cache)[:, -1, :]
+            self.lazy.append((logits, None, 0))
+            self.firsts.append((r, logits))
         r.done = r.cached = len(prompt)
         return 1
 
