@@ -463,3 +463,19 @@ def test_greedy_ids_from_slices_equal_the_samplers_greedy_draw(ranks, dtype):
     assert got == want
     assert got[1] == 10 and got[2] == 400 and got[6] == vocab - 1 and got[7] == 0
     assert got[3] == got[4] == _core.ERROR_NON_FINITE and got[5] == _core.ERROR_NO_CANDIDATE
+
+
+def test_best_of_slice_flags_nan_and_inf_anywhere_in_a_long_row():
+    """best_of_slice flags a row from its max alone (MLX's max is NaN or +inf when the row
+    holds one): at any position of a vocabulary-long slice, vectorized or tail."""
+    from mlx_harmony_core.distributed import best_of_slice
+
+    n = 100544
+    rows = np.random.default_rng(1).standard_normal((8, n)).astype(np.float32)
+    spots = [0, 1, 7, 8, 17, 4099, n - 9, n - 1]
+    for i, pos in enumerate(spots):
+        rows[i, pos] = np.nan if i % 2 else np.inf
+    got = best_of_slice(mx.array(rows), 0)[:, 2].tolist()
+    assert got == [1.0] * len(spots)
+    short = best_of_slice(mx.array(rows[:, :100]), 0)[:, 2].tolist()  # rows 5-7: finite
+    assert short == [1.0] * 5 + [0.0] * 3

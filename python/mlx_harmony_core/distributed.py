@@ -376,10 +376,11 @@ def best_of_slice(part: mx.array, start: int) -> mx.array:
     """(B, 3) float32: each row's highest logit in ``part`` (B, n), the first id holding it
     (``start`` + its index; exact in float32 below 2**24) and 1 where the row holds a NaN
     or +inf (0 elsewhere)."""
-    x = part.astype(mx.float32)
-    best = mx.max(x, axis=-1)
-    idx = mx.argmax(x, axis=-1).astype(mx.float32) + start
-    bad = mx.any(mx.isnan(x) | mx.isposinf(x), axis=-1).astype(mx.float32)
+    best = mx.max(part, axis=-1).astype(mx.float32)
+    idx = mx.argmax(part, axis=-1).astype(mx.float32) + start
+    # MLX's max is NaN (or +inf) when the row holds one: no second pass over the logits
+    # (tests/test_distributed.py checks it, long rows included).
+    bad = (mx.isnan(best) | mx.isposinf(best)).astype(mx.float32)
     return mx.stack([best, idx, bad], axis=-1)
 
 
