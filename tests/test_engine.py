@@ -146,3 +146,15 @@ def test_ignore_eos_generates_exactly_max_tokens(encoding):
     engine = scripted_engine(encoding, "<|channel|>final<|message|>Hi<|return|>")
     c = engine.generate("Hi", mhc.SamplingParams(temperature=0.0), max_tokens=12, ignore_eos=True)
     assert c.finish_reason == "length" and len(c.tokens) == 12
+
+
+def test_reset_cache_right_after_a_reply_forgets_it(demo_engine):
+    # The scheduler hands a finished request's cache to the prefix cache after the reply's
+    # last event; a reset_cache() in between must still forget it.
+    msgs = [{"role": "user", "content": "Tell me about the sea. " * 20}]
+    for _ in range(5):
+        demo_engine.generate(msgs, max_tokens=3, ignore_eos=True)
+        demo_engine.reset_cache()
+        again = demo_engine.generate(msgs, max_tokens=3, ignore_eos=True)
+        assert again.usage.cached_prompt_tokens == 0
+        demo_engine.reset_cache()

@@ -6,6 +6,7 @@
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/ops.h"
 #include "mlx/transforms.h"
+#include "primitive/cpu_primitive.h"
 #include "quant/matmul.h"
 #include "quant/pool.h"
 #include "quant/quant.h"
@@ -440,89 +441,6 @@ std::string lin_keys(std::initializer_list<const LinSpec*> ls) {
 
 } // namespace
 
-// ---- FusedMulti
-// ---------------------------------------------------------------
-
-void FusedMulti::eval_cpu(const std::vector<mx::array>& inputs,
-                          std::vector<mx::array>& outputs) {
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  for (auto& in : inputs) {
-    encoder.set_input_array(in);
-  }
-  std::vector<mx::array> outs;
-  for (auto& o : outputs) {
-    o.set_data(mx::allocator::malloc(o.nbytes()));
-    encoder.set_output_array(o);
-    outs.push_back(mx::array::unsafe_weak_copy(o));
-  }
-  encoder.dispatch([ins = weak(inputs),
-                    outs = std::move(outs),
-                    run = run_]() mutable { run(ins, outs); });
-}
-
-void FusedMulti::eval_gpu(const std::vector<mx::array>&,
-                          std::vector<mx::array>&) {
-  throw std::runtime_error(std::string(name_) +
-                           " runs on the CPU; on a GPU stream the op returns "
-                           "MLX's own");
-}
-
-// The fallback as a function of the inputs at argnums only (the others, such
-// as quantized weights, have no derivative).
-std::function<std::vector<mx::array>(const std::vector<mx::array>&)>
-of_args(const FusedMulti::Fallback& f,
-        const std::vector<mx::array>& primals,
-        const std::vector<int>& argnums) {
-  return [f, primals, argnums](const std::vector<mx::array>& xs) {
-    auto all = primals;
-    for (size_t i = 0; i < argnums.size(); ++i) {
-      all[argnums[i]] = xs[i];
-    }
-    return f(all);
-  };
-}
-
-std::vector<mx::array> picked(const std::vector<mx::array>& primals,
-                              const std::vector<int>& argnums) {
-  std::vector<mx::array> v;
-  for (int a : argnums) {
-    v.push_back(primals[a]);
-  }
-  return v;
-}
-
-std::vector<mx::array> FusedMulti::vjp(const std::vector<mx::array>& primals,
-                                       const std::vector<mx::array>& cotangents,
-                                       const std::vector<int>& argnums,
-                                       const std::vector<mx::array>&) {
-  return mx::vjp(of_args(fallback_, primals, argnums),
-                 picked(primals, argnums),
-                 cotangents)
-      .second;
-}
-
-std::vector<mx::array> FusedMulti::jvp(const std::vector<mx::array>& primals,
-                                       const std::vector<mx::array>& tangents,
-                                       const std::vector<int>& argnums) {
-  return mx::jvp(of_args(fallback_, primals, argnums),
-                 picked(primals, argnums),
-                 tangents)
-      .second;
-}
-
-std::pair<std::vector<mx::array>, std::vector<int>>
-FusedMulti::vmap(const std::vector<mx::array>& inputs,
-                 const std::vector<int>& axes) {
-  auto fn = [f = fallback_](const std::vector<mx::array>& xs) { return f(xs); };
-  auto outs = mx::vmap(fn, axes)(inputs);
-  return {outs, std::vector<int>(outs.size(), 0)};
-}
-
-bool FusedMulti::is_equivalent(const mx::Primitive& other) const {
-  auto* o = dynamic_cast<const FusedMulti*>(&other);
-  return o && std::strcmp(o->name_, name_) == 0 && o->key_ == key_;
-}
-
 // ---- ops
 // ------------------------------------------------------------------------
 
@@ -600,7 +518,7 @@ std::vector<mx::array> attn_in(const mx::array& x,
        {B, n_kv_heads, L, int(hd)},
        {B, n_kv_heads, L, hdv}},
       {t, t, t},
-      std::make_shared<FusedMulti>(
+      std::make_shared<CpuPrimitive>(
           s,
           "FusedAttnIn",
           key.str(),
@@ -654,7 +572,7 @@ mx::array attn_out_mlp(const mx::array& attn,
   return mx::array::make_arrays(
       {x.shape()},
       {t},
-      std::make_shared<FusedMulti>(
+      std::make_shared<CpuPrimitive>(
           s,
           "FusedAttnOutMLP",
           key.str(),

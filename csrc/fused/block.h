@@ -11,10 +11,8 @@
 #pragma once
 
 #include "mlx/array.h"
-#include "mlx/primitives.h"
 #include "mlx/utils.h"
 
-#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -69,47 +67,5 @@ mx::array attn_out_mlp(const mx::array& attn,
                        const QLinear& up,
                        const QLinear& down,
                        mx::StreamOrDevice s = {});
-
-// Several outputs, evaluated on the CPU by a plain function of the (weak)
-// inputs; transforms go through `fallback` (MLX's ops on the same inputs).
-class FusedMulti : public mx::Primitive {
-public:
-  using Fallback = std::function<std::vector<mx::array>(std::vector<mx::array>)>;
-  using Run =
-      std::function<void(std::vector<mx::array>&, std::vector<mx::array>&)>;
-
-  FusedMulti(mx::Stream stream,
-             const char* name,
-             std::string key,
-             Fallback fallback,
-             Run run)
-      : mx::Primitive(stream), name_(name), key_(std::move(key)),
-        fallback_(std::move(fallback)), run_(std::move(run)) {}
-
-  void eval_cpu(const std::vector<mx::array>& inputs,
-                std::vector<mx::array>& outputs) override;
-  void eval_gpu(const std::vector<mx::array>& inputs,
-                std::vector<mx::array>& outputs) override;
-  std::vector<mx::array> vjp(const std::vector<mx::array>& primals,
-                             const std::vector<mx::array>& cotangents,
-                             const std::vector<int>& argnums,
-                             const std::vector<mx::array>& outputs) override;
-  std::vector<mx::array> jvp(const std::vector<mx::array>& primals,
-                             const std::vector<mx::array>& tangents,
-                             const std::vector<int>& argnums) override;
-  std::pair<std::vector<mx::array>, std::vector<int>>
-  vmap(const std::vector<mx::array>& inputs,
-       const std::vector<int>& axes) override;
-  bool is_equivalent(const mx::Primitive& other) const override;
-  const char* name() const override {
-    return name_;
-  }
-
-private:
-  const char* name_;
-  std::string key_;
-  Fallback fallback_;
-  Run run_;
-};
 
 } // namespace mlx_harmony_core::fused

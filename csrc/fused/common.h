@@ -28,7 +28,6 @@ float round_to(float v, mx::Dtype t);
 void store(const float* y, mx::array& out, int64_t off, int64_t n);
 // Element offset of row r (all axes but the last) of a, in a's strides.
 int64_t row_offset(const mx::array& a, int64_t r);
-std::vector<mx::array> weak(const std::vector<mx::array>& inputs);
 std::string key_of(std::initializer_list<double> values);
 
 // One head's RoPE: its first 2 * half values rotated by the angles' (c, s)

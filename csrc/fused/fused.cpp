@@ -6,6 +6,7 @@
 #include "mlx/fast.h"
 #include "mlx/ops.h"
 #include "mlx/transforms.h"
+#include "primitive/cpu_primitive.h"
 #include "quant/pool.h"
 
 #include <algorithm>
@@ -151,15 +152,6 @@ int64_t row_offset(const mx::array& a, int64_t r) {
     r /= n;
   }
   return off;
-}
-
-std::vector<mx::array> weak(const std::vector<mx::array>& inputs) {
-  std::vector<mx::array> v;
-  v.reserve(inputs.size());
-  for (auto& a : inputs) {
-    v.push_back(mx::array::unsafe_weak_copy(a));
-  }
-  return v;
 }
 
 std::string key_of(std::initializer_list<double> values) {
@@ -360,70 +352,6 @@ void run_sdpa(std::vector<mx::array>& in, mx::array& out, SdpaSpec sp) {
 
 } // namespace
 
-// ---- FusedPrimitive ---------------------------------------------------------
-
-void FusedPrimitive::eval_cpu(const std::vector<mx::array>& inputs,
-                              mx::array& out) {
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  for (auto& in : inputs) {
-    encoder.set_input_array(in);
-  }
-  encoder.set_output_array(out);
-  encoder.dispatch([ins = weak(inputs),
-                    out = mx::array::unsafe_weak_copy(out),
-                    run = run_]() mutable { run(ins, out); });
-}
-
-void FusedPrimitive::eval_gpu(const std::vector<mx::array>&, mx::array&) {
-  throw std::runtime_error(std::string(name_) +
-                           " runs on the CPU; on a GPU stream the op returns "
-                           "MLX's own");
-}
-
-std::vector<mx::array>
-FusedPrimitive::vjp(const std::vector<mx::array>& primals,
-                    const std::vector<mx::array>& cotangents,
-                    const std::vector<int>& argnums,
-                    const std::vector<mx::array>&) {
-  auto fn = [f = fallback_](const std::vector<mx::array>& xs) { return f(xs); };
-  auto [_, vjps] = mx::vjp(fn, primals, cotangents);
-  std::vector<mx::array> outs;
-  for (int a : argnums) {
-    outs.push_back(vjps[a]);
-  }
-  return outs;
-}
-
-std::vector<mx::array>
-FusedPrimitive::jvp(const std::vector<mx::array>& primals,
-                    const std::vector<mx::array>& tangents,
-                    const std::vector<int>& argnums) {
-  std::vector<mx::array> all;
-  for (size_t i = 0, j = 0; i < primals.size(); ++i) {
-    if (j < argnums.size() && int(i) == argnums[j]) {
-      all.push_back(tangents[j++]);
-    } else {
-      all.push_back(mx::zeros_like(primals[i]));
-    }
-  }
-  auto fn = [f = fallback_](const std::vector<mx::array>& xs) { return f(xs); };
-  return mx::jvp(fn, primals, all).second;
-}
-
-std::pair<std::vector<mx::array>, std::vector<int>>
-FusedPrimitive::vmap(const std::vector<mx::array>& inputs,
-                     const std::vector<int>& axes) {
-  auto fn = [f = fallback_](const std::vector<mx::array>& xs) { return f(xs); };
-  auto outs = mx::vmap(fn, axes)(inputs);
-  return {outs, std::vector<int>(outs.size(), 0)};
-}
-
-bool FusedPrimitive::is_equivalent(const mx::Primitive& other) const {
-  auto* o = dynamic_cast<const FusedPrimitive*>(&other);
-  return o && std::strcmp(o->name_, name_) == 0 && o->key_ == key_;
-}
-
 // ---- ops --------------------------------------------------------------------
 
 mx::array rms_norm(const mx::array& x,
@@ -448,17 +376,18 @@ mx::array rms_norm(const mx::array& x,
         eps,
         s)};
   };
-  return mx::array(x.shape(),
-                   t,
-                   std::make_shared<FusedPrimitive>(
-                       s,
-                       "FusedRMSNorm",
-                       key_of({eps, double(has_weight)}),
-                       fallback,
-                       [eps](std::vector<mx::array>& in, mx::array& out) {
-                         run_rms_norm(in, out, eps);
-                       }),
-                   std::move(inputs));
+  return mx::array(
+      x.shape(),
+      t,
+      std::make_shared<CpuPrimitive>(
+          s,
+          "FusedRMSNorm",
+          key_of({eps, double(has_weight)}),
+          fallback,
+          [eps](std::vector<mx::array>& in, std::vector<mx::array>& out) {
+            run_rms_norm(in, out[0], eps);
+          }),
+      std::move(inputs));
 }
 
 mx::array rope(const mx::array& x,
@@ -494,21 +423,22 @@ mx::array rope(const mx::array& x,
         has_freqs ? std::optional<mx::array>(in[2]) : std::nullopt,
         s)};
   };
-  return mx::array(x.shape(),
-                   x.dtype(),
-                   std::make_shared<FusedPrimitive>(
-                       s,
-                       "FusedRoPE",
-                       key_of({double(dims),
-                               double(traditional),
-                               spec.base,
-                               scale,
-                               double(has_freqs)}),
-                       fallback,
-                       [spec](std::vector<mx::array>& in, mx::array& out) {
-                         run_rope(in, out, spec);
-                       }),
-                   std::move(inputs));
+  return mx::array(
+      x.shape(),
+      x.dtype(),
+      std::make_shared<CpuPrimitive>(
+          s,
+          "FusedRoPE",
+          key_of({double(dims),
+                  double(traditional),
+                  spec.base,
+                  scale,
+                  double(has_freqs)}),
+          fallback,
+          [spec](std::vector<mx::array>& in, std::vector<mx::array>& out) {
+            run_rope(in, out[0], spec);
+          }),
+      std::move(inputs));
 }
 
 mx::array sdpa(const mx::array& q,
@@ -565,13 +495,13 @@ mx::array sdpa(const mx::array& q,
   return mx::array(
       ref.shape(),
       t,
-      std::make_shared<FusedPrimitive>(
+      std::make_shared<CpuPrimitive>(
           s,
           "FusedAttention",
           key_of({scale, double(causal), double(has_mask), double(has_sinks)}),
           fallback,
-          [spec](std::vector<mx::array>& in, mx::array& out) {
-            run_sdpa(in, out, spec);
+          [spec](std::vector<mx::array>& in, std::vector<mx::array>& out) {
+            run_sdpa(in, out[0], spec);
           }),
       std::move(inputs));
 }

@@ -6,10 +6,8 @@
 #pragma once
 
 #include "mlx/array.h"
-#include "mlx/primitives.h"
 #include "mlx/utils.h"
 
-#include <functional>
 #include <optional>
 #include <string>
 
@@ -45,44 +43,5 @@ mx::array sdpa(const mx::array& q,
                const std::optional<mx::array>& mask_arr,
                const std::optional<mx::array>& sinks,
                mx::StreamOrDevice s = {});
-
-// One output, evaluated on the CPU by a plain function of the (weak) inputs;
-// transforms go through `fallback` (MLX's op on the same inputs).
-class FusedPrimitive : public mx::UnaryPrimitive {
-public:
-  using Fallback = std::function<std::vector<mx::array>(std::vector<mx::array>)>;
-  using Run = std::function<void(std::vector<mx::array>&, mx::array&)>;
-
-  FusedPrimitive(mx::Stream stream,
-                 const char* name,
-                 std::string key,
-                 Fallback fallback,
-                 Run run)
-      : mx::UnaryPrimitive(stream), name_(name), key_(std::move(key)),
-        fallback_(std::move(fallback)), run_(std::move(run)) {}
-
-  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
-  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
-  std::vector<mx::array> vjp(const std::vector<mx::array>& primals,
-                             const std::vector<mx::array>& cotangents,
-                             const std::vector<int>& argnums,
-                             const std::vector<mx::array>& outputs) override;
-  std::vector<mx::array> jvp(const std::vector<mx::array>& primals,
-                             const std::vector<mx::array>& tangents,
-                             const std::vector<int>& argnums) override;
-  std::pair<std::vector<mx::array>, std::vector<int>>
-  vmap(const std::vector<mx::array>& inputs,
-       const std::vector<int>& axes) override;
-  bool is_equivalent(const mx::Primitive& other) const override;
-  const char* name() const override {
-    return name_;
-  }
-
-private:
-  const char* name_;
-  std::string key_; // the parameters: equal keys compute the same function
-  Fallback fallback_;
-  Run run_;
-};
 
 } // namespace mlx_harmony_core::fused

@@ -462,34 +462,52 @@ block_dequantize_op(const mx::array& w, int type, mx::StreamOrDevice s) {
       shape, mx::float32, std::make_shared<BlockMatmul>(st, type, 2), {w});
 }
 
-void BlockMatmul::eval_cpu(const std::vector<mx::array>& inputs,
-                           mx::array& out) {
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  std::vector<mx::array> ins;
-  for (auto& in : inputs) {
-    encoder.set_input_array(in);
-    ins.push_back(mx::array::unsafe_weak_copy(in));
+namespace {
+
+void run_block(std::vector<mx::array>& ins,
+               std::vector<mx::array>& outs,
+               int type,
+               int kind) {
+  if (kind == 0) {
+    run_dense(outs[0], ins[0], ins[1], type);
+  } else if (kind == 1) {
+    run_gather(outs[0], ins[0], ins[1], ins[2], ins[3], type);
+  } else {
+    run_dequant(outs[0], ins[0], type);
   }
-  encoder.set_output_array(out);
-  encoder.dispatch([ins = std::move(ins),
-                    out = mx::array::unsafe_weak_copy(out),
-                    type = type_,
-                    kind = kind_]() mutable {
-    if (kind == 0) {
-      run_dense(out, ins[0], ins[1], type);
-    } else if (kind == 1) {
-      run_gather(out, ins[0], ins[1], ins[2], ins[3], type);
-    } else {
-      run_dequant(out, ins[0], type);
-    }
-  });
 }
 
-void BlockMatmul::eval_gpu(const std::vector<mx::array>&, mx::array&) {
-  throw std::runtime_error(
-      "GGUF block kernels run on the CPU; load the model repacked on a GPU");
+// MLX's ops on the dequantized weights: what the transforms differentiate.
+std::vector<mx::array> block_reference(const std::vector<mx::array>& in,
+                                       int type,
+                                       int kind,
+                                       mx::Stream s) {
+  if (kind == 2) {
+    return {block_dequantize_op(in[0], type, s)};
+  }
+  auto w = block_dequantize_op(in[1], type, s);
+  if (kind == 0) {
+    return {mx::matmul(in[0], mx::transpose(w, s), s)};
+  }
+  return {
+      mx::gather_mm(in[0], mx::swapaxes(w, -1, -2, s), in[2], in[3], false, s)};
 }
+
+} // namespace
+
+BlockMatmul::BlockMatmul(mx::Stream stream, int type, int kind)
+    : CpuPrimitive(
+          stream,
+          "MhcGgufBlockMatmul",
+          std::to_string(type) + "," + std::to_string(kind),
+          [type, kind, stream](std::vector<mx::array> in) {
+            return block_reference(in, type, kind, stream);
+          },
+          [type, kind](std::vector<mx::array>& ins,
+                       std::vector<mx::array>& outs) {
+            run_block(ins, outs, type, kind);
+          }),
+      type_(type), kind_(kind) {}
 
 std::vector<mx::Shape>
 BlockMatmul::output_shapes(const std::vector<mx::array>& inputs) {
@@ -507,11 +525,6 @@ BlockMatmul::output_shapes(const std::vector<mx::array>& inputs) {
   shape.push_back(inputs[0].shape(-2));
   shape.push_back(inputs[1].shape(1));
   return {shape};
-}
-
-bool BlockMatmul::is_equivalent(const mx::Primitive& other) const {
-  auto* o = dynamic_cast<const BlockMatmul*>(&other);
-  return o && o->type_ == type_ && o->kind_ == kind_;
 }
 
 // -- mapped files

@@ -12,8 +12,8 @@
 #pragma once
 
 #include "mlx/array.h"
-#include "mlx/primitives.h"
 #include "mlx/utils.h"
+#include "primitive/cpu_primitive.h"
 
 #include <cstdint>
 #include <memory>
@@ -55,8 +55,8 @@ struct BlockIsa {
 
 const BlockIsa& block_isa_generic();
 const BlockIsa* block_isa_avx2(); // nullptr where not built or not supported
-const BlockIsa& block_isa(); // the one in use
-bool set_block_isa(const char* name); // false if unavailable
+const BlockIsa& block_isa();      // the one in use
+bool set_block_isa(const char* name);  // false if unavailable
 std::vector<std::string> block_isas(); // available, best first
 
 // One product y = x @ w^T over a block matrix (w: rows outputs of cols).
@@ -64,7 +64,7 @@ struct BlockJob {
   const uint8_t* w;
   int64_t rows, row_bytes;
   std::vector<const float*> x; // nx rows of cols floats
-  std::vector<float*> y; // nx output rows of `rows` floats
+  std::vector<float*> y;       // nx output rows of `rows` floats
 };
 
 // Runs every job: GEMV-sized ones together in one parallel pass, the rest
@@ -86,23 +86,17 @@ mx::array block_gather_op(const mx::array& x,
                           int type,
                           mx::StreamOrDevice s = {});
 // w (..., row_bytes) uint8 -> (..., cols) float32: the reference dequantizer.
-mx::array block_dequantize_op(const mx::array& w,
-                              int type,
-                              mx::StreamOrDevice s = {});
+mx::array
+block_dequantize_op(const mx::array& w, int type, mx::StreamOrDevice s = {});
 
-class BlockMatmul : public mx::UnaryPrimitive {
+// The block kernels as a CpuPrimitive; transforms through the dequantized
+// weights with MLX's matmuls (gradients and vmap for x, none for w).
+class BlockMatmul : public CpuPrimitive {
 public:
   // kind: 0 dense (x, w), 1 gather (x, w, lhs, rhs), 2 dequantize (w)
-  BlockMatmul(mx::Stream stream, int type, int kind)
-      : mx::UnaryPrimitive(stream), type_(type), kind_(kind) {}
-  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
-  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  BlockMatmul(mx::Stream stream, int type, int kind);
   std::vector<mx::Shape>
   output_shapes(const std::vector<mx::array>& inputs) override;
-  bool is_equivalent(const mx::Primitive& other) const override;
-  const char* name() const override {
-    return "MhcGgufBlockMatmul";
-  }
 
 private:
   int type_;

@@ -249,14 +249,6 @@ void run_gather(mx::array& out,
   }
 }
 
-std::vector<mx::array> weak(const std::vector<mx::array>& inputs) {
-  std::vector<mx::array> v;
-  for (auto& a : inputs) {
-    v.push_back(mx::array::unsafe_weak_copy(a));
-  }
-  return v;
-}
-
 // Our result of the transforms MLX defines on its op, in our inputs' dtypes.
 std::vector<mx::array> cast_like(std::vector<mx::array> v,
                                  const std::vector<mx::array>& primals,
@@ -484,25 +476,19 @@ mx::array gather_qmm(const mx::array& x,
 
 // QuantPrimitive
 
-void QuantPrimitive::eval_cpu(const std::vector<mx::array>& inputs,
-                              mx::array& out) {
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  for (auto& in : inputs) {
-    encoder.set_input_array(in);
-  }
-  encoder.set_output_array(out);
-  encoder.dispatch([ins = weak(inputs),
-                    out = mx::array::unsafe_weak_copy(out),
-                    spec = spec_,
-                    run = run_]() mutable { run(out, ins, spec); });
-}
-
-void QuantPrimitive::eval_gpu(const std::vector<mx::array>&, mx::array&) {
-  throw std::runtime_error(std::string(name()) +
-                           " runs on the CPU; on a GPU stream the op returns "
-                           "MLX's own");
-}
+QuantPrimitive::QuantPrimitive(mx::Stream stream,
+                               const char* name,
+                               QuantSpec spec,
+                               Kernel kernel)
+    : CpuPrimitive(stream,
+                   name,
+                   "",
+                   {},
+                   [kernel, spec](std::vector<mx::array>& ins,
+                                  std::vector<mx::array>& outs) {
+                     kernel(outs[0], ins, spec);
+                   }),
+      spec_(std::move(spec)), kernel_(kernel) {}
 
 std::vector<mx::array>
 QuantPrimitive::vjp(const std::vector<mx::array>& primals,
@@ -562,7 +548,7 @@ QuantPrimitive::vmap(const std::vector<mx::array>& inputs,
 
 bool QuantPrimitive::is_equivalent(const mx::Primitive& other) const {
   auto* o = dynamic_cast<const QuantPrimitive*>(&other);
-  return o && o->run_ == run_ && o->spec_ == spec_;
+  return o && o->kernel_ == kernel_ && o->spec_ == spec_;
 }
 
 // QuantMatmul: inputs x, w, scales[, biases]
@@ -593,7 +579,8 @@ void run_gather_inputs(mx::array& out,
 } // namespace
 
 QuantMatmul::QuantMatmul(mx::Stream stream, QuantSpec spec)
-    : QuantPrimitive(stream, std::move(spec), run_qmm_inputs) {}
+    : QuantPrimitive(
+          stream, "MhcQuantizedMatmul", std::move(spec), run_qmm_inputs) {}
 
 mx::array QuantMatmul::reference(const std::vector<mx::array>& in) {
   if (spec_.group_size == kSmallGroup) {
@@ -627,7 +614,8 @@ QuantMatmul::output_shapes(const std::vector<mx::array>& inputs) {
 }
 
 GatherQuantMatmul::GatherQuantMatmul(mx::Stream stream, QuantSpec spec)
-    : QuantPrimitive(stream, std::move(spec), run_gather_inputs) {}
+    : QuantPrimitive(
+          stream, "MhcGatherQMM", std::move(spec), run_gather_inputs) {}
 
 mx::array GatherQuantMatmul::reference(const std::vector<mx::array>& in) {
   const size_t n = in.size();

@@ -6,8 +6,8 @@
 #pragma once
 
 #include "mlx/array.h"
-#include "mlx/primitives.h"
 #include "mlx/utils.h"
+#include "primitive/cpu_primitive.h"
 
 #include <optional>
 #include <string>
@@ -56,21 +56,22 @@ struct QuantSpec {
   bool operator==(const QuantSpec&) const = default;
 };
 
-// What both primitives share: CPU evaluation through a kernel entry point, and
-// the transforms (vjp, jvp, vmap) of MLX's own op on the same inputs.
-class QuantPrimitive : public mx::UnaryPrimitive {
+// What both primitives share: CPU evaluation through a kernel entry point (as
+// every CPU op of ours, a CpuPrimitive), and the transforms (vjp, jvp, vmap) of
+// MLX's own op on the same inputs.
+class QuantPrimitive : public CpuPrimitive {
 public:
   // The kernel entry: fills out from the (weak) inputs. A plain function, as
   // the task can run after the graph (and this primitive) is gone.
-  using Run = void (*)(mx::array& out,
-                       std::vector<mx::array>& inputs,
-                       const QuantSpec& spec);
+  using Kernel = void (*)(mx::array& out,
+                          std::vector<mx::array>& inputs,
+                          const QuantSpec& spec);
 
-  QuantPrimitive(mx::Stream stream, QuantSpec spec, Run run)
-      : mx::UnaryPrimitive(stream), spec_(std::move(spec)), run_(run) {}
+  QuantPrimitive(mx::Stream stream,
+                 const char* name,
+                 QuantSpec spec,
+                 Kernel kernel);
 
-  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
-  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
   std::vector<mx::array> vjp(const std::vector<mx::array>& primals,
                              const std::vector<mx::array>& cotangents,
                              const std::vector<int>& argnums,
@@ -87,7 +88,7 @@ protected:
   // MLX's own op on the same inputs: the transforms' reference.
   virtual mx::array reference(const std::vector<mx::array>& inputs) = 0;
   QuantSpec spec_;
-  Run run_;
+  Kernel kernel_;
 };
 
 class QuantMatmul : public QuantPrimitive {
@@ -95,9 +96,6 @@ public:
   QuantMatmul(mx::Stream stream, QuantSpec spec);
   std::vector<mx::Shape>
   output_shapes(const std::vector<mx::array>& inputs) override;
-  const char* name() const override {
-    return "MhcQuantizedMatmul";
-  }
 
 private:
   mx::array reference(const std::vector<mx::array>& inputs) override;
@@ -108,9 +106,6 @@ public:
   GatherQuantMatmul(mx::Stream stream, QuantSpec spec);
   std::vector<mx::Shape>
   output_shapes(const std::vector<mx::array>& inputs) override;
-  const char* name() const override {
-    return "MhcGatherQMM";
-  }
 
 private:
   mx::array reference(const std::vector<mx::array>& inputs) override;

@@ -4,6 +4,7 @@
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/ops.h"
 #include "mlx/transforms.h"
+#include "primitive/cpu_primitive.h"
 #include "sampling/kernel.h"
 #include "sampling/ops.h"
 
@@ -173,7 +174,15 @@ std::vector<mx::array> kernel_call(const Inputs& in,
   return mx::array::make_arrays(
       std::move(shapes),
       dtypes,
-      std::make_shared<Sample>(stream, std::move(options), per_row, has_mask),
+      std::make_shared<CpuPrimitive>(
+          stream,
+          "MhcSample",
+          "", // draws: never merged with another node
+          nullptr,
+          [o = std::move(options), per_row, has_mask](
+              std::vector<mx::array>& ins, std::vector<mx::array>& outs) {
+            kernel::sample(ins, outs, o, per_row, has_mask);
+          }),
       inputs);
 }
 
@@ -300,39 +309,6 @@ std::vector<mx::array> sample_rows(const mx::array& logits,
     outs.push_back(mx::concatenate(p, 0, stream));
   }
   return outs;
-}
-
-void Sample::eval_cpu(const std::vector<mx::array>& inputs,
-                      std::vector<mx::array>& outputs) {
-  for (auto& out : outputs) {
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-  }
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  for (auto& in : inputs) {
-    encoder.set_input_array(in);
-  }
-  for (auto& out : outputs) {
-    encoder.set_output_array(out);
-  }
-  std::vector<mx::array> ins, outs;
-  for (auto& in : inputs) {
-    ins.push_back(mx::array::unsafe_weak_copy(in));
-  }
-  for (auto& out : outputs) {
-    outs.push_back(mx::array::unsafe_weak_copy(out));
-  }
-  encoder.dispatch([ins = std::move(ins),
-                    outs = std::move(outs),
-                    o = options_,
-                    per_row = per_row_,
-                    has_mask = has_mask_]() mutable {
-    kernel::sample(ins, outs, o, per_row, has_mask);
-  });
-}
-
-void Sample::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
-  throw std::runtime_error(
-      "MhcSample runs on the CPU; on a GPU stream sample() builds MLX ops");
 }
 
 } // namespace mlx_harmony_core

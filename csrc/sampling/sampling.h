@@ -9,7 +9,6 @@
 #pragma once
 
 #include "mlx/array.h"
-#include "mlx/primitives.h"
 #include "mlx/utils.h"
 
 #include <cstdint>
@@ -91,30 +90,5 @@ std::vector<mx::array> sample_rows(const mx::array& logits,
                                    const std::vector<SamplingOptions>& options,
                                    std::optional<bool> kernel,
                                    mx::StreamOrDevice s = {});
-
-class Sample : public mx::Primitive {
-public:
-  // One options for every row, or (per_row) one per row, with the bias
-  // offsets as an extra input after the bias values.
-  Sample(mx::Stream stream,
-         std::vector<SamplingOptions> options,
-         bool per_row,
-         bool has_mask)
-      : mx::Primitive(stream), options_(std::move(options)), per_row_(per_row),
-        has_mask_(has_mask) {}
-
-  void eval_cpu(const std::vector<mx::array>& inputs,
-                std::vector<mx::array>& outputs) override;
-  void eval_gpu(const std::vector<mx::array>& inputs,
-                std::vector<mx::array>& outputs) override;
-
-  const char* name() const override {
-    return "MhcSample";
-  }
-
-private:
-  std::vector<SamplingOptions> options_;
-  bool per_row_, has_mask_;
-};
 
 } // namespace mlx_harmony_core

@@ -581,6 +581,7 @@ class Follower:
 
     def _clear(self) -> None:
         self.runner.prefix_cache.clear()
+        self.stash.clear()  # rows retired before the clear: rank 0 stores none of them
 
     def _decode(self, tokens: list[int], greedy: bool = False) -> mx.array:
         for rid, t in zip(self.batch, tokens, strict=True):

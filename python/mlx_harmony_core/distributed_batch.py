@@ -231,8 +231,12 @@ class GroupBatch(Batch):
     def _retire(self, r: Row, batch_row: int | None = None) -> None:
         rid = self.rids.pop(id(r), None)
         r.req.hold_cache = None  # a tool loop's held cache would be rank 0's alone
+        self._sync_clears()  # a clear before this retire reaches the followers before it
         n = len(self.to_store)
         super()._retire(r, batch_row)
+        if len(self.to_store) > n:  # tagged with the clears the followers know of
+            tokens, cache, _ = self.to_store[-1]
+            self.to_store[-1] = (tokens, cache, self.clears)
         if rid is not None:
             stored = len(self.to_store) > n
             count = len(self.to_store[-1][0]) if stored else 0
@@ -251,9 +255,11 @@ class GroupBatch(Batch):
         """Finished rows' caches into the prefix cache (each rank's, alike); with the batch
         empty, the operations left go out and the group is idle."""
         if self.to_store:
-            mx.eval([c.state for _, cache in self.to_store for c in cache])
-            for tokens, cache in self.to_store:
+            mx.eval([c.state for _, cache, _ in self.to_store for c in cache])
+            for tokens, cache, clears in self.to_store:
                 self._sync_clears()
+                if clears != self.clears:  # cleared since: the followers drop it too
+                    continue
                 self.real.prefix_cache.put(tokens, cache)  # not the disk's: rank 0's alone
                 self.record("store", len(self.real.prefix_cache))
             self.to_store.clear()

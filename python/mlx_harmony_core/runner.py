@@ -97,8 +97,12 @@ class ModelRunner:
             return self.new_cache(), 0
         return cache, common
 
-    def keep(self, tokens: Sequence[int], cache: list[Any]) -> None:
-        """Offer a finished request's cache (holding exactly ``tokens``) for reuse."""
+    def keep(self, tokens: Sequence[int], cache: list[Any], clears: int | None = None) -> None:
+        """Offer a finished request's cache (holding exactly ``tokens``) for reuse;
+        ``clears``: the prefix cache's clear count when the request ended (a cache that
+        ended before a later :meth:`~.prefix_cache.PrefixCache.clear` is dropped)."""
+        if clears is not None and clears != self.prefix_cache.clears:
+            return
         if self.reuse_cache and tokens:
             store = self.prompt_store
             if store is not None and store.serves(self.model):

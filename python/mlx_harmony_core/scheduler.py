@@ -428,7 +428,7 @@ class Batch:
         self.pending: _Step | None = None
         self.bias: tuple[mx.array, mx.array, mx.array] | None = None
         self.pending_inputs: mx.array | None = None  # host tokens, when nothing is pipelined
-        self.to_store: list[tuple[list[int], list[Any]]] = []
+        self.to_store: list[tuple[list[int], list[Any], int]] = []  # + clears at the end
         # Speculation: whether this batch verifies drafts (measured), its plain stretch
         # (steps left, start time, tokens and prefill seconds so far), what was read.
         self.pacer = Pacer()
@@ -904,7 +904,8 @@ class Batch:
                 mx.async_eval([c.state for c in cache])
                 hold = r.req.hold_cache  # a tool loop keeps it for the reply's continuation
                 if hold is None or not hold(tokens, cache):
-                    self.to_store.append((tokens, cache))
+                    # reset_cache() right after the reply must still forget this one
+                    self.to_store.append((tokens, cache, self.runner.prefix_cache.clears))
         r.cache = None
         self.s._left(1)
         if failed is not None:
@@ -929,9 +930,9 @@ class Batch:
         may take them)."""
         if not self.to_store:
             return
-        mx.eval([c.state for _, cache in self.to_store for c in cache])
-        for tokens, cache in self.to_store:
-            self.runner.keep(tokens, cache)
+        mx.eval([c.state for _, cache, _ in self.to_store for c in cache])
+        for tokens, cache, clears in self.to_store:
+            self.runner.keep(tokens, cache, clears)
         self.to_store.clear()
 
     def fail_all(self, exc: Exception) -> None:

@@ -15,9 +15,8 @@ run it), and for what they do not take (a quantized KV cache, long query blocks)
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import mlx.core as mx
@@ -25,6 +24,7 @@ import mlx.nn as nn
 
 from .. import _core
 from . import quant
+from .switch import Switch
 
 __all__ = ["ENV", "attention", "fused", "fused_enabled", "use_fused_layers"]
 
@@ -35,28 +35,22 @@ ENV = "MLX_HARMONY_CORE_FUSED"  # "mlx" = MLX's own ops
 RopeArgs = tuple[int, bool, float | None, float, mx.array | None]
 
 
+_switch = Switch(ENV)
+
+
 def fused_enabled() -> bool:
     """Whether loading switches layers to the fused primitives: on a CPU device, unless
     ``MLX_HARMONY_CORE_FUSED=mlx``."""
-    return os.environ.get(ENV, "").lower() != "mlx" and mx.default_device() == mx.cpu
+    return _switch.enabled()
 
 
-_active = True
-
-
-@contextlib.contextmanager
-def fused(enabled: bool) -> Iterator[None]:
+def fused(enabled: bool) -> contextlib.AbstractContextManager[None]:
     """Run switched layers on the fused primitives (True) or MLX's ops (False) in the block."""
-    global _active
-    before, _active = _active, enabled
-    try:
-        yield
-    finally:
-        _active = before
+    return _switch.scope(enabled)
 
 
 def _on() -> bool:
-    return _active and quant.active()
+    return _switch.active and quant.active()
 
 
 class FusedRMSNorm(nn.RMSNorm):

@@ -16,13 +16,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from .. import _core
+from .switch import Switch
 
 __all__ = [
     "ENV",
@@ -42,31 +42,25 @@ logger = logging.getLogger(__name__)
 
 ENV = "MLX_HARMONY_CORE_QUANT_KERNELS"  # "mlx" = MLX's own CPU kernels
 
-# Switched-in layers consult this at call time, so a benchmark can run MLX's path on the
-# same model object (see kernels()).
-_active = True
+# Switched-in layers consult it at call time, so a benchmark can run MLX's path on the same
+# model object (see kernels()).
+_switch = Switch(ENV)
 
 
 def kernels_enabled() -> bool:
     """Whether loading switches quantized layers to our kernels: on a CPU device, unless
     ``MLX_HARMONY_CORE_QUANT_KERNELS=mlx``."""
-    return os.environ.get(ENV, "").lower() != "mlx" and mx.default_device() == mx.cpu
+    return _switch.enabled()
 
 
 def active() -> bool:
     """Whether switched layers run on our kernels now (False inside ``kernels(False)``)."""
-    return _active
+    return _switch.active
 
 
-@contextlib.contextmanager
-def kernels(enabled: bool) -> Iterator[None]:
+def kernels(enabled: bool) -> contextlib.AbstractContextManager[None]:
     """Run switched layers on our kernels (True) or MLX's (False) inside the block."""
-    global _active
-    before, _active = _active, enabled
-    try:
-        yield
-    finally:
-        _active = before
+    return _switch.scope(enabled)
 
 
 # Groups MLX's quantized matmul takes; GGUF's Q2_K/Q3_K/Q6_K come in groups of 16.
@@ -85,9 +79,9 @@ def _dequantized(layer: Any, weight: str = "weight") -> mx.array:
 
 
 def _qmm(x: mx.array, layer: Any, weight: str = "weight") -> mx.array:
-    if not _active and layer.group_size not in MLX_GROUPS:  # what MLX runs: dequantize
+    if not _switch.active and layer.group_size not in MLX_GROUPS:  # what MLX runs: dequantize
         return (x @ _dequantized(layer, weight).T).astype(x.dtype)
-    op = _core.quantized_matmul if _active else mx.quantized_matmul
+    op = _core.quantized_matmul if _switch.active else mx.quantized_matmul
     return op(
         x,
         layer[weight],
@@ -169,7 +163,7 @@ def _fast_switch_class() -> type | None:
         def __call__(
             self, x: mx.array, indices: mx.array, sorted_indices: bool = False
         ) -> mx.array:
-            if not _active or self.get("global_scale") is not None:
+            if not _switch.active or self.get("global_scale") is not None:
                 return super().__call__(x, indices, sorted_indices=sorted_indices)
             out = _core.gather_qmm(
                 x,
