@@ -7,9 +7,10 @@ Two ranks share this machine's two cores, so no speed-up is expected: this repor
 step time with 1 and 2 ranks, each rank's memory, and the time one step spends in
 collectives (an all_sum of the hidden state twice per layer, plus the token broadcast).
 ``test_group_batches_concurrent_clients``: 8 concurrent clients on a 2-rank group,
-aggregate tok/s batched vs one request at a time (and vs the main branch's group with
-``MHC_BENCH_DIST_MAIN``). Without ``MHC_BENCH_DIST`` it runs the demo model briefly, as a
-test (CI).
+aggregate tok/s batched vs one request at a time (and vs the group before it batched with
+``MHC_BENCH_DIST_MAIN``: a Python whose mlx_harmony_core is main at 960fa24, the last commit
+before batching in a group; its rounds all run one request at a time). Without
+``MHC_BENCH_DIST`` it runs the demo model briefly, as a test (CI).
 """
 
 import json
@@ -87,9 +88,10 @@ def test_group_batches_concurrent_clients(tmp_path):
     """8 concurrent clients on a 2-rank group: aggregate decode tok/s batched vs one request
     at a time (what a group did before it batched), alternating rounds in one group.
 
-    ``MHC_BENCH_DIST_MAIN=/path/to/python`` (a checkout of the main branch's venv) also runs
-    the main branch's own group, alternating launches with this one: its "batched" rounds
-    are one at a time too (main refuses to batch in a group)."""
+    ``MHC_BENCH_DIST_MAIN=/path/to/python`` (a Python importing mlx_harmony_core from main
+    at 960fa24, before a group batched) also runs that group, alternating launches with
+    this one: its "batched" rounds are one at a time too (it refused to batch in a group).
+    Both sides run greedy requests: this branch's steps exchange each row's best logit."""
     from mlx_harmony_core.models.builder import demo_model_path
 
     model = demo_model_path()
@@ -118,6 +120,6 @@ def test_group_batches_concurrent_clients(tmp_path):
     if theirs:
         main_tps = [t for r in theirs for t in r["one_at_a_time"] + r["batched"]]
         DIST_BATCH_ROWS.append(
-            ("[demo] ... vs the main branch's group", med(batched), med(main_tps), "tok/s")
+            ("[demo] ... vs the group before batching", med(batched), med(main_tps), "tok/s")
         )
     assert all(t > 0 for t in batched + alone)

@@ -205,6 +205,7 @@ def test_two_ranks_batch_eight_requests_like_one_process(model_dir, tmp_path):
     text, finish = got["cancelled"]
     assert finish == "cancelled" and alone[0].text.startswith(text)
     assert got["after"] == alone[7].text
+    assert got["greedy_steps"] > 0  # all-greedy steps took the best-logit exchange
 
 
 def test_a_follower_out_of_step_fails_the_group(model_dir, tmp_path):
@@ -426,3 +427,55 @@ def test_message_bytes_and_prefix_cache_mirroring():
     clears = pc.clears
     pc.clear()
     assert pc.clears == clears + 1 and len(pc) == 0
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_greedy_ids_from_slices_equal_the_samplers_greedy_draw(ranks, dtype):
+    """A greedy group step exchanges each rank's best logit per row (distributed.
+    best_of_slice / best_of_ranks) instead of the logits: the id equals the fused sampler's
+    greedy draw on the whole row, ties (within and across slices), NaN, +inf and all -inf
+    rows included."""
+    from mlx_harmony_core import _core
+    from mlx_harmony_core.distributed import best_of_ranks, best_of_slice
+    from mlx_harmony_core.sampling import options, sample_rows
+
+    vocab = 1001
+    rng = np.random.default_rng(0)
+    rows = rng.standard_normal((9, vocab)).astype(np.float32)
+    rows[1, [10, 900]] = 50.0  # a tie across slices: the lower id
+    rows[2, [400, 401]] = 50.0  # a tie inside a slice
+    rows[3, 700] = np.nan
+    rows[4, 5] = np.inf
+    rows[5] = -np.inf
+    rows[6] = -np.inf
+    rows[6, vocab - 1] = -3.0  # the last id of the last (short) slice
+    rows[7, :] = 1.0  # every id ties: the first
+    rows[8, 333] = -np.inf
+    logits = mx.array(rows).astype(dtype)
+    per = -(-vocab // ranks)
+    every = mx.stack(
+        [best_of_slice(logits[:, r * per : (r + 1) * per], r * per) for r in range(ranks)]
+    )
+    got = best_of_ranks(every).tolist()
+    greedy = [options(mhc.SamplingParams(temperature=0), 0) for _ in range(len(rows))]
+    want = sample_rows(logits, greedy)[0].tolist()
+    assert got == want
+    assert got[1] == 10 and got[2] == 400 and got[6] == vocab - 1 and got[7] == 0
+    assert got[3] == got[4] == _core.ERROR_NON_FINITE and got[5] == _core.ERROR_NO_CANDIDATE
+
+
+def test_best_of_slice_flags_nan_and_inf_anywhere_in_a_long_row():
+    """best_of_slice flags a row from its max alone (MLX's max is NaN or +inf when the row
+    holds one): at any position of a vocabulary-long slice, vectorized or tail."""
+    from mlx_harmony_core.distributed import best_of_slice
+
+    n = 100544
+    rows = np.random.default_rng(1).standard_normal((8, n)).astype(np.float32)
+    spots = [0, 1, 7, 8, 17, 4099, n - 9, n - 1]
+    for i, pos in enumerate(spots):
+        rows[i, pos] = np.nan if i % 2 else np.inf
+    got = best_of_slice(mx.array(rows), 0)[:, 2].tolist()
+    assert got == [1.0] * len(spots)
+    short = best_of_slice(mx.array(rows[:, :100]), 0)[:, 2].tolist()  # rows 5-7: finite
+    assert short == [1.0] * 5 + [0.0] * 3

@@ -50,7 +50,16 @@ import numpy as np
 from .errors import GroupError
 from .kv_cache import rewind_rows
 
-__all__ = ["Group", "current", "follow", "init", "shard_vocab"]
+__all__ = [
+    "Group",
+    "current",
+    "follow",
+    "greedy_ids",
+    "greedy_step",
+    "init",
+    "shard_vocab",
+    "sharded_head",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -298,7 +307,8 @@ class ShardedEmbedding(nn.Module):
         n, r = group.size(), group.rank()
         self.per = -(-vocab // n)
         self.start, self.vocab = r * self.per, vocab
-        _rows(inner, self.start, min(vocab, self.start + self.per), self.per)
+        self.valid = max(0, min(vocab, self.start + self.per) - self.start)
+        _rows(inner, self.start, self.start + self.valid, self.per)
         self.inner = inner
         self.group = group
 
@@ -312,6 +322,10 @@ class ShardedEmbedding(nn.Module):
     def as_linear(self, x: mx.array) -> mx.array:
         return _gather_vocab(self.inner.as_linear(x), self.group, self.vocab)
 
+    def local_logits(self, x: mx.array) -> mx.array:
+        """This rank's slice of the logits (tied weights), ids ``start`` on; no collective."""
+        return self.inner.as_linear(x)[..., : self.valid]
+
 
 class ShardedHead(nn.Module):
     """An output layer (float or quantized) split by vocabulary rows; logits gathered."""
@@ -319,12 +333,17 @@ class ShardedHead(nn.Module):
     def __init__(self, inner: nn.Module, group: Any, vocab: int) -> None:
         super().__init__()
         per = -(-vocab // group.size())
-        start = group.rank() * per
-        _rows(inner, start, min(vocab, start + per), per)
+        self.start = group.rank() * per
+        self.valid = max(0, min(vocab, self.start + per) - self.start)
+        _rows(inner, self.start, self.start + self.valid, per)
         self.inner, self.group, self.vocab = inner, group, vocab
 
     def __call__(self, x: mx.array) -> mx.array:
         return _gather_vocab(self.inner(x), self.group, self.vocab)
+
+    def local_logits(self, x: mx.array) -> mx.array:
+        """This rank's slice of the logits, ids ``start`` on; no collective."""
+        return self.inner(x)[..., : self.valid]
 
 
 def _gather_vocab(part: mx.array, group: Any, vocab: int) -> mx.array:
@@ -332,6 +351,52 @@ def _gather_vocab(part: mx.array, group: Any, vocab: int) -> mx.array:
     moved = mx.moveaxis(part, -1, 0)
     whole = mx.distributed.all_gather(moved, group=group)
     return mx.moveaxis(whole, 0, -1)[..., :vocab]
+
+
+def sharded_head(model: nn.Module) -> ShardedHead | ShardedEmbedding | None:
+    """The vocabulary-split output head of ``model`` when its forward pass is known to end
+    in it (see :func:`~.runner.split_head`), else None."""
+    from .runner import split_head
+
+    head = split_head(model)
+    owner = getattr(head, "__self__", head)  # tied weights: the embedding's as_linear
+    return owner if isinstance(owner, ShardedHead | ShardedEmbedding) else None
+
+
+def greedy_ids(part: mx.array, start: int, group: Any) -> mx.array:
+    """Greedy draws (B,) int32 over the whole vocabulary from every rank's slice ``part``
+    (B, n) of the logits (ids ``start`` on), exchanging 3 numbers per row and rank instead
+    of the logits (see :func:`best_of_slice`, :func:`best_of_ranks`). Every rank gets the
+    same ids: they come from the same gathered numbers."""
+    mine = best_of_slice(part, start)[None]
+    return best_of_ranks(mx.distributed.all_gather(mine, group=group))
+
+
+def best_of_slice(part: mx.array, start: int) -> mx.array:
+    """(B, 3) float32: each row's highest logit in ``part`` (B, n), the first id holding it
+    (``start`` + its index; exact in float32 below 2**24) and 1 where the row holds a NaN
+    or +inf (0 elsewhere)."""
+    best = mx.max(part, axis=-1).astype(mx.float32)
+    idx = mx.argmax(part, axis=-1).astype(mx.float32) + start
+    # MLX's max is NaN (or +inf) when the row holds one: no second pass over the logits
+    # (tests/test_distributed.py checks it, long rows included).
+    bad = (mx.isnan(best) | mx.isposinf(best)).astype(mx.float32)
+    return mx.stack([best, idx, bad], axis=-1)
+
+
+def best_of_ranks(every: mx.array) -> mx.array:
+    """The greedy ids (B,) int32 from every rank's :func:`best_of_slice` (ranks, B, 3),
+    ranks holding ascending id ranges: the first id of the highest logit, as the fused
+    sampler's greedy draw, with its error codes (a NaN or +inf anywhere:
+    ``ERROR_NON_FINITE``; every logit -inf: ``ERROR_NO_CANDIDATE``)."""
+    from . import _core
+
+    maxima = every[..., 0]
+    top = mx.max(maxima, axis=0)
+    first = mx.argmax((maxima == top).astype(mx.int32), axis=0)  # the lowest rank holding it
+    ids = mx.take_along_axis(every[..., 1], first[None], axis=0)[0].astype(mx.int32)
+    ids = mx.where(top == -mx.inf, _core.ERROR_NO_CANDIDATE, ids)
+    return mx.where(mx.any(every[..., 2] > 0, axis=0), _core.ERROR_NON_FINITE, ids)
 
 
 def shard_vocab(model: nn.Module, group: Any) -> bool:
@@ -396,7 +461,8 @@ class Follower:
     the prefix cache or not), ``filter`` (batch rows kept), ``join`` (rows inserted),
     ``store`` (a kept cache into the prefix cache, with the entry count after it), ``clear``,
     ``decode`` (one token per batch row), ``verify`` (each row's token and drafts, the
-    positions the head runs at) and ``rewind`` (each row's rejected drafts)."""
+    positions the head runs at) and ``rewind`` (each row's rejected drafts). A ``first`` or
+    ``decode`` marked greedy exchanges only each row's best logits (:func:`greedy_step`)."""
 
     def __init__(self, runner: Any) -> None:
         from .kv_cache import make_batch_cache
@@ -455,11 +521,14 @@ class Follower:
         row.tokens += part
         return [c.state for c in row.cache]
 
-    def _first(self, rid: int) -> mx.array:
+    def _first(self, rid: int, greedy: bool = False) -> mx.array:
         row = self.rows[rid]
         rest = row.prompt[len(row.tokens) :]
         row.tokens += rest
-        return self.runner.forward(mx.array(rest, dtype=mx.int32)[None], row.cache)[:, -1, :]
+        inputs = mx.array(rest, dtype=mx.int32)[None]
+        if greedy:  # rank 0 draws it greedily from the ranks' best logits
+            return greedy_step(self.runner, inputs, row.cache)
+        return self.runner.forward(inputs, row.cache)[:, -1, :]
 
     def _retire(self, rid: int, batch_row: int | None, stored: bool, count: int) -> None:
         row = self.rows.pop(rid)
@@ -514,10 +583,12 @@ class Follower:
         self.runner.prefix_cache.clear()
         self.stash.clear()  # rows retired before the clear: rank 0 stores none of them
 
-    def _decode(self, tokens: list[int]) -> mx.array:
+    def _decode(self, tokens: list[int], greedy: bool = False) -> mx.array:
         for rid, t in zip(self.batch, tokens, strict=True):
             self.rows[rid].tokens.append(t)
         inputs = mx.array(tokens, dtype=mx.int32)[:, None]
+        if greedy:  # every row draws greedily: rank 0 takes its ids from greedy_ids
+            return greedy_step(self.runner, inputs, self.cache)
         return self.runner.forward(inputs, self.cache)[:, -1, :]
 
     def _verify(self, inputs: list[list[int]], where: list[int]) -> mx.array:
@@ -530,6 +601,17 @@ class Follower:
         for rid, n in zip(self.batch, back, strict=True):
             if n:
                 del self.rows[rid].tokens[-n:]
+
+
+def greedy_step(runner: Any, inputs: mx.array, cache: Any) -> mx.array:
+    """A decode step (lazy) of ``inputs`` (B, 1) whose rows all draw greedily: each rank
+    runs the output head over its slice of the vocabulary and the ranks exchange only each
+    row's best logit (:func:`greedy_ids`). The same collectives on every rank."""
+    head = sharded_head(runner.model)
+    assert head is not None
+    with mx.stream(runner.stream()):
+        hidden = runner.model.model(inputs, cache)[:, -1, :]
+        return greedy_ids(head.local_logits(hidden), head.start, runner.group.group)
 
 
 class _FollowedRow:

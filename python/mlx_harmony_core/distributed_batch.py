@@ -19,6 +19,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from .distributed import greedy_step, sharded_head
 from .errors import GroupError
 from .scheduler import END, Batch, Row, Scheduler
 from .speculative import Pacer
@@ -70,6 +71,8 @@ class GroupBatch(Batch):
         self.rids: dict[int, int] = {}  # id(row) -> its id in the messages
         self.next_rid = 0
         self.clears = self.real.prefix_cache.clears
+        self.head = sharded_head(self.real.model)  # None: logits always gathered
+        self.greedy = False  # the step being built draws greedily on every rank
 
     # -- messages ---------------------------------------------------------------------------
     def record(self, *op: Any) -> None:
@@ -144,12 +147,32 @@ class GroupBatch(Batch):
         )
         return True
 
+    def _build(self, inputs: mx.array, ahead: bool = False) -> Any:
+        # Rows that all draw greedily with nothing to change their logits need only each
+        # rank's best logit per row, not the gathered logits (a vocabulary per row).
+        self.greedy = self.head is not None and all(_plain_greedy(r) for r in self.rows)
+        return super()._build(inputs, ahead)
+
     def _forward(self, inputs: mx.array) -> mx.array:
-        self.record("decode", inputs.tolist())
-        self.send()
-        logits = super()._forward(inputs)
-        mx.async_eval(logits)
-        return logits
+        if self.greedy:
+            self.record("decode", inputs.tolist(), True)
+            self.send()
+            ids = greedy_step(self.real, inputs[:, None], self.cache)
+        else:
+            self.record("decode", inputs.tolist())
+            self.send()
+            ids = super()._forward(inputs)  # the logits
+        mx.async_eval(ids)
+        return ids
+
+    def _draw(
+        self, rows: list[Row], logits: mx.array, ahead: bool = False, *, bias: Any
+    ) -> tuple[mx.array, Any]:
+        if not self.greedy:
+            return super()._draw(rows, logits, ahead, bias=bias)
+        for r in rows:  # a draw each, as the sampler counts them
+            r.req.sampler.next_options()
+        return logits, None  # the ids greedy_step drew
 
     # -- prefill: planned on the host, run once the message is out -------------------------
     def _prefill_one(self, r: Row, budget: int, whole: bool) -> int:
@@ -176,11 +199,18 @@ class GroupBatch(Batch):
             # A speculative request feeds its prompt's last token in its first step.
             r.last, r.cached = prompt[-1], r.done
             return 0
-        self.record("first", rid)
         last = mx.array(prompt[r.done :], dtype=mx.int32)
-        logits = self.real.forward(last[None], r.cache)[:, -1, :]
-        self.lazy.append((logits, None, 0))
-        self.firsts.append((r, logits))
+        if self.head is not None and _plain_greedy(r):  # its best logit is all it needs
+            self.record("first", rid, True)
+            ids = greedy_step(self.real, last[None], r.cache)
+            r.req.sampler.next_options()  # a draw, as the sampler counts them
+            r.first = (ids, None)
+            self.lazy.append((ids, None, 0))
+        else:
+            self.record("first", rid)
+            logits = self.real.forward(last[None], r.cache)[:, -1, :]
+            self.lazy.append((logits, None, 0))
+            self.firsts.append((r, logits))
         r.done = r.cached = len(prompt)
         return 1
 
@@ -257,3 +287,17 @@ class GroupBatch(Batch):
         for r in [*self.members(), *waiting]:
             r.handle._emit(error)
             r.handle._emit(END)
+
+
+def _plain_greedy(r: Row) -> bool:
+    """Whether ``r`` draws greedily from the raw logits (no processors, masks, penalties,
+    bias or logprobs): then its draw is the first id of the highest logit."""
+    req = r.req
+    return (
+        req.sampler.params.temperature == 0
+        and not req.processors
+        and not req.sync
+        and req.window is None
+        and req.sampler.bias[0] is None
+        and req.logprobs is None
+    )

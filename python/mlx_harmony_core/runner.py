@@ -21,7 +21,7 @@ from .prefix_cache import PrefixCache
 _SPLIT_HEAD = {"mlx_lm.models.llama", "mlx_lm.models.gpt_oss", "mlx_lm.models.qwen2"}
 
 
-def _head(model: Any) -> Any:
+def split_head(model: Any) -> Any:
     """The output head of ``model`` as a function of hidden states, or None when the model
     is not known to end in it (then the whole forward pass runs)."""
     if type(model).__module__ not in _SPLIT_HEAD or not hasattr(model, "model"):
@@ -121,7 +121,7 @@ class ModelRunner:
         idx = mx.array(list(where), dtype=mx.int32)
         b, t = inputs.shape
         with mx.stream(self.stream()):
-            head = _head(self.model)
+            head = split_head(self.model)
             if head is None:
                 logits = self.model(inputs, cache=cache)
                 return mx.take(logits.reshape(b * t, -1), idx, axis=0)

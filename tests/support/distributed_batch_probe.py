@@ -16,7 +16,7 @@ from typing import Any
 import mlx_harmony_core as mhc  # before mlx.core: it routes MLX's BLAS to OpenBLAS
 import mlx.core as mx
 
-from mlx_harmony_core import distributed
+from mlx_harmony_core import distributed, distributed_batch
 # isort: on
 
 # A long shared prefix (past the demo model's 128-token sliding window).
@@ -94,6 +94,15 @@ def main() -> int:
         return distributed.follow(engine)
     if skip is not None:
         return out_of_step(engine, group, out)
+    # Decode steps whose rows all draw greedily (they exchange each row's best logits).
+    greedy = [0]
+    step = distributed_batch.greedy_step
+
+    def counted(*args: Any) -> Any:
+        greedy[0] += 1
+        return step(*args)
+
+    distributed_batch.greedy_step = counted  # type: ignore[assignment]
     # Alone first: the prefix is then in every rank's prefix cache.
     first = submit(engine, requests(None)[0]).result()
     cut = first.text[12:18] if len(first.text) > 24 else None
@@ -126,6 +135,7 @@ def main() -> int:
                 "stats": batched,
                 "cancelled": [cancelled.text, cancelled.finish_reason],
                 "after": after.text,
+                "greedy_steps": greedy[0],
             },
             f,
         )
