@@ -49,6 +49,7 @@ import numpy as np
 
 from .errors import GroupError
 from .kv_cache import rewind_rows
+from .models.head import split_head
 
 __all__ = [
     "Group",
@@ -355,9 +356,7 @@ def _gather_vocab(part: mx.array, group: Any, vocab: int) -> mx.array:
 
 def sharded_head(model: nn.Module) -> ShardedHead | ShardedEmbedding | None:
     """The vocabulary-split output head of ``model`` when its forward pass is known to end
-    in it (see :func:`~.runner.split_head`), else None."""
-    from .runner import split_head
-
+    in it (see :func:`~.models.head.split_head`), else None."""
     head = split_head(model)
     owner = getattr(head, "__self__", head)  # tied weights: the embedding's as_linear
     return owner if isinstance(owner, ShardedHead | ShardedEmbedding) else None

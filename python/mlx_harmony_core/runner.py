@@ -15,22 +15,8 @@ from typing import TYPE_CHECKING, Any
 import mlx.core as mx
 
 from .kv_cache import make_cache
+from .models.head import split_head
 from .prefix_cache import PrefixCache
-
-# Model classes whose __call__ is exactly ``head(self.model(inputs, cache))``.
-_SPLIT_HEAD = {"mlx_lm.models.llama", "mlx_lm.models.gpt_oss", "mlx_lm.models.qwen2"}
-
-
-def split_head(model: Any) -> Any:
-    """The output head of ``model`` as a function of hidden states, or None when the model
-    is not known to end in it (then the whole forward pass runs)."""
-    if type(model).__module__ not in _SPLIT_HEAD or not hasattr(model, "model"):
-        return None
-    args = getattr(model, "args", None)
-    if getattr(args, "tie_word_embeddings", False):
-        return model.model.embed_tokens.as_linear
-    return getattr(model, "lm_head", None)
-
 
 if TYPE_CHECKING:
     from .distributed import Group
