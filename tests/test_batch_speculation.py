@@ -15,6 +15,8 @@ from mlx_harmony_core.kv_cache import (
     make_batch_cache,
 )
 from mlx_harmony_core.speculative import (
+    MAX_RATE,
+    NGRAM_PRIOR,
     NgramDrafter,
     Pacer,
     Speculation,
@@ -265,11 +267,11 @@ def test_chances_follow_a_rows_acceptance_by_kind():
     for _ in range(4):
         spec.observe(4, 4, 3)  # every 3-gram draft held
     assert spec.chances(4, 3) == pytest.approx([spec.rate(3) ** t for t in range(1, 5)])
-    assert spec.rate(3) > 0.95
+    assert spec.rate(3) == pytest.approx(MAX_RATE)  # never certain: a copy ends unannounced
     for _ in range(4):
         spec.observe(4, 0, 3)  # a copy ended: the first draft missed
     assert spec.chances(4, 3) == []
-    assert spec.rate(1) == pytest.approx(0.15)  # other kinds keep their own
+    assert spec.rate(1) == pytest.approx(NGRAM_PRIOR[0])  # other kinds keep their own
 
 
 def test_drafts_and_kinds_of_prompt_lookup():
@@ -282,36 +284,53 @@ def test_drafts_and_kinds_of_prompt_lookup():
 def test_pacer_measures_costs_relative_to_a_plain_step():
     p = Pacer()
     assert p.plain_steps() == Pacer.MEASURE and not p.needs_plain()  # nothing measured yet
-    p.record_verify(5, 0.3, drafts=2, draft_s=0.1)  # kept until a plain step is measured
+    p.record_verify(5, 0.3, drafts=2, draft_s=0.1, rows=8)  # priced once a plain step is
     assert p.per_token == Pacer.PER_TOKEN and p.steps == 1 and p.needs_plain()
-    p.record_plain(8, 0.8)  # 0.1 s a plain step
+    assert p.costs(8, 5) == {}
+    p.record_plain(8, 0.8, rows=8)  # 0.1 s a plain step of 8 rows
     assert p.plain_s == pytest.approx(0.1) and p.steps == 9 and not p.needs_plain()
-    assert p.passes == {5: pytest.approx(3.0)}
+    assert p.costs(8, 5)[5] == pytest.approx(3.0)
     assert p.plain_steps() == Pacer.LOOK
+    p.record_verify(5, 0.3, drafts=2, draft_s=0.1, rows=8)
     # (0.3 / 0.1 - 1) / 4 = 0.5 per token; 0.1 / 2 / 0.1 = 0.5 per draft step.
     assert p.per_token == pytest.approx(0.7 * Pacer.PER_TOKEN + 0.3 * 0.5)
     assert p.per_draft == pytest.approx(0.7 * Pacer.PER_DRAFT + 0.3 * 0.5)
     assert p.could_pay()
     for _ in range(20):  # a draft model as dear as the target: it can never pay
-        p.record_verify(2, 0.12, drafts=1, draft_s=0.1)
+        p.record_verify(2, 0.12, drafts=1, draft_s=0.1, rows=8)
     assert not p.could_pay()
     assert p.best([[0.99]] * 8, drafting=True)[0] == 1
     assert p.best([[0.99]] * 8)[0] == 2  # prompt lookup costs no draft step
 
 
-def test_a_pass_that_does_not_grow_linearly_is_priced_by_its_width():
+def test_a_pass_that_does_not_grow_linearly_is_priced_by_its_tokens():
     """A quantized model's matmul switches to dequantize + BLAS past a few rows: 2 tokens
-    per row cost as much as 5. Each width's measured cost is its own."""
+    per row cost as much as 5. Each measured pass prices its own token count."""
     p = Pacer()
-    p.record_plain(4, 0.4)
+    p.record_plain(4, 0.4, rows=8)
     chances = [[0.9, 0.8, 0.7, 0.6]] * 8
-    assert p.best(chances)[0] == 5  # priors: linear
-    p.record_verify(5, 0.2)  # twice a plain step
-    assert p.passes[5] == pytest.approx(2.0)
-    p.record_verify(2, 0.2)  # as dear
-    assert p.passes[2] == pytest.approx(2.0)
+    assert p.best(chances)[0] == 5  # one point measured: the prior slope
+    p.record_verify(5, 0.2, rows=8)  # twice a plain step
+    assert p.costs(8, 5)[5] == pytest.approx(2.0)
+    p.record_verify(2, 0.2, rows=8)  # as dear
+    assert p.costs(8, 2)[2] == pytest.approx(2.0)
     assert p.best([[0.6]] * 8)[0] == 1  # one draft cannot pay for a doubled pass
     assert p.best(chances)[0] == 5
+
+
+def test_pacer_prices_a_shrinking_batch_by_its_rows():
+    """Rows finish: a verify step of 2 rows x 5 tokens is weighed against a plain step of 2
+    rows, priced between the passes measured (linear in the tokens through a pass)."""
+    p = Pacer()
+    p.record_plain(4, 0.4, rows=8)  # 8 tokens: 0.1 s
+    p.record_verify(5, 0.3, rows=8)  # 40 tokens: 0.3 s
+    p.record_plain(4, 0.2, rows=2)  # 2 tokens: 0.05 s
+    assert p.seconds(5) == pytest.approx(0.05 + (0.1 - 0.05) * 3 / 6)
+    assert p.seconds(10) == pytest.approx(0.1 + 0.2 * 2 / 32)
+    assert p.seconds(24) == pytest.approx(0.1 + 0.2 * 16 / 32)
+    assert p.seconds(60) == pytest.approx(0.3 + 0.2 / 32 * 20)  # past them: their slope
+    assert p.costs(2, 5)[5] == pytest.approx(p.seconds(10) / 0.05)
+    assert Pacer().seconds(4) is None
 
 
 def test_drafts_that_never_hold_turn_off_and_try_again_rarely(demo_engine, other, fixed_costs):

@@ -96,7 +96,7 @@ class RequestOptions(BaseModel):
     )
     draft_model: Any = Field(None, **_in(SPECULATION, "the draft model (speculative='draft')"))
     num_draft: StrictInt | None = Field(
-        None, ge=1, le=MAX_DRAFT, **_in(SPECULATION, "tokens guessed per step at first")
+        None, ge=1, le=MAX_DRAFT, **_in(SPECULATION, "tokens guessed per step at most (adapted)")
     )
 
     @classmethod

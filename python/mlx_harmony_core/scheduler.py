@@ -545,7 +545,9 @@ class Batch:
                 return False  # the stretch goes on, pipelined
             self.stretch = None
             seconds = time.perf_counter() - t0 - (self.prefill_s - p0)
-            self.pacer.record_plain(self.reads, seconds)
+            # The rows of its steps, on average: each step emitted a token per row.
+            rows = (self.emitted - e0) / max(1, self.reads)
+            self.pacer.record_plain(self.reads, seconds, rows)
         return bool(self._spec_rows())
 
     def _plain_stretch(self, n: int) -> None:
@@ -741,7 +743,7 @@ class Batch:
         accepted = [0] * len(rows)
         if self._fused_draws(rows, drafts, logits, accepted) is None:
             self._draws(rows, drafts, logits, base, accepted)
-        self.pacer.record_verify(width, time.perf_counter() - t1, steps, draft_s)
+        self.pacer.record_verify(width, time.perf_counter() - t1, steps, draft_s, len(rows))
         # Kept: each row's newest token and its accepted drafts; the token drawn last is
         # fed next.
         back = [width - 1 - a for a in accepted]

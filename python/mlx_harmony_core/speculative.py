@@ -22,7 +22,7 @@ from .errors import InvalidRequestError
 logger = logging.getLogger(__name__)
 
 DRAFTERS = ("ngram", "draft")
-NUM_DRAFT = 4  # tokens guessed per step at first (adapted to the acceptance rate)
+NUM_DRAFT = 4  # a draft model's tokens guessed per step at most (adapted to its acceptance)
 MAX_DRAFT = 16
 
 
@@ -203,10 +203,18 @@ class DraftBatch:
 # this: a drafted position costs the output head and its draw even when the row rides along.
 MIN_CHANCE = 0.1
 # Chance that a draft holds, given the drafts before it held, before anything is measured:
-# by the n-gram's length for prompt lookup (measured on SmolLM2 copying: 0.12 / 0.63 /
-# 0.74), and for a draft model.
-NGRAM_PRIOR = (0.15, 0.5, 0.65)
+# by the n-gram's length for prompt lookup (measured on SmolLM2 copying texts of ~100
+# tokens: 0.20 / 0.41 / 0.91; on short copies followed by free text 0.12 / 0.63 / 0.74),
+# and for a draft model. A row's own measurements take over within a few steps.
+NGRAM_PRIOR = (0.2, 0.4, 0.9)
 MODEL_PRIOR = 0.5
+# A measured chance never reaches 1: a copy ends without warning, and a wide step whose
+# drafts all miss wastes its width.
+MAX_RATE = 0.95
+# Prompt lookup's drafts per step at most when a request does not say (its drafts cost
+# nothing to find; how many are verified follows their chances and the pass's cost; vLLM
+# and llama.cpp's lookup decoding draft up to ~10).
+NGRAM_DRAFT = 10
 
 
 class Speculation:
@@ -271,7 +279,8 @@ class Speculation:
         # The guesses tried are those kept and the first miss; a fast average (a copy
         # starts and ends abruptly).
         tried = accepted + (accepted < drafted)
-        self._rates[kind] = 0.5 * self.rate(kind) + 0.5 * (accepted / tried)
+        rate = 0.5 * self.rate(kind) + 0.5 * (accepted / tried)
+        self._rates[kind] = min(MAX_RATE, rate)
 
 
 def best_width(
@@ -285,7 +294,7 @@ def best_width(
 
     ``chances[i][t-1]`` is the chance that row i's first t drafts all hold (rows without
     drafts: empty); a step of width W emits, per row, 1 + the sum of its chances up to
-    W - 1, and its pass costs ``measured[W]`` plain steps where measured, else
+    W - 1, and its pass costs ``measured[W]`` plain steps where given, else
     ``1 + per_token * (W - 1)`` (``per_token``: each further token per row), plus
     ``per_draft * (W - 1)`` (each draft a draft model runs for its rows; 0 for prompt
     lookup). Passes need not cost linearly: a quantized matmul may switch kernels as
@@ -308,15 +317,21 @@ def best_width(
 
 
 class Pacer:
-    """What a batch's verify steps cost, measured, and whether a step verifies.
+    """What a batch's passes cost, measured, and whether a step verifies.
 
-    It keeps the seconds of a plain step (plain stretches, pipelined) and, relative to
-    it, what each further token per row adds to a verify pass and what a draft model's
-    batched draft step costs. :meth:`best` picks the width of the next verify step from
-    the rows' chances (see :func:`best_width`); below :attr:`MARGIN` the batch decodes a
-    plain stretch of :meth:`plain_steps` steps. Until a plain step is measured, costs are
-    priors (a verify pass of 8 SmolLM2 rows: +0.28 of a plain step per token per row,
-    CPU). ``steps`` is the batch's clock (plain and verify steps) for rows that rest.
+    A pass's cost follows the tokens that go through it (rows x width): the seconds of a
+    pass are kept by that count (plain steps of a stretch, pipelined, and verify passes
+    alike), and a count never measured is priced between its measured neighbours, or past
+    them at the measured slope (:meth:`seconds`). So a batch that shrinks as its rows
+    finish compares a verify step with a plain step of as many rows, and a quantized
+    matmul that switches kernels past a few rows is priced as measured. A draft model's
+    batched draft step is kept relative to a plain step (``per_draft``).
+
+    :meth:`best` picks the width of the next verify step from the rows' chances (see
+    :func:`best_width`); below :attr:`MARGIN` the batch decodes a plain stretch of
+    :meth:`plain_steps` steps. Until a plain step is measured, costs are priors (a verify
+    pass of 8 SmolLM2 rows: +0.28 of a plain step per token per row, CPU). ``steps`` is
+    the batch's clock (plain and verify steps) for rows that rest.
     """
 
     MEASURE = 4  # plain steps in a measured stretch
@@ -328,19 +343,56 @@ class Pacer:
     PER_DRAFT = 0.25  # prior: a draft model's batched step, in plain steps
 
     def __init__(self) -> None:
-        self.plain_s: float | None = None  # seconds per plain step (EMA)
-        self.per_token = self.PER_TOKEN
+        self.plain_s: float | None = None  # seconds of the last plain step measured (EMA)
+        self.per_token = self.PER_TOKEN  # a further token per row, in plain steps (EMA)
         self.per_draft = self.PER_DRAFT
-        self.passes: dict[int, float] = {}  # a verify pass's cost by width, measured (EMA)
-        self._early: list[tuple[int, float, int, float]] = []  # verify steps before plain_s
+        self.by_tokens: dict[int, float] = {}  # a pass's seconds by tokens through it (EMA)
         self.steps = 0  # plain steps and verify steps run (the batch's clock)
         self.verified = 0  # verify steps run
+
+    def seconds(self, tokens: int) -> float | None:
+        """A pass's seconds for ``tokens`` tokens (rows x width): measured, or linear
+        between the nearest measured counts, or past the largest (smallest) at the slope
+        of the two nearest it (one count measured: the prior ``per_token``). None before
+        anything is measured."""
+        known = self.by_tokens
+        if tokens in known:
+            return known[tokens]
+        if not known:
+            return None
+        below = [t for t in known if t < tokens]
+        above = [t for t in known if t > tokens]
+        if below and above:
+            lo, hi = max(below), min(above)
+            return known[lo] + (known[hi] - known[lo]) * (tokens - lo) / (hi - lo)
+        near = sorted(below or above, key=lambda t: abs(t - tokens))[:2]
+        if len(near) == 2:
+            (t0, t1) = sorted(near)
+            slope = max(0.0, (known[t1] - known[t0]) / (t1 - t0))
+        else:  # one point: a pass of t0 tokens costs 1 + per_token per further token
+            slope = known[near[0]] * self.per_token / near[0]
+        return max(1e-9, known[near[0]] + slope * (tokens - near[0]))
+
+    def costs(self, rows: int, widest: int) -> dict[int, float]:
+        """A verify pass's cost by width (2..``widest``) for ``rows`` rows, in plain steps
+        of as many rows; empty before a plain step is measured (then priors price it)."""
+        plain = self.seconds(rows) if self.plain_s is not None and rows > 0 else None
+        if plain is None:
+            return {}
+        out = {}
+        for w in range(2, widest + 1):
+            s = self.seconds(rows * w)
+            if s is not None:
+                out[w] = max(1.0, s / plain)
+        return out
 
     def best(self, chances: Sequence[Sequence[float]], drafting: bool = False) -> tuple[int, float]:
         """The best width for rows with these ``chances`` and its gain over a plain step
         (see :func:`best_width`; ``drafting``: some rows draft with a draft model)."""
         per_draft = self.per_draft if drafting else 0.0
-        return best_width(chances, self.per_token, per_draft, self.passes)
+        widest = 1 + max((len(c) for c in chances), default=0)
+        measured = self.costs(len(chances), widest)
+        return best_width(chances, self.per_token, per_draft, measured)
 
     def could_pay(self) -> bool:
         """Whether a draft model as fast as measured could pay even if every draft held."""
@@ -356,36 +408,36 @@ class Pacer:
         was measured, then :attr:`LOOK`."""
         return self.MEASURE if self.plain_s is None else self.LOOK
 
-    def record_plain(self, steps: int, seconds: float) -> None:
-        """A plain stretch of ``steps`` steps ran in ``seconds``."""
+    def record_plain(self, steps: int, seconds: float, rows: float = 1) -> None:
+        """A plain stretch of ``steps`` steps of ``rows`` rows (on average) ran in
+        ``seconds``."""
         if steps <= 0:
             return
         self.steps += steps
         self.plain_s = _ema(self.plain_s, seconds / steps)
-        early, self._early = self._early, []
-        for width, verify_s, drafts, draft_s in early:
-            self._costs(width, verify_s, drafts, draft_s)
+        self._costs(max(1, round(rows)), 1, seconds / steps, 0, 0.0)
 
     def record_verify(
-        self, width: int, seconds: float, drafts: int = 0, draft_s: float = 0.0
+        self, width: int, seconds: float, drafts: int = 0, draft_s: float = 0.0, rows: int = 1
     ) -> None:
-        """A verify step of ``width`` tokens per row whose pass and draws took ``seconds``,
-        after ``drafts`` batched draft-model steps that took ``draft_s``."""
+        """A verify step of ``rows`` rows x ``width`` tokens whose pass and draws took
+        ``seconds``, after ``drafts`` batched draft-model steps that took ``draft_s``."""
         self.steps += 1
         self.verified += 1
-        if self.plain_s is None:  # costs are relative to a plain step: kept until one runs
-            self._early.append((width, seconds, drafts, draft_s))
-        else:
-            self._costs(width, seconds, drafts, draft_s)
+        self._costs(rows, width, seconds, drafts, draft_s)
 
-    def _costs(self, width: int, seconds: float, drafts: int, draft_s: float) -> None:
-        assert self.plain_s is not None
+    def _costs(self, rows: int, width: int, seconds: float, drafts: int, draft_s: float) -> None:
+        """Learn from one measured pass (``width`` 1: a plain step)."""
+        tokens = rows * width
+        self.by_tokens[tokens] = _ema(self.by_tokens.get(tokens), seconds)
+        plain = self.seconds(rows) if self.plain_s is not None else None
+        if plain is None:
+            return
         if width > 1:
-            cost = min(1 + 3.0 * (width - 1), max(1.0, seconds / self.plain_s))
-            self.passes[width] = _ema(self.passes.get(width), cost)
+            cost = max(1.0, self.by_tokens[tokens] / plain)
             self.per_token = _ema(self.per_token, max(0.02, (cost - 1) / (width - 1)))
         if drafts > 0:
-            self.per_draft = _ema(self.per_draft, min(10.0, draft_s / drafts / self.plain_s))
+            self.per_draft = _ema(self.per_draft, min(10.0, draft_s / drafts / plain))
 
 
 def _ema(old: float | None, new: float) -> float:
@@ -412,7 +464,8 @@ def make_speculation(
             f"speculative must be one of {list(DRAFTERS)}, got {speculative!r}",
             param="speculative",
         )
-    k = NUM_DRAFT if num_draft is None else num_draft
+    default = NGRAM_DRAFT if speculative == "ngram" else NUM_DRAFT
+    k = default if num_draft is None else num_draft
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_DRAFT:
         raise InvalidRequestError(
             f"num_draft must be an integer in [1, {MAX_DRAFT}], got {num_draft!r}",

@@ -213,7 +213,7 @@ def add_kv_flags(g: argparse.ArgumentParser) -> None:
 
 def add_spec_flags(g: argparse.ArgumentParser) -> None:
     """``--speculative``, ``--draft-model``, ``--num-draft``."""
-    from ..speculative import DRAFTERS, MAX_DRAFT, NUM_DRAFT
+    from ..speculative import DRAFTERS, MAX_DRAFT, NGRAM_DRAFT, NUM_DRAFT
 
     g.add_argument(
         "--speculative",
@@ -228,7 +228,10 @@ def add_spec_flags(g: argparse.ArgumentParser) -> None:
         "--num-draft",
         type=positive,
         default=None,
-        help=f"tokens drafted per step, at most (default {NUM_DRAFT}, up to {MAX_DRAFT}; adapted)",
+        help=(
+            f"tokens drafted per step, at most (default {NGRAM_DRAFT} for ngram, {NUM_DRAFT} "
+            f"for a draft model; up to {MAX_DRAFT}; adapted)"
+        ),
     )
 
 
