@@ -309,7 +309,7 @@ def test_a_pass_that_does_not_grow_linearly_is_priced_by_its_tokens():
     p = Pacer()
     p.record_plain(4, 0.4, rows=8)
     chances = [[0.9, 0.8, 0.7, 0.6]] * 8
-    assert p.best(chances)[0] == 5  # one point measured: the prior slope
+    assert p.best(chances)[0] == 5  # nothing verified yet: the prior slope
     p.record_verify(5, 0.2, rows=8)  # twice a plain step
     assert p.costs(8, 5)[5] == pytest.approx(2.0)
     p.record_verify(2, 0.2, rows=8)  # as dear
@@ -318,19 +318,25 @@ def test_a_pass_that_does_not_grow_linearly_is_priced_by_its_tokens():
     assert p.best(chances)[0] == 5
 
 
-def test_pacer_prices_a_shrinking_batch_by_its_rows():
-    """Rows finish: a verify step of 2 rows x 5 tokens is weighed against a plain step of 2
-    rows, priced between the passes measured (linear in the tokens through a pass)."""
+def test_pacer_prices_plain_and_verify_steps_apart():
+    """Rows finish: a verify step of 2 rows is weighed against a plain step of 2 rows.
+    Plain steps are priced from plain steps only (pipelined; on some models another code
+    path than a multi-token pass), verify passes by their tokens, from verify passes."""
     p = Pacer()
-    p.record_plain(4, 0.4, rows=8)  # 8 tokens: 0.1 s
-    p.record_verify(5, 0.3, rows=8)  # 40 tokens: 0.3 s
-    p.record_plain(4, 0.2, rows=2)  # 2 tokens: 0.05 s
-    assert p.seconds(5) == pytest.approx(0.05 + (0.1 - 0.05) * 3 / 6)
-    assert p.seconds(10) == pytest.approx(0.1 + 0.2 * 2 / 32)
-    assert p.seconds(24) == pytest.approx(0.1 + 0.2 * 16 / 32)
-    assert p.seconds(60) == pytest.approx(0.3 + 0.2 / 32 * 20)  # past them: their slope
-    assert p.costs(2, 5)[5] == pytest.approx(p.seconds(10) / 0.05)
-    assert Pacer().seconds(4) is None
+    assert p.plain_seconds(4) is None and p.verify_seconds(4, 2) is None
+    p.record_plain(4, 0.4, rows=8)  # 0.1 s
+    p.record_plain(4, 0.2, rows=2)  # 0.05 s
+    assert p.plain_seconds(5) == pytest.approx(0.05 + 0.05 * 3 / 6)
+    assert p.plain_seconds(16) == pytest.approx(0.1)  # more rows: never dearer than measured
+    assert p.plain_seconds(1) == pytest.approx(0.025)  # fewer: its share
+    # No verify pass yet: the prior (+per_token of a plain step per further token per row).
+    assert p.verify_seconds(8, 3) == pytest.approx(0.1 * (1 + 2 * Pacer.PER_TOKEN))
+    p.record_verify(5, 0.3, rows=8)  # 40 tokens
+    p.record_verify(2, 0.06, rows=4)  # 8 tokens: a verify pass, not a plain step of 8 rows
+    assert p.plain_seconds(8) == pytest.approx(0.1)
+    assert p.verify_seconds(4, 6) == pytest.approx(0.06 + 0.24 * 16 / 32)
+    assert p.verify_seconds(8, 8) == pytest.approx(0.3 + 0.24 / 32 * 24)  # the slope past
+    assert p.costs(2, 5)[5] == pytest.approx(p.verify_seconds(2, 5) / 0.05)
 
 
 def test_drafts_that_never_hold_turn_off_and_try_again_rarely(demo_engine, other, fixed_costs):

@@ -317,15 +317,16 @@ def best_width(
 
 
 class Pacer:
-    """What a batch's passes cost, measured, and whether a step verifies.
+    """What a batch's steps cost, measured, and whether a step verifies.
 
-    A pass's cost follows the tokens that go through it (rows x width): the seconds of a
-    pass are kept by that count (plain steps of a stretch, pipelined, and verify passes
-    alike), and a count never measured is priced between its measured neighbours, or past
-    them at the measured slope (:meth:`seconds`). So a batch that shrinks as its rows
-    finish compares a verify step with a plain step of as many rows, and a quantized
-    matmul that switches kernels past a few rows is priced as measured. A draft model's
-    batched draft step is kept relative to a plain step (``per_draft``).
+    Plain steps and verify passes are priced apart: a plain step (pipelined, and on some
+    models a different code path: one token per row) by its rows, a verify pass by the
+    tokens that go through it (rows x width). Each is kept where measured (EMA) and priced
+    between its measured neighbours elsewhere (:meth:`plain_seconds`,
+    :meth:`verify_seconds`). So a batch that shrinks as its rows finish weighs a verify
+    step against a plain step of as many rows, and a quantized matmul that switches kernels
+    past a few rows is priced as measured. A draft model's batched draft step is kept
+    relative to a plain step (``per_draft``).
 
     :meth:`best` picks the width of the next verify step from the rows' chances (see
     :func:`best_width`); below :attr:`MARGIN` the batch decodes a plain stretch of
@@ -343,45 +344,68 @@ class Pacer:
     PER_DRAFT = 0.25  # prior: a draft model's batched step, in plain steps
 
     def __init__(self) -> None:
-        self.plain_s: float | None = None  # seconds of the last plain step measured (EMA)
+        self.plain_s: float | None = None  # seconds of the last plain steps measured (EMA)
         self.per_token = self.PER_TOKEN  # a further token per row, in plain steps (EMA)
         self.per_draft = self.PER_DRAFT
-        self.by_tokens: dict[int, float] = {}  # a pass's seconds by tokens through it (EMA)
+        self.plain_by_rows: dict[int, float] = {}  # a plain step's seconds by rows (EMA)
+        self.verify_by_tokens: dict[int, float] = {}  # a verify pass's seconds by tokens
         self.steps = 0  # plain steps and verify steps run (the batch's clock)
         self.verified = 0  # verify steps run
 
-    def seconds(self, tokens: int) -> float | None:
-        """A pass's seconds for ``tokens`` tokens (rows x width): measured, or linear
-        between the nearest measured counts, or past the largest (smallest) at the slope
-        of the two nearest it (one count measured: the prior ``per_token``). None before
-        anything is measured."""
-        known = self.by_tokens
-        if tokens in known:
-            return known[tokens]
+    def plain_seconds(self, rows: int) -> float | None:
+        """A plain step's seconds for ``rows`` rows: measured, or linear between the
+        nearest measured row counts; past them, never dearer than the nearest one (more
+        rows) or than its share (fewer rows), so a guess leans to plain steps. None
+        before a plain step is measured."""
+        known = self.plain_by_rows
+        if rows in known:
+            return known[rows]
         if not known:
             return None
+        below = [r for r in known if r < rows]
+        above = [r for r in known if r > rows]
+        if below and above:
+            return _between(known, max(below), min(above), rows)
+        if below:
+            return known[max(below)]
+        near = min(above)
+        return known[near] * rows / near
+
+    def verify_seconds(self, rows: int, width: int) -> float | None:
+        """A verify pass's seconds for ``rows`` x ``width`` tokens: measured, or linear
+        between the nearest measured token counts, or past them at the slope of the two
+        nearest (one measured: the prior ``per_token`` of a plain step per token per
+        row). None before a plain step is measured."""
+        plain = self.plain_seconds(rows)
+        if plain is None:
+            return None
+        tokens, known = rows * width, self.verify_by_tokens
+        if tokens in known:
+            return known[tokens]
         below = [t for t in known if t < tokens]
         above = [t for t in known if t > tokens]
         if below and above:
-            lo, hi = max(below), min(above)
-            return known[lo] + (known[hi] - known[lo]) * (tokens - lo) / (hi - lo)
+            return _between(known, max(below), min(above), tokens)
         near = sorted(below or above, key=lambda t: abs(t - tokens))[:2]
+        prior = plain * self.per_token / rows  # seconds per further token
+        if not near:
+            return plain + prior * (tokens - rows)
         if len(near) == 2:
-            (t0, t1) = sorted(near)
-            slope = max(0.0, (known[t1] - known[t0]) / (t1 - t0))
-        else:  # one point: a pass of t0 tokens costs 1 + per_token per further token
-            slope = known[near[0]] * self.per_token / near[0]
-        return max(1e-9, known[near[0]] + slope * (tokens - near[0]))
+            t0, t1 = sorted(near)
+            slope = max(prior, (known[t1] - known[t0]) / (t1 - t0))
+        else:
+            slope = prior
+        return max(plain, known[near[0]] + slope * (tokens - near[0]))
 
     def costs(self, rows: int, widest: int) -> dict[int, float]:
         """A verify pass's cost by width (2..``widest``) for ``rows`` rows, in plain steps
         of as many rows; empty before a plain step is measured (then priors price it)."""
-        plain = self.seconds(rows) if self.plain_s is not None and rows > 0 else None
+        plain = self.plain_seconds(rows) if rows > 0 else None
         if plain is None:
             return {}
         out = {}
         for w in range(2, widest + 1):
-            s = self.seconds(rows * w)
+            s = self.verify_seconds(rows, w)
             if s is not None:
                 out[w] = max(1.0, s / plain)
         return out
@@ -427,17 +451,23 @@ class Pacer:
         self._costs(rows, width, seconds, drafts, draft_s)
 
     def _costs(self, rows: int, width: int, seconds: float, drafts: int, draft_s: float) -> None:
-        """Learn from one measured pass (``width`` 1: a plain step)."""
+        """Learn from one measured step (``width`` 1: a plain step)."""
+        if width <= 1:
+            self.plain_by_rows[rows] = _ema(self.plain_by_rows.get(rows), seconds)
+            return
         tokens = rows * width
-        self.by_tokens[tokens] = _ema(self.by_tokens.get(tokens), seconds)
-        plain = self.seconds(rows) if self.plain_s is not None else None
+        self.verify_by_tokens[tokens] = _ema(self.verify_by_tokens.get(tokens), seconds)
+        plain = self.plain_seconds(rows)
         if plain is None:
             return
-        if width > 1:
-            cost = max(1.0, self.by_tokens[tokens] / plain)
-            self.per_token = _ema(self.per_token, max(0.02, (cost - 1) / (width - 1)))
+        cost = max(1.0, self.verify_by_tokens[tokens] / plain)
+        self.per_token = _ema(self.per_token, max(0.02, (cost - 1) / (width - 1)))
         if drafts > 0:
             self.per_draft = _ema(self.per_draft, min(10.0, draft_s / drafts / plain))
+
+
+def _between(known: Mapping[int, float], lo: int, hi: int, at: int) -> float:
+    return known[lo] + (known[hi] - known[lo]) * (at - lo) / (hi - lo)
 
 
 def _ema(old: float | None, new: float) -> float:
