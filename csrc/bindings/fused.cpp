@@ -10,6 +10,7 @@
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
+#include <typeinfo>
 #include <variant>
 
 namespace nb = nanobind;
@@ -69,18 +70,7 @@ std::pair<std::string, std::optional<mx::array>> mask_of(const MaskArg& mask) {
 // once: step() runs its decode step (attn_in, the cache update, attention,
 // attn_out_mlp) in one call instead of three calls and ~40 argument
 // conversions per layer and token.
-struct Block {
-  mx::array norm1;
-  float eps1;
-  std::vector<fused::QLinear> qkv;
-  int heads, kv_heads;
-  fused::RopeArgs rope;
-  fused::QLinear o;
-  mx::array norm2;
-  float eps2;
-  fused::QLinear gate, up, down;
-  float scale;
-
+struct Block : fused::Layer {
   mx::array step(const mx::array& x, Cache* cache, const MaskArg& mask) const {
     const mx::array offset(cache ? cache->offset() : 0, mx::int32);
     auto qkv_out =
@@ -94,6 +84,50 @@ struct Block {
     return fused::attn_out_mlp(attn, x, o, norm2, eps2, gate, up, down);
   }
 };
+
+// Every block's step over x in one primitive (fused::stack_step), each with
+// its KVCache (exactly that class: its rows are written in place); nothing
+// (caches untouched but for capacity) where that path does not take them.
+std::optional<mx::array> stack_step(const std::vector<Block*>& blocks,
+                                    const mx::array& x,
+                                    const std::vector<Cache*>& caches,
+                                    mx::StreamOrDevice s) {
+  if (blocks.size() != caches.size()) {
+    throw nb::value_error("stack_step takes one cache per block");
+  }
+  if (blocks.empty() || x.ndim() != 3 || x.shape(1) < 1 ||
+      x.shape(1) > fused::kMaxBlockRows) {
+    return std::nullopt;
+  }
+  std::vector<KVCache*> kv;
+  for (Cache* c : caches) {
+    if (c == nullptr || typeid(*c) != typeid(KVCache) ||
+        c->offset() != caches[0]->offset()) {
+      return std::nullopt;
+    }
+    kv.push_back(static_cast<KVCache*>(c));
+  }
+  const int B = x.shape(0), L = x.shape(1), offset = caches[0]->offset();
+  std::vector<const fused::Layer*> layers;
+  std::vector<std::pair<mx::array, mx::array>> bufs;
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    const Block& b = *blocks[i];
+    const int hd = b.qkv[0].w.shape(0) / b.heads;
+    const int hdv = b.qkv[2].w.shape(0) / b.kv_heads;
+    layers.push_back(&b);
+    bufs.push_back(kv[i]->reserve(
+        {B, b.kv_heads, L, hd}, {B, b.kv_heads, L, hdv}, x.dtype()));
+  }
+  auto out = fused::stack_step(layers, x, offset, bufs, s);
+  if (!out) {
+    return std::nullopt;
+  }
+  bufs.clear(); // the old buffers: only the step holds them (MLX donates them)
+  for (size_t i = 0; i < kv.size(); ++i) {
+    kv[i]->commit((*out)[1 + 2 * i], (*out)[2 + 2 * i], L);
+  }
+  return (*out)[0];
+}
 
 } // namespace
 
@@ -127,7 +161,7 @@ void init_fused(nb::module_& m) {
             if (heads <= 0 || kv_heads <= 0) {
               throw nb::value_error("head counts must be positive");
             }
-            new (self) Block{norm1,
+            new (self) Block{fused::Layer{norm1,
                              eps1,
                              {linear(q), linear(k), linear(v)},
                              heads,
@@ -143,7 +177,7 @@ void init_fused(nb::module_& m) {
                              linear(gate),
                              linear(up),
                              linear(down),
-                             scale};
+                             scale}};
           },
           "norm1"_a,
           "eps1"_a,
@@ -172,6 +206,25 @@ void init_fused(nb::module_& m) {
            "The block on x (B, L, D): block_attn_in at the cache's offset, "
            "the cache's update_and_fetch (ours; None: no cache), attention "
            "with ``mask`` (None, 'causal' or an array), block_attn_out_mlp.");
+
+  m.def("fused_stack_step",
+        &stack_step,
+        "blocks"_a,
+        "x"_a,
+        "caches"_a,
+        nb::kw_only(),
+        "stream"_a = nb::none(),
+        "Every FusedBlock's step over x (B, L, D), L <= 16, as one primitive "
+        "on a CPU stream: each block's keys and values written into its "
+        "KVCache (exactly that class, all at one offset) in place, causal "
+        "attention; the last block's output, or None where that path does not "
+        "take the arguments (then run the blocks one by one).");
+
+  m.def("fused_stack_copies",
+        &fused::stack_copies,
+        "Key/value buffers holding rows that fused_stack_step copied because "
+        "MLX could not update them in place (something else held them); a "
+        "decode loop should keep this at 0.");
 
   m.def("rms_norm",
         &fused::rms_norm,

@@ -515,6 +515,13 @@ void run_sdpa(std::vector<mx::array>& in, mx::array& out, SdpaSpec sp) {
 
 } // namespace
 
+void detail::attend(std::vector<mx::array>& in,
+                    mx::array& out,
+                    float scale,
+                    bool causal) {
+  run_sdpa(in, out, SdpaSpec{scale, causal, false, false});
+}
+
 // ---- ops --------------------------------------------------------------------
 
 mx::array rms_norm(const mx::array& x,

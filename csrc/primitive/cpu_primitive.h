@@ -7,6 +7,7 @@
 #include "mlx/primitives.h"
 
 #include <functional>
+#include <utility>
 #include <string>
 #include <vector>
 
@@ -51,6 +52,13 @@ public:
   vmap(const std::vector<mx::array>& inputs,
        const std::vector<int>& axes) override;
   bool is_equivalent(const mx::Primitive& other) const override;
+  // Output `out` may take input `in`'s buffer (when MLX lets it donate it:
+  // nothing else holds it, row-contiguous, same size), as MLX's SliceUpdate
+  // does; run() then finds the output's data at the input's (else it must
+  // copy what it keeps of the input).
+  void donate(int out, int in) {
+    donate_.emplace_back(out, in);
+  }
   const char* name() const override {
     return name_;
   }
@@ -62,6 +70,7 @@ private:
   std::string key_;
   Fallback fallback_;
   Run run_;
+  std::vector<std::pair<int, int>> donate_;
 };
 
 } // namespace mlx_harmony_core
