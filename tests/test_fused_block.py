@@ -350,35 +350,49 @@ def test_stack_step_matches_op_by_op(rng, monkeypatch, prompt_len):
             np.testing.assert_allclose(np.array(a), np.array(b), rtol=0, atol=1e-4)
 
 
-def test_stack_step_grows_cache_and_keeps_rows(rng, monkeypatch):
-    """Decoding across the caches' capacity (256 rows) grows their buffers; a cache state
-    held elsewhere (no donation: the buffer is copied) keeps its old rows."""
+def test_stack_step_grows_cache_and_keeps_held_rows(rng, monkeypatch):
+    """Decoding across the caches' capacity (256 rows) grows their buffers; views of the
+    caches' rows held elsewhere keep their values: appends above them update in place, a
+    step after a trim (it would write rows a view sees) copies the buffers."""
     model = tiny_llama(rng)
     calls = _stack_calls(monkeypatch)
     prompt = [int(t) for t in rng.integers(0, 300, 250)]
-    cache = make_cache(model)
+    cache, ref_cache = make_cache(model), make_cache(model)
     mx.eval(model(mx.array(prompt)[None], cache=cache))
-    held = [c.state for c in cache]  # keeps the buffers alive: not donatable
-    mx.eval(held)
-    snapshot = [[np.array(a) for a in s] for s in held]
-    ref_cache = make_cache(model)
     with fused.fused(False):
         mx.eval(model(mx.array(prompt)[None], cache=ref_cache))
-    tok = prompt[-1]
-    copies = _core.fused_stack_copies()
-    for _ in range(10):
+
+    def held_views():
+        views = [c.state for c in cache]
+        mx.eval(views)
+        return views, [[np.array(a) for a in v] for v in views]
+
+    def step(tok):
         ours = model(mx.array([[tok]]), cache=cache)[:, -1]
         with fused.fused(False):
             ref = model(mx.array([[tok]]), cache=ref_cache)[:, -1]
+        mx.eval(ours, ref)
         np.testing.assert_allclose(
             np.array(ours), np.array(ref), rtol=0, atol=1e-4 * np.abs(np.array(ref)).max()
         )
-        tok = int(mx.argmax(ref).item())
-    assert calls["taken"] == 10
-    assert _core.fused_stack_copies() > copies
-    for s, snap in zip(held, snapshot, strict=True):
-        for a, b in zip(s, snap, strict=True):
-            np.testing.assert_array_equal(np.array(a), b)
+        return int(mx.argmax(ref).item())
+
+    held = [held_views()]
+    tok = prompt[-1]
+    for _ in range(10):
+        tok = step(tok)
+    held.append(held_views())
+    for c in (*cache, *ref_cache):
+        c.trim(4)
+    copies = _core.fused_stack_copies()
+    for _ in range(3):
+        tok = step(tok)
+    assert _core.fused_stack_copies() > copies  # the first step after the trim copied
+    assert calls["taken"] == 13
+    for views, snapshot in held:
+        for view, snap in zip(views, snapshot, strict=True):
+            for a, b in zip(view, snap, strict=True):
+                np.testing.assert_array_equal(np.array(a), b)
 
 
 def test_stack_step_declines_what_it_does_not_take(rng, monkeypatch):

@@ -1,5 +1,6 @@
 #include "fused/fused.h"
 
+#include "cache/batch_cache.h"
 #include "cache/kv_cache.h"
 #include "fused/block.h"
 #include "mlx/ops.h"
@@ -10,6 +11,7 @@
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
+#include <algorithm>
 #include <typeinfo>
 #include <variant>
 
@@ -86,11 +88,14 @@ struct Block : fused::Layer {
 };
 
 // Every block's step over x in one primitive (fused::stack_step), each with
-// its KVCache (exactly that class: its rows are written in place); nothing
-// (caches untouched but for capacity) where that path does not take them.
+// its cache: all KVCache (exactly that class) at one offset, or all
+// full-precision full-attention BatchKVCache with the same columns; their
+// rows are written in place. Nothing (the caches untouched but for
+// capacity) where that path does not take them.
 std::optional<mx::array> stack_step(const std::vector<Block*>& blocks,
                                     const mx::array& x,
-                                    const std::vector<Cache*>& caches,
+                                    const std::vector<nb::handle>& caches,
+                                    const MaskArg& mask,
                                     mx::StreamOrDevice s) {
   if (blocks.size() != caches.size()) {
     throw nb::value_error("stack_step takes one cache per block");
@@ -100,31 +105,79 @@ std::optional<mx::array> stack_step(const std::vector<Block*>& blocks,
     return std::nullopt;
   }
   std::vector<KVCache*> kv;
-  for (Cache* c : caches) {
-    if (c == nullptr || typeid(*c) != typeid(KVCache) ||
-        c->offset() != caches[0]->offset()) {
+  std::vector<BatchKVCache*> batch;
+  for (nb::handle h : caches) {
+    if (nb::type_check(h.type()) && h.type().is(nb::type<KVCache>())) {
+      kv.push_back(nb::cast<KVCache*>(h));
+    } else if (h.type().is(nb::type<BatchKVCache>())) {
+      auto* c = nb::cast<BatchKVCache*>(h);
+      if (c->bits() || c->window() > 0 || c->size() != x.shape(0)) {
+        return std::nullopt;
+      }
+      batch.push_back(c);
+    } else {
       return std::nullopt;
     }
-    kv.push_back(static_cast<KVCache*>(c));
   }
-  const int B = x.shape(0), L = x.shape(1), offset = caches[0]->offset();
+  if (!kv.empty() && !batch.empty()) {
+    return std::nullopt;
+  }
+  for (auto* c : kv) {
+    if (c->offset() != kv[0]->offset()) {
+      return std::nullopt;
+    }
+  }
+  for (auto* c : batch) {
+    if (c->positions() != batch[0]->positions() ||
+        c->width() != batch[0]->width() ||
+        (!c->state().empty() && c->state()[0].dtype() != x.dtype())) {
+      return std::nullopt;
+    }
+  }
+  const int B = x.shape(0), L = x.shape(1);
   std::vector<const fused::Layer*> layers;
   std::vector<std::pair<mx::array, mx::array>> bufs;
+  int at = -1, lo = -1;
+  int handed = 0; // the most columns any cache handed out as views
   for (size_t i = 0; i < blocks.size(); ++i) {
     const Block& b = *blocks[i];
     const int hd = b.qkv[0].w.shape(0) / b.heads;
     const int hdv = b.qkv[2].w.shape(0) / b.kv_heads;
+    const mx::Shape kr{B, b.kv_heads, L, hd}, vr{B, b.kv_heads, L, hdv};
     layers.push_back(&b);
-    bufs.push_back(kv[i]->reserve(
-        {B, b.kv_heads, L, hd}, {B, b.kv_heads, L, hdv}, x.dtype()));
+    if (!kv.empty()) {
+      bufs.push_back(kv[i]->reserve(kr, vr, x.dtype()));
+      handed = std::max(handed, kv[i]->handed());
+      at = kv[0]->offset();
+      lo = 0;
+    } else {
+      auto [k, v, a, l] = batch[i]->step_reserve(kr, vr, x.dtype());
+      if (i > 0 && (a != at || l != lo)) {
+        return std::nullopt;
+      }
+      bufs.emplace_back(k, v);
+      handed = std::max(handed, batch[i]->handed());
+      at = a;
+      lo = l;
+    }
   }
-  auto out = fused::stack_step(layers, x, offset, bufs, s);
+  const mx::array positions = kv.empty()
+                                  ? batch[0]->offset()
+                                  : mx::array(kv[0]->offset(), mx::int32);
+  auto [mode, arr] = mask_of(mask);
+  auto out = fused::stack_step(
+      layers, x, positions, bufs, at, lo, mode, arr, handed <= at, s);
   if (!out) {
     return std::nullopt;
   }
   bufs.clear(); // the old buffers: only the step holds them (MLX donates them)
-  for (size_t i = 0; i < kv.size(); ++i) {
-    kv[i]->commit((*out)[1 + 2 * i], (*out)[2 + 2 * i], L);
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    auto k = (*out)[1 + 2 * i], v = (*out)[2 + 2 * i];
+    if (!kv.empty()) {
+      kv[i]->commit(k, v, L);
+    } else {
+      batch[i]->step_commit(k, v, L);
+    }
   }
   return (*out)[0];
 }
@@ -212,13 +265,16 @@ void init_fused(nb::module_& m) {
         "blocks"_a,
         "x"_a,
         "caches"_a,
+        "mask"_a.none() = nb::none(),
         nb::kw_only(),
         "stream"_a = nb::none(),
         "Every FusedBlock's step over x (B, L, D), L <= 16, as one primitive "
-        "on a CPU stream: each block's keys and values written into its "
-        "KVCache (exactly that class, all at one offset) in place, causal "
-        "attention; the last block's output, or None where that path does not "
-        "take the arguments (then run the blocks one by one).");
+        "on a CPU stream: each block's keys and values written into its cache "
+        "in place (all KVCache at one offset, or all full-precision "
+        "full-attention BatchKVCache), attention with ``mask`` (None, "
+        "'causal' or an array, as the model made it for the first cache); "
+        "the last block's output, or None where that path does not take the "
+        "arguments (then run the blocks one by one).");
 
   m.def("fused_stack_copies",
         &fused::stack_copies,

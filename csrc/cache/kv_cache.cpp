@@ -141,6 +141,7 @@ std::pair<mx::array, mx::array> KVCache::update_and_fetch(const mx::array& k,
   write(keys_, k, offset_);
   write(values_, v, offset_);
   offset_ += k.shape(2);
+  handed_ = std::max(handed_, offset_);
   return {seq_rows(*keys_, 0, offset_), seq_rows(*values_, 0, offset_)};
 }
 
@@ -159,8 +160,12 @@ std::pair<mx::array, mx::array> KVCache::reserve(const mx::Shape& k_rows,
         "keys do not match the cache's batch, heads or head_dim; use a fresh "
         "cache for a different model or batch size");
   }
+  const auto before = keys_ ? keys_->id() : 0;
   grow(keys_, k_rows, t, offset_);
   grow(values_, v_rows, t, offset_);
+  if (keys_->id() != before) {
+    handed_ = 0; // fresh buffers: no view of them exists
+  }
   return {*keys_, *values_};
 }
 
@@ -181,6 +186,7 @@ std::vector<mx::array> KVCache::state() const {
   if (!keys_) {
     return {};
   }
+  handed_ = std::max(handed_, offset_);
   return {seq_rows(*keys_, 0, offset_), seq_rows(*values_, 0, offset_)};
 }
 
@@ -193,6 +199,7 @@ void KVCache::restore(const std::vector<mx::array>& arrays,
   } else if (!arrays.empty() || offset_ != 0) {
     throw std::invalid_argument("KVCache state needs keys and values");
   }
+  handed_ = keys_ ? keys_->shape(2) : 0;
 }
 
 // -- RotatingKVCache -----------------------------------------------------

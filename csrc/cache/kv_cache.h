@@ -86,6 +86,16 @@ public:
   std::pair<mx::array, mx::array>
   reserve(const mx::Shape& k_rows, const mx::Shape& v_rows, mx::Dtype t);
   void commit(mx::array keys, mx::array values, int n);
+  // Rows of the buffers handed out as views (update_and_fetch, state,
+  // restore): a step writing below this must not update them in place.
+  int handed() const {
+    return handed_;
+  }
+
+private:
+  mutable int handed_ = 0;
+
+public:
   void restore(const std::vector<mx::array>& arrays,
                const std::map<std::string, int64_t>& meta) override;
 };

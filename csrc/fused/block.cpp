@@ -575,14 +575,18 @@ mx::array fresh(const mx::Shape& shape, mx::Dtype t) {
   return a;
 }
 
-// Rows [0, n) of buf (B, H, cap, hd) as an array of its own sharing buf's data.
-mx::array rows_view(const mx::array& buf, int n) {
+// Rows [lo, hi) of buf (B, H, cap, hd), row-contiguous, as an array of its
+// own sharing buf's data.
+mx::array rows_view(const mx::array& buf, int lo, int hi) {
   mx::Shape shape = buf.shape();
-  shape[2] = n;
+  shape[2] = hi - lo;
   mx::array v(shape, buf.dtype(), nullptr, {});
-  const bool whole = n == buf.shape(2);
-  v.copy_shared_buffer(
-      buf, buf.strides(), {whole, whole, false}, buf.data_size());
+  const bool whole = lo == 0 && hi == buf.shape(2);
+  v.copy_shared_buffer(buf,
+                       buf.strides(),
+                       {whole, whole, false},
+                       buf.data_size(),
+                       int64_t(lo) * buf.strides()[2]);
   return v;
 }
 
@@ -633,10 +637,18 @@ struct StackLayer {
   float scale;
 };
 
+// Where a stack step writes and what its queries attend.
+struct StackAt {
+  int at, lo;   // buffer column of the new rows; first column attended
+  bool causal;  // mask mode "causal"
+  int mask_at;  // input index of the (B, heads, L, K) mask; -1: none
+};
+
 void run_stack(std::vector<mx::array>& in,
                std::vector<mx::array>& outs,
                const std::vector<StackLayer>& layers,
-               int offset) {
+               const StackAt& where) {
+  const int offset = where.at;
   const mx::Dtype t = outs[0].dtype();
   mx::array x = in[0];
   const int B = x.shape(0), L = x.shape(1);
@@ -661,10 +673,14 @@ void run_stack(std::vector<mx::array>& in,
     run_attn_in(ain, qkv, ly.in);
     write_rows(qkv[1], kb, offset);
     write_rows(qkv[2], vb, offset);
-    std::vector<mx::array> sin{
-        qkv[0], rows_view(kb, offset + L), rows_view(vb, offset + L)};
+    std::vector<mx::array> sin{qkv[0],
+                               rows_view(kb, where.lo, offset + L),
+                               rows_view(vb, where.lo, offset + L)};
+    if (where.mask_at >= 0) {
+      sin.push_back(in[where.mask_at]);
+    }
     mx::array attn = fresh({B, ly.heads, L, ly.hdv}, t);
-    attend(sin, attn, ly.scale, true);
+    attend(sin, attn, ly.scale, where.causal, where.mask_at >= 0);
     std::vector<mx::array> oin{attn, x};
     oin.insert(
         oin.end(), in.begin() + ly.out_at, in.begin() + ly.out_at + ly.out_n);
@@ -773,17 +789,29 @@ int64_t stack_copies() {
 std::optional<std::vector<mx::array>>
 stack_step(const std::vector<const Layer*>& layers,
            const mx::array& x,
-           int offset,
+           const mx::array& positions,
            const std::vector<std::pair<mx::array, mx::array>>& bufs,
+           int at,
+           int lo,
+           const std::string& mask_mode,
+           const std::optional<mx::array>& mask,
+           bool views_below,
            mx::StreamOrDevice s_) {
   const mx::Stream s = mx::to_stream(s_);
-  if (layers.empty() || bufs.size() != layers.size() || offset < 0 ||
-      x.ndim() != 3) {
+  if (layers.empty() || bufs.size() != layers.size() || at < 0 || lo < 0 ||
+      lo > at || x.ndim() != 3 || (mask_mode == "array") != mask.has_value() ||
+      (!mask_mode.empty() && mask_mode != "causal" && mask_mode != "array")) {
     return std::nullopt;
   }
+  const int offset = at;
   const int B = x.shape(0), L = x.shape(1);
   const mx::Dtype t = x.dtype();
-  const mx::array off(offset, mx::int32);
+  const mx::array& off = positions;
+  const int K = at + L - lo;
+  if (mask && (mask->ndim() > 4 || mask->shape(-1) != K ||
+               (mask->dtype() != mx::bool_ && !float_like(mask->dtype())))) {
+    return std::nullopt;
+  }
   std::vector<mx::array> inputs{x};
   std::vector<StackLayer> specs;
   specs.reserve(layers.size());
@@ -836,6 +864,19 @@ stack_step(const std::vector<const Layer*>& layers,
     donations.emplace_back(int(2 + 2 * i), sl.v_at);
     specs.push_back(std::move(sl));
   }
+  StackAt where{at, lo, mask_mode == "causal", -1};
+  if (mask) {
+    // One (B, heads, L, K) view for every layer (the heads of the first).
+    const int heads = layers[0]->heads;
+    for (const Layer* ly : layers) {
+      if (ly->heads != heads) {
+        return std::nullopt;
+      }
+    }
+    auto m = mask->dtype() == mx::bool_ ? *mask : mx::astype(*mask, t, s);
+    where.mask_at = int(inputs.size());
+    inputs.push_back(mx::broadcast_to(m, {B, heads, L, K}, s));
+  }
   std::vector<mx::Shape> shapes{x.shape()};
   std::vector<mx::Dtype> types{t};
   for (const auto& [kb, vb] : bufs) {
@@ -852,11 +893,11 @@ stack_step(const std::vector<const Layer*>& layers,
       std::string(),
       CpuPrimitive::Fallback(),
       [specs = std::move(specs),
-       offset](std::vector<mx::array>& in, std::vector<mx::array>& outs) {
-        run_stack(in, outs, specs, offset);
+       where](std::vector<mx::array>& in, std::vector<mx::array>& outs) {
+        run_stack(in, outs, specs, where);
       });
   for (auto [out, in] : donations) {
-    prim->donate(out, in);
+    prim->donate(out, in, views_below);
   }
   return mx::array::make_arrays(shapes, types, prim, inputs);
 }

@@ -84,20 +84,29 @@ struct Layer {
   float scale;
 };
 
-// Every layer's step over x (B, L, D), L <= kMaxBlockRows, at cache position
-// `offset`, as ONE primitive: layer i writes its keys and values of the L
-// rows into bufs[i] (B, kv_heads, capacity, head_dim, x's dtype; capacity >=
-// offset + L) at `offset` and attends causally over rows [0, offset + L),
-// each part computed as attn_in, fused attention and attn_out_mlp compute
-// it. Returns {h, keys_0, values_0, keys_1, ...}: the last layer's output and
-// every buffer updated (in place where MLX can donate it); nothing where the
-// fused path does not take the arguments (run the layers one by one then).
-// Inference only: the op has no transforms and runs on a CPU stream.
+// Every layer's step over x (B, L, D), L <= kMaxBlockRows, as ONE primitive:
+// RoPE at `positions` (int32, scalar or (B,)); layer i writes its keys and
+// values of the L rows into bufs[i] (B, kv_heads, capacity, head_dim, x's
+// dtype; capacity >= at + L) at column `at` and attends columns [lo, at + L)
+// with `mask_mode` ("", "causal" or "array": `mask`, broadcastable to
+// (B, heads, L, at + L - lo), bool or additive); each part computed as
+// attn_in, the fused attention and attn_out_mlp compute it. Returns {h,
+// keys_0, values_0, keys_1, ...}: the last layer's output and every buffer
+// updated (in place where MLX can donate it; `views_below`: every view of a
+// buffer's data sees columns below `at` only, so a buffer whose data views
+// share is still updated in place); nothing where the fused path
+// does not take the arguments (run the layers one by one then). Inference
+// only: the op has no transforms and runs on a CPU stream.
 std::optional<std::vector<mx::array>>
 stack_step(const std::vector<const Layer*>& layers,
            const mx::array& x,
-           int offset,
+           const mx::array& positions,
            const std::vector<std::pair<mx::array, mx::array>>& bufs,
+           int at,
+           int lo,
+           const std::string& mask_mode,
+           const std::optional<mx::array>& mask,
+           bool views_below,
            mx::StreamOrDevice s = {});
 
 // Key/value buffers (holding rows) stack steps have copied because MLX

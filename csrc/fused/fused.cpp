@@ -518,8 +518,9 @@ void run_sdpa(std::vector<mx::array>& in, mx::array& out, SdpaSpec sp) {
 void detail::attend(std::vector<mx::array>& in,
                     mx::array& out,
                     float scale,
-                    bool causal) {
-  run_sdpa(in, out, SdpaSpec{scale, causal, false, false});
+                    bool causal,
+                    bool has_mask) {
+  run_sdpa(in, out, SdpaSpec{scale, causal, has_mask, false});
 }
 
 // ---- ops --------------------------------------------------------------------

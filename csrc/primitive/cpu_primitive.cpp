@@ -27,11 +27,14 @@ template struct DescAccess<&mx::array::array_desc_>;
 long desc_refs(const mx::array& a);
 
 // Whether output `o` may take input `in`'s buffer: nothing but this
-// primitive's outputs holds it (nor its data), it is row-contiguous and of
-// o's size and dtype.
-bool can_donate(const mx::array& in, const mx::array& o, size_t n_outputs) {
+// primitive's outputs holds it (nor, unless shared_data, its data), it is
+// row-contiguous and of o's size and dtype.
+bool can_donate(const mx::array& in,
+                const mx::array& o,
+                size_t n_outputs,
+                bool shared_data) {
   return desc_refs(in) == long(n_outputs) &&
-         in.data_shared_ptr().use_count() == 1 &&
+         (shared_data || in.data_shared_ptr().use_count() == 1) &&
          in.data_shared_ptr()->is_owned() && in.flags().row_contiguous &&
          in.data_size() == in.size() && in.dtype() == o.dtype() &&
          in.size() == o.size();
@@ -57,9 +60,10 @@ void CpuPrimitive::eval_cpu(const std::vector<mx::array>& inputs,
   for (size_t j = 0; j < outputs.size(); ++j) {
     auto& o = outputs[j];
     bool donated = false;
-    for (auto [out, in] : donate_) {
-      if (size_t(out) == j && can_donate(inputs[in], o, outputs.size())) {
-        o.copy_shared_buffer(inputs[in]);
+    for (const Donation& d : donate_) {
+      if (size_t(d.out) == j &&
+          can_donate(inputs[d.in], o, outputs.size(), d.shared_data)) {
+        o.copy_shared_buffer(inputs[d.in]);
         donated = true;
         break;
       }

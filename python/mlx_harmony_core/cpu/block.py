@@ -13,7 +13,8 @@ are within float32 rounding of the op-by-op path, which it takes for anything el
 stream, long prompts, inside :func:`.fused.fused` ``(False)`` or :func:`.quant.kernels`
 ``(False)``, layers that are not on our quantized kernels.
 
-When every layer of a llama model is such a block and every cache is our ``KVCache``,
+When every layer of a llama model is such a block and every cache is our ``KVCache`` (or a
+full-precision, full-attention ``BatchKVCache``: the scheduler's),
 :class:`FusedLlamaModel` runs all the layers' step as ONE primitive
 (``_core.fused_stack_step``): no per-layer Python, no per-op MLX scheduling, each layer's
 keys and values written into its cache's buffer in place.
@@ -41,6 +42,8 @@ _OUR_CACHES = frozenset(
 _STEP_CACHES = frozenset((_core.KVCache, _core.RotatingKVCache, _core.QuantizedKVCache))
 
 MAX_ROWS = 16  # query rows up to which the fused step runs (csrc/fused/block.h)
+# Those fused_stack_step writes itself (the C++ side declines quantized or windowed batches).
+_STACK_CACHES = frozenset((_core.KVCache, _core.BatchKVCache))
 # The real class (tests may swap the module attribute for a counting stand-in).
 _FUSED_BLOCK = _core.FusedBlock
 
@@ -104,6 +107,7 @@ def _classes() -> dict[type, type]:
     """The fused llama classes, made once (``isinstance`` checks need one class object)."""
     try:
         from mlx_lm.models import llama
+        from mlx_lm.models.base import create_attention_mask
     except ImportError:  # pragma: no cover - mlx-lm is a dependency
         return {}
 
@@ -197,7 +201,8 @@ def _classes() -> dict[type, type]:
                 or mx.default_device() != mx.cpu
                 or getattr(self, "swa_idx", None) is not None
                 or len(cache) != len(self.layers)
-                or any(type(c) is not _core.KVCache for c in cache)
+                or type(cache[0]) not in _STACK_CACHES
+                or any(type(c) is not type(cache[0]) for c in cache)
             ):
                 return None
             blocks = []
@@ -216,7 +221,8 @@ def _classes() -> dict[type, type]:
             h = input_embeddings if input_embeddings is not None else self.embed_tokens(inputs)
             blocks = self._stack(h, cache)
             if blocks is not None:
-                out = _core.fused_stack_step(blocks, h, cache)
+                mask = create_attention_mask(h, cache[getattr(self, "fa_idx", 0)])
+                out = _core.fused_stack_step(blocks, h, cache, mask)
                 if out is not None:
                     return self.norm(out)
             return super().__call__(inputs, cache, input_embeddings=h)
