@@ -635,6 +635,9 @@ struct StackLayer {
   int k_at, v_at;    // its key and value buffers
   int heads, kv_heads, hd, hdv;
   float scale;
+  // The layer's attn_in / attn_out_mlp arguments when all are evaluated
+  // (weights): kept here, not as the primitive's inputs (empty: inputs).
+  std::vector<mx::array> a_fixed, o_fixed;
 };
 
 // Where a stack step writes and what its queries attend.
@@ -666,7 +669,12 @@ void run_stack(std::vector<mx::array>& in,
       g_stack_copies.fetch_add(offset > 0, std::memory_order_relaxed);
     }
     std::vector<mx::array> ain{x};
-    ain.insert(ain.end(), in.begin() + ly.in_at, in.begin() + ly.in_at + ly.in_n);
+    if (ly.a_fixed.empty()) {
+      ain.insert(
+          ain.end(), in.begin() + ly.in_at, in.begin() + ly.in_at + ly.in_n);
+    } else {
+      ain.insert(ain.end(), ly.a_fixed.begin(), ly.a_fixed.end());
+    }
     std::vector<mx::array> qkv{fresh({B, ly.heads, L, ly.hd}, t),
                                fresh({B, ly.kv_heads, L, ly.hd}, t),
                                fresh({B, ly.kv_heads, L, ly.hdv}, t)};
@@ -682,8 +690,12 @@ void run_stack(std::vector<mx::array>& in,
     mx::array attn = fresh({B, ly.heads, L, ly.hdv}, t);
     attend(sin, attn, ly.scale, where.causal, where.mask_at >= 0);
     std::vector<mx::array> oin{attn, x};
-    oin.insert(
-        oin.end(), in.begin() + ly.out_at, in.begin() + ly.out_at + ly.out_n);
+    if (ly.o_fixed.empty()) {
+      oin.insert(
+          oin.end(), in.begin() + ly.out_at, in.begin() + ly.out_at + ly.out_n);
+    } else {
+      oin.insert(oin.end(), ly.o_fixed.begin(), ly.o_fixed.end());
+    }
     mx::array next = i + 1 == layers.size() ? outs[0] : fresh(x.shape(), t);
     run_attn_out_mlp(oin, next, ly.out);
     x = next;
@@ -852,10 +864,26 @@ stack_step(const std::vector<const Layer*>& layers,
                   ly.kv_heads,
                   int(a.hd),
                   a.hdv,
-                  ly.scale};
-    inputs.insert(inputs.end(), a.inputs.begin() + 1, a.inputs.end());
-    sl.out_at = int(inputs.size());
-    inputs.insert(inputs.end(), o.inputs.begin() + 2, o.inputs.end());
+                  ly.scale,
+                  {},
+                  {}};
+    // Every output of a multi-output primitive keeps its own copy of the
+    // inputs: ~20 arrays a layer for 2 * layers + 1 outputs made building
+    // the step cost ~2 ms. Evaluated arguments (the weights) need no graph
+    // edge: the step keeps them itself.
+    auto available = [](auto first, auto last) {
+      return std::all_of(
+          first, last, [](const mx::array& a) { return a.is_available(); });
+    };
+    if (available(a.inputs.begin() + 1, a.inputs.end()) &&
+        available(o.inputs.begin() + 2, o.inputs.end())) {
+      sl.a_fixed.assign(a.inputs.begin() + 1, a.inputs.end());
+      sl.o_fixed.assign(o.inputs.begin() + 2, o.inputs.end());
+    } else {
+      inputs.insert(inputs.end(), a.inputs.begin() + 1, a.inputs.end());
+      sl.out_at = int(inputs.size());
+      inputs.insert(inputs.end(), o.inputs.begin() + 2, o.inputs.end());
+    }
     sl.k_at = int(inputs.size());
     inputs.push_back(kb);
     sl.v_at = int(inputs.size());
