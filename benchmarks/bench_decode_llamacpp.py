@@ -85,10 +85,11 @@ def llama_cpp_runner(path: str, threads: int) -> Callable[[list[int], int], Row]
 
 
 def ours_runner(
-    path: str, engine: object | None = None, fused: bool = True
+    path: str, engine: object | None = None, fused: bool = True, stack: bool = True
 ) -> Callable[[list[int], int], Row]:
     """Our engine on ``path`` (or ``engine``), greedy, the whole prompt prefilled every run;
-    ``fused=False``: MLX's ops instead of our fused primitives (the before of this work)."""
+    ``fused=False``: MLX's ops instead of our fused primitives (the before of this work);
+    ``stack=False``: the fused blocks layer by layer, not the whole step as one primitive."""
     import mlx_harmony_core as mhc
     from mlx_harmony_core.bench import run_ours
     from mlx_harmony_core.cpu.fused import fused as fused_ops
@@ -102,9 +103,19 @@ def ours_runner(
     eng.runner.reuse_cache = False  # type: ignore[attr-defined]
     params = SamplingParams(temperature=0.0)
 
+    model = getattr(eng.runner.model, "model", None)  # type: ignore[attr-defined]
+    layered = type(model) if hasattr(model, "_stack") else None
+    one_step = getattr(layered, "_stack", None)
+
     def run(prompt: list[int], gen: int) -> Row:
         with fused_ops(fused):
-            r = run_ours(eng, prompt, gen, params)  # type: ignore[arg-type]
+            if layered is not None and not stack:  # the one-primitive step declined
+                layered._stack = lambda self, h, cache: None  # type: ignore[union-attr]
+            try:
+                r = run_ours(eng, prompt, gen, params)  # type: ignore[arg-type]
+            finally:
+                if layered is not None and not stack:
+                    layered._stack = one_step  # type: ignore[union-attr]
         return {"prefill": r.prefill_tps, "decode": r.decode_tps}
 
     run.engine = eng  # type: ignore[attr-defined]
@@ -137,7 +148,8 @@ def test_smollm2_ours_vs_llama_cpp(smollm2_path):
     threads = os.cpu_count() or 1
     ours = ours_runner(str(smollm2_path))
     engines = {"ours": ours}
-    if FULL:  # the same model on MLX's ops (no fused primitives): before / after
+    if FULL:  # the same model layer by layer, and on MLX's ops: before / after
+        engines["ours-layers"] = ours_runner("", ours.engine, stack=False)  # type: ignore[attr-defined]
         engines["ours-unfused"] = ours_runner("", ours.engine, fused=False)  # type: ignore[attr-defined]
     llama = llama_cpp_runner(str(smollm2_path), threads)
     if llama is not None:

@@ -290,3 +290,122 @@ def test_kept_arguments_follow_weight_and_module_swaps(rng):
     layer.mlp.up_proj = nn.Linear(192, 320, bias=False)
     assert layer._fused_args() is None
     both()
+
+
+# ---- the whole model's step as one primitive ----------------------------------------
+
+
+def _stack_calls(monkeypatch):
+    from mlx_harmony_core.cpu import block
+
+    calls = {"n": 0, "taken": 0}
+    orig = block._core.fused_stack_step
+
+    def counted(*a, **k):
+        calls["n"] += 1
+        out = orig(*a, **k)
+        calls["taken"] += out is not None
+        return out
+
+    monkeypatch.setattr(block._core, "fused_stack_step", counted, raising=False)
+    return calls
+
+
+def _decode(model, prompt, steps, cache):
+    """As a decode loop runs: each step evaluated before the next (a 2-row verify too)."""
+    logits = model(mx.array(prompt)[None], cache=cache)[:, -1]
+    mx.eval(logits)
+    out, tok = [logits], prompt[-1]
+    for k in range(steps):
+        inputs = mx.array([[tok, (tok + 7) % 300]]) if k == 1 else mx.array([[tok]])
+        logits = model(inputs, cache=cache)[:, -1]
+        mx.eval(logits)
+        out.append(logits)
+        tok = int(mx.argmax(logits).item())
+    return [np.array(o) for o in out]
+
+
+@pytest.mark.parametrize("prompt_len", [5, 30])
+def test_stack_step_matches_op_by_op(rng, monkeypatch, prompt_len):
+    """Every layer in one primitive (prompts within 16 rows too, decode, a 2-row verify):
+    the op-by-op logits, the caches hold the same keys and values after, and a decode
+    loop's buffers are updated in place (MLX donates them)."""
+    model = tiny_llama(rng)
+    assert type(model.model).__name__ == "FusedLlamaModel"
+    calls = _stack_calls(monkeypatch)
+    prompt = [int(t) for t in rng.integers(0, 300, prompt_len)]
+    caches = [make_cache(model), make_cache(model)]
+
+    copies = _core.fused_stack_copies()
+    ours = _decode(model, prompt, 6, caches[0])
+    assert calls["taken"] >= 6 + (prompt_len <= 16)
+    assert _core.fused_stack_copies() == copies  # every buffer updated in place
+    with fused.fused(False):
+        ref = _decode(model, prompt, 6, caches[1])
+    for a, b in zip(ours, ref, strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * np.abs(b).max())
+    for c_ours, c_ref in zip(*caches, strict=True):
+        assert c_ours.offset == c_ref.offset == prompt_len + 7
+        for a, b in zip(c_ours.state, c_ref.state, strict=True):
+            np.testing.assert_allclose(np.array(a), np.array(b), rtol=0, atol=1e-4)
+
+
+def test_stack_step_grows_cache_and_keeps_held_rows(rng, monkeypatch):
+    """Decoding across the caches' capacity (256 rows) grows their buffers; views of the
+    caches' rows held elsewhere keep their values: appends above them update in place, a
+    step after a trim (it would write rows a view sees) copies the buffers."""
+    model = tiny_llama(rng)
+    calls = _stack_calls(monkeypatch)
+    prompt = [int(t) for t in rng.integers(0, 300, 250)]
+    cache, ref_cache = make_cache(model), make_cache(model)
+    mx.eval(model(mx.array(prompt)[None], cache=cache))
+    with fused.fused(False):
+        mx.eval(model(mx.array(prompt)[None], cache=ref_cache))
+
+    def held_views():
+        views = [c.state for c in cache]
+        mx.eval(views)
+        return views, [[np.array(a) for a in v] for v in views]
+
+    def step(tok):
+        ours = model(mx.array([[tok]]), cache=cache)[:, -1]
+        with fused.fused(False):
+            ref = model(mx.array([[tok]]), cache=ref_cache)[:, -1]
+        mx.eval(ours, ref)
+        np.testing.assert_allclose(
+            np.array(ours), np.array(ref), rtol=0, atol=1e-4 * np.abs(np.array(ref)).max()
+        )
+        return int(mx.argmax(ref).item())
+
+    held = [held_views()]
+    tok = prompt[-1]
+    for _ in range(10):
+        tok = step(tok)
+    held.append(held_views())
+    for c in (*cache, *ref_cache):
+        c.trim(4)
+    copies = _core.fused_stack_copies()
+    for _ in range(3):
+        tok = step(tok)
+    assert _core.fused_stack_copies() > copies  # the first step after the trim copied
+    assert calls["taken"] == 13
+    for views, snapshot in held:
+        for view, snap in zip(views, snapshot, strict=True):
+            for a, b in zip(view, snap, strict=True):
+                np.testing.assert_array_equal(np.array(a), b)
+
+
+def test_stack_step_declines_what_it_does_not_take(rng, monkeypatch):
+    """Long blocks, other caches, no cache and a switched-off block run layer by layer."""
+    model = tiny_llama(rng)
+    calls = _stack_calls(monkeypatch)
+    x = mx.array([[1, 2, 3]])
+    mx.eval(model(x))  # no cache
+    mx.eval(model(mx.array([list(range(20))]), cache=make_cache(model)))  # 20 rows
+    mx.eval(model(x, cache=make_cache(model, kv_bits=8)))  # quantized cache
+    assert calls["taken"] == 0
+    model.model.layers[1].mlp.up_proj = nn.Linear(192, 320, bias=False)  # not fusable
+    mx.eval(model(x, cache=make_cache(model)))
+    assert calls["taken"] == 0
+    with pytest.raises(ValueError, match="one cache per block"):
+        _core.fused_stack_step([], mx.zeros((1, 1, 192)), [_core.KVCache()])

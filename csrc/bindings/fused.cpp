@@ -1,5 +1,6 @@
 #include "fused/fused.h"
 
+#include "cache/batch_cache.h"
 #include "cache/kv_cache.h"
 #include "fused/block.h"
 #include "mlx/ops.h"
@@ -10,6 +11,8 @@
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
+#include <algorithm>
+#include <typeinfo>
 #include <variant>
 
 namespace nb = nanobind;
@@ -69,18 +72,7 @@ std::pair<std::string, std::optional<mx::array>> mask_of(const MaskArg& mask) {
 // once: step() runs its decode step (attn_in, the cache update, attention,
 // attn_out_mlp) in one call instead of three calls and ~40 argument
 // conversions per layer and token.
-struct Block {
-  mx::array norm1;
-  float eps1;
-  std::vector<fused::QLinear> qkv;
-  int heads, kv_heads;
-  fused::RopeArgs rope;
-  fused::QLinear o;
-  mx::array norm2;
-  float eps2;
-  fused::QLinear gate, up, down;
-  float scale;
-
+struct Block : fused::Layer {
   mx::array step(const mx::array& x, Cache* cache, const MaskArg& mask) const {
     const mx::array offset(cache ? cache->offset() : 0, mx::int32);
     auto qkv_out =
@@ -94,6 +86,101 @@ struct Block {
     return fused::attn_out_mlp(attn, x, o, norm2, eps2, gate, up, down);
   }
 };
+
+// Every block's step over x in one primitive (fused::stack_step), each with
+// its cache: all KVCache (exactly that class) at one offset, or all
+// full-precision full-attention BatchKVCache with the same columns; their
+// rows are written in place. Nothing (the caches untouched but for
+// capacity) where that path does not take them.
+std::optional<mx::array> stack_step(const std::vector<Block*>& blocks,
+                                    const mx::array& x,
+                                    const std::vector<nb::handle>& caches,
+                                    const MaskArg& mask,
+                                    mx::StreamOrDevice s) {
+  if (blocks.size() != caches.size()) {
+    throw nb::value_error("stack_step takes one cache per block");
+  }
+  if (blocks.empty() || x.ndim() != 3 || x.shape(1) < 1 ||
+      x.shape(1) > fused::kMaxBlockRows) {
+    return std::nullopt;
+  }
+  std::vector<KVCache*> kv;
+  std::vector<BatchKVCache*> batch;
+  for (nb::handle h : caches) {
+    if (nb::type_check(h.type()) && h.type().is(nb::type<KVCache>())) {
+      kv.push_back(nb::cast<KVCache*>(h));
+    } else if (h.type().is(nb::type<BatchKVCache>())) {
+      auto* c = nb::cast<BatchKVCache*>(h);
+      if (c->bits() || c->window() > 0 || c->size() != x.shape(0)) {
+        return std::nullopt;
+      }
+      batch.push_back(c);
+    } else {
+      return std::nullopt;
+    }
+  }
+  if (!kv.empty() && !batch.empty()) {
+    return std::nullopt;
+  }
+  for (auto* c : kv) {
+    if (c->offset() != kv[0]->offset()) {
+      return std::nullopt;
+    }
+  }
+  for (auto* c : batch) {
+    if (c->positions() != batch[0]->positions() ||
+        c->width() != batch[0]->width() ||
+        (!c->state().empty() && c->state()[0].dtype() != x.dtype())) {
+      return std::nullopt;
+    }
+  }
+  const int B = x.shape(0), L = x.shape(1);
+  std::vector<const fused::Layer*> layers;
+  std::vector<std::pair<mx::array, mx::array>> bufs;
+  int at = -1, lo = -1;
+  int handed = 0; // the most columns any cache handed out as views
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    const Block& b = *blocks[i];
+    const int hd = b.qkv[0].w.shape(0) / b.heads;
+    const int hdv = b.qkv[2].w.shape(0) / b.kv_heads;
+    const mx::Shape kr{B, b.kv_heads, L, hd}, vr{B, b.kv_heads, L, hdv};
+    layers.push_back(&b);
+    if (!kv.empty()) {
+      bufs.push_back(kv[i]->reserve(kr, vr, x.dtype()));
+      handed = std::max(handed, kv[i]->handed());
+      at = kv[0]->offset();
+      lo = 0;
+    } else {
+      auto [k, v, a, l] = batch[i]->step_reserve(kr, vr, x.dtype());
+      if (i > 0 && (a != at || l != lo)) {
+        return std::nullopt;
+      }
+      bufs.emplace_back(k, v);
+      handed = std::max(handed, batch[i]->handed());
+      at = a;
+      lo = l;
+    }
+  }
+  const mx::array positions = kv.empty()
+                                  ? batch[0]->offset()
+                                  : mx::array(kv[0]->offset(), mx::int32);
+  auto [mode, arr] = mask_of(mask);
+  auto out = fused::stack_step(
+      layers, x, positions, bufs, at, lo, mode, arr, handed <= at, s);
+  if (!out) {
+    return std::nullopt;
+  }
+  bufs.clear(); // the old buffers: only the step holds them (MLX donates them)
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    auto k = (*out)[1 + 2 * i], v = (*out)[2 + 2 * i];
+    if (!kv.empty()) {
+      kv[i]->commit(k, v, L);
+    } else {
+      batch[i]->step_commit(k, v, L);
+    }
+  }
+  return (*out)[0];
+}
 
 } // namespace
 
@@ -127,7 +214,7 @@ void init_fused(nb::module_& m) {
             if (heads <= 0 || kv_heads <= 0) {
               throw nb::value_error("head counts must be positive");
             }
-            new (self) Block{norm1,
+            new (self) Block{fused::Layer{norm1,
                              eps1,
                              {linear(q), linear(k), linear(v)},
                              heads,
@@ -143,7 +230,7 @@ void init_fused(nb::module_& m) {
                              linear(gate),
                              linear(up),
                              linear(down),
-                             scale};
+                             scale}};
           },
           "norm1"_a,
           "eps1"_a,
@@ -172,6 +259,28 @@ void init_fused(nb::module_& m) {
            "The block on x (B, L, D): block_attn_in at the cache's offset, "
            "the cache's update_and_fetch (ours; None: no cache), attention "
            "with ``mask`` (None, 'causal' or an array), block_attn_out_mlp.");
+
+  m.def("fused_stack_step",
+        &stack_step,
+        "blocks"_a,
+        "x"_a,
+        "caches"_a,
+        "mask"_a.none() = nb::none(),
+        nb::kw_only(),
+        "stream"_a = nb::none(),
+        "Every FusedBlock's step over x (B, L, D), L <= 16, as one primitive "
+        "on a CPU stream: each block's keys and values written into its cache "
+        "in place (all KVCache at one offset, or all full-precision "
+        "full-attention BatchKVCache), attention with ``mask`` (None, "
+        "'causal' or an array, as the model made it for the first cache); "
+        "the last block's output, or None where that path does not take the "
+        "arguments (then run the blocks one by one).");
+
+  m.def("fused_stack_copies",
+        &fused::stack_copies,
+        "Key/value buffers holding rows that fused_stack_step copied because "
+        "MLX could not update them in place (something else held them); a "
+        "decode loop should keep this at 0.");
 
   m.def("rms_norm",
         &fused::rms_norm,

@@ -256,6 +256,7 @@ BatchKVCache::update_and_fetch(const mx::array& k, const mx::array& v) {
     pos_[b] += n;
   }
   const int hi = idx_ - front_;
+  handed_ = std::max(handed_, hi);
   if (!bits_) {
     return {seq_rows(bufs_[0], lo, hi), seq_rows(bufs_[1], lo, hi)};
   }
@@ -269,6 +270,48 @@ BatchKVCache::update_and_fetch(const mx::array& k, const mx::array& v) {
                          dtype_);
   };
   return {deq(0), deq(3)};
+}
+
+std::tuple<mx::array, mx::array, int, int>
+BatchKVCache::step_reserve(const mx::Shape& k_rows,
+                           const mx::Shape& v_rows,
+                           mx::Dtype t) {
+  if (bits_) {
+    throw std::invalid_argument(
+        "step_reserve takes full-precision rows; a quantized batch updates "
+        "through update_and_fetch");
+  }
+  if (size() == 0) {
+    throw std::invalid_argument("the batch has no rows: insert() one first");
+  }
+  if (!bufs_.empty() && bufs_[0].dtype() != t) {
+    throw std::invalid_argument("keys do not match the batch's dtype");
+  }
+  // items() validates the shapes (and records head_dim and dtype).
+  auto it = items(mx::zeros(k_rows, t), mx::zeros(v_rows, t));
+  if (bufs_.empty()) {
+    for (auto& x : it) {
+      bufs_.push_back(mx::zeros(with(x.shape(), 2, 0), x.dtype()));
+    }
+  }
+  const auto before = bufs_[0].id();
+  reserve(k_rows[2]);
+  if (bufs_[0].id() != before) {
+    handed_ = 0; // fresh buffers: no view of them exists
+  }
+  return {bufs_[0], bufs_[1], idx_ - front_, fetch_start() - front_};
+}
+
+void BatchKVCache::step_commit(mx::array keys, mx::array values, int n) {
+  bufs_[0] = std::move(keys);
+  bufs_[1] = std::move(values);
+  idx_ += n;
+  for (int b = 0; b < size(); ++b) {
+    for (int i = 0; i < n; ++i) {
+      cols_[b].push_back(pos_[b] + i);
+    }
+    pos_[b] += n;
+  }
 }
 
 Mask BatchKVCache::make_mask(int n,
@@ -454,6 +497,7 @@ std::unique_ptr<Cache> BatchKVCache::extract(int b) const {
     }
   }
   const int L = static_cast<int>(own.size()), P = pos_[b];
+  handed_ = std::max(handed_, idx_ - front_);
   std::vector<mx::array> arrays;
   if (L > 0) {
     const bool dense = own.back() - own.front() + 1 == L;

@@ -5,6 +5,7 @@
 #include "cache/kv_cache.h"
 
 #include <memory>
+#include <tuple>
 #include <vector>
 
 namespace mlx_harmony_core {
@@ -31,6 +32,20 @@ public:
   // Boolean [B, 1, N, K] for N queries before the next update (none when
   // every row owns every column and N == 1).
   Mask make_mask(int n, std::optional<int> window, bool return_array) const;
+  // For a fused step that writes its n new columns itself (fused::stack_step;
+  // full-precision rows only): the key and value buffers with room for k_rows
+  // / v_rows (B, kv_heads, n, head_dim), as update_and_fetch makes it, the
+  // buffer column they go to and the first column the queries attend (what
+  // make_mask covers); step_commit then takes the step's buffers (those
+  // columns written) and advances every row by n.
+  std::tuple<mx::array, mx::array, int, int>
+  step_reserve(const mx::Shape& k_rows, const mx::Shape& v_rows, mx::Dtype t);
+  void step_commit(mx::array keys, mx::array values, int n);
+  // Buffer columns handed out as views (update_and_fetch, extract): a step
+  // writing below this must not update the buffers in place.
+  int handed() const {
+    return handed_;
+  }
   // (B,) int32: each row's position, for RoPE.
   mx::array offset() const;
 
@@ -64,6 +79,8 @@ public:
   int width() const {
     return idx_ - front_;
   }
+  // The buffers themselves (not views: while held, no step updates them in
+  // place).
   std::vector<mx::array> state() const {
     return bufs_;
   }
@@ -104,6 +121,7 @@ private:
   int head_dim_ = 0; // of K/V before any padding to a quantization group
   mx::Dtype dtype_ = mx::float32;
   int idx_ = 0, front_ = 0; // write column; logical column of buffer col 0
+  mutable int handed_ = 0;  // see handed()
   std::vector<int> pos_;
   // cols_[b][c - front_]: the position row b holds at column c, or -1.
   std::vector<std::vector<int>> cols_;

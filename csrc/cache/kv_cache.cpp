@@ -104,25 +104,31 @@ void Cache::check(const mx::array& k, const mx::array& v) {
   head_dim_ = k.shape(3);
 }
 
-mx::array
-Cache::write(std::optional<mx::array>& buf, const mx::array& x, int start) {
-  const int need = start + x.shape(2);
-  if (!buf || buf->shape(2) < need || buf->dtype() != x.dtype()) {
+void Cache::grow(std::optional<mx::array>& buf,
+                 mx::Shape shape,
+                 mx::Dtype t,
+                 int start) {
+  const int need = start + shape[2];
+  if (!buf || buf->shape(2) < need || buf->dtype() != t) {
     // Double the capacity: appends cost amortized O(1), not a copy per step.
     const int cap = buf ? buf->shape(2) : 0;
-    auto shape = x.shape();
     shape[2] = round_up(std::max(need, 2 * cap));
-    auto fresh = mx::zeros(shape, x.dtype());
+    auto fresh = mx::zeros(shape, t);
     if (buf && start > 0) {
       fresh = mx::slice_update(fresh,
-                               mx::astype(seq_rows(*buf, 0, start), x.dtype()),
+                               mx::astype(seq_rows(*buf, 0, start), t),
                                mx::Shape{0, 0, 0, 0},
                                mx::Shape{shape[0], shape[1], start, shape[3]});
     }
     buf = fresh;
   }
+}
+
+mx::array
+Cache::write(std::optional<mx::array>& buf, const mx::array& x, int start) {
+  grow(buf, x.shape(), x.dtype(), start);
   auto stop = buf->shape();
-  stop[2] = need;
+  stop[2] = start + x.shape(2);
   buf = mx::slice_update(*buf, x, mx::Shape{0, 0, start, 0}, stop);
   return *buf;
 }
@@ -135,7 +141,39 @@ std::pair<mx::array, mx::array> KVCache::update_and_fetch(const mx::array& k,
   write(keys_, k, offset_);
   write(values_, v, offset_);
   offset_ += k.shape(2);
+  handed_ = std::max(handed_, offset_);
   return {seq_rows(*keys_, 0, offset_), seq_rows(*values_, 0, offset_)};
+}
+
+std::pair<mx::array, mx::array> KVCache::reserve(const mx::Shape& k_rows,
+                                                 const mx::Shape& v_rows,
+                                                 mx::Dtype t) {
+  if (k_rows.size() != 4 || v_rows.size() != 4 || k_rows[0] != v_rows[0] ||
+      k_rows[1] != v_rows[1] || k_rows[2] != v_rows[2]) {
+    throw std::invalid_argument(
+        "keys and values must be [batch, kv_heads, tokens, head_dim] and "
+        "agree on batch, heads and tokens");
+  }
+  if (keys_ && (keys_->shape(0) != k_rows[0] || keys_->shape(1) != k_rows[1] ||
+                (head_dim_ >= 0 && head_dim_ != k_rows[3]))) {
+    throw std::invalid_argument(
+        "keys do not match the cache's batch, heads or head_dim; use a fresh "
+        "cache for a different model or batch size");
+  }
+  const auto before = keys_ ? keys_->id() : 0;
+  grow(keys_, k_rows, t, offset_);
+  grow(values_, v_rows, t, offset_);
+  if (keys_->id() != before) {
+    handed_ = 0; // fresh buffers: no view of them exists
+  }
+  return {*keys_, *values_};
+}
+
+void KVCache::commit(mx::array keys, mx::array values, int n) {
+  head_dim_ = keys.shape(3);
+  keys_ = std::move(keys);
+  values_ = std::move(values);
+  offset_ += n;
 }
 
 Mask KVCache::make_mask(int n,
@@ -148,6 +186,7 @@ std::vector<mx::array> KVCache::state() const {
   if (!keys_) {
     return {};
   }
+  handed_ = std::max(handed_, offset_);
   return {seq_rows(*keys_, 0, offset_), seq_rows(*values_, 0, offset_)};
 }
 
@@ -160,6 +199,7 @@ void KVCache::restore(const std::vector<mx::array>& arrays,
   } else if (!arrays.empty() || offset_ != 0) {
     throw std::invalid_argument("KVCache state needs keys and values");
   }
+  handed_ = keys_ ? keys_->shape(2) : 0;
 }
 
 // -- RotatingKVCache -----------------------------------------------------

@@ -53,6 +53,10 @@ protected:
   // Writes x at [start, start + L) of buf, growing it (doubling) as needed.
   static mx::array
   write(std::optional<mx::array>& buf, const mx::array& x, int start);
+  // Makes buf hold rows [0, start + shape[2]) of `shape` in t (doubling its
+  // capacity; rows before start kept).
+  static void
+  grow(std::optional<mx::array>& buf, mx::Shape shape, mx::Dtype t, int start);
   // Validates an update's shapes against the cache; records head_dim.
   void check(const mx::array& k, const mx::array& v);
 
@@ -75,6 +79,23 @@ public:
   std::string kind() const override {
     return "KVCache";
   }
+  // For a fused step that writes its new rows itself (fused::stack_step):
+  // the key and value buffers with room for k_rows / v_rows (B, kv_heads, n,
+  // head_dim) at offset(), grown as update_and_fetch grows them; commit then
+  // takes the step's buffers (those rows written) and advances the offset.
+  std::pair<mx::array, mx::array>
+  reserve(const mx::Shape& k_rows, const mx::Shape& v_rows, mx::Dtype t);
+  void commit(mx::array keys, mx::array values, int n);
+  // Rows of the buffers handed out as views (update_and_fetch, state,
+  // restore): a step writing below this must not update them in place.
+  int handed() const {
+    return handed_;
+  }
+
+private:
+  mutable int handed_ = 0;
+
+public:
   void restore(const std::vector<mx::array>& arrays,
                const std::map<std::string, int64_t>& meta) override;
 };

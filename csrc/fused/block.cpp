@@ -12,6 +12,7 @@
 #include "quant/quant.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <sstream>
@@ -444,6 +445,265 @@ std::string lin_keys(std::initializer_list<const LinSpec*> ls) {
 // ---- ops
 // ------------------------------------------------------------------------
 
+namespace {
+
+// attn_in's primitive inputs, spec and whether the fused path takes them.
+struct InPlan {
+  std::vector<mx::array> inputs; // x, norm_w, q/k/v, offset, [freqs]
+  InSpec sp;
+  bool fits;
+  int64_t hd;
+  int hdv;
+};
+
+InPlan plan_attn_in(const mx::array& x,
+                    const mx::array& norm_w,
+                    float eps,
+                    const std::vector<QLinear>& qkv,
+                    int n_heads,
+                    int n_kv_heads,
+                    const RopeArgs& rp,
+                    const mx::array& offset,
+                    mx::Stream s) {
+  if (qkv.size() != 3) {
+    throw std::invalid_argument("[attn_in] qkv takes three linears: q, k, v");
+  }
+  if (n_heads <= 0 || n_kv_heads <= 0) {
+    throw std::invalid_argument("[attn_in] head counts must be positive");
+  }
+  InPlan p{{x, norm_w},
+           InSpec{eps,
+                  n_heads,
+                  n_kv_heads,
+                  rp.dims,
+                  rp.traditional,
+                  rp.base.value_or(0.f),
+                  rp.scale,
+                  rp.freqs.has_value(),
+                  {},
+                  {},
+                  {},
+                  0},
+           false,
+           0,
+           0};
+  InSpec& sp = p.sp;
+  std::vector<mx::array>& inputs = p.inputs;
+  sp.q = push_linear(inputs, qkv[0]);
+  sp.k = push_linear(inputs, qkv[1]);
+  sp.v = push_linear(inputs, qkv[2]);
+  sp.offset_at = int(inputs.size());
+  inputs.push_back(offset.dtype() == mx::int32 ? offset
+                                                : mx::astype(offset, mx::int32, s));
+  if (rp.freqs) {
+    inputs.push_back(*rp.freqs);
+  }
+  const mx::Dtype t = x.dtype();
+  const int64_t D = x.ndim() == 3 ? x.shape(2) : 0;
+  const int64_t hd = sp.q.rows / n_heads;
+  p.hd = hd;
+  p.hdv = int(sp.v.rows / n_kv_heads);
+  p.fits = on_cpu(s) && x.ndim() == 3 && x.size() > 0 &&
+           x.shape(1) <= kMaxBlockRows && float_like(t) &&
+           norm_w.ndim() == 1 && norm_w.shape(0) == D &&
+           mx::promote_types(x.dtype(), norm_w.dtype()) == t &&
+           linear_ok(qkv[0], D, t) && linear_ok(qkv[1], D, t) &&
+           linear_ok(qkv[2], D, t) && sp.q.rows % n_heads == 0 &&
+           sp.k.rows == n_kv_heads * hd && sp.v.rows % n_kv_heads == 0 &&
+           n_heads % n_kv_heads == 0 && rp.dims > 0 && rp.dims % 2 == 0 &&
+           rp.dims <= hd && (rp.freqs || rp.base) &&
+           (!rp.freqs || (float_like(rp.freqs->dtype()) &&
+                          rp.freqs->size() == size_t(rp.dims / 2))) &&
+           mx::issubdtype(offset.dtype(), mx::integer) &&
+           (offset.ndim() == 0 ||
+            (offset.ndim() == 1 &&
+             (offset.shape(0) == x.shape(0) || offset.shape(0) == 1)));
+  return p;
+}
+
+// attn_out_mlp's primitive inputs (attn's slot first) and spec.
+struct OutPlan {
+  std::vector<mx::array> inputs; // attn, x, o, norm_w, gate, up, down
+  OutSpec sp;
+};
+
+OutPlan plan_attn_out(const mx::array& attn,
+                      const mx::array& x,
+                      const QLinear& o,
+                      const mx::array& norm_w,
+                      float eps,
+                      const QLinear& gate,
+                      const QLinear& up,
+                      const QLinear& down) {
+  OutPlan p{{attn, x}, OutSpec{eps, {}, {}, {}, {}, 0}};
+  p.sp.o = push_linear(p.inputs, o);
+  p.sp.norm_at = int(p.inputs.size());
+  p.inputs.push_back(norm_w);
+  p.sp.gate = push_linear(p.inputs, gate);
+  p.sp.up = push_linear(p.inputs, up);
+  p.sp.down = push_linear(p.inputs, down);
+  return p;
+}
+
+// Whether the fused path takes attn_out_mlp on an attention output of
+// `heads` x `hd` (its dtype x's) and these arguments.
+bool out_fits(int64_t heads,
+              int64_t hd,
+              const mx::array& x,
+              const QLinear& o,
+              const mx::array& norm_w,
+              const QLinear& gate,
+              const QLinear& up,
+              const QLinear& down,
+              const OutSpec& sp,
+              mx::Stream s) {
+  const mx::Dtype t = x.dtype();
+  const int64_t D = x.ndim() == 3 ? x.shape(2) : 0;
+  return on_cpu(s) && x.ndim() == 3 && x.size() > 0 &&
+         x.shape(1) <= kMaxBlockRows && float_like(t) && norm_w.ndim() == 1 &&
+         norm_w.shape(0) == D &&
+         mx::promote_types(x.dtype(), norm_w.dtype()) == t &&
+         linear_ok(o, heads * hd, t) && sp.o.rows == D && linear_ok(gate, D, t) &&
+         linear_ok(up, D, t) && sp.gate.rows == sp.up.rows &&
+         linear_ok(down, sp.gate.rows, t) && sp.down.rows == D;
+}
+
+// An evaluated (allocated, row-contiguous) array for a step's intermediate.
+mx::array fresh(const mx::Shape& shape, mx::Dtype t) {
+  mx::array a(shape, t, nullptr, {});
+  a.set_data(mx::allocator::malloc(a.nbytes()));
+  return a;
+}
+
+// Rows [lo, hi) of buf (B, H, cap, hd), row-contiguous, as an array of its
+// own sharing buf's data.
+mx::array rows_view(const mx::array& buf, int lo, int hi) {
+  mx::Shape shape = buf.shape();
+  shape[2] = hi - lo;
+  mx::array v(shape, buf.dtype(), nullptr, {});
+  const bool whole = lo == 0 && hi == buf.shape(2);
+  v.copy_shared_buffer(buf,
+                       buf.strides(),
+                       {whole, whole, false},
+                       buf.data_size(),
+                       int64_t(lo) * buf.strides()[2]);
+  return v;
+}
+
+// Copies rows [0, n) of each (batch, head) of src (any strides) into the
+// row-contiguous dst of the same batch, heads and head_dim.
+void copy_rows(const mx::array& src, mx::array& dst, int n) {
+  const int64_t B = src.shape(0), H = src.shape(1), hd = src.shape(3);
+  const int64_t cap = dst.shape(2);
+  const auto& st = src.strides();
+  std::vector<float> buf(hd);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t h = 0; h < H; ++h) {
+      for (int64_t r = 0; r < n; ++r) {
+        const float* p =
+            load(src, b * st[0] + h * st[1] + r * st[2], st[3], hd, buf.data());
+        store(p, dst, ((b * H + h) * cap + r) * hd, hd);
+      }
+    }
+  }
+}
+
+// Writes rows (B, H, L, hd) (row-contiguous) into buf (B, H, cap, hd)
+// (row-contiguous, same dtype) at row `at`.
+void write_rows(const mx::array& rows, mx::array& buf, int at) {
+  const int64_t B = rows.shape(0), H = rows.shape(1), L = rows.shape(2);
+  const int64_t cap = buf.shape(2);
+  const int64_t n = L * rows.shape(3) * rows.itemsize();
+  const auto* src = rows.data<uint8_t>();
+  auto* dst = buf.data<uint8_t>();
+  for (int64_t bh = 0; bh < B * H; ++bh) {
+    std::memcpy(dst + (bh * cap + at) * rows.shape(3) * rows.itemsize(),
+                src + bh * n,
+                n);
+  }
+}
+
+// Key/value buffers stack steps copied because MLX could not donate them.
+std::atomic<int64_t> g_stack_copies{0};
+
+// One layer of a stack step: where its arguments sit in the inputs.
+struct StackLayer {
+  InSpec in;
+  OutSpec out;
+  int in_at, in_n;   // attn_in's inputs after x
+  int out_at, out_n; // attn_out_mlp's inputs after (attn, x)
+  int k_at, v_at;    // its key and value buffers
+  int heads, kv_heads, hd, hdv;
+  float scale;
+  // The layer's attn_in / attn_out_mlp arguments when all are evaluated
+  // (weights): kept here, not as the primitive's inputs (empty: inputs).
+  std::vector<mx::array> a_fixed, o_fixed;
+};
+
+// Where a stack step writes and what its queries attend.
+struct StackAt {
+  int at, lo;   // buffer column of the new rows; first column attended
+  bool causal;  // mask mode "causal"
+  int mask_at;  // input index of the (B, heads, L, K) mask; -1: none
+};
+
+void run_stack(std::vector<mx::array>& in,
+               std::vector<mx::array>& outs,
+               const std::vector<StackLayer>& layers,
+               const StackAt& where) {
+  const int offset = where.at;
+  const mx::Dtype t = outs[0].dtype();
+  mx::array x = in[0];
+  const int B = x.shape(0), L = x.shape(1);
+  for (size_t i = 0; i < layers.size(); ++i) {
+    const StackLayer& ly = layers[i];
+    mx::array& kb = outs[1 + 2 * i];
+    mx::array& vb = outs[2 + 2 * i];
+    // A buffer MLX could not donate: this step's copy keeps the rows before.
+    if (kb.data<uint8_t>() != in[ly.k_at].data<uint8_t>()) {
+      copy_rows(in[ly.k_at], kb, offset);
+      g_stack_copies.fetch_add(offset > 0, std::memory_order_relaxed);
+    }
+    if (vb.data<uint8_t>() != in[ly.v_at].data<uint8_t>()) {
+      copy_rows(in[ly.v_at], vb, offset);
+      g_stack_copies.fetch_add(offset > 0, std::memory_order_relaxed);
+    }
+    std::vector<mx::array> ain{x};
+    if (ly.a_fixed.empty()) {
+      ain.insert(
+          ain.end(), in.begin() + ly.in_at, in.begin() + ly.in_at + ly.in_n);
+    } else {
+      ain.insert(ain.end(), ly.a_fixed.begin(), ly.a_fixed.end());
+    }
+    std::vector<mx::array> qkv{fresh({B, ly.heads, L, ly.hd}, t),
+                               fresh({B, ly.kv_heads, L, ly.hd}, t),
+                               fresh({B, ly.kv_heads, L, ly.hdv}, t)};
+    run_attn_in(ain, qkv, ly.in);
+    write_rows(qkv[1], kb, offset);
+    write_rows(qkv[2], vb, offset);
+    std::vector<mx::array> sin{qkv[0],
+                               rows_view(kb, where.lo, offset + L),
+                               rows_view(vb, where.lo, offset + L)};
+    if (where.mask_at >= 0) {
+      sin.push_back(in[where.mask_at]);
+    }
+    mx::array attn = fresh({B, ly.heads, L, ly.hdv}, t);
+    attend(sin, attn, ly.scale, where.causal, where.mask_at >= 0);
+    std::vector<mx::array> oin{attn, x};
+    if (ly.o_fixed.empty()) {
+      oin.insert(
+          oin.end(), in.begin() + ly.out_at, in.begin() + ly.out_at + ly.out_n);
+    } else {
+      oin.insert(oin.end(), ly.o_fixed.begin(), ly.o_fixed.end());
+    }
+    mx::array next = i + 1 == layers.size() ? outs[0] : fresh(x.shape(), t);
+    run_attn_out_mlp(oin, next, ly.out);
+    x = next;
+  }
+}
+
+} // namespace
+
 std::vector<mx::array> attn_in(const mx::array& x,
                                const mx::array& norm_w,
                                float eps,
@@ -453,58 +713,15 @@ std::vector<mx::array> attn_in(const mx::array& x,
                                const RopeArgs& rp,
                                const mx::array& offset,
                                mx::StreamOrDevice s_) {
-  if (qkv.size() != 3) {
-    throw std::invalid_argument("[attn_in] qkv takes three linears: q, k, v");
-  }
-  if (n_heads <= 0 || n_kv_heads <= 0) {
-    throw std::invalid_argument("[attn_in] head counts must be positive");
-  }
   const mx::Stream s = mx::to_stream(s_);
-  std::vector<mx::array> inputs{x, norm_w};
-  InSpec sp{eps,
-            n_heads,
-            n_kv_heads,
-            rp.dims,
-            rp.traditional,
-            rp.base.value_or(0.f),
-            rp.scale,
-            rp.freqs.has_value(),
-            {},
-            {},
-            {},
-            0};
-  sp.q = push_linear(inputs, qkv[0]);
-  sp.k = push_linear(inputs, qkv[1]);
-  sp.v = push_linear(inputs, qkv[2]);
-  sp.offset_at = int(inputs.size());
-  inputs.push_back(mx::astype(offset, mx::int32, s));
-  if (rp.freqs) {
-    inputs.push_back(*rp.freqs);
+  InPlan p =
+      plan_attn_in(x, norm_w, eps, qkv, n_heads, n_kv_heads, rp, offset, s);
+  const InSpec& sp = p.sp;
+  if (!p.fits) {
+    return ref_attn_in(p.inputs, sp, s);
   }
   const mx::Dtype t = x.dtype();
-  const int64_t D = x.ndim() == 3 ? x.shape(2) : 0;
-  const int64_t hd = sp.q.rows / n_heads;
-  const bool fits = on_cpu(s) && x.ndim() == 3 && x.size() > 0 &&
-                    x.shape(1) <= kMaxBlockRows && float_like(t) &&
-                    norm_w.ndim() == 1 && norm_w.shape(0) == D &&
-                    mx::promote_types(x.dtype(), norm_w.dtype()) == t &&
-                    linear_ok(qkv[0], D, t) && linear_ok(qkv[1], D, t) &&
-                    linear_ok(qkv[2], D, t) && sp.q.rows % n_heads == 0 &&
-                    sp.k.rows == n_kv_heads * hd &&
-                    sp.v.rows % n_kv_heads == 0 && n_heads % n_kv_heads == 0 &&
-                    rp.dims > 0 && rp.dims % 2 == 0 && rp.dims <= hd &&
-                    (rp.freqs || rp.base) &&
-                    (!rp.freqs || (float_like(rp.freqs->dtype()) &&
-                                   rp.freqs->size() == size_t(rp.dims / 2))) &&
-                    mx::issubdtype(offset.dtype(), mx::integer) &&
-                    (offset.ndim() == 0 ||
-                     (offset.ndim() == 1 &&
-                      (offset.shape(0) == x.shape(0) || offset.shape(0) == 1)));
-  if (!fits) {
-    return ref_attn_in(inputs, sp, s);
-  }
   const int B = x.shape(0), L = x.shape(1);
-  const int hdv = int(sp.v.rows / n_kv_heads);
   std::ostringstream key;
   key.precision(9);
   key << eps << ',' << n_heads << ',' << n_kv_heads << ',' << rp.dims << ','
@@ -514,9 +731,9 @@ std::vector<mx::array> attn_in(const mx::array& x,
     return ref_attn_in(in, sp, s);
   };
   return mx::array::make_arrays(
-      {{B, n_heads, L, int(hd)},
-       {B, n_kv_heads, L, int(hd)},
-       {B, n_kv_heads, L, hdv}},
+      {{B, n_heads, L, int(p.hd)},
+       {B, n_kv_heads, L, int(p.hd)},
+       {B, n_kv_heads, L, p.hdv}},
       {t, t, t},
       std::make_shared<CpuPrimitive>(
           s,
@@ -526,7 +743,7 @@ std::vector<mx::array> attn_in(const mx::array& x,
           [sp](std::vector<mx::array>& in, std::vector<mx::array>& outs) {
             run_attn_in(in, outs, sp);
           }),
-      inputs);
+      p.inputs);
 }
 
 mx::array attn_out_mlp(const mx::array& attn,
@@ -539,29 +756,23 @@ mx::array attn_out_mlp(const mx::array& attn,
                        const QLinear& down,
                        mx::StreamOrDevice s_) {
   const mx::Stream s = mx::to_stream(s_);
-  std::vector<mx::array> inputs{attn, x};
-  OutSpec sp{eps, {}, {}, {}, {}, 0};
-  sp.o = push_linear(inputs, o);
-  sp.norm_at = int(inputs.size());
-  inputs.push_back(norm_w);
-  sp.gate = push_linear(inputs, gate);
-  sp.up = push_linear(inputs, up);
-  sp.down = push_linear(inputs, down);
-  const mx::Dtype t = x.dtype();
-  const int64_t D = x.ndim() == 3 ? x.shape(2) : 0;
-  const bool fits = on_cpu(s) && x.ndim() == 3 && x.size() > 0 &&
-                    x.shape(1) <= kMaxBlockRows && float_like(t) &&
-                    attn.ndim() == 4 && attn.dtype() == t &&
-                    attn.shape(0) == x.shape(0) &&
-                    attn.shape(2) == x.shape(1) && norm_w.ndim() == 1 &&
-                    norm_w.shape(0) == D &&
-                    mx::promote_types(x.dtype(), norm_w.dtype()) == t &&
-                    linear_ok(o, int64_t(attn.shape(1)) * attn.shape(3), t) &&
-                    sp.o.rows == D && linear_ok(gate, D, t) &&
-                    linear_ok(up, D, t) && sp.gate.rows == sp.up.rows &&
-                    linear_ok(down, sp.gate.rows, t) && sp.down.rows == D;
+  OutPlan p = plan_attn_out(attn, x, o, norm_w, eps, gate, up, down);
+  const OutSpec& sp = p.sp;
+  const bool fits = attn.ndim() == 4 && attn.dtype() == x.dtype() &&
+                    x.ndim() == 3 && attn.shape(0) == x.shape(0) &&
+                    attn.shape(2) == x.shape(1) &&
+                    out_fits(attn.shape(1),
+                             attn.shape(3),
+                             x,
+                             o,
+                             norm_w,
+                             gate,
+                             up,
+                             down,
+                             sp,
+                             s);
   if (!fits) {
-    return ref_attn_out_mlp(inputs, sp, s);
+    return ref_attn_out_mlp(p.inputs, sp, s);
   }
   std::ostringstream key;
   key.precision(9);
@@ -571,7 +782,7 @@ mx::array attn_out_mlp(const mx::array& attn,
   };
   return mx::array::make_arrays(
       {x.shape()},
-      {t},
+      {x.dtype()},
       std::make_shared<CpuPrimitive>(
           s,
           "FusedAttnOutMLP",
@@ -580,7 +791,143 @@ mx::array attn_out_mlp(const mx::array& attn,
           [sp](std::vector<mx::array>& in, std::vector<mx::array>& outs) {
             run_attn_out_mlp(in, outs[0], sp);
           }),
-      inputs)[0];
+      p.inputs)[0];
+}
+
+int64_t stack_copies() {
+  return g_stack_copies.load(std::memory_order_relaxed);
+}
+
+std::optional<std::vector<mx::array>>
+stack_step(const std::vector<const Layer*>& layers,
+           const mx::array& x,
+           const mx::array& positions,
+           const std::vector<std::pair<mx::array, mx::array>>& bufs,
+           int at,
+           int lo,
+           const std::string& mask_mode,
+           const std::optional<mx::array>& mask,
+           bool views_below,
+           mx::StreamOrDevice s_) {
+  const mx::Stream s = mx::to_stream(s_);
+  if (layers.empty() || bufs.size() != layers.size() || at < 0 || lo < 0 ||
+      lo > at || x.ndim() != 3 || (mask_mode == "array") != mask.has_value() ||
+      (!mask_mode.empty() && mask_mode != "causal" && mask_mode != "array")) {
+    return std::nullopt;
+  }
+  const int offset = at;
+  const int B = x.shape(0), L = x.shape(1);
+  const mx::Dtype t = x.dtype();
+  const mx::array& off = positions;
+  const int K = at + L - lo;
+  if (mask && (mask->ndim() > 4 || mask->shape(-1) != K ||
+               (mask->dtype() != mx::bool_ && !float_like(mask->dtype())))) {
+    return std::nullopt;
+  }
+  std::vector<mx::array> inputs{x};
+  std::vector<StackLayer> specs;
+  specs.reserve(layers.size());
+  std::vector<std::pair<int, int>> donations;
+  for (size_t i = 0; i < layers.size(); ++i) {
+    const Layer& ly = *layers[i];
+    InPlan a = plan_attn_in(x,
+                            ly.norm1,
+                            ly.eps1,
+                            ly.qkv,
+                            ly.heads,
+                            ly.kv_heads,
+                            ly.rope,
+                            off,
+                            s);
+    OutPlan o =
+        plan_attn_out(x, x, ly.o, ly.norm2, ly.eps2, ly.gate, ly.up, ly.down);
+    const auto& [kb, vb] = bufs[i];
+    if (!a.fits ||
+        !out_fits(
+            ly.heads, a.hdv, x, ly.o, ly.norm2, ly.gate, ly.up, ly.down, o.sp, s) ||
+        kb.ndim() != 4 || vb.ndim() != 4 || kb.dtype() != t ||
+        vb.dtype() != t || kb.shape(0) != B || kb.shape(1) != ly.kv_heads ||
+        kb.shape(3) != a.hd || vb.shape(0) != B ||
+        vb.shape(1) != ly.kv_heads || vb.shape(3) != a.hdv ||
+        kb.shape(2) < offset + L || vb.shape(2) < offset + L) {
+      return std::nullopt;
+    }
+    StackLayer sl{a.sp,
+                  o.sp,
+                  int(inputs.size()),
+                  int(a.inputs.size()) - 1,
+                  0,
+                  int(o.inputs.size()) - 2,
+                  0,
+                  0,
+                  ly.heads,
+                  ly.kv_heads,
+                  int(a.hd),
+                  a.hdv,
+                  ly.scale,
+                  {},
+                  {}};
+    // Every output of a multi-output primitive keeps its own copy of the
+    // inputs: ~20 arrays a layer for 2 * layers + 1 outputs made building
+    // the step cost ~2 ms. Evaluated arguments (the weights) need no graph
+    // edge: the step keeps them itself.
+    auto available = [](auto first, auto last) {
+      return std::all_of(
+          first, last, [](const mx::array& a) { return a.is_available(); });
+    };
+    if (available(a.inputs.begin() + 1, a.inputs.end()) &&
+        available(o.inputs.begin() + 2, o.inputs.end())) {
+      sl.a_fixed.assign(a.inputs.begin() + 1, a.inputs.end());
+      sl.o_fixed.assign(o.inputs.begin() + 2, o.inputs.end());
+    } else {
+      inputs.insert(inputs.end(), a.inputs.begin() + 1, a.inputs.end());
+      sl.out_at = int(inputs.size());
+      inputs.insert(inputs.end(), o.inputs.begin() + 2, o.inputs.end());
+    }
+    sl.k_at = int(inputs.size());
+    inputs.push_back(kb);
+    sl.v_at = int(inputs.size());
+    inputs.push_back(vb);
+    donations.emplace_back(int(1 + 2 * i), sl.k_at);
+    donations.emplace_back(int(2 + 2 * i), sl.v_at);
+    specs.push_back(std::move(sl));
+  }
+  StackAt where{at, lo, mask_mode == "causal", -1};
+  if (mask) {
+    // One (B, heads, L, K) view for every layer (the heads of the first).
+    const int heads = layers[0]->heads;
+    for (const Layer* ly : layers) {
+      if (ly->heads != heads) {
+        return std::nullopt;
+      }
+    }
+    auto m = mask->dtype() == mx::bool_ ? *mask : mx::astype(*mask, t, s);
+    where.mask_at = int(inputs.size());
+    inputs.push_back(mx::broadcast_to(m, {B, heads, L, K}, s));
+  }
+  std::vector<mx::Shape> shapes{x.shape()};
+  std::vector<mx::Dtype> types{t};
+  for (const auto& [kb, vb] : bufs) {
+    shapes.push_back(kb.shape());
+    shapes.push_back(vb.shape());
+    types.push_back(t);
+    types.push_back(t);
+  }
+  // Inference only (no fallback graph: no transforms); an empty key, so MLX
+  // never merges two steps.
+  auto prim = std::make_shared<CpuPrimitive>(
+      s,
+      "FusedStackStep",
+      std::string(),
+      CpuPrimitive::Fallback(),
+      [specs = std::move(specs),
+       where](std::vector<mx::array>& in, std::vector<mx::array>& outs) {
+        run_stack(in, outs, specs, where);
+      });
+  for (auto [out, in] : donations) {
+    prim->donate(out, in, views_below);
+  }
+  return mx::array::make_arrays(shapes, types, prim, inputs);
 }
 
 } // namespace mlx_harmony_core::fused

@@ -15,6 +15,7 @@
 
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace mlx_harmony_core::fused {
@@ -67,5 +68,49 @@ mx::array attn_out_mlp(const mx::array& attn,
                        const QLinear& up,
                        const QLinear& down,
                        mx::StreamOrDevice s = {});
+
+// One llama-style decoder block's weights and settings (attn_in's and
+// attn_out_mlp's arguments, the attention's scale).
+struct Layer {
+  mx::array norm1;
+  float eps1;
+  std::vector<QLinear> qkv;
+  int heads, kv_heads;
+  RopeArgs rope;
+  QLinear o;
+  mx::array norm2;
+  float eps2;
+  QLinear gate, up, down;
+  float scale;
+};
+
+// Every layer's step over x (B, L, D), L <= kMaxBlockRows, as ONE primitive:
+// RoPE at `positions` (int32, scalar or (B,)); layer i writes its keys and
+// values of the L rows into bufs[i] (B, kv_heads, capacity, head_dim, x's
+// dtype; capacity >= at + L) at column `at` and attends columns [lo, at + L)
+// with `mask_mode` ("", "causal" or "array": `mask`, broadcastable to
+// (B, heads, L, at + L - lo), bool or additive); each part computed as
+// attn_in, the fused attention and attn_out_mlp compute it. Returns {h,
+// keys_0, values_0, keys_1, ...}: the last layer's output and every buffer
+// updated (in place where MLX can donate it; `views_below`: every view of a
+// buffer's data sees columns below `at` only, so a buffer whose data views
+// share is still updated in place); nothing where the fused path
+// does not take the arguments (run the layers one by one then). Inference
+// only: the op has no transforms and runs on a CPU stream.
+std::optional<std::vector<mx::array>>
+stack_step(const std::vector<const Layer*>& layers,
+           const mx::array& x,
+           const mx::array& positions,
+           const std::vector<std::pair<mx::array, mx::array>>& bufs,
+           int at,
+           int lo,
+           const std::string& mask_mode,
+           const std::optional<mx::array>& mask,
+           bool views_below,
+           mx::StreamOrDevice s = {});
+
+// Key/value buffers (holding rows) stack steps have copied because MLX
+// could not update them in place (something else held them): diagnostics.
+int64_t stack_copies();
 
 } // namespace mlx_harmony_core::fused

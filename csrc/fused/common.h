@@ -29,6 +29,14 @@ void store(const float* y, mx::array& out, int64_t off, int64_t n);
 // Element offset of row r (all axes but the last) of a, in a's strides.
 int64_t row_offset(const mx::array& a, int64_t r);
 std::string key_of(std::initializer_list<double> values);
+// The fused attention's evaluation (q, k, v in `in`, (B, H, L, hd), any
+// strides; in[3] the (B, Hq, Lq, Lk) mask, bool or additive, with has_mask):
+// out (B, Hq, Lq, Dv) = softmax(q k^T * scale [causal] [mask]) v.
+void attend(std::vector<mx::array>& in,
+            mx::array& out,
+            float scale,
+            bool causal,
+            bool has_mask);
 
 // One head's RoPE: its first 2 * half values rotated by the angles' (c, s)
 // (traditional: adjacent pairs, else the two halves), the rest (up to n)

@@ -515,6 +515,14 @@ void run_sdpa(std::vector<mx::array>& in, mx::array& out, SdpaSpec sp) {
 
 } // namespace
 
+void detail::attend(std::vector<mx::array>& in,
+                    mx::array& out,
+                    float scale,
+                    bool causal,
+                    bool has_mask) {
+  run_sdpa(in, out, SdpaSpec{scale, causal, has_mask, false});
+}
+
 // ---- ops --------------------------------------------------------------------
 
 mx::array rms_norm(const mx::array& x,

@@ -9,6 +9,39 @@
 
 namespace mlx_harmony_core {
 
+namespace {
+
+// How many arrays share `a`'s descriptor. MLX's is_donatable() wants one,
+// but make_arrays gives every output of a multi-output primitive its own
+// copy of the inputs, so an input only the primitive holds has one
+// reference per output. The count is private to mx::array: read through the
+// explicit-instantiation rule (access checks do not apply to the names in an
+// explicit instantiation's template arguments).
+template <auto Desc>
+struct DescAccess {
+  friend long desc_refs(const mx::array& a) {
+    return (a.*Desc).use_count();
+  }
+};
+template struct DescAccess<&mx::array::array_desc_>;
+long desc_refs(const mx::array& a);
+
+// Whether output `o` may take input `in`'s buffer: nothing but this
+// primitive's outputs holds it (nor, unless shared_data, its data), it is
+// row-contiguous and of o's size and dtype.
+bool can_donate(const mx::array& in,
+                const mx::array& o,
+                size_t n_outputs,
+                bool shared_data) {
+  return desc_refs(in) == long(n_outputs) &&
+         (shared_data || in.data_shared_ptr().use_count() == 1) &&
+         in.data_shared_ptr()->is_owned() && in.flags().row_contiguous &&
+         in.data_size() == in.size() && in.dtype() == o.dtype() &&
+         in.size() == o.size();
+}
+
+} // namespace
+
 std::vector<mx::array> weak(const std::vector<mx::array>& inputs) {
   std::vector<mx::array> v;
   v.reserve(inputs.size());
@@ -24,8 +57,20 @@ void CpuPrimitive::eval_cpu(const std::vector<mx::array>& inputs,
   for (auto& in : inputs) {
     encoder.set_input_array(in);
   }
-  for (auto& o : outputs) {
-    o.set_data(mx::allocator::malloc(o.nbytes()));
+  for (size_t j = 0; j < outputs.size(); ++j) {
+    auto& o = outputs[j];
+    bool donated = false;
+    for (const Donation& d : donate_) {
+      if (size_t(d.out) == j &&
+          can_donate(inputs[d.in], o, outputs.size(), d.shared_data)) {
+        o.copy_shared_buffer(inputs[d.in]);
+        donated = true;
+        break;
+      }
+    }
+    if (!donated) {
+      o.set_data(mx::allocator::malloc(o.nbytes()));
+    }
     encoder.set_output_array(o);
   }
   encoder.dispatch([ins = weak(inputs),

@@ -7,6 +7,7 @@
 #include "mlx/primitives.h"
 
 #include <functional>
+#include <utility>
 #include <string>
 #include <vector>
 
@@ -51,6 +52,16 @@ public:
   vmap(const std::vector<mx::array>& inputs,
        const std::vector<int>& axes) override;
   bool is_equivalent(const mx::Primitive& other) const override;
+  // Output `out` may take input `in`'s buffer (when no other array holds
+  // it, row-contiguous, same size; and, unless `shared_data`, no view of its
+  // data exists), as MLX's SliceUpdate does; run() then finds the output's
+  // data at the input's (else it must copy what it keeps of the input).
+  // `shared_data`: the caller knows the views of the data (MLX's encoder
+  // keeps the previous step's outputs alive until their compute ran; a KV
+  // cache's views of rows below where the step writes) never see the writes.
+  void donate(int out, int in, bool shared_data = false) {
+    donate_.push_back({out, in, shared_data});
+  }
   const char* name() const override {
     return name_;
   }
@@ -62,6 +73,11 @@ private:
   std::string key_;
   Fallback fallback_;
   Run run_;
+  struct Donation {
+    int out, in;
+    bool shared_data;
+  };
+  std::vector<Donation> donate_;
 };
 
 } // namespace mlx_harmony_core

@@ -12,10 +12,17 @@ that object while every array and submodule it came from is still the live one. 
 are within float32 rounding of the op-by-op path, which it takes for anything else: a GPU
 stream, long prompts, inside :func:`.fused.fused` ``(False)`` or :func:`.quant.kernels`
 ``(False)``, layers that are not on our quantized kernels.
+
+When every layer of a llama model is such a block and every cache is our ``KVCache`` (or a
+full-precision, full-attention ``BatchKVCache``: the scheduler's),
+:class:`FusedLlamaModel` runs all the layers' step as ONE primitive
+(``_core.fused_stack_step``): no per-layer Python, no per-op MLX scheduling, each layer's
+keys and values written into its cache's buffer in place.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import mlx.core as mx
@@ -24,7 +31,7 @@ import mlx.nn as nn
 from .. import _core
 from . import fused, quant
 
-__all__ = ["MAX_ROWS", "block_classes"]
+__all__ = ["MAX_ROWS", "block_classes", "model_classes"]
 
 # Our caches: each returns float keys and values (the quantized ones dequantized), which
 # our attention primitive takes as they are (mlx-lm's quantized cache goes to fused.attention).
@@ -35,6 +42,10 @@ _OUR_CACHES = frozenset(
 _STEP_CACHES = frozenset((_core.KVCache, _core.RotatingKVCache, _core.QuantizedKVCache))
 
 MAX_ROWS = 16  # query rows up to which the fused step runs (csrc/fused/block.h)
+# Those fused_stack_step writes itself (the C++ side declines quantized or windowed batches).
+_STACK_CACHES = frozenset((_core.KVCache, _core.BatchKVCache))
+# The real class (tests may swap the module attribute for a counting stand-in).
+_FUSED_BLOCK = _core.FusedBlock
 
 Linear = tuple[mx.array, mx.array, mx.array | None, mx.array | None, int, int, str]
 # What an argument tuple was read from: (module, key, value) with ``module.get(key) is value``
@@ -83,8 +94,20 @@ def _valid(checks: Checks) -> bool:
 
 def block_classes() -> dict[type, type]:
     """mlx-lm's llama ``TransformerBlock`` -> :class:`FusedLlamaBlock` (empty without it)."""
+    return {k: v for k, v in _classes().items() if v.__name__ == "FusedLlamaBlock"}
+
+
+def model_classes() -> dict[type, type]:
+    """mlx-lm's ``LlamaModel`` -> :class:`FusedLlamaModel` (empty without mlx-lm)."""
+    return {k: v for k, v in _classes().items() if v.__name__ == "FusedLlamaModel"}
+
+
+@functools.cache
+def _classes() -> dict[type, type]:
+    """The fused llama classes, made once (``isinstance`` checks need one class object)."""
     try:
         from mlx_lm.models import llama
+        from mlx_lm.models.base import create_attention_mask
     except ImportError:  # pragma: no cover - mlx-lm is a dependency
         return {}
 
@@ -164,4 +187,44 @@ def block_classes() -> dict[type, type]:
                 out = fused.attention(queries, keys, values, cache, scale, mask)
             return _core.block_attn_out_mlp(out, x, *out_mlp)
 
-    return {llama.TransformerBlock: FusedLlamaBlock}
+    class FusedLlamaModel(llama.LlamaModel):  # type: ignore[misc, valid-type]
+        """mlx-lm's ``LlamaModel``, its decode step over fused blocks as one primitive."""
+
+        def _stack(self, h: mx.array, cache: Any) -> list[Any] | None:
+            """The layers' ``FusedBlock`` objects where the one-primitive step takes
+            ``h`` and ``cache``; ``None`` otherwise (the layers run one by one)."""
+            if (
+                cache is None
+                or not fused._on()
+                or h.ndim != 3
+                or not 0 < h.shape[1] <= MAX_ROWS
+                or mx.default_device() != mx.cpu
+                or getattr(self, "swa_idx", None) is not None
+                or len(cache) != len(self.layers)
+                or type(cache[0]) not in _STACK_CACHES
+                or any(type(c) is not type(cache[0]) for c in cache)
+            ):
+                return None
+            blocks = []
+            for layer in self.layers:
+                if type(layer) is not FusedLlamaBlock:
+                    return None
+                args = layer._fused_args()
+                if args is None or type(args[0]) is not _FUSED_BLOCK:
+                    return None
+                blocks.append(args[0])
+            return blocks
+
+        def __call__(
+            self, inputs: mx.array, cache: Any = None, input_embeddings: mx.array | None = None
+        ) -> mx.array:
+            h = input_embeddings if input_embeddings is not None else self.embed_tokens(inputs)
+            blocks = self._stack(h, cache)
+            if blocks is not None:
+                mask = create_attention_mask(h, cache[getattr(self, "fa_idx", 0)])
+                out = _core.fused_stack_step(blocks, h, cache, mask)
+                if out is not None:
+                    return self.norm(out)
+            return super().__call__(inputs, cache, input_embeddings=h)
+
+    return {llama.TransformerBlock: FusedLlamaBlock, llama.LlamaModel: FusedLlamaModel}

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
-from .block import block_classes
+from .block import block_classes, model_classes
 from .experts import use_dense_experts
 from .fused import fused_enabled, use_fused_layers
 from .quant import kernels_enabled, use_quant_kernels
@@ -35,6 +35,6 @@ def use_cpu_layers(model: nn.Module) -> None:
         if n:
             logger.info("%d quantized layers run on mlx-harmony-core's CPU kernels", n)
     if fused_enabled():
-        n = use_fused_layers(model, block_classes())
+        n = use_fused_layers(model, {**block_classes(), **model_classes()})
         if n:
             logger.info("%d layers run on mlx-harmony-core's fused CPU primitives", n)
