@@ -87,6 +87,33 @@ struct Block : fused::Layer {
   }
 };
 
+// Whether a transform (grad, vmap) traces x, the mask or a layer's arrays:
+// the one-primitive step keeps its weights outside the graph and has no
+// transforms, so those calls run the blocks one by one (with fallbacks).
+bool traced(const mx::array& x,
+            const std::vector<Block*>& blocks,
+            const MaskArg& mask) {
+  if (x.is_tracer()) {
+    return true;
+  }
+  if (auto* m = std::get_if<mx::array>(&mask); m && m->is_tracer()) {
+    return true;
+  }
+  auto lin = [](const fused::QLinear& l) {
+    return l.w.is_tracer() || l.scales.is_tracer() ||
+        (l.biases && l.biases->is_tracer()) || (l.bias && l.bias->is_tracer());
+  };
+  for (const Block* b : blocks) {
+    if (b->norm1.is_tracer() || b->norm2.is_tracer() ||
+        (b->rope.freqs && b->rope.freqs->is_tracer()) || lin(b->o) ||
+        lin(b->gate) || lin(b->up) || lin(b->down) ||
+        std::any_of(b->qkv.begin(), b->qkv.end(), lin)) {
+      return true;
+    }
+  }
+  return false;
+}
+
 // Every block's step over x in one primitive (fused::stack_step), each with
 // its cache: all KVCache (exactly that class) at one offset, or all
 // full-precision full-attention BatchKVCache with the same columns; their
@@ -101,7 +128,7 @@ std::optional<mx::array> stack_step(const std::vector<Block*>& blocks,
     throw nb::value_error("stack_step takes one cache per block");
   }
   if (blocks.empty() || x.ndim() != 3 || x.shape(1) < 1 ||
-      x.shape(1) > fused::kMaxBlockRows) {
+      x.shape(1) > fused::kMaxBlockRows || traced(x, blocks, mask)) {
     return std::nullopt;
   }
   std::vector<KVCache*> kv;

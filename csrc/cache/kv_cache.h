@@ -4,6 +4,7 @@
 
 #include "mlx/array.h"
 
+#include <algorithm>
 #include <map>
 #include <memory>
 #include <optional>
@@ -74,6 +75,9 @@ public:
   make_mask(int n, std::optional<int> window, bool return_array) const override;
   std::vector<mx::array> state() const override;
   std::unique_ptr<Cache> copy() const override {
+    // The copy shares the buffers: neither may write the shared rows in
+    // place while the other (maybe on another stream) still reads them.
+    handed_ = std::max(handed_, offset_);
     return std::make_unique<KVCache>(*this);
   }
   std::string kind() const override {
