@@ -496,7 +496,7 @@ def test_stack_step_batch_cache_matches_op_by_op(rng, monkeypatch):
             for c in singles[:2]:
                 for layer, s in zip(batch, c, strict=True):
                     layer.insert(s)
-            rows, t, pending = 2, 0, None
+            rows, pending = 2, None
 
             def read():
                 nonlocal pending
@@ -504,8 +504,7 @@ def test_stack_step_batch_cache_matches_op_by_op(rng, monkeypatch):
                 pending = None
 
             for step in range(280):
-                inputs = mx.array([[toks[(t + i) % 400]] for i in range(rows)])
-                t += 1
+                inputs = mx.array([[toks[(step + i) % 400]] for i in range(rows)])
                 out = model(inputs, cache=batch)[:, -1]
                 mx.async_eval(out)
                 if pending is not None:
@@ -521,7 +520,7 @@ def test_stack_step_batch_cache_matches_op_by_op(rng, monkeypatch):
                     for layer in batch:
                         layer.rewind([2, 0])
                     inputs = mx.array(
-                        [[toks[(t + j + i) % 400] for j in range(3)] for i in range(rows)]
+                        [[toks[(step + 1 + j + i) % 400] for j in range(3)] for i in range(rows)]
                     )
                     log.append(np.array(model(inputs, cache=batch)))
                     for layer in batch:

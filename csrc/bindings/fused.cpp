@@ -5,13 +5,13 @@
 #include "fused/block.h"
 #include "mlx/ops.h"
 
+#include <algorithm>
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
-#include <algorithm>
 #include <typeinfo>
 #include <variant>
 
@@ -101,7 +101,8 @@ bool traced(const mx::array& x,
   }
   auto lin = [](const fused::QLinear& l) {
     return l.w.is_tracer() || l.scales.is_tracer() ||
-        (l.biases && l.biases->is_tracer()) || (l.bias && l.bias->is_tracer());
+           (l.biases && l.biases->is_tracer()) ||
+           (l.bias && l.bias->is_tracer());
   };
   for (const Block* b : blocks) {
     if (b->norm1.is_tracer() || b->norm2.is_tracer() ||
@@ -188,9 +189,8 @@ std::optional<mx::array> stack_step(const std::vector<Block*>& blocks,
       lo = l;
     }
   }
-  const mx::array positions = kv.empty()
-                                  ? batch[0]->offset()
-                                  : mx::array(kv[0]->offset(), mx::int32);
+  const mx::array positions =
+      kv.empty() ? batch[0]->offset() : mx::array(kv[0]->offset(), mx::int32);
   auto [mode, arr] = mask_of(mask);
   auto out = fused::stack_step(
       layers, x, positions, bufs, at, lo, mode, arr, handed <= at, s);
@@ -242,22 +242,22 @@ void init_fused(nb::module_& m) {
               throw nb::value_error("head counts must be positive");
             }
             new (self) Block{fused::Layer{norm1,
-                             eps1,
-                             {linear(q), linear(k), linear(v)},
-                             heads,
-                             kv_heads,
-                             {rope_dims,
-                              rope_traditional,
-                              rope_base,
-                              rope_scale,
-                              rope_freqs},
-                             linear(o),
-                             norm2,
-                             eps2,
-                             linear(gate),
-                             linear(up),
-                             linear(down),
-                             scale}};
+                                          eps1,
+                                          {linear(q), linear(k), linear(v)},
+                                          heads,
+                                          kv_heads,
+                                          {rope_dims,
+                                           rope_traditional,
+                                           rope_base,
+                                           rope_scale,
+                                           rope_freqs},
+                                          linear(o),
+                                          norm2,
+                                          eps2,
+                                          linear(gate),
+                                          linear(up),
+                                          linear(down),
+                                          scale}};
           },
           "norm1"_a,
           "eps1"_a,
