@@ -205,10 +205,7 @@ void bind_batch_cache(nb::module_& m) {
            "n"_a,
            "Remove the last n[b] tokens of each row b (at most trimmable(b): "
            "rejected drafts); returns what each row lost.")
-      .def("held",
-           &BatchKVCache::held,
-           "row"_a,
-           "Tokens row `row` holds.")
+      .def("held", &BatchKVCache::held, "row"_a, "Tokens row `row` holds.")
       .def("size", &BatchKVCache::size, "Rows in the batch.")
       .def("__len__", &BatchKVCache::size)
       // mlx-lm tests `if cache:`; an empty batch is still a cache.

@@ -6,7 +6,6 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
-
 #include <stdexcept>
 
 namespace nb = nanobind;
@@ -32,7 +31,8 @@ mx::Dtype dtype_named(const std::string& name) {
     return mx::bfloat16;
   }
   throw std::invalid_argument("mapped arrays are uint8, float32, float16 or "
-                              "bfloat16, not '" + name + "'");
+                              "bfloat16, not '" +
+                              name + "'");
 }
 
 } // namespace
@@ -68,8 +68,10 @@ void init_gguf(nb::module_& m) {
           nb::gil_scoped_acquire gil;
           delete holder;
         });
-        return gguf::make_mapped_array(
-            ptr, offset, mx::Shape(shape.begin(), shape.end()), dtype_named(dtype));
+        return gguf::make_mapped_array(ptr,
+                                       offset,
+                                       mx::Shape(shape.begin(), shape.end()),
+                                       dtype_named(dtype));
       },
       "mapping"_a,
       "offset"_a,

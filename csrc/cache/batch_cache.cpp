@@ -148,16 +148,14 @@ void BatchKVCache::compact(int from, int cap) {
                              mx::Shape{width},
                              mx::int32);
         auto sh = buf.shape();
-        rows.push_back(mx::take(
-            mx::slice(buf, {b, 0, 0, 0}, {b + 1, sh[1], sh[2], sh[3]}),
-            idx,
-            2));
+        rows.push_back(
+            mx::take(mx::slice(buf, {b, 0, 0, 0}, {b + 1, sh[1], sh[2], sh[3]}),
+                     idx,
+                     2));
       }
       auto packed = B == 1 ? rows[0] : mx::concatenate(rows, 0);
-      fresh = mx::slice_update(fresh,
-                               packed,
-                               mx::Shape{0, 0, 0, 0},
-                               with(buf.shape(), 2, width));
+      fresh = mx::slice_update(
+          fresh, packed, mx::Shape{0, 0, 0, 0}, with(buf.shape(), 2, width));
     }
     buf = fresh;
   }
@@ -272,10 +270,8 @@ BatchKVCache::update_and_fetch(const mx::array& k, const mx::array& v) {
   return {deq(0), deq(3)};
 }
 
-std::tuple<mx::array, mx::array, int, int>
-BatchKVCache::step_reserve(const mx::Shape& k_rows,
-                           const mx::Shape& v_rows,
-                           mx::Dtype t) {
+std::tuple<mx::array, mx::array, int, int> BatchKVCache::step_reserve(
+    const mx::Shape& k_rows, const mx::Shape& v_rows, mx::Dtype t) {
   if (bits_) {
     throw std::invalid_argument(
         "step_reserve takes full-precision rows; a quantized batch updates "
@@ -333,7 +329,8 @@ Mask BatchKVCache::make_mask(int n,
       for (int j = 0; j < K; ++j) {
         const int col = lo + j;
         // Keys by position: holes (-1) and other rows' columns never match.
-        const int k = col < idx_ ? cols_[b][col - front_] : pos_[b] + col - idx_;
+        const int k =
+            col < idx_ ? cols_[b][col - front_] : pos_[b] + col - idx_;
         const bool on = k >= 0 && k <= q && (w == 0 || q - k < w);
         all = all && on;
         m[at++] = on;
@@ -506,8 +503,9 @@ std::unique_ptr<Cache> BatchKVCache::extract(int b) const {
       auto sh = buf.shape();
       auto row = mx::slice(buf, {b, 0, 0, 0}, {b + 1, sh[1], sh[2], sh[3]});
       // A copy: the row must not keep the whole batch buffer alive.
-      arrays.push_back(dense ? mx::copy(seq_rows(row, own.front(), own.back() + 1))
-                             : mx::take(row, idx, 2));
+      arrays.push_back(
+          dense ? mx::copy(seq_rows(row, own.front(), own.back() + 1))
+                : mx::take(row, idx, 2));
     }
   }
   std::unique_ptr<Cache> out;

@@ -493,8 +493,8 @@ InPlan plan_attn_in(const mx::array& x,
   sp.k = push_linear(inputs, qkv[1]);
   sp.v = push_linear(inputs, qkv[2]);
   sp.offset_at = int(inputs.size());
-  inputs.push_back(offset.dtype() == mx::int32 ? offset
-                                                : mx::astype(offset, mx::int32, s));
+  inputs.push_back(
+      offset.dtype() == mx::int32 ? offset : mx::astype(offset, mx::int32, s));
   if (rp.freqs) {
     inputs.push_back(*rp.freqs);
   }
@@ -504,8 +504,8 @@ InPlan plan_attn_in(const mx::array& x,
   p.hd = hd;
   p.hdv = int(sp.v.rows / n_kv_heads);
   p.fits = on_cpu(s) && x.ndim() == 3 && x.size() > 0 &&
-           x.shape(1) <= kMaxBlockRows && float_like(t) &&
-           norm_w.ndim() == 1 && norm_w.shape(0) == D &&
+           x.shape(1) <= kMaxBlockRows && float_like(t) && norm_w.ndim() == 1 &&
+           norm_w.shape(0) == D &&
            mx::promote_types(x.dtype(), norm_w.dtype()) == t &&
            linear_ok(qkv[0], D, t) && linear_ok(qkv[1], D, t) &&
            linear_ok(qkv[2], D, t) && sp.q.rows % n_heads == 0 &&
@@ -563,9 +563,10 @@ bool out_fits(int64_t heads,
          x.shape(1) <= kMaxBlockRows && float_like(t) && norm_w.ndim() == 1 &&
          norm_w.shape(0) == D &&
          mx::promote_types(x.dtype(), norm_w.dtype()) == t &&
-         linear_ok(o, heads * hd, t) && sp.o.rows == D && linear_ok(gate, D, t) &&
-         linear_ok(up, D, t) && sp.gate.rows == sp.up.rows &&
-         linear_ok(down, sp.gate.rows, t) && sp.down.rows == D;
+         linear_ok(o, heads * hd, t) && sp.o.rows == D &&
+         linear_ok(gate, D, t) && linear_ok(up, D, t) &&
+         sp.gate.rows == sp.up.rows && linear_ok(down, sp.gate.rows, t) &&
+         sp.down.rows == D;
 }
 
 // An evaluated (allocated, row-contiguous) array for a step's intermediate.
@@ -642,9 +643,9 @@ struct StackLayer {
 
 // Where a stack step writes and what its queries attend.
 struct StackAt {
-  int at, lo;   // buffer column of the new rows; first column attended
-  bool causal;  // mask mode "causal"
-  int mask_at;  // input index of the (B, heads, L, K) mask; -1: none
+  int at, lo;  // buffer column of the new rows; first column attended
+  bool causal; // mask mode "causal"
+  int mask_at; // input index of the (B, heads, L, K) mask; -1: none
 };
 
 void run_stack(std::vector<mx::array>& in,
@@ -758,19 +759,11 @@ mx::array attn_out_mlp(const mx::array& attn,
   const mx::Stream s = mx::to_stream(s_);
   OutPlan p = plan_attn_out(attn, x, o, norm_w, eps, gate, up, down);
   const OutSpec& sp = p.sp;
-  const bool fits = attn.ndim() == 4 && attn.dtype() == x.dtype() &&
-                    x.ndim() == 3 && attn.shape(0) == x.shape(0) &&
-                    attn.shape(2) == x.shape(1) &&
-                    out_fits(attn.shape(1),
-                             attn.shape(3),
-                             x,
-                             o,
-                             norm_w,
-                             gate,
-                             up,
-                             down,
-                             sp,
-                             s);
+  const bool fits =
+      attn.ndim() == 4 && attn.dtype() == x.dtype() && x.ndim() == 3 &&
+      attn.shape(0) == x.shape(0) && attn.shape(2) == x.shape(1) &&
+      out_fits(
+          attn.shape(1), attn.shape(3), x, o, norm_w, gate, up, down, sp, s);
   if (!fits) {
     return ref_attn_out_mlp(p.inputs, sp, s);
   }
@@ -830,26 +823,27 @@ stack_step(const std::vector<const Layer*>& layers,
   std::vector<std::pair<int, int>> donations;
   for (size_t i = 0; i < layers.size(); ++i) {
     const Layer& ly = *layers[i];
-    InPlan a = plan_attn_in(x,
-                            ly.norm1,
-                            ly.eps1,
-                            ly.qkv,
-                            ly.heads,
-                            ly.kv_heads,
-                            ly.rope,
-                            off,
-                            s);
+    InPlan a = plan_attn_in(
+        x, ly.norm1, ly.eps1, ly.qkv, ly.heads, ly.kv_heads, ly.rope, off, s);
     OutPlan o =
         plan_attn_out(x, x, ly.o, ly.norm2, ly.eps2, ly.gate, ly.up, ly.down);
     const auto& [kb, vb] = bufs[i];
     if (!a.fits ||
-        !out_fits(
-            ly.heads, a.hdv, x, ly.o, ly.norm2, ly.gate, ly.up, ly.down, o.sp, s) ||
+        !out_fits(ly.heads,
+                  a.hdv,
+                  x,
+                  ly.o,
+                  ly.norm2,
+                  ly.gate,
+                  ly.up,
+                  ly.down,
+                  o.sp,
+                  s) ||
         kb.ndim() != 4 || vb.ndim() != 4 || kb.dtype() != t ||
         vb.dtype() != t || kb.shape(0) != B || kb.shape(1) != ly.kv_heads ||
-        kb.shape(3) != a.hd || vb.shape(0) != B ||
-        vb.shape(1) != ly.kv_heads || vb.shape(3) != a.hdv ||
-        kb.shape(2) < offset + L || vb.shape(2) < offset + L) {
+        kb.shape(3) != a.hd || vb.shape(0) != B || vb.shape(1) != ly.kv_heads ||
+        vb.shape(3) != a.hdv || kb.shape(2) < offset + L ||
+        vb.shape(2) < offset + L) {
       return std::nullopt;
     }
     StackLayer sl{a.sp,
@@ -920,8 +914,8 @@ stack_step(const std::vector<const Layer*>& layers,
       "FusedStackStep",
       std::string(),
       CpuPrimitive::Fallback(),
-      [specs = std::move(specs),
-       where](std::vector<mx::array>& in, std::vector<mx::array>& outs) {
+      [specs = std::move(specs), where](std::vector<mx::array>& in,
+                                        std::vector<mx::array>& outs) {
         run_stack(in, outs, specs, where);
       });
   for (auto [out, in] : donations) {

@@ -7,8 +7,8 @@
 #include "mlx/primitives.h"
 
 #include <functional>
-#include <utility>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace mlx_harmony_core {

@@ -24,8 +24,7 @@ inline __m256 widen(__m128i bytes8) { // low 8 int8 -> 8 floats
 inline float decode(int type, const uint8_t* p, __m256* q) {
   if (type == kQ8_0) {
     const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 2));
-    const __m128i b =
-        _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 18));
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 18));
     q[0] = widen(a);
     q[1] = widen(_mm_srli_si128(a, 8));
     q[2] = widen(b);
@@ -95,17 +94,17 @@ void gemv(int type,
       rows_dot<4>(type, row, blocks, x + r, y + r, n);
     }
     switch (nx - r) {
-      case 3:
-        rows_dot<3>(type, row, blocks, x + r, y + r, n);
-        break;
-      case 2:
-        rows_dot<2>(type, row, blocks, x + r, y + r, n);
-        break;
-      case 1:
-        rows_dot<1>(type, row, blocks, x + r, y + r, n);
-        break;
-      default:
-        break;
+    case 3:
+      rows_dot<3>(type, row, blocks, x + r, y + r, n);
+      break;
+    case 2:
+      rows_dot<2>(type, row, blocks, x + r, y + r, n);
+      break;
+    case 1:
+      rows_dot<1>(type, row, blocks, x + r, y + r, n);
+      break;
+    default:
+      break;
     }
   }
 }

@@ -8,8 +8,8 @@
 namespace mlx_harmony_core::gguf {
 
 // llama.cpp's kvalues_mxfp4: e2m1 values doubled, so the scale is 2^(e-128).
-alignas(16) inline constexpr int8_t kMxfp4Values[16] =
-    {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+alignas(16) inline constexpr int8_t kMxfp4Values[16] = {
+    0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
 
 // 2^(e-128) as llama.cpp's GGML_E8M0_TO_FP32_HALF (e = 0, 1: subnormal).
 inline float e8m0_half(uint8_t e) {

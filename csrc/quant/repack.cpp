@@ -3,16 +3,15 @@
 #include "mlx/allocator.h"
 #include "quant/gguf_blocks_common.h"
 
-#include <sys/mman.h>
-#include <unistd.h>
-
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <exception>
 #include <stdexcept>
 #include <string>
+#include <sys/mman.h>
 #include <thread>
+#include <unistd.h>
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
@@ -40,14 +39,14 @@ uint16_t float_to_half(float value) {
   uint16_t sign = uint16_t((f & 0x80000000u) >> 16);
   uint32_t f_exp = f & 0x7f800000u;
   uint32_t f_sig;
-  if (f_exp >= 0x47800000u) {  // overflow, inf or NaN
+  if (f_exp >= 0x47800000u) { // overflow, inf or NaN
     if (f_exp == 0x7f800000u && (f & 0x007fffffu)) {
       uint16_t ret = uint16_t(0x7c00u + ((f & 0x007fffffu) >> 13));
       return uint16_t(sign + (ret == 0x7c00u ? ret + 1 : ret));
     }
     return uint16_t(sign + 0x7c00u);
   }
-  if (f_exp <= 0x38000000u) {  // a half subnormal or zero
+  if (f_exp <= 0x38000000u) { // a half subnormal or zero
     if (f_exp < 0x33000000u) {
       return sign;
     }
@@ -65,7 +64,7 @@ uint16_t float_to_half(float value) {
     f_sig += 0x00001000u;
   }
   uint16_t h_sig = uint16_t(f_sig >> 13);
-  return uint16_t(sign + h_sig + h_exp);  // a carry into the exponent is right
+  return uint16_t(sign + h_sig + h_exp); // a carry into the exponent is right
 }
 
 // ggml's 16-byte 4-bit block (element j in the low nibble of byte j, j+16 in
@@ -120,7 +119,7 @@ void advise_huge(void* ptr, size_t nbytes) {
   uintptr_t a = (reinterpret_cast<uintptr_t>(ptr) + huge - 1) & ~(huge - 1);
   uintptr_t b = (reinterpret_cast<uintptr_t>(ptr) + nbytes) & ~(huge - 1);
   if (b > a) {
-    ::madvise(reinterpret_cast<void*>(a), b - a, MADV_HUGEPAGE);  // a hint
+    ::madvise(reinterpret_cast<void*>(a), b - a, MADV_HUGEPAGE); // a hint
   }
 #endif
 }
@@ -182,14 +181,14 @@ void parallel(int64_t n, int threads, F fn) {
 // Block layout in the file: bytes per block of 32 weights.
 int block_bytes(int type) {
   switch (type) {
-    case kQ4_0:
-      return 18;
-    case kQ4_1:
-      return 20;
-    case kQ8_0:
-      return 34;
-    case kMXFP4:
-      return 17;
+  case kQ4_0:
+    return 18;
+  case kQ4_1:
+    return 20;
+  case kQ8_0:
+    return 34;
+  case kMXFP4:
+    return 17;
   }
   return 0;
 }
@@ -205,37 +204,37 @@ void convert_blocks(int type,
   const int bs = block_bytes(type);
   for (int64_t b = b0; b < b1; ++b, src += bs) {
     switch (type) {
-      case kMXFP4:
-        scales[b] = src[0];
-        repack_nibbles(src + 1, codes + b * 16);
-        break;
-      case kQ4_0: {
-        uint16_t d = load_u16(src);
-        std::memcpy(scales + 2 * b, &d, 2);
-        uint16_t bias = float_to_half(half_to_float(d) * -8.0f);
-        std::memcpy(biases + 2 * b, &bias, 2);
-        repack_nibbles(src + 2, codes + b * 16);
-        break;
+    case kMXFP4:
+      scales[b] = src[0];
+      repack_nibbles(src + 1, codes + b * 16);
+      break;
+    case kQ4_0: {
+      uint16_t d = load_u16(src);
+      std::memcpy(scales + 2 * b, &d, 2);
+      uint16_t bias = float_to_half(half_to_float(d) * -8.0f);
+      std::memcpy(biases + 2 * b, &bias, 2);
+      repack_nibbles(src + 2, codes + b * 16);
+      break;
+    }
+    case kQ4_1:
+      std::memcpy(scales + 2 * b, src, 2);
+      std::memcpy(biases + 2 * b, src + 2, 2);
+      repack_nibbles(src + 4, codes + b * 16);
+      break;
+    case kQ8_0: {
+      uint16_t d = load_u16(src);
+      std::memcpy(scales + 2 * b, &d, 2);
+      uint16_t bias = float_to_half(half_to_float(d) * -128.0f);
+      std::memcpy(biases + 2 * b, &bias, 2);
+      // MLX's 8-bit codes are unsigned: q + 128, i.e. the sign bit flipped.
+      uint64_t q[4];
+      std::memcpy(q, src + 2, 32);
+      for (auto& v : q) {
+        v ^= 0x8080808080808080ull;
       }
-      case kQ4_1:
-        std::memcpy(scales + 2 * b, src, 2);
-        std::memcpy(biases + 2 * b, src + 2, 2);
-        repack_nibbles(src + 4, codes + b * 16);
-        break;
-      case kQ8_0: {
-        uint16_t d = load_u16(src);
-        std::memcpy(scales + 2 * b, &d, 2);
-        uint16_t bias = float_to_half(half_to_float(d) * -128.0f);
-        std::memcpy(biases + 2 * b, &bias, 2);
-        // MLX's 8-bit codes are unsigned: q + 128, i.e. the sign bit flipped.
-        uint64_t q[4];
-        std::memcpy(q, src + 2, 32);
-        for (auto& v : q) {
-          v ^= 0x8080808080808080ull;
-        }
-        std::memcpy(codes + b * 32, q, 32);
-        break;
-      }
+      std::memcpy(codes + b * 32, q, 32);
+      break;
+    }
     }
   }
 }
@@ -244,14 +243,14 @@ void convert_blocks(int type,
 
 bool gguf_type_supported(int type) {
   switch (type) {
-    case kF32:
-    case kF16:
-    case kBF16:
-    case kQ4_0:
-    case kQ4_1:
-    case kQ8_0:
-    case kMXFP4:
-      return true;
+  case kF32:
+  case kF16:
+  case kBF16:
+  case kQ4_0:
+  case kQ4_1:
+  case kQ8_0:
+  case kMXFP4:
+    return true;
   }
   return false;
 }
@@ -283,11 +282,13 @@ std::vector<mx::array> load_gguf_tensor(int fd,
     count *= d;
   }
   if (type == kF32 || type == kF16 || type == kBF16) {
-    mx::Dtype dtype =
-        type == kF32 ? mx::float32 : (type == kF16 ? mx::float16 : mx::bfloat16);
+    mx::Dtype dtype = type == kF32
+                          ? mx::float32
+                          : (type == kF16 ? mx::float16 : mx::bfloat16);
     Out out = new_array(mshape, dtype, huge_pages);
     const int64_t nbytes = count * int64_t(dtype.size());
-    parallel((nbytes + kFloatStep - 1) / kFloatStep, threads,
+    parallel((nbytes + kFloatStep - 1) / kFloatStep,
+             threads,
              [&](int64_t s0, int64_t s1) {
                for (int64_t s = s0; s < s1; ++s) {
                  int64_t a = s * kFloatStep;
@@ -308,7 +309,8 @@ std::vector<mx::array> load_gguf_tensor(int fd,
   mx::Shape scale_shape = mshape;
   scale_shape.back() = mx::ShapeElem(shape.back() / 32);
   Out codes = new_array(code_shape, mx::uint32, huge_pages);
-  Out scales = new_array(scale_shape, type == kMXFP4 ? mx::uint8 : mx::float16, huge_pages);
+  Out scales = new_array(
+      scale_shape, type == kMXFP4 ? mx::uint8 : mx::float16, huge_pages);
   std::vector<mx::array> result{codes.array, scales.array};
   uint8_t* biases = nullptr;
   if (type != kMXFP4) {

@@ -2,7 +2,8 @@
 // layout, in one pass: each thread preads a few hundred KB of blocks into its
 // own small buffer and repacks them into the final arrays (no intermediate
 // copy of a tensor, no numpy). The Python loader's numpy path
-// (models/gguf.py: tensor_arrays) is the reference these must equal bit for bit.
+// (models/gguf.py: tensor_arrays) is the reference these must equal bit for
+// bit.
 #pragma once
 
 #include "mlx/array.h"
