@@ -173,6 +173,7 @@ sys.path.insert(0, sys.argv[4])
 import bench_decode_llamacpp as b
 engine, path, spec = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 if engine == "ours":
+    import mlx_harmony_core  # first: MLX then takes our BLAS (its own is ~40x slower)
     import mlx.core as mx
     mx.set_default_device(mx.cpu)
     run = b.ours_runner(path)
