@@ -53,13 +53,18 @@ void Pool::work(uint64_t job) {
     if ((v >> 32) != job) {
       return;
     }
-    // A claimed task keeps its job running, so task_ and size_ stay its own.
-    if (!next_.compare_exchange_weak(v, v + 1, std::memory_order_acq_rel)) {
-      continue;
-    }
+    // Check the bound before claiming: a claim past the end does not keep
+    // the job running, so after it the caller may start the next job and
+    // size_ / task_ would be that job's (its task run twice, counted twice,
+    // and the caller returning while one still writes). A successful claim
+    // below the bound keeps this job running, so task_ stays its own; a
+    // size_ read from a newer job fails the claim (next_ moved on).
     const int64_t i = static_cast<int64_t>(v & 0xffffffffu);
     if (i >= size_.load(std::memory_order_acquire)) {
       return;
+    }
+    if (!next_.compare_exchange_weak(v, v + 1, std::memory_order_acq_rel)) {
+      continue;
     }
     (*task_)(i);
     done_.fetch_add(1, std::memory_order_acq_rel);
