@@ -5,11 +5,16 @@ Every benchmark sets ``benchmark.group`` to its case and ``benchmark.extra_info[
 case (> 1: we are faster). With ``--benchmark-disable`` each benchmark runs once, as a test.
 """
 
+import atexit
 import os
+import shutil
 import statistics
 import tempfile
 
-os.environ.setdefault("MLX_HARMONY_CORE_HOME", tempfile.mkdtemp(prefix="mhc-bench-home-"))
+if "MLX_HARMONY_CORE_HOME" not in os.environ:  # ours: removed at exit (~220 MB a run)
+    _home = tempfile.mkdtemp(prefix="mhc-bench-home-")
+    os.environ["MLX_HARMONY_CORE_HOME"] = _home
+    atexit.register(shutil.rmtree, _home, ignore_errors=True)
 
 import mlx_harmony_core  # noqa: E402,F401,I001  (before mlx.core: it routes MLX's BLAS)
 
