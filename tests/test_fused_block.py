@@ -3,6 +3,8 @@ MLX's own ops, and a llama model switched to :class:`FusedLlamaBlock` against th
 path: values within float32 rounding, odd shapes, biases, per-row offsets, sliding windows,
 batched caches, long blocks, bad input, transforms."""
 
+import copy
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -548,3 +550,65 @@ def test_stack_step_batch_cache_matches_op_by_op(rng, monkeypatch):
     assert len(ours) == len(ref)
     for a, b in zip(ours, ref, strict=True):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * max(1.0, np.abs(b).max()))
+
+
+def test_same_objects_checks_identity():
+    """``_core.same_objects``: a dict key's value, an object's type, a list item, each by
+    identity; an absent key reads as None; anything but a tuple of triples is a TypeError."""
+    a, b = mx.zeros((2,)), mx.zeros((2,))
+    d, items = {"w": a}, [a, b]
+    assert _core.same_objects(())
+    assert _core.same_objects(((d, "w", a), (d, None, dict), (items, 1, b), (d, "x", None)))
+    assert not _core.same_objects(((d, "w", b),))
+    assert not _core.same_objects(((d, None, list),))
+    assert not _core.same_objects(((items, 0, b),))
+    assert not _core.same_objects(((items, 2, a),))  # past the end
+    assert not _core.same_objects(((items, "w", a),))  # a str key of a list
+    with pytest.raises(TypeError):
+        _core.same_objects([(d, "w", a)])
+    with pytest.raises(TypeError):
+        _core.same_objects(((d, "w"),))
+
+
+def test_stack_step_follows_layer_swaps(rng, monkeypatch):
+    """The model keeps its layers' FusedBlock list between steps (one check a token) and
+    rebuilds it from the live arrays after model.update; a layer replaced in the list or a
+    submodule off our kernels runs the layers one by one: the op-by-op logits throughout."""
+    model = tiny_llama(rng)
+    calls = _stack_calls(monkeypatch)
+    prompt = [int(t) for t in rng.integers(0, 300, 8)]
+
+    def both():
+        ours = _decode(model, prompt, 3, make_cache(model))
+        with fused.fused(False):
+            ref = _decode(model, prompt, 3, make_cache(model))
+        for a, b in zip(ours, ref, strict=True):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * np.abs(b).max())
+        return ours
+
+    before = both()
+    memo = model.model._stack_memo
+    assert memo[1] is not None and len(memo[1]) == 3
+    taken = calls["taken"]
+    assert taken >= 4
+    both()
+    assert model.model._stack_memo is memo  # kept between steps
+    layer = model.model.layers[2]
+    up = layer.mlp.up_proj
+    model.update({"model": {"layers": [{}, {}, {"mlp": {"up_proj": {"scales": up.scales * 2}}}]}})
+    after = both()
+    assert model.model._stack_memo is not memo and calls["taken"] > taken + 4
+    assert not np.allclose(before[-1], after[-1])
+    # A plain block (the same weights) swapped into the list: the layers run one by one.
+    from mlx_lm.models import llama
+
+    plain = copy.copy(layer)
+    plain.__class__ = llama.TransformerBlock
+    model.model.layers[2] = plain
+    taken = calls["taken"]
+    both()
+    assert calls["taken"] == taken
+    model.model.layers[2] = layer
+    layer.mlp.up_proj = nn.Linear(192, 320, bias=False)
+    both()
+    assert calls["taken"] == taken

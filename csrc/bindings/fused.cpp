@@ -209,9 +209,64 @@ std::optional<mx::array> stack_step(const std::vector<Block*>& blocks,
   return (*out)[0];
 }
 
+// Whether every (obj, key, value) entry of `checks` still holds: key None:
+// type(obj) is value; a str: obj (a dict: nn.Module) .get(key) is value; an
+// int: obj (a list) [key] is value. A model's decode step checks ~1500 such
+// entries per token (its memo of every layer's weights): ~1 ms in Python.
+bool same_objects(nb::handle checks) {
+  PyObject* seq = checks.ptr();
+  if (!PyTuple_Check(seq)) {
+    throw nb::type_error("checks must be a tuple of (obj, key, value)");
+  }
+  const Py_ssize_t n = PyTuple_Size(seq);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* e = PyTuple_GetItem(seq, i);
+    if (!PyTuple_Check(e) || PyTuple_Size(e) != 3) {
+      throw nb::type_error("checks must be a tuple of (obj, key, value)");
+    }
+    PyObject* obj = PyTuple_GetItem(e, 0);
+    PyObject* key = PyTuple_GetItem(e, 1);
+    PyObject* value = PyTuple_GetItem(e, 2);
+    PyObject* live = nullptr;
+    if (key == Py_None) {
+      live = reinterpret_cast<PyObject*>(Py_TYPE(obj));
+    } else if (PyLong_Check(key)) {
+      const Py_ssize_t k = PyLong_AsSsize_t(key);
+      if (!PyList_Check(obj) || k < 0 || k >= PyList_Size(obj)) {
+        PyErr_Clear();
+        return false;
+      }
+      live = PyList_GetItem(obj, k);
+    } else {
+      if (!PyDict_Check(obj)) {
+        return false;
+      }
+      live = PyDict_GetItemWithError(obj, key); // borrowed
+      if (live == nullptr && PyErr_Occurred()) {
+        throw nb::python_error();
+      }
+      if (live == nullptr) {
+        live = Py_None; // absent reads as None, as dict.get
+      }
+    }
+    if (live != value) {
+      return false;
+    }
+  }
+  return true;
+}
+
 } // namespace
 
 void init_fused(nb::module_& m) {
+  m.def("same_objects",
+        &same_objects,
+        "checks"_a,
+        "Whether every (obj, key, value) of the tuple ``checks`` still holds: "
+        "key None: ``type(obj) is value``; a str: ``obj.get(key) is value`` "
+        "(obj a dict, e.g. an nn.Module); an int: ``obj[key] is value`` (obj "
+        "a list). One C loop for a model's memo of its layers' arrays.");
+
   nb::class_<Block>(m,
                     "FusedBlock",
                     "A llama-style decoder block for the fused decode step "
