@@ -144,6 +144,9 @@ struct Lin {
 // worker costs more than it saves.
 constexpr int64_t kSplitBytes = 96 << 10;
 
+// Parts of a split GEMV pass per pool thread (as matmul_t's own tasks).
+constexpr int64_t kPartsPerThread = 4;
+
 int64_t scale_bytes(quant::ScaleType t) {
   return t == quant::ScaleType::F32 ? 4 : t == quant::ScaleType::E8M0 ? 1 : 2;
 }
@@ -175,10 +178,14 @@ void linears(std::vector<Lin*> lins,
     bytes += lins[j]->a.rows * lins[j]->a.row_bytes();
   }
   auto& pool = quant::Pool::instance();
-  int parts = bytes >= kSplitBytes ? std::max(1, pool.threads()) : 1;
+  const int threads = std::max(1, pool.threads());
+  // Several parts a thread, claimed as threads come free: a thread the OS
+  // preempts (2 cores shared with Python's graph building) delays one part,
+  // not half the pass while the other thread waits at the join.
+  int64_t parts = bytes >= kSplitBytes ? threads * kPartsPerThread : 1;
   // matmul_t threads big passes (and the BLAS route for many rows) itself;
   // split here only where it would run a share on its calling thread alone.
-  if (R >= quant::gemm_rows() || bytes / parts >= quant::parallel_bytes()) {
+  if (R >= quant::gemm_rows() || bytes / threads >= quant::parallel_bytes()) {
     parts = 1;
   }
   auto part = [&](int64_t p) {

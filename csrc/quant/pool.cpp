@@ -81,7 +81,14 @@ void Pool::worker(int index) {
       int spins = 0;
       while ((g = generation_.load(std::memory_order_acquire)) == seen) {
         MHC_PAUSE();
-        if (++spins % 64 == 0 && std::chrono::steady_clock::now() > until) {
+        if (++spins % 64 != 0) {
+          continue;
+        }
+        // A spinning worker must not keep a core from a thread with work
+        // (the step's caller, Python building the next step): the caller
+        // takes every task a late worker has not claimed.
+        std::this_thread::yield();
+        if (std::chrono::steady_clock::now() > until) {
           std::unique_lock<std::mutex> lock(sleep_mutex_);
           wake_.wait(lock, [&] {
             return generation_.load(std::memory_order_acquire) != seen;
