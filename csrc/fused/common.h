@@ -18,6 +18,9 @@ bool on_cpu(const mx::Stream& s);
 // Runs f(0 .. n-1), over the thread pool when `work` is large enough.
 void parallel(int64_t n, int64_t work, const std::function<void(int64_t)>& f);
 float sum_squares(const float* a, int64_t n);
+// out[j] = exp(x[j]) for n values (out may be x), vectorized where the CPU
+// allows (within a few float32 ulps of std::exp).
+void exps(const float* x, int64_t n, float* out);
 // n elements of a from element offset off, stride apart, as floats (a pointer
 // into a itself when it holds contiguous float32 there, else into buf).
 const float*
