@@ -68,9 +68,7 @@ def _seconds(x, mats, bits, group, passes):
     return best
 
 
-def gemv_shares(
-    rounds: int, full: bool, passes: int = 3
-) -> dict[str, tuple[float, float, float]]:
+def gemv_shares(rounds: int, full: bool, passes: int = 3) -> dict[str, tuple[float, float, float]]:
     """Per layout: (median GB/s for 1 row, median share of copy bandwidth, median 8-row /
     1-row time). Each round measures the copy right before each layout's GEMV, so a busy
     neighbour hits both alike; the medians over rounds are what is steady."""
@@ -91,8 +89,7 @@ def gemv_shares(
             gbps = nbytes / one / 1e9
             got[name].append((gbps, gbps / copy, eight / one))
     return {
-        name: tuple(statistics.median(r[i] for r in v) for i in range(3))
-        for name, v in got.items()
+        name: tuple(statistics.median(r[i] for r in v) for i in range(3)) for name, v in got.items()
     }
 
 
