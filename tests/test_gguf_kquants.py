@@ -181,6 +181,32 @@ def test_kquant_matmul_matches_float64(isa, kind, rng):
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("kind", KTYPES)
+def test_kquant_gemv_row_is_the_same_alone_or_batched(isa, kind, rng):
+    """A row of x gets bit-identical results alone and in a batch of 1..16 rows (the GEMV
+    kernels keep one summation order per row whatever the row count), over chunk boundaries
+    and group counts that are not a multiple of the kernel's accumulator chains."""
+    _core.set_quant_isa(isa)
+    block = gguf.GGML_QUANT_SIZES[kind][0]
+    cols = block * (67 if block == 32 else 9)
+    (w, s, b), bits, group, w64 = _kquant_matrix(rng, kind, 37, cols)
+    x = mx.array(rng.standard_normal((16, cols)).astype(np.float32))
+    before = _core.quant_gemm_rows()
+    _core.set_quant_gemm_rows(17)  # 16 rows stay on the GEMV kernels
+    try:
+        full = np.array(_core.quantized_matmul(x, w, s, b, True, group, bits))
+        for n in range(1, 17):
+            part = np.array(_core.quantized_matmul(x[:n], w, s, b, True, group, bits))
+            assert np.array_equal(part, full[:n]), n
+        for r in range(16):
+            alone = np.array(_core.quantized_matmul(x[r : r + 1], w, s, b, True, group, bits))
+            assert np.array_equal(alone[0], full[r]), r
+    finally:
+        _core.set_quant_gemm_rows(before)
+    check_close(mx.array(full), np.array(x).astype(np.float64), w64)
+
+
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("bits", [2, 3, 5, 6])
 @pytest.mark.parametrize("gs", [32, 64, 128])
 @pytest.mark.parametrize("transpose", [True, False])
