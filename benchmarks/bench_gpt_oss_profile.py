@@ -5,8 +5,9 @@
 
 A GGUF file (``$MHC_BENCH_OSS_PROFILE``; without it a tiny demo-shaped file, once, as a test) is
 loaded as ``mlx_harmony_core.load`` does on the CPU (block-kernel layers over the mapped file,
-fused norms/RoPE/attention), a 128-token prompt is prefilled, then decode tokens run two ways:
-whole (one ``mx.eval`` per token: the real step) and part by part, mlx-lm's GPT-OSS layer
+fused norms/RoPE/attention), a prompt is prefilled (``$MHC_BENCH_PROMPT`` tokens, default 128),
+then ``$MHC_BENCH_TOKENS`` decode tokens (4) run two ways: whole (one ``mx.eval`` per token:
+the real step) and part by part, mlx-lm's GPT-OSS layer
 replayed on the model's own modules with an ``mx.eval`` after each part. The parts' sum exceeds
 the whole step by the barriers' cost (~0.1 ms each); CPU seconds (all threads) next to wall
 seconds show how much of a token the machine's other load took. Bytes are the weights a part
@@ -158,6 +159,7 @@ def test_gpt_oss_decode_profile(tmp_path: Path) -> None:
         path = str(make_test_gguf(tmp_path / "demo.gguf", preset="demo"))
     elif not Path(path).exists():
         pytest.skip(f"{path} is missing")
-    report = profile(path, tokens=int(os.environ.get("MHC_BENCH_TOKENS", "4")))
+    tokens = int(os.environ.get("MHC_BENCH_TOKENS", "4"))
+    report = profile(path, tokens=tokens, prompt=int(os.environ.get("MHC_BENCH_PROMPT", "128")))
     print(report)
     assert "head" in report
