@@ -51,7 +51,17 @@ def isa(request):
 @pytest.mark.parametrize("kind", [8, 39])
 @pytest.mark.parametrize(
     ("m", "n", "k"),
-    [(1, 1, 32), (1, 37, 64), (3, 70, 96), (5, 33, 160), (17, 129, 96), (40, 65, 320)],
+    [
+        (1, 1, 32),
+        (1, 37, 64),
+        (3, 70, 96),
+        (5, 33, 160),
+        (17, 129, 96),
+        (40, 65, 320),
+        (1, 3, 224),  # odd block counts: the kernels take blocks in pairs
+        (2, 7, 2880),  # a gpt-oss row
+        (6, 5, 288),
+    ],
 )
 def test_matmul_equals_dequantized_float64(isa, kind, m, n, k):
     rng = np.random.default_rng(m * 1000 + n + k)
@@ -98,6 +108,37 @@ def test_gather_equals_gather_mm_of_dequantized(isa, kind, rows):
         _core.gguf_gather_matmul(mx.array(xs), mx.array(w), mx.array(idx.reshape(-1)), kind)
     )
     np.testing.assert_allclose(got2.reshape(rows, 3, 1, n), got, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture
+def gemv_settings():
+    before = (_core.quant_gemm_rows(), _core.quant_parallel_bytes())
+    yield
+    _core.set_quant_gemm_rows(before[0])
+    _core.set_quant_parallel_bytes(before[1])
+
+
+@pytest.mark.parametrize("kind", [8, 39])
+@pytest.mark.parametrize("parallel", [False, True])
+def test_one_x_row_is_bit_identical_alone_or_among_others(isa, kind, parallel, gemv_settings):
+    """Every GEMV path (x rows in groups of 4 and the rest, odd block counts, the
+    thread pool's row ranges) uses one arithmetic order per row of x."""
+    _core.set_quant_gemm_rows(17)  # nx 1..16 all through the GEMV
+    _core.set_quant_parallel_bytes(0 if parallel else 1 << 40)
+    rng = np.random.default_rng(kind + parallel)
+    w = mx.array(_blocks(kind, 37, 288, rng))
+    x = rng.standard_normal((16, 288)).astype(np.float32)
+    alone = np.concatenate(
+        [np.array(_core.gguf_matmul(mx.array(x[i : i + 1]), w, kind)) for i in range(16)]
+    )
+    for nx in range(1, 17):
+        got = np.array(_core.gguf_matmul(mx.array(x[:nx]), w, kind))
+        assert np.array_equal(got, alone[:nx]), nx
+    # the gather route: several rows on one expert, one row on another
+    w3 = mx.stack([w, w])
+    idx = mx.array(np.array([0, 0, 1, 0, 0], np.int32))
+    got = np.array(_core.gguf_gather_matmul(mx.array(x[:5, None]), w3, idx, kind))
+    assert np.array_equal(got[:, 0], alone[:5])
 
 
 def test_isas_agree():
