@@ -612,3 +612,30 @@ def test_stack_step_follows_layer_swaps(rng, monkeypatch):
     layer.mlp.up_proj = nn.Linear(192, 320, bias=False)
     both()
     assert calls["taken"] == taken
+
+
+def test_stack_step_follows_layers_appended_and_reclassed(rng, monkeypatch):
+    """A layer appended to the list in place, or a plain layer turned into ours in place:
+    the next step re-reads the layers (one FusedBlock per cache; the one call again)."""
+    from mlx_lm.models import llama
+
+    model = tiny_llama(rng)
+    calls = _stack_calls(monkeypatch)
+    prompt = [int(t) for t in rng.integers(0, 300, 8)]
+    _decode(model, prompt, 2, make_cache(model))
+    model.model.layers.append(model.model.layers[-1])  # shared weights: a 4th block
+    ours = _decode(model, prompt, 2, make_cache(model))
+    assert len(model.model._stack_memo[1]) == 4
+    with fused.fused(False):
+        ref = _decode(model, prompt, 2, make_cache(model))
+    for a, b in zip(ours, ref, strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * np.abs(b).max())
+    layer = model.model.layers[1]
+    ours_class = layer.__class__
+    layer.__class__ = llama.TransformerBlock
+    _decode(model, prompt, 2, make_cache(model))
+    assert model.model._stack_memo[1] is None
+    taken = calls["taken"]
+    layer.__class__ = ours_class
+    _decode(model, prompt, 2, make_cache(model))
+    assert model.model._stack_memo[1] is not None and calls["taken"] > taken

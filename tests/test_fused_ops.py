@@ -236,3 +236,18 @@ def test_compile_and_gpu_fallback(rng):
     if mx.metal.is_available():  # pragma: no cover - no GPU on CI
         with mx.stream(mx.gpu):
             close(_core.rms_norm(x, w, 1e-5), mx.fast.rms_norm(x, w, 1e-5))
+
+
+def test_attention_propagates_nan_and_inf_like_mlx(rng):
+    """A NaN in a key or an infinite score gives what MLX's attention gives (NaN), not a
+    finite number: the vectorized exp passes NaN through and overflows to inf."""
+    q = rng.standard_normal((1, 2, 1, 64)).astype(np.float32)
+    k = rng.standard_normal((1, 2, 9, 64)).astype(np.float32)
+    v = rng.standard_normal((1, 2, 9, 64)).astype(np.float32)
+    k[0, 0, 3, 5] = np.nan
+    k[0, 1, 2, 7] = np.inf
+    args = (mx.array(q), mx.array(k), mx.array(v))
+    ours = np.array(_core.scaled_dot_product_attention(*args, scale=0.125))
+    ref = np.array(mx.fast.scaled_dot_product_attention(*args, scale=0.125))
+    np.testing.assert_array_equal(np.isnan(ours), np.isnan(ref))
+    assert np.isnan(ours[0, 0]).all()

@@ -182,7 +182,8 @@ void linears(std::vector<Lin*> lins,
   // Several parts a thread, claimed as threads come free: a thread the OS
   // preempts (2 cores shared with Python's graph building) delays one part,
   // not half the pass while the other thread waits at the join.
-  int64_t parts = bytes >= kSplitBytes ? threads * kPartsPerThread : 1;
+  int64_t parts =
+      threads > 1 && bytes >= kSplitBytes ? threads * kPartsPerThread : 1;
   // matmul_t threads big passes (and the BLAS route for many rows) itself;
   // split here only where it would run a share on its calling thread alone.
   if (R >= quant::gemm_rows() || bytes / threads >= quant::parallel_bytes()) {

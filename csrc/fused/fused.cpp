@@ -99,7 +99,10 @@ MHC_AVX2 inline __m256 exp8(__m256 x) {
   // rounds to about there.
   const __m256 lo = _mm256_set1_ps(-87.33654f);
   const __m256 zero_at = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-  x = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(88.37626f));
+  // Past float32's largest exp: +inf, as std::exp. x as the second operand of
+  // max/min so that a NaN passes through (they return the second on NaN).
+  const __m256 inf_at = _mm256_cmp_ps(x, _mm256_set1_ps(88.72284f), _CMP_GT_OQ);
+  x = _mm256_min_ps(_mm256_set1_ps(88.37626f), _mm256_max_ps(lo, x));
   __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(
       x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
   x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
@@ -115,6 +118,8 @@ MHC_AVX2 inline __m256 exp8(__m256 x) {
   const __m256i e = _mm256_slli_epi32(
       _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   p = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  p = _mm256_blendv_ps(
+      p, _mm256_set1_ps(std::numeric_limits<float>::infinity()), inf_at);
   return _mm256_andnot_ps(zero_at, p);
 }
 

@@ -204,7 +204,13 @@ def _classes() -> dict[type, type]:
             # One check of every layer's memo per token (not one per layer in Python:
             # ~1 ms a token on SmolLM2's 30 layers).
             memo = self.__dict__.get("_stack_memo")
-            if memo is None or memo[2] is not _FUSED_BLOCK or not _valid(memo[0]):
+            if (
+                memo is None
+                or memo[2] is not _FUSED_BLOCK
+                or not _valid(memo[0])
+                # a layer appended in place: the checks cover the indices that were read
+                or (memo[1] is not None and len(memo[1]) != len(self.layers))
+            ):
                 memo = self._read_stack()
                 object.__setattr__(self, "_stack_memo", memo)  # not a parameter
             return memo[1]
@@ -221,6 +227,8 @@ def _classes() -> dict[type, type]:
             blocks: list[Any] | None = []
             for layer in layers:
                 if type(layer) is not FusedLlamaBlock:
+                    # re-read once its class changes (swapped to ours in place)
+                    checks.append((layer, None, type(layer)))
                     return tuple(checks), None, _FUSED_BLOCK
                 args = layer._fused_args()
                 checks.extend(layer.__dict__["_fused_memo"][0])
