@@ -1,4 +1,4 @@
-"""The fused CPU primitives (RMSNorm, RoPE, decode attention) against MLX's own ops and a slow
+"""The fused CPU primitives (RMSNorm, RoPE, attention, SwiGLU) against MLX's own ops and a slow
 numpy reference: values within float32 rounding, edge cases, bad input, transforms."""
 
 import math
@@ -146,7 +146,7 @@ def sdpa_numpy(q, k, v, scale, mask=None, sinks=None):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("lq", [1, 4])
+@pytest.mark.parametrize("lq", [1, 4, 17, 33])
 @pytest.mark.parametrize("mask", [None, "causal", "bool", "additive"])
 @pytest.mark.parametrize("sinks", [False, True])
 def test_attention_matches_mlx_and_numpy(rng, dtype, lq, mask, sinks):
@@ -198,10 +198,38 @@ def test_attention_fully_masked_row_matches_mlx(rng):
     )
 
 
-def test_attention_long_query_blocks_are_mlx(rng):
+@pytest.mark.parametrize("lq", [40, 300])
+def test_attention_prompt_blocks_match_mlx_and_numpy(rng, lq):
+    """A prompt's query rows (blocks of 16 over the threads): causal, a sliding window with
+    sinks (gpt-oss), GQA, rows that see one key, keys and queries as views of wider buffers."""
+    b, hq, hk, d = 1, 6, 2, 64
+    q = rand(rng, (b, lq, hq, d)).transpose(0, 2, 1, 3)
+    k = rand(rng, (b, hk, lq + 24, d))[:, :, :lq]
+    v = rand(rng, (b, hk, lq, d))
+    s = rand(rng, (hq,))
+    i, j = np.arange(lq)[:, None], np.arange(lq)[None]
+    window = mx.array((j <= i) & (j > i - 13))
+    scale = 1 / math.sqrt(d)
+    for mask, sinks in [("causal", None), ("causal", s), (window, s), (None, None)]:
+        ours = _core.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask, sinks=sinks)
+        ref = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask, sinks=sinks)
+        close(ours, ref)
+        np.testing.assert_allclose(
+            np.array(ours), sdpa_numpy(q, k, v, scale, mask, sinks), rtol=1e-5, atol=1e-5
+        )
+
+
+def test_attention_prompt_with_fully_masked_rows_matches_mlx(rng):
+    """Rows of a long block that see no key (a bool mask off throughout) weigh every key
+    alike, as MLX's op does; their neighbours stay exact."""
     q, k, v = rand(rng, (1, 2, 40, 16)), rand(rng, (1, 2, 40, 16)), rand(rng, (1, 2, 40, 16))
-    ours = _core.scaled_dot_product_attention(q, k, v, scale=0.25, mask="causal")
-    close(ours, mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask="causal"))
+    keep = np.tril(np.ones((40, 40), bool))
+    keep[5] = keep[23] = False
+    m = mx.array(keep)
+    close(
+        _core.scaled_dot_product_attention(q, k, v, scale=0.25, mask=m),
+        mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=m),
+    )
 
 
 def test_attention_bad_input(rng):
@@ -251,3 +279,50 @@ def test_attention_propagates_nan_and_inf_like_mlx(rng):
     ref = np.array(mx.fast.scaled_dot_product_attention(*args, scale=0.125))
     np.testing.assert_array_equal(np.isnan(ours), np.isnan(ref))
     assert np.isnan(ours[0, 0]).all()
+
+
+# ---- SwiGLU -----------------------------------------------------------------
+
+
+def swiglu_numpy(g, x):
+    g, x = (np.array(a.astype(mx.float32)).astype(np.float64) for a in (g, x))
+    return g / (1 + np.exp(-g)) * x
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1, 1536), (1, 480, 96), (3, 7), (5,), (2, 3, 4, 9)])
+def test_swiglu_matches_mlx_lm_and_numpy(rng, dtype, shape):
+    from mlx_lm.models.activations import swiglu
+
+    g, x = rand(rng, shape, dtype) * 4, rand(rng, shape, dtype)
+    ours = _core.swiglu(g, x)
+    close(ours, swiglu(g, x), dtype)
+    if dtype == mx.float32:
+        np.testing.assert_allclose(np.array(ours), swiglu_numpy(g, x), rtol=1e-5, atol=1e-6)
+
+
+def test_swiglu_strided_mixed_dtypes_extremes_and_fallbacks(rng):
+    from mlx_lm.models.activations import swiglu
+
+    g = rand(rng, (6, 40)).T * 30  # strided rows; exp over- and underflows
+    x = rand(rng, (40, 6), mx.bfloat16)
+    close(_core.swiglu(g, x), swiglu(g, x))
+    special = mx.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 100.0, -100.0, 89.0])
+    ones = mx.ones((8,))
+    np.testing.assert_array_equal(
+        np.isnan(np.array(_core.swiglu(special, ones))), np.isnan(np.array(swiglu(special, ones)))
+    )
+    fin = np.isfinite(np.array(swiglu(special, ones)))
+    np.testing.assert_allclose(
+        np.array(_core.swiglu(special, ones))[fin], np.array(swiglu(special, ones))[fin], rtol=1e-6
+    )
+    # broadcasting, empty and integer inputs take MLX's ops
+    a, b = rand(rng, (3, 4)), rand(rng, (4,))
+    close(_core.swiglu(a, b), swiglu(a, b))
+    assert _core.swiglu(mx.zeros((0, 4)), mx.zeros((0, 4))).shape == (0, 4)
+    ints = mx.arange(6).reshape(2, 3)
+    close(_core.swiglu(ints, ints), swiglu(ints, ints))
+    f = mx.compile(lambda a, b: _core.swiglu(a, b) * 2)
+    close(f(g, x), swiglu(g, x) * 2)
+    grad = mx.grad(lambda a: _core.swiglu(a, x).sum())(g)
+    close(grad, mx.grad(lambda a: swiglu(a, x).sum())(g))

@@ -373,6 +373,14 @@ void init_fused(nb::module_& m) {
         "stream"_a = nb::none(),
         "``mx.fast.rms_norm`` as one fused primitive on a CPU stream (MLX's "
         "op elsewhere).");
+  m.def("swiglu",
+        &fused::swiglu,
+        "gate"_a,
+        "x"_a,
+        nb::kw_only(),
+        "stream"_a = nb::none(),
+        "``silu(gate) * x`` (mlx-lm's ``swiglu``) as one fused primitive on a "
+        "CPU stream, threaded over rows (MLX's ops elsewhere).");
   m.def(
       "rope",
       [](const mx::array& x,

@@ -461,6 +461,35 @@ void run_rope(std::vector<mx::array>& in, mx::array& out, RopeSpec sp) {
   });
 }
 
+// ---- SwiGLU: inputs gate, x (same shape) -----------------------------------
+
+// (g * sigmoid(g)) * x as mlx-lm writes it, each op's result rounded to t;
+// the exponentials 8 at a time (MLX's CPU sigmoid calls a scalar exp).
+void run_swiglu(std::vector<mx::array>& in, mx::array& out) {
+  const mx::array &g = in[0], &x = in[1];
+  const mx::Dtype t = out.dtype();
+  const int64_t n = g.ndim() ? g.shape(-1) : 1;
+  const int64_t rows = n ? g.size() / n : 0;
+  const int64_t gs = g.ndim() ? g.strides().back() : 1;
+  const int64_t xs = x.ndim() ? x.strides().back() : 1;
+  parallel(rows, rows * n * 16, [&](int64_t r) {
+    thread_local std::vector<float> buf;
+    buf.resize(3 * n);
+    const float* gr = load(g, row_offset(g, r), gs, n, buf.data());
+    const float* xr = load(x, row_offset(x, r), xs, n, buf.data() + n);
+    float* e = buf.data() + 2 * n;
+    for (int64_t i = 0; i < n; ++i) {
+      e[i] = -gr[i];
+    }
+    exps(e, n, e);
+    for (int64_t i = 0; i < n; ++i) {
+      const float sg = round_to(1.f / (1.f + e[i]), t);
+      e[i] = round_to(round_to(gr[i] * sg, t) * xr[i], t);
+    }
+    store(e, out, r * n, n);
+  });
+}
+
 // ---- Attention: inputs q, k, v[, mask][, sinks] ----------------------------
 
 struct SdpaSpec {
@@ -488,9 +517,12 @@ void run_sdpa(std::vector<mx::array>& in, mx::array& out, SdpaSpec sp) {
   // Values likewise, summed in registers.
   const float* v_rows =
       v.dtype() == mx::float32 && vs[3] == 1 ? v.data<float>() : nullptr;
-  // One task per (batch, query head): its rows share the keys read.
-  parallel(B * Hq, B * Hq * Lq * Lk * (D + Dv), [&](int64_t task) {
-    const int64_t b = task / Hq, h = task % Hq, hk = h / rep;
+  // One task per (batch, query head, block of query rows): a block's rows
+  // share the keys read; a prompt's blocks keep every thread busy.
+  const int64_t blocks = (Lq + kQueryBlock - 1) / kQueryBlock;
+  parallel(B * Hq * blocks, B * Hq * Lq * Lk * (D + Dv), [&](int64_t task) {
+    const int64_t bh = task / blocks, blk = task % blocks;
+    const int64_t b = bh / Hq, h = bh % Hq, hk = h / rep;
     thread_local std::vector<float> buf;
     buf.resize(D + D + Dv + Dv + Lk + Lk);
     float* qrow = buf.data();
@@ -503,7 +535,8 @@ void run_sdpa(std::vector<mx::array>& in, mx::array& out, SdpaSpec sp) {
         sinks ? load(*sinks, h * sinks->strides()[0], 1, 1, kbuf)[0] : 0.f;
     const int64_t kbase = b * ks[0] + hk * ks[1];
     const int64_t vbase = b * vs[0] + hk * vs[1];
-    for (int64_t i = 0; i < Lq; ++i) {
+    const int64_t i1 = std::min(Lq, (blk + 1) * kQueryBlock);
+    for (int64_t i = blk * kQueryBlock; i < i1; ++i) {
       const float* qr =
           load(q, b * qs[0] + h * qs[1] + i * qs[2], qs[3], D, kbuf);
       for (int64_t d = 0; d < D; ++d) {
@@ -539,30 +572,33 @@ void run_sdpa(std::vector<mx::array>& in, mx::array& out, SdpaSpec sp) {
         }
       }
       float mx_score = sinks ? sink : lowest;
-      for (int64_t j = 0; j < Lk; ++j) {
+      for (int64_t j = 0; j < n_keys; ++j) {
         mx_score = std::max(mx_score, scores[j]);
       }
-      for (int64_t j = 0; j < Lk; ++j) {
+      // Past n_keys every score is `lowest`: weight exactly 0 once anything
+      // is finite; a row masked throughout (no sinks) weighs all Lk alike.
+      const int64_t n = mx_score == lowest ? Lk : n_keys;
+      for (int64_t j = 0; j < n; ++j) {
         scores[j] -= mx_score;
       }
-      exps(scores, Lk, scores);
+      exps(scores, n, scores);
       float total = sinks ? std::exp(sink - mx_score) : 0.f;
-      for (int64_t j = 0; j < Lk; ++j) {
+      for (int64_t j = 0; j < n; ++j) {
         total += scores[j];
       }
       const float norm = 1.f / total;
 #if defined(MHC_HAVE_X86_KERNELS)
       if (v_rows && Dv % 8 == 0 && has_avx2()) {
-        for (int64_t j = 0; j < Lk; ++j) {
+        for (int64_t j = 0; j < n; ++j) {
           scores[j] *= norm;
         }
-        weighted_rows_avx2(scores, v_rows + vbase, vs[2], Lk, Dv, acc);
+        weighted_rows_avx2(scores, v_rows + vbase, vs[2], n, Dv, acc);
         store(acc, out, ((b * Hq + h) * Lq + i) * Dv, Dv);
         continue;
       }
 #endif
       std::fill(acc, acc + Dv, 0.f);
-      for (int64_t j = 0; j < Lk; ++j) {
+      for (int64_t j = 0; j < n; ++j) {
         const float p = scores[j] * norm;
         if (p == 0.f) {
           continue;
@@ -619,6 +655,36 @@ mx::array rms_norm(const mx::array& x,
           fallback,
           [eps](std::vector<mx::array>& in, std::vector<mx::array>& out) {
             run_rms_norm(in, out[0], eps);
+          }),
+      std::move(inputs));
+}
+
+mx::array
+swiglu(const mx::array& gate, const mx::array& x, mx::StreamOrDevice s_) {
+  const mx::Stream s = mx::to_stream(s_);
+  auto ref_of = [s](const mx::array& g, const mx::array& u) {
+    return mx::multiply(mx::multiply(g, mx::sigmoid(g, s), s), u, s);
+  };
+  auto ref = ref_of(gate, x);
+  const mx::Dtype t = ref.dtype();
+  if (!on_cpu(s) || !float_like(t) || gate.shape() != x.shape() ||
+      ref.shape() != gate.shape() || gate.size() == 0) {
+    return ref;
+  }
+  std::vector<mx::array> inputs{mx::astype(gate, t, s), mx::astype(x, t, s)};
+  auto fallback = [ref_of](std::vector<mx::array> in) {
+    return std::vector<mx::array>{ref_of(in[0], in[1])};
+  };
+  return mx::array(
+      gate.shape(),
+      t,
+      std::make_shared<CpuPrimitive>(
+          s,
+          "FusedSwiGLU",
+          key_of({}),
+          fallback,
+          [](std::vector<mx::array>& in, std::vector<mx::array>& out) {
+            run_swiglu(in, out[0]);
           }),
       std::move(inputs));
 }
@@ -686,8 +752,8 @@ mx::array sdpa(const mx::array& q,
       q, k, v, scale, mask_mode, mask_arr, sinks, false, s_);
   const mx::Stream s = mx::to_stream(s_);
   const mx::Dtype t = ref.dtype();
-  if (!on_cpu(s) || !float_like(t) || q.shape(2) > kMaxQueryRows ||
-      k.shape(2) == 0 || q.size() == 0 || (mask_arr && mask_mode != "array")) {
+  if (!on_cpu(s) || !float_like(t) || k.shape(2) == 0 || q.size() == 0 ||
+      (mask_arr && mask_mode != "array")) {
     return ref;
   }
   const bool causal = mask_mode == "causal";

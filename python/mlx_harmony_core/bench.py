@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -232,15 +233,42 @@ def weight_bytes_per_token(model: Any, config: dict[str, Any]) -> int:
     return int(dense + experts * (config.get("num_experts_per_tok") or n_exp) / n_exp)
 
 
-def copy_bandwidth_gbps(megabytes: int = 256) -> float:
-    """This machine's memory copy bandwidth (read + write), numpy."""
+def copy_bandwidth_gbps(megabytes: int = 256, threads: int | None = None) -> float:
+    """This machine's memory copy bandwidth (read + write), numpy, with ``threads`` threads
+    each copying its own slice (default: as many as the quantized kernels use), so the floor
+    a multi-threaded kernel is measured against is the one those threads can reach."""
+    threads = threads or quant_threads()
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise InvalidRequestError(f"threads must be a positive integer, got {threads!r}")
     src = np.ones(megabytes * 2**20 // 4, np.float32)
     dst = np.empty_like(src)
-    np.copyto(dst, src)
+    parts = list(zip(np.array_split(dst, threads), np.array_split(src, threads), strict=True))
+    barrier = threading.Barrier(threads + 1)
+
+    def work(d: np.ndarray, s: np.ndarray) -> None:
+        np.copyto(d, s)  # warm the pages
+        barrier.wait()
+        for _ in range(3):
+            np.copyto(d, s)  # numpy drops the GIL for a plain copy
+        barrier.wait()
+
+    pool = [threading.Thread(target=work, args=part, daemon=True) for part in parts]
+    for t in pool:
+        t.start()
+    barrier.wait()
     t0 = time.perf_counter()
-    for _ in range(3):
-        np.copyto(dst, src)
-    return 3 * 2 * src.nbytes / (time.perf_counter() - t0) / 1e9
+    barrier.wait()
+    seconds = time.perf_counter() - t0
+    for t in pool:
+        t.join()
+    return 3 * 2 * src.nbytes / seconds / 1e9
+
+
+def quant_threads() -> int:
+    """How many threads the quantized kernels run on."""
+    from . import _core
+
+    return int(_core.quant_threads())
 
 
 def compare(
