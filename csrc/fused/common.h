@@ -27,6 +27,11 @@ const float*
 load(const mx::array& a, int64_t off, int64_t stride, int64_t n, float* buf);
 // v rounded to dtype t and back (what storing it as t keeps).
 float round_to(float v, mx::Dtype t);
+// out[i] = (g[i] * sigmoid(g[i])) * u[i] for n values as mlx-lm's swiglu
+// writes it, each op rounded to t; out may be g or u, scratch holds n floats.
+void swiglu_rows(
+    const float* g, const float* u, int64_t n, mx::Dtype t, float* scratch,
+    float* out);
 // Stores n floats at element offset off of the (contiguous) output.
 void store(const float* y, mx::array& out, int64_t off, int64_t n);
 // Element offset of row r (all axes but the last) of a, in a's strides.

@@ -255,6 +255,23 @@ void exps(const float* x, int64_t n, float* out) {
   exps_scalar(x, n, out);
 }
 
+void swiglu_rows(const float* g,
+                 const float* u,
+                 int64_t n,
+                 mx::Dtype t,
+                 float* scratch,
+                 float* out) {
+  // The exponentials vectorized (a std::exp call each was ~2% of a step).
+  for (int64_t i = 0; i < n; ++i) {
+    scratch[i] = -g[i];
+  }
+  exps(scratch, n, scratch);
+  for (int64_t i = 0; i < n; ++i) {
+    const float sg = round_to(1.f / (1.f + scratch[i]), t);
+    out[i] = round_to(round_to(g[i] * sg, t) * u[i], t);
+  }
+}
+
 MHC_CLONES void axpy(float a, const float* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     y[i] += a * x[i];
@@ -478,14 +495,7 @@ void run_swiglu(std::vector<mx::array>& in, mx::array& out) {
     const float* gr = load(g, row_offset(g, r), gs, n, buf.data());
     const float* xr = load(x, row_offset(x, r), xs, n, buf.data() + n);
     float* e = buf.data() + 2 * n;
-    for (int64_t i = 0; i < n; ++i) {
-      e[i] = -gr[i];
-    }
-    exps(e, n, e);
-    for (int64_t i = 0; i < n; ++i) {
-      const float sg = round_to(1.f / (1.f + e[i]), t);
-      e[i] = round_to(round_to(gr[i] * sg, t) * xr[i], t);
-    }
+    swiglu_rows(gr, xr, n, t, e, e);
     store(e, out, r * n, n);
   });
 }

@@ -16,6 +16,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from . import _core
 from .cpu import quant
 from .engine import Engine
 from .errors import InvalidRequestError
@@ -237,7 +238,7 @@ def copy_bandwidth_gbps(megabytes: int = 256, threads: int | None = None) -> flo
     """This machine's memory copy bandwidth (read + write), numpy, with ``threads`` threads
     each copying its own slice (default: as many as the quantized kernels use), so the floor
     a multi-threaded kernel is measured against is the one those threads can reach."""
-    threads = threads or quant_threads()
+    threads = threads or int(_core.quant_threads())
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise InvalidRequestError(f"threads must be a positive integer, got {threads!r}")
     src = np.ones(megabytes * 2**20 // 4, np.float32)
@@ -262,13 +263,6 @@ def copy_bandwidth_gbps(megabytes: int = 256, threads: int | None = None) -> flo
     for t in pool:
         t.join()
     return 3 * 2 * src.nbytes / seconds / 1e9
-
-
-def quant_threads() -> int:
-    """How many threads the quantized kernels run on."""
-    from . import _core
-
-    return int(_core.quant_threads())
 
 
 def compare(
