@@ -326,3 +326,27 @@ def test_swiglu_strided_mixed_dtypes_extremes_and_fallbacks(rng):
     close(f(g, x), swiglu(g, x) * 2)
     grad = mx.grad(lambda a: _core.swiglu(a, x).sum())(g)
     close(grad, mx.grad(lambda a: swiglu(a, x).sum())(g))
+
+
+def test_swiglu_switch_leaves_mlx_lm_activations_alone(rng):
+    """GPT-OSS's SwigluOAI lives in mlx-lm's activations module beside ``swiglu``: switching a
+    model that holds one must not replace ``activations.swiglu`` with ours, whose fallback
+    (switched off) calls it (that recursed without end)."""
+    import mlx.nn as nn
+    from mlx_lm.models import activations
+
+    from mlx_harmony_core.cpu import fused
+
+    original = activations.swiglu
+
+    class Holder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.act = activations.SwigluOAI()
+
+    fused.use_fused_layers(Holder())
+    assert activations.swiglu is original
+    g, x = rand(rng, (2, 16)), rand(rng, (2, 16))
+    with fused.fused(False):
+        close(fused.swiglu(g, x), original(g, x))
+    close(fused.swiglu(g, x), original(g, x))

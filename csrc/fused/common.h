@@ -25,8 +25,12 @@ void exps(const float* x, int64_t n, float* out);
 // into a itself when it holds contiguous float32 there, else into buf).
 const float*
 load(const mx::array& a, int64_t off, int64_t stride, int64_t n, float* buf);
-// v rounded to dtype t and back (what storing it as t keeps).
-float round_to(float v, mx::Dtype t);
+float round_to_narrow(float v, mx::Dtype t);
+// v rounded to dtype t and back (what storing it as t keeps). Inline: the
+// fused step calls it per element, and for float32 it is v itself.
+inline float round_to(float v, mx::Dtype t) {
+  return t == mx::float32 ? v : round_to_narrow(v, t);
+}
 // out[i] = (g[i] * sigmoid(g[i])) * u[i] for n values as mlx-lm's swiglu
 // writes it, each op rounded to t; out may be g or u, scratch holds n floats.
 void swiglu_rows(

@@ -205,10 +205,14 @@ def use_fused_layers(model: nn.Module, blocks: Mapping[type, type] | None = None
         mod = sys.modules.get(name)
         if mod is None or not name.startswith("mlx_lm.models."):
             continue
-        for attr, ours, theirs in (
-            ("scaled_dot_product_attention", attention, None),
-            ("swiglu", swiglu, mlx_swiglu),
+        for attr, ours, theirs, home in (
+            ("scaled_dot_product_attention", attention, None, "mlx_lm.models.base"),
+            ("swiglu", swiglu, mlx_swiglu, "mlx_lm.models.activations"),
         ):
+            if name == home:
+                # The defining module keeps MLX's function: ours falls back to it
+                # (GPT-OSS's SwigluOAI lives beside swiglu in activations).
+                continue
             current = getattr(mod, attr, None)
             if current is not None and current is not ours and theirs in (None, current):
                 setattr(mod, attr, ours)
