@@ -25,6 +25,7 @@ void exps(const float* x, int64_t n, float* out);
 // into a itself when it holds contiguous float32 there, else into buf).
 const float*
 load(const mx::array& a, int64_t off, int64_t stride, int64_t n, float* buf);
+// v rounded to float16 / bfloat16 t and back (v itself for any other t).
 float round_to_narrow(float v, mx::Dtype t);
 // v rounded to dtype t and back (what storing it as t keeps). Inline: the
 // fused step calls it per element, and for float32 it is v itself.
@@ -33,9 +34,12 @@ inline float round_to(float v, mx::Dtype t) {
 }
 // out[i] = (g[i] * sigmoid(g[i])) * u[i] for n values as mlx-lm's swiglu
 // writes it, each op rounded to t; out may be g or u, scratch holds n floats.
-void swiglu_rows(
-    const float* g, const float* u, int64_t n, mx::Dtype t, float* scratch,
-    float* out);
+void swiglu_rows(const float* g,
+                 const float* u,
+                 int64_t n,
+                 mx::Dtype t,
+                 float* scratch,
+                 float* out);
 // Stores n floats at element offset off of the (contiguous) output.
 void store(const float* y, mx::array& out, int64_t off, int64_t n);
 // Element offset of row r (all axes but the last) of a, in a's strides.

@@ -325,7 +325,6 @@ load(const mx::array& a, int64_t off, int64_t stride, int64_t n, float* buf) {
   return buf;
 }
 
-// Rounds v to dtype t and back (what storing it as t keeps).
 // round_to's float16 / bfloat16 cases (v itself for anything else).
 float round_to_narrow(float v, mx::Dtype t) {
   if (t == mx::float16) {
