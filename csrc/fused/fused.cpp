@@ -136,8 +136,57 @@ MHC_AVX2 void exps_avx2(const float* x, int64_t n, float* out) {
   }
 }
 
-// Four keys at a time against one query (D a multiple of 8): four
-// independent FMA chains, each key row read once.
+// max(init, x[0..n)) ignoring NaNs in x, as std::max(acc, x[j]) does.
+MHC_AVX2 float max_avx2(const float* x, int64_t n, float init) {
+  __m256 m = _mm256_set1_ps(init);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    m = _mm256_max_ps(_mm256_loadu_ps(x + j), m); // m where x is NaN
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, m);
+  float r = init;
+  for (float v : lanes) {
+    r = std::max(r, v);
+  }
+  for (; j < n; ++j) {
+    r = std::max(r, x[j]);
+  }
+  return r;
+}
+
+// x[j] = exp(x[j] - shift); returns their sum (eight partial sums).
+MHC_AVX2 float exps_sum_avx2(float* x, int64_t n, float shift) {
+  const __m256 sh = _mm256_set1_ps(shift);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + j), sh));
+    _mm256_storeu_ps(x + j, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, acc);
+  float total = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) +
+                ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+  for (; j < n; ++j) {
+    x[j] = std::exp(x[j] - shift);
+    total += x[j];
+  }
+  return total;
+}
+
+// [s0 s1 s2 s3]: the sums of a0..a3's eight lanes each.
+MHC_AVX2 inline __m128 sums4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+  const __m256 h =
+      _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+// Keys against one query (D a multiple of 8), each key's sum over D/8 FMAs
+// in column order and sums4's reduction for every whole group of four from
+// the first key. Eight keys a pass: eight FMA chains keep both FMA units
+// busy (four left them waiting on the FMA latency).
 MHC_AVX2 void dots_avx2(const float* q,
                         const float* k,
                         int64_t stride,
@@ -145,25 +194,32 @@ MHC_AVX2 void dots_avx2(const float* q,
                         int64_t D,
                         float* scores) {
   int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const float* r = k + j * stride;
+    __m256 a[8];
+    for (int c = 0; c < 8; ++c) {
+      a[c] = _mm256_setzero_ps();
+    }
+    for (int64_t d = 0; d < D; d += 8) {
+      const __m256 qv = _mm256_loadu_ps(q + d);
+      for (int c = 0; c < 8; ++c) {
+        a[c] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r + c * stride + d), a[c]);
+      }
+    }
+    _mm_storeu_ps(scores + j, sums4(a[0], a[1], a[2], a[3]));
+    _mm_storeu_ps(scores + j + 4, sums4(a[4], a[5], a[6], a[7]));
+  }
   for (; j + 4 <= n; j += 4) {
-    const float* k0 = k + j * stride;
-    const float* k1 = k0 + stride;
-    const float* k2 = k1 + stride;
-    const float* k3 = k2 + stride;
+    const float* r = k + j * stride;
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (int64_t d = 0; d < D; d += 8) {
       const __m256 qv = _mm256_loadu_ps(q + d);
-      a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + d), a0);
-      a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1 + d), a1);
-      a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + d), a2);
-      a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + d), a3);
+      a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r + d), a0);
+      a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r + stride + d), a1);
+      a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r + 2 * stride + d), a2);
+      a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r + 3 * stride + d), a3);
     }
-    // Horizontal sums of the four: [s0 s1 s2 s3] in one register.
-    const __m256 h =
-        _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-    _mm_storeu_ps(
-        scores + j,
-        _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+    _mm_storeu_ps(scores + j, sums4(a0, a1, a2, a3));
   }
   for (; j < n; ++j) {
     const float* kr = k + j * stride;
@@ -186,45 +242,51 @@ bool has_avx2() {
 #endif
 
 #if defined(MHC_HAVE_X86_KERNELS)
-// acc (D) = sum_j p[j] * v_j over n rows v_j = v + j * stride (D a multiple
-// of 8), rows with p[j] == 0 skipped: the accumulator stays in registers
-// (32 columns at a time) instead of a call and a load/store of acc per row.
-// Each column sums in row order with one FMA a row, as axpy's FMA clone.
-MHC_AVX2 void weighted_rows_avx2(const float* p,
-                                 const float* v,
-                                 int64_t stride,
-                                 int64_t n,
-                                 int64_t D,
-                                 float* acc) {
-  int64_t d = 0;
-  for (; d + 32 <= D; d += 32) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+// acc's columns in blocks of W (64, 32, then 8) while W fit: W / 8 FMA
+// chains (eight keep both FMA units busy; a head of 64 is one block).
+template <int W>
+MHC_AVX2 inline int64_t weighted_block(const float* p,
+                                       const float* v,
+                                       int64_t stride,
+                                       int64_t n,
+                                       int64_t d,
+                                       int64_t D,
+                                       float* acc) {
+  constexpr int C = W / 8;
+  for (; d + W <= D; d += W) {
+    __m256 a[C];
+    for (int c = 0; c < C; ++c) {
+      a[c] = _mm256_loadu_ps(acc + d + 8 * c);
+    }
     for (int64_t j = 0; j < n; ++j) {
       if (p[j] == 0.f) {
         continue;
       }
       const __m256 pj = _mm256_set1_ps(p[j]);
       const float* r = v + j * stride + d;
-      a0 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(r), a0);
-      a1 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(r + 8), a1);
-      a2 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(r + 16), a2);
-      a3 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(r + 24), a3);
-    }
-    _mm256_storeu_ps(acc + d, a0);
-    _mm256_storeu_ps(acc + d + 8, a1);
-    _mm256_storeu_ps(acc + d + 16, a2);
-    _mm256_storeu_ps(acc + d + 24, a3);
-  }
-  for (; d < D; d += 8) {
-    __m256 a0 = _mm256_setzero_ps();
-    for (int64_t j = 0; j < n; ++j) {
-      if (p[j] != 0.f) {
-        a0 = _mm256_fmadd_ps(
-            _mm256_set1_ps(p[j]), _mm256_loadu_ps(v + j * stride + d), a0);
+      for (int c = 0; c < C; ++c) {
+        a[c] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(r + 8 * c), a[c]);
       }
     }
-    _mm256_storeu_ps(acc + d, a0);
+    for (int c = 0; c < C; ++c) {
+      _mm256_storeu_ps(acc + d + 8 * c, a[c]);
+    }
   }
+  return d;
+}
+
+// acc (D) += sum_j p[j] * v_j over n rows v_j = v + j * stride (D a multiple
+// of 8), rows with p[j] == 0 skipped, the accumulators in registers. Each
+// column sums in row order with one FMA a row, as axpy's FMA clone.
+MHC_AVX2 void weighted_rows_avx2(const float* p,
+                                 const float* v,
+                                 int64_t stride,
+                                 int64_t n,
+                                 int64_t D,
+                                 float* acc) {
+  int64_t d = weighted_block<64>(p, v, stride, n, 0, D, acc);
+  d = weighted_block<32>(p, v, stride, n, d, D, acc);
+  weighted_block<8>(p, v, stride, n, d, D, acc);
 }
 
 #endif
@@ -255,6 +317,34 @@ void exps(const float* x, int64_t n, float* out) {
   exps_scalar(x, n, out);
 }
 
+// max(init, x[0..n)), NaNs in x ignored.
+float max_of(const float* x, int64_t n, float init) {
+#if defined(MHC_HAVE_X86_KERNELS)
+  if (has_avx2()) {
+    return max_avx2(x, n, init);
+  }
+#endif
+  for (int64_t j = 0; j < n; ++j) {
+    init = std::max(init, x[j]);
+  }
+  return init;
+}
+
+// x[j] = exp(x[j] - shift) for n values; returns their sum.
+float exps_sum(float* x, int64_t n, float shift) {
+#if defined(MHC_HAVE_X86_KERNELS)
+  if (has_avx2()) {
+    return exps_sum_avx2(x, n, shift);
+  }
+#endif
+  float total = 0.f;
+  for (int64_t j = 0; j < n; ++j) {
+    x[j] = std::exp(x[j] - shift);
+    total += x[j];
+  }
+  return total;
+}
+
 void swiglu_rows(const float* g,
                  const float* u,
                  int64_t n,
@@ -275,6 +365,26 @@ void swiglu_rows(const float* g,
 MHC_CLONES void axpy(float a, const float* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     y[i] += a * x[i];
+  }
+}
+
+// acc (D) += sum_j p[j] * v_j over n rows `stride` apart (p[j] == 0 skipped),
+// each column in row order: vectorized where the CPU allows.
+void weighted_rows(const float* p,
+                   const float* v,
+                   int64_t stride,
+                   int64_t n,
+                   int64_t D,
+                   float* acc) {
+#if defined(MHC_HAVE_X86_KERNELS)
+  if (D % 8 == 0 && has_avx2()) {
+    return weighted_rows_avx2(p, v, stride, n, D, acc);
+  }
+#endif
+  for (int64_t j = 0; j < n; ++j) {
+    if (p[j] != 0.f) {
+      axpy(p[j], v + j * stride, acc, D);
+    }
   }
 }
 
@@ -527,9 +637,11 @@ void run_sdpa(std::vector<mx::array>& in, mx::array& out, SdpaSpec sp) {
   // Values likewise, summed in registers.
   const float* v_rows =
       v.dtype() == mx::float32 && vs[3] == 1 ? v.data<float>() : nullptr;
-  // One task per (batch, query head, block of query rows): a block's rows
-  // share the keys read; a prompt's blocks keep every thread busy.
   const int64_t blocks = (Lq + kQueryBlock - 1) / kQueryBlock;
+  // One task per (batch, query head, block of query rows): a block's rows
+  // share the keys read; a prompt's blocks keep every thread busy. (Tasks per
+  // KV head, its GQA heads reading each key once, measured slower: the heads
+  // of one KV head run at once and meet in the caches.)
   parallel(B * Hq * blocks, B * Hq * Lq * Lk * (D + Dv), [&](int64_t task) {
     const int64_t bh = task / blocks, blk = task % blocks;
     const int64_t b = bh / Hq, h = bh % Hq, hk = h / rep;
@@ -553,11 +665,6 @@ void run_sdpa(std::vector<mx::array>& in, mx::array& out, SdpaSpec sp) {
         qrow[d] = qr[d] * sp.scale;
       }
       const int64_t last = sp.causal ? i + (Lk - Lq) : Lk - 1;
-      const float* m = nullptr;
-      if (mask) {
-        const auto& ms = mask->strides();
-        m = load(*mask, b * ms[0] + h * ms[1] + i * ms[2], ms[3], Lk, mrow);
-      }
       // Keys past `last` are masked (causal); the rest are dotted in one
       // pass where the keys are float32 rows (a cache's buffer), else row
       // by row.
@@ -570,7 +677,10 @@ void run_sdpa(std::vector<mx::array>& in, mx::array& out, SdpaSpec sp) {
         }
       }
       std::fill(scores + n_keys, scores + Lk, lowest);
-      if (m) {
+      if (mask) {
+        const auto& ms = mask->strides();
+        const float* m =
+            load(*mask, b * ms[0] + h * ms[1] + i * ms[2], ms[3], Lk, mrow);
         if (mask->dtype() == mx::bool_) {
           for (int64_t j = 0; j < n_keys; ++j) {
             scores[j] = m[j] != 0.f ? scores[j] : lowest;
@@ -581,40 +691,28 @@ void run_sdpa(std::vector<mx::array>& in, mx::array& out, SdpaSpec sp) {
           }
         }
       }
-      float mx_score = sinks ? sink : lowest;
-      for (int64_t j = 0; j < n_keys; ++j) {
-        mx_score = std::max(mx_score, scores[j]);
-      }
+      const float mx_score = max_of(scores, n_keys, sinks ? sink : lowest);
       // Past n_keys every score is `lowest`: weight exactly 0 once anything
       // is finite; a row masked throughout (no sinks) weighs all Lk alike.
       const int64_t n = mx_score == lowest ? Lk : n_keys;
-      for (int64_t j = 0; j < n; ++j) {
-        scores[j] -= mx_score;
-      }
-      exps(scores, n, scores);
-      float total = sinks ? std::exp(sink - mx_score) : 0.f;
-      for (int64_t j = 0; j < n; ++j) {
-        total += scores[j];
-      }
+      const float total = exps_sum(scores, n, mx_score) +
+                          (sinks ? std::exp(sink - mx_score) : 0.f);
       const float norm = 1.f / total;
-#if defined(MHC_HAVE_X86_KERNELS)
-      if (v_rows && Dv % 8 == 0 && has_avx2()) {
-        for (int64_t j = 0; j < n; ++j) {
-          scores[j] *= norm;
-        }
-        weighted_rows_avx2(scores, v_rows + vbase, vs[2], n, Dv, acc);
-        store(acc, out, ((b * Hq + h) * Lq + i) * Dv, Dv);
-        continue;
-      }
-#endif
-      std::fill(acc, acc + Dv, 0.f);
       for (int64_t j = 0; j < n; ++j) {
-        const float p = scores[j] * norm;
-        if (p == 0.f) {
-          continue;
+        scores[j] *= norm;
+      }
+      std::fill(acc, acc + Dv, 0.f);
+      if (v_rows) {
+        weighted_rows(scores, v_rows + vbase, vs[2], n, Dv, acc);
+      } else {
+        for (int64_t j = 0; j < n; ++j) {
+          if (scores[j] != 0.f) {
+            axpy(scores[j],
+                 load(v, vbase + j * vs[2], vs[3], Dv, vbuf),
+                 acc,
+                 Dv);
+          }
         }
-        const float* vr = load(v, vbase + j * vs[2], vs[3], Dv, vbuf);
-        axpy(p, vr, acc, Dv);
       }
       store(acc, out, ((b * Hq + h) * Lq + i) * Dv, Dv);
     }
