@@ -189,6 +189,22 @@ void linears(std::vector<Lin*> lins,
   if (R >= quant::gemm_rows() || bytes / threads >= quant::parallel_bytes()) {
     parts = 1;
   }
+  // x prepared once per layout for every part (each part's matmul_t would
+  // prepare it again: 8 parts x 3 matrices a pass, ~1 ms of a SmolLM2 token).
+  std::vector<quant::Prepared> ready(lins.size());
+  std::vector<const quant::Prepared*> uses(lins.size());
+  if (parts > 1) {
+    for (size_t j = 0; j < lins.size(); ++j) {
+      size_t same = 0;
+      while (same < j && !quant::same_layout(lins[same]->a, lins[j]->a)) {
+        ++same;
+      }
+      if (same == j) {
+        quant::prepare({lins[j]->a, x, R, {}}, ready[j]);
+      }
+      uses[j] = same == j ? &ready[j] : uses[same];
+    }
+  }
   auto part = [&](int64_t p) {
     std::vector<quant::Job> jobs;
     for (size_t j = 0; j < lins.size(); ++j) {
@@ -200,7 +216,7 @@ void linears(std::vector<Lin*> lins,
       if (r1 <= r0) {
         continue;
       }
-      quant::Job job{rows_of(a, r0, r1), x, R, std::vector<float*>(R)};
+      quant::Job job{rows_of(a, r0, r1), x, R, std::vector<float*>(R), uses[j]};
       for (int64_t r = 0; r < R; ++r) {
         job.y[r] = ys[j]->data() + r * a.rows + r0;
       }

@@ -73,12 +73,7 @@ void gemm_t(const Isa& isa, Job& job) {
 
 // The GEMV inputs of one job: x in the kernel's layout (the job's own rows
 // where that is natural order) and its group sums.
-struct Prepared {
-  const float* x = nullptr;
-  std::vector<float> xbuf, xsum;
-};
-
-void prepare(const Isa& isa, const Job& job, Prepared& p) {
+void prepare_for(const Isa& isa, const Job& job, Prepared& p) {
   const QMatrix& a = job.a;
   const int64_t K = a.cols, G = a.groups();
   if (a.format == Format::Affine8 || a.format == Format::AffineN) {
@@ -116,6 +111,7 @@ struct Task {
 struct Scratch {
   std::vector<size_t> small;
   std::vector<Prepared> prep;
+  std::vector<const Prepared*> ready;
   std::vector<Task> tasks;
 };
 
@@ -125,6 +121,15 @@ Scratch& scratch() {
 }
 
 } // namespace
+
+void prepare(const Job& job, Prepared& p) {
+  prepare_for(active(), job, p);
+}
+
+bool same_layout(const QMatrix& a, const QMatrix& b) {
+  return a.format == b.format && a.cols == b.cols && a.group == b.group &&
+         a.bits == b.bits;
+}
 
 int64_t parallel_bytes() {
   return parallel_bytes_.load(std::memory_order_relaxed);
@@ -164,11 +169,19 @@ void matmul_t(std::vector<Job>& jobs) {
     prep.resize(small.size());
   }
   int64_t rows = 0, bytes = 0;
+  // The x each job reads: its caller's where given, else prepared here.
+  std::vector<const Prepared*>& ready = sc.ready;
+  ready.assign(small.size(), nullptr);
   for (size_t s = 0; s < small.size(); ++s) {
-    const QMatrix& a = jobs[small[s]].a;
-    prepare(isa, jobs[small[s]], prep[s]);
-    rows += a.rows;
-    bytes += a.rows * a.row_bytes();
+    const Job& job = jobs[small[s]];
+    if (job.ready) {
+      ready[s] = job.ready;
+    } else {
+      prepare_for(isa, job, prep[s]);
+      ready[s] = &prep[s];
+    }
+    rows += job.a.rows;
+    bytes += job.a.rows * job.a.row_bytes();
   }
   const bool parallel =
       bytes >= parallel_bytes_.load(std::memory_order_relaxed);
@@ -176,8 +189,8 @@ void matmul_t(std::vector<Job>& jobs) {
     for (size_t s = 0; s < small.size(); ++s) {
       const Job& job = jobs[small[s]];
       isa.gemv(job.a,
-               prep[s].x,
-               prep[s].xsum.empty() ? nullptr : prep[s].xsum.data(),
+               ready[s]->x,
+               ready[s]->xsum.empty() ? nullptr : ready[s]->xsum.data(),
                int(job.nx),
                job.y.data(),
                0,
@@ -197,7 +210,7 @@ void matmul_t(std::vector<Job>& jobs) {
   Pool::instance().run(int64_t(tasks.size()), [&](int64_t t) {
     const Task& k = tasks[t];
     const Job& job = jobs[small[k.job]];
-    const Prepared& p = prep[k.job];
+    const Prepared& p = *ready[k.job];
     isa.gemv(job.a,
              p.x,
              p.xsum.empty() ? nullptr : p.xsum.data(),

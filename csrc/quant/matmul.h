@@ -33,12 +33,27 @@ int64_t parallel_bytes();
 void set_parallel_bytes(int64_t bytes);
 
 // y = x @ a^T for a in the transposed layout (a.rows outputs of a.cols).
+// x as the kernels read it for one matrix (4-bit formats deinterleaved) and
+// its per-group sums.
+struct Prepared {
+  const float* x = nullptr;
+  std::vector<float> xbuf, xsum;
+};
+
 struct Job {
   QMatrix a;
   const float* x; // nx rows of a.cols floats, natural order
   int64_t nx;
   std::vector<float*> y; // nx output rows of a.rows floats
+  // x prepared for a (prepare()) where the caller runs several jobs on one x
+  // (a split pass: parts of one matrix); nullptr: matmul_t prepares it.
+  const Prepared* ready = nullptr;
 };
+
+// Fills p for job's matrix and x (what matmul_t does per job).
+void prepare(const Job& job, Prepared& p);
+// Whether x prepared for a serves b too (same format, width and groups).
+bool same_layout(const QMatrix& a, const QMatrix& b);
 
 // Runs every job, the GEMV-sized ones together in one parallel pass.
 void matmul_t(std::vector<Job>& jobs);
