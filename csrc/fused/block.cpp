@@ -144,9 +144,6 @@ struct Lin {
 // worker costs more than it saves.
 constexpr int64_t kSplitBytes = 96 << 10;
 
-// Parts of a split GEMV pass per pool thread (as matmul_t's own tasks).
-constexpr int64_t kPartsPerThread = 4;
-
 int64_t scale_bytes(quant::ScaleType t) {
   return t == quant::ScaleType::F32 ? 4 : t == quant::ScaleType::E8M0 ? 1 : 2;
 }
@@ -179,18 +176,18 @@ void linears(std::vector<Lin*> lins,
   }
   auto& pool = quant::Pool::instance();
   const int threads = std::max(1, pool.threads());
-  // Several parts a thread, claimed as threads come free: a thread the OS
-  // preempts (2 cores shared with Python's graph building) delays one part,
-  // not half the pass while the other thread waits at the join.
-  int64_t parts =
-      threads > 1 && bytes >= kSplitBytes ? threads * kPartsPerThread : 1;
+  // One part a thread. Several a thread (claimed as threads come free, for a
+  // thread the OS preempts) measured slower in the engine on 2 cores: SmolLM2
+  // decode 109 tok/s against 105 with two a thread and 99-105 with four (each
+  // part is a matmul_t call of its own; fewer, longer weight streams).
+  int64_t parts = threads > 1 && bytes >= kSplitBytes ? threads : 1;
   // matmul_t threads big passes (and the BLAS route for many rows) itself;
   // split here only where it would run a share on its calling thread alone.
   if (R >= quant::gemm_rows() || bytes / threads >= quant::parallel_bytes()) {
     parts = 1;
   }
   // x prepared once per layout for every part (each part's matmul_t would
-  // prepare it again: 8 parts x 3 matrices a pass, ~1 ms of a SmolLM2 token).
+  // prepare it again for each matrix: ~1 ms of a SmolLM2 token at 8 parts).
   std::vector<quant::Prepared> ready(lins.size());
   std::vector<const quant::Prepared*> uses(lins.size());
   if (parts > 1) {
