@@ -189,6 +189,44 @@ def test_attention_key_counts_and_head_dims(rng, d, lk):
         )
 
 
+def test_attention_row_alone_equals_the_row_in_a_block_and_a_batch(rng):
+    """A query row's result depends on its own keys only: alone (a decode step: its keys
+    split over the threads in chunks), among a speculative step's verify rows and in a batch
+    (the chunks taken in one task) it is the same bits, over several key chunks."""
+    hq, hk, d, lk, lq = 9, 3, 64, 700, 5
+    q, k, v = rand(rng, (3, hq, lq, d)), rand(rng, (3, hk, lk, d)), rand(rng, (3, hk, lk, d))
+    for sinks in (None, rand(rng, (hq,))):
+        block = np.array(
+            _core.scaled_dot_product_attention(q, k, v, scale=0.125, mask="causal", sinks=sinks)
+        )
+        for b in range(3):
+            for i in range(lq):
+                n = lk - lq + i + 1
+                alone = _core.scaled_dot_product_attention(
+                    q[b : b + 1, :, i : i + 1],
+                    k[b : b + 1, :, :n],
+                    v[b : b + 1, :, :n],
+                    scale=0.125,
+                    sinks=sinks,
+                )
+                np.testing.assert_array_equal(np.array(alone)[0, :, 0], block[b, :, i])
+
+
+def test_attention_nan_in_a_masked_chunk_still_propagates(rng):
+    """A NaN score in a chunk of keys that is otherwise masked (its largest score the mask's)
+    makes the row NaN, as one softmax over every key does."""
+    q, k, v = rand(rng, (1, 1, 1, 8)), rand(rng, (1, 1, 600, 8)), rand(rng, (1, 1, 600, 8))
+    keep = np.ones((1, 600), bool)
+    keep[0, :256] = False
+    kn = np.array(k)
+    kn[0, 0, 7] = np.nan  # masked (-inf added), yet NaN + -inf stays NaN
+    add = mx.array(np.where(keep, 0.0, -np.inf).astype(np.float32))
+    ours = np.array(_core.scaled_dot_product_attention(q, mx.array(kn), v, scale=0.3, mask=add))
+    ref = np.array(mx.fast.scaled_dot_product_attention(q, mx.array(kn), v, scale=0.3, mask=add))
+    np.testing.assert_array_equal(np.isnan(ours), np.isnan(ref))
+    assert np.isnan(ours).all()
+
+
 def test_attention_fully_masked_row_matches_mlx(rng):
     q, k, v = rand(rng, (1, 2, 1, 8)), rand(rng, (1, 2, 5, 8)), rand(rng, (1, 2, 5, 8))
     m = mx.zeros((1, 5), dtype=mx.bool_)

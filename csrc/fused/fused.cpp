@@ -619,6 +619,16 @@ struct SdpaSpec {
   bool has_sinks;
 };
 
+// Keys per chunk of a query row's attention. Each chunk's softmax is taken
+// on its own and the chunks merged (as flash decoding does), so a decode
+// step's few heads split over the threads by chunk; a row's result depends on
+// its own keys only (not on the query rows beside it, the batch or the
+// threads), so speculation's verify rows equal plain decoding's. A multiple
+// of dots' 8-key groups: each score is the same as in one pass.
+constexpr int64_t kKeyChunk = 256;
+// Chunk partials a call may hold for the chunks-as-tasks split (floats).
+constexpr int64_t kSplitFloats = int64_t(1) << 20;
+
 void run_sdpa(std::vector<mx::array>& in, mx::array& out, SdpaSpec sp) {
   const mx::array &q = in[0], &k = in[1], &v = in[2];
   const mx::array* mask = sp.has_mask ? &in[3] : nullptr;
@@ -628,6 +638,7 @@ void run_sdpa(std::vector<mx::array>& in, mx::array& out, SdpaSpec sp) {
   const int64_t Hk = k.shape(1), Lk = k.shape(2), Dv = v.shape(3);
   const int64_t rep = Hq / Hk;
   const float lowest = std::numeric_limits<float>::lowest();
+  const float nan = std::numeric_limits<float>::quiet_NaN();
   const auto& qs = q.strides();
   const auto& ks = k.strides();
   const auto& vs = v.strides();
@@ -637,84 +648,188 @@ void run_sdpa(std::vector<mx::array>& in, mx::array& out, SdpaSpec sp) {
   // Values likewise, summed in registers.
   const float* v_rows =
       v.dtype() == mx::float32 && vs[3] == 1 ? v.data<float>() : nullptr;
+  const int64_t chunks = (Lk + kKeyChunk - 1) / kKeyChunk;
+  // A task's buffers: q row, a key or value row, a row's output, a chunk's
+  // scores and mask (a whole row's for the fallback in merge).
+  struct Buf {
+    std::vector<float> qrow, kv, o, sc, m;
+  };
+  auto bufs = [&]() -> Buf& {
+    thread_local Buf b;
+    b.qrow.resize(D);
+    b.kv.resize(std::max(D, Dv));
+    b.o.resize(Dv);
+    b.sc.resize(std::max(kKeyChunk, Lk));
+    b.m.resize(std::max(kKeyChunk, Lk));
+    return b;
+  };
+  // Keys query row i attends (causal: up to its own position).
+  auto keys_of = [&](int64_t i) {
+    const int64_t last = sp.causal ? i + (Lk - Lq) : Lk - 1;
+    return std::max<int64_t>(0, std::min(Lk, last + 1));
+  };
+  auto scaled_q = [&](int64_t b, int64_t h, int64_t i, Buf& bf) {
+    const float* qr =
+        load(q, b * qs[0] + h * qs[1] + i * qs[2], qs[3], D, bf.kv.data());
+    for (int64_t d = 0; d < D; ++d) {
+      bf.qrow[d] = qr[d] * sp.scale;
+    }
+  };
+  // Keys [j0, j1) of row (b, h, i) (q row in bf.qrow): acc (Dv) = sum of
+  // e_j * v_j, l = sum of e_j, e_j = exp(s_j - m), m the chunk's largest
+  // score (masked: lowest). A chunk masked throughout gives l = 0 (NaN if a
+  // score is NaN). `whole`: m = lowest over every key (what MLX's softmax
+  // gives a row masked throughout: masked keys weigh alike).
+  auto partial = [&](int64_t b, int64_t h, int64_t i, int64_t j0, int64_t j1,
+                     bool whole, Buf& bf, float* acc, float& m, float& l) {
+    const int64_t hk = h / rep;
+    const int64_t kbase = b * ks[0] + hk * ks[1];
+    const int64_t vbase = b * vs[0] + hk * vs[1];
+    const int64_t n_keys = std::min(keys_of(i), j1) - j0;
+    const int64_t n = j1 - j0;
+    float* sc = bf.sc.data();
+    std::fill(acc, acc + Dv, 0.f);
+    if (k_rows) {
+      dots(bf.qrow.data(),
+           k_rows + kbase + j0 * ks[2],
+           ks[2],
+           std::max<int64_t>(0, n_keys),
+           D,
+           sc);
+    } else {
+      for (int64_t j = 0; j < n_keys; ++j) {
+        sc[j] = dot(bf.qrow.data(),
+                    load(k, kbase + (j0 + j) * ks[2], ks[3], D, bf.kv.data()),
+                    D);
+      }
+    }
+    std::fill(sc + std::max<int64_t>(0, n_keys), sc + n, lowest);
+    if (mask && n_keys > 0) {
+      const auto& ms = mask->strides();
+      const float* mr = load(*mask,
+                             b * ms[0] + h * ms[1] + i * ms[2] + j0 * ms[3],
+                             ms[3],
+                             n_keys,
+                             bf.m.data());
+      if (mask->dtype() == mx::bool_) {
+        for (int64_t j = 0; j < n_keys; ++j) {
+          sc[j] = mr[j] != 0.f ? sc[j] : lowest;
+        }
+      } else {
+        for (int64_t j = 0; j < n_keys; ++j) {
+          sc[j] += mr[j];
+        }
+      }
+    }
+    m = whole ? lowest : max_of(sc, n, lowest);
+    if (m == lowest && !whole) {
+      l = std::any_of(sc, sc + n, [](float x) { return std::isnan(x); })
+              ? std::numeric_limits<float>::quiet_NaN()
+              : 0.f;
+      return;
+    }
+    l = exps_sum(sc, n, m);
+    if (v_rows) {
+      weighted_rows(sc, v_rows + vbase + j0 * vs[2], vs[2], n, Dv, acc);
+    } else {
+      for (int64_t j = 0; j < n; ++j) {
+        if (sc[j] != 0.f) {
+          axpy(sc[j],
+               load(v, vbase + (j0 + j) * vs[2], vs[3], Dv, bf.kv.data()),
+               acc,
+               Dv);
+        }
+      }
+    }
+  };
+  // Row (b, h, i)'s output from its chunks' (m, l, acc), `stride` floats
+  // apart (acc at +2), merged in chunk order.
+  auto merge = [&](int64_t b, int64_t h, int64_t i, const float* part,
+                   int64_t stride, Buf& bf) {
+    float sbuf[1];
+    const float sink =
+        sinks ? load(*sinks, h * sinks->strides()[0], 1, 1, sbuf)[0] : 0.f;
+    float top = sinks ? sink : lowest;
+    bool is_nan = false;
+    for (int64_t c = 0; c < chunks; ++c) {
+      top = std::max(top, part[c * stride]);
+      is_nan |= std::isnan(part[c * stride + 1]);
+    }
+    float* o = bf.o.data();
+    if (top == lowest && !is_nan) { // masked throughout, no sinks
+      float m, l;
+      scaled_q(b, h, i, bf);
+      partial(b, h, i, 0, Lk, true, bf, o, m, l);
+      for (int64_t d = 0; d < Dv; ++d) {
+        o[d] /= l;
+      }
+    } else {
+      float total = sinks ? std::exp(sink - top) : 0.f;
+      std::fill(o, o + Dv, 0.f);
+      for (int64_t c = 0; c < chunks; ++c) {
+        const float* pc = part + c * stride;
+        if (pc[1] == 0.f) {
+          continue; // masked throughout
+        }
+        const float f = std::exp(pc[0] - top);
+        total += pc[1] * f;
+        axpy(f, pc + 2, o, Dv);
+      }
+      const float norm = 1.f / total;
+      for (int64_t d = 0; d < Dv; ++d) {
+        o[d] *= norm;
+      }
+    }
+    store(o, out, ((b * Hq + h) * Lq + i) * Dv, Dv);
+  };
+  const int64_t rows = B * Hq * Lq;
+  const int64_t stride = Dv + 2;
   const int64_t blocks = (Lq + kQueryBlock - 1) / kQueryBlock;
+  const int64_t work = B * Hq * Lq * Lk * (D + Dv);
+  const int threads = quant::Pool::instance().threads();
+  if (chunks > 1 && B * Hq * blocks < 8 * threads &&
+      rows * chunks * stride <= kSplitFloats) {
+    // Few heads (a decode step's): a task per (row block, chunk), the rows
+    // merged after.
+    std::vector<float> parts(rows * chunks * stride);
+    parallel(B * Hq * blocks * chunks, work, [&](int64_t task) {
+      const int64_t c = task % chunks, bhb = task / chunks;
+      const int64_t blk = bhb % blocks, bh = bhb / blocks;
+      const int64_t b = bh / Hq, h = bh % Hq;
+      Buf& bf = bufs();
+      const int64_t i1 = std::min(Lq, (blk + 1) * kQueryBlock);
+      for (int64_t i = blk * kQueryBlock; i < i1; ++i) {
+        float* pc = &parts[(((b * Hq + h) * Lq + i) * chunks + c) * stride];
+        scaled_q(b, h, i, bf);
+        partial(b, h, i, c * kKeyChunk, std::min(Lk, (c + 1) * kKeyChunk),
+                false, bf, pc + 2, pc[0], pc[1]);
+      }
+    });
+    parallel(rows, rows * chunks * Dv, [&](int64_t r) {
+      merge(r / (Hq * Lq), r / Lq % Hq, r % Lq,
+            &parts[r * chunks * stride], stride, bufs());
+    });
+    return;
+  }
   // One task per (batch, query head, block of query rows): a block's rows
   // share the keys read; a prompt's blocks keep every thread busy. (Tasks per
   // KV head, its GQA heads reading each key once, measured slower: the heads
   // of one KV head run at once and meet in the caches.)
-  parallel(B * Hq * blocks, B * Hq * Lq * Lk * (D + Dv), [&](int64_t task) {
+  parallel(B * Hq * blocks, work, [&](int64_t task) {
     const int64_t bh = task / blocks, blk = task % blocks;
-    const int64_t b = bh / Hq, h = bh % Hq, hk = h / rep;
-    thread_local std::vector<float> buf;
-    buf.resize(D + D + Dv + Dv + Lk + Lk);
-    float* qrow = buf.data();
-    float* kbuf = qrow + D;
-    float* vbuf = kbuf + D;
-    float* acc = vbuf + Dv;
-    float* scores = acc + Dv;
-    float* mrow = scores + Lk;
-    const float sink =
-        sinks ? load(*sinks, h * sinks->strides()[0], 1, 1, kbuf)[0] : 0.f;
-    const int64_t kbase = b * ks[0] + hk * ks[1];
-    const int64_t vbase = b * vs[0] + hk * vs[1];
+    const int64_t b = bh / Hq, h = bh % Hq;
+    Buf& bf = bufs();
+    thread_local std::vector<float> parts;
+    parts.resize(chunks * stride);
     const int64_t i1 = std::min(Lq, (blk + 1) * kQueryBlock);
     for (int64_t i = blk * kQueryBlock; i < i1; ++i) {
-      const float* qr =
-          load(q, b * qs[0] + h * qs[1] + i * qs[2], qs[3], D, kbuf);
-      for (int64_t d = 0; d < D; ++d) {
-        qrow[d] = qr[d] * sp.scale;
+      scaled_q(b, h, i, bf);
+      for (int64_t c = 0; c < chunks; ++c) {
+        float* pc = &parts[c * stride];
+        partial(b, h, i, c * kKeyChunk, std::min(Lk, (c + 1) * kKeyChunk),
+                false, bf, pc + 2, pc[0], pc[1]);
       }
-      const int64_t last = sp.causal ? i + (Lk - Lq) : Lk - 1;
-      // Keys past `last` are masked (causal); the rest are dotted in one
-      // pass where the keys are float32 rows (a cache's buffer), else row
-      // by row.
-      const int64_t n_keys = std::max<int64_t>(0, std::min(Lk, last + 1));
-      if (k_rows) {
-        dots(qrow, k_rows + kbase, ks[2], n_keys, D, scores);
-      } else {
-        for (int64_t j = 0; j < n_keys; ++j) {
-          scores[j] = dot(qrow, load(k, kbase + j * ks[2], ks[3], D, kbuf), D);
-        }
-      }
-      std::fill(scores + n_keys, scores + Lk, lowest);
-      if (mask) {
-        const auto& ms = mask->strides();
-        const float* m =
-            load(*mask, b * ms[0] + h * ms[1] + i * ms[2], ms[3], Lk, mrow);
-        if (mask->dtype() == mx::bool_) {
-          for (int64_t j = 0; j < n_keys; ++j) {
-            scores[j] = m[j] != 0.f ? scores[j] : lowest;
-          }
-        } else {
-          for (int64_t j = 0; j < n_keys; ++j) {
-            scores[j] += m[j];
-          }
-        }
-      }
-      const float mx_score = max_of(scores, n_keys, sinks ? sink : lowest);
-      // Past n_keys every score is `lowest`: weight exactly 0 once anything
-      // is finite; a row masked throughout (no sinks) weighs all Lk alike.
-      const int64_t n = mx_score == lowest ? Lk : n_keys;
-      const float total = exps_sum(scores, n, mx_score) +
-                          (sinks ? std::exp(sink - mx_score) : 0.f);
-      const float norm = 1.f / total;
-      for (int64_t j = 0; j < n; ++j) {
-        scores[j] *= norm;
-      }
-      std::fill(acc, acc + Dv, 0.f);
-      if (v_rows) {
-        weighted_rows(scores, v_rows + vbase, vs[2], n, Dv, acc);
-      } else {
-        for (int64_t j = 0; j < n; ++j) {
-          if (scores[j] != 0.f) {
-            axpy(scores[j],
-                 load(v, vbase + j * vs[2], vs[3], Dv, vbuf),
-                 acc,
-                 Dv);
-          }
-        }
-      }
-      store(acc, out, ((b * Hq + h) * Lq + i) * Dv, Dv);
+      merge(b, h, i, parts.data(), stride, bf);
     }
   });
 }
