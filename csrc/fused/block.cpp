@@ -12,6 +12,8 @@
 #include "quant/quant.h"
 
 #include <algorithm>
+#include <memory>
+#include <mutex>
 #include <atomic>
 #include <cmath>
 #include <cstring>
@@ -651,7 +653,6 @@ struct StackLayer {
   OutSpec out;
   int in_at, in_n;   // attn_in's inputs after x
   int out_at, out_n; // attn_out_mlp's inputs after (attn, x)
-  int k_at, v_at;    // its key and value buffers
   int heads, kv_heads, hd, hdv;
   float scale;
   // The layer's attn_in / attn_out_mlp arguments when all are evaluated
@@ -664,6 +665,8 @@ struct StackAt {
   int at, lo;  // buffer column of the new rows; first column attended
   bool causal; // mask mode "causal"
   int mask_at; // input index of the (B, heads, L, K) mask; -1: none
+  int off_at;  // input index of the positions (int32)
+  int kv_at;   // input index of layer 0's key buffer (then its values, ...)
 };
 
 void run_stack(std::vector<mx::array>& in,
@@ -679,12 +682,14 @@ void run_stack(std::vector<mx::array>& in,
     mx::array& kb = outs[1 + 2 * i];
     mx::array& vb = outs[2 + 2 * i];
     // A buffer MLX could not donate: this step's copy keeps the rows before.
-    if (kb.data<uint8_t>() != in[ly.k_at].data<uint8_t>()) {
-      copy_rows(in[ly.k_at], kb, offset);
+    const mx::array& k_in = in[where.kv_at + 2 * i];
+    const mx::array& v_in = in[where.kv_at + 2 * i + 1];
+    if (kb.data<uint8_t>() != k_in.data<uint8_t>()) {
+      copy_rows(k_in, kb, offset);
       g_stack_copies.fetch_add(offset > 0, std::memory_order_relaxed);
     }
-    if (vb.data<uint8_t>() != in[ly.v_at].data<uint8_t>()) {
-      copy_rows(in[ly.v_at], vb, offset);
+    if (vb.data<uint8_t>() != v_in.data<uint8_t>()) {
+      copy_rows(v_in, vb, offset);
       g_stack_copies.fetch_add(offset > 0, std::memory_order_relaxed);
     }
     std::vector<mx::array> ain{x};
@@ -693,6 +698,7 @@ void run_stack(std::vector<mx::array>& in,
           ain.end(), in.begin() + ly.in_at, in.begin() + ly.in_at + ly.in_n);
     } else {
       ain.insert(ain.end(), ly.a_fixed.begin(), ly.a_fixed.end());
+      ain[ly.in.offset_at] = in[where.off_at]; // this step's, not the plan's
     }
     std::vector<mx::array> qkv{fresh({B, ly.heads, L, ly.hd}, t),
                                fresh({B, ly.kv_heads, L, ly.hd}, t),
@@ -805,9 +811,147 @@ mx::array attn_out_mlp(const mx::array& attn,
       p.inputs)[0];
 }
 
+uint64_t next_layer_id() {
+  static std::atomic<uint64_t> next{1};
+  return next.fetch_add(1, std::memory_order_relaxed);
+}
+
 int64_t stack_copies() {
   return g_stack_copies.load(std::memory_order_relaxed);
 }
+
+namespace {
+
+// Every layer's StackLayer for x (its shape and dtype) on s, checked as
+// attn_in and attn_out_mlp check theirs; arguments not evaluated (lazy
+// weights) go to `inputs` instead (in_at / out_at). Nothing where a layer
+// does not take the fused path.
+std::optional<std::vector<StackLayer>>
+plan_layers(const std::vector<const Layer*>& layers,
+            const mx::array& x,
+            const mx::array& off,
+            mx::Stream s,
+            std::vector<mx::array>& inputs) {
+  std::vector<StackLayer> specs;
+  specs.reserve(layers.size());
+  for (const Layer* lp : layers) {
+    const Layer& ly = *lp;
+    InPlan a = plan_attn_in(
+        x, ly.norm1, ly.eps1, ly.qkv, ly.heads, ly.kv_heads, ly.rope, off, s);
+    OutPlan o =
+        plan_attn_out(x, x, ly.o, ly.norm2, ly.eps2, ly.gate, ly.up, ly.down);
+    if (!a.fits || !out_fits(ly.heads,
+                             a.hdv,
+                             x,
+                             ly.o,
+                             ly.norm2,
+                             ly.gate,
+                             ly.up,
+                             ly.down,
+                             o.sp,
+                             s)) {
+      return std::nullopt;
+    }
+    StackLayer sl{a.sp,
+                  o.sp,
+                  0,
+                  int(a.inputs.size()) - 1,
+                  0,
+                  int(o.inputs.size()) - 2,
+                  ly.heads,
+                  ly.kv_heads,
+                  int(a.hd),
+                  a.hdv,
+                  ly.scale,
+                  {},
+                  {}};
+    // Every output of a multi-output primitive keeps its own copy of the
+    // inputs: ~20 arrays a layer for 2 * layers + 1 outputs made building
+    // the step cost ~2 ms. Evaluated arguments (the weights) need no graph
+    // edge: the step keeps them itself (the positions, the step's own, are
+    // an input: run_stack puts them in their slot).
+    auto available = [](auto first, auto last) {
+      return std::all_of(
+          first, last, [](const mx::array& a) { return a.is_available(); });
+    };
+    const auto off_slot = a.inputs.begin() + a.sp.offset_at;
+    if (available(a.inputs.begin() + 1, off_slot) &&
+        available(off_slot + 1, a.inputs.end()) &&
+        available(o.inputs.begin() + 2, o.inputs.end())) {
+      sl.a_fixed.assign(a.inputs.begin() + 1, a.inputs.end());
+      sl.o_fixed.assign(o.inputs.begin() + 2, o.inputs.end());
+    } else {
+      sl.in_at = int(inputs.size());
+      inputs.insert(inputs.end(), a.inputs.begin() + 1, a.inputs.end());
+      sl.out_at = int(inputs.size());
+      inputs.insert(inputs.end(), o.inputs.begin() + 2, o.inputs.end());
+    }
+    specs.push_back(std::move(sl));
+  }
+  return specs;
+}
+
+} // namespace
+
+// A stack's plan whose arguments were all evaluated, and what it was for;
+// kept by the stack's first layer.
+struct StackMemo {
+  std::vector<uint64_t> ids;
+  mx::Shape shape;
+  mx::Dtype t;
+  mx::Stream s;
+  std::shared_ptr<const std::vector<StackLayer>> specs;
+};
+
+namespace {
+
+std::mutex g_memo_mutex;
+
+std::vector<uint64_t> ids_of(const std::vector<const Layer*>& layers) {
+  std::vector<uint64_t> ids(layers.size());
+  for (size_t i = 0; i < layers.size(); ++i) {
+    ids[i] = layers[i]->id;
+  }
+  return ids;
+}
+
+std::shared_ptr<const std::vector<StackLayer>>
+memo_plan(const std::vector<const Layer*>& layers,
+          const mx::array& x,
+          mx::Stream s) {
+  std::lock_guard<std::mutex> lock(g_memo_mutex);
+  const StackMemo* m = layers[0]->memo.get();
+  if (m && m->shape == x.shape() && m->t == x.dtype() && m->s == s &&
+      m->ids == ids_of(layers)) {
+    return m->specs;
+  }
+  return nullptr;
+}
+
+// Plans the layers (memoized where every argument is evaluated).
+std::shared_ptr<const std::vector<StackLayer>>
+plan_stack(const std::vector<const Layer*>& layers,
+           const mx::array& x,
+           const mx::array& off,
+           mx::Stream s,
+           std::vector<mx::array>& inputs) {
+  const size_t before = inputs.size();
+  auto specs = plan_layers(layers, x, off, s, inputs);
+  if (!specs) {
+    return nullptr;
+  }
+  auto shared =
+      std::make_shared<const std::vector<StackLayer>>(std::move(*specs));
+  if (inputs.size() == before) {
+    auto memo = std::make_shared<StackMemo>(
+        StackMemo{ids_of(layers), x.shape(), x.dtype(), s, shared});
+    std::lock_guard<std::mutex> lock(g_memo_mutex);
+    layers[0]->memo = std::move(memo);
+  }
+  return shared;
+}
+
+} // namespace
 
 std::optional<std::vector<mx::array>>
 stack_step(const std::vector<const Layer*>& layers,
@@ -829,82 +973,44 @@ stack_step(const std::vector<const Layer*>& layers,
   const int offset = at;
   const int B = x.shape(0), L = x.shape(1);
   const mx::Dtype t = x.dtype();
-  const mx::array& off = positions;
   const int K = at + L - lo;
   if (mask && (mask->ndim() > 4 || mask->shape(-1) != K ||
                (mask->dtype() != mx::bool_ && !float_like(mask->dtype())))) {
     return std::nullopt;
   }
-  std::vector<mx::array> inputs{x};
-  std::vector<StackLayer> specs;
-  specs.reserve(layers.size());
-  std::vector<std::pair<int, int>> donations;
-  for (size_t i = 0; i < layers.size(); ++i) {
-    const Layer& ly = *layers[i];
-    InPlan a = plan_attn_in(
-        x, ly.norm1, ly.eps1, ly.qkv, ly.heads, ly.kv_heads, ly.rope, off, s);
-    OutPlan o =
-        plan_attn_out(x, x, ly.o, ly.norm2, ly.eps2, ly.gate, ly.up, ly.down);
-    const auto& [kb, vb] = bufs[i];
-    if (!a.fits ||
-        !out_fits(ly.heads,
-                  a.hdv,
-                  x,
-                  ly.o,
-                  ly.norm2,
-                  ly.gate,
-                  ly.up,
-                  ly.down,
-                  o.sp,
-                  s) ||
-        kb.ndim() != 4 || vb.ndim() != 4 || kb.dtype() != t ||
-        vb.dtype() != t || kb.shape(0) != B || kb.shape(1) != ly.kv_heads ||
-        kb.shape(3) != a.hd || vb.shape(0) != B || vb.shape(1) != ly.kv_heads ||
-        vb.shape(3) != a.hdv || kb.shape(2) < offset + L ||
-        vb.shape(2) < offset + L) {
+  const mx::array off =
+      positions.dtype() == mx::int32 ? positions
+                                     : mx::astype(positions, mx::int32, s);
+  std::vector<mx::array> inputs{x, off};
+  // The layers' plans: memoized while every weight is evaluated (a decode
+  // loop's steps: planning 30 layers was ~0.15 ms of building each token).
+  std::shared_ptr<const std::vector<StackLayer>> specs =
+      memo_plan(layers, x, s);
+  if (!specs) {
+    auto plan = plan_stack(layers, x, off, s, inputs);
+    if (!plan) {
       return std::nullopt;
     }
-    StackLayer sl{a.sp,
-                  o.sp,
-                  int(inputs.size()),
-                  int(a.inputs.size()) - 1,
-                  0,
-                  int(o.inputs.size()) - 2,
-                  0,
-                  0,
-                  ly.heads,
-                  ly.kv_heads,
-                  int(a.hd),
-                  a.hdv,
-                  ly.scale,
-                  {},
-                  {}};
-    // Every output of a multi-output primitive keeps its own copy of the
-    // inputs: ~20 arrays a layer for 2 * layers + 1 outputs made building
-    // the step cost ~2 ms. Evaluated arguments (the weights) need no graph
-    // edge: the step keeps them itself.
-    auto available = [](auto first, auto last) {
-      return std::all_of(
-          first, last, [](const mx::array& a) { return a.is_available(); });
-    };
-    if (available(a.inputs.begin() + 1, a.inputs.end()) &&
-        available(o.inputs.begin() + 2, o.inputs.end())) {
-      sl.a_fixed.assign(a.inputs.begin() + 1, a.inputs.end());
-      sl.o_fixed.assign(o.inputs.begin() + 2, o.inputs.end());
-    } else {
-      inputs.insert(inputs.end(), a.inputs.begin() + 1, a.inputs.end());
-      sl.out_at = int(inputs.size());
-      inputs.insert(inputs.end(), o.inputs.begin() + 2, o.inputs.end());
-    }
-    sl.k_at = int(inputs.size());
-    inputs.push_back(kb);
-    sl.v_at = int(inputs.size());
-    inputs.push_back(vb);
-    donations.emplace_back(int(1 + 2 * i), sl.k_at);
-    donations.emplace_back(int(2 + 2 * i), sl.v_at);
-    specs.push_back(std::move(sl));
+    specs = std::move(plan);
   }
-  StackAt where{at, lo, mask_mode == "causal", -1};
+  const int kv_at = int(inputs.size());
+  std::vector<std::pair<int, int>> donations;
+  for (size_t i = 0; i < layers.size(); ++i) {
+    const StackLayer& sl = (*specs)[i];
+    const auto& [kb, vb] = bufs[i];
+    if (kb.ndim() != 4 || vb.ndim() != 4 || kb.dtype() != t ||
+        vb.dtype() != t || kb.shape(0) != B || kb.shape(1) != sl.kv_heads ||
+        kb.shape(3) != sl.hd || vb.shape(0) != B ||
+        vb.shape(1) != sl.kv_heads || vb.shape(3) != sl.hdv ||
+        kb.shape(2) < offset + L || vb.shape(2) < offset + L) {
+      return std::nullopt;
+    }
+    donations.emplace_back(int(1 + 2 * i), int(inputs.size()));
+    inputs.push_back(kb);
+    donations.emplace_back(int(2 + 2 * i), int(inputs.size()));
+    inputs.push_back(vb);
+  }
+  StackAt where{at, lo, mask_mode == "causal", -1, 1, kv_at};
   if (mask) {
     // One (B, heads, L, K) view for every layer (the heads of the first).
     const int heads = layers[0]->heads;
@@ -934,7 +1040,7 @@ stack_step(const std::vector<const Layer*>& layers,
       CpuPrimitive::Fallback(),
       [specs = std::move(specs), where](std::vector<mx::array>& in,
                                         std::vector<mx::array>& outs) {
-        run_stack(in, outs, specs, where);
+        run_stack(in, outs, *specs, where);
       });
   for (auto [out, in] : donations) {
     prim->donate(out, in, views_below);

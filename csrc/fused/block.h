@@ -13,6 +13,7 @@
 #include "mlx/array.h"
 #include "mlx/utils.h"
 
+#include <memory>
 #include <optional>
 #include <string>
 #include <utility>
@@ -69,6 +70,9 @@ mx::array attn_out_mlp(const mx::array& attn,
                        const QLinear& down,
                        mx::StreamOrDevice s = {});
 
+uint64_t next_layer_id();
+struct StackMemo;
+
 // One llama-style decoder block's weights and settings (attn_in's and
 // attn_out_mlp's arguments, the attention's scale).
 struct Layer {
@@ -82,6 +86,12 @@ struct Layer {
   float eps2;
   QLinear gate, up, down;
   float scale;
+  // Distinct for every Layer made (copies share it): what a memo of plans
+  // keys on (an address may be reused).
+  uint64_t id = next_layer_id();
+  // stack_step's plan for the stack this layer is the first of (block.cpp);
+  // it lives (with the weights it holds) as long as the layer.
+  mutable std::shared_ptr<StackMemo> memo;
 };
 
 // Every layer's step over x (B, L, D), L <= kMaxBlockRows, as ONE primitive:
