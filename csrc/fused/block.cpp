@@ -12,11 +12,11 @@
 #include "quant/quant.h"
 
 #include <algorithm>
-#include <memory>
-#include <mutex>
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <memory>
+#include <mutex>
 #include <sstream>
 #include <stdexcept>
 
@@ -915,10 +915,8 @@ std::vector<uint64_t> ids_of(const std::vector<const Layer*>& layers) {
   return ids;
 }
 
-std::shared_ptr<const std::vector<StackLayer>>
-memo_plan(const std::vector<const Layer*>& layers,
-          const mx::array& x,
-          mx::Stream s) {
+std::shared_ptr<const std::vector<StackLayer>> memo_plan(
+    const std::vector<const Layer*>& layers, const mx::array& x, mx::Stream s) {
   std::lock_guard<std::mutex> lock(g_memo_mutex);
   const StackMemo* m = layers[0]->memo.get();
   if (m && m->shape == x.shape() && m->t == x.dtype() && m->s == s &&
@@ -978,9 +976,9 @@ stack_step(const std::vector<const Layer*>& layers,
                (mask->dtype() != mx::bool_ && !float_like(mask->dtype())))) {
     return std::nullopt;
   }
-  const mx::array off =
-      positions.dtype() == mx::int32 ? positions
-                                     : mx::astype(positions, mx::int32, s);
+  const mx::array off = positions.dtype() == mx::int32
+                            ? positions
+                            : mx::astype(positions, mx::int32, s);
   std::vector<mx::array> inputs{x, off};
   // The layers' plans: memoized while every weight is evaluated (a decode
   // loop's steps: planning 30 layers was ~0.15 ms of building each token).

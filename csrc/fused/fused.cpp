@@ -680,8 +680,16 @@ void run_sdpa(std::vector<mx::array>& in, mx::array& out, SdpaSpec sp) {
   // score (masked: lowest). A chunk masked throughout gives l = 0 (NaN if a
   // score is NaN). `whole`: m = lowest over every key (what MLX's softmax
   // gives a row masked throughout: masked keys weigh alike).
-  auto partial = [&](int64_t b, int64_t h, int64_t i, int64_t j0, int64_t j1,
-                     bool whole, Buf& bf, float* acc, float& m, float& l) {
+  auto partial = [&](int64_t b,
+                     int64_t h,
+                     int64_t i,
+                     int64_t j0,
+                     int64_t j1,
+                     bool whole,
+                     Buf& bf,
+                     float* acc,
+                     float& m,
+                     float& l) {
     const int64_t hk = h / rep;
     const int64_t kbase = b * ks[0] + hk * ks[1];
     const int64_t vbase = b * vs[0] + hk * vs[1];
@@ -744,8 +752,12 @@ void run_sdpa(std::vector<mx::array>& in, mx::array& out, SdpaSpec sp) {
   };
   // Row (b, h, i)'s output from its chunks' (m, l, acc), `stride` floats
   // apart (acc at +2), merged in chunk order.
-  auto merge = [&](int64_t b, int64_t h, int64_t i, const float* part,
-                   int64_t stride, Buf& bf) {
+  auto merge = [&](int64_t b,
+                   int64_t h,
+                   int64_t i,
+                   const float* part,
+                   int64_t stride,
+                   Buf& bf) {
     float sbuf[1];
     const float sink =
         sinks ? load(*sinks, h * sinks->strides()[0], 1, 1, sbuf)[0] : 0.f;
@@ -801,13 +813,25 @@ void run_sdpa(std::vector<mx::array>& in, mx::array& out, SdpaSpec sp) {
       for (int64_t i = blk * kQueryBlock; i < i1; ++i) {
         float* pc = &parts[(((b * Hq + h) * Lq + i) * chunks + c) * stride];
         scaled_q(b, h, i, bf);
-        partial(b, h, i, c * kKeyChunk, std::min(Lk, (c + 1) * kKeyChunk),
-                false, bf, pc + 2, pc[0], pc[1]);
+        partial(b,
+                h,
+                i,
+                c * kKeyChunk,
+                std::min(Lk, (c + 1) * kKeyChunk),
+                false,
+                bf,
+                pc + 2,
+                pc[0],
+                pc[1]);
       }
     });
     parallel(rows, rows * chunks * Dv, [&](int64_t r) {
-      merge(r / (Hq * Lq), r / Lq % Hq, r % Lq,
-            &parts[r * chunks * stride], stride, bufs());
+      merge(r / (Hq * Lq),
+            r / Lq % Hq,
+            r % Lq,
+            &parts[r * chunks * stride],
+            stride,
+            bufs());
     });
     return;
   }
@@ -826,8 +850,16 @@ void run_sdpa(std::vector<mx::array>& in, mx::array& out, SdpaSpec sp) {
       scaled_q(b, h, i, bf);
       for (int64_t c = 0; c < chunks; ++c) {
         float* pc = &parts[c * stride];
-        partial(b, h, i, c * kKeyChunk, std::min(Lk, (c + 1) * kKeyChunk),
-                false, bf, pc + 2, pc[0], pc[1]);
+        partial(b,
+                h,
+                i,
+                c * kKeyChunk,
+                std::min(Lk, (c + 1) * kKeyChunk),
+                false,
+                bf,
+                pc + 2,
+                pc[0],
+                pc[1]);
       }
       merge(b, h, i, parts.data(), stride, bf);
     }
