@@ -731,9 +731,8 @@ void run_sdpa(std::vector<mx::array>& in, mx::array& out, SdpaSpec sp) {
     }
     m = whole ? lowest : max_of(sc, n, lowest);
     if (m == lowest && !whole) {
-      l = std::any_of(sc, sc + n, [](float x) { return std::isnan(x); })
-              ? std::numeric_limits<float>::quiet_NaN()
-              : 0.f;
+      l = std::any_of(sc, sc + n, [](float x) { return std::isnan(x); }) ? nan
+                                                                         : 0.f;
       return;
     }
     l = exps_sum(sc, n, m);

@@ -32,7 +32,6 @@ void set_gemm_rows(int rows);
 int64_t parallel_bytes();
 void set_parallel_bytes(int64_t bytes);
 
-// y = x @ a^T for a in the transposed layout (a.rows outputs of a.cols).
 // x as the kernels read it for one matrix (4-bit formats deinterleaved) and
 // its per-group sums.
 struct Prepared {
@@ -40,6 +39,7 @@ struct Prepared {
   std::vector<float> xbuf, xsum;
 };
 
+// y = x @ a^T for a in the transposed layout (a.rows outputs of a.cols).
 struct Job {
   QMatrix a;
   const float* x; // nx rows of a.cols floats, natural order
