@@ -113,7 +113,8 @@ void init_quant(nb::module_& m) {
       "rows"_a);
   m.def("quant_parallel_bytes",
         &quant::parallel_bytes,
-        "Weight bytes from which a quantized GEMV is split over threads.");
+        "Work (weight bytes times rows of x) from which a quantized GEMV is "
+        "split over threads.");
   m.def(
       "set_quant_parallel_bytes",
       [](int64_t bytes) { quant::set_parallel_bytes(bytes); },

@@ -185,7 +185,8 @@ void linears(std::vector<Lin*> lins,
   int64_t parts = threads > 1 && bytes >= kSplitBytes ? threads : 1;
   // matmul_t threads big passes (and the BLAS route for many rows) itself;
   // split here only where it would run a share on its calling thread alone.
-  if (R >= quant::gemm_rows() || bytes / threads >= quant::parallel_bytes()) {
+  if (R >= quant::gemm_rows() ||
+      bytes * R / threads >= quant::parallel_bytes()) {
     parts = 1;
   }
   // x prepared once per layout for every part (each part's matmul_t would

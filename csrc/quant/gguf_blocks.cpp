@@ -371,7 +371,7 @@ void block_matmul(int type, std::vector<BlockJob>& jobs) {
     for (int64_t n0 = 0; n0 < job.rows; n0 += step) {
       tasks.push_back({&job, n0, std::min(job.rows, n0 + step)});
     }
-    bytes += job.rows * job.row_bytes;
+    bytes += job.rows * job.row_bytes * int64_t(job.x.size()); // per x row
   }
   auto run = [&](int64_t t) {
     const Task& k = tasks[t];
@@ -536,7 +536,7 @@ FileMapping::FileMapping(const std::string& path, bool populate) {
     throw std::runtime_error("cannot open " + path + ": " +
                              std::strerror(errno));
   }
-  struct stat st {};
+  struct stat st{};
   if (::fstat(fd, &st) != 0 || st.st_size <= 0) {
     ::close(fd);
     throw std::runtime_error(path + " is empty or cannot be read");

@@ -16,9 +16,9 @@ constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
 constexpr int64_t kTileBytes = 4 << 20;
 
 std::atomic<int> gemm_rows_{16};
-// Below this many weight bytes a GEMV pass runs on the calling thread alone:
-// waking a worker costs more than it saves, and on a small machine a
-// spinning worker takes the core Python needs to build the next step.
+// Below this much work (weight bytes times rows of x) a GEMV pass runs on the
+// calling thread alone: waking a worker costs more than it saves, and on a
+// small machine a spinning worker takes the core Python needs.
 std::atomic<int64_t> parallel_bytes_{1 << 20};
 
 int64_t tile_rows(int64_t cols, int64_t rows) {
@@ -44,10 +44,28 @@ void dequant_parallel(
   });
 }
 
+// A thread's tile buffers for the BLAS route, kept across calls: a fresh
+// 4 MB vector per matmul was zero-filled (and page-faulted) every time.
+struct Tiles {
+  std::vector<float> w, y;
+};
+
+Tiles& tiles(int64_t w_floats, int64_t y_floats) {
+  thread_local Tiles t;
+  if (int64_t(t.w.size()) < w_floats) {
+    t.w.resize(w_floats);
+  }
+  if (int64_t(t.y.size()) < y_floats) {
+    t.y.resize(y_floats);
+  }
+  return t;
+}
+
 void gemm_t(const Isa& isa, Job& job) {
   const QMatrix& a = job.a;
   const int64_t N = a.rows, K = a.cols, tn = tile_rows(K, N);
-  std::vector<float> tile(tn * K), ytile(job.nx * tn);
+  Tiles& t = tiles(tn * K, job.nx * tn);
+  std::vector<float>&tile = t.w, &ytile = t.y;
   for (int64_t n0 = 0; n0 < N; n0 += tn) {
     const int64_t nb = std::min(tn, N - n0);
     dequant_parallel(isa, a, n0, n0 + nb, tile.data());
@@ -181,7 +199,8 @@ void matmul_t(std::vector<Job>& jobs) {
       ready[s] = &prep[s];
     }
     rows += job.a.rows;
-    bytes += job.a.rows * job.a.row_bytes();
+    // Each row of x is a pass over the weights (cached after the first).
+    bytes += job.a.rows * job.a.row_bytes() * job.nx;
   }
   const bool parallel =
       bytes >= parallel_bytes_.load(std::memory_order_relaxed);
@@ -224,7 +243,7 @@ void matmul_t(std::vector<Job>& jobs) {
 void matmul_n(const QMatrix& a, const float* x, int64_t nx, float* y) {
   const Isa& isa = active();
   const int64_t K = a.rows, N = a.cols, tk = tile_rows(N, K);
-  std::vector<float> tile(tk * N);
+  std::vector<float>& tile = tiles(tk * N, 0).w;
   for (int64_t k0 = 0; k0 < K; k0 += tk) {
     const int64_t kb = std::min(tk, K - k0);
     dequant_parallel(isa, a, k0, k0 + kb, tile.data());

@@ -28,7 +28,8 @@ namespace mlx_harmony_core::quant {
 // Rows of x at or above which dequantizing tiles for the BLAS beats the GEMV.
 int gemm_rows();
 void set_gemm_rows(int rows);
-// Weight bytes from which a GEMV pass is split over the thread pool.
+// Work (weight bytes times rows of x) from which a GEMV pass is split over
+// the thread pool.
 int64_t parallel_bytes();
 void set_parallel_bytes(int64_t bytes);
 
