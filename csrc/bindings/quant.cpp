@@ -63,11 +63,8 @@ void init_quant(nb::module_& m) {
       "quant_isas",
       [] {
         std::vector<std::string> v;
-        for (const quant::Isa* i :
-             {quant::isa_avx512(), quant::isa_avx2(), &quant::isa_generic()}) {
-          if (i) {
-            v.emplace_back(i->name);
-          }
+        for (const quant::Isa* i : quant::isas()) {
+          v.emplace_back(i->name);
         }
         return v;
       },

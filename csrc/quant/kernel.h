@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 namespace mlx_harmony_core::quant {
 
@@ -74,6 +75,8 @@ struct Isa {
 const Isa* isa_avx512(); // nullptr where not built
 const Isa* isa_avx2();
 const Isa& isa_generic();
+// The instruction sets this CPU runs, the fastest first (active()'s default).
+std::vector<const Isa*> isas();
 
 // The instruction set in use: the best the CPU supports, unless set().
 const Isa& active();
