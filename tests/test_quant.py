@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 
 import mlx.core as mx
@@ -32,6 +34,17 @@ def _restore_isa():
     _core.set_quant_isa(isa)
     _core.set_quant_threads(threads)
     _core.set_quant_gemm_rows(rows)
+
+
+def test_isas_ranked_fastest_first():
+    """The kernels start on the first ISA of the ranking (AVX2 ahead of AVX-512 on Zen 4),
+    every ISA is listed once with the portable code last, and an unknown name is refused."""
+    code = "from mlx_harmony_core import _core; print(_core.quant_isa())"
+    fresh = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert fresh.stdout.strip() == ISAS[0], fresh.stderr
+    assert len(set(ISAS)) == len(ISAS) and ISAS[-1] == "generic"
+    with pytest.raises(ValueError, match="quant_isas"):
+        _core.set_quant_isa("avx1024")
 
 
 def quantized(shape, mode, bits, gs, seed, dtype=mx.float32):
