@@ -14,6 +14,7 @@ from mlx_harmony_core.kv_cache import (
     RotatingKVCache,
     make_batch_cache,
 )
+from mlx_harmony_core.scheduler import Batch
 from mlx_harmony_core.speculative import (
     MAX_RATE,
     NGRAM_PRIOR,
@@ -361,4 +362,29 @@ def test_drafts_that_never_hold_turn_off_and_try_again_rarely(demo_engine, other
     g = good.result(timeout=300)
     assert g.tokens == want[2]
     assert g.usage.accepted_tokens == g.usage.drafted_tokens > 100
+    demo_engine.reset_cache()
+
+
+def test_a_batch_whose_drafts_cannot_pay_stops_looking(
+    demo_engine, other, fixed_costs, monkeypatch
+):
+    """Rows whose draft model tried and, as dear as measured, could never pay do not draft
+    again, so the batch stops looking at their drafts (a look drains the pipeline): a
+    couple of looks in 220 steps instead of one every Pacer.LOOK. Tokens stay plain."""
+    monkeypatch.setattr(Pacer, "PER_DRAFT", 2.0)  # a draft step dearer than a plain one
+    looks = []
+    speculate = Batch._speculate
+    monkeypatch.setattr(Batch, "_speculate", lambda self: (looks.append(1), speculate(self)))
+    prompts = ["Tell me a story.", "Tell me another story."]
+    want = [_plain(demo_engine, p, GREEDY, {"max_tokens": 220}).tokens for p in prompts]
+    demo_engine.reset_cache()
+    demo_engine.batching(max_batch=8)
+    spec = {"speculative": "draft", "draft_model": other}
+    handles = [
+        demo_engine.submit(p, GREEDY, ignore_eos=True, max_tokens=220, **spec) for p in prompts
+    ]
+    got = [h.result(timeout=300) for h in handles]
+    assert [g.tokens for g in got] == want
+    assert [g.usage.drafted_tokens for g in got] == [1, 1]  # the one try that measures it
+    assert len(looks) <= 3 < 220 // Pacer.LOOK
     demo_engine.reset_cache()

@@ -588,8 +588,16 @@ class Batch:
 
     def _rest(self) -> int:
         """Plain steps before the next look: the pacer's, or fewer when a draft model's row
-        may try again sooner."""
+        may try again sooner, or a long stretch when no row can draft again (every
+        speculating row's draft model tried and, as dear as measured, cannot pay: a look
+        would only drain the pipeline; a row that joins shortens the stretch)."""
         n = self.pacer.plain_steps()
+        if not self.pacer.could_pay() and all(
+            isinstance(r.req.speculation.drafter, ModelDrafter) and r.req.speculation.drafted
+            for r in self._spec_rows()
+            if r.req.speculation is not None
+        ):
+            return self.pacer.IDLE
         if self.pacer.could_pay():
             for r in self._spec_rows():
                 spec = r.req.speculation

@@ -339,6 +339,7 @@ class Pacer:
     LOOK = 32  # plain steps between looks at every token (a glance after each read ends
     # a stretch sooner when drafts look worth it: a look costs a pipeline drain)
     RETRY = 4  # plain steps before a row that joined a plain stretch looks
+    IDLE = 512  # plain steps between looks when no row can draft again
     MARGIN = 1.03  # a verify step must promise this much over a plain one
     PER_TOKEN = 0.28  # prior: a verify pass's cost per further token per row, in plain steps
     PER_DRAFT = 0.25  # prior: a draft model's batched step, in plain steps
