@@ -295,8 +295,10 @@ def test_pacer_measures_costs_relative_to_a_plain_step():
     p.record_verify(5, 0.3, drafts=2, draft_s=0.1, rows=8)
     # (0.3 / 0.1 - 1) / 4 = 0.5 per token; 0.1 / 2 / 0.1 = 0.5 per draft step.
     assert p.per_token == pytest.approx(0.7 * Pacer.PER_TOKEN + 0.3 * 0.5)
-    assert p.per_draft == pytest.approx(0.7 * Pacer.PER_DRAFT + 0.3 * 0.5)
+    assert p.per_draft == pytest.approx(0.5) and p.draft_measured  # a measurement, no prior
     assert p.could_pay()
+    p.record_verify(5, 0.3, drafts=2, draft_s=0.2, rows=8)  # then an average: 1.0 per draft
+    assert p.per_draft == pytest.approx(0.7 * 0.5 + 0.3 * 1.0)
     for _ in range(20):  # a draft model as dear as the target: it can never pay
         p.record_verify(2, 0.12, drafts=1, draft_s=0.1, rows=8)
     assert not p.could_pay()

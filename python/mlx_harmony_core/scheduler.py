@@ -591,13 +591,15 @@ class Batch:
         may try again sooner, or a long stretch when no row can draft again (every
         speculating row's draft model tried and, as dear as measured, cannot pay: a look
         would only drain the pipeline; a row that joins shortens the stretch)."""
-        n = self.pacer.plain_steps()
-        if not self.pacer.could_pay() and all(
-            isinstance(r.req.speculation.drafter, ModelDrafter) and r.req.speculation.drafted
+        pacer = self.pacer
+        n = pacer.plain_steps()
+        if not pacer.could_pay() and all(
+            isinstance(r.req.speculation.drafter, ModelDrafter)
+            and (r.req.speculation.drafted or pacer.draft_measured)
             for r in self._spec_rows()
             if r.req.speculation is not None
         ):
-            return self.pacer.IDLE
+            return pacer.IDLE
         if self.pacer.could_pay():
             for r in self._spec_rows():
                 spec = r.req.speculation
@@ -612,8 +614,9 @@ class Batch:
         each row's chances that its drafts hold and the pacer's measured step costs.
 
         A draft model's row that has never drafted tries one draft (its cost and its
-        chances are measured only so); one left out of a plan rests (64 steps, doubling)
-        and tries one draft again after, if a draft model that fast could pay at all.
+        chances are measured only so), unless a draft model was measured too dear to pay;
+        one left out of a plan rests (64 steps, doubling) and tries one draft again after,
+        if a draft model that fast could pay at all.
         ``commit``: False for a glance (nothing changes)."""
         pacer = self.pacer
         chances: list[list[float]] = []
@@ -630,7 +633,12 @@ class Batch:
             if spec is not None and not r.finished and room > 0:
                 if isinstance(spec.drafter, ModelDrafter):
                     model[i] = True
-                    if spec.drafted == 0 or (spec.retry_at <= pacer.steps and pacer.could_pay()):
+                    # A first try measures a draft model; once one was measured as too
+                    # dear to pay, a new row's try could not pay either.
+                    first = spec.drafted == 0 and (not pacer.draft_measured or pacer.could_pay())
+                    if first or (
+                        spec.drafted and spec.retry_at <= pacer.steps and pacer.could_pay()
+                    ):
                         if spec.backoff or spec.drafted == 0:  # a try: one draft
                             probe[i] = True
                             ch = [spec.rate()]

@@ -348,6 +348,7 @@ class Pacer:
         self.plain_s: float | None = None  # seconds of the last plain steps measured (EMA)
         self.per_token = self.PER_TOKEN  # a further token per row, in plain steps (EMA)
         self.per_draft = self.PER_DRAFT
+        self.draft_measured = False  # a draft model's step has been measured
         self.plain_by_rows: dict[int, float] = {}  # a plain step's seconds by rows (EMA)
         self.verify_by_tokens: dict[int, float] = {}  # a verify pass's seconds by tokens
         self.steps = 0  # plain steps and verify steps run (the batch's clock)
@@ -463,8 +464,10 @@ class Pacer:
             return
         cost = max(1.0, self.verify_by_tokens[tokens] / plain)
         self.per_token = _ema(self.per_token, max(0.02, (cost - 1) / (width - 1)))
-        if drafts > 0:
-            self.per_draft = _ema(self.per_draft, min(10.0, draft_s / drafts / plain))
+        if drafts > 0:  # the first measurement replaces the prior: one try settles could_pay
+            measured = min(10.0, draft_s / drafts / plain)
+            self.per_draft = _ema(self.per_draft if self.draft_measured else None, measured)
+            self.draft_measured = True
 
 
 def _between(known: Mapping[int, float], lo: int, hi: int, at: int) -> float:
