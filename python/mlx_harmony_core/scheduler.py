@@ -439,6 +439,7 @@ class Batch:
         self.reads = 0  # plain steps read
         self.prefill_s = 0.0  # seconds spent prefilling
         self.draft_batches: dict[int, DraftBatch] = {}  # by draft model
+        self.draft_tried: set[int] = set()  # draft models (by id) that drafted in this batch
         self.width = 0  # the last verify step's tokens per row
         self.kinds: list[int] = []  # the kind of each row's drafts in the step planned last
 
@@ -508,7 +509,7 @@ class Batch:
             self.cache, self.pending, self.bias = None, None, None
             self.pending_inputs = None
             self.pacer, self.stretch = Pacer(), None  # the next batch measures afresh
-            self.draft_batches = {}
+            self.draft_batches, self.draft_tried = {}, set()
             return
         if self.stretch is not None and any(r.req.speculation is not None for r in joined):
             n, t0, e0, p0 = self.stretch  # a plain stretch runs: the new row looks soon
@@ -594,10 +595,10 @@ class Batch:
         pacer = self.pacer
         n = pacer.plain_steps()
         if not pacer.could_pay() and all(
-            isinstance(r.req.speculation.drafter, ModelDrafter)
-            and (r.req.speculation.drafted or pacer.draft_measured)
-            for r in self._spec_rows()
-            if r.req.speculation is not None
+            isinstance(spec.drafter, ModelDrafter)
+            and (spec.drafted or id(spec.drafter.model) in self.draft_tried)
+            for spec in (r.req.speculation for r in self._spec_rows())
+            if spec is not None
         ):
             return pacer.IDLE
         if self.pacer.could_pay():
@@ -614,9 +615,9 @@ class Batch:
         each row's chances that its drafts hold and the pacer's measured step costs.
 
         A draft model's row that has never drafted tries one draft (its cost and its
-        chances are measured only so), unless a draft model was measured too dear to pay;
-        one left out of a plan rests (64 steps, doubling) and tries one draft again after,
-        if a draft model that fast could pay at all.
+        chances are measured only so), unless its draft model drafted here and was measured
+        too dear to pay; one left out of a plan rests (64 steps, doubling) and tries one
+        draft again after, if a draft model that fast could pay at all.
         ``commit``: False for a glance (nothing changes)."""
         pacer = self.pacer
         chances: list[list[float]] = []
@@ -633,9 +634,10 @@ class Batch:
             if spec is not None and not r.finished and room > 0:
                 if isinstance(spec.drafter, ModelDrafter):
                     model[i] = True
-                    # A first try measures a draft model; once one was measured as too
-                    # dear to pay, a new row's try could not pay either.
-                    first = spec.drafted == 0 and (not pacer.draft_measured or pacer.could_pay())
+                    # A first try measures a draft model; once its model drafted here and
+                    # measured too dear to pay, a new row's try could not pay either.
+                    tried = id(spec.drafter.model) in self.draft_tried
+                    first = spec.drafted == 0 and (not tried or pacer.could_pay())
                     if first or (
                         spec.drafted and spec.retry_at <= pacer.steps and pacer.could_pay()
                     ):
@@ -719,6 +721,7 @@ class Batch:
                     self._fail(rows[i], exc)
                 continue
             steps += max(ks[i] for i in idx)
+            self.draft_tried.add(key)
             for i, d in zip(idx, drafts, strict=True):
                 out[i] = d[: ks[i]]
         return steps, time.perf_counter() - t0
