@@ -48,7 +48,7 @@ from .params import SamplingParams
 from .request import Completion, Request, StreamEvent
 from .runner import ModelRunner
 from .sampling import LogProbs, Sampler, sample_rows
-from .speculative import MAX_DRAFT, DraftBatch, ModelDrafter, Pacer
+from .speculative import MAX_DRAFT, DraftBatch, ModelDrafter, Pacer, Speculation
 from .threads import generation, stop_at_exit
 
 logger = logging.getLogger(__name__)
@@ -587,26 +587,26 @@ class Batch:
         self.flush()
         self._update_rows(None, [])
 
+    def _can_draft(self, spec: Speculation) -> bool:
+        """Whether a draft model's row may draft again, now or later: while a draft model
+        as fast as measured could pay, or for its first try (which measures its model)
+        unless that model already drafted in this batch and measured too dear to pay."""
+        tried = id(spec.drafter.model) in self.draft_tried
+        return self.pacer.could_pay() or (spec.drafted == 0 and not tried)
+
     def _rest(self) -> int:
         """Plain steps before the next look: the pacer's, or fewer when a draft model's row
-        may try again sooner, or a long stretch when no row can draft again (every
-        speculating row's draft model tried and, as dear as measured, cannot pay: a look
-        would only drain the pipeline; a row that joins shortens the stretch)."""
+        may try again sooner, or a long stretch when no row can draft again (a look would
+        only drain the pipeline; a row that joins shortens the stretch)."""
         pacer = self.pacer
-        n = pacer.plain_steps()
-        if not pacer.could_pay() and all(
-            isinstance(spec.drafter, ModelDrafter)
-            and (spec.drafted or id(spec.drafter.model) in self.draft_tried)
-            for spec in (r.req.speculation for r in self._spec_rows())
-            if spec is not None
-        ):
+        specs = [r.req.speculation for r in self._spec_rows() if r.req.speculation is not None]
+        if not any(not isinstance(s.drafter, ModelDrafter) or self._can_draft(s) for s in specs):
             return pacer.IDLE
-        if self.pacer.could_pay():
-            for r in self._spec_rows():
-                spec = r.req.speculation
-                assert spec is not None
-                if isinstance(spec.drafter, ModelDrafter) and spec.retry_at > self.pacer.steps:
-                    n = min(n, spec.retry_at - self.pacer.steps)
+        n = pacer.plain_steps()
+        if pacer.could_pay():
+            for spec in specs:
+                if isinstance(spec.drafter, ModelDrafter) and spec.retry_at > pacer.steps:
+                    n = min(n, spec.retry_at - pacer.steps)
         return max(1, n)
 
     def _plan(self, rows: list[Row], commit: bool = True) -> tuple[int, list[int], list[list[int]]]:
@@ -634,12 +634,8 @@ class Batch:
             if spec is not None and not r.finished and room > 0:
                 if isinstance(spec.drafter, ModelDrafter):
                     model[i] = True
-                    # A first try measures a draft model; once its model drafted here and
-                    # measured too dear to pay, a new row's try could not pay either.
-                    tried = id(spec.drafter.model) in self.draft_tried
-                    first = spec.drafted == 0 and (not tried or pacer.could_pay())
-                    if first or (
-                        spec.drafted and spec.retry_at <= pacer.steps and pacer.could_pay()
+                    if self._can_draft(spec) and (
+                        spec.drafted == 0 or spec.retry_at <= pacer.steps
                     ):
                         if spec.backoff or spec.drafted == 0:  # a try: one draft
                             probe[i] = True
