@@ -317,6 +317,13 @@ def test_mapped_llama_logits_equal_the_exact_values(tmp_path, monkeypatch):
     write_gguf(path, "llama", config, weights, qtype=Q.Q8_0)
     fused_layers = _cpu_model(path, mapped=True)
     assert not isinstance(fused_layers.model.layers[0].self_attn.q_proj, GgufLinear)
+    # The converted weights in one arena of huge pages (q/k unpermuted in place) or each
+    # from MLX's allocator: the same model.
+    monkeypatch.setattr(ours, "LOAD_ARENA", False)
+    plain = _cpu_model(path, mapped=True)
+    monkeypatch.setattr(ours, "LOAD_ARENA", True)
+    for prompt in ([[5, 17, 3, 99, 42, 7] * 4], [[42]]):
+        assert mx.array_equal(fused_layers(mx.array(prompt)), plain(mx.array(prompt)))
     assert isinstance(fused_layers.model.embed_tokens, GgufEmbedding)
     monkeypatch.setenv(fused.ENV, "mlx")  # every Q8_0 weight on the block kernels
     mapped = _cpu_model(path, mapped=True)
@@ -385,8 +392,13 @@ def _bytes(a):
 
 # The reference's -8 d and -128 d overflow float16 for the largest scales: as intended.
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
-@pytest.mark.parametrize(("threads", "huge"), [(1, True), (2, True), (3, False)])
-def test_cpp_loader_equals_numpy_reference(tmp_path, monkeypatch, threads, huge):
+@pytest.mark.parametrize(
+    ("threads", "huge", "arena"),
+    [(1, True, False), (2, True, False), (3, False, False), (2, True, True)],
+)
+def test_cpp_loader_equals_numpy_reference(tmp_path, monkeypatch, threads, huge, arena):
+    """The C++ loader's arrays equal numpy's bit for bit; made in a weight arena (both
+    paths) too, and those stay valid once the arena object is gone."""
     from mlx_harmony_core import _core
 
     monkeypatch.setattr(ours, "LOAD_THREADS", threads)
@@ -403,16 +415,67 @@ def test_cpp_loader_equals_numpy_reference(tmp_path, monkeypatch, threads, huge)
     path, infos = _write_raw(tmp_path, tensors)
     header = ours.GGUFFile(path, 3, {})
     data = path.read_bytes()
+    # Room for about half of them: the rest come from MLX's allocator.
+    pool = _core.WeightArena(sum(ours.loaded_bytes(i) for i in infos) // 2) if arena else None
+    pairs = []
     with ours.FileSource(path) as src:
         for info in infos:
             assert _core.gguf_type_supported(info.type)
-            got = ours.read_tensor(header, src, info)
-            want = ours.tensor_arrays(header, data, info)
-            assert got.keys() == want.keys(), info
-            for k in want:
-                a, b = got[k], want[k]
-                assert (a.dtype, a.shape) == (b.dtype, b.shape), (info, k)
-                assert np.array_equal(_bytes(a), _bytes(b)), (info.type_name, info.shape, k)
+            pairs.append(
+                (
+                    info,
+                    ours.read_tensor(header, src, info, pool),
+                    ours.tensor_arrays(header, data, info, arena=pool),
+                )
+            )
+    if arena:
+        assert 0 < pool.used <= pool.capacity
+        del pool
+    for info, got, want in pairs:
+        assert got.keys() == want.keys(), info
+        for k in want:
+            a, b = got[k], want[k]
+            assert (a.dtype, a.shape) == (b.dtype, b.shape), (info, k)
+            assert np.array_equal(_bytes(a), _bytes(b)), (info.type_name, info.shape, k)
+
+
+def test_weight_arena_hands_out_zeroed_arrays_then_falls_back():
+    from mlx_harmony_core import _core
+
+    arena = _core.WeightArena(3 << 20)
+    assert arena.capacity == 4 << 20  # whole 2 MiB pages
+    a = arena.zeros([1000, 250], mx.uint32)
+    b = arena.zeros([7], mx.float16)
+    assert arena.used >= 1_000_000 + 14
+    assert not np.asarray(a).any() and not np.asarray(b).any()
+    np.asarray(memoryview(a))[3, 4] = 9  # writable in place, as the loader fills them
+    big = arena.zeros([2 << 20], mx.float32)  # no room left: MLX's allocator
+    assert big.shape == (2 << 20,) and not np.asarray(big).any()
+    del arena
+    assert int(a[3, 4]) == 9 and int(mx.sum(a)) == 9
+    assert (a + 1).dtype == mx.uint32
+    empty = _core.WeightArena(0)
+    assert empty.capacity == 0 and empty.zeros([2, 3], mx.float32).shape == (2, 3)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # random bytes: some scales are nan
+def test_kquants_load_into_an_arena_as_without(tmp_path):
+    from mlx_harmony_core import _core
+
+    rng = np.random.default_rng(5)
+    tensors = [
+        (kind, (3, 512), _raw_tensor(kind, (3, 512), rng)) for kind in (6, 7, 10, 11, 12, 13, 14)
+    ]
+    path, infos = _write_raw(tmp_path, tensors)
+    header = ours.GGUFFile(path, 3, {})
+    data = path.read_bytes()
+    arena = _core.WeightArena(1 << 20)
+    for info in infos:
+        got = ours.tensor_arrays(header, data, info, arena=arena)
+        want = ours.tensor_arrays(header, data, info)
+        for k in want:
+            assert np.array_equal(_bytes(got[k]), _bytes(want[k])), (info.type_name, k)
+    assert arena.used > 0
 
 
 def test_cpp_loader_refuses_what_it_cannot_read(tmp_path):

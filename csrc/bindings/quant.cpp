@@ -116,18 +116,70 @@ void init_quant(nb::module_& m) {
       "set_quant_parallel_bytes",
       [](int64_t bytes) { quant::set_parallel_bytes(bytes); },
       "bytes"_a);
-  m.def("load_gguf_tensor",
-        &quant::load_gguf_tensor,
-        "fd"_a,
-        "offset"_a,
-        "type"_a,
-        "shape"_a,
-        "threads"_a,
-        "huge_pages"_a = true,
-        nb::call_guard<nb::gil_scoped_release>(),
-        "One GGUF tensor read from an open file into new MLX arrays in "
-        "MLX's layout: [weight] for F32/F16/BF16, [codes, scales, biases] "
-        "for Q4_0/Q4_1/Q8_0, [codes, scales] for MXFP4.");
+  // The Python object holds the arena through a shared_ptr, as every array
+  // made in it does: no Python reference (nor GIL) is needed to free it.
+  struct Arena {
+    std::shared_ptr<quant::WeightArena> p;
+  };
+  nb::class_<Arena>(m,
+                    "WeightArena",
+                    "One block of memory (transparent huge pages) that a "
+                    "model's loaded weights are made in: unmapped when this "
+                    "object and every array in it are gone.")
+      .def(
+          "__init__",
+          [](Arena* self, size_t capacity, bool huge_pages) {
+            new (self) Arena{
+                std::make_shared<quant::WeightArena>(capacity, huge_pages)};
+          },
+          "capacity"_a,
+          "huge_pages"_a = true)
+      .def_prop_ro(
+          "capacity",
+          [](const Arena& a) { return a.p->capacity(); },
+          "Bytes it holds.")
+      .def_prop_ro(
+          "used", [](Arena& a) { return a.p->used(); }, "Bytes handed out.")
+      .def(
+          "zeros",
+          [](Arena& a, const std::vector<int>& shape, mx::Dtype dtype) {
+            return quant::new_weight_array(
+                mx::Shape(shape.begin(), shape.end()), dtype, false, a.p);
+          },
+          "shape"_a,
+          "dtype"_a,
+          "A new zero-filled array in the arena (from MLX's allocator once "
+          "the arena is full).");
+  m.def(
+      "load_gguf_tensor",
+      [](int fd,
+         int64_t offset,
+         int type,
+         const std::vector<int64_t>& shape,
+         int threads,
+         bool huge_pages,
+         Arena* arena) {
+        nb::gil_scoped_release release;
+        return quant::load_gguf_tensor(
+            fd,
+            offset,
+            type,
+            shape,
+            threads,
+            huge_pages,
+            arena ? arena->p : std::shared_ptr<quant::WeightArena>());
+      },
+      "fd"_a,
+      "offset"_a,
+      "type"_a,
+      "shape"_a,
+      "threads"_a,
+      "huge_pages"_a = true,
+      "arena"_a.none() = nb::none(),
+      "One GGUF tensor read from an open file into new MLX arrays in "
+      "MLX's layout: [weight] for F32/F16/BF16, [codes, scales, biases] "
+      "for Q4_0/Q4_1/Q8_0, [codes, scales] for MXFP4; made in `arena` (a "
+      "WeightArena) while it has room.");
   m.def("gguf_type_supported",
         &quant::gguf_type_supported,
         "type"_a,

@@ -1,6 +1,7 @@
 #include "quant/repack.h"
 
 #include "mlx/allocator.h"
+#include "quant/gguf_blocks.h"
 #include "quant/gguf_blocks_common.h"
 
 #include <algorithm>
@@ -129,10 +130,24 @@ struct Out {
   uint8_t* data;
 };
 
-Out new_array(const mx::Shape& shape, mx::Dtype dtype, bool huge_pages) {
+Out new_array(const mx::Shape& shape,
+              mx::Dtype dtype,
+              bool huge_pages,
+              const std::shared_ptr<WeightArena>& arena) {
   size_t n = size_t(dtype.size());
   for (auto d : shape) {
     n *= size_t(d);
+  }
+  uint8_t* mine =
+      arena && gguf::mapped_arrays_zero_copy() ? arena->take(n) : nullptr;
+  if (mine) {
+    // As MLX's CPU allocator lays a buffer out: its size in a header before
+    // the data. The arena's memory is never MLX's to free or reuse.
+    uint8_t* head = mine - sizeof(size_t);
+    std::memcpy(head, &n, sizeof(size_t));
+    mx::allocator::Data data(mx::allocator::Buffer(head),
+                             [arena](mx::allocator::Buffer) {});
+    return {mx::array(std::move(data), shape, dtype), mine};
   }
   auto data = mx::allocator::malloc(n);
   auto buffer = data.buffer();
@@ -241,6 +256,75 @@ void convert_blocks(int type,
 
 } // namespace
 
+WeightArena::WeightArena(size_t capacity, bool huge_pages) {
+  constexpr size_t huge = size_t(2) << 20;
+  size_ = (capacity + huge - 1) / huge * huge;
+  if (size_ == 0) {
+    return;
+  }
+  // One extra huge page of slack so that the block can start on a 2 MiB
+  // boundary whatever address the kernel picks.
+  void* p = ::mmap(nullptr,
+                   size_ + huge,
+                   PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS,
+                   -1,
+                   0);
+  if (p == MAP_FAILED) {
+    throw std::runtime_error(
+        "cannot map " + std::to_string(size_) +
+        " bytes for the model's weights: " + std::strerror(errno));
+  }
+  auto* raw = static_cast<uint8_t*>(p);
+  auto* aligned = reinterpret_cast<uint8_t*>(
+      (reinterpret_cast<uintptr_t>(raw) + huge - 1) & ~uintptr_t(huge - 1));
+  if (aligned > raw) {
+    ::munmap(raw, size_t(aligned - raw));
+  }
+  const size_t tail = size_t(raw + size_ + huge - (aligned + size_));
+  if (tail) {
+    ::munmap(aligned + size_, tail);
+  }
+  base_ = aligned;
+  if (huge_pages) {
+    advise_huge(base_, size_);
+  }
+}
+
+WeightArena::~WeightArena() {
+  if (base_) {
+    ::munmap(base_, size_);
+  }
+}
+
+uint8_t* WeightArena::take(size_t nbytes) {
+  std::lock_guard<std::mutex> lock(mu_);
+  // 64-byte aligned data with the header slot in the padding before it.
+  const size_t at = (used_ + sizeof(size_t) + 63) / 64 * 64;
+  if (!base_ || at + nbytes > size_) {
+    return nullptr;
+  }
+  used_ = at + nbytes;
+  return base_ + at;
+}
+
+size_t WeightArena::used() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return used_;
+}
+
+mx::array new_weight_array(const mx::Shape& shape,
+                           mx::Dtype dtype,
+                           bool huge_pages,
+                           const std::shared_ptr<WeightArena>& arena) {
+  Out out = new_array(shape, dtype, huge_pages, arena);
+  if (!arena || out.data < arena->begin() || out.data >= arena->end()) {
+    // MLX's allocator hands back reused buffers; the arena's are fresh.
+    std::memset(out.data, 0, out.array.nbytes());
+  }
+  return out.array;
+}
+
 bool gguf_type_supported(int type) {
   switch (type) {
   case kF32:
@@ -255,12 +339,14 @@ bool gguf_type_supported(int type) {
   return false;
 }
 
-std::vector<mx::array> load_gguf_tensor(int fd,
-                                        int64_t offset,
-                                        int type,
-                                        const std::vector<int64_t>& shape,
-                                        int threads,
-                                        bool huge_pages) {
+std::vector<mx::array>
+load_gguf_tensor(int fd,
+                 int64_t offset,
+                 int type,
+                 const std::vector<int64_t>& shape,
+                 int threads,
+                 bool huge_pages,
+                 const std::shared_ptr<WeightArena>& arena) {
   if (!gguf_type_supported(type)) {
     throw std::invalid_argument("GGML type " + std::to_string(type) +
                                 " is not one load_gguf_tensor converts");
@@ -285,7 +371,7 @@ std::vector<mx::array> load_gguf_tensor(int fd,
     mx::Dtype dtype = type == kF32
                           ? mx::float32
                           : (type == kF16 ? mx::float16 : mx::bfloat16);
-    Out out = new_array(mshape, dtype, huge_pages);
+    Out out = new_array(mshape, dtype, huge_pages, arena);
     const int64_t nbytes = count * int64_t(dtype.size());
     parallel((nbytes + kFloatStep - 1) / kFloatStep,
              threads,
@@ -308,13 +394,13 @@ std::vector<mx::array> load_gguf_tensor(int fd,
   code_shape.back() = mx::ShapeElem(shape.back() * bits / 32);
   mx::Shape scale_shape = mshape;
   scale_shape.back() = mx::ShapeElem(shape.back() / 32);
-  Out codes = new_array(code_shape, mx::uint32, huge_pages);
+  Out codes = new_array(code_shape, mx::uint32, huge_pages, arena);
   Out scales = new_array(
-      scale_shape, type == kMXFP4 ? mx::uint8 : mx::float16, huge_pages);
+      scale_shape, type == kMXFP4 ? mx::uint8 : mx::float16, huge_pages, arena);
   std::vector<mx::array> result{codes.array, scales.array};
   uint8_t* biases = nullptr;
   if (type != kMXFP4) {
-    Out b = new_array(scale_shape, mx::float16, huge_pages);
+    Out b = new_array(scale_shape, mx::float16, huge_pages, arena);
     biases = b.data;
     result.push_back(b.array);
   }

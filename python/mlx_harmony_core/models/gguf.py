@@ -309,8 +309,10 @@ class _Out:
     """An MLX array filled in place through a numpy view of its memory (no second copy of a
     tensor is ever made); where MLX gives no writable view, a numpy array copied at the end."""
 
-    def __init__(self, shape: tuple[int, ...], dtype: Any) -> None:
-        self.array: mx.array | None = mx.zeros(shape, dtype)
+    def __init__(self, shape: tuple[int, ...], dtype: Any, arena: Any = None) -> None:
+        self.array: mx.array | None = (
+            mx.zeros(shape, dtype) if arena is None else arena.zeros(list(shape), dtype)
+        )
         mx.eval(self.array)
         view = np.asarray(memoryview(self.array))
         if view.flags.writeable and view.flags.c_contiguous and view.nbytes == self.array.nbytes:
@@ -327,14 +329,19 @@ class _Out:
 
 
 def tensor_arrays(
-    gguf: GGUFFile, source: Any, info: TensorInfo, chunk_bytes: int = CHUNK_BYTES
+    gguf: GGUFFile,
+    source: Any,
+    info: TensorInfo,
+    chunk_bytes: int = CHUNK_BYTES,
+    arena: Any = None,
 ) -> dict[str, mx.array]:
     """One GGUF tensor as evaluated MLX arrays: ``{"": array}`` for floats; ``{"": packed,
     "scales": ..., "biases": ...}`` (``mxfp4``: no biases) for quantized types.
 
     ``source`` is a :class:`FileSource` (or any buffer holding the file, e.g. an ``mmap``).
     The arrays are allocated once and filled ``chunk_bytes`` of the file at a time: besides
-    them, at most one chunk and its temporaries are held."""
+    them, at most one chunk and its temporaries are held. With an ``arena`` (a
+    ``_core.WeightArena``) they are made in it while it has room."""
     if info.type not in _FLOAT and info.type not in _QUANTIZED:
         raise ModelLoadError(
             f"{gguf.path}: tensor {info.name} is {info.type_name}, which does not load "
@@ -345,14 +352,14 @@ def tensor_arrays(
     src = source if hasattr(source, "readinto") else _BufferSource(source)
     if info.type in _FLOAT:
         kind = {0: mx.float32, 1: mx.float16, 30: mx.uint16}[info.type]
-        out = _Out(info.shape, kind)
+        out = _Out(info.shape, kind, arena)
         flat = out.np.reshape(-1).view(np.uint8)
         for a in range(0, info.nbytes, chunk_bytes):
             src.readinto(flat[a : a + chunk_bytes], info.offset + a)
         arr = out.done()
         return {"": arr.view(mx.bfloat16) if info.type == 30 else arr}
     if info.type in KQUANTS:
-        return _kquant_arrays(src, info, chunk_bytes)
+        return _kquant_arrays(src, info, chunk_bytes, arena)
     lead = info.shape[:-1]
     rows = math.prod(lead) if lead else 1
     cols = info.shape[-1]
@@ -362,11 +369,11 @@ def tensor_arrays(
     layout = _LAYOUTS[info.type]
     dtype = np.dtype([(n, t, (k,)) if k > 1 else (n, t) for n, t, k in layout])
     bits = _QUANTIZED[info.type][0]
-    w = _Out((*lead, cols * bits // 32), mx.uint32)
+    w = _Out((*lead, cols * bits // 32), mx.uint32, arena)
     codes = w.np.view(np.uint8).reshape(rows, blocks, 32 * bits // 8)
     scale_type = mx.uint8 if info.type == 39 else mx.float16
-    scales = _Out((*lead, blocks), scale_type)
-    biases = _Out((*lead, blocks), mx.float16) if info.type != 39 else None
+    scales = _Out((*lead, blocks), scale_type, arena)
+    biases = _Out((*lead, blocks), mx.float16, arena) if info.type != 39 else None
     s = scales.np.reshape(rows, blocks)
     bias = biases.np.reshape(rows, blocks) if biases is not None else None
     row_bytes = blocks * dtype.itemsize
@@ -402,7 +409,9 @@ def tensor_arrays(
     return out
 
 
-def _kquant_arrays(src: Any, info: TensorInfo, chunk_bytes: int) -> dict[str, mx.array]:
+def _kquant_arrays(
+    src: Any, info: TensorInfo, chunk_bytes: int, arena: Any = None
+) -> dict[str, mx.array]:
     """A K-quant or Q5_0/Q5_1 tensor in MLX's affine layout (:mod:`.gguf_kquants`)."""
     _, block, block_bytes = GGML_TYPES[info.type]
     bits, group, scale_dtype = KQUANTS[info.type]
@@ -414,11 +423,11 @@ def _kquant_arrays(src: Any, info: TensorInfo, chunk_bytes: int) -> dict[str, mx
             f"tensor {info.name}: {cols} columns are not whole {info.type_name} blocks of {block}"
         )
     blocks = cols // block
-    w = _Out((*lead, cols * bits // 32), mx.uint32)
+    w = _Out((*lead, cols * bits // 32), mx.uint32, arena)
     codes = w.np.view(np.uint8).reshape(rows, cols * bits // 8)
     kind = mx.float32 if scale_dtype == np.float32 else mx.float16
-    scales = _Out((*lead, cols // group), kind)
-    biases = _Out((*lead, cols // group), kind)
+    scales = _Out((*lead, cols // group), kind, arena)
+    biases = _Out((*lead, cols // group), kind, arena)
     s = scales.np.reshape(rows, cols // group)
     b = biases.np.reshape(rows, cols // group)
     row_bytes = blocks * block_bytes
@@ -566,20 +575,29 @@ LOAD_THREADS = max(1, min(4, os.cpu_count() or 1))
 LOAD_HUGE_PAGES = True
 
 
-def read_tensor(gguf: GGUFFile, source: Any, info: TensorInfo) -> dict[str, mx.array]:
+def read_tensor(
+    gguf: GGUFFile, source: Any, info: TensorInfo, arena: Any = None
+) -> dict[str, mx.array]:
     """One GGUF tensor as evaluated MLX arrays, as :func:`tensor_arrays` gives them.
 
     From a :class:`FileSource`, types the C++ loader knows (F32, F16, BF16, Q4_0, Q4_1,
     Q8_0, MXFP4) go from the file to their final arrays in one pass on
     :data:`LOAD_THREADS` threads; anything else goes through :func:`tensor_arrays`
-    (numpy), which is also the reference the C++ path equals bit for bit."""
+    (numpy), which is also the reference the C++ path equals bit for bit. With an ``arena``
+    (a ``_core.WeightArena``) the arrays are made in it while it has room."""
     from .. import _core
 
     if not isinstance(source, FileSource) or not _core.gguf_type_supported(info.type):
-        return tensor_arrays(gguf, source, info)
+        return tensor_arrays(gguf, source, info, arena=arena)
     try:
         arrays = _core.load_gguf_tensor(
-            source.fd, info.offset, info.type, list(info.shape), LOAD_THREADS, LOAD_HUGE_PAGES
+            source.fd,
+            info.offset,
+            info.type,
+            list(info.shape),
+            LOAD_THREADS,
+            LOAD_HUGE_PAGES,
+            arena,
         )
     except (ValueError, RuntimeError) as exc:
         raise ModelLoadError(f"{gguf.path}: tensor {info.name}: {exc}") from exc
@@ -668,13 +686,15 @@ def _stream_weights(
     float_types: frozenset[int] = frozenset(),
     mapping: Any = None,
     block_paths: frozenset[str] = frozenset(),
+    arena: Any = None,
 ) -> Iterator[dict[str, mx.array]]:
     """Each planned tensor's evaluated MLX arrays under mlx-lm names (``{path: weight}``,
     plus the module's ``scales``/``biases`` when quantized), one tensor at a time: the file
     is read with ``pread`` (never mapped), and nothing but the arrays yielded is kept.
     Quantized tensors load as float32 if ``dequantize`` or their type is in ``float_types``.
     With a ``mapping`` (a ``_core.GgufMapping`` of the file), float tensors and the weights at
-    ``block_paths`` (block-kernel layers) are views of it instead: no copy, no read."""
+    ``block_paths`` (block-kernel layers) are views of it instead: no copy, no read. The
+    others are made in ``arena`` (a ``_core.WeightArena``) where one is given."""
     family = family_for(arch=gguf.architecture)
     fix = family.fix_tensor if family is not None else None
     progress = ProgressBar(
@@ -687,10 +707,11 @@ def _stream_weights(
                 if mapping is not None and (block or info.type in _MAPPED_FLOAT):
                     arrays = _mapped_arrays(mapping, info, block)
                 else:
-                    arrays = read_tensor(gguf, src, info)
+                    arrays = read_tensor(gguf, src, info, arena)
                 stem = info.name.rsplit(".", 1)[0]
                 if fix is not None:
-                    arrays = fix(stem, arrays, config, info.type in _FLOAT)
+                    fixed = fix(stem, arrays, config, info.type in _FLOAT)
+                    arrays = _written_back(arrays, fixed) if arena is not None else fixed
                 if block:
                     pass  # stays in GGUF's blocks
                 elif info.type in _QUANTIZED and (dequantize or info.type in float_types):
@@ -706,6 +727,31 @@ def _stream_weights(
     finally:
         progress.close()
         mx.clear_cache()
+
+
+# Dtypes whose arrays numpy can view (bfloat16 has no buffer format).
+_VIEWABLE = (mx.uint8, mx.uint32, mx.float16, mx.float32)
+
+
+def _written_back(before: dict[str, mx.array], after: dict[str, mx.array]) -> dict[str, mx.array]:
+    """A family fix's new arrays written into the memory of those they replace (same shape
+    and dtype), so that the weights stay in the load's arena (huge pages) and the arena holds
+    no dead copies."""
+    out = {}
+    for key, new in after.items():
+        old = before.get(key)
+        if (
+            old is not None
+            and new is not old
+            and new.shape == old.shape
+            and new.dtype == old.dtype
+            and old.dtype in _VIEWABLE
+        ):
+            mx.eval(new)
+            np.asarray(memoryview(old))[...] = np.asarray(memoryview(new))
+            new = old
+        out[key] = new
+    return out
 
 
 def dequantize_arrays(arrays: dict[str, mx.array], kind: int) -> mx.array:
@@ -798,7 +844,9 @@ def load_gguf(
 
     ``mapped`` (default: :func:`map_enabled`, i.e. on a CPU device): the file is memory-mapped
     and float tensors and Q8_0/MXFP4 weights are views of it, computed on GGUF's own blocks
-    (:mod:`mlx_harmony_core.cpu.gguf_blocks`); only other types are converted. Otherwise
+    (:mod:`mlx_harmony_core.cpu.gguf_blocks`); only other types are converted, into one
+    arena of transparent huge pages (:data:`LOAD_ARENA`: fewer TLB misses while decode
+    streams them). Otherwise
     tensor by tensor: each is read from the file, converted into its final MLX arrays and
     evaluated before the next is read, so the load peaks at about the loaded model plus
     one tensor. ``dequantize=True`` turns quantized weights into float32 (faster than
@@ -816,15 +864,16 @@ def load_gguf(
     blocks = _block_modules(model, plan) if mapped else {}
     _quantize(model, {p: q for p, q in quantized.items() if p not in blocks})
     _replace_modules(model, blocks)
-    mapping = None
+    mapping = arena = None
+    block_paths = frozenset(f"{p}.weight" for p in blocks)
     if mapped:
         from .. import _core
 
         mapping = _core.GgufMapping(str(gguf.path), populate=MAP_POPULATE)
+        arena = _weight_arena(plan, block_paths)
     weights: dict[str, mx.array] = {}
-    block_paths = frozenset(f"{p}.weight" for p in blocks)
     for arrays in _stream_weights(
-        gguf, plan, config, dequantize, mapping=mapping, block_paths=block_paths
+        gguf, plan, config, dequantize, mapping=mapping, block_paths=block_paths, arena=arena
     ):
         weights.update(arrays)
     try:
@@ -840,6 +889,28 @@ def load_gguf(
             "%s: %d layers compute on the mapped file's GGUF blocks", gguf.path.name, len(blocks)
         )
     return model, config, gguf
+
+
+# Whether the weights a CPU load converts are made in one arena of transparent huge pages
+# (SmolLM2's tensors are each under a 2 MiB page: one by one none would get one).
+LOAD_ARENA = True
+# Bytes an array may take in the arena beyond its data (alignment and MLX's header).
+_ARENA_SLACK = 128
+
+
+def _weight_arena(plan: list[tuple[str, TensorInfo]], mapped: frozenset[str]) -> Any:
+    """A ``_core.WeightArena`` for the tensors a mapped load converts (not the mapped floats
+    nor the block-kernel weights), or ``None`` where this MLX build cannot make views."""
+    from .. import _core
+
+    if not (LOAD_ARENA and LOAD_HUGE_PAGES and _core.gguf_mapped_zero_copy()):
+        return None
+    need = sum(
+        loaded_bytes(info) + 3 * _ARENA_SLACK
+        for path, info in plan
+        if path not in mapped and info.type not in _MAPPED_FLOAT
+    )
+    return _core.WeightArena(need) if need else None
 
 
 def _model_for(gguf: GGUFFile, config: dict[str, Any]) -> nn.Module:
