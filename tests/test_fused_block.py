@@ -262,6 +262,11 @@ def test_llama_model_matches_op_by_op(rng, monkeypatch, kind):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * np.abs(b).max())
 
 
+def test_random_biases_are_read(rng):
+    layer = tiny_llama(rng).model.layers[0]
+    assert layer._fused_args()[0].implicit_zeros == [0] * 7
+
+
 def test_kept_arguments_follow_weight_and_module_swaps(rng):
     """The block keeps its argument tuple between calls; model.update, a swapped submodule
     (as LoRA does) and a switched-off block still give the op-by-op logits."""
@@ -639,3 +644,27 @@ def test_stack_step_follows_layers_appended_and_reclassed(rng, monkeypatch):
     layer.__class__ = ours_class
     _decode(model, prompt, 2, make_cache(model))
     assert model.model._stack_memo[1] is not None and calls["taken"] > taken
+
+
+@pytest.mark.parametrize(
+    ("bits", "group", "zero"), [(4, 32, 8), (8, 32, 128), (5, 32, 16), (6, 32, 32), (3, 32, 4)]
+)
+def test_stack_step_with_implicit_biases(rng, monkeypatch, bits, group, zero):
+    """GGUF's Q4_0/Q8_0/Q5_0/Q6_K load with biases exactly -zero * scales: the kept layers
+    find that once and the kernels derive the biases instead of reading them. The logits
+    are the op-by-op ones."""
+    model = tiny_llama(rng, bits=bits, group=group)
+    for _, m in model.named_modules():
+        if "biases" in m and "scales" in m:
+            m["biases"] = (m["scales"] * -zero).astype(m["scales"].dtype)
+    mx.eval(model.parameters())
+    layer = model.model.layers[0]
+    assert layer._fused_args()[0].implicit_zeros == [zero] * 7
+    calls = _stack_calls(monkeypatch)
+    prompt = [int(t) for t in rng.integers(0, 300, 9)]
+    ours = _decode(model, prompt, 4, make_cache(model))
+    assert calls["taken"] >= 4
+    with fused.fused(False):
+        ref = _decode(model, prompt, 4, make_cache(model))
+    for a, b in zip(ours, ref, strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * np.abs(b).max())

@@ -44,6 +44,11 @@ fused::QLinear linear(const LinearTuple& t) {
           std::get<6>(t)};
 }
 
+// A linear a FusedBlock keeps across steps: its implicit biases found once.
+fused::QLinear kept(const LinearTuple& t) {
+  return fused::with_zero(linear(t));
+}
+
 mx::array offset_array(const std::variant<int, mx::array>& offset) {
   return std::holds_alternative<int>(offset)
              ? mx::array(std::get<int>(offset), mx::int32)
@@ -298,7 +303,7 @@ void init_fused(nb::module_& m) {
             }
             new (self) Block{fused::Layer{norm1,
                                           eps1,
-                                          {linear(q), linear(k), linear(v)},
+                                          {kept(q), kept(k), kept(v)},
                                           heads,
                                           kv_heads,
                                           {rope_dims,
@@ -306,12 +311,12 @@ void init_fused(nb::module_& m) {
                                            rope_base,
                                            rope_scale,
                                            rope_freqs},
-                                          linear(o),
+                                          kept(o),
                                           norm2,
                                           eps2,
-                                          linear(gate),
-                                          linear(up),
-                                          linear(down),
+                                          kept(gate),
+                                          kept(up),
+                                          kept(down),
                                           scale}};
           },
           "norm1"_a,
@@ -333,6 +338,20 @@ void init_fused(nb::module_& m) {
           "up"_a,
           "down"_a,
           "scale"_a)
+      .def_prop_ro(
+          "implicit_zeros",
+          [](const Block& b) {
+            return std::vector<int>{b.qkv[0].zero,
+                                    b.qkv[1].zero,
+                                    b.qkv[2].zero,
+                                    b.o.zero,
+                                    b.gate.zero,
+                                    b.up.zero,
+                                    b.down.zero};
+          },
+          "Per linear (q, k, v, o, gate, up, down): z where its biases are "
+          "exactly -z * scales and the kernels derive them instead of "
+          "reading them (0: read).")
       .def("step",
            &Block::step,
            "x"_a,

@@ -32,6 +32,7 @@ struct LinSpec {
   int group = 32, bits = 4;
   std::string mode;
   bool has_biases = false, has_bias = false;
+  int zero = 0; // QLinear::zero
   int64_t rows = 0, cols = 0;
 };
 
@@ -43,6 +44,7 @@ LinSpec push_linear(std::vector<mx::array>& inputs, const QLinear& l) {
   sp.mode = l.mode;
   sp.has_biases = l.biases.has_value();
   sp.has_bias = l.bias.has_value();
+  sp.zero = l.biases ? l.zero : 0;
   sp.rows = l.w.ndim() == 2 ? l.w.shape(0) : 0;
   sp.cols = l.w.ndim() == 2 ? int64_t(l.w.shape(1)) * 32 / l.bits : 0;
   inputs.push_back(l.w);
@@ -59,7 +61,7 @@ LinSpec push_linear(std::vector<mx::array>& inputs, const QLinear& l) {
 std::string spec_key(const LinSpec& l) {
   std::ostringstream s;
   s << l.group << ',' << l.bits << ',' << l.mode << ',' << l.has_biases << ','
-    << l.has_bias << ',' << l.rows << ',' << l.cols << ';';
+    << l.has_bias << ',' << l.zero << ',' << l.rows << ',' << l.cols << ';';
   return s.str();
 }
 
@@ -127,7 +129,10 @@ struct Lin {
     a.cols = l.cols;
     a.w = row_major(w, wb);
     a.scales = row_major(sc, sb);
-    if (l.has_biases) {
+    if (l.has_biases && l.zero) {
+      a.zero = l.zero; // the kernels derive the biases from the scales
+      ++k;
+    } else if (l.has_biases) {
       a.biases = row_major(in[k++], bb);
     }
     if (l.has_bias) {
@@ -462,6 +467,56 @@ std::string lin_keys(std::initializer_list<const LinSpec*> ls) {
 }
 
 } // namespace
+
+namespace {
+
+// Element i of an evaluated row-contiguous float array, as float32.
+float float_at(const mx::array& a, size_t i) {
+  if (a.dtype() == mx::float16) {
+    return float(a.data<mx::float16_t>()[i]);
+  }
+  if (a.dtype() == mx::bfloat16) {
+    return float(a.data<mx::bfloat16_t>()[i]);
+  }
+  return a.data<float>()[i];
+}
+
+} // namespace
+
+QLinear with_zero(QLinear l) {
+  l.zero = 0;
+  if (!l.biases || l.mode != "affine") {
+    return l;
+  }
+  const mx::array& s = l.scales;
+  const mx::array& b = *l.biases;
+  if (!float_like(s.dtype()) || s.dtype() != b.dtype() ||
+      s.size() != b.size() || s.size() == 0 || !s.is_available() ||
+      !b.is_available() || !s.flags().row_contiguous ||
+      !b.flags().row_contiguous) {
+    return l;
+  }
+  // The zero point the first nonzero scale implies, then every group's.
+  int zero = 0;
+  for (size_t i = 0; i < s.size() && !zero; ++i) {
+    const float si = float_at(s, i);
+    if (si != 0.f && std::isfinite(si)) {
+      for (int z : {4, 8, 16, 32, 128}) {
+        zero = float_at(b, i) == -float(z) * si ? z : zero;
+      }
+      if (!zero) {
+        return l;
+      }
+    }
+  }
+  for (size_t i = 0; i < s.size(); ++i) {
+    if (!(float_at(b, i) == -float(zero) * float_at(s, i))) {
+      return l;
+    }
+  }
+  l.zero = zero;
+  return l;
+}
 
 // ---- ops
 // ------------------------------------------------------------------------

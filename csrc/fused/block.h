@@ -32,7 +32,15 @@ struct QLinear {
   int group_size;
   int bits;
   std::string mode;
+  // biases == -zero * scales exactly (with_zero; 0: not known to): the
+  // kernels then read no bias stream (GGUF's Q4_0/Q5_0/Q8_0/Q3_K/Q6_K).
+  int zero = 0;
 };
+
+// `l` with `zero` set where its evaluated biases are exactly -z * scales for
+// one z in {4, 8, 16, 32, 128} (one pass over them: for weights kept across
+// steps, e.g. a FusedBlock's, not per call).
+QLinear with_zero(QLinear l);
 
 // RoPE as mx.fast.rope takes it (base or precomputed freqs).
 struct RopeArgs {

@@ -33,6 +33,9 @@ struct QMatrix {
   const uint8_t* w = nullptr;
   const void* scales = nullptr;
   const void* biases = nullptr; // affine only
+  // Affine without biases: each group's bias is -zero * its scale (GGUF's
+  // Q4_0/Q5_0/Q8_0/Q3_K/Q6_K), so the kernels read no bias stream.
+  int zero = 0;
   int64_t rows = 0, cols = 0;
   int group = 32;
   Format format = Format::Affine4;
