@@ -44,7 +44,7 @@ LinSpec push_linear(std::vector<mx::array>& inputs, const QLinear& l) {
   sp.mode = l.mode;
   sp.has_biases = l.biases.has_value();
   sp.has_bias = l.bias.has_value();
-  sp.zero = l.biases ? l.zero : 0;
+  sp.zero = l.zero;
   sp.rows = l.w.ndim() == 2 ? l.w.shape(0) : 0;
   sp.cols = l.w.ndim() == 2 ? int64_t(l.w.shape(1)) * 32 / l.bits : 0;
   inputs.push_back(l.w);

@@ -587,6 +587,16 @@ bool mapped_arrays_zero_copy() {
   return ok;
 }
 
+mx::array foreign_array(uint8_t* data,
+                        const mx::Shape& shape,
+                        mx::Dtype dtype,
+                        std::shared_ptr<const void> owner) {
+  // The deleter only drops this array's hold on the owner.
+  mx::allocator::Data d(mx::allocator::Buffer(data - sizeof(size_t)),
+                        [owner = std::move(owner)](mx::allocator::Buffer) {});
+  return mx::array(std::move(d), shape, dtype);
+}
+
 mx::array make_mapped_array(const std::shared_ptr<FileMapping>& map,
                             int64_t offset,
                             const mx::Shape& shape,
@@ -608,11 +618,7 @@ mx::array make_mapped_array(const std::shared_ptr<FileMapping>& map,
   }
   auto* ptr = const_cast<uint8_t*>(map->data()) + offset;
   if (mapped_arrays_zero_copy()) {
-    // Not owned by the allocator: never donated or freed by MLX; the deleter
-    // only drops this array's hold on the mapping.
-    mx::allocator::Data data(mx::allocator::Buffer(ptr - sizeof(size_t)),
-                             [map](mx::allocator::Buffer) {});
-    return mx::array(std::move(data), shape, dtype);
+    return foreign_array(ptr, shape, dtype, map);
   }
   return mx::array(static_cast<void*>(ptr), shape, dtype, [map](void*) {});
 }

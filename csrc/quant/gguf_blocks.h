@@ -134,6 +134,15 @@ private:
 // copies (correct, not free).
 bool mapped_arrays_zero_copy();
 
+// An array of `shape`/`dtype` over memory MLX does not own (data, with a
+// size_t slot before it for the CPU allocator's header), holding `owner`
+// alive and never freed or reused by MLX. Only where
+// mapped_arrays_zero_copy().
+mx::array foreign_array(uint8_t* data,
+                        const mx::Shape& shape,
+                        mx::Dtype dtype,
+                        std::shared_ptr<const void> owner);
+
 // An array of `shape`/`dtype` over bytes [offset, offset + nbytes) of the
 // mapping, holding it alive. Throws std::invalid_argument when the range is
 // outside the file.

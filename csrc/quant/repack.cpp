@@ -128,6 +128,7 @@ void advise_huge(void* ptr, size_t nbytes) {
 struct Out {
   mx::array array;
   uint8_t* data;
+  bool zeroed = false; // fresh arena memory (MLX's allocator reuses buffers)
 };
 
 Out new_array(const mx::Shape& shape,
@@ -142,12 +143,9 @@ Out new_array(const mx::Shape& shape,
       arena && gguf::mapped_arrays_zero_copy() ? arena->take(n) : nullptr;
   if (mine) {
     // As MLX's CPU allocator lays a buffer out: its size in a header before
-    // the data. The arena's memory is never MLX's to free or reuse.
-    uint8_t* head = mine - sizeof(size_t);
-    std::memcpy(head, &n, sizeof(size_t));
-    mx::allocator::Data data(mx::allocator::Buffer(head),
-                             [arena](mx::allocator::Buffer) {});
-    return {mx::array(std::move(data), shape, dtype), mine};
+    // the data.
+    std::memcpy(mine - sizeof(size_t), &n, sizeof(size_t));
+    return {gguf::foreign_array(mine, shape, dtype, arena), mine, true};
   }
   auto data = mx::allocator::malloc(n);
   auto buffer = data.buffer();
@@ -318,8 +316,7 @@ mx::array new_weight_array(const mx::Shape& shape,
                            bool huge_pages,
                            const std::shared_ptr<WeightArena>& arena) {
   Out out = new_array(shape, dtype, huge_pages, arena);
-  if (!arena || out.data < arena->begin() || out.data >= arena->end()) {
-    // MLX's allocator hands back reused buffers; the arena's are fresh.
+  if (!out.zeroed) {
     std::memset(out.data, 0, out.array.nbytes());
   }
   return out.array;

@@ -36,12 +36,6 @@ public:
     return size_;
   }
   size_t used();
-  const uint8_t* begin() const {
-    return base_;
-  }
-  const uint8_t* end() const {
-    return base_ + size_;
-  }
 
 private:
   uint8_t* base_ = nullptr;
